@@ -1,0 +1,142 @@
+"""The engine's configuration: one dataclass, validated in one place.
+
+Argument names and defaults follow vLLM's `LLM(...)` / `EngineArgs` where they apply.
+"""
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16}
+LOAD_FORMATS = ("auto", "dummy")
+DEVICES = ("auto", "cuda", "cpu")
+ATTENTION_BACKENDS = ("auto", "triton", "flash_attn", "torch")
+# Without a GPU to measure, the CPU KV cache gets a fixed budget (vLLM's CPU backend does the same
+# through VLLM_CPU_KVCACHE_SPACE); NANOVLLM_CPU_KVCACHE_GIB overrides it.
+DEFAULT_CPU_KV_CACHE_GIB = 1.0
+
+
+class UnknownArgumentError(TypeError, ValueError):
+    """An argument `LLM` does not know. A TypeError as in vLLM (an unexpected keyword),
+    and a ValueError as every other bad argument here."""
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+    enforce_eager: bool = False
+    load_format: str = "auto"
+    device: str = "auto"
+    attention_backend: str = "auto"
+    gguf_file: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    # Filled in by __post_init__ from the checkpoint:
+    hf_config: object = field(default=None, repr=False)
+    model_dir: str = field(default="", repr=False)
+    torch_dtype: torch.dtype = field(default=torch.float32, repr=False)
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
+        known = {f.name for f in fields(cls) if f.name not in ("hf_config", "model_dir", "torch_dtype")}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise UnknownArgumentError(
+                f"Unknown argument(s) to LLM: {', '.join(unknown)}. Supported: {', '.join(sorted(known))}.")
+        return cls(model=model, **kwargs)
+
+    def __post_init__(self):
+        self._check_ranges()
+        self.device = resolve_device(self.device)
+        from nanovllm.models.checkpoint import resolve_model_dir
+        self.model_dir = resolve_model_dir(self.model, self.gguf_file, self.revision)
+        self.hf_config = load_hf_config(self.model_dir, self.trust_remote_code)
+        self.torch_dtype = resolve_dtype(self.dtype, self.hf_config, self.device)
+        self._check_against_model()
+
+    def _check_ranges(self):
+        if self.dtype not in ("auto", *_DTYPES):
+            raise ValueError(f"dtype must be one of {['auto', *_DTYPES]}, got {self.dtype!r}.")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {list(LOAD_FORMATS)}, got {self.load_format!r}.")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {list(DEVICES)}, got {self.device!r}.")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {list(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}.")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        if not (isinstance(self.block_size, int) and 1 <= self.block_size <= 256
+                and self.block_size & (self.block_size - 1) == 0):
+            raise ValueError(f"block_size must be a power of two from 1 to 256, got {self.block_size}.")
+        for name in ("tensor_parallel_size", "max_num_seqs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
+
+    def _check_against_model(self):
+        cfg = self.hf_config
+        limit = getattr(cfg, "max_position_embeddings", None) or 2048
+        if self.max_model_len is None:
+            self.max_model_len = limit
+        elif self.max_model_len > limit:
+            raise ValueError(f"max_model_len={self.max_model_len} is larger than the model's maximum "
+                             f"context length ({limit}, max_position_embeddings in its config).")
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = max(8192, self.max_num_seqs)
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                             f"max_num_seqs ({self.max_num_seqs}): every running sequence needs a token per step.")
+        heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        tp = self.tensor_parallel_size
+        if heads % tp:
+            raise ValueError(f"tensor_parallel_size={tp} does not divide the model's "
+                             f"{heads} attention heads.")
+        if kv_heads % tp and tp % kv_heads:
+            raise ValueError(f"tensor_parallel_size={tp} and the model's {kv_heads} KV heads must divide "
+                             f"one another (KV heads are split, or replicated when fewer than ranks).")
+        if self.device == "cuda" and tp > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={tp} is larger than the number of GPUs "
+                             f"({torch.cuda.device_count()}).")
+
+    @property
+    def cpu_kv_cache_bytes(self) -> int:
+        return int(float(os.environ.get("NANOVLLM_CPU_KVCACHE_GIB", DEFAULT_CPU_KV_CACHE_GIB)) * 2**30)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but torch sees no CUDA GPU; use device='cpu' or 'auto'.")
+    return device
+
+
+def load_hf_config(model_dir: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+
+
+def resolve_dtype(dtype: str, hf_config, device: str) -> torch.dtype:
+    """"auto" is the checkpoint's dtype (`dtype` in transformers 5, `torch_dtype` in 4.x)."""
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32"
+    if isinstance(saved, str):
+        saved = _DTYPES.get(saved, torch.float32)
+    return saved

@@ -1,0 +1,32 @@
+"""Tensor-parallel helpers: this process's rank and the collectives layers need.
+
+With one rank (or before `torch.distributed` is initialised) every helper is a no-op,
+so single-device code pays nothing for tensor-parallel support.
+"""
+import torch
+import torch.distributed as dist
+
+
+def tp_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def tp_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum `x` over the ranks in place (row-parallel layers' partial outputs)."""
+    if tp_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def gather_on_rank0(x: torch.Tensor) -> torch.Tensor | None:
+    """Concatenate each rank's slice of the last dimension on rank 0 (vocab-parallel logits).
+    Other ranks get None."""
+    if tp_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(tp_size())] if tp_rank() == 0 else None
+    dist.gather(x, parts, dst=0)
+    return torch.cat(parts, dim=-1) if tp_rank() == 0 else None

@@ -1,0 +1,257 @@
+"""LLMEngine: requests in, RequestOutputs out, one `step()` at a time.
+
+    engine.add_request("0", "Hello", SamplingParams(max_tokens=8))
+    while engine.has_unfinished_requests():
+        for output in engine.step(): ...
+
+A step schedules a batch (Scheduler), runs it (ModelRunner), then for every sequence that
+got a token: checks the stop conditions, detokenizes, and reports its request's output.
+"""
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.detokenizer import Detokenizer
+from nanovllm.engine.model_runner import ModelRunner, StepResult
+from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
+from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.sampler import LogprobsTensors
+from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams
+from nanovllm.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[Detokenizer]
+    prompt_logprobs: list | None = None
+    reported_tokens: list[int] = field(default_factory=list)   # per seq, for DELTA outputs
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.tokenizer = load_tokenizer(config)
+        self.runner = self._make_runner(config)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.requests: dict[str, Request] = {}
+        self.vocab_size = config.hf_config.vocab_size
+        self.eos_token_id, self.extra_eos_ids = _eos_ids(self.tokenizer, config.hf_config)
+        self.num_steps = 0
+        self.last_step = (False, 0)          # (was it a prefill, tokens computed), for progress bars
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> "LLMEngine":
+        return cls(EngineConfig.from_kwargs(model, **kwargs))
+
+    @staticmethod
+    def _make_runner(config: EngineConfig):
+        if config.tensor_parallel_size > 1:
+            from nanovllm.engine.tensor_parallel import TensorParallelRunner
+            return TensorParallelRunner(config)
+        return ModelRunner(config)
+
+    # -- requests -----------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> str:
+        """Queue a request. `prompt` is a string, a list of token ids, or a dict with
+        "prompt" or "prompt_token_ids" (vLLM's TextPrompt / TokensPrompt)."""
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a string, got {type(request_id)}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        text, token_ids = self._tokenize(prompt)
+        self._validate_prompt(token_ids)
+        params = params.clone()
+        if params.max_tokens is None:
+            params.max_tokens = self.config.max_model_len - len(token_ids)
+        longest = min(len(token_ids) + params.max_tokens, self.config.max_model_len)
+        if self.block_manager.blocks_needed(longest) > self.block_manager.num_blocks:
+            raise ValueError(
+                f"Request {request_id!r} may grow to {longest} tokens but the whole KV cache holds "
+                f"{self.block_manager.num_blocks * self.config.block_size}; lower max_tokens or give the "
+                f"cache more memory (gpu_memory_utilization, num_gpu_blocks_override).")
+        seqs, detoks = [], []
+        incremental = bool(params.stop) or params.output_kind != RequestOutputKind.FINAL_ONLY
+        for i in range(params.n):
+            seqs.append(Sequence(request_id, i, token_ids, params, self._generator(params, i)))
+            detoks.append(Detokenizer(self.tokenizer, params, token_ids, incremental))
+        request = Request(request_id, text, token_ids, params, seqs, detoks,
+                          prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+                          reported_tokens=[0] * params.n)
+        self.requests[request_id] = request
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("Prompt dictionary must contain 'prompt' or 'prompt_token_ids', "
+                                 f"got keys {sorted(prompt)}")
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return None, self._check_ids(prompt)
+        raise ValueError(f"Prompt should be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    @staticmethod
+    def _check_ids(ids) -> list[int]:
+        ids = list(ids)
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise ValueError(f"Token prompt should be a list of integers, got {t!r}")
+        return ids
+
+    def _validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("The decoder prompt cannot be empty")
+        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"Token id {bad} is out of vocabulary (the model has {self.vocab_size} tokens)")
+        if len(token_ids) > self.config.max_model_len:
+            raise ValueError(f"The decoder prompt (length {len(token_ids)}) is longer than the maximum model "
+                             f"length of {self.config.max_model_len}. Make sure that `max_model_len` is no "
+                             f"smaller than the number of text tokens.")
+
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        """Seeded requests get their own generator (child i of n uses seed + i, as vLLM)."""
+        if params.seed is None:
+            return None
+        return torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            request = self.requests.pop(request_id, None)
+            for seq in request.seqs if request else []:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # -- one step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return the outputs of the requests it advanced (per output_kind)."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        result = self.runner.run(batch, self.eos_token_id)
+        self.scheduler.update(batch, result.sampled)
+        self.num_steps += 1
+        self.last_step = (batch.is_prefill, batch.num_tokens)
+        touched = self._process(batch, result)
+        return [out for out in (self._make_output(r) for r in touched) if out is not None]
+
+    def _process(self, batch: ScheduledBatch, result: StepResult) -> list[Request]:
+        touched, sample_row = {}, 0
+        for i, (seq, token) in enumerate(zip(batch.seqs, result.sampled)):
+            request = self.requests[seq.request_id]
+            if i in result.prompt_logprobs:
+                request.prompt_logprobs += self._logprob_dicts(result.prompt_logprobs[i])
+            if token is None:
+                continue
+            if seq.logprobs is not None:
+                entry = self._logprob_dicts(result.sample_logprobs, sample_row, seq.params.logprobs)[0]
+                seq.logprobs.append(entry)
+                seq.cumulative_logprob += entry[token].logprob
+            sample_row += 1
+            reason, stop_reason = self._check_stop(seq)
+            stop_str = request.detokenizers[seq.index].update([token], reason == "stop")
+            if stop_str is not None:
+                reason, stop_reason = "stop", stop_str
+            if reason is not None:
+                self.scheduler.finish(seq, reason, stop_reason)
+            touched[seq.request_id] = request
+        return list(touched.values())
+
+    def _check_stop(self, seq: Sequence) -> tuple[str | None, int | None]:
+        """Token stop conditions, in vLLM's order."""
+        p, token, produced = seq.params, seq.token_ids[-1], seq.num_output_tokens
+        if produced >= p.min_tokens:
+            if token == self.eos_token_id and not p.ignore_eos:
+                return "stop", None
+            if token in p.stop_token_ids or (token in self.extra_eos_ids and not p.ignore_eos):
+                return "stop", token
+        if produced >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return "length", None
+        return None, None
+
+    def _logprob_dicts(self, lp: LogprobsTensors, start: int = 0, k: int | None = None) -> list[dict]:
+        """Rows of LogprobsTensors -> vLLM's {token_id: Logprob} dicts (the chosen token and the top k)."""
+        rows = range(start, start + 1) if k is not None else range(lp.token_ids.shape[0])
+        k = lp.top_ids.shape[1] if k is None else k
+        ids, lps, ranks = lp.token_ids.tolist(), lp.token_logprobs.tolist(), lp.token_ranks.tolist()
+        top_ids, top_lps = lp.top_ids[:, :k].tolist(), lp.top_logprobs[:, :k].tolist()
+        dicts = []
+        for r in rows:
+            entry = {t: Logprob(v, rank + 1, self._decode_one(t))
+                     for rank, (t, v) in enumerate(zip(top_ids[r], top_lps[r]))}
+            entry.setdefault(ids[r], Logprob(lps[r], ranks[r], self._decode_one(ids[r])))
+            dicts.append(entry)
+        return dicts
+
+    def _decode_one(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id]) if token_id < len(self.tokenizer) else ""
+
+    def _make_output(self, request: Request) -> RequestOutput | None:
+        kind, finished = request.params.output_kind, request.finished
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        delta = kind == RequestOutputKind.DELTA
+        outputs = []
+        for seq, detok in zip(request.seqs, request.detokenizers):
+            tokens = seq.output_token_ids
+            if delta:
+                start = request.reported_tokens[seq.index]
+                request.reported_tokens[seq.index] = len(tokens)
+                tokens, text = tokens[start:], detok.new_text(seq.is_finished)
+                logprobs = seq.logprobs[start:] if seq.logprobs is not None else None
+            else:
+                text, logprobs = detok.text, seq.logprobs
+            outputs.append(CompletionOutput(
+                index=seq.index, text=text, token_ids=list(tokens),
+                cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                logprobs=logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        if finished:
+            del self.requests[request.request_id]
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
+                             request.prompt_logprobs, outputs, finished,
+                             num_cached_tokens=request.seqs[0].num_cached_tokens)
+
+    def shutdown(self) -> None:
+        if hasattr(self.runner, "shutdown"):
+            self.runner.shutdown()
+
+
+def _eos_ids(tokenizer, hf_config) -> tuple[int | None, set[int]]:
+    """The tokenizer's EOS (stop_reason None), plus any further EOS ids the model config
+    lists (they stop too, reported by id, as vLLM merges generation_config's EOS ids)."""
+    config_ids = getattr(hf_config, "eos_token_id", None)
+    config_ids = set(config_ids if isinstance(config_ids, list) else [config_ids]) - {None}
+    primary = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(config_ids, default=None)
+    return primary, config_ids - {primary}

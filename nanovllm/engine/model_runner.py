@@ -1,0 +1,229 @@
+"""The ModelRunner: owns the model, its KV cache and the sampler on one device.
+
+Each step it turns the scheduled batch into tensors (`prepare`), runs the model
+(`execute`: eagerly, or by replaying a captured CUDA graph for decode), and samples the
+next tokens (`sample`). With tensor parallelism every rank runs `execute` on the inputs
+rank 0 prepared; only rank 0 prepares and samples.
+"""
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.layers.attention import Attention, AttentionMetadata, select_backend
+from nanovllm.layers.sampler import LogprobsTensors, Sampler, SamplerOutput, SamplingMetadata, SamplingRow, \
+    gather_logprobs
+from nanovllm.models.checkpoint import init_dummy_weights, load_weights
+from nanovllm.models.llama import head_dim_of
+from nanovllm.models.registry import model_class
+from nanovllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelInputs:
+    """Everything one forward pass needs, as tensors (what rank 0 sends to the other ranks)."""
+    input_ids: torch.Tensor       # [T]
+    positions: torch.Tensor       # [T]
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [N] rows of the hidden states whose logits are needed
+
+
+@dataclass
+class StepResult:
+    sampled: list[int | None]                    # per sequence; None when its chunk was not its last
+    sample_logprobs: LogprobsTensors | None      # rows follow the sequences that sampled
+    prompt_logprobs: dict[int, LogprobsTensors]  # seq index in the batch -> logprobs of its chunk's next tokens
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        hf = config.hf_config
+        self.device = torch.device(config.device, torch.cuda.current_device() if config.device == "cuda" else None)
+        self.dtype = config.torch_dtype
+        self.block_size = config.block_size
+        self.vocab_size = hf.vocab_size
+        torch.manual_seed(config.seed)
+
+        cls = model_class(hf, config.max_model_len)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        with torch.device(self.device):
+            self.model = cls(hf)
+        torch.set_default_dtype(default_dtype)
+        if config.load_format == "dummy":
+            init_dummy_weights(self.model, config.seed)
+        else:
+            load_weights(self.model, config.model_dir)
+        self.model.eval()
+        self.sampler = Sampler()
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.backend = select_backend(config.attention_backend, config.device)
+        for layer in self.attention_layers:
+            layer.backend = self.backend
+
+        self.num_blocks = self._allocate_kv_cache()
+        self.graphs = None
+        if config.device == "cuda" and not config.enforce_eager:
+            from nanovllm.engine.cuda_graphs import DecodeGraphs
+            start = time.perf_counter()
+            self.graphs = DecodeGraphs(self, max_batch_size=min(config.max_num_seqs, 512))
+            logger.info("captured %d CUDA graphs for decode in %.1f s", len(self.graphs.graphs),
+                        time.perf_counter() - start)
+
+    # -- KV cache ---------------------------------------------------------------------
+    @property
+    def block_bytes(self) -> int:
+        layer = self.attention_layers[0]
+        per_token = 2 * len(self.attention_layers) * layer.num_kv_heads * layer.head_dim * self.dtype.itemsize
+        return per_token * self.block_size
+
+    def _allocate_kv_cache(self) -> int:
+        cfg = self.config
+        # A cache larger than every sequence at full length at once is never needed.
+        useful = cfg.max_num_seqs * -(-cfg.max_model_len // self.block_size)
+        if cfg.num_gpu_blocks_override is not None:
+            num_blocks = cfg.num_gpu_blocks_override
+        elif cfg.device == "cuda":
+            num_blocks = min(useful, self._profile_num_blocks())
+        else:
+            num_blocks = min(useful, cfg.cpu_kv_cache_bytes // self.block_bytes)
+        if num_blocks < 1:
+            raise ValueError("No memory is left for the KV cache: raise gpu_memory_utilization "
+                             "or lower max_num_batched_tokens.")
+        self._bind_cache(num_blocks)
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB): %d tokens, %.1f full-length sequences",
+                    num_blocks, self.block_size, num_blocks * self.block_bytes / 2**30,
+                    num_blocks * self.block_size, num_blocks * self.block_size / cfg.max_model_len)
+        return num_blocks
+
+    def _bind_cache(self, num_blocks: int) -> None:
+        layer = self.attention_layers[0]
+        shape = (2, len(self.attention_layers), num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.attention_layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    def _profile_num_blocks(self) -> int:
+        """Run the largest prefill the scheduler can produce on a scratch cache, and give the
+        KV cache what `gpu_memory_utilization` leaves after weights and peak activations."""
+        cfg = self.config
+        seq_len = min(cfg.max_model_len, cfg.max_num_batched_tokens)
+        num_seqs = max(1, min(cfg.max_num_seqs, cfg.max_num_batched_tokens // seq_len))
+        scratch_blocks = num_seqs * -(-seq_len // self.block_size)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self._bind_cache(scratch_blocks)
+        scratch_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
+        per_seq = scratch_blocks // num_seqs           # each sequence gets consecutive blocks
+        inputs = self._tensors(
+            input_ids=[0] * (seq_len * num_seqs), positions=list(range(seq_len)) * num_seqs,
+            slots=[s * per_seq * self.block_size + p for s in range(num_seqs) for p in range(seq_len)],
+            cu_q=[i * seq_len for i in range(num_seqs + 1)], seq_lens=[seq_len] * num_seqs,
+            block_tables=[list(range(s * per_seq, (s + 1) * per_seq)) for s in range(num_seqs)],
+            max_q=seq_len, is_decode=False, logits_indices=[(i + 1) * seq_len - 1 for i in range(num_seqs)])
+        logits = self.execute(inputs)
+        self.sampler(logits.float(), SamplingMetadata.build(
+            [SamplingRow(_PROFILE_PARAMS, [], [], None, None)] * num_seqs, self.vocab_size, self.device))
+        torch.cuda.synchronize()
+        peak_activations = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+        del self.kv_cache, logits
+        for layer in self.attention_layers:
+            layer.k_cache = layer.v_cache = torch.empty(0)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        budget = total * cfg.gpu_memory_utilization - (total - free) - max(0, peak_activations - scratch_bytes)
+        logger.info("memory: %.1f GiB in use after loading, %.2f GiB peak activations",
+                    (total - free) / 2**30, max(0, peak_activations - scratch_bytes) / 2**30)
+        return int(budget // self.block_bytes)
+
+    # -- one step -------------------------------------------------------------------------
+    def run(self, batch: ScheduledBatch, eos_token_id: int | None) -> StepResult:
+        return self.sample(batch, self.execute(self.prepare(batch)), eos_token_id)
+
+    def prepare(self, batch: ScheduledBatch) -> ModelInputs:
+        """Scheduled sequences -> flat token ids, positions and attention metadata."""
+        bs = self.block_size
+        input_ids, positions, slots, cu_q, seq_lens, logits_indices = [], [], [], [0], [], []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
+                logits_indices += range(cu_q[-1], cu_q[-1] + n - (1 if batch.samples(i) else 0))
+            if batch.samples(i):
+                logits_indices.append(cu_q[-1] + n - 1)
+            cu_q.append(cu_q[-1] + n)
+            seq_lens.append(end)
+        return self._tensors(input_ids, positions, slots, cu_q, seq_lens,
+                             [seq.block_table for seq in batch.seqs], max(batch.num_new_tokens),
+                             not batch.is_prefill, logits_indices)
+
+    def _tensors(self, input_ids, positions, slots, cu_q, seq_lens, block_tables, max_q, is_decode,
+                 logits_indices) -> ModelInputs:
+        width = max(len(t) for t in block_tables)
+        tables = [t + [0] * (width - len(t)) for t in block_tables]
+
+        def to_device(values, dtype):
+            return torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda").to(
+                self.device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_mapping=to_device(slots, torch.int64), cu_seqlens_q=to_device(cu_q, torch.int32),
+            seq_lens=to_device(seq_lens, torch.int32), block_tables=to_device(tables, torch.int32),
+            max_seqlen_q=max_q, is_decode=is_decode)
+        return ModelInputs(to_device(input_ids, torch.int64), to_device(positions, torch.int64), meta,
+                           to_device(logits_indices, torch.int64))
+
+    @torch.inference_mode()
+    def execute(self, inputs: ModelInputs) -> torch.Tensor | None:
+        """Forward pass -> logits [N, vocab] for `inputs.logits_indices` (None off rank 0)."""
+        if self.graphs is not None and inputs.meta.is_decode and self.graphs.fits(inputs):
+            hidden = self.graphs.replay(inputs)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        return self.model.compute_logits(hidden[inputs.logits_indices])
+
+    @torch.inference_mode()
+    def sample(self, batch: ScheduledBatch, logits: torch.Tensor, eos_token_id: int | None) -> StepResult:
+        """Pick the next token of every sequence that finished its prompt (or decodes), and
+        gather the logprobs that were asked for."""
+        logits = logits.float()
+        rows, prompt_rows, row = [], {}, 0
+        sampling = [i for i in range(len(batch.seqs)) if batch.samples(i)]
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            if seq.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens:
+                count = n - (1 if batch.samples(i) else 0)
+                prompt_rows[i] = (row, count)
+                row += count
+            if batch.samples(i):
+                rows.append(row)
+                row += 1
+        sample_logits = logits[rows] if len(rows) != logits.shape[0] else logits
+        seqs = [batch.seqs[i] for i in sampling]
+        meta = SamplingMetadata.build(
+            [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, eos_token_id)
+             for s in seqs], self.vocab_size, self.device)
+        out: SamplerOutput = self.sampler(sample_logits, meta)
+        tokens = out.sampled_token_ids.tolist()
+        sampled: list[int | None] = [None] * len(batch.seqs)
+        for i, token in zip(sampling, tokens):
+            sampled[i] = token
+        prompt_logprobs = {}
+        for i, (start, count) in prompt_rows.items():
+            seq, first = batch.seqs[i], batch.seqs[i].num_computed_tokens
+            targets = torch.tensor(seq.token_ids[first + 1:first + 1 + count], device=logits.device)
+            prompt_logprobs[i] = gather_logprobs(torch.log_softmax(logits[start:start + count], dim=-1),
+                                                 targets, seq.params.prompt_logprobs)
+        return StepResult(sampled, out.logprobs, prompt_logprobs)
+
+
+# Sampling with every filter on, so the profile run sees the sampler's largest temporaries.
+_PROFILE_PARAMS = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)

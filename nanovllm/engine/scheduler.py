@@ -1,0 +1,114 @@
+"""Continuous batching: each step, decide which sequences run and how many tokens each computes.
+
+Policy (nano-vllm's, plus chunking):
+- Prefill first. Waiting sequences are taken in order while the step's token budget
+  (`max_num_batched_tokens`) and `max_num_seqs` allow. A prompt longer than the remaining
+  budget is cut (chunked prefill): its first chunk runs now, the rest in the next steps.
+- Otherwise decode: every running sequence computes its newest token. When a sequence's
+  new token needs a block and none is free, the most recently admitted running sequence
+  is preempted: its blocks are freed and it goes back to the front of the queue, to be
+  recomputed (prompt + the tokens it had generated) when there is room again.
+A step is therefore all-prefill or all-decode; decode steps have exactly one token per
+sequence, which is what CUDA graphs replay.
+"""
+from collections import deque
+from dataclasses import dataclass
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_new_tokens: list[int]     # tokens each sequence computes this step
+    is_prefill: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def samples(self, i: int) -> bool:
+        """Does sequence i get a new token from this step (is its chunk its last one)?"""
+        seq = self.seqs[i]
+        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = config.max_model_len
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch | None:
+        return self._schedule_prefill() or self._schedule_decode()
+
+    def _schedule_prefill(self) -> ScheduledBatch | None:
+        seqs, counts, budget = [], [], self.max_num_batched_tokens
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table and not self.block_manager.allocate(seq):
+                break                             # no room yet: wait for running ones to finish
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            self.block_manager.cache_computed_blocks(seq, seq.num_computed_tokens + n)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+            if seq.num_computed_tokens + n < seq.num_tokens:
+                break                             # a partial chunk: the rest comes next step
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        return ScheduledBatch(seqs, counts, is_prefill=True) if seqs else None
+
+    def _schedule_decode(self) -> ScheduledBatch | None:
+        scheduled = []
+        for seq in list(self.running):
+            if seq.status != SequenceStatus.RUNNING:
+                continue                          # preempted earlier in this loop
+            while not self.block_manager.can_append(seq):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.append_slot(seq)
+                self.block_manager.cache_computed_blocks(seq, seq.num_tokens)
+                scheduled.append(seq)
+        return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False) if scheduled else None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free_blocks(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
+        """Record a finished step: advance computed counts and append sampled tokens
+        (`sampled[i]` is None for a sequence whose prefill chunk was not its last)."""
+        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
+            seq.num_computed_tokens += n
+            if token is not None:
+                seq.append_token(token)
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """End a sequence (stopped, out of length, or aborted) and free its blocks."""
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.free_blocks(seq)

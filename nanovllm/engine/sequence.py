@@ -1,0 +1,68 @@
+"""A Sequence: one stream of tokens being generated (one completion of a request).
+
+A request with `n > 1` fans out into n sequences that share the prompt (and, through the
+prefix cache, its KV blocks).
+"""
+import itertools
+from enum import Enum, auto
+
+import torch
+
+from nanovllm.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()     # prompt (or, after preemption, prompt + output) not fully computed yet
+    RUNNING = auto()     # decoding: one new token per step
+    FINISHED = auto()
+
+
+class Sequence:
+    _ids = itertools.count()
+
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int],
+                 params: SamplingParams, generator: torch.Generator | None = None):
+        self.seq_id = next(Sequence._ids)
+        self.request_id = request_id
+        self.index = index                      # which of the request's n completions
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.generator = generator
+        self.status = SequenceStatus.WAITING
+        # Tokens whose keys/values are in the KV cache. Chunked prefill advances it chunk
+        # by chunk; preemption resets it to 0 (the KV is recomputed later).
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0              # prompt tokens found in the prefix cache
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []       # chained hashes of the full blocks so far
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.logprobs: list | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)

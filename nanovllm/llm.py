@@ -1,0 +1,110 @@
+"""`LLM`: the offline API, as in vLLM.
+
+    llm = LLM("Qwen/Qwen3-0.6B")
+    outputs = llm.generate(["Hello, my name is"], SamplingParams(temperature=0.8, max_tokens=32))
+    print(outputs[0].outputs[0].text)
+"""
+import dataclasses
+import itertools
+import time
+
+from tqdm.auto import tqdm
+
+from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.outputs import RequestOutput
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str, **kwargs):
+        """`model`: a local checkpoint directory, a .gguf file, or a Hugging Face repo id.
+        Keyword arguments are vLLM's engine arguments (see `nanovllm.config.EngineConfig`)."""
+        self.llm_engine = LLMEngine.from_kwargs(model, **kwargs)
+        self.request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete each prompt; returns one RequestOutput per prompt, in input order.
+
+        `prompts`: a string, a list of token ids, a {"prompt": ...} / {"prompt_token_ids": [...]}
+        dict, or a list of any of these.
+        """
+        prompts = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompts))
+        engine = self.llm_engine
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                request_id = str(next(self.request_counter))
+                engine.add_request(request_id, prompt, dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY))
+                ids.append(request_id)
+            return self._run(ids, use_tqdm)
+        except BaseException:
+            engine.abort_request(ids)    # leave the engine clean for the next call
+            raise
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine, done = self.llm_engine, {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        prefill_tps = decode_tps = 0.0
+        while engine.has_unfinished_requests():
+            start = time.perf_counter()
+            outputs = engine.step()
+            is_prefill, num_tokens = engine.last_step
+            rate = num_tokens / max(time.perf_counter() - start, 1e-9)
+            if is_prefill:
+                prefill_tps = rate
+            else:
+                decode_tps = rate
+            bar.set_postfix(prefill=f"{prefill_tps:.0f} tok/s", decode=f"{decode_tps:.0f} tok/s", refresh=False)
+            for out in outputs:
+                if out.finished:
+                    done[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [done[i] for i in ids]
+
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True, chat_template: str | None = None,
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"} dicts) or a list of them,
+        through the tokenizer's chat template."""
+        conversations = [messages] if messages and all(isinstance(m, dict) for m in messages) else messages
+        tokenizer = self.get_tokenizer()
+        prompts = []
+        for conversation in conversations:
+            text = tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                chat_template=chat_template, continue_final_message=continue_final_message,
+                **(chat_template_kwargs or {}))
+            # The template already holds BOS and friends: do not add special tokens again.
+            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def __del__(self):
+        engine = getattr(self, "llm_engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def _as_prompt_list(prompts) -> list:
+    """vLLM's rule: a string, a dict, or a non-empty list of ints is ONE prompt."""
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
+        return [list(prompts)]
+    return list(prompts)
+
+
+def _as_params_list(params, count: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValueError(f"The lengths of prompts ({count}) and sampling_params ({len(params)}) must be the same.")
+    return params

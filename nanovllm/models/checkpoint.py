@@ -1,0 +1,84 @@
+"""Finding a checkpoint and loading its weights into the (sharded, fused) model."""
+import glob
+import os
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+def resolve_model_dir(model: str, gguf_file: str | None = None, revision: str | None = None) -> str:
+    """A local directory (used as is), a GGUF file (converted once to a cached Hugging Face
+    directory), or a Hugging Face repo id (downloaded with huggingface_hub)."""
+    from nanovllm.gguf import resolve_gguf
+    converted = resolve_gguf(model, gguf_file)
+    if converted is not None:
+        return converted
+    if os.path.isdir(model):
+        return model
+    looks_like_path = model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", os.sep, 1)
+    if looks_like_path or model.count("/") != 1:
+        raise OSError(f"Model path {model!r} does not exist (and is not a Hugging Face repo id "
+                      f"of the form 'org/name').")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(model, revision=revision, allow_patterns=[
+            "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"])
+    except Exception as e:
+        raise OSError(
+            f"Could not find {model!r} locally and could not download it from the Hugging Face Hub "
+            f"({type(e).__name__}: {e}). On a machine with internet access run "
+            f"`huggingface-cli download {model} --local-dir <dir>`, copy <dir> here and pass "
+            f"LLM(model='<dir>').") from e
+
+
+def load_weights(model: nn.Module, model_dir: str) -> None:
+    """Copy every tensor of the checkpoint's *.safetensors into its parameter.
+
+    A tensor whose module is fused here (q/k/v -> qkv_proj, gate/up -> gate_up_proj) goes
+    through that parameter's `weight_loader` with its shard id; each loader keeps only this
+    rank's slice.
+    """
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise OSError(f"No *.safetensors weights in {model_dir!r}.")
+    packed = getattr(model, "packed_modules_mapping", {})
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = set()
+    for path in files:
+        with safe_open(path, "pt", device="cpu") as f:
+            for name in f.keys():
+                if "rotary_emb.inv_freq" in name:
+                    continue
+                target, shard_id = name, None
+                for hf_name, (our_name, sid) in packed.items():
+                    if f".{hf_name}." in name:
+                        target, shard_id = name.replace(f".{hf_name}.", f".{our_name}."), sid
+                        break
+                if target not in params:
+                    raise ValueError(f"Checkpoint tensor {name!r} has no place in {type(model).__name__}.")
+                param = params[target]
+                loader = getattr(param, "weight_loader", None)
+                tensor = f.get_tensor(name).to(param.dtype)
+                if loader is None:
+                    param.data.copy_(tensor)
+                elif shard_id is None:
+                    loader(param, tensor)
+                else:
+                    loader(param, tensor, shard_id)
+                loaded.add(target)
+    missing = {n for n, p in model.named_parameters() if n not in loaded}
+    tied = {n for n in missing if n == "lm_head.weight"}
+    if missing - tied:
+        raise ValueError(f"Checkpoint {model_dir!r} lacks weights for: {sorted(missing - tied)[:8]}")
+
+
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """load_format="dummy": random weights of the right shapes (benchmarks need no checkpoint).
+    Small values keep activations finite; norms stay at one."""
+    for i, (name, p) in enumerate(model.named_parameters()):
+        if "norm" in name:
+            p.data.fill_(1.0)
+        else:
+            gen = torch.Generator(device=p.device).manual_seed(seed + i)
+            p.data.uniform_(-0.02, 0.02, generator=gen)
