@@ -88,10 +88,14 @@ def build_tiny_checkpoint(path: str, model_type: str = "qwen3", seed: int = 0,
     return path
 
 
+def cache_root() -> str:
+    """Where nanovllm keeps what it builds or fetches: $NANOVLLM_CACHE or ~/.cache/nanovllm."""
+    return os.environ.get("NANOVLLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanovllm"))
+
+
 def demo_checkpoint_dir() -> str:
     """Where the tiny demo checkpoint lives (created on first use)."""
-    root = os.environ.get("NANOVLLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanovllm"))
-    path = os.path.join(root, "tiny-qwen3")
+    path = os.path.join(cache_root(), "tiny-qwen3")
     if not os.path.exists(os.path.join(path, "config.json")):
         build_tiny_checkpoint(path)
     return path

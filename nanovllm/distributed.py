@@ -30,3 +30,12 @@ def gather_on_rank0(x: torch.Tensor) -> torch.Tensor | None:
     parts = [torch.empty_like(x) for _ in range(tp_size())] if tp_rank() == 0 else None
     dist.gather(x, parts, dst=0)
     return torch.cat(parts, dim=-1) if tp_rank() == 0 else None
+
+
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest of every rank's `value` (e.g. the KV-cache blocks all ranks can hold)."""
+    if tp_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())

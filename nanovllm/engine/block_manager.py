@@ -19,7 +19,7 @@ from nanovllm.engine.sequence import Sequence
 
 
 def chain_hash(prev_hash: int, token_ids: list[int]) -> int:
-    h = xxhash.xxh64(prev_hash.to_bytes(8, "little", signed=True))
+    h = xxhash.xxh64(prev_hash.to_bytes(8, "little"))
     h.update(array("q", token_ids).tobytes())
     return h.intdigest()
 
@@ -62,7 +62,7 @@ class BlockManager:
         """Hash of the sequence's full block i (memoised on the sequence)."""
         while len(seq.block_hashes) <= i:
             j = len(seq.block_hashes)
-            prev = seq.block_hashes[-1] if j else -1
+            prev = seq.block_hashes[-1] if j else 0
             seq.block_hashes.append(chain_hash(prev, self._block_tokens(seq, j)))
         return seq.block_hashes[i]
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from nanovllm.config import EngineConfig
+from nanovllm.distributed import min_over_ranks, tp_size
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.attention import Attention, AttentionMetadata, select_backend
 from nanovllm.layers.sampler import LogprobsTensors, Sampler, SamplerOutput, SamplingMetadata, SamplingRow, \
@@ -43,6 +44,9 @@ class StepResult:
 class ModelRunner:
     def __init__(self, config: EngineConfig):
         self.config = config
+        if tp_size() != config.tensor_parallel_size:    # the process group is made by engine/tensor_parallel.py
+            raise RuntimeError(f"tensor_parallel_size={config.tensor_parallel_size} but this process is one of "
+                               f"{tp_size()} torch.distributed ranks (is another tensor-parallel engine alive here?)")
         hf = config.hf_config
         self.device = torch.device(config.device, torch.cuda.current_device() if config.device == "cuda" else None)
         self.dtype = config.torch_dtype
@@ -93,6 +97,7 @@ class ModelRunner:
             num_blocks = min(useful, self._profile_num_blocks())
         else:
             num_blocks = min(useful, cfg.cpu_kv_cache_bytes // self.block_bytes)
+        num_blocks = min_over_ranks(num_blocks, self.device)    # every rank must hold the same blocks
         if num_blocks < 1:
             raise ValueError("No memory is left for the KV cache: raise gpu_memory_utilization "
                              "or lower max_num_batched_tokens.")
@@ -128,8 +133,9 @@ class ModelRunner:
             block_tables=[list(range(s * per_seq, (s + 1) * per_seq)) for s in range(num_seqs)],
             max_q=seq_len, is_decode=False, logits_indices=[(i + 1) * seq_len - 1 for i in range(num_seqs)])
         logits = self.execute(inputs)
-        self.sampler(logits.float(), SamplingMetadata.build(
-            [SamplingRow(_PROFILE_PARAMS, [], [], None, None)] * num_seqs, self.vocab_size, self.device))
+        if logits is not None:                          # only rank 0 samples
+            self.sampler(logits.float(), SamplingMetadata.build(
+                [SamplingRow(_PROFILE_PARAMS, [], [], None, None)] * num_seqs, self.vocab_size, self.device))
         torch.cuda.synchronize()
         peak_activations = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
         del self.kv_cache, logits

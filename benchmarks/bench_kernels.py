@@ -1,0 +1,222 @@
+"""Time the Triton attention kernels on a CUDA GPU (Qwen3-0.6B's attention shape).
+
+    PYTHONPATH=. python benchmarks/bench_kernels.py            # default configs, table
+    PYTHONPATH=. python benchmarks/bench_kernels.py --sweep    # also sweep tile sizes / warps / stages / splits
+
+Decode: effective bandwidth = bytes of K and V read (each cached token's K and V rows of every
+KV head, once) over the do_bench median, against 3.0 TB/s (the H100's measured copy rate; the
+script measures the copy rate too). Prefill: ms and TFLOP/s (causal: only visible pairs),
+with torch's scaled_dot_product_attention on contiguous tensors as a peer.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from nanovllm.kernels import paged_decode_attention, paged_prefill_attention  # noqa: E402
+from nanovllm.kernels import decode_attention, prefill_attention  # noqa: E402
+
+PEAK = 3.0e12          # bytes/s
+HQ, HKV, D = 16, 8, 128
+DTYPE = torch.bfloat16
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def bench(fn) -> float:
+    """Median milliseconds."""
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2 ** 29, dtype=torch.bfloat16, device="cuda").normal_()   # 1 GiB
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    return 2 * x.numel() * x.element_size() / (ms * 1e-3)
+
+
+def paged_cache(seq_lens, block_size, gen):
+    """bf16 K/V caches holding each sequence in randomly scattered blocks."""
+    blocks = [triton.cdiv(n, block_size) for n in seq_lens]
+    num_blocks = sum(blocks)
+    perm = torch.randperm(num_blocks, device="cuda", generator=gen).to(torch.int32)
+    table = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32, device="cuda")
+    used = 0
+    for b, nb in enumerate(blocks):
+        table[b, :nb] = perm[used:used + nb]
+        used += nb
+    shape = (num_blocks, block_size, HKV, D)
+    k = torch.empty(shape, dtype=DTYPE, device="cuda").normal_(generator=gen)
+    v = torch.empty(shape, dtype=DTYPE, device="cuda").normal_(generator=gen)
+    return k, v, table
+
+
+DECODE_CASES = [  # (name, seq_lens, block_size)
+    ("256x1024", [1024] * 256, 16),
+    ("256x1024", [1024] * 256, 256),
+    ("8x8192", [8192] * 8, 16),
+    ("8x8192", [8192] * 8, 256),
+]
+
+
+def decode_case(seq_lens, block_size, gen):
+    k, v, table = paged_cache(seq_lens, block_size, gen)
+    q = torch.empty(len(seq_lens), HQ, D, dtype=DTYPE, device="cuda").normal_(generator=gen)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    nbytes = 2 * sum(seq_lens) * HKV * D * k.element_size()
+    return (q, k, v, lens, table), out, nbytes
+
+
+def time_decode(args, out, nbytes, num_splits=None, config=None):
+    fn = lambda: paged_decode_attention(*args, D ** -0.5, num_splits=num_splits, out=out, config=config)  # noqa: E731
+    ms = bench(fn)
+    return ms, nbytes / (ms * 1e-3)
+
+
+def prefill_batch(seq_lens, q_lens, block_size, gen):
+    k, v, table = paged_cache(seq_lens, block_size, gen)
+    cu = torch.tensor([0] + q_lens, device="cuda").cumsum(0).to(torch.int32)
+    q = torch.empty(sum(q_lens), HQ, D, dtype=DTYPE, device="cuda").normal_(generator=gen)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    pairs = sum(sum(range(s - n + 1, s + 1)) for s, n in zip(seq_lens, q_lens))   # visible (q, k) pairs
+    flops = 4 * pairs * HQ * D
+    return dict(q=q, k_cache=k, v_cache=v, cu_seqlens_q=cu, seq_lens=lens, block_tables=table,
+                max_seqlen_q=max(q_lens), scale=D ** -0.5), flops
+
+
+PREFILL_CASES = [  # (name, seq_lens, q_lens)
+    ("8x1024 fresh", [1024] * 8, [1024] * 8),
+    ("4x512 new on 1536 cached", [2048] * 4, [512] * 4),
+    ("chunk 2048 + 64 decodes", [2048] + [1024] * 64, [2048] + [1] * 64),
+]
+
+
+def time_prefill(batch, config=None):
+    return bench(lambda: paged_prefill_attention(**batch, config=config))
+
+
+def sdpa_peer(seq_len, num_seqs, gen):
+    q = torch.empty(num_seqs, HQ, seq_len, D, dtype=DTYPE, device="cuda").normal_(generator=gen)
+    k = torch.empty(num_seqs, HKV, seq_len, D, dtype=DTYPE, device="cuda").normal_(generator=gen)
+    v = torch.empty_like(k).normal_(generator=gen)
+    k, v = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
+    return bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true", help="sweep kernel configs")
+    parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kernels.json"))
+    args = parser.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    log(f"# {time.strftime('%Y-%m-%d')} {props.name} ({props.multi_processor_count} SMs), "
+        f"torch {torch.__version__}, triton {triton.__version__}")
+    results = {"device": props.name, "date": time.strftime("%Y-%m-%d"), "decode": [], "prefill": []}
+    copy = copy_bandwidth()
+    results["copy_bytes_per_s"] = copy
+    log(f"device-to-device copy: {copy / 1e12:.2f} TB/s (read + write)")
+
+    # ------------------------------------------------------------------ decode
+    for name, seq_lens, bs in DECODE_CASES:
+        dargs, out, nbytes = decode_case(seq_lens, bs, gen)
+        ms, bw = time_decode(dargs, out, nbytes)
+        best = (ms, bw, "default", decode_attention.default_num_splits(len(seq_lens), HKV, out.device))
+        if args.sweep:
+            def trial(cfg, s):
+                nonlocal best
+                try:
+                    ms_c, bw_c = time_decode(dargs, out, nbytes, s, cfg)
+                except Exception as e:   # e.g. out of shared memory
+                    log(f"  {name} bs{bs} {cfg} S={s}: failed {type(e).__name__}: {str(e)[:100]}")
+                    return
+                log(f"  {name} bs{bs} {cfg} S={s}: {ms_c * 1e3:7.1f} us {bw_c / 1e9:6.0f} GB/s")
+                if ms_c < best[0]:
+                    best = (ms_c, bw_c, cfg, s)
+            # tiles, warps and pipeline depth at the default split count, then the split count
+            for bn in (32, 64, 128):
+                for nw in (4, 8):
+                    for ns in (2, 3, 4):
+                        trial({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns}, None)
+            best_cfg = best[2] if best[2] != "default" else None
+            for s in ([1, 2, 4] if len(seq_lens) >= 64 else [8, 16, 32, 64]):
+                trial(best_cfg, s)
+        row = dict(case=name, block_size=bs, us=ms * 1e3, gbps=bw / 1e9, pct=100 * bw / PEAK,
+                   best_us=best[0] * 1e3, best_gbps=best[1] / 1e9, best_config=best[2], best_splits=best[3])
+        results["decode"].append(row)
+        del dargs, out
+        torch.cuda.empty_cache()
+
+    # mixed lengths, as in the bench workload's decode steps
+    mgen = torch.Generator().manual_seed(0)
+    mixed = torch.randint(100, 2049, (256,), generator=mgen).tolist()
+    dargs, out, nbytes = decode_case(mixed, 16, gen)
+    ms, bw = time_decode(dargs, out, nbytes)
+    row = dict(case="256 mixed 100..2048", block_size=16, us=ms * 1e3, gbps=bw / 1e9, pct=100 * bw / PEAK)
+    if args.sweep:
+        for s in (2, 4):
+            ms_c, bw_c = time_decode(dargs, out, nbytes, s)
+            log(f"  mixed S={s}: {ms_c * 1e3:7.1f} us {bw_c / 1e9:6.0f} GB/s")
+            if ms_c < row.get("best_us", ms * 1e3) / 1e3:
+                row.update(best_us=ms_c * 1e3, best_gbps=bw_c / 1e9, best_config=None, best_splits=s)
+    results["decode"].append(row)
+    del dargs, out
+    torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ prefill
+    for name, seq_lens, q_lens in PREFILL_CASES:
+        for bs in (16, 256):
+            batch, flops = prefill_batch(seq_lens, q_lens, bs, gen)
+            ms = time_prefill(batch)
+            best = (ms, "default")
+            if args.sweep and bs == 16 and name.startswith("8x1024"):
+                for bm in (64, 128):
+                    for bn in (32, 64, 128):
+                        for nw in (4, 8):
+                            for ns in (2, 3):
+                                cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw, "num_stages": ns}
+                                try:
+                                    ms_c = time_prefill(batch, cfg)
+                                except Exception as e:
+                                    log(f"  prefill {cfg}: failed {type(e).__name__}")
+                                    continue
+                                log(f"  prefill {name} bs{bs} {cfg}: {ms_c * 1e3:7.1f} us "
+                                    f"{flops / ms_c / 1e9:6.1f} TFLOP/s")
+                                if ms_c < best[0]:
+                                    best = (ms_c, cfg)
+            results["prefill"].append(dict(case=name, block_size=bs, us=ms * 1e3, tflops=flops / ms / 1e9,
+                                           best_us=best[0] * 1e3, best_config=best[1]))
+            del batch
+            torch.cuda.empty_cache()
+    peer = sdpa_peer(1024, 8, gen)
+    results["sdpa_8x1024_us"] = peer * 1e3
+
+    # ------------------------------------------------------------------ table
+    log("\n## decode (bf16, Hq=16, Hkv=8, D=128): K+V bytes read / median time, vs 3.0 TB/s")
+    log(f"{'case':22} {'block':>5} {'us':>8} {'GB/s':>7} {'%3.0TB/s':>8}   best-of-sweep")
+    for r in results["decode"]:
+        extra = ""
+        if "best_us" in r and (r["best_config"] != "default"):
+            extra = f"{r['best_us']:.1f} us {r['best_gbps']:.0f} GB/s {r['best_config']} S={r['best_splits']}"
+        log(f"{r['case']:22} {r['block_size']:5d} {r['us']:8.1f} {r['gbps']:7.0f} {r['pct']:7.1f}%   {extra}")
+    log("\n## prefill (bf16, Hq=16, Hkv=8, D=128)")
+    log(f"{'case':28} {'block':>5} {'us':>8} {'TFLOP/s':>8}   best-of-sweep")
+    for r in results["prefill"]:
+        extra = "" if r["best_config"] == "default" else f"{r['best_us']:.1f} us {r['best_config']}"
+        log(f"{r['case']:28} {r['block_size']:5d} {r['us']:8.1f} {r['tflops']:8.1f}   {extra}")
+    log(f"torch sdpa (contiguous, causal, 8x1024): {peer * 1e3:.1f} us")
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

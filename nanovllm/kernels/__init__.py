@@ -1,0 +1,47 @@
+"""Attention kernels: Triton implementations and their pure-torch references.
+
+    store_kv_cache           write new K/V into the paged cache          (store_kv.py)
+    paged_prefill_attention  varlen causal attention over the paged cache (prefill_attention.py)
+    paged_decode_attention   one query token per sequence, split-KV       (decode_attention.py)
+    *_reference              the same in plain torch                      (reference.py)
+
+The Triton modules are imported lazily, on first use of one of their names, for two reasons:
+importing `nanovllm.kernels` must work where triton is not installed (macOS, Windows), and
+`@triton.jit` fixes interpreter-or-GPU mode when the module is imported, so on a machine
+without CUDA, TRITON_INTERPRET=1 only has to be set before the first kernel is used (not
+before `import nanovllm`). Check `triton_available()` before calling a Triton kernel.
+"""
+import importlib
+import os
+
+from .reference import gather_kv, paged_attention_reference, store_kv_cache_reference
+
+_LAZY = {
+    "store_kv_cache": ".store_kv",
+    "paged_prefill_attention": ".prefill_attention",
+    "paged_decode_attention": ".decode_attention",
+}
+
+__all__ = ["triton_available", "store_kv_cache", "paged_prefill_attention", "paged_decode_attention",
+           "store_kv_cache_reference", "paged_attention_reference", "gather_kv"]
+
+
+def triton_available() -> bool:
+    """True when triton imports and can run here: on a CUDA GPU, or in its CPU interpreter
+    (TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:   # not installed, or a broken install
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+        return True
+    import torch
+    return torch.cuda.is_available()
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value      # later look-ups skip this hook
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

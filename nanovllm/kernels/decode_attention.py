@@ -1,0 +1,209 @@
+"""Triton kernels: paged decode attention with split-KV (flash-decoding).
+
+Decode reads every cached K/V byte of every running sequence once per step and does about
+two FLOPs per byte, so it is bound by memory bandwidth. The design follows from that:
+
+* One program per (sequence, KV head, split). The query heads that share the KV head
+  (grouped-query attention) are packed into the rows of one tile, so each K/V tile is read
+  once for all of them.
+* Each sequence's context is cut into `num_splits` segments, a whole number of BLOCK_N-token
+  tiles each, so that a few long sequences still give enough programs to fill the GPU.
+  The segment bounds are computed on the device from `seq_lens`: the grid depends on the
+  batch size (and model shape) only, so one captured CUDA graph serves every context length.
+* Each split writes an fp32 partial output, already normalised, and its log-sum-exp; a small
+  merge kernel combines the splits. With one split the first kernel writes the output itself.
+* The KV walk is independent of the cache block size: each tile of BLOCK_N tokens looks up
+  the physical block of every token in the block table.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# Tuning knobs (chosen on an H100, see docs/kernels.md); benchmarks may override them.
+DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr,
+    part_out_ptr, part_lse_ptr, out_ptr,
+    scale_log2,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_bt_b, stride_bt_i,
+    stride_pb, stride_ph, stride_ps,   # partial out [B, Hq, S, BLOCK_D], last stride 1
+    stride_lb, stride_lh,              # partial lse [B, Hq, S], last stride 1
+    stride_ob, stride_oh, stride_od,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    DIRECT: tl.constexpr, IEEE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Segment of this split: a whole number of tiles, computed on the device.
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    start = split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + g
+    g_mask = g < GROUP
+    d_mask = d < HEAD_DIM
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_b
+    k_head = k_cache_ptr + kv_head * stride_kh + d[None, :] * stride_kd
+    v_head = v_cache_ptr + kv_head * stride_vh + d[None, :] * stride_vd
+    for tile_start in range(start, end, BLOCK_N):
+        n = tile_start + tl.arange(0, BLOCK_N)
+        n_mask = n < end
+        block = tl.load(bt_row + (n // BLOCK_SIZE) * stride_bt_i, mask=n_mask, other=0).to(tl.int64)
+        slot = n % BLOCK_SIZE
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_head + block[:, None] * stride_kb + slot[:, None] * stride_ks, mask=kv_mask, other=0.0)
+        v = tl.load(v_head + block[:, None] * stride_vb + slot[:, None] * stride_vs, mask=kv_mask, other=0.0)
+
+        if IEEE:
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k.to(q.dtype)))
+        s = tl.where(n_mask[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+
+    empty = start >= end   # a split past the end of a short sequence (or seq_len 0)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = tl.where(empty, 0.0, acc / l_safe[:, None])
+    row_mask = g_mask[:, None] & d_mask[None, :]
+    if DIRECT:
+        o_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_mask)
+    else:
+        # log-sum-exp in base 2 of the scaled scores: m + log2(l)
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
+        p_ptrs = part_out_ptr + seq.to(tl.int64) * stride_pb + heads[:, None] * stride_ph + split * stride_ps
+        tl.store(p_ptrs + d[None, :], o, mask=row_mask)
+        l_ptrs = part_lse_ptr + seq.to(tl.int64) * stride_lb + heads * stride_lh + split
+        tl.store(l_ptrs, lse, mask=g_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr,
+    stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh, stride_od,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    lse = tl.load(part_lse_ptr + seq.to(tl.int64) * stride_lb + head * stride_lh + s)
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)    # every split empty: output zeros
+    w = tl.exp2(lse - m)
+    total = tl.sum(w, 0)
+    total = tl.where(total > 0, total, 1.0)
+    p_ptrs = part_out_ptr + seq.to(tl.int64) * stride_pb + head * stride_ph + s[:, None] * stride_ps
+    parts = tl.load(p_ptrs + d[None, :])
+    o = tl.sum(parts * (w / total)[:, None], 0)
+    tl.store(out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + d * stride_od,
+             o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_num_splits(batch_size: int, num_kv_heads: int, device: torch.device) -> int:
+    """Splits per sequence so that batch x kv_heads x splits programs fill the GPU.
+
+    Depends on the batch shape only (never on the sequence lengths), so it is fixed for a
+    captured CUDA graph. A power of two, at most MAX_SPLITS.
+    """
+    if device.type == "cuda":
+        target = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        target = 16   # the interpreter runs programs one by one: keep the grid small
+    want = triton.cdiv(target, max(1, batch_size * num_kv_heads))
+    return min(MAX_SPLITS, triton.next_power_of_2(want))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                           num_splits: int | None = None, out: torch.Tensor | None = None,
+                           *, config: dict | None = None) -> torch.Tensor:
+    """Attention of one new query token per sequence over its paged KV cache.
+
+    q [B, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D]; seq_lens [B] (cached
+    tokens, the new one included; 0 gives a zero output); block_tables [B, max_blocks].
+    Returns out [B, Hq, D] in q's dtype. `config` overrides DEFAULT_CONFIG (for tuning).
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads is not a multiple of {num_kv_heads} KV heads")
+    if k_cache.shape[3] != head_dim or v_cache.shape != k_cache.shape:
+        raise ValueError(f"caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not fit q {tuple(q.shape)}")
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if batch == 0:
+        return out
+    if num_splits is None:
+        num_splits = default_num_splits(batch, num_kv_heads, q.device)
+    if num_splits < 1 or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits must be a power of two >= 1, got {num_splits}")
+
+    group = num_heads // num_kv_heads
+    block_d = triton.next_power_of_2(head_dim)
+    direct = num_splits == 1
+    if direct:
+        part_out = part_lse = out     # unused
+        p_strides, l_strides = (0, 0, 0), (0, 0)
+    else:
+        part_out = torch.empty(batch, num_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        p_strides, l_strides = part_out.stride()[:3], part_lse.stride()[:2]
+
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, seq_lens, block_tables, part_out, part_lse, out,
+        scale * LOG2E,
+        *q.stride(), *k_cache.stride()[:4], *v_cache.stride()[:4], *block_tables.stride(),
+        *p_strides, *l_strides, *out.stride(),
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"], NUM_SPLITS=num_splits,
+        DIRECT=direct, IEEE=q.dtype == torch.float32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if not direct:
+        _decode_merge_kernel[(batch, num_heads)](
+            part_out, part_lse, out, *p_strides, *l_strides, *out.stride(),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, num_warps=4,
+        )
+    return out

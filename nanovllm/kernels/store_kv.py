@@ -1,0 +1,62 @@
+"""Triton kernel: write the new tokens' K and V into their paged-cache slots.
+
+One program per token copies that token's [num_kv_heads, head_dim] key and value rows to
+`slot = block_id * block_size + offset` (see reference.py for the layout). A negative slot
+(padding in a CUDA-graph batch) is skipped. key/value may be strided views of a fused qkv
+tensor: every stride is passed to the kernel, nothing is copied.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _store_kv_kernel(
+    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_kc_blk, stride_kc_slot, stride_kc_h, stride_kc_d,
+    stride_vc_blk, stride_vc_slot, stride_vc_h, stride_vc_d,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    block = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
+
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < NUM_HEADS) & (dims < HEAD_DIM)
+
+    k = tl.load(key_ptr + token * stride_kt + heads * stride_kh + dims * stride_kd, mask=mask)
+    v = tl.load(value_ptr + token * stride_vt + heads * stride_vh + dims * stride_vd, mask=mask)
+    k_dst = k_cache_ptr + block * stride_kc_blk + offset * stride_kc_slot + heads * stride_kc_h + dims * stride_kc_d
+    v_dst = v_cache_ptr + block * stride_vc_blk + offset * stride_vc_slot + heads * stride_vc_h + dims * stride_vc_d
+    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write key/value [num_tokens, num_kv_heads, head_dim] into k_cache/v_cache
+    [num_blocks, block_size, num_kv_heads, head_dim] at `slot_mapping` (negative = skip)."""
+    num_tokens, num_heads, head_dim = key.shape
+    if value.shape != key.shape:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} differ in shape")
+    if k_cache.shape[2:] != (num_heads, head_dim) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not fit "
+                         f"key {tuple(key.shape)}")
+    if slot_mapping.shape[0] < num_tokens:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for {num_tokens} tokens")
+    if num_tokens == 0:
+        return
+    _store_kv_kernel[(num_tokens,)](
+        key, value, k_cache, v_cache, slot_mapping,
+        *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(),
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=4,
+    )

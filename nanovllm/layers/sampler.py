@@ -1,0 +1,272 @@
+"""The sampler: from the last position's logits to one token per sequence.
+
+The order follows vLLM V1:
+  1. logprobs, if any row asked, from the RAW logits (log_softmax before anything below:
+     vLLM's default logprobs_mode "raw_logprobs"; so they ignore min_tokens masking,
+     penalties, temperature and the top-k/top-p/min-p filters);
+  2. min_tokens: EOS and stop_token_ids get -inf until the row has min_tokens outputs;
+  3. penalties: repetition (HF style, over prompt + output tokens), then frequency and
+     presence (OpenAI style, over output tokens);
+  4. greedy rows take the argmax here; random rows continue with
+  5. temperature, top-k, top-p (keeps at least one token), min-p, softmax,
+  6. the exponential race: argmax(probs / E) with E ~ Exp(1) i.i.d., which draws token i
+     with probability probs[i] without a cumulative sum or a host sync.
+     Seeded rows draw E from their own generator, so their tokens do not depend on the
+     other rows in the batch.
+
+Everything is vectorised over the batch; a step that no row uses is skipped, and an
+all-greedy batch never computes a softmax. Nothing in `Sampler.forward` reads a tensor
+back to the host, so it can run right after a CUDA-graph replay without a sync.
+"""
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from nanovllm.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """What the engine knows about one sequence this step."""
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None  # seeded requests only, on the logits' device
+    eos_token_id: int | None
+
+
+@dataclass
+class SamplingMetadata:
+    """Per-step sampling tensors for a batch of B rows over a vocabulary of V.
+
+    Optional tensors are None when no row of the batch uses that step, which is how the
+    sampler knows to skip it.
+    """
+    temperature: torch.Tensor                 # [B] float32; 1.0 on greedy rows
+    greedy: torch.Tensor                      # [B] bool
+    all_greedy: bool
+    all_random: bool
+    top_k: torch.Tensor | None                # [B] int64; 0 = off
+    max_top_k: int                            # largest k in use (so topk() needs no host sync)
+    top_p: torch.Tensor | None                # [B] float32; 1.0 = off
+    top_p_within_top_k: bool                  # every row using top-p also uses top-k
+    min_p: torch.Tensor | None                # [B] float32; 0.0 = off
+    repetition_penalty: torch.Tensor | None   # [B]; None when no row uses it
+    frequency_penalty: torch.Tensor | None    # [B] } None when no row uses
+    presence_penalty: torch.Tensor | None     # [B] } either
+    output_counts: torch.Tensor | None        # [B, V] float32: occurrences in the output (any penalty)
+    prompt_mask: torch.Tensor | None          # [B, V] bool: occurs in the prompt (repetition only)
+    min_tokens_rows: torch.Tensor | None      # [M] int64 } logits[rows, ids] = -inf: the EOS/stop ids
+    min_tokens_ids: torch.Tensor | None       # [M] int64 } of rows still short of min_tokens
+    generators: dict[int, torch.Generator]    # row -> generator, for seeded random rows
+    max_num_logprobs: int | None              # max `logprobs` over rows; None if no row asked
+
+    @classmethod
+    def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device) -> "SamplingMetadata":
+        V = vocab_size
+        ps = [r.params for r in rows]
+        greedy = [p.is_greedy for p in ps]
+
+        def tensor(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        # Greedy rows keep temperature 1 so the shared division is harmless for them.
+        temperature = tensor([1.0 if g else float(p.temperature) for p, g in zip(ps, greedy)])
+        # top_k >= V keeps everything: treat it as off.
+        top_ks = [p.top_k if 0 < p.top_k < V else 0 for p in ps]
+        use_top_k = any(top_ks)
+        use_top_p = any(p.top_p < 1.0 for p in ps)
+        use_min_p = any(p.min_p > 0.0 for p in ps)
+
+        # Penalties. Token histograms are built on the device from flat id lists (sending the
+        # ids is far cheaper than building B x V tensors on the host), and only over the rows
+        # that use a penalty: the prompt only for the repetition penalty.
+        uses_rep = [p.repetition_penalty != 1.0 for p in ps]
+        uses_freq_pres = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in ps]
+        rep = freq = pres = output_counts = prompt_mask = None
+        if any(uses_rep) or any(uses_freq_pres):
+            output_counts = _token_counts([r.output_token_ids if u or v else []
+                                           for r, u, v in zip(rows, uses_rep, uses_freq_pres)], V, device)
+        if any(uses_rep):
+            rep = tensor([float(p.repetition_penalty) for p in ps])
+            prompt_mask = _token_counts([r.prompt_token_ids if u else []
+                                         for r, u in zip(rows, uses_rep)], V, device) > 0
+        if any(uses_freq_pres):
+            freq = tensor([float(p.frequency_penalty) for p in ps])
+            pres = tensor([float(p.presence_penalty) for p in ps])
+
+        # min_tokens: until a row has min_tokens outputs it must not stop, so its stop ids and
+        # (unless ignore_eos, where EOS does not stop anyway) EOS are banned.
+        mt_rows, mt_ids = [], []
+        for i, r in enumerate(rows):
+            if len(r.output_token_ids) < r.params.min_tokens:
+                ids = list(r.params.stop_token_ids)
+                if r.eos_token_id is not None and not r.params.ignore_eos:
+                    ids.append(r.eos_token_id)
+                ids = [t for t in ids if 0 <= t < V]
+                mt_rows += [i] * len(ids)
+                mt_ids += ids
+
+        # Greedy rows need no noise: leave their generators untouched.
+        generators = {i: r.generator for i, (r, g) in enumerate(zip(rows, greedy))
+                      if r.generator is not None and not g}
+        logprobs = [p.logprobs for p in ps if p.logprobs is not None]
+
+        return cls(
+            temperature=temperature,
+            greedy=tensor(greedy, torch.bool),
+            all_greedy=all(greedy),
+            all_random=not any(greedy),
+            top_k=tensor(top_ks, torch.int64) if use_top_k else None,
+            max_top_k=max(top_ks, default=0),
+            top_p=tensor([float(p.top_p) for p in ps]) if use_top_p else None,
+            top_p_within_top_k=all(k > 0 for k, p in zip(top_ks, ps) if p.top_p < 1.0),
+            min_p=tensor([float(p.min_p) for p in ps]) if use_min_p else None,
+            repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres,
+            output_counts=output_counts, prompt_mask=prompt_mask,
+            min_tokens_rows=tensor(mt_rows, torch.int64) if mt_rows else None,
+            min_tokens_ids=tensor(mt_ids, torch.int64) if mt_rows else None,
+            generators=generators,
+            max_num_logprobs=max(logprobs) if logprobs else None,
+        )
+
+
+def _token_counts(id_lists: list[list[int]], V: int, device: torch.device) -> torch.Tensor:
+    """[B, V] float32: how often each id in [0, V) occurs in each list."""
+    ids = torch.tensor(list(itertools.chain.from_iterable(id_lists)), dtype=torch.int64)
+    rows = torch.repeat_interleave(torch.arange(len(id_lists)),
+                                   torch.tensor([len(x) for x in id_lists]))
+    keep = (ids >= 0) & (ids < V)    # ids the model cannot produce cannot be penalised
+    flat_index = (rows * V + ids)[keep].to(device, non_blocking=True)
+    counts = torch.zeros(len(id_lists), V, dtype=torch.float32, device=device)
+    counts.view(-1).index_add_(0, flat_index, torch.ones(flat_index.shape, device=device))
+    return counts
+
+
+@dataclass
+class LogprobsTensors:
+    """Per row: the sampled (or given) token and the k most likely tokens."""
+    token_ids: torch.Tensor       # [N] int64
+    token_logprobs: torch.Tensor  # [N] float32
+    token_ranks: torch.Tensor     # [N] int64, 1 = most likely
+    top_ids: torch.Tensor         # [N, k] int64
+    top_logprobs: torch.Tensor    # [N, k] float32
+
+
+def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobsTensors:
+    """`logprobs` [N, V] (already log-softmaxed), `token_ids` [N]: each token's logprob and
+    rank, and the top k. Also used by the engine for prompt logprobs."""
+    token_ids = token_ids.long()
+    token_logprobs = logprobs.gather(-1, token_ids[:, None])          # [N, 1]
+    # Rank as vLLM counts it: how many tokens are at least as likely (ties rank low).
+    token_ranks = (logprobs >= token_logprobs).sum(-1)
+    top_logprobs, top_ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+    return LogprobsTensors(token_ids, token_logprobs.squeeze(-1), token_ranks, top_ids, top_logprobs)
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor        # [B] int64
+    logprobs: LogprobsTensors | None       # k = max over rows; the engine slices per row
+
+
+class Sampler(torch.nn.Module):
+
+    def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        # All ops below are out of place: the caller's logits stay untouched.
+        logits = logits.float()
+        raw_logprobs = None
+        if meta.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+
+        if meta.min_tokens_rows is not None:
+            logits = logits.index_put((meta.min_tokens_rows, meta.min_tokens_ids),
+                                      logits.new_full((), float("-inf")))
+        if meta.output_counts is not None:
+            logits = apply_penalties(logits, meta)
+
+        if meta.all_greedy:
+            sampled = logits.argmax(dim=-1)
+        else:
+            probs = apply_temperature_and_filters(logits, meta).softmax(dim=-1)
+            sampled = exponential_race(probs, meta.generators)
+            if not meta.all_random:
+                sampled = torch.where(meta.greedy, logits.argmax(dim=-1), sampled)
+
+        out = None
+        if raw_logprobs is not None:
+            out = gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs)
+        return SamplerOutput(sampled, out)
+
+
+def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    counts = meta.output_counts
+    if meta.repetition_penalty is not None:
+        # Repetition (HF): a seen token's logit moves toward "less likely" whatever its sign.
+        seen = meta.prompt_mask | (counts > 0)
+        rep = torch.where(seen, meta.repetition_penalty[:, None], 1.0)
+        logits = torch.where(logits > 0, logits / rep, logits * rep)
+    if meta.frequency_penalty is not None:
+        # Frequency and presence (OpenAI): subtract per occurrence, and once if present.
+        logits = logits - meta.frequency_penalty[:, None] * counts
+        logits = logits - meta.presence_penalty[:, None] * (counts > 0)
+    return logits
+
+
+def apply_temperature_and_filters(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """The random-sampling steps, in order: temperature, top-k, top-p, min-p. (As in
+    transformers; vLLM main applies min-p before top-k/top-p, which only matters when a
+    request combines min-p with top-p.)"""
+    logits = logits / meta.temperature[:, None]
+    if meta.top_k is not None or meta.top_p is not None:
+        logits = apply_top_k_top_p(logits, meta)
+    if meta.min_p is not None:
+        logits = apply_min_p(logits, meta.min_p)
+    return logits
+
+
+def apply_top_k_top_p(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Top-k keeps each row's k largest logits; top-p (the nucleus) then keeps the most likely
+    tokens until their probability reaches top_p, at least one. Both come down to a per-row
+    threshold logit: tokens below it get -inf (ties with it are kept)."""
+    neg_inf = float("-inf")
+    if meta.top_k is not None:
+        values = logits.topk(meta.max_top_k, dim=-1).values                # [B, max_k], descending
+        kth = values.gather(-1, (meta.top_k - 1).clamp(min=0)[:, None])    # [B, 1]
+        kth = kth.masked_fill((meta.top_k == 0)[:, None], neg_inf)          # k = 0: off
+        logits = logits.masked_fill(logits < kth, neg_inf)
+    if meta.top_p is not None:
+        if meta.top_k is not None and meta.top_p_within_top_k:
+            # Every top-p row also has a top-k: its nucleus lies within its top-k values, so
+            # there is no need to sort the whole vocabulary.
+            values = values.masked_fill(values < kth, neg_inf)
+        else:
+            values = logits.sort(dim=-1, descending=True).values
+        probs = values.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs                  # of the more likely tokens
+        num_kept = (mass_before < meta.top_p[:, None]).sum(dim=-1, keepdim=True)   # >= 1
+        threshold = values.gather(-1, num_kept - 1)
+        threshold = threshold.masked_fill((meta.top_p >= 1.0)[:, None], neg_inf)  # top_p = 1: off
+        logits = logits.masked_fill(logits < threshold, neg_inf)
+    return logits
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens less likely than min_p times the most likely one. In logit space,
+    p_i >= min_p * p_max  <=>  logit_i >= max_logit + log(min_p): no softmax needed
+    (min_p = 0 gives a threshold of -inf, keeping everything)."""
+    threshold = logits.amax(dim=-1, keepdim=True) + min_p.log()[:, None]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """Sample one token per row: argmax_i probs_i / E_i with E_i ~ Exp(1) is distributed as
+    probs (it is the Gumbel-max trick, as -log E_i is Gumbel)."""
+    noise = torch.empty_like(probs)
+    if len(generators) < probs.shape[0]:
+        noise.exponential_()
+    # Seeded rows: each draws V values from its own generator, the same however the batch looks.
+    for i, generator in generators.items():
+        noise[i].exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)

@@ -1,0 +1,46 @@
+"""Published model shapes, for benchmarks with dummy weights (no download needed).
+
+`shape_checkpoint_dir("qwen3-0.6b")` writes the model's config.json beside a small
+tokenizer; with `LLM(dir, load_format="dummy")` the engine then runs a model of exactly
+that shape (and speed) with random weights.
+"""
+import json
+import os
+
+SHAPES: dict[str, dict] = {
+    # Qwen/Qwen3-0.6B
+    "qwen3-0.6b": dict(
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=1024, intermediate_size=3072,
+        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+        vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, torch_dtype="bfloat16", bos_token_id=151643, eos_token_id=151645),
+    # Qwen/Qwen2.5-0.5B-Instruct
+    "qwen2.5-0.5b": dict(
+        architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=896, intermediate_size=4864,
+        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+        max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        use_sliding_window=False, sliding_window=None, torch_dtype="bfloat16",
+        bos_token_id=151643, eos_token_id=151645),
+    # meta-llama/Llama-3.2-1B-Instruct
+    "llama-3.2-1b": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048, intermediate_size=8192,
+        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+        vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+        tie_word_embeddings=True, torch_dtype="bfloat16", bos_token_id=128000, eos_token_id=128009),
+}
+
+
+def shape_checkpoint_dir(name: str, root: str | None = None) -> str:
+    """A directory with `name`'s config.json and a small tokenizer (created once)."""
+    if name not in SHAPES:
+        raise ValueError(f"Unknown model shape {name!r}; known shapes: {', '.join(SHAPES)}.")
+    from nanovllm.demo_model import build_tokenizer, cache_root
+    path = os.path.join(root or cache_root(), "shapes", name)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        os.makedirs(path, exist_ok=True)
+        build_tokenizer().save_pretrained(path)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(SHAPES[name], f, indent=2)
+    return path

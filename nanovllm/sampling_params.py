@@ -1,0 +1,185 @@
+"""`SamplingParams`: how to sample one request, with vLLM's fields, defaults and errors.
+
+Scripts written for vLLM construct these with keywords and catch `ValueError`, so the
+fields, their defaults, the normalisation in `__post_init__` and the wording of every
+validation message follow vLLM's main branch (see shared/reference/vllm-api.md, section 5).
+
+Choices where vLLM versions differ:
+- `temperature > 2` is rejected, as on vLLM main (the OpenAI range [0, 2]).
+- `top_k` 0 and -1 both disable top-k; -1 is stored as 0.
+- `logprobs` / `prompt_logprobs` above `max_logprobs` (20) are rejected here, at construction,
+  because nanovllm has no per-model `max_logprobs` setting. vLLM main's -1 ("the whole
+  vocabulary") is therefore rejected too, with the same "greater than max allowed" message.
+"""
+import copy
+import enum
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+# Temperatures below this mean greedy sampling (vLLM's _SAMPLING_EPS).
+_SAMPLING_EPS = 1e-5
+# Temperatures in (0, this) are raised to it: dividing logits by a tiny number overflows.
+_MIN_TEMPERATURE = 1e-2
+# Most logprobs a request may ask for (vLLM's default `max_logprobs`).
+max_logprobs = 20
+# Most outputs per prompt (vLLM's VLLM_MAX_N_SEQUENCES).
+_MAX_N = int(os.environ.get("VLLM_MAX_N_SEQUENCES", "16384"))
+
+
+class RequestOutputKind(enum.IntEnum):
+    CUMULATIVE = 0  # every output carries everything generated so far
+    DELTA = 1       # every output carries only what is new since the last one
+    FINAL_ONLY = 2  # one output, when the request finishes
+
+
+class ValidationError(ValueError):
+    """A `ValueError` naming the offending parameter, like vLLM main's VLLMValidationError:
+    for the checks that vLLM tags, `str()` appends " (parameter=X, value=Y)"."""
+
+    def __init__(self, message: str, parameter: str | None = None, value=None):
+        super().__init__(message)
+        self.parameter = parameter
+        self.value = value
+
+    def __str__(self) -> str:
+        message = super().__str__()
+        if self.parameter is None:
+            return message
+        return f"{message} (parameter={self.parameter}, value={self.value})"
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                       # 0 or -1: disabled
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16          # None: up to the model's context length
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+
+    def __post_init__(self) -> None:
+        # Normalise first (vLLM's order), so the checks see the final values.
+        if 0 < self.temperature < _MIN_TEMPERATURE:
+            logger.warning("temperature %s is less than %s, which may cause numerical errors "
+                           "nan or inf in tensors. We have maxed it out to %s.",
+                           self.temperature, _MIN_TEMPERATURE, _MIN_TEMPERATURE)
+            self.temperature = max(self.temperature, _MIN_TEMPERATURE)
+        if self.seed == -1:
+            self.seed = None
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        if self.logprobs is True:
+            self.logprobs = 1
+        if self.prompt_logprobs is True:
+            self.prompt_logprobs = 1
+        if self.top_k == -1:
+            self.top_k = 0
+
+        self._verify_args()
+        # Deduplicate only after the type check: non-ints may be unhashable.
+        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))
+
+        if self.is_greedy:
+            # Greedy sampling takes the argmax; these filters cannot change it.
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
+            if self.n > 1:
+                raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")
+
+    def _verify_args(self) -> None:
+        if not isinstance(self.n, int):
+            raise ValueError(f"n must be an int, but is of type {type(self.n)}")
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}.")
+        if self.n > _MAX_N:
+            raise ValueError(f"n must be at most {_MAX_N}, got {self.n}. To increase this limit, "
+                             "set the VLLM_MAX_N_SEQUENCES environment variable.")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
+        if not math.isfinite(self.repetition_penalty):
+            raise ValueError(f"repetition_penalty must be a finite number, got {self.repetition_penalty}.")
+        if self.repetition_penalty <= 0.0:
+            raise ValueError(f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
+        if not math.isfinite(self.temperature):
+            raise ValidationError(f"temperature must be a finite number, got {self.temperature}.",
+                                  "temperature", self.temperature)
+        if self.temperature < 0.0:
+            raise ValidationError(f"temperature must be non-negative, got {self.temperature}.",
+                                  "temperature", self.temperature)
+        if self.temperature > 2.0:
+            raise ValidationError(f"temperature must be in [0, 2], got {self.temperature}.",
+                                  "temperature", self.temperature)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValidationError(f"top_p must be in (0, 1], got {self.top_p}.", "top_p", self.top_p)
+        # The type check comes first so that e.g. top_k="5" is a ValueError, not a TypeError.
+        if not isinstance(self.top_k, int):
+            raise ValueError(f"top_k must be an integer, got {type(self.top_k).__name__}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be 0 (disable), or at least 1, got {self.top_k}.")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValidationError(f"max_tokens must be at least 1, got {self.max_tokens}.",
+                                  "max_tokens", self.max_tokens)
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be less than or equal to "
+                             f"max_tokens={self.max_tokens}, got {self.min_tokens}.")
+        for name, kind in (("logprobs", "sample"), ("prompt_logprobs", "prompt")):
+            k = getattr(self, name)
+            if k is None:
+                continue
+            if k < -1:
+                raise ValidationError(f"{name} must be non-negative or -1, got {k}.", name, k)
+            if k == -1 or k > max_logprobs:
+                shown = "-1 (the whole vocabulary)" if k == -1 else k
+                raise ValueError(f"Requested {kind} logprobs of {shown}, "
+                                 f"which is greater than max allowed: {max_logprobs}")
+        if not all(isinstance(t, int) for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must contain only integers, got {self.stop_token_ids}.")
+        if any(not s for s in self.stop):
+            raise ValueError("stop cannot contain an empty string.")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings are only supported when detokenize is True. "
+                             "Set detokenize=True to use stop.")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < _SAMPLING_EPS
+
+    @property
+    def output_text_buffer_length(self) -> int:
+        """Characters to hold back while streaming: the start of a stop string must not be
+        sent out before we know whether the rest follows (it would be cut from the text)."""
+        if self.stop and not self.include_stop_str_in_output:
+            return max(len(s) for s in self.stop) - 1
+        return 0
+
+    def clone(self) -> "SamplingParams":
+        return copy.deepcopy(self)

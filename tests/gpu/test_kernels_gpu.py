@@ -1,0 +1,121 @@
+"""Triton kernels on a CUDA GPU at realistic sizes (Qwen3-0.6B's attention shape and others),
+bf16/fp16, against the pure-torch reference computed in float32 from the same inputs.
+Tolerance by relative norm error: bf16 operands land between 1e-3 and 1e-2."""
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+TOL = {torch.bfloat16: 1.5e-2, torch.float16: 5e-3}
+
+
+def rel_err(out, ref):
+    assert torch.isfinite(out).all(), "NaN/inf in the output (an element left unwritten?)"
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def make_batch(seq_lens, q_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, gen):
+    dev = "cuda"
+    blocks_per_seq = [(n + block_size - 1) // block_size for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 7
+    perm = torch.randperm(num_blocks, generator=gen).to(dev)
+    max_blocks = max(blocks_per_seq) + 2
+    block_tables = torch.randint(0, num_blocks, (len(seq_lens), max_blocks), generator=gen).to(dev)
+    used = 0
+    for b, nb in enumerate(blocks_per_seq):
+        block_tables[b, :nb] = perm[used:used + nb]
+        used += nb
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    return dict(
+        q=torch.randn(int(cu[-1]), num_heads, head_dim, generator=gen).to(dev, dtype),
+        k_cache=torch.randn(shape, generator=gen).to(dev, dtype),
+        v_cache=torch.randn(shape, generator=gen).to(dev, dtype),
+        cu_seqlens_q=cu.to(dev), seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+        block_tables=block_tables.to(torch.int32))
+
+
+def reference(batch, scale):
+    from nanovllm.kernels import paged_attention_reference
+    return paged_attention_reference(batch["q"].float(), batch["k_cache"].float(), batch["v_cache"].float(),
+                                     batch["cu_seqlens_q"], batch["seq_lens"], batch["block_tables"], scale)
+
+
+# ((Hq, Hkv, D), dtype): Qwen3-0.6B's shape in both half types, GQA 4 and 1, head_dim 64
+CASES = [((16, 8, 128), torch.bfloat16), ((16, 8, 128), torch.float16), ((32, 8, 128), torch.bfloat16),
+         ((16, 4, 64), torch.bfloat16), ((8, 8, 64), torch.float16)]
+
+
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("shape,dtype", CASES)
+def test_decode_gpu(shape, dtype, block_size):
+    from nanovllm.kernels import paged_decode_attention
+    gen = torch.Generator().manual_seed(hash((shape, block_size)) % 2**31)
+    num_heads, num_kv_heads, head_dim = shape
+    # a few long sequences and many short ones, lengths off block boundaries
+    seq_lens = [4099, 2500, 1] + torch.randint(1, 700, (45,), generator=gen).tolist()
+    batch = make_batch(seq_lens, [1] * len(seq_lens), num_heads, num_kv_heads, head_dim, block_size, dtype, gen)
+    scale = head_dim ** -0.5
+    ref = reference(batch, scale)
+    for num_splits in (None, 1, 8):
+        out = torch.full_like(batch["q"], float("nan"))
+        paged_decode_attention(batch["q"], batch["k_cache"], batch["v_cache"], batch["seq_lens"],
+                               batch["block_tables"], scale, num_splits=num_splits, out=out)
+        assert rel_err(out, ref) < TOL[dtype], num_splits
+
+
+@pytest.mark.parametrize("block_size", [16, 64, 256])
+@pytest.mark.parametrize("shape,dtype", CASES)
+def test_prefill_gpu(shape, dtype, block_size):
+    from nanovllm.kernels import paged_prefill_attention
+    gen = torch.Generator().manual_seed(hash((shape, block_size, 1)) % 2**31)
+    num_heads, num_kv_heads, head_dim = shape
+    # fresh prompts, prefix-cache hits, chunks of long prompts and decode rows, mixed
+    seq_lens = [1000, 517, 2048, 300, 77, 1500, 5, 1]
+    q_lens = [1000, 200, 512, 1, 77, 1, 5, 1]
+    batch = make_batch(seq_lens, q_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, gen)
+    scale = head_dim ** -0.5
+    out = torch.full_like(batch["q"], float("nan"))
+    paged_prefill_attention(**batch, max_seqlen_q=max(q_lens), scale=scale, out=out)
+    assert rel_err(out, reference(batch, scale)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_store_kv_gpu(dtype):
+    from nanovllm.kernels import store_kv_cache, store_kv_cache_reference
+    T, hq, hkv, d, nb, bs = 3000, 16, 8, 128, 300, 16
+    qkv = torch.randn(T, (hq + 2 * hkv) * d, device="cuda", dtype=dtype)
+    _, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    k, v = k.view(T, hkv, d), v.view(T, hkv, d)
+    slots = torch.randperm(nb * bs, device="cuda")[:T]
+    slots[::7] = -1
+    k_cache = torch.randn(nb, bs, hkv, d, device="cuda", dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv_cache(k, v, k_cache, v_cache, slots)
+    store_kv_cache_reference(k, v, k_ref, v_ref, slots)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+def test_decode_cuda_graph_serves_every_length():
+    """One graph captured at short lengths, replayed at long ones: the grid must not depend
+    on the sequence lengths."""
+    from nanovllm.kernels import paged_decode_attention
+    gen = torch.Generator().manual_seed(7)
+    B, hq, hkv, d, bs = 8, 16, 8, 128, 16
+    long_lens = [3000, 2900, 17, 1, 800, 4096, 100, 33]
+    batch = make_batch(long_lens, [1] * B, hq, hkv, d, bs, torch.bfloat16, gen)
+    seq_lens = torch.ones_like(batch["seq_lens"])            # capture with length 1
+    out = torch.empty_like(batch["q"])
+    args = (batch["q"], batch["k_cache"], batch["v_cache"], seq_lens, batch["block_tables"], d ** -0.5)
+    paged_decode_attention(*args, out=out)                   # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_decode_attention(*args, out=out)
+    seq_lens.copy_(batch["seq_lens"])
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, reference(batch, d ** -0.5)) < TOL[torch.bfloat16]

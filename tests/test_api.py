@@ -1,0 +1,99 @@
+"""The offline API's shapes, and bad input: a clear error, and the engine still serves."""
+import pytest
+
+from nanovllm import LLM, RequestOutput, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_qwen3):
+    return LLM(tiny_qwen3, device="cpu", max_model_len=128)
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=4)
+
+
+def test_prompt_forms_and_output_shapes(llm):
+    tok = llm.get_tokenizer()
+    ids = tok.encode("Hello, my name is")
+    forms = ["Hello, my name is", {"prompt": "Hello, my name is"}, {"prompt_token_ids": ids}, ids]
+    outs = [llm.generate(f, GREEDY, use_tqdm=False) for f in forms]
+    assert all(len(o) == 1 and isinstance(o[0], RequestOutput) for o in outs)
+    assert len({tuple(o[0].outputs[0].token_ids) for o in outs}) == 1
+    out = outs[0][0]
+    assert out.finished and out.prompt_token_ids == ids
+    c = out.outputs[0]
+    assert c.index == 0 and c.cumulative_logprob is None and c.logprobs is None
+    assert c.finish_reason in ("stop", "length")
+    # nano-vllm's dict access
+    assert out["text"] == c.text and out["token_ids"] == c.token_ids == c["token_ids"]
+    # Many prompts in input order, with one SamplingParams each.
+    batch = llm.generate([ids, [5, 6], ids[:2]], [GREEDY, SamplingParams(temperature=0, max_tokens=2), GREEDY],
+                         use_tqdm=False)
+    assert [o.prompt_token_ids for o in batch] == [ids, [5, 6], ids[:2]]
+    assert len(batch[1].outputs[0].token_ids) <= 2
+    assert [int(o.request_id) for o in batch] == sorted(int(o.request_id) for o in batch)
+
+
+def test_unknown_token_ids_decode_without_crashing(llm):
+    # The model's vocabulary (512) is larger than the tokenizer's (400).
+    out = llm.generate([[450, 500, 511]], SamplingParams(temperature=1.0, max_tokens=8, seed=1),
+                       use_tqdm=False)[0]
+    assert isinstance(out.outputs[0].text, str)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda llm: llm.generate("hi", SamplingParams(temperature=-1)), "temperature"),
+    (lambda llm: llm.generate("hi", SamplingParams(max_tokens=0)), "max_tokens"),
+    (lambda llm: llm.generate([[]], GREEDY), "empty"),
+    (lambda llm: llm.generate([""], GREEDY), "empty"),
+    (lambda llm: llm.generate([[1, 2, 512]], GREEDY), "512"),
+    (lambda llm: llm.generate([[1, 2, -1]], GREEDY), "-1"),
+    (lambda llm: llm.generate([list(range(3, 200))], GREEDY), "longer than the maximum model length"),
+    (lambda llm: llm.generate(["a", "b"], [GREEDY]), "lengths of prompts"),
+    (lambda llm: llm.generate([{"text": "hi"}], GREEDY), "prompt"),
+    (lambda llm: llm.generate([[1, "x"]], GREEDY), "integers"),
+])
+def test_bad_input_raises_value_error_and_engine_still_serves(llm, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(llm)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.generate("Hello", GREEDY, use_tqdm=False)[0].finished
+
+
+def test_bad_engine_arguments(tiny_qwen3, tmp_path, checkpoint_factory):
+    with pytest.raises(OSError, match="does not exist"):
+        LLM(str(tmp_path / "missing"))
+    with pytest.raises(TypeError, match="not_an_argument"):
+        LLM(tiny_qwen3, not_an_argument=1)
+    for kwargs, match in [(dict(dtype="float8"), "dtype"), (dict(block_size=48), "block_size"),
+                          (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+                          (dict(max_model_len=100000), "max_model_len"), (dict(load_format="pt"), "load_format"),
+                          (dict(tensor_parallel_size=3), "tensor_parallel_size"),
+                          (dict(device="tpu"), "device")]:
+        with pytest.raises(ValueError, match=match):
+            LLM(tiny_qwen3, **kwargs)
+    import json
+    import os
+    path = checkpoint_factory("qwen3", vocab_size=256)
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg["architectures"] = ["GPTBigCodeForCausalLM"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in os.listdir(path):
+        (bad / f).write_bytes(open(os.path.join(path, f), "rb").read())
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="GPTBigCodeForCausalLM.*Supported"):
+        LLM(str(bad), device="cpu")
+
+
+def test_request_larger_than_the_cache_is_rejected(tiny_qwen3):
+    llm = LLM(tiny_qwen3, device="cpu", num_gpu_blocks_override=4, block_size=16)   # 64 slots
+    with pytest.raises(ValueError, match="KV cache"):
+        llm.generate([list(range(3, 60))], SamplingParams(max_tokens=20))
+    assert llm.generate([list(range(3, 40))], SamplingParams(max_tokens=20), use_tqdm=False)[0].finished
+
+
+def test_dummy_weights_run(tiny_qwen3):
+    llm = LLM(tiny_qwen3, device="cpu", load_format="dummy")
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 5

@@ -1,0 +1,105 @@
+"""Scheduling features must not change the tokens: prefix caching, chunked prefill, preemption."""
+import pytest
+
+from nanovllm import LLM, SamplingParams
+from tests.conftest import hf_greedy, random_prompts
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return random_prompts(6, 20, 140, seed=2)
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_qwen3, prompts):
+    return hf_greedy(tiny_qwen3, prompts, max_new_tokens=24)
+
+
+def token_ids(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.mark.parametrize("options", [
+    dict(enable_prefix_caching=False),
+    dict(max_num_batched_tokens=32, max_num_seqs=4),       # prompts cut into 32-token chunks
+    dict(num_gpu_blocks_override=24, block_size=16),       # 384 slots for ~6 x 100 tokens: preemption
+    dict(max_num_seqs=1),                                  # one request at a time
+    dict(block_size=1),
+    dict(block_size=256),
+])
+def test_same_tokens_under_scheduling_options(tiny_qwen3, prompts, expected, options):
+    llm = LLM(tiny_qwen3, device="cpu", **options)
+    assert token_ids(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
+    engine = llm.llm_engine
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    if "num_gpu_blocks_override" in options:
+        assert engine.scheduler.num_preemptions > 0
+
+
+def test_prefix_cache_reuse_is_reported_and_exact(tiny_qwen3, prompts, expected):
+    llm = LLM(tiny_qwen3, device="cpu", block_size=16)
+    first = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert all(o.num_cached_tokens == 0 for o in first)
+    # The same prompts again: every full block except the one holding the last token is reused.
+    again = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert token_ids(again) == expected
+    assert [o.num_cached_tokens for o in again] == [(len(p) - 1) // 16 * 16 for p in prompts]
+    # A shared 64-token prefix is reused by a new prompt that extends it.
+    extended = prompts[0][:64] + [5, 6, 7]
+    out = llm.generate([extended], GREEDY, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 64
+    assert out.outputs[0].token_ids == hf_greedy(tiny_qwen3, [extended], 24)[0]
+
+
+def test_prefix_cache_shared_within_one_batch(tiny_qwen3):
+    prefix = random_prompts(1, 80, 80, seed=3)[0]
+    prompts = [prefix + [10 + i] for i in range(4)]
+    llm = LLM(tiny_qwen3, device="cpu", block_size=16)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    # The first request computes the 80-token prefix; the others in the same step reuse its 5 blocks.
+    assert [o.num_cached_tokens for o in outs] == [0, 80, 80, 80]
+    assert token_ids(outs) == hf_greedy(tiny_qwen3, prompts, 24)
+
+
+def test_ignore_eos_and_max_tokens(tiny_qwen3, prompts):
+    llm = LLM(tiny_qwen3, device="cpu")
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 40 and o.outputs[0].finish_reason == "length" for o in outs)
+
+
+def test_max_model_len_caps_generation(tiny_qwen3):
+    llm = LLM(tiny_qwen3, device="cpu", max_model_len=40)
+    out = llm.generate([list(range(3, 33))], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 10 and out.outputs[0].finish_reason == "length"
+
+
+def test_engine_step_api_and_abort(tiny_qwen3):
+    from nanovllm import LLMEngine
+    engine = LLMEngine.from_kwargs(tiny_qwen3, device="cpu")
+    engine.add_request("a", [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    engine.add_request("b", "Hello", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    seen = {}
+    for _ in range(3):
+        for out in engine.step():
+            seen[out.request_id] = out
+    assert set(seen) == {"a", "b"} and not seen["a"].finished   # CUMULATIVE: every step reports
+    engine.abort_request("a")
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id] = out
+    assert seen["b"].finished and len(seen["b"].outputs[0].token_ids) == 5
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_triton_backend_gives_the_same_tokens(tiny_qwen3, prompts, expected):
+    """The engine on the Triton kernels (the CPU interpreter here, the GPU's default backend)."""
+    from nanovllm.kernels import triton_available
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    llm = LLM(tiny_qwen3, device="cpu", attention_backend="triton", block_size=16,
+              max_num_batched_tokens=64, max_num_seqs=4)
+    assert token_ids(llm.generate(prompts[:3], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)) \
+        == [e[:6] for e in expected[:3]]

@@ -1,0 +1,312 @@
+"""The sampler's steps against independent references (transformers' logits processors and
+direct torch computations), its sampling distribution, seeds, min_tokens and logprobs."""
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+    TopKLogitsWarper, TopPLogitsWarper,
+)
+
+from nanovllm.layers.sampler import (
+    Sampler, SamplingMetadata, SamplingRow, apply_penalties, apply_temperature_and_filters,
+    gather_logprobs,
+)
+from nanovllm.sampling_params import SamplingParams
+
+V = 64
+CPU = torch.device("cpu")
+NO_IDS = torch.empty(1, 0, dtype=torch.long)  # HF warpers ignore input_ids
+
+
+def row(prompt=(1, 2, 3), output=(), generator=None, eos=None, **kwargs) -> SamplingRow:
+    return SamplingRow(SamplingParams(**kwargs), list(prompt), list(output), generator, eos)
+
+
+def meta_of(rows, vocab_size=V):
+    return SamplingMetadata.build(rows, vocab_size, CPU)
+
+
+def fixed_logits(batch, vocab_size=V, seed=0, scale=3.0):
+    return torch.randn(batch, vocab_size, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def hf_chain(logits_row, p: SamplingParams):
+    """transformers' warpers in generate()'s order: temperature, top-k, top-p, min-p."""
+    x = logits_row[None].clone()
+    x = TemperatureLogitsWarper(p.temperature)(NO_IDS, x)
+    if p.top_k > 0:
+        x = TopKLogitsWarper(p.top_k)(NO_IDS, x)
+    if p.top_p < 1.0:
+        x = TopPLogitsWarper(p.top_p)(NO_IDS, x)
+    if p.min_p > 0.0:
+        x = MinPLogitsWarper(p.min_p)(NO_IDS, x)
+    return x[0]
+
+
+def assert_same_filtered(ours, ref):
+    """Same tokens removed, same values for the kept ones."""
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+    kept = ~torch.isinf(ref)
+    torch.testing.assert_close(ours[kept], ref[kept])
+
+
+# One batch mixing every filter, each row its own settings (several rows use none).
+FILTER_ROWS = [
+    dict(temperature=1.0),
+    dict(temperature=0.7),
+    dict(temperature=1.3, top_k=5),
+    dict(temperature=1.0, top_k=1),
+    dict(temperature=1.0, top_k=V + 10),          # larger than the vocabulary: off
+    dict(temperature=0.9, top_p=0.8),
+    dict(temperature=1.0, top_p=0.3),
+    dict(temperature=1.0, min_p=0.05),
+    dict(temperature=0.5, min_p=0.3),
+    dict(temperature=1.2, top_k=20, top_p=0.9),
+    dict(temperature=0.8, top_k=30, top_p=0.95, min_p=0.02),
+    dict(temperature=1.0, top_p=0.6, min_p=0.1),
+]
+
+
+def uses(case, *steps):
+    """The case uses only (some of) these steps besides temperature."""
+    return set(case) - {"temperature"} <= set(steps)
+
+
+FILTER_SUBSETS = {
+    "all": lambda c: True,
+    "temperature": lambda c: uses(c),
+    "top_k": lambda c: uses(c, "top_k"),
+    "top_p": lambda c: uses(c, "top_p"),
+    "min_p": lambda c: uses(c, "min_p"),
+    # every top-p row also has a top-k: top-p runs on the top-k values only
+    "top_p_within_top_k": lambda c: uses(c, "top_k", "top_p") and ("top_p" not in c or "top_k" in c),
+}
+FILTER_ROWS += [dict(temperature=0.6, top_k=40, top_p=0.5), dict(temperature=1.0, top_k=3, top_p=0.99)]
+
+
+@pytest.mark.parametrize("subset", FILTER_SUBSETS)
+def test_filters_match_transformers(subset):
+    """Each step alone (rows using other steps dropped), and all together, in one batch."""
+    rows = [row(**c) for c in FILTER_ROWS if FILTER_SUBSETS[subset](c)]
+    logits = fixed_logits(len(rows))
+    meta = meta_of(rows)
+    assert meta.top_p_within_top_k == (subset not in ("all", "top_p"))
+    ours = apply_temperature_and_filters(logits, meta)
+    for i, r in enumerate(rows):
+        assert_same_filtered(ours[i], hf_chain(logits[i], r.params))
+
+
+def test_unused_steps_are_skipped():
+    meta = meta_of([row(temperature=0.8), row(temperature=0.0)])
+    assert meta.top_k is None and meta.top_p is None and meta.min_p is None
+    assert meta.repetition_penalty is None and meta.output_counts is None
+    assert meta.min_tokens_rows is None and meta.max_num_logprobs is None
+    assert not meta.all_greedy and not meta.all_random
+    assert meta_of([row(temperature=0.0)]).all_greedy
+    assert meta_of([row(temperature=0.5)]).all_random
+
+
+PENALTY_CASES = [
+    dict(prompt=[1, 2, 3, 3], output=[3, 4, 4, 4, 9], repetition_penalty=1.3),
+    dict(prompt=[7], output=[5, 5, 6], repetition_penalty=0.8),
+    dict(prompt=[10, 11], output=[11, 12, 12, 13], frequency_penalty=0.7),
+    dict(prompt=[10, 11], output=[11, 12, 12, 13], presence_penalty=-1.5),
+    dict(prompt=[20, 21, 22], output=[22, 23, 23, 24, 24, 24], repetition_penalty=1.5,
+         frequency_penalty=0.4, presence_penalty=0.9),
+    dict(prompt=[1, 2], output=[]),                      # no penalty in this row
+]
+
+
+@pytest.mark.parametrize("subset", [[0, 1, 5], [2, 3, 5], list(range(6))],
+                         ids=["repetition", "freq_pres", "all"])
+def test_penalties_match_references(subset):
+    rows = [row(**PENALTY_CASES[i]) for i in subset]
+    meta = meta_of(rows)
+    assert (meta.repetition_penalty is None) == (subset == [2, 3, 5])
+    assert (meta.frequency_penalty is None) == (subset == [0, 1, 5])
+    logits = fixed_logits(len(rows), seed=1)
+    ours = apply_penalties(logits, meta)
+    for i, r in enumerate(rows):
+        p = r.params
+        # repetition: transformers' processor over prompt + output
+        ids = torch.tensor([r.prompt_token_ids + r.output_token_ids])
+        ref = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(ids, logits[i:i + 1].clone())[0]
+        # frequency / presence: direct count over the output only
+        counts = torch.zeros(V)
+        for t in r.output_token_ids:
+            counts[t] += 1
+        ref = ref - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+        torch.testing.assert_close(ours[i], ref)
+
+
+def tv_distance(samples, probs):
+    empirical = torch.bincount(samples, minlength=probs.numel()).float() / samples.numel()
+    return 0.5 * (empirical - probs).abs().sum().item()
+
+
+# (params, logit scale, the steps that change its distribution). Two settings in one batch,
+# since with both top-p and min-p on one row, one of them usually has nothing left to remove.
+DISTRIBUTION_CASES = [
+    (dict(temperature=1.5, top_k=12, top_p=0.9, min_p=0.05), 1.0, ["temperature", "top_k", "top_p"]),
+    (dict(temperature=1.5, top_k=12, top_p=0.95, min_p=0.3), 1.5, ["temperature", "min_p"]),
+]
+OFF = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+
+
+def test_sampling_follows_processed_distribution():
+    torch.manual_seed(0)
+    n, vocab = 20_000, 16
+    logits, rows, targets = [], [], []
+    for params, scale, _ in DISTRIBUTION_CASES:
+        base = fixed_logits(1, vocab, seed=2, scale=scale)[0]
+        targets.append(hf_chain(base, SamplingParams(**params)).softmax(-1))
+        logits.append(base.expand(n, vocab))
+        rows += [row(**params) for _ in range(n)]
+    out = Sampler()(torch.cat(logits), meta_of(rows, vocab))
+    samples = out.sampled_token_ids
+    assert samples.dtype == torch.int64 and samples.shape == (2 * n,)
+    # Expected TV at n draws is about 0.01; a sampler that skips or garbles any step that
+    # matters here lands at least 0.08 away.
+    bound = 0.025
+    for (params, scale, steps), target, part in zip(DISTRIBUTION_CASES, targets, samples.split(n)):
+        assert torch.all(target[part] > 0), "a filtered token was drawn"
+        assert tv_distance(part, target) < bound
+        base = fixed_logits(1, vocab, seed=2, scale=scale)[0]
+        for step in steps:
+            wrong = hf_chain(base, SamplingParams(**dict(params, **{step: OFF[step]}))).softmax(-1)
+            assert 0.5 * (wrong - target).abs().sum() > 3 * bound
+
+
+def test_seeded_rows_follow_the_distribution():
+    n, vocab = 4000, 8
+    base = fixed_logits(1, vocab, seed=3, scale=1.0)[0]
+    rows = [row(generator=torch.Generator().manual_seed(i), seed=i) for i in range(n)]
+    samples = Sampler()(base.expand(n, vocab).clone(), meta_of(rows, vocab)).sampled_token_ids
+    assert tv_distance(samples, base.softmax(-1)) < 0.05
+
+
+def test_top_k_1_equals_greedy():
+    logits = fixed_logits(32, seed=4)
+    rows = [row(temperature=1.5, top_k=1) for _ in range(32)]
+    out = Sampler()(logits, meta_of(rows))
+    assert torch.equal(out.sampled_token_ids, logits.argmax(-1))
+
+
+def test_greedy_rows_in_a_mixed_batch_are_exact_argmax():
+    torch.manual_seed(1)
+    logits = fixed_logits(8, seed=5, scale=0.3)   # flat: random rows rarely hit the argmax
+    rows = [row(temperature=0.0) if i % 2 == 0 else row(temperature=1.0, top_p=0.95)
+            for i in range(8)]
+    rows[2] = row(temperature=0.0, output=[int(logits[2].argmax())], repetition_penalty=2.0)
+    original = logits.clone()
+    out = Sampler()(logits, meta_of(rows))
+    assert torch.equal(logits, original), "the caller's logits must not change"
+    expected = logits.argmax(-1)
+    # row 2: the penalty applies to greedy rows as well, so its argmax moves
+    ids = torch.tensor([rows[2].prompt_token_ids + rows[2].output_token_ids])
+    expected[2] = RepetitionPenaltyLogitsProcessor(2.0)(ids, logits[2:3].clone()).argmax()
+    assert expected[2] != logits[2].argmax()
+    assert torch.equal(out.sampled_token_ids[::2], expected[::2])
+
+
+def run_seeded(steps_logits, seed, position, others):
+    """Tokens of a seeded request (temperature 1, flat logits) over several steps, placed at
+    `position` in a batch with `others` (a list of row kwargs) around it."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = []
+    for step, logits in enumerate(steps_logits):
+        rows = [row(**o) for o in others]
+        rows.insert(position, row(generator=generator, seed=seed, output=tokens))
+        batch = fixed_logits(len(rows), seed=100 + step)
+        batch[position] = logits
+        tokens.append(int(Sampler()(batch, meta_of(rows)).sampled_token_ids[position]))
+    return tokens
+
+
+def test_seeds_reproduce_alone_and_in_any_batch():
+    steps = [fixed_logits(1, seed=200 + s, scale=0.5)[0] for s in range(12)]
+    alone = run_seeded(steps, 1234, 0, [])
+    assert run_seeded(steps, 1234, 0, []) == alone
+    torch.manual_seed(99)  # the global RNG state must not matter either
+    mixed = [dict(temperature=0.0), dict(temperature=0.9, top_k=7), dict(seed=5, temperature=1.0),
+             dict(temperature=1.0, top_p=0.5, min_p=0.1, repetition_penalty=1.2)]
+    assert run_seeded(steps, 1234, 2, mixed) == alone
+    assert run_seeded(steps, 1234, 1, mixed[:1]) == alone
+    assert run_seeded(steps, 4321, 0, []) != alone
+
+
+def test_unseeded_rows_use_the_global_rng():
+    logits = fixed_logits(16, seed=6, scale=0.3)
+    rows = [row() for _ in range(16)]
+    torch.manual_seed(7)
+    a = Sampler()(logits, meta_of(rows)).sampled_token_ids
+    torch.manual_seed(7)
+    b = Sampler()(logits, meta_of(rows)).sampled_token_ids
+    c = Sampler()(logits, meta_of(rows)).sampled_token_ids
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_min_tokens_masks_eos_and_stop_ids():
+    eos, stop_a, stop_b = 2, 5, 9
+    logits = fixed_logits(5, seed=8)
+    logits[:, eos] = 100.0
+    logits[:, stop_a] = 90.0
+    logits[:, stop_b] = 80.0
+    rows = [
+        row(temperature=0.0, eos=eos, min_tokens=3, output=[1], stop_token_ids=[stop_a, stop_b]),
+        row(temperature=0.0, eos=eos, min_tokens=3, output=[1, 1, 1], stop_token_ids=[stop_a]),  # done
+        row(temperature=0.0, eos=eos, min_tokens=3, output=[], ignore_eos=True, stop_token_ids=[stop_a]),
+        row(temperature=1.0, eos=eos, min_tokens=2, output=[1], stop_token_ids=[stop_a, stop_b, 10**6]),
+        row(temperature=0.0, eos=eos, min_tokens=0, logprobs=2),
+    ]
+    out = Sampler()(logits, meta_of(rows))
+    masked = logits.clone()
+    masked[0, [eos, stop_a, stop_b]] = float("-inf")
+    masked[3, [eos, stop_a, stop_b]] = float("-inf")
+    sampled = out.sampled_token_ids.tolist()
+    assert sampled[0] == int(masked[0].argmax()) and sampled[0] not in (eos, stop_a, stop_b)
+    assert sampled[1] == eos                    # min_tokens reached: EOS allowed again
+    assert sampled[2] == eos                    # ignore_eos: EOS is not a stop, so not masked...
+    assert sampled[3] not in (eos, stop_a, stop_b)
+    # ...while its stop id is
+    meta = meta_of(rows)
+    pairs = set(zip(meta.min_tokens_rows.tolist(), meta.min_tokens_ids.tolist()))
+    assert pairs == {(0, eos), (0, stop_a), (0, stop_b), (2, stop_a), (3, eos), (3, stop_a), (3, stop_b)}
+    # logprobs stay those of the raw logits: EOS is still the top token
+    assert out.logprobs.top_ids[0, 0] == eos
+
+
+def test_logprobs_are_raw_log_softmax_with_ranks():
+    torch.manual_seed(3)
+    logits = fixed_logits(6, seed=9)
+    rows = [row(temperature=0.5, logprobs=5, top_k=4, repetition_penalty=1.5, output=[3, 3]),
+            row(temperature=0.0, logprobs=0),
+            row(temperature=1.0),                       # no logprobs: still gets the batch's k
+            row(temperature=1.8, logprobs=3, presence_penalty=1.0, output=[7]),
+            row(temperature=1.0, logprobs=20),
+            row(temperature=0.0)]
+    out = Sampler()(logits, meta_of(rows))
+    lp = out.logprobs
+    ref = torch.log_softmax(logits, -1)
+    k = 20
+    assert lp.top_ids.shape == (6, k) and lp.top_logprobs.shape == (6, k)
+    assert lp.top_ids.dtype == torch.int64 and lp.token_ranks.dtype == torch.int64
+    assert lp.token_logprobs.dtype == torch.float32
+    assert torch.equal(lp.token_ids, out.sampled_token_ids)
+    torch.testing.assert_close(lp.token_logprobs, ref.gather(1, out.sampled_token_ids[:, None])[:, 0])
+    order = ref.argsort(-1, descending=True)
+    assert torch.equal(lp.top_ids, order[:, :k])
+    torch.testing.assert_close(lp.top_logprobs, ref.gather(1, order[:, :k]))
+    ranks = (order == out.sampled_token_ids[:, None]).float().argmax(-1) + 1
+    assert torch.equal(lp.token_ranks, ranks)
+    assert lp.token_ranks[1] == 1 and lp.token_ranks[5] == 1  # greedy rows
+
+
+def test_gather_logprobs_for_given_tokens():
+    logprobs = torch.log_softmax(fixed_logits(5, seed=10), -1)
+    targets = torch.tensor([0, 5, 63, 17, 2])
+    out = gather_logprobs(logprobs, targets, 0)
+    assert out.top_ids.shape == (5, 0)
+    torch.testing.assert_close(out.token_logprobs, logprobs[torch.arange(5), targets])
+    ranks = (logprobs > logprobs[torch.arange(5), targets][:, None]).sum(-1) + 1
+    assert torch.equal(out.token_ranks, ranks)

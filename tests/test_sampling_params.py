@@ -1,0 +1,145 @@
+import logging
+import math
+
+import pytest
+
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams, max_logprobs
+
+
+def test_defaults():
+    p = SamplingParams()
+    assert (p.n, p.temperature, p.top_p, p.top_k, p.min_p) == (1, 1.0, 1.0, 0, 0.0)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.0, 0.0, 1.0)
+    assert p.max_tokens == 16 and p.min_tokens == 0
+    assert p.seed is None and p.stop == [] and p.stop_token_ids == []
+    assert p.logprobs is None and p.prompt_logprobs is None
+    assert p.ignore_eos is False and p.include_stop_str_in_output is False
+    assert p.detokenize and p.skip_special_tokens and p.spaces_between_special_tokens
+    assert p.output_kind == RequestOutputKind.CUMULATIVE
+    assert not p.is_greedy
+    assert max_logprobs == 20
+    assert [k.value for k in RequestOutputKind] == [0, 1, 2]
+    assert [k.name for k in RequestOutputKind] == ["CUMULATIVE", "DELTA", "FINAL_ONLY"]
+
+
+def test_unknown_keyword_is_type_error():
+    with pytest.raises(TypeError):
+        SamplingParams(best_of=2)
+
+
+def test_normalisation(caplog):
+    p = SamplingParams(stop="###", stop_token_ids=[5, 3, 5, 7, 3], seed=-1, logprobs=True,
+                       prompt_logprobs=True, top_k=-1)
+    assert p.stop == ["###"]
+    assert p.stop_token_ids == [5, 3, 7]
+    assert p.seed is None
+    assert p.logprobs == 1 and p.prompt_logprobs == 1
+    assert p.top_k == 0
+    assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
+    assert SamplingParams(max_tokens=None).max_tokens is None
+
+    with caplog.at_level(logging.WARNING):
+        p = SamplingParams(temperature=0.001)
+    assert p.temperature == 0.01 and not p.is_greedy
+    assert "temperature" in caplog.text
+
+
+def test_greedy_forces_filters_off():
+    p = SamplingParams(temperature=0.0, top_p=0.5, top_k=3, min_p=0.2)
+    assert p.is_greedy
+    assert (p.top_p, p.top_k, p.min_p) == (1.0, 0, 0.0)
+    assert SamplingParams(temperature=0.0, n=1).n == 1
+    # an int temperature is kept as given (vLLM does not coerce)
+    assert SamplingParams(temperature=0).temperature == 0
+
+
+def test_output_text_buffer_length():
+    assert SamplingParams().output_text_buffer_length == 0
+    assert SamplingParams(stop=["ab", "wxyz"]).output_text_buffer_length == 3
+    assert SamplingParams(stop=["wxyz"], include_stop_str_in_output=True).output_text_buffer_length == 0
+
+
+def test_clone_is_deep():
+    p = SamplingParams(stop=["a"], stop_token_ids=[1])
+    q = p.clone()
+    assert q == p and q is not p
+    q.stop.append("b")
+    q.stop_token_ids.append(2)
+    assert p.stop == ["a"] and p.stop_token_ids == [1]
+
+
+def test_valid_edge_values():
+    SamplingParams(temperature=2.0, top_p=1e-3, top_k=1, min_p=1.0, presence_penalty=-2.0,
+                   frequency_penalty=2.0, repetition_penalty=1e-3, max_tokens=1, min_tokens=1,
+                   logprobs=20, prompt_logprobs=0, n=3)
+    SamplingParams(top_k=0, min_p=0.0, presence_penalty=2.0, frequency_penalty=-2.0, logprobs=0)
+    SamplingParams(max_tokens=None, min_tokens=1000)
+
+
+# (kwargs, exact message start): every invalid value raises ValueError naming parameter and value.
+INVALID = [
+    (dict(n=0), "n must be at least 1, got 0."),
+    (dict(n=-3), "n must be at least 1, got -3."),
+    (dict(n=1.5), "n must be an int, but is of type <class 'float'>"),
+    (dict(n=2, temperature=0.0), "n must be 1 when using greedy sampling, got 2."),
+    (dict(presence_penalty=2.5), "presence_penalty must be in [-2, 2], got 2.5."),
+    (dict(presence_penalty=-2.01), "presence_penalty must be in [-2, 2], got -2.01."),
+    (dict(presence_penalty=math.nan), "presence_penalty must be in [-2, 2], got nan."),
+    (dict(frequency_penalty=-3), "frequency_penalty must be in [-2, 2], got -3."),
+    (dict(frequency_penalty=2.1), "frequency_penalty must be in [-2, 2], got 2.1."),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be greater than zero, got 0.0."),
+    (dict(repetition_penalty=-1), "repetition_penalty must be greater than zero, got -1."),
+    (dict(repetition_penalty=math.inf), "repetition_penalty must be a finite number, got inf."),
+    (dict(repetition_penalty=math.nan), "repetition_penalty must be a finite number, got nan."),
+    (dict(temperature=-0.5), "temperature must be non-negative, got -0.5."),
+    (dict(temperature=math.nan), "temperature must be a finite number, got nan."),
+    (dict(temperature=math.inf), "temperature must be a finite number, got inf."),
+    (dict(temperature=2.5), "temperature must be in [0, 2], got 2.5."),
+    (dict(top_p=0.0), "top_p must be in (0, 1], got 0.0."),
+    (dict(top_p=1.5), "top_p must be in (0, 1], got 1.5."),
+    (dict(top_p=-0.1), "top_p must be in (0, 1], got -0.1."),
+    (dict(top_k=-2), "top_k must be 0 (disable), or at least 1, got -2."),
+    (dict(top_k=2.5), "top_k must be an integer, got float"),
+    (dict(top_k="5"), "top_k must be an integer, got str"),
+    (dict(min_p=-0.1), "min_p must be in [0, 1], got -0.1."),
+    (dict(min_p=1.1), "min_p must be in [0, 1], got 1.1."),
+    (dict(max_tokens=0), "max_tokens must be at least 1, got 0."),
+    (dict(max_tokens=-5), "max_tokens must be at least 1, got -5."),
+    (dict(min_tokens=-1), "min_tokens must be greater than or equal to 0, got -1."),
+    (dict(min_tokens=10, max_tokens=5), "min_tokens must be less than or equal to max_tokens=5, got 10."),
+    (dict(logprobs=-2), "logprobs must be non-negative or -1, got -2."),
+    (dict(prompt_logprobs=-5), "prompt_logprobs must be non-negative or -1, got -5."),
+    (dict(logprobs=21), "Requested sample logprobs of 21, which is greater than max allowed: 20"),
+    (dict(logprobs=-1), "Requested sample logprobs of -1"),
+    (dict(prompt_logprobs=100), "Requested prompt logprobs of 100, which is greater than max allowed: 20"),
+    (dict(stop_token_ids=[1, "2"]), "stop_token_ids must contain only integers, got [1, '2']."),
+    (dict(stop_token_ids=[1.0]), "stop_token_ids must contain only integers, got [1.0]."),
+    (dict(stop_token_ids=[[1]]), "stop_token_ids must contain only integers, got [[1]]."),
+    (dict(stop=["a", ""]), "stop cannot contain an empty string."),
+    (dict(stop=""), "stop cannot contain an empty string."),
+    (dict(stop="x", detokenize=False),
+     "stop strings are only supported when detokenize is True. Set detokenize=True to use stop."),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", INVALID, ids=[m[:40] for _, m in INVALID])
+def test_invalid_values_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        SamplingParams(**kwargs)
+    text = str(info.value)
+    assert text.startswith(message), text
+    # The message names the parameter and shows the value (the stop-string rules name the
+    # parameter; their value is the empty string or the combination).
+    name, value = next(iter(kwargs.items()))
+    assert name.split("_")[0] in text
+    if value not in ("", ["a", ""]) and name != "stop":
+        shown = type(value).__name__ if name in ("n", "top_k") and not isinstance(value, int) else repr(value)
+        assert shown.strip("'") in text or str(value) in text
+
+
+def test_tagged_errors_carry_parameter_and_value():
+    # vLLM main appends "(parameter=X, value=Y)" to the checks it tags.
+    with pytest.raises(ValueError) as info:
+        SamplingParams(temperature=-1.0)
+    assert str(info.value) == "temperature must be non-negative, got -1.0. (parameter=temperature, value=-1.0)"
+    assert info.value.parameter == "temperature" and info.value.value == -1.0
