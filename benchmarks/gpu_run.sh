@@ -7,11 +7,13 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case $step in
-    tests)   timeout 300 python -m pytest -q -x tests/gpu tests/kernels 2>&1 | tail -25 | tee "$OUT/tests.txt" ;;
+    tests)   timeout 300 python -m pytest -q tests/gpu 2>&1 | tail -25 | tee "$OUT/tests.txt" ;;
     kernels) timeout 240 python benchmarks/bench_kernels.py 2>&1 | tee "$OUT/kernels.txt" ;;
     bench)   timeout 300 python bench.py --quiet --json "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench.txt" ;;
     hf)      timeout 400 python bench.py --quiet --engine nanovllm hf --hf-time-limit 200 --json "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench_hf.txt" ;;
     qwen2)   timeout 200 python bench.py --quiet --shape qwen2.5-0.5b --json "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench_qwen2.txt" ;;
+    profile) timeout 200 python benchmarks/profile_step.py 1 2>&1 | tee "$OUT/profile1.txt"
+             timeout 200 python benchmarks/profile_step.py 256 2>&1 | tee "$OUT/profile256.txt" ;;
     single)  timeout 120 python benchmarks/single_request.py 2>&1 | tee "$OUT/single.txt" ;;
   esac
 done

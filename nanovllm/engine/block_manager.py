@@ -86,15 +86,14 @@ class BlockManager:
         before any attention reads them (every layer stores before it attends)."""
         if not self.enable_prefix_caching:
             return
-        for i in range(num_computed // self.block_size):
+        for i in range(seq.num_blocks_seen, num_computed // self.block_size):
             block = self.blocks[seq.block_table[i]]
-            if block.hash is not None:
-                continue
             h = self._hash_of(seq, i)
-            if h in self.cached:        # an identical block exists already; keep that one
-                continue
-            block.hash, block.token_ids = h, tuple(self._block_tokens(seq, i))
-            self.cached[h] = block.block_id
+            # A block already cached (a hit) stays; an identical block elsewhere keeps the entry.
+            if block.hash is None and h not in self.cached:
+                block.hash, block.token_ids = h, tuple(self._block_tokens(seq, i))
+                self.cached[h] = block.block_id
+        seq.num_blocks_seen = max(seq.num_blocks_seen, num_computed // self.block_size)
 
     # -- allocation --------------------------------------------------------------------
     def _take_free_block(self) -> Block:
@@ -134,6 +133,7 @@ class BlockManager:
                 self.free[block_id] = None
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.num_blocks_seen = 0
 
     def can_append(self, seq: Sequence) -> bool:
         """Is there room for seq's newest token (a new block if it starts one)?"""

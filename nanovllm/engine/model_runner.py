@@ -15,6 +15,7 @@ import torch
 from nanovllm.config import EngineConfig
 from nanovllm.distributed import min_over_ranks, tp_size
 from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.layers.fusion import enable_fusion
 from nanovllm.layers.attention import Attention, AttentionMetadata, select_backend
 from nanovllm.layers.sampler import LogprobsTensors, Sampler, SamplerOutput, SamplingMetadata, SamplingRow, \
     gather_logprobs
@@ -54,6 +55,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.vocab_size = hf.vocab_size
         torch.manual_seed(config.seed)
+        enable_fusion(config.device == "cuda" and not config.enforce_eager)
 
         cls = model_class(hf, config.max_model_len)
         default_dtype = torch.get_default_dtype()
@@ -72,8 +74,8 @@ class ModelRunner:
         for layer in self.attention_layers:
             layer.backend = self.backend
 
-        self.num_blocks = self._allocate_kv_cache()
         self.graphs = None
+        self.num_blocks = self._allocate_kv_cache()
         if config.device == "cuda" and not config.enforce_eager:
             from nanovllm.engine.cuda_graphs import DecodeGraphs
             start = time.perf_counter()
@@ -217,8 +219,7 @@ class ModelRunner:
         sample_logits = logits[rows] if len(rows) != logits.shape[0] else logits
         seqs = [batch.seqs[i] for i in sampling]
         meta = SamplingMetadata.build(
-            [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, eos_token_id)
-             for s in seqs], self.vocab_size, self.device)
+            [SamplingRow.of(s.params, s.token_ids, s.num_prompt_tokens, s.generator, eos_token_id) for s in seqs], self.vocab_size, self.device)
         out: SamplerOutput = self.sampler(sample_logits, meta)
         tokens = out.sampled_token_ids.tolist()
         sampled: list[int | None] = [None] * len(batch.seqs)

@@ -36,6 +36,7 @@ class Sequence:
         self.num_cached_tokens = 0              # prompt tokens found in the prefix cache
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []       # chained hashes of the full blocks so far
+        self.num_blocks_seen = 0                # leading blocks already offered to the prefix cache
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.logprobs: list | None = [] if params.logprobs is not None else None

@@ -73,11 +73,15 @@ def _decode_split_kernel(
     for tile_start in range(start, end, BLOCK_N):
         n = tile_start + tl.arange(0, BLOCK_N)
         n_mask = n < end
-        block = tl.load(bt_row + (n // BLOCK_SIZE) * stride_bt_i, mask=n_mask, other=0).to(tl.int64)
+        if BLOCK_SIZE >= BLOCK_N:
+            # the tile lies inside one cache block (tile_start is a multiple of BLOCK_N)
+            block = tl.load(bt_row + (tile_start // BLOCK_SIZE) * stride_bt_i).to(tl.int64)
+        else:
+            block = tl.load(bt_row + (n // BLOCK_SIZE) * stride_bt_i, mask=n_mask, other=0).to(tl.int64)
         slot = n % BLOCK_SIZE
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_head + block[:, None] * stride_kb + slot[:, None] * stride_ks, mask=kv_mask, other=0.0)
-        v = tl.load(v_head + block[:, None] * stride_vb + slot[:, None] * stride_vs, mask=kv_mask, other=0.0)
+        k = tl.load(k_head + (block * stride_kb + slot * stride_ks)[:, None], mask=kv_mask, other=0.0)
+        v = tl.load(v_head + (block * stride_vb + slot * stride_vs)[:, None], mask=kv_mask, other=0.0)
 
         if IEEE:
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")

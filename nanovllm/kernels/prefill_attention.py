@@ -26,7 +26,7 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 # Tuning knobs (chosen on an H100, see docs/kernels.md); benchmarks may override them.
-DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
@@ -51,16 +51,21 @@ def _attend_kv_tile(acc, l_i, m_i, q, k_head, v_head, bt_row, kv_start, q_pos, s
     """Online-softmax update of one tile of BLOCK_N keys starting at kv_start."""
     n = kv_start + tl.arange(0, BLOCK_N)
     slot = n % BLOCK_SIZE
+    if BLOCK_SIZE >= BLOCK_N:
+        # the tile lies inside one cache block (kv_start is a multiple of BLOCK_N): one look-up
+        block = tl.load(bt_row + (kv_start // BLOCK_SIZE) * stride_bt_i).to(tl.int64)
     if MASKED:
         # the causal bound also keeps every key below seq_len (q_pos of real rows < seq_len)
         n_valid = n <= tl.max(q_pos, 0)
-        block = tl.load(bt_row + (n // BLOCK_SIZE) * stride_bt_i, mask=n_valid, other=0).to(tl.int64)
         kv_mask = n_valid[:, None] & d_mask[None, :]
+        if BLOCK_SIZE < BLOCK_N:
+            block = tl.load(bt_row + (n // BLOCK_SIZE) * stride_bt_i, mask=n_valid, other=0).to(tl.int64)
     else:
-        block = tl.load(bt_row + (n // BLOCK_SIZE) * stride_bt_i).to(tl.int64)
         kv_mask = d_mask[None, :]
-    k = tl.load(k_head + block[:, None] * stride_kb + slot[:, None] * stride_ks, mask=kv_mask, other=0.0)
-    v = tl.load(v_head + block[:, None] * stride_vb + slot[:, None] * stride_vs, mask=kv_mask, other=0.0)
+        if BLOCK_SIZE < BLOCK_N:
+            block = tl.load(bt_row + (n // BLOCK_SIZE) * stride_bt_i).to(tl.int64)
+    k = tl.load(k_head + (block * stride_kb + slot * stride_ks)[:, None], mask=kv_mask, other=0.0)
+    v = tl.load(v_head + (block * stride_vb + slot * stride_vs)[:, None], mask=kv_mask, other=0.0)
 
     if IEEE:
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale_log2
@@ -92,7 +97,8 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
-    tile_id = tl.program_id(0)
+    # heaviest tiles (last in their sequence: the most keys) first, for a shorter tail
+    tile_id = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
 
     seq = _find_sequence(cu_seqlens_ptr, num_seqs, tile_id, BLOCK_Q)

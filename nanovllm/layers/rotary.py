@@ -9,6 +9,8 @@ import math
 import torch
 from torch import nn
 
+from nanovllm.layers.fusion import fused
+
 
 def rope_parameters(hf_config) -> dict:
     """{'rope_type', 'rope_theta', ...scaling entries} from either config format:
@@ -68,8 +70,13 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """Rotate q [T, Hq, D] and k [T, Hk, D] by their tokens' positions [T]."""
-        cos, sin = self.cos_sin[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return apply_rotary(q, k, self.cos_sin, positions)
+
+
+@fused
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor):
+    cos, sin = cos_sin[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

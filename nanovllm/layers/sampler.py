@@ -35,6 +35,17 @@ class SamplingRow:
     generator: torch.Generator | None  # seeded requests only, on the logits' device
     eos_token_id: int | None
 
+    @classmethod
+    def of(cls, params: SamplingParams, token_ids: list[int], num_prompt_tokens: int,
+           generator: torch.Generator | None, eos_token_id: int | None) -> "SamplingRow":
+        """A row for a sequence's tokens. The token lists are copied only for rows that read
+        them (penalties, min_tokens): copying every sequence's tokens every step would
+        dominate a large batch's host time."""
+        if (params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
+                and params.presence_penalty == 0.0 and params.min_tokens == 0):
+            return cls(params, [], [], generator, eos_token_id)
+        return cls(params, token_ids[:num_prompt_tokens], token_ids[num_prompt_tokens:], generator, eos_token_id)
+
 
 @dataclass
 class SamplingMetadata:

@@ -1,0 +1,123 @@
+"""Serving benchmark: nano-vllm's bench workload sent to a running server over HTTP.
+
+Each request is a streamed /v1/completions call with a random token-id prompt, `max_tokens`
+drawn as in bench.py (256 requests, prompts of 100..1024 ids, 100..1024 output tokens,
+ignore_eos, seed 0), at a fixed concurrency or at a Poisson request rate. Reports throughput,
+time to first token (TTFT) and time per output token after the first (TPOT), p50 and p99.
+
+    nanovllm serve MODEL --max-model-len 4096 --port 8000 &
+    python benchmarks/bench_serve.py --url http://127.0.0.1:8000 --concurrency 256
+"""
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+import httpx
+
+
+@dataclass
+class Result:
+    ttft: float           # seconds to the first streamed chunk
+    latency: float        # seconds to the end of the stream
+    output_tokens: int
+
+
+def make_workload(args) -> list[tuple[list[int], int]]:
+    """The same draws in the same order as nano-vllm's bench.py: all prompts, then all lengths."""
+    rng = random.Random(args.seed)
+    prompts = [[rng.randint(0, args.max_token_id) for _ in range(rng.randint(args.min_input, args.max_input))]
+               for _ in range(args.num_seqs)]
+    return [(p, rng.randint(args.min_output, args.max_output)) for p in prompts]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int,
+                      temperature: float) -> Result:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft, last = None, None
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode()}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            if ttft is None:
+                ttft = time.perf_counter() - start
+            last = line
+    usage = json.loads(last[len("data: "):])["usage"]         # the include_usage chunk comes last
+    return Result(ttft, time.perf_counter() - start, usage["completion_tokens"])
+
+
+async def run(args) -> tuple[list[Result], float]:
+    workload = make_workload(args)
+    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+        model = args.model or (await client.get(f"{args.url}/v1/models")).json()["data"][0]["id"]
+        await one_request(client, args.url, model, [1, 2, 3], 4, args.temperature)       # warm-up
+        semaphore = asyncio.Semaphore(args.concurrency)
+        rng = random.Random(args.seed)
+
+        async def limited(prompt, max_tokens):
+            async with semaphore:
+                return await one_request(client, args.url, model, prompt, max_tokens, args.temperature)
+
+        start, tasks = time.perf_counter(), []
+        for prompt, max_tokens in workload:
+            tasks.append(asyncio.create_task(limited(prompt, max_tokens)))
+            if args.request_rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(args.request_rate))
+        results = await asyncio.gather(*tasks)
+        return results, time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    p.add_argument("--model", help="model name to send (default: the server's first)")
+    p.add_argument("--num-seqs", type=int, default=256)
+    p.add_argument("--min-input", type=int, default=100)
+    p.add_argument("--max-input", type=int, default=1024)
+    p.add_argument("--min-output", type=int, default=100)
+    p.add_argument("--max-output", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-token-id", type=int, default=10000, help="prompt ids are drawn from [0, this]")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--concurrency", type=int, default=256, help="most requests in flight at once")
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="requests per second (Poisson arrivals); default: all at once")
+    p.add_argument("--json", help="append the results as a JSON line to this file")
+    args = p.parse_args()
+
+    results, seconds = asyncio.run(run(args))
+    output_tokens = sum(r.output_tokens for r in results)
+    ttft = [r.ttft * 1000 for r in results]
+    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) * 1000 for r in results if r.output_tokens > 1]
+    summary = {
+        "num_requests": len(results), "concurrency": args.concurrency,
+        "request_rate": None if args.request_rate == float("inf") else args.request_rate,
+        "seconds": round(seconds, 2), "output_tokens": output_tokens,
+        "output_tok_per_s": round(output_tokens / seconds, 1), "requests_per_s": round(len(results) / seconds, 2),
+        "ttft_ms_p50": round(statistics.median(ttft), 1), "ttft_ms_p99": round(percentile(ttft, 99), 1),
+        "tpot_ms_p50": round(statistics.median(tpot), 2), "tpot_ms_p99": round(percentile(tpot, 99), 2),
+    }
+    print(f"{len(results)} requests, {output_tokens} output tokens in {seconds:.2f} s: "
+          f"{summary['output_tok_per_s']:.0f} output tok/s, {summary['requests_per_s']:.2f} req/s")
+    print(f"TTFT ms  p50 {summary['ttft_ms_p50']:8.1f}   p99 {summary['ttft_ms_p99']:8.1f}")
+    print(f"TPOT ms  p50 {summary['tpot_ms_p50']:8.2f}   p99 {summary['tpot_ms_p99']:8.2f}")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(summary) + "\n")
+
+
+if __name__ == "__main__":
+    main()

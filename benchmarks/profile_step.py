@@ -1,0 +1,40 @@
+"""Where a decode step's time goes: host (cProfile) and device (torch.profiler), Qwen3-0.6B shape."""
+import cProfile
+import pstats
+import random
+import sys
+import time
+
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.models.shapes import shape_checkpoint_dir
+
+batch = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+llm = LLM(shape_checkpoint_dir("qwen3-0.6b"), load_format="dummy", max_model_len=4096)
+engine = llm.llm_engine
+rng = random.Random(0)
+for i in range(batch):
+    engine.add_request(str(i), [rng.randint(0, 10000) for _ in range(1024)],
+                       SamplingParams(temperature=0.6, max_tokens=400, ignore_eos=True))
+while engine.scheduler.waiting:
+    engine.step()
+for _ in range(20):
+    engine.step()
+torch.cuda.synchronize()
+start = time.perf_counter()
+for _ in range(50):
+    engine.step()
+torch.cuda.synchronize()
+print(f"batch {batch}: {1000 * (time.perf_counter() - start) / 50:.2f} ms per decode step")
+prof = cProfile.Profile()
+prof.enable()
+for _ in range(50):
+    engine.step()
+prof.disable()
+pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as p:
+    for _ in range(10):
+        engine.step()
+    torch.cuda.synchronize()
+print(p.key_averages().table(sort_by="cuda_time_total", row_limit=18))
