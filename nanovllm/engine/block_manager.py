@@ -70,8 +70,8 @@ class BlockManager:
         """The cached blocks that hold a prefix of seq's tokens. At least one token is
         always left to compute (its logits are needed), so a fully cached prompt gives
         up its last block."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return []     # prompt logprobs need the logits of every prompt token: compute them all
         hits = []
         for i in range((seq.num_tokens - 1) // self.block_size):
             block_id = self.cached.get(self._hash_of(seq, i))

@@ -171,7 +171,9 @@ class LLMEngine:
         touched, sample_row = {}, 0
         for i, (seq, token) in enumerate(zip(batch.seqs, result.sampled)):
             request = self.requests[seq.request_id]
-            if i in result.prompt_logprobs:
+            chunk_start = seq.num_computed_tokens - batch.num_new_tokens[i]
+            # After a preemption the prompt is recomputed: keep the logprobs gathered the first time.
+            if i in result.prompt_logprobs and chunk_start + 1 == len(request.prompt_logprobs):
                 request.prompt_logprobs += self._logprob_dicts(result.prompt_logprobs[i])
             if token is None:
                 continue

@@ -165,7 +165,7 @@ class ModelRunner:
             positions += range(start, end)
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
+            if wants_prompt_logprobs(seq, start):
                 logits_indices += range(cu_q[-1], cu_q[-1] + n - (1 if batch.samples(i) else 0))
             if batch.samples(i):
                 logits_indices.append(cu_q[-1] + n - 1)
@@ -209,7 +209,7 @@ class ModelRunner:
         rows, prompt_rows, row = [], {}, 0
         sampling = [i for i in range(len(batch.seqs)) if batch.samples(i)]
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            if seq.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens:
+            if wants_prompt_logprobs(seq, seq.num_computed_tokens):
                 count = n - (1 if batch.samples(i) else 0)
                 prompt_rows[i] = (row, count)
                 row += count
@@ -232,6 +232,12 @@ class ModelRunner:
             prompt_logprobs[i] = gather_logprobs(torch.log_softmax(logits[start:start + count], dim=-1),
                                                  targets, seq.params.prompt_logprobs)
         return StepResult(sampled, out.logprobs, prompt_logprobs)
+
+
+def wants_prompt_logprobs(seq, chunk_start: int) -> bool:
+    """Does this chunk of seq need logits for its prompt tokens? (Only the first of n
+    completions reports them: the prompt is the same.)"""
+    return seq.params.prompt_logprobs is not None and seq.index == 0 and chunk_start < seq.num_prompt_tokens
 
 
 # Sampling with every filter on, so the profile run sees the sampler's largest temporaries.

@@ -17,18 +17,21 @@ A step, seen from rank 0:
 
 Workers block on their pipe between steps, so an idle engine holds no collective open
 (no timeout to hit) and a worker sees its parent's death as the pipe closing.
+On the CPU the ranks share the cores, so each runs torch with cores / N threads.
 
 Robustness:
 - Nothing global is fixed: the rendezvous TCPStore listens on a port the OS picks, and no
   shared memory is used, so engines in different processes never meet.
-- Shutdown (engine.shutdown(), `del llm`, interpreter exit through a weakref finalizer)
-  sends "stop" to the workers, joins them, and destroys the process group, so another
-  engine can start in the same process. Workers ignore Ctrl-C; rank 0 holds a Ctrl-C
-  until the step in flight finishes (an interrupted step would leave the ranks out of
-  step), then raises it. Workers exit when their parent dies, even in a collective.
+- Shutdown (engine.shutdown(), `del llm`, garbage collection, interpreter exit) sends
+  "stop" to the workers, joins them, and destroys the process group, so another engine
+  can start in the same process (one at a time: torch.distributed has one default group).
+  Workers ignore Ctrl-C; rank 0 holds a Ctrl-C until the step in flight finishes (an
+  interrupted step would leave the ranks out of step), then raises it. Workers exit when
+  their parent dies, even in a collective.
 - A worker that dies is noticed by rank 0: between steps (exit code, broken pipe), in a
   gloo collective (the peer's socket closes), or by a watchdog thread that aborts NCCL.
-  The engine then raises RuntimeError naming the worker; it never waits forever.
+  The engine then raises TensorParallelError (a RuntimeError) naming the worker, with
+  the worker's traceback when it failed in Python; it never waits forever.
   Collectives also time out after NANOVLLM_TP_TIMEOUT_S seconds (default 600).
 """
 import atexit
@@ -196,6 +199,7 @@ class _Workers:
         self.nccl = config.device == "cuda"
         self.procs, self.conns = [], []
         self.failure: str | None = None   # why the workers can no longer be driven
+        self.last_words: str | None = None  # the traceback a failing worker sent
         self.closed = False
         self.process_group = False        # whether rank 0 joined the process group
         # On the CPU the ranks share the cores: N processes each running torch's full thread
@@ -269,19 +273,17 @@ class _Workers:
     def check(self) -> None:
         """Raise if a worker is gone or the ranks are out of step."""
         if self.failure is None:
-            for rank, proc in enumerate(self.procs, 1):
-                if _exited(proc):
-                    self.failure = self._death_note(rank, proc)
+            self.failure = self._worker_failure()
         if self.failure is not None:
-            raise TensorParallelError(f"The tensor-parallel engine cannot run: {self.failure}. "
-                               f"Shut it down and create a new LLM.")
+            raise TensorParallelError(f"The tensor-parallel engine cannot run (shut it down and create "
+                                      f"a new LLM): {self.failure}")
 
     def explain(self, error: BaseException, out_of_step: bool = True) -> BaseException:
         """After `error` in a step or at start-up: a RuntimeError naming the worker that
         died or failed, if one did; otherwise `error` itself. `out_of_step`: the error came
         while the ranks were working together, so the workers cannot be driven any more."""
         if isinstance(error, TensorParallelError) or (
-                not out_of_step and self.failure is None and not any(_exited(p) for p in self.procs)):
+                not out_of_step and self.failure is None and self._worker_failure() is None):
             return error
         if isinstance(error, KeyboardInterrupt):
             self.failure = self.failure or "a step was interrupted (second Ctrl-C) while the ranks were working"
@@ -293,22 +295,30 @@ class _Workers:
             return error
         # A crashed worker closes its sockets a moment before it can be reaped.
         multiprocessing.connection.wait([p.sentinel for p in self.procs], timeout=1.0)
-        for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), 1):
-            note = None
-            try:
-                while conn.poll():
-                    msg = conn.recv()
-                    if msg[0] == "error":
-                        note = f"tensor-parallel worker rank {rank} failed:\n{msg[1]}"
-            except (EOFError, OSError):
-                pass
-            if note is None and _exited(proc):
-                note = self._death_note(rank, proc)
-            if note is not None:
-                self.failure = self.failure or note.splitlines()[0]
-                return TensorParallelError(note)
+        note = self._worker_failure()
+        if note is not None:
+            self.failure = self.failure or note
+            return TensorParallelError(note)
         self.failure = self.failure or f"a step failed on rank 0 ({type(error).__name__}: {error})"
         return error
+
+    def _worker_failure(self) -> str | None:
+        """What became of a worker that failed (its traceback) or died, or None if all are
+        well. Main thread only: it reads the pipes."""
+        for rank, conn in enumerate(self.conns, 1):
+            try:
+                while self.last_words is None and conn.poll():
+                    msg = conn.recv()
+                    if msg[0] == "error":
+                        self.last_words = f"tensor-parallel worker rank {rank} failed:\n{msg[1].rstrip()}"
+            except (EOFError, OSError):
+                pass
+        if self.last_words is not None:
+            return self.last_words
+        for rank, proc in enumerate(self.procs, 1):
+            if _exited(proc):
+                return self._death_note(rank, proc)
+        return None
 
     @staticmethod
     def _death_note(rank: int, proc) -> str:
@@ -330,8 +340,7 @@ class _Workers:
         if self.closed or self._wake_r in ready:
             return
         rank, proc = sentinels[ready[0]]
-        self.failure = self.failure or self._death_note(rank, proc)
-        logger.error("%s", self.failure)
+        logger.error("%s", self._death_note(rank, proc))
         if self.nccl and self.process_group:
             try:
                 dist.distributed_c10d._abort_process_group()

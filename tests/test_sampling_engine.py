@@ -1,0 +1,117 @@
+"""Sampling features end to end through LLM.generate: stops, n, seeds, logprobs."""
+import math
+
+import pytest
+import torch
+
+from nanovllm import LLM, SamplingParams
+from tests.conftest import random_prompts
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_qwen3):
+    return LLM(tiny_qwen3, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_qwen3):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32)
+
+
+PROMPTS = random_prompts(3, 10, 60, seed=5)
+
+
+def greedy(llm, prompts, **kw):
+    return llm.generate(prompts, SamplingParams(temperature=0, **kw), use_tqdm=False)
+
+
+def test_stop_strings_cut_text_and_report_reason(llm):
+    base = greedy(llm, PROMPTS[:1], max_tokens=30, ignore_eos=True)[0].outputs[0]
+    text = base.text
+    assert len(text) > 12
+    stop = text[5:9]          # very likely spans a token boundary
+    out = greedy(llm, PROMPTS[:1], max_tokens=30, ignore_eos=True, stop=[stop])[0].outputs[0]
+    cut = text.find(stop)
+    assert out.text == text[:cut] and out.finish_reason == "stop" and out.stop_reason == stop
+    assert base.token_ids[:len(out.token_ids)] == out.token_ids    # tokens up to the one completing the stop
+    kept = greedy(llm, PROMPTS[:1], max_tokens=30, ignore_eos=True, stop=stop,
+                  include_stop_str_in_output=True)[0].outputs[0]
+    assert kept.text == text[:cut + len(stop)]
+
+
+def test_stop_token_ids_and_min_tokens(llm):
+    base = greedy(llm, PROMPTS[:1], max_tokens=20, ignore_eos=True)[0].outputs[0]
+    tok = base.token_ids[3]
+    out = greedy(llm, PROMPTS[:1], max_tokens=20, ignore_eos=True, stop_token_ids=[tok])[0].outputs[0]
+    first = base.token_ids.index(tok)
+    assert out.token_ids == base.token_ids[:first + 1]            # the stop token is kept in the ids
+    assert out.finish_reason == "stop" and out.stop_reason == tok
+    # min_tokens bans the stop token until 8 tokens exist.
+    late = greedy(llm, PROMPTS[:1], max_tokens=20, ignore_eos=True, stop_token_ids=[tok], min_tokens=8)[0].outputs[0]
+    assert len(late.token_ids) >= 8 and tok not in late.token_ids[:8 - 1]
+
+
+def test_n_completions_share_the_prompt(llm):
+    params = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=12, ignore_eos=True)
+    out = llm.generate(PROMPTS[:1], params, use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    # Child i uses seed + i: child 1 of seed 11 equals child 0 of seed 12.
+    alone = llm.generate(PROMPTS[:1], SamplingParams(temperature=1.0, seed=12, max_tokens=12, ignore_eos=True),
+                         use_tqdm=False)[0]
+    assert alone.outputs[0].token_ids == out.outputs[1].token_ids
+
+
+def test_seeded_requests_do_not_depend_on_the_batch(llm):
+    params = SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_tokens=16, ignore_eos=True)
+    alone = llm.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)] * 2
+    mixed = llm.generate(PROMPTS, [params] + others, use_tqdm=False)[0].outputs[0].token_ids
+    assert alone == mixed
+    other_seed = llm.generate(PROMPTS[:1], SamplingParams(temperature=0.9, top_p=0.9, seed=4, max_tokens=16,
+                                                          ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
+    assert other_seed != alone
+
+
+def test_top_k_1_equals_greedy(llm):
+    g = greedy(llm, PROMPTS, max_tokens=10)
+    k1 = llm.generate(PROMPTS, SamplingParams(temperature=1.0, top_k=1, max_tokens=10), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in g] == [o.outputs[0].token_ids for o in k1]
+
+
+def test_logprobs_match_transformers(llm, hf_model):
+    out = llm.generate(PROMPTS[:1], SamplingParams(temperature=0.8, seed=1, max_tokens=6, ignore_eos=True,
+                                                   logprobs=3, prompt_logprobs=2), use_tqdm=False)[0]
+    c = out.outputs[0]
+    ids = out.prompt_token_ids + c.token_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    n_prompt = len(out.prompt_token_ids)
+    total = 0.0
+    for j, (token, entry) in enumerate(zip(c.token_ids, c.logprobs)):
+        row = ref[n_prompt - 1 + j]
+        assert token in entry and len(entry) in (3, 4)
+        assert math.isclose(entry[token].logprob, row[token].item(), abs_tol=1e-4)
+        assert entry[token].rank == int((row >= row[token]).sum())
+        top = row.topk(3)
+        for rank, (lp, t) in enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1):
+            assert math.isclose(entry[t].logprob, lp, abs_tol=1e-4) and entry[t].rank == rank
+        total += entry[token].logprob
+    assert math.isclose(c.cumulative_logprob, total, abs_tol=1e-4)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == n_prompt
+    for i in range(1, n_prompt):
+        entry = out.prompt_logprobs[i]
+        assert math.isclose(entry[ids[i]].logprob, ref[i - 1, ids[i]].item(), abs_tol=1e-4)
+
+
+def test_prompt_logprobs_survive_chunked_prefill(tiny_qwen3):
+    chunked = LLM(tiny_qwen3, device="cpu", max_num_batched_tokens=16, max_num_seqs=2)
+    whole = LLM(tiny_qwen3, device="cpu")
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1)
+    a = chunked.generate(PROMPTS[2:3], params, use_tqdm=False)[0].prompt_logprobs
+    b = whole.generate(PROMPTS[2:3], params, use_tqdm=False)[0].prompt_logprobs
+    assert len(a) == len(b) == len(PROMPTS[2])
+    for x, y in zip(a[1:], b[1:]):
+        assert x.keys() == y.keys()
+        assert all(math.isclose(x[t].logprob, y[t].logprob, abs_tol=1e-4) for t in x)
