@@ -35,11 +35,21 @@ def test_cuda_engine_matches_transformers(tiny_qwen3, prompts, expected, options
 
 
 def test_graphs_match_eager_in_bf16(tiny_qwen3, prompts):
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    """CUDA graphs + fused kernels vs eager in bf16: rounding differs, so sequences may part
+    at a near-tie between the top two tokens, but nowhere else."""
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=2)
     eager = LLM(tiny_qwen3, device="cuda", dtype="bfloat16", enforce_eager=True).generate(prompts, params, use_tqdm=False)
     graphs = LLM(tiny_qwen3, device="cuda", dtype="bfloat16").generate(prompts, params, use_tqdm=False)
-    same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(eager, graphs))
-    assert same >= len(prompts) - 1     # bf16 rounding may flip one near-tie; more is a bug
+    for a, b in zip(eager, graphs):
+        a, b = a.outputs[0], b.outputs[0]
+        assert a.token_ids[0] == b.token_ids[0]
+        split = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+        if split is not None:
+            x, y = a.token_ids[split], b.token_ids[split]
+            other = a.logprobs[split].get(y)
+            assert other is not None, f"diverged at token {split} to a token outside eager's top 2"
+            gap = abs(a.logprobs[split][x].logprob - other.logprob)
+            assert gap < 0.1, f"diverged at token {split} with a logprob gap of {gap}"
 
 
 def test_seeded_sampling_on_gpu_is_reproducible(tiny_qwen3, prompts):
