@@ -103,3 +103,20 @@ def test_triton_backend_gives_the_same_tokens(tiny_qwen3, prompts, expected):
               max_num_batched_tokens=64, max_num_seqs=4)
     assert token_ids(llm.generate(prompts[:3], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)) \
         == [e[:6] for e in expected[:3]]
+
+
+def test_decode_steps_are_pipelined(tiny_qwen3):
+    """While one decode step is on the device the next is already launched (see LLMEngine.step),
+    and tokens are the same as unpipelined, step by step."""
+    from nanovllm import LLMEngine
+    engine = LLMEngine.from_kwargs(tiny_qwen3, device="cpu")
+    engine.add_request("a", [5, 6, 7], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    engine.step()                          # prefill, read back at once
+    assert engine.in_flight is None
+    engine.step()                          # first decode: launched, left in flight
+    assert engine.in_flight is not None
+    outs = engine.step()                   # second decode launched before the first is read back
+    assert engine.in_flight is not None and len(outs[0].outputs[0].token_ids) == 2
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+    assert outs[0].outputs[0].token_ids == hf_greedy(tiny_qwen3, [[5, 6, 7]], 8, ignore_eos=True)[0]

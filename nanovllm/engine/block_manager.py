@@ -139,6 +139,7 @@ class BlockManager:
         """Is there room for seq's newest token (a new block if it starts one)?"""
         return len(seq.block_table) >= self.blocks_needed(seq.num_tokens) or self.num_free_blocks > 0
 
-    def append_slot(self, seq: Sequence) -> None:
-        if len(seq.block_table) < self.blocks_needed(seq.num_tokens):
+    def append_slot(self, seq: Sequence, num_tokens: int | None = None) -> None:
+        """Make room for seq's newest token (or for `num_tokens` tokens)."""
+        if len(seq.block_table) < self.blocks_needed(num_tokens or seq.num_tokens):
             seq.block_table.append(self._take_free_block().block_id)

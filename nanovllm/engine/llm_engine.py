@@ -54,6 +54,7 @@ class LLMEngine:
         self.eos_token_id, self.extra_eos_ids = _eos_ids(self.tokenizer, config.hf_config)
         self.num_steps = 0
         self.last_step = (False, 0)          # (was it a prefill, tokens computed), for progress bars
+        self.in_flight = None                # a decode step launched but not yet read back
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "LLMEngine":
@@ -156,20 +157,45 @@ class LLMEngine:
 
     # -- one step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return the outputs of the requests it advanced (per output_kind)."""
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return []
-        result = self.runner.run(batch, self.eos_token_id)
-        self.scheduler.update(batch, result.sampled)
+        """Run one batch; return the outputs of the requests it advanced (per output_kind).
+
+        Decode steps are pipelined: while step N is on the device, step N+1 is scheduled and
+        launched with N's sampled tokens as its inputs (read on the device), and only then are
+        N's tokens read back and processed. The host's work thus overlaps the device's.
+        """
+        pending, self.in_flight = self.in_flight, None
+        if pending is not None:
+            ahead = self.scheduler.schedule_ahead(pending.batch)
+            if ahead is not None:
+                self.in_flight = self._launch(ahead, after=pending)
+        outputs = self._finish(pending) if pending is not None else []
+        if self.in_flight is None:
+            batch = self.scheduler.schedule()
+            if batch is not None:
+                launched = self._launch(batch)
+                if batch.is_prefill:
+                    outputs += self._finish(launched)
+                else:
+                    self.in_flight = launched
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch, after=None):
         self.num_steps += 1
         self.last_step = (batch.is_prefill, batch.num_tokens)
-        touched = self._process(batch, result)
+        return self.runner.launch(batch, self.eos_token_id, after)
+
+    def _finish(self, launched) -> list[RequestOutput]:
+        result = self.runner.resolve(launched)
+        self.scheduler.update(launched.batch, result.sampled)
+        touched = self._process(launched.batch, result)
         return [out for out in (self._make_output(r) for r in touched) if out is not None]
 
     def _process(self, batch: ScheduledBatch, result: StepResult) -> list[Request]:
         touched, sample_row = {}, 0
         for i, (seq, token) in enumerate(zip(batch.seqs, result.sampled)):
+            if seq.is_finished:           # stopped (or aborted) while this step was in flight
+                sample_row += token is not None
+                continue
             request = self.requests[seq.request_id]
             chunk_start = seq.num_computed_tokens - batch.num_new_tokens[i]
             # After a preemption the prompt is recomputed: keep the logprobs gathered the first time.

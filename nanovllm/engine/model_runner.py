@@ -152,16 +152,44 @@ class ModelRunner:
         return int(budget // self.block_bytes)
 
     # -- one step -------------------------------------------------------------------------
-    def run(self, batch: ScheduledBatch, eos_token_id: int | None) -> StepResult:
-        return self.sample(batch, self.execute(self.prepare(batch)), eos_token_id)
+    # A step is launched (inputs prepared, forward and sampling queued on the device) and later
+    # resolved (sampled tokens read back). Between the two the host is free: the engine uses
+    # that time to launch the next decode step before it resolves this one.
+    def launch(self, batch: ScheduledBatch, eos_token_id: int | None, after: "Launched | None" = None,
+               ) -> "Launched":
+        """Queue batch's forward pass and sampling. With `after` (a decode step not resolved yet),
+        batch is the next decode step of (some of) its sequences: their input token is the one
+        `after` samples, read on the device, and their positions are one further on."""
+        input_ids = None
+        if after is not None:
+            index = {id(seq): i for i, seq in enumerate(after.batch.seqs)}
+            rows = torch.tensor([index[id(seq)] for seq in batch.seqs], device=self.device)
+            input_ids = after.sampled.index_select(0, rows)
+        inputs = self.prepare(batch, input_ids)
+        with torch.inference_mode():
+            logits = self.execute(inputs)
+            return self.sample(batch, logits, eos_token_id)
 
-    def prepare(self, batch: ScheduledBatch) -> ModelInputs:
-        """Scheduled sequences -> flat token ids, positions and attention metadata."""
-        bs = self.block_size
-        input_ids, positions, slots, cu_q, seq_lens, logits_indices = [], [], [], [0], [], []
+    def resolve(self, launched: "Launched") -> StepResult:
+        """Wait for a launched step; the sampled token of each sequence (None mid-prompt)."""
+        tokens = iter(launched.sampled.tolist())
+        sampled = [next(tokens) if samples else None for samples in launched.samples]
+        return StepResult(sampled, launched.sample_logprobs, launched.prompt_logprobs)
+
+    def run(self, batch: ScheduledBatch, eos_token_id: int | None) -> StepResult:
+        return self.resolve(self.launch(batch, eos_token_id))
+
+    def prepare(self, batch: ScheduledBatch, input_ids: torch.Tensor | None = None) -> ModelInputs:
+        """Scheduled sequences -> flat token ids, positions and attention metadata. With
+        `input_ids` given (a decode step launched ahead), each sequence's newest token is still
+        being sampled: the step computes the position after it."""
+        bs, ahead = self.block_size, int(input_ids is not None)
+        ids, positions, slots, cu_q, seq_lens, logits_indices = [], [], [], [0], [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            input_ids += seq.token_ids[start:end]
+            start = seq.num_computed_tokens + ahead
+            end = start + n
+            if not ahead:
+                ids += seq.token_ids[start:end]
             positions += range(start, end)
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
@@ -171,9 +199,11 @@ class ModelRunner:
                 logits_indices.append(cu_q[-1] + n - 1)
             cu_q.append(cu_q[-1] + n)
             seq_lens.append(end)
-        return self._tensors(input_ids, positions, slots, cu_q, seq_lens,
-                             [seq.block_table for seq in batch.seqs], max(batch.num_new_tokens),
-                             not batch.is_prefill, logits_indices)
+        inputs = self._tensors(ids, positions, slots, cu_q, seq_lens, [seq.block_table for seq in batch.seqs],
+                               max(batch.num_new_tokens), not batch.is_prefill, logits_indices)
+        if ahead:
+            inputs.input_ids = input_ids
+        return inputs
 
     def _tensors(self, input_ids, positions, slots, cu_q, seq_lens, block_tables, max_q, is_decode,
                  logits_indices) -> ModelInputs:
@@ -202,12 +232,11 @@ class ModelRunner:
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
     @torch.inference_mode()
-    def sample(self, batch: ScheduledBatch, logits: torch.Tensor, eos_token_id: int | None) -> StepResult:
-        """Pick the next token of every sequence that finished its prompt (or decodes), and
-        gather the logprobs that were asked for."""
+    def sample(self, batch: ScheduledBatch, logits: torch.Tensor, eos_token_id: int | None) -> "Launched":
+        """Queue the choice of the next token of every sequence that finished its prompt (or
+        decodes), and the logprobs that were asked for. Nothing is read back here."""
         logits = logits.float()
         rows, prompt_rows, row = [], {}, 0
-        sampling = [i for i in range(len(batch.seqs)) if batch.samples(i)]
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if wants_prompt_logprobs(seq, seq.num_computed_tokens):
                 count = n - (1 if batch.samples(i) else 0)
@@ -217,21 +246,29 @@ class ModelRunner:
                 rows.append(row)
                 row += 1
         sample_logits = logits[rows] if len(rows) != logits.shape[0] else logits
-        seqs = [batch.seqs[i] for i in sampling]
+        seqs = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
         meta = SamplingMetadata.build(
-            [SamplingRow.of(s.params, s.token_ids, s.num_prompt_tokens, s.generator, eos_token_id) for s in seqs], self.vocab_size, self.device)
+            [SamplingRow.of(s.params, s.token_ids, s.num_prompt_tokens, s.generator, eos_token_id) for s in seqs],
+            self.vocab_size, self.device)
         out: SamplerOutput = self.sampler(sample_logits, meta)
-        tokens = out.sampled_token_ids.tolist()
-        sampled: list[int | None] = [None] * len(batch.seqs)
-        for i, token in zip(sampling, tokens):
-            sampled[i] = token
         prompt_logprobs = {}
         for i, (start, count) in prompt_rows.items():
             seq, first = batch.seqs[i], batch.seqs[i].num_computed_tokens
             targets = torch.tensor(seq.token_ids[first + 1:first + 1 + count], device=logits.device)
             prompt_logprobs[i] = gather_logprobs(torch.log_softmax(logits[start:start + count], dim=-1),
                                                  targets, seq.params.prompt_logprobs)
-        return StepResult(sampled, out.logprobs, prompt_logprobs)
+        samples = [batch.samples(i) for i in range(len(batch.seqs))]
+        return Launched(batch, samples, out.sampled_token_ids, out.logprobs, prompt_logprobs)
+
+
+@dataclass
+class Launched:
+    """A step queued on the device, not yet read back."""
+    batch: ScheduledBatch
+    samples: list[bool]                          # per sequence: does it get a token from this step
+    sampled: torch.Tensor                        # [sequences that sample] on the device
+    sample_logprobs: LogprobsTensors | None
+    prompt_logprobs: dict[int, LogprobsTensors]
 
 
 def wants_prompt_logprobs(seq, chunk_start: int) -> bool:

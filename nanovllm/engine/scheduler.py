@@ -84,9 +84,34 @@ class Scheduler:
                     break
             else:
                 self.block_manager.append_slot(seq)
-                self.block_manager.cache_computed_blocks(seq, seq.num_tokens)
                 scheduled.append(seq)
         return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False) if scheduled else None
+
+    def schedule_ahead(self, launched: ScheduledBatch) -> ScheduledBatch | None:
+        """The next decode step of a decode step still on the device, scheduled before its
+        tokens are known (each sequence will then have one token more). Only when nothing
+        could change the plan: no prompt is waiting, no sequence needs its new token to be
+        sampled (penalties, min_tokens), and blocks suffice without preemption. Sequences
+        that the pending token finishes by length are left out; one that stops on EOS or a
+        stop string computes one token in vain, which is dropped."""
+        if self.waiting:
+            return None
+        seqs = []
+        for seq in launched.seqs:
+            if seq.status != SequenceStatus.RUNNING:
+                continue
+            p = seq.params
+            if p.min_tokens or p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+                return None
+            if seq.num_output_tokens + 1 < p.max_tokens and seq.num_tokens + 1 < self.max_model_len:
+                seqs.append(seq)
+        bm = self.block_manager
+        new_blocks = sum(bm.blocks_needed(seq.num_tokens + 1) > len(seq.block_table) for seq in seqs)
+        if not seqs or new_blocks > bm.num_free_blocks:
+            return None
+        for seq in seqs:
+            bm.append_slot(seq, seq.num_tokens + 1)
+        return ScheduledBatch(seqs, [1] * len(seqs), is_prefill=False)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -99,9 +124,13 @@ class Scheduler:
         """Record a finished step: advance computed counts and append sampled tokens
         (`sampled[i]` is None for a sequence whose prefill chunk was not its last)."""
         for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
+            if seq.is_finished:
+                continue                          # it stopped while this step was in flight
             seq.num_computed_tokens += n
             if token is not None:
                 seq.append_token(token)
+            if not batch.is_prefill:              # prefill blocks were offered when scheduled
+                self.block_manager.cache_computed_blocks(seq, seq.num_computed_tokens)
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         """End a sequence (stopped, out of length, or aborted) and free its blocks."""

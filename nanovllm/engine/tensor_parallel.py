@@ -53,7 +53,6 @@ import torch.distributed as dist
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.model_runner import ModelInputs, ModelRunner, StepResult
-from nanovllm.engine.scheduler import ScheduledBatch
 
 logger = logging.getLogger(__name__)
 
@@ -425,9 +424,9 @@ class TensorParallelRunner(ModelRunner):
     def worker_pids(self) -> list[int]:
         return self.workers.pids
 
-    def run(self, batch: ScheduledBatch, eos_token_id: int | None) -> StepResult:
+    def resolve(self, launched) -> StepResult:
         try:
-            result = super().run(batch, eos_token_id)
+            result = super().resolve(launched)
         except BaseException as e:     # e.g. a CUDA error after the watchdog aborted NCCL
             error = self.workers.explain(e, out_of_step=False)
             if error is e:
