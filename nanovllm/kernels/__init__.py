@@ -14,7 +14,7 @@ before `import nanovllm`). Check `triton_available()` before calling a Triton ke
 import importlib
 import os
 
-from .reference import gather_kv, paged_attention_reference, store_kv_cache_reference
+from .reference import gather_kv, paged_attention_reference, paged_decode_attention_reference, store_kv_cache_reference
 
 _LAZY = {
     "store_kv_cache": ".store_kv",

@@ -64,3 +64,21 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             v.transpose(0, 1).float(), attn_mask=mask, scale=scale)
         out[q_start:q_end] = o.transpose(0, 1).to(q.dtype)
     return out
+
+
+def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                     seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                                     scale: float) -> torch.Tensor:
+    """Decode (one query token per sequence), all sequences at once: the caches are gathered
+    into a padded [batch, longest, ...] tensor and masked. Same result as
+    `paged_attention_reference` with cu_seqlens_q = arange(batch + 1); far fewer ops."""
+    batch, block_size = q.shape[0], k_cache.shape[1]
+    longest = int(seq_lens.max())
+    blocks = block_tables[:, :-(-longest // block_size)].long()
+    k = k_cache[blocks].flatten(1, 2)[:, :longest]            # [batch, longest, Hkv, D]
+    v = v_cache[blocks].flatten(1, 2)[:, :longest]
+    mask = torch.arange(longest, device=q.device)[None, :] < seq_lens[:, None]
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(),
+        attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)   # [batch, Hq, 1, D]
+    return out.squeeze(2).to(q.dtype)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nanovllm.kernels.reference import paged_attention_reference, store_kv_cache_reference
+from nanovllm.kernels.reference import paged_attention_reference, paged_decode_attention_reference, \
+    store_kv_cache_reference
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class TorchBackend:
         store_kv_cache_reference(k, v, k_cache, v_cache, meta.slot_mapping)
 
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        if meta.is_decode:
+            return paged_decode_attention_reference(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale)
         return paged_attention_reference(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
                                          meta.block_tables, scale)
 
