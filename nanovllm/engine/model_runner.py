@@ -5,6 +5,7 @@ Each step it turns the scheduled batch into tensors (`prepare`), runs the model
 next tokens (`sample`). With tensor parallelism every rank runs `execute` on the inputs
 rank 0 prepared; only rank 0 prepares and samples.
 """
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.fusion import enable_fusion
 from nanovllm.layers.attention import Attention, AttentionMetadata, select_backend
 from nanovllm.layers.sampler import LogprobsTensors, Sampler, SamplerOutput, SamplingMetadata, SamplingRow, \
-    gather_logprobs
+    gather_logprobs, to_device
 from nanovllm.models.checkpoint import init_dummy_weights, load_weights
 from nanovllm.models.llama import head_dim_of
 from nanovllm.models.registry import model_class
@@ -163,8 +164,8 @@ class ModelRunner:
         input_ids = None
         if after is not None:
             index = {id(seq): i for i, seq in enumerate(after.batch.seqs)}
-            rows = torch.tensor([index[id(seq)] for seq in batch.seqs], device=self.device)
-            input_ids = after.sampled.index_select(0, rows)
+            rows = to_device(torch.tensor([index[id(seq)] for seq in batch.seqs]), self.device)
+            input_ids = after.sampled_on_device.index_select(0, rows)
         inputs = self.prepare(batch, input_ids)
         with torch.inference_mode():
             logits = self.execute(inputs)
@@ -172,6 +173,7 @@ class ModelRunner:
 
     def resolve(self, launched: "Launched") -> StepResult:
         """Wait for a launched step; the sampled token of each sequence (None mid-prompt)."""
+        launched.ready.synchronize()
         tokens = iter(launched.sampled.tolist())
         sampled = [next(tokens) if samples else None for samples in launched.samples]
         return StepResult(sampled, launched.sample_logprobs, launched.prompt_logprobs)
@@ -211,16 +213,16 @@ class ModelRunner:
         for row, table in zip(tables, block_tables):      # far faster than torch.tensor(nested lists)
             row[:len(table)] = table
 
-        def to_device(values, dtype):
+        def as_tensor(values, dtype):
             host = torch.from_numpy(values) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=dtype)
-            return host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+            return to_device(host, self.device)
 
         meta = AttentionMetadata(
-            slot_mapping=to_device(slots, torch.int64), cu_seqlens_q=to_device(cu_q, torch.int32),
-            seq_lens=to_device(seq_lens, torch.int32), block_tables=to_device(tables, torch.int32),
+            slot_mapping=as_tensor(slots, torch.int64), cu_seqlens_q=as_tensor(cu_q, torch.int32),
+            seq_lens=as_tensor(seq_lens, torch.int32), block_tables=as_tensor(tables, torch.int32),
             max_seqlen_q=max_q, is_decode=is_decode)
-        return ModelInputs(to_device(input_ids, torch.int64), to_device(positions, torch.int64), meta,
-                           to_device(logits_indices, torch.int64))
+        return ModelInputs(as_tensor(input_ids, torch.int64), as_tensor(positions, torch.int64), meta,
+                           as_tensor(logits_indices, torch.int64))
 
     @torch.inference_mode()
     def execute(self, inputs: ModelInputs) -> torch.Tensor | None:
@@ -254,11 +256,44 @@ class ModelRunner:
         prompt_logprobs = {}
         for i, (start, count) in prompt_rows.items():
             seq, first = batch.seqs[i], batch.seqs[i].num_computed_tokens
-            targets = torch.tensor(seq.token_ids[first + 1:first + 1 + count], device=logits.device)
+            targets = to_device(torch.tensor(seq.token_ids[first + 1:first + 1 + count]), logits.device)
             prompt_logprobs[i] = gather_logprobs(torch.log_softmax(logits[start:start + count], dim=-1),
                                                  targets, seq.params.prompt_logprobs)
         samples = [batch.samples(i) for i in range(len(batch.seqs))]
-        return Launched(batch, samples, out.sampled_token_ids, out.logprobs, prompt_logprobs)
+        # Start copying the results to the host now. Reading them later waits for this step
+        # only, not for a step launched after it (a plain .tolist() would wait for everything).
+        sampled, logprobs, prompt_logprobs = _to_host((out.sampled_token_ids, out.logprobs, prompt_logprobs))
+        return Launched(batch, samples, out.sampled_token_ids, sampled, logprobs, prompt_logprobs,
+                        _Ready(self.device))
+
+
+def _to_host(obj):
+    """Start device-to-host copies of every tensor in obj (tensors, dataclasses, tuples, dicts)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "cpu":
+            return obj
+        host = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+        return host.copy_(obj, non_blocking=True)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_host(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **{f.name: _to_host(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+    return obj
+
+
+class _Ready:
+    """Marks the point in the device's work where a step's results are on the host."""
+
+    def __init__(self, device: torch.device):
+        self.event = torch.cuda.Event() if device.type == "cuda" else None
+        if self.event is not None:
+            self.event.record()
+
+    def synchronize(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
 
 
 @dataclass
@@ -266,9 +301,11 @@ class Launched:
     """A step queued on the device, not yet read back."""
     batch: ScheduledBatch
     samples: list[bool]                          # per sequence: does it get a token from this step
-    sampled: torch.Tensor                        # [sequences that sample] on the device
+    sampled_on_device: torch.Tensor              # [sequences that sample]: the next step's inputs
+    sampled: torch.Tensor                        # the same, being copied to the host
     sample_logprobs: LogprobsTensors | None
     prompt_logprobs: dict[int, LogprobsTensors]
+    ready: _Ready                                # the copies above are complete
 
 
 def wants_prompt_logprobs(seq, chunk_start: int) -> bool:

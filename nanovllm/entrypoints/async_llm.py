@@ -11,27 +11,30 @@ One background thread owns the `LLMEngine` (which is not thread-safe) and its de
         sleep until there is work            (an idle engine costs nothing)
         apply queued adds and aborts         (new requests join the batch at the next step)
         engine.step()
-        hand each RequestOutput to its request's asyncio.Queue (call_soon_threadsafe)
+        hand the RequestOutputs to their streams, in the event loop (one call_soon_threadsafe;
+                                             with many requests, at most ~10 times a second)
 
 Coroutines never touch the engine: they post commands to the thread and read their own
-queue. An add that the engine rejects (a ValueError from validation) is answered on that
-request's queue only, so a bad request never disturbs the running ones. A consumer that
+stream. An add that the engine rejects (a ValueError from validation) is answered on that
+request's stream only, so a bad request never disturbs the running ones. A consumer that
 stops iterating (it breaks, is cancelled, or its HTTP client went away) aborts its request:
 the thread frees its KV blocks before the next step.
 """
 import asyncio
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.outputs import RequestOutput
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-_ACCEPTED = object()   # queue item: the engine took the request
-_ABORTED = object()    # queue item: the request was aborted; the stream ends
+_ACCEPTED = object()   # stream item: the engine took the request
+_ABORTED = object()    # stream item: the request was aborted; the stream ends
 
 
 class EngineDeadError(RuntimeError):
@@ -40,16 +43,37 @@ class EngineDeadError(RuntimeError):
 
 class RequestStream:
     """The outputs of one request: `async for output in stream`. `close()` before the end
-    aborts the request (the server calls it when its client goes away)."""
+    aborts the request (the server calls it when its client goes away).
 
-    def __init__(self, owner: "AsyncLLM", request_id: str):
+    Outputs that arrive while the consumer is busy are folded together (as vLLM's output
+    collector does): DELTA outputs are concatenated, other kinds keep only the newest. A slow
+    consumer thus gets fewer, larger outputs instead of a growing backlog."""
+
+    def __init__(self, owner: "AsyncLLM", request_id: str, params: SamplingParams | None):
         self.owner, self.request_id = owner, request_id
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.delta = params is not None and params.output_kind == RequestOutputKind.DELTA
         self.loop = asyncio.get_running_loop()
         self.finished = False
+        self._items: deque = deque()
+        self._waiter: asyncio.Future | None = None
+        self.held: RequestOutput | None = None    # engine thread only: output not handed over yet
+        self.started = False                      # engine thread only: an output was handed over
+
+    def _put(self, item) -> None:
+        """Called in the event loop's thread."""
+        last = self._items[-1] if self._items else None
+        if isinstance(item, RequestOutput) and isinstance(last, RequestOutput):
+            self._items[-1] = _fold(last, item, self.delta)
+        else:
+            self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def _get(self):
-        item = await self.queue.get()
+        while not self._items:
+            self._waiter = self.loop.create_future()
+            await self._waiter
+        item = self._items.popleft()
         if isinstance(item, BaseException):
             self.finished = True
             raise item
@@ -75,8 +99,12 @@ class RequestStream:
 
 
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, stream_interval_per_request: float = 4e-4):
+        """`stream_interval_per_request`: seconds between hand-overs of intermediate outputs to
+        the event loop, per live request (see `_hand_over`)."""
         self.engine = engine
+        self.stream_interval_per_request = stream_interval_per_request
+        self._next_hand_over = 0.0
         self._streams: dict[str, RequestStream] = {}
         self._commands: list[tuple] = []
         self._lock = threading.Lock()
@@ -106,7 +134,7 @@ class AsyncLLM:
         Raises the engine's ValueError (TypeError for a non-str id) if it is rejected."""
         if not self.is_running:
             raise EngineDeadError("The engine loop is not running") from self.error
-        stream = RequestStream(self, request_id)
+        stream = RequestStream(self, request_id, sampling_params)
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
@@ -161,12 +189,39 @@ class AsyncLLM:
             for request_id, item, last in items:
                 stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
                 if stream is not None:
-                    by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+                    by_loop.setdefault(stream.loop, []).append((stream, item))
         for loop, puts in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, puts)
             except RuntimeError:    # that event loop is closed: nobody is listening any more
                 pass
+
+    def _hand_over(self, outputs: list[RequestOutput]) -> None:
+        """Pass a step's outputs to their streams. Each hand-over costs the event loop, which
+        shares the GIL with this thread, tens of microseconds per stream (waking its consumer,
+        an HTTP chunk), time the engine then waits for. So intermediate outputs are held here,
+        folded together, until `stream_interval_per_request` x live requests has passed since
+        the last hand-over: a lone request gets every step's output, 256 requests about ten
+        updates a second. First and final outputs go at once (time to first token, to finish)."""
+        now = time.perf_counter()
+        due = now >= self._next_hand_over
+        with self._lock:
+            ready = []
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue
+                stream.held = out if stream.held is None else _fold(stream.held, out, stream.delta)
+                if out.finished or not stream.started:
+                    ready.append(stream)
+            if due:
+                ready = [stream for stream in self._streams.values() if stream.held is not None]
+                self._next_hand_over = now + self.stream_interval_per_request * len(self._streams)
+        items = []
+        for stream in ready:
+            items.append((stream.request_id, stream.held, stream.held.finished))
+            stream.held, stream.started = None, True
+        self._deliver(items)
 
     def _apply_commands(self) -> None:
         with self._lock:
@@ -196,7 +251,7 @@ class AsyncLLM:
                 self._apply_commands()
                 if self._stopping or not self.engine.has_unfinished_requests():
                     continue
-                self._deliver([(out.request_id, out, out.finished) for out in self.engine.step()])
+                self._hand_over(self.engine.step())
         except BaseException as e:              # the engine itself failed: fail every request
             logger.exception("The engine loop failed")
             self.error = e
@@ -210,6 +265,27 @@ class AsyncLLM:
             self._deliver([(request_id, dead, True) for request_id in request_ids])
 
 
-def _put_all(puts: list[tuple[asyncio.Queue, object]]) -> None:
-    for queue, item in puts:
-        queue.put_nowait(item)
+def _put_all(puts: list[tuple[RequestStream, object]]) -> None:
+    for stream, item in puts:
+        stream._put(item)
+
+
+def _fold(older: RequestOutput, newer: RequestOutput, delta: bool) -> RequestOutput:
+    """One output that says what `older` then `newer` said: for DELTA outputs their
+    concatenation (built in `older`, which nobody has seen yet), else simply `newer`."""
+    if not delta:
+        return newer
+    earlier = {c.index: c for c in older.outputs}
+    for c in newer.outputs:
+        old = earlier.get(c.index)
+        if old is None:
+            older.outputs.append(c)
+            continue
+        old.text += c.text
+        old.token_ids = old.token_ids + c.token_ids
+        if c.logprobs is not None:
+            old.logprobs = (old.logprobs or []) + c.logprobs
+        old.cumulative_logprob, old.finish_reason, old.stop_reason = (
+            c.cumulative_logprob, c.finish_reason, c.stop_reason)
+    older.finished = newer.finished
+    return older

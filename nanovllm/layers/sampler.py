@@ -26,6 +26,14 @@ import torch
 from nanovllm.sampling_params import SamplingParams
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy without waiting: through pinned memory, so the copy does not wait for the work
+    already queued on the GPU (a pageable copy can), which would stall a pipelined step."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class SamplingRow:
     """What the engine knows about one sequence this step."""
@@ -80,7 +88,7 @@ class SamplingMetadata:
         greedy = [p.is_greedy for p in ps]
 
         def tensor(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+            return to_device(torch.tensor(values, dtype=dtype), device)
 
         # Greedy rows keep temperature 1 so the shared division is harmless for them.
         temperature = tensor([1.0 if g else float(p.temperature) for p, g in zip(ps, greedy)])
@@ -149,7 +157,7 @@ def _token_counts(id_lists: list[list[int]], V: int, device: torch.device) -> to
     rows = torch.repeat_interleave(torch.arange(len(id_lists)),
                                    torch.tensor([len(x) for x in id_lists]))
     keep = (ids >= 0) & (ids < V)    # ids the model cannot produce cannot be penalised
-    flat_index = (rows * V + ids)[keep].to(device, non_blocking=True)
+    flat_index = to_device((rows * V + ids)[keep], device)
     counts = torch.zeros(len(id_lists), V, dtype=torch.float32, device=device)
     counts.view(-1).index_add_(0, flat_index, torch.ones(flat_index.shape, device=device))
     return counts
