@@ -97,3 +97,11 @@ def test_dummy_weights_run(tiny_qwen3):
     llm = LLM(tiny_qwen3, device="cpu", load_format="dummy")
     out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 5
+
+
+def test_mistral_with_a_short_sliding_window_is_refused(checkpoint_factory):
+    path = checkpoint_factory("mistral", sliding_window=64)
+    with pytest.raises(ValueError, match="sliding-window attention is not supported"):
+        LLM(path, device="cpu")
+    # Within the window, full attention is exact: allowed.
+    assert LLM(path, device="cpu", max_model_len=64).generate([[5, 6]], GREEDY, use_tqdm=False)[0].finished

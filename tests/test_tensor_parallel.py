@@ -37,6 +37,9 @@ def checkpoints(tmp_path_factory):
         # 1 KV head over 2 ranks: replicated; vocab 511: padded; separate LM head.
         "untied-mqa-vocab511": build_tiny_checkpoint(str(root / "untied"), seed=1, tie_word_embeddings=False,
                                                      num_key_value_heads=1, vocab_size=511),
+        # Llama with biases on q/k/v/o and the MLP: each rank's bias slice goes with its weight slice.
+        "llama-biases": build_tiny_checkpoint(str(root / "llama"), model_type="llama", attention_bias=True,
+                                              mlp_bias=True),
     }
 
 
@@ -84,7 +87,7 @@ def _assert_clean(pids):
     assert not [f for f in fds if f.startswith("/dev/shm")]
 
 
-@pytest.mark.parametrize("name", ["tied", "untied-mqa-vocab511"])
+@pytest.mark.parametrize("name", ["tied", "untied-mqa-vocab511", "llama-biases"])
 def test_tp2_matches_tp1(checkpoints, tp1_tokens, name):
     # A small batch budget makes chunked prefills, and steps that sample nothing.
     llm = LLM(checkpoints[name], tensor_parallel_size=2, max_num_batched_tokens=16, max_num_seqs=4,

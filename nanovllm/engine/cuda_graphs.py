@@ -21,6 +21,7 @@ class DecodeGraphs:
         self.model = runner.model
         device = runner.device
         max_blocks = -(-runner.config.max_model_len // runner.block_size)
+        self.block_size = runner.block_size
         self.max_batch_size = max_batch_size
         self.input_ids = torch.zeros(max_batch_size, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_batch_size, dtype=torch.int64, device=device)
@@ -47,7 +48,8 @@ class DecodeGraphs:
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(slot_mapping=self.slot_mapping[:bs], cu_seqlens_q=self.cu_seqlens_q[:bs + 1],
                                  seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs],
-                                 max_seqlen_q=1, is_decode=True)
+                                 max_seqlen_q=1, max_seqlen_k=self.block_tables.shape[1] * self.block_size,
+                                 is_decode=True)
 
     def fits(self, inputs) -> bool:
         return inputs.input_ids.shape[0] <= self.max_batch_size \

@@ -56,7 +56,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.vocab_size = hf.vocab_size
         torch.manual_seed(config.seed)
-        enable_fusion(config.device == "cuda" and not config.enforce_eager)
+        enable_fusion(not config.enforce_eager)
 
         cls = model_class(hf, config.max_model_len)
         default_dtype = torch.get_default_dtype()
@@ -71,7 +71,7 @@ class ModelRunner:
         self.model.eval()
         self.sampler = Sampler()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.backend = select_backend(config.attention_backend, config.device)
+        self.backend = select_backend(config.attention_backend, config.device, config.block_size)
         for layer in self.attention_layers:
             layer.backend = self.backend
 
@@ -220,7 +220,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=as_tensor(slots, torch.int64), cu_seqlens_q=as_tensor(cu_q, torch.int32),
             seq_lens=as_tensor(seq_lens, torch.int32), block_tables=as_tensor(tables, torch.int32),
-            max_seqlen_q=max_q, is_decode=is_decode)
+            max_seqlen_q=max_q, max_seqlen_k=max(seq_lens), is_decode=is_decode)
         return ModelInputs(as_tensor(input_ids, torch.int64), as_tensor(positions, torch.int64), meta,
                            as_tensor(logits_indices, torch.int64))
 

@@ -4,19 +4,23 @@ RMSNorm, rotary embedding and SiLU-and-mul are each a handful of tiny element-wi
 eagerly that is one kernel launch (and one trip through memory) per op, which dominates a
 small model's decode step. `torch.compile` fuses each piece into one Triton kernel. On the
 CPU, or with `enforce_eager=True`, the plain functions run: they are the reference.
+NANOVLLM_COMPILE=1 compiles on the CPU too; NANOVLLM_COMPILE=0 never compiles.
 """
 import functools
 import os
 
 import torch
 
-# Set by the ModelRunner: compile when running on CUDA without enforce_eager.
+# Set by the ModelRunner from enforce_eager and NANOVLLM_COMPILE.
 _enabled = False
+_on_cpu = False
 
 
 def enable_fusion(enabled: bool) -> None:
-    global _enabled
-    _enabled = enabled and os.environ.get("NANOVLLM_COMPILE", "1") != "0"
+    global _enabled, _on_cpu
+    asked = os.environ.get("NANOVLLM_COMPILE")
+    _enabled = enabled and asked != "0"
+    _on_cpu = asked == "1"
 
 
 def fused(fn):
@@ -26,7 +30,7 @@ def fused(fn):
     @functools.wraps(fn)
     def dispatch(x: torch.Tensor, *args):
         nonlocal compiled
-        if not (_enabled and x.is_cuda):
+        if not (_enabled and (x.is_cuda or _on_cpu)):
             return fn(x, *args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True, fullgraph=True)
