@@ -23,7 +23,8 @@ _LAZY = {
 }
 
 __all__ = ["triton_available", "store_kv_cache", "paged_prefill_attention", "paged_decode_attention",
-           "store_kv_cache_reference", "paged_attention_reference", "gather_kv"]
+           "store_kv_cache_reference", "paged_attention_reference", "paged_decode_attention_reference",
+           "gather_kv"]
 
 
 def triton_available() -> bool:

@@ -119,3 +119,25 @@ def test_decode_cuda_graph_serves_every_length():
     graph.replay()
     torch.cuda.synchronize()
     assert rel_err(out, reference(batch, d ** -0.5)) < TOL[torch.bfloat16]
+
+
+def test_prefill_cuda_graph_no_host_sync():
+    """The prefill kernel reads no length on the host: it can be captured in a CUDA graph
+    (capture fails on a host sync) and replayed with other lengths of the same token count."""
+    from nanovllm.kernels import paged_prefill_attention
+    gen = torch.Generator().manual_seed(11)
+    batch = make_batch([700, 300, 64], [200, 300, 1], 16, 8, 128, 16, torch.bfloat16, gen)
+    out = torch.empty_like(batch["q"])
+    kwargs = dict(batch, max_seqlen_q=300, scale=0.1, out=out)
+    paged_prefill_attention(**kwargs)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_prefill_attention(**kwargs)
+    # same 501 tokens, split differently, other context lengths
+    batch["cu_seqlens_q"].copy_(torch.tensor([0, 100, 400, 501], dtype=torch.int32))
+    batch["seq_lens"].copy_(torch.tensor([650, 310, 101], dtype=torch.int32))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, reference(batch, 0.1)) < TOL[torch.bfloat16]
