@@ -8,9 +8,12 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.t
 for step in "$@"; do
   case $step in
     tests)   timeout 300 python -m pytest -q tests/gpu 2>&1 | tail -25 | tee "$OUT/tests.txt" ;;
+    enginetests) timeout 200 python -m pytest -q tests/gpu/test_engine_gpu.py 2>&1 | tail -8 | tee "$OUT/tests.txt" ;;
+    tp)      timeout 200 python -m pytest -q tests/gpu/test_tp_gpu.py 2>&1 | tail -8 | tee "$OUT/tests_tp.txt"
+             timeout 200 python bench.py --quiet --tensor-parallel-size 2 --json "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench_tp2.txt" ;;
     kernels) timeout 240 python benchmarks/bench_kernels.py 2>&1 | tee "$OUT/kernels.txt" ;;
     bench)   timeout 300 python bench.py --quiet --json "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench.txt" ;;
-    hf)      timeout 400 python bench.py --quiet --engine nanovllm hf --hf-time-limit 200 --json "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench_hf.txt" ;;
+    hf)      timeout 400 python bench.py --quiet --engine nanovllm hf --hf-time-limit ${HF_LIMIT:-120} --json "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench_hf.txt" ;;
     qwen2)   timeout 200 python bench.py --quiet --shape qwen2.5-0.5b --json "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench_qwen2.txt" ;;
     profile) timeout 200 python benchmarks/profile_step.py 1 2>&1 | tee "$OUT/profile1.txt"
              timeout 200 python benchmarks/profile_step.py 256 2>&1 | tee "$OUT/profile256.txt" ;;
