@@ -76,7 +76,8 @@ def test_valid_edge_values():
     SamplingParams(max_tokens=None, min_tokens=1000)
 
 
-# (kwargs, exact message start): every invalid value raises ValueError naming parameter and value.
+# (kwargs, exact message start): every invalid value raises a ValueError naming the parameter
+# and showing the value.
 INVALID = [
     (dict(n=0), "n must be at least 1, got 0."),
     (dict(n=-3), "n must be at least 1, got -3."),
@@ -127,14 +128,10 @@ def test_invalid_values_raise_value_error(kwargs, message):
     with pytest.raises(ValueError) as info:
         SamplingParams(**kwargs)
     text = str(info.value)
+    # The expected messages (vLLM main's wording) show the value; each also names the parameter.
     assert text.startswith(message), text
-    # The message names the parameter and shows the value (the stop-string rules name the
-    # parameter; their value is the empty string or the combination).
-    name, value = next(iter(kwargs.items()))
-    assert name.split("_")[0] in text
-    if value not in ("", ["a", ""]) and name != "stop":
-        shown = type(value).__name__ if name in ("n", "top_k") and not isinstance(value, int) else repr(value)
-        assert shown.strip("'") in text or str(value) in text
+    name = next(iter(kwargs))
+    assert name in text or name.replace("_", " ") in text
 
 
 def test_tagged_errors_carry_parameter_and_value():

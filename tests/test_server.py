@@ -69,6 +69,13 @@ def greedy(max_tokens: int = 16, **kwargs) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=max_tokens, **kwargs)
 
 
+def same_text(streamed: str, whole: str) -> bool:
+    """Streamed text equals the non-streamed one. The engine's incremental detokenizer (used for
+    streams) withholds a final incomplete UTF-8 character that a one-shot decode renders as
+    U+FFFD; the tiny model's random bytes hit that, so trailing U+FFFD are not compared."""
+    return streamed.rstrip("\ufffd") == whole.rstrip("\ufffd")
+
+
 def wait_idle(engine: AsyncLLM, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while engine.engine.has_unfinished_requests() or engine._commands:
@@ -110,10 +117,10 @@ def test_completion_stream_concatenates_to_the_same_text(client):
         texts[choice.index] += choice.text
         if choice.finish_reason:
             finish[choice.index] = choice.finish_reason
-    assert [texts[0], texts[1]] == [c.text for c in full.choices]
+    assert all(same_text(texts[c.index], c.text) for c in full.choices)
     assert finish == {c.index: c.finish_reason for c in full.choices}
     assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == full.usage.model_dump()
-    assert len(chunks) > 10      # token by token, not all at once
+    assert len(chunks) > 4       # piece by piece, not all at once
 
 
 def test_chat_matches_llm_chat(client, llm):
@@ -131,7 +138,7 @@ def test_chat_matches_llm_chat(client, llm):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == choice.message.content
+    assert same_text(text, choice.message.content)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
     assert chunks[-1].usage.model_dump() == resp.usage.model_dump()
 
@@ -185,7 +192,7 @@ def test_concurrent_streaming_clients_share_batches(url, engine, llm):
     start = engine.num_steps
     results = asyncio.run(asyncio.wait_for(main(), 60))
     steps = engine.num_steps - start
-    assert results[:32] == expected and results[32] == 400
+    assert all(same_text(got, want) for got, want in zip(results, expected)) and results[32] == 400
     assert steps < 32 * 24 / 4, f"{steps} steps for {32 * 24} tokens: the clients were not batched together"
 
 
@@ -223,17 +230,20 @@ def _raw_error(url: str, status: int, body, headers=None) -> dict:
     ({"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": [5] * 300}, 400, "max_tokens"),                       # prompt too long
-    ({"model": MODEL, "prompt": "hi", "max_tokens": 250}, 400, "max_tokens"),         # prompt + output too long
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 255}, 400, "max_tokens"),         # prompt + output too long
     ({"model": MODEL, "prompt": [[1, 2, 100000]]}, 400, None),                        # not in the vocabulary
+    ({"model": MODEL, "prompt": [[1, 2, 3], [4, 100000]]}, 400, None),                # one bad prompt of two
     ({"model": MODEL, "prompt": []}, 400, "prompt"),
     ({"model": MODEL}, 400, "prompt"),                                                # missing field
     ({"model": MODEL, "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),      # wrong type
     ('{"model": "tiny", "prompt": ', 400, None),                                      # malformed JSON
     ({"model": "gpt-4", "prompt": "hi"}, 404, "model"),                               # unknown model
 ])
-def test_errors_are_openai_json_and_the_server_still_serves(url, client, body, status, param):
+def test_errors_are_openai_json_and_the_server_still_serves(url, engine, client, body, status, param):
     error = _raw_error(url, status, body)
     assert error["param"] == param or param is None
+    wait_idle(engine)          # nothing was left queued: every block is free
+    assert engine.engine.block_manager.num_free_blocks == engine.engine.block_manager.num_blocks
     assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
 

@@ -209,11 +209,10 @@ class AsyncLLM:
             ready = []
             for out in outputs:
                 stream = self._streams.get(out.request_id)
-                if stream is None:
-                    continue
-                stream.held = out if stream.held is None else _fold(stream.held, out, stream.delta)
-                if out.finished or not stream.started:
-                    ready.append(stream)
+                if stream is not None:
+                    stream.held = out if stream.held is None else _fold(stream.held, out, stream.delta)
+                    if out.finished or not stream.started:
+                        ready.append(stream)
             if due:
                 ready = [stream for stream in self._streams.values() if stream.held is not None]
                 self._next_hand_over = now + self.stream_interval_per_request * len(self._streams)
@@ -282,7 +281,7 @@ def _fold(older: RequestOutput, newer: RequestOutput, delta: bool) -> RequestOut
             older.outputs.append(c)
             continue
         old.text += c.text
-        old.token_ids = old.token_ids + c.token_ids
+        old.token_ids.extend(c.token_ids)
         if c.logprobs is not None:
             old.logprobs = (old.logprobs or []) + c.logprobs
         old.cumulative_logprob, old.finish_reason, old.stop_reason = (

@@ -1,0 +1,215 @@
+"""AsyncLLM: streaming outputs, concurrent requests batched together, errors, aborts, shutdown."""
+import asyncio
+import time
+
+import pytest
+
+from nanovllm import LLM, LLMEngine, RequestOutputKind, SamplingParams
+from nanovllm.entrypoints.async_llm import AsyncLLM, EngineDeadError
+
+ENGINE_KWARGS = dict(device="cpu", dtype="float32", max_model_len=256, num_gpu_blocks_override=256)
+PROMPTS = ["Hello, my name is", "The capital of France is", "Paged attention keeps", "List all prime numbers"]
+
+
+def greedy(max_tokens: int = 12, **kwargs) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen3):
+    engine = AsyncLLM.from_kwargs(tiny_qwen3, **ENGINE_KWARGS)
+    yield engine
+    engine.shutdown_sync()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_qwen3) -> list[str]:
+    llm = LLM(tiny_qwen3, **ENGINE_KWARGS)
+    return [o.outputs[0].text for o in llm.generate(PROMPTS, greedy(), use_tqdm=False)]
+
+
+def run(coro, timeout: float = 30):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def collect(engine, prompt, params, request_id):
+    return [out async for out in engine.generate(prompt, params, request_id)]
+
+
+def wait_idle(engine: AsyncLLM, timeout: float = 10) -> None:
+    """Until the engine thread has applied every abort (all requests gone)."""
+    deadline = time.monotonic() + timeout
+    while engine.engine.has_unfinished_requests() or engine._commands:
+        assert time.monotonic() < deadline, "engine did not become idle"
+        time.sleep(0.01)
+
+
+def test_cumulative_stream_matches_llm_generate(engine, reference):
+    outs = run(collect(engine, PROMPTS[0], greedy(), "cumulative"))
+    counts = [len(o.outputs[0].token_ids) for o in outs]
+    assert len(outs) > 1 and counts == sorted(set(counts)) and counts[-1] == 12     # token by token
+    assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+    assert outs[-1].outputs[0].text == reference[0]
+    assert outs[-1].request_id == "cumulative"
+
+
+def test_delta_outputs_concatenate(engine, reference):
+    params = greedy(output_kind=RequestOutputKind.DELTA)
+    outs = run(collect(engine, PROMPTS[1], params, "delta"))
+    assert "".join(o.outputs[0].text for o in outs) == reference[1]
+    assert sum(len(o.outputs[0].token_ids) for o in outs) == 12
+    final = run(collect(engine, PROMPTS[1], greedy(output_kind=RequestOutputKind.FINAL_ONLY), "final"))
+    assert len(final) == 1 and final[0].outputs[0].text == reference[1]
+
+
+def test_a_slow_consumer_gets_folded_outputs(engine, reference):
+    """Outputs that pile up while the consumer is busy arrive folded into one."""
+    async def slow(kind):
+        outs = []
+        async for out in engine.generate(PROMPTS[3], greedy(output_kind=kind), f"slow-{kind.name}"):
+            outs.append(out)
+            time.sleep(0.05)        # blocks the event loop: several steps pile up meanwhile
+        return outs
+    delta = run(slow(RequestOutputKind.DELTA))
+    assert len(delta) < 12 and delta[-1].finished
+    assert "".join(o.outputs[0].text for o in delta) == reference[3]
+    assert sum(len(o.outputs[0].token_ids) for o in delta) == 12
+    cumulative = run(slow(RequestOutputKind.CUMULATIVE))
+    assert len(cumulative) < 12 and cumulative[-1].outputs[0].text == reference[3]
+
+
+def test_outputs_held_between_hand_overs_are_folded(tiny_qwen3, reference):
+    """With a long hand-over interval, the first output comes at once, the rest folded into the last."""
+    engine = AsyncLLM(LLMEngine.from_kwargs(tiny_qwen3, **ENGINE_KWARGS), stream_interval_per_request=10.0)
+    try:
+        outs = run(collect(engine, PROMPTS[3], greedy(output_kind=RequestOutputKind.DELTA), "held"))
+    finally:
+        engine.shutdown_sync()
+    assert 2 <= len(outs) <= 3 and outs[-1].finished
+    assert len(outs[0].outputs[0].token_ids) == 1      # the first token is not held back
+    assert "".join(o.outputs[0].text for o in outs) == reference[3]
+    assert sum(len(o.outputs[0].token_ids) for o in outs) == 12
+
+
+def test_concurrent_requests_share_batches(engine, reference):
+    async def main():
+        start = engine.num_steps
+        tasks = [collect(engine, PROMPTS[i % 4], greedy(), f"c{i}") for i in range(16)]
+        results = await asyncio.gather(*tasks)
+        return results, engine.num_steps - start
+    results, steps = run(main())
+    assert [r[-1].outputs[0].text for r in results] == [reference[i % 4] for i in range(16)]
+    assert steps < 16 * 12 / 4      # 192 tokens in a few dozen steps: they ran together
+
+
+def test_bad_request_raises_and_leaves_others_running(engine, reference):
+    async def main():
+        good = asyncio.create_task(collect(engine, PROMPTS[2], greedy(), "good"))
+        with pytest.raises(ValueError, match="longer than the maximum model length"):
+            await collect(engine, [5] * 300, greedy(), "too-long")
+        with pytest.raises(ValueError, match="temperature"):
+            await collect(engine, "hi", SamplingParams(temperature=-1), "bad-temperature")
+        with pytest.raises(ValueError, match="out of vocabulary"):
+            await collect(engine, [1, 2, 100000], greedy(), "bad-id")
+        with pytest.raises(TypeError, match="request_id"):
+            await collect(engine, "hi", greedy(), 7)
+        return await good
+    outs = run(main())
+    assert outs[-1].finished and outs[-1].outputs[0].text == reference[2]
+
+
+def test_duplicate_request_id_is_refused(engine):
+    async def main():
+        params = greedy(200, ignore_eos=True)
+        stream = await engine.add_request("dup", PROMPTS[0], params)
+        with pytest.raises(ValueError, match="already in use"):
+            await engine.add_request("dup", PROMPTS[0], params)
+        stream.close()
+    start = engine.num_steps
+    run(main())
+    wait_idle(engine)
+    assert engine.num_steps - start < 200
+
+
+def test_leaving_the_loop_early_aborts_and_frees_blocks(engine):
+    bm = engine.engine.block_manager
+
+    async def main():
+        got = 0
+        async for out in engine.generate(PROMPTS[0], greedy(200, ignore_eos=True), "leaver"):
+            got += 1
+            if got == 3:
+                assert bm.num_free_blocks < bm.num_blocks
+                break
+    start = engine.num_steps
+    run(main())
+    wait_idle(engine)
+    assert engine.num_steps - start < 200, "the request ran to its end instead of being aborted"
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_cancelled_consumer_aborts(engine):
+    bm = engine.engine.block_manager
+
+    async def main():
+        task = asyncio.create_task(collect(engine, PROMPTS[1], greedy(200, ignore_eos=True), "cancelled"))
+        while not engine.engine.has_unfinished_requests():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    start = engine.num_steps
+    run(main())
+    wait_idle(engine)
+    assert engine.num_steps - start < 200, "the request ran to its end instead of being aborted"
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_abort_ends_the_stream(engine):
+    async def main():
+        outs = []
+        async for out in engine.generate(PROMPTS[2], greedy(200, ignore_eos=True), "aborted"):
+            outs.append(out)
+            if len(outs) == 2:
+                await engine.abort("aborted")
+        return outs
+    start = engine.num_steps
+    outs = run(main())
+    assert 2 <= len(outs) < 200 and not outs[-1].finished
+    wait_idle(engine)
+    assert engine.num_steps - start < 200
+
+
+def test_idle_loop_sleeps(engine):
+    """With nothing to do, the loop blocks on its event instead of polling the engine."""
+    wait_idle(engine)
+    time.sleep(0.2)          # let the loop finish its last iteration and block
+    calls = 0
+    real = engine.engine.has_unfinished_requests
+
+    def counting():
+        nonlocal calls
+        calls += 1
+        return real()
+    engine.engine.has_unfinished_requests = counting
+    try:
+        time.sleep(0.3)
+    finally:
+        del engine.engine.has_unfinished_requests
+    assert calls == 0
+
+
+def test_shutdown_fails_pending_requests(tiny_qwen3):
+    engine = AsyncLLM.from_kwargs(tiny_qwen3, **ENGINE_KWARGS)
+
+    async def main():
+        stream = await engine.add_request("pending", PROMPTS[0], greedy(200, ignore_eos=True))
+        await anext(stream)
+        await engine.shutdown()
+        with pytest.raises(EngineDeadError):
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineDeadError):
+            await collect(engine, PROMPTS[0], greedy(), "after")
+    run(main())
+    assert not engine.is_running
