@@ -1,0 +1,24 @@
+#!/bin/bash
+# Device script: offline bench.py, then the same workload through `nanovllm serve` (benchmarks/bench_serve.py).
+# The device has no fastapi/uvicorn/httpx: bring their wheels in .whl/serve (see the device tool's README) and carry it.
+python3 -m pip install --no-index --find-links .whl/serve fastapi uvicorn httpx -q 2>&1 | tail -2
+export PYTHONPATH=.
+nvidia-smi -L
+python3 --version
+timeout ${OFFLINE_LIMIT:-200} python3 bench.py --quiet $BENCH_ARGS 2>&1 | tee $OUT/offline.log
+MODEL=$(python3 -c "from nanovllm.models.shapes import shape_checkpoint_dir; print(shape_checkpoint_dir('qwen3-0.6b'))")
+python3 -m nanovllm serve $MODEL --load-format dummy --max-model-len 4096 --port 8000 --host 127.0.0.1 --uvicorn-log-level warning $SERVE_ARGS > $OUT/server.log 2>&1 &
+SPID=$!
+python3 - <<'PY'
+import time, urllib.request
+for _ in range(300):
+    try:
+        urllib.request.urlopen("http://127.0.0.1:8000/health"); print("server up"); break
+    except Exception:
+        time.sleep(1)
+PY
+for c in ${CONCURRENCY:-256}; do
+  timeout ${SERVE_LIMIT:-200} python3 benchmarks/bench_serve.py --url http://127.0.0.1:8000 --concurrency $c $BENCH_ARGS --json $OUT/serve.jsonl 2>&1 | tee -a $OUT/serve.log
+done
+kill $SPID; wait $SPID
+tail -20 $OUT/server.log
