@@ -165,3 +165,25 @@ def test_detokenize_false(tok, ids, prompt):
     assert feed(det, ids, chunk=5) == (None, None)
     assert det.text == "" and det.new_text(finished=True) == ""
     assert det.token_ids == ids
+
+
+def test_flush_on_finish_matches_one_shot_text():
+    """A sequence that ends inside a multi-byte character: streamed text, once flushed, equals
+    the one-shot decode (which shows the partial character as U+FFFD)."""
+    tok = build_tokenizer()
+    ids = tok.encode("caf\u00e9 \u00e9t\u00e9")
+    # Byte-level tokens of '\u00e9' are two bytes; find a prefix that ends mid-character.
+    for cut in range(1, len(ids) + 1):
+        if tok.decode(ids[:cut]).endswith("\ufffd"):
+            break
+    else:
+        pytest.skip("the tokenizer merged every multi-byte character into one token")
+    params = SamplingParams()
+    streamed = Detokenizer(tok, params, [], incremental=True)
+    one_shot = Detokenizer(tok, params, [], incremental=False)
+    for t in ids[:cut]:
+        streamed.update([t], False)
+    one_shot.update(ids[:cut], False)
+    assert streamed.text != one_shot.text
+    streamed.flush()
+    assert streamed.text == one_shot.text

@@ -82,6 +82,19 @@ class Detokenizer:
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         return full_text[len(prefix_text):]
 
+    def flush(self) -> None:
+        """The sequence has ended: add the text an incomplete character was holding back (as
+        U+FFFD, which is what decoding all the tokens at once gives), so that streamed and
+        one-shot text agree."""
+        if not (self.incremental and self.enabled) or self._stopped:
+            return
+        decode = self.tokenizer.decode
+        prefix_text = decode(self._ids[self._prefix_offset:self._read_offset], **self._decode_kwargs)
+        full_text = decode(self._ids[self._prefix_offset:], **self._decode_kwargs)
+        if len(full_text) > len(prefix_text):
+            self._text += full_text[len(prefix_text):]
+        self._prefix_offset = self._read_offset = len(self._ids)
+
     def _check_stop(self, search_from: int) -> str | None:
         """Find a stop string that ends in the new text (it may start before, in the tail)."""
         best = None

@@ -209,9 +209,12 @@ class LLMEngine:
                 seq.cumulative_logprob += entry[token].logprob
             sample_row += 1
             reason, stop_reason = self._check_stop(seq)
-            stop_str = request.detokenizers[seq.index].update([token], reason == "stop")
+            detokenizer = request.detokenizers[seq.index]
+            stop_str = detokenizer.update([token], reason == "stop")
             if stop_str is not None:
                 reason, stop_reason = "stop", stop_str
+            elif reason is not None:
+                detokenizer.flush()
             if reason is not None:
                 self.scheduler.finish(seq, reason, stop_reason)
             touched[seq.request_id] = request
