@@ -12,28 +12,10 @@ ignore_eos the throughput does not depend on the weights.
 import argparse
 import json
 import os
-import random
 import sys
 import time
-from dataclasses import dataclass
 
-
-@dataclass
-class Workload:
-    prompts: list[list[int]]
-    output_lens: list[int]
-
-    @property
-    def output_tokens(self) -> int:
-        return sum(self.output_lens)
-
-
-def make_workload(args) -> Workload:
-    # The same draws in the same order as nano-vllm's bench.py: all prompts, then all lengths.
-    rng = random.Random(args.seed)
-    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(args.min_input, args.max_input))]
-               for _ in range(args.num_seqs)]
-    return Workload(prompts, [rng.randint(args.min_output, args.max_output) for _ in range(args.num_seqs)])
+from nanovllm.bench_workload import Workload, add_workload_args, make_workload
 
 
 def hbm_floor_seconds(w: Workload, hf_config, bandwidth: float, flops: float, tp: int = 1) -> float:
@@ -111,12 +93,7 @@ def main() -> None:
     p.add_argument("--engine", nargs="+", default=["nanovllm"], choices=["nanovllm", "vllm", "hf"])
     p.add_argument("--model", help="checkpoint directory or repo id (real weights)")
     p.add_argument("--shape", default="qwen3-0.6b", help="model shape for dummy weights when --model is not given")
-    p.add_argument("--num-seqs", type=int, default=256)
-    p.add_argument("--min-input", type=int, default=100)
-    p.add_argument("--max-input", type=int, default=1024)
-    p.add_argument("--min-output", type=int, default=100)
-    p.add_argument("--max-output", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
+    add_workload_args(p)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--block-size", type=int, default=16)

@@ -18,20 +18,14 @@ from dataclasses import dataclass
 
 import httpx
 
+from nanovllm.bench_workload import add_workload_args, make_workload
+
 
 @dataclass
 class Result:
     ttft: float           # seconds to the first streamed chunk
     latency: float        # seconds to the end of the stream
     output_tokens: int
-
-
-def make_workload(args) -> list[tuple[list[int], int]]:
-    """The same draws in the same order as nano-vllm's bench.py: all prompts, then all lengths."""
-    rng = random.Random(args.seed)
-    prompts = [[rng.randint(0, args.max_token_id) for _ in range(rng.randint(args.min_input, args.max_input))]
-               for _ in range(args.num_seqs)]
-    return [(p, rng.randint(args.min_output, args.max_output)) for p in prompts]
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int,
@@ -67,7 +61,7 @@ async def run(args) -> tuple[list[Result], float]:
                 return await one_request(client, args.url, model, prompt, max_tokens, args.temperature)
 
         start, tasks = time.perf_counter(), []
-        for prompt, max_tokens in workload:
+        for prompt, max_tokens in zip(workload.prompts, workload.output_lens):
             tasks.append(asyncio.create_task(limited(prompt, max_tokens)))
             if args.request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(args.request_rate))
@@ -84,13 +78,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
     p.add_argument("--model", help="model name to send (default: the server's first)")
-    p.add_argument("--num-seqs", type=int, default=256)
-    p.add_argument("--min-input", type=int, default=100)
-    p.add_argument("--max-input", type=int, default=1024)
-    p.add_argument("--min-output", type=int, default=100)
-    p.add_argument("--max-output", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-token-id", type=int, default=10000, help="prompt ids are drawn from [0, this]")
+    add_workload_args(p)
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--concurrency", type=int, default=256, help="most requests in flight at once")
     p.add_argument("--request-rate", type=float, default=float("inf"),
