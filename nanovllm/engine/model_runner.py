@@ -175,7 +175,7 @@ class ModelRunner:
         """Wait for a launched step; the sampled token of each sequence (None mid-prompt)."""
         launched.ready.synchronize()
         tokens = iter(launched.sampled.tolist())
-        sampled = [next(tokens) if samples else None for samples in launched.samples]
+        sampled = [next(tokens) if samples else None for samples in launched.batch.samples]
         return StepResult(sampled, launched.sample_logprobs, launched.prompt_logprobs)
 
     def run(self, batch: ScheduledBatch, eos_token_id: int | None) -> StepResult:
@@ -196,8 +196,8 @@ class ModelRunner:
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             if wants_prompt_logprobs(seq, start):
-                logits_indices += range(cu_q[-1], cu_q[-1] + n - (1 if batch.samples(i) else 0))
-            if batch.samples(i):
+                logits_indices += range(cu_q[-1], cu_q[-1] + n - batch.samples[i])
+            if batch.samples[i]:
                 logits_indices.append(cu_q[-1] + n - 1)
             cu_q.append(cu_q[-1] + n)
             seq_lens.append(end)
@@ -241,14 +241,14 @@ class ModelRunner:
         rows, prompt_rows, row = [], {}, 0
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if wants_prompt_logprobs(seq, seq.num_computed_tokens):
-                count = n - (1 if batch.samples(i) else 0)
+                count = n - batch.samples[i]
                 prompt_rows[i] = (row, count)
                 row += count
-            if batch.samples(i):
+            if batch.samples[i]:
                 rows.append(row)
                 row += 1
         sample_logits = logits[rows] if len(rows) != logits.shape[0] else logits
-        seqs = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
+        seqs = [seq for seq, samples in zip(batch.seqs, batch.samples) if samples]
         meta = SamplingMetadata.build(
             [SamplingRow.of(s.params, s.token_ids, s.num_prompt_tokens, s.generator, eos_token_id) for s in seqs],
             self.vocab_size, self.device)
@@ -259,11 +259,10 @@ class ModelRunner:
             targets = to_device(torch.tensor(seq.token_ids[first + 1:first + 1 + count]), logits.device)
             prompt_logprobs[i] = gather_logprobs(torch.log_softmax(logits[start:start + count], dim=-1),
                                                  targets, seq.params.prompt_logprobs)
-        samples = [batch.samples(i) for i in range(len(batch.seqs))]
         # Start copying the results to the host now. Reading them later waits for this step
         # only, not for a step launched after it (a plain .tolist() would wait for everything).
         sampled, logprobs, prompt_logprobs = _to_host((out.sampled_token_ids, out.logprobs, prompt_logprobs))
-        return Launched(batch, samples, out.sampled_token_ids, sampled, logprobs, prompt_logprobs,
+        return Launched(batch, out.sampled_token_ids, sampled, logprobs, prompt_logprobs,
                         _Ready(self.device))
 
 
@@ -300,7 +299,6 @@ class _Ready:
 class Launched:
     """A step queued on the device, not yet read back."""
     batch: ScheduledBatch
-    samples: list[bool]                          # per sequence: does it get a token from this step
     sampled_on_device: torch.Tensor              # [sequences that sample]: the next step's inputs
     sampled: torch.Tensor                        # the same, being copied to the host
     sample_logprobs: LogprobsTensors | None

@@ -24,15 +24,18 @@ class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]     # tokens each sequence computes this step
     is_prefill: bool
+    # Per sequence: does this step give it a new token (is its chunk the last of its prompt)?
+    # Decided when scheduled, since the sequences move on while the step is in flight.
+    samples: list[bool] | None = None
+
+    def __post_init__(self):
+        if self.samples is None:
+            self.samples = [seq.num_computed_tokens + n == seq.num_tokens
+                            for seq, n in zip(self.seqs, self.num_new_tokens)]
 
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
-
-    def samples(self, i: int) -> bool:
-        """Does sequence i get a new token from this step (is its chunk its last one)?"""
-        seq = self.seqs[i]
-        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens
 
 
 class Scheduler:
@@ -85,7 +88,7 @@ class Scheduler:
             else:
                 self.block_manager.append_slot(seq)
                 scheduled.append(seq)
-        return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False) if scheduled else None
+        return ScheduledBatch(scheduled, [1] * len(scheduled), False, [True] * len(scheduled)) if scheduled else None
 
     def schedule_ahead(self, launched: ScheduledBatch) -> ScheduledBatch | None:
         """The next decode step of a decode step still on the device, scheduled before its
@@ -111,7 +114,7 @@ class Scheduler:
             return None
         for seq in seqs:
             bm.append_slot(seq, seq.num_tokens + 1)
-        return ScheduledBatch(seqs, [1] * len(seqs), is_prefill=False)
+        return ScheduledBatch(seqs, [1] * len(seqs), False, [True] * len(seqs))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
