@@ -51,6 +51,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager)
         self.requests: dict[str, Request] = {}
         self.vocab_size = config.hf_config.vocab_size
+        self.tokenizer_size = len(self.tokenizer)     # ids at or above it have no text
         self.eos_token_id, self.extra_eos_ids = _eos_ids(self.tokenizer, config.hf_config)
         self.num_steps = 0
         self.last_step = (False, 0)          # (was it a prefill, tokens computed), for progress bars
@@ -192,6 +193,9 @@ class LLMEngine:
 
     def _process(self, batch: ScheduledBatch, result: StepResult) -> list[Request]:
         touched, sample_row = {}, 0
+        # The sampled tokens' logprobs (when any sequence asked): rows follow the sampling
+        # sequences; each keeps the top k it asked for.
+        sample_logprobs = self._logprob_dicts(result.sample_logprobs) if result.sample_logprobs else None
         for i, (seq, token) in enumerate(zip(batch.seqs, result.sampled)):
             if seq.is_finished:           # stopped (or aborted) while this step was in flight
                 sample_row += token is not None
@@ -204,7 +208,7 @@ class LLMEngine:
             if token is None:
                 continue
             if seq.logprobs is not None:
-                entry = self._logprob_dicts(result.sample_logprobs, sample_row, seq.params.logprobs)[0]
+                entry = _top(sample_logprobs[sample_row], token, seq.params.logprobs)
                 seq.logprobs.append(entry)
                 seq.cumulative_logprob += entry[token].logprob
             sample_row += 1
@@ -232,14 +236,14 @@ class LLMEngine:
             return "length", None
         return None, None
 
-    def _logprob_dicts(self, lp: LogprobsTensors, start: int = 0, k: int | None = None) -> list[dict]:
-        """Rows of LogprobsTensors -> vLLM's {token_id: Logprob} dicts (the chosen token and the top k)."""
-        rows = range(start, start + 1) if k is not None else range(lp.token_ids.shape[0])
+    def _logprob_dicts(self, lp: LogprobsTensors, k: int | None = None) -> list[dict[int, Logprob]]:
+        """Every row of LogprobsTensors as vLLM's {token_id: Logprob} (the top k, plus the
+        chosen token). Read back once per step, not once per sequence."""
         k = lp.top_ids.shape[1] if k is None else k
         ids, lps, ranks = lp.token_ids.tolist(), lp.token_logprobs.tolist(), lp.token_ranks.tolist()
         top_ids, top_lps = lp.top_ids[:, :k].tolist(), lp.top_logprobs[:, :k].tolist()
         dicts = []
-        for r in rows:
+        for r in range(len(ids)):
             entry = {t: Logprob(v, rank + 1, self._decode_one(t))
                      for rank, (t, v) in enumerate(zip(top_ids[r], top_lps[r]))}
             entry.setdefault(ids[r], Logprob(lps[r], ranks[r], self._decode_one(ids[r])))
@@ -247,7 +251,7 @@ class LLMEngine:
         return dicts
 
     def _decode_one(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id]) if token_id < len(self.tokenizer) else ""
+        return self.tokenizer.decode([token_id]) if token_id < self.tokenizer_size else ""
 
     def _make_output(self, request: Request) -> RequestOutput | None:
         kind, finished = request.params.output_kind, request.finished
@@ -277,6 +281,11 @@ class LLMEngine:
     def shutdown(self) -> None:
         if hasattr(self.runner, "shutdown"):
             self.runner.shutdown()
+
+
+def _top(entry: dict[int, Logprob], token: int, k: int) -> dict[int, Logprob]:
+    """Keep the k best-ranked entries and the chosen token."""
+    return {t: lp for t, lp in entry.items() if lp.rank <= k or t == token}
 
 
 def _eos_ids(tokenizer, hf_config) -> tuple[int | None, set[int]]:
