@@ -12,4 +12,5 @@ def configure_logging() -> None:
     handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
     logger.setLevel(os.environ.get("NANOVLLM_LOGGING_LEVEL", "INFO").upper())
-    logger.propagate = False
+    # Records still propagate (so pytest and applications can capture them); the root logger
+    # has no handler unless the application adds one.
