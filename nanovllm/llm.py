@@ -96,6 +96,9 @@ def _as_prompt_list(prompts) -> list:
         return [prompts]
     if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
         return [list(prompts)]
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError("prompts must be a string, a list of token ids, a prompt dict, or a list of these; "
+                         f"got {type(prompts).__name__}")
     return list(prompts)
 
 
@@ -104,6 +107,8 @@ def _as_params_list(params, count: int) -> list[SamplingParams]:
         return [SamplingParams()] * count
     if isinstance(params, SamplingParams):
         return [params] * count
+    if not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in params):
+        raise ValueError(f"sampling_params must be a SamplingParams or a list of them, got {params!r}")
     params = list(params)
     if len(params) != count:
         raise ValueError(f"The lengths of prompts ({count}) and sampling_params ({len(params)}) must be the same.")

@@ -52,6 +52,8 @@ def test_unknown_token_ids_decode_without_crashing(llm):
     (lambda llm: llm.generate(["a", "b"], [GREEDY]), "lengths of prompts"),
     (lambda llm: llm.generate([{"text": "hi"}], GREEDY), "prompt"),
     (lambda llm: llm.generate([[1, "x"]], GREEDY), "integers"),
+    (lambda llm: llm.generate(None, GREEDY), "prompts must be"),
+    (lambda llm: llm.generate("hi", "greedy"), "sampling_params must be"),
 ])
 def test_bad_input_raises_value_error_and_engine_still_serves(llm, call, match):
     with pytest.raises(ValueError, match=match):
