@@ -1,0 +1,47 @@
+"""Sampler cost at 256 sequences over Qwen3's vocabulary (151,936), per sampling setting,
+to compare with a decode step's time (`benchmarks/profile_step.py 256`). GPU only.
+
+    PYTHONPATH=. python benchmarks/bench_sampler.py
+"""
+import torch
+import triton.testing
+
+from nanovllm.layers.sampler import Sampler, SamplingMetadata, SamplingRow
+from nanovllm.sampling_params import SamplingParams
+
+B, V = 256, 151936
+SETTINGS = {
+    "greedy": dict(temperature=0.0),
+    "temperature 0.6": dict(temperature=0.6),
+    "top_k 50": dict(temperature=0.8, top_k=50),
+    "top_p 0.95": dict(temperature=0.8, top_p=0.95),
+    "top_k 50 + top_p 0.95": dict(temperature=0.8, top_k=50, top_p=0.95),
+    "min_p 0.05": dict(temperature=0.8, min_p=0.05),
+    "penalties": dict(temperature=0.8, presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1),
+    "logprobs 5": dict(temperature=0.8, logprobs=5),
+    "seeded": dict(temperature=0.8, seed=1),
+}
+
+
+def main() -> None:
+    device = torch.device("cuda")
+    sampler = Sampler()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    prompt = torch.randint(0, V, (300,), generator=gen).tolist()
+    output = torch.randint(0, V, (200,), generator=gen).tolist()
+    logits = torch.randn(B, V, device=device) * 3
+    print(f"{'setting':<24} {'ms (forward)':>12} {'ms (build + forward)':>21}")
+    for name, kwargs in SETTINGS.items():
+        params = SamplingParams(**kwargs)
+        rows = [SamplingRow.of(params, prompt + output, len(prompt),
+                               torch.Generator(device=device).manual_seed(i) if params.seed is not None else None, 2)
+                for i in range(B)]
+        meta = SamplingMetadata.build(rows, V, device)
+        forward = triton.testing.do_bench(lambda: sampler(logits, meta), return_mode="median")
+        both = triton.testing.do_bench(lambda: sampler(logits, SamplingMetadata.build(rows, V, device)),
+                                       return_mode="median")
+        print(f"{name:<24} {forward:>12.3f} {both:>21.3f}")
+
+
+if __name__ == "__main__":
+    main()
