@@ -3,29 +3,20 @@
     GET  /health, /v1/models
     POST /v1/completions, /v1/chat/completions   (stream=true: server-sent events)
 
-Every request becomes one engine request per prompt (each fanning out to `n` choices), added
-to the shared `AsyncLLM`, so concurrent clients are batched together step by step. Prompts are
-tokenized here, with the server's own tokenizer (the engine's belongs to its thread), so the
-context-length check can answer 400 before anything is queued. Streams use DELTA outputs;
-non-streamed requests use FINAL_ONLY. Closing a stream early (the client went away: Starlette
-cancels the response) aborts its requests, which frees their KV blocks at the next step.
+This module wires the app: routes, the optional API key, and errors as OpenAI's JSON. The
+requests themselves are answered by `openai_handlers.OpenAIHandlers`.
 """
-import asyncio
-import json
 import logging
 import os
 import time
-import uuid
-from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from nanovllm.entrypoints.async_llm import AsyncLLM, RequestStream
+from nanovllm.entrypoints.async_llm import AsyncLLM
+from nanovllm.entrypoints.openai_handlers import OpenAIHandlers
 from nanovllm.entrypoints.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
-from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
-from nanovllm.sampling_params import SamplingParams
 from nanovllm.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -36,7 +27,7 @@ def build_app(engine: AsyncLLM, served_model_names: list[str] | None = None, api
     """The FastAPI app serving `engine` under the first of `served_model_names` (default: the model path)."""
     config = engine.engine.config
     names = served_model_names or [config.model]
-    server = _Server(engine, names, load_tokenizer(config), config.max_model_len, chat_template)
+    server = OpenAIHandlers(engine, names, load_tokenizer(config), config.max_model_len, chat_template)
     app = FastAPI(title="nanovllm OpenAI-compatible server")
     app.state.server = server
 
@@ -105,263 +96,6 @@ class _APIKeyMiddleware:
 
 def _error_response(e: OpenAIError) -> JSONResponse:
     return JSONResponse(e.to_dict(), status_code=e.status_code)
-
-
-def _sse(data: dict) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-class _Server:
-    def __init__(self, engine: AsyncLLM, names: list[str], tokenizer, max_model_len: int,
-                 chat_template: str | None):
-        self.engine, self.names, self.tokenizer = engine, names, tokenizer
-        self.max_model_len, self.chat_template = max_model_len, chat_template
-
-    # -- shared steps --------------------------------------------------------------------
-    def _check_model(self, model: str | None) -> str:
-        if model is not None and model not in self.names:
-            raise OpenAIError(f"The model `{model}` does not exist.", 404, param="model", code="model_not_found")
-        return model or self.names[0]
-
-    def _check_length(self, prompt_ids: list[int], max_tokens: int | None) -> None:
-        n = len(prompt_ids)
-        if n >= self.max_model_len or (max_tokens is not None and n + max_tokens > self.max_model_len):
-            raise OpenAIError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{n + (max_tokens or 1)} tokens ({n} in the prompt, {max_tokens or 1} in the completion). "
-                f"Please reduce the length of the prompt or completion.", param="max_tokens")
-
-    @staticmethod
-    def _params(body) -> SamplingParams:
-        try:
-            return body.to_sampling_params()
-        except ValueError as e:
-            raise OpenAIError(str(e), param=getattr(e, "parameter", None)) from None
-
-    async def _add(self, request_id: str, prompts: list[dict], params: SamplingParams) -> list[RequestStream]:
-        """Queue one engine request per prompt (all in the same step); all or none."""
-        added = await asyncio.gather(*(self.engine.add_request(f"{request_id}-{i}", prompt, params)
-                                       for i, prompt in enumerate(prompts)), return_exceptions=True)
-        errors = [e for e in added if isinstance(e, BaseException)]
-        if errors:
-            for stream in added:
-                if isinstance(stream, RequestStream):
-                    stream.close()
-            if isinstance(errors[0], ValueError):
-                raise OpenAIError(str(errors[0])) from None
-            raise errors[0]
-        return added
-
-    @staticmethod
-    async def _finals(streams: list[RequestStream]) -> list[RequestOutput]:
-        async def last(stream: RequestStream) -> RequestOutput:
-            final = None
-            async for final in stream:
-                pass
-            if final is None:
-                raise OpenAIError("The request was aborted.", 500, "internal_server_error")
-            return final
-        try:
-            return await asyncio.gather(*(last(s) for s in streams))
-        finally:
-            for stream in streams:
-                stream.close()
-
-    @staticmethod
-    async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, output) from several streams, as they come."""
-        if len(streams) == 1:
-            try:
-                async for out in streams[0]:
-                    yield 0, out
-            finally:
-                streams[0].close()
-            return
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, stream: RequestStream):
-            try:
-                async for out in stream:
-                    queue.put_nowait((i, out))
-                queue.put_nowait((i, None))
-            except Exception as e:
-                queue.put_nowait((i, e))
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-        try:
-            remaining = len(streams)
-            while remaining:
-                i, item = await queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                if item is None:
-                    remaining -= 1
-                else:
-                    yield i, item
-        finally:
-            for task in tasks:
-                task.cancel()
-            for stream in streams:
-                stream.close()
-
-    async def _events(self, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
-        """SSE lines; an engine failure mid-stream is sent as an error event."""
-        try:
-            async for chunk in chunks:
-                yield _sse(chunk)
-        except Exception as e:
-            logger.exception("stream failed")
-            yield _sse(OpenAIError(str(e), 500, "internal_server_error").to_dict())
-        yield "data: [DONE]\n\n"
-
-    # -- /v1/completions ---------------------------------------------------------------------
-    async def completions(self, body: CompletionRequest):
-        model = self._check_model(body.model)
-        params = self._params(body)
-        prompts = body.prompt
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not prompts:
-            raise OpenAIError("prompt must not be empty", param="prompt")
-        inputs = []
-        for p in prompts:
-            ids = self.tokenizer.encode(p) if isinstance(p, str) else p
-            self._check_length(ids, body.max_tokens)
-            inputs.append({"prompt": p if isinstance(p, str) else None, "prompt_token_ids": ids})
-        request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        streams = await self._add(request_id, inputs, params)
-        head = {"id": request_id, "object": "text_completion", "created": created, "model": model}
-        if body.stream:
-            chunks = self._completion_chunks(body, head, inputs, streams)
-            return StreamingResponse(self._events(chunks), media_type="text/event-stream")
-        choices, completion_tokens = [], 0
-        for i, out in enumerate(await self._finals(streams)):
-            for c in out.outputs:
-                text, logprobs = c.text, None
-                if body.echo:
-                    text = self._prompt_text(inputs[i]) + text
-                if body.logprobs is not None:
-                    logprobs = self._completion_logprobs(body, out, c, 0, first=True)
-                choices.append({"index": i * body.n + c.index, "text": text, "logprobs": logprobs,
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-                completion_tokens += len(c.token_ids)
-        prompt_tokens = sum(len(x["prompt_token_ids"]) for x in inputs)
-        return {**head, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
-
-    async def _completion_chunks(self, body: CompletionRequest, head: dict, inputs: list[dict],
-                                 streams: list[RequestStream]) -> AsyncIterator[dict]:
-        sent: dict[int, int] = {}     # choice index -> characters sent (for logprobs' text_offset)
-        done, completion_tokens = set(), 0
-        async for i, out in self._merged(streams):
-            for c in out.outputs:
-                index = i * body.n + c.index
-                completion_tokens += len(c.token_ids)
-                if index in done or not (c.token_ids or c.finish_reason):
-                    continue      # nothing new for this choice (another choice of the prompt advanced)
-                first = index not in sent
-                text = (self._prompt_text(inputs[i]) if body.echo and first else "") + c.text
-                logprobs = None
-                if body.logprobs is not None:
-                    logprobs = self._completion_logprobs(body, out, c, sent.get(index, 0), first)
-                sent[index] = sent.get(index, 0) + len(text)
-                if c.finish_reason:
-                    done.add(index)
-                yield {**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
-        if body.include_usage:
-            prompt_tokens = sum(len(x["prompt_token_ids"]) for x in inputs)
-            yield {**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
-
-    def _prompt_text(self, prompt: dict) -> str:
-        if prompt["prompt"] is None:
-            prompt["prompt"] = self.tokenizer.decode(prompt["prompt_token_ids"])
-        return prompt["prompt"]
-
-    def _completion_logprobs(self, body: CompletionRequest, out: RequestOutput, c: CompletionOutput,
-                             offset: int, first: bool) -> dict:
-        """OpenAI's legacy logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
-        pairs = list(zip(c.token_ids, c.logprobs or []))
-        if body.echo and first:
-            prompt_lps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-            pairs = list(zip(out.prompt_token_ids, prompt_lps)) + pairs
-        result = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for token_id, entry in pairs:
-            token = entry[token_id].decoded_token if entry else self.tokenizer.decode([token_id])
-            result["tokens"].append(token)
-            result["token_logprobs"].append(entry[token_id].logprob if entry else None)
-            # Keyed by text: of tokens that decode alike, the likeliest is kept.
-            result["top_logprobs"].append({lp.decoded_token: lp.logprob for lp in reversed(_ranked(entry))}
-                                          if entry else None)
-            result["text_offset"].append(offset)
-            offset += len(token)
-        return result
-
-    # -- /v1/chat/completions ----------------------------------------------------------------
-    async def chat_completions(self, body: ChatCompletionRequest):
-        model = self._check_model(body.model)
-        params = self._params(body)
-        try:
-            text = self.tokenizer.apply_chat_template(
-                [m.to_template() for m in body.messages], tokenize=False, chat_template=self.chat_template,
-                add_generation_prompt=body.add_generation_prompt,
-                continue_final_message=body.continue_final_message, **(body.chat_template_kwargs or {}))
-        except Exception as e:      # a template error (jinja) or no template at all
-            raise OpenAIError(f"Could not apply the chat template: {e}", param="messages") from None
-        # The template holds the special tokens already: do not add them again (as LLM.chat).
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        self._check_length(ids, params.max_tokens)
-        request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        streams = await self._add(request_id, [{"prompt": text, "prompt_token_ids": ids}], params)
-        head = {"id": request_id, "object": "chat.completion", "created": created, "model": model}
-        if body.stream:
-            head["object"] = "chat.completion.chunk"
-            return StreamingResponse(self._events(self._chat_chunks(body, head, len(ids), streams[0])),
-                                     media_type="text/event-stream")
-        (out,) = await self._finals(streams)
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self._chat_logprobs(body, c), "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason} for c in out.outputs]
-        return {**head, "choices": choices,
-                "usage": _usage(len(ids), sum(len(c.token_ids) for c in out.outputs))}
-
-    async def _chat_chunks(self, body: ChatCompletionRequest, head: dict, prompt_tokens: int,
-                           stream: RequestStream) -> AsyncIterator[dict]:
-        for i in range(body.n):
-            yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}]}
-        done, completion_tokens = set(), 0
-        async for _, out in self._merged([stream]):
-            for c in out.outputs:
-                completion_tokens += len(c.token_ids)
-                if c.index in done or not (c.token_ids or c.finish_reason):
-                    continue
-                if c.finish_reason:
-                    done.add(c.index)
-                yield {**head, "choices": [{"index": c.index, "delta": {"content": c.text},
-                                            "logprobs": self._chat_logprobs(body, c),
-                                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
-        if body.include_usage:
-            yield {**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
-
-    @staticmethod
-    def _chat_logprobs(body: ChatCompletionRequest, c: CompletionOutput) -> dict | None:
-        if not body.logprobs:
-            return None
-
-        def item(lp: Logprob) -> dict:
-            token = lp.decoded_token or ""
-            return {"token": token, "logprob": lp.logprob, "bytes": list(token.encode("utf-8"))}
-        k = body.top_logprobs or 0
-        return {"content": [{**item(entry[t]), "top_logprobs": [item(lp) for lp in _ranked(entry)[:k]]}
-                            for t, entry in zip(c.token_ids, c.logprobs or [])]}
-
-
-def _ranked(entry: dict[int, Logprob]) -> list[Logprob]:
-    return sorted(entry.values(), key=lambda lp: -lp.logprob)
 
 
 def load_chat_template(value: str | None) -> str | None:
