@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, kernel benchmark, end-to-end benchmarks. Logs go to $OUT.
-# Usage (device machine): bash benchmarks/gpu_run.sh [tests] [kernels] [bench] [hf] [qwen2] [single]
+# Usage (device machine): bash benchmarks/gpu_run.sh STEP... with STEP one of the names below
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -17,6 +17,7 @@ for step in "$@"; do
     qwen2)   timeout 200 python bench.py --quiet --shape qwen2.5-0.5b --json "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench_qwen2.txt" ;;
     profile) timeout 200 python benchmarks/profile_step.py 1 2>&1 | tee "$OUT/profile1.txt"
              timeout 200 python benchmarks/profile_step.py 256 2>&1 | tee "$OUT/profile256.txt" ;;
+    profile2) timeout 200 python benchmarks/profile_step.py 256 qwen2.5-0.5b 2>&1 | tee "$OUT/profile256_qwen2.txt" ;;
     sampler) timeout 120 python benchmarks/bench_sampler.py 2>&1 | tee "$OUT/sampler.txt" ;;
     single)  timeout 120 python benchmarks/single_request.py 2>&1 | tee "$OUT/single.txt" ;;
   esac

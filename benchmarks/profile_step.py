@@ -1,4 +1,7 @@
-"""Where a decode step's time goes: host (cProfile) and device (torch.profiler), Qwen3-0.6B shape."""
+"""Where a decode step's time goes: host (cProfile) and device (torch.profiler).
+
+    PYTHONPATH=. python benchmarks/profile_step.py [BATCH] [SHAPE]      # default: 1 qwen3-0.6b
+"""
 import cProfile
 import pstats
 import random
@@ -11,7 +14,8 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.models.shapes import shape_checkpoint_dir
 
 batch = int(sys.argv[1]) if len(sys.argv) > 1 else 1
-llm = LLM(shape_checkpoint_dir("qwen3-0.6b"), load_format="dummy", max_model_len=4096)
+shape = sys.argv[2] if len(sys.argv) > 2 else "qwen3-0.6b"
+llm = LLM(shape_checkpoint_dir(shape), load_format="dummy", max_model_len=4096)
 engine = llm.llm_engine
 rng = random.Random(0)
 for i in range(batch):
