@@ -120,3 +120,16 @@ def test_decode_steps_are_pipelined(tiny_qwen3):
     while engine.has_unfinished_requests():
         outs = engine.step()
     assert outs[0].outputs[0].token_ids == hf_greedy(tiny_qwen3, [[5, 6, 7]], 8, ignore_eos=True)[0]
+
+
+def test_triton_backend_with_a_group_of_seven_query_heads(checkpoint_factory):
+    """Qwen2.5-0.5B/7B share one KV head among 7 query heads: a group that is no power of two."""
+    from nanovllm.kernels import triton_available
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    path = checkpoint_factory("qwen2", hidden_size=112, num_attention_heads=7, num_key_value_heads=1, head_dim=16)
+    prompts = random_prompts(3, 5, 70, seed=9)
+    llm = LLM(path, device="cpu", attention_backend="triton", block_size=16, max_num_batched_tokens=64,
+              max_num_seqs=4)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts, 5)
