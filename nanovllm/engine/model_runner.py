@@ -128,7 +128,6 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         self._bind_cache(scratch_blocks)
-        scratch_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
         per_seq = scratch_blocks // num_seqs           # each sequence gets consecutive blocks
         inputs = self._tensors(
             input_ids=[0] * (seq_len * num_seqs), positions=list(range(seq_len)) * num_seqs,
@@ -141,15 +140,17 @@ class ModelRunner:
             self.sampler(logits.float(), SamplingMetadata.build(
                 [SamplingRow(_PROFILE_PARAMS, [], [], None, None)] * num_seqs, self.vocab_size, self.device))
         torch.cuda.synchronize()
+        # Measured while the scratch cache and the weights are still allocated: what is left
+        # above them at the peak is the activations' (and the sampler's) share.
         peak_activations = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
         del self.kv_cache, logits
         for layer in self.attention_layers:
             layer.k_cache = layer.v_cache = torch.empty(0)
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
-        budget = total * cfg.gpu_memory_utilization - (total - free) - max(0, peak_activations - scratch_bytes)
+        budget = total * cfg.gpu_memory_utilization - (total - free) - peak_activations
         logger.info("memory: %.1f GiB in use after loading, %.2f GiB peak activations",
-                    (total - free) / 2**30, max(0, peak_activations - scratch_bytes) / 2**30)
+                    (total - free) / 2**30, peak_activations / 2**30)
         return int(budget // self.block_bytes)
 
     # -- one step -------------------------------------------------------------------------
