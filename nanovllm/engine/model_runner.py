@@ -179,9 +179,6 @@ class ModelRunner:
         sampled = [next(tokens) if samples else None for samples in launched.batch.samples]
         return StepResult(sampled, launched.sample_logprobs, launched.prompt_logprobs)
 
-    def run(self, batch: ScheduledBatch, eos_token_id: int | None) -> StepResult:
-        return self.resolve(self.launch(batch, eos_token_id))
-
     def prepare(self, batch: ScheduledBatch, input_ids: torch.Tensor | None = None) -> ModelInputs:
         """Scheduled sequences -> flat token ids, positions and attention metadata. With
         `input_ids` given (a decode step launched ahead), each sequence's newest token is still
