@@ -2,6 +2,7 @@
 reference for greedy generation on the same files."""
 import os
 import random
+import time
 
 import pytest
 import torch
@@ -52,3 +53,11 @@ def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int, ignore_e
             out = model.generate(torch.tensor([ids]), **kwargs)
         outs.append(out[0, len(ids):].tolist())
     return outs
+
+
+def wait_idle(engine, timeout: float = 10) -> None:
+    """Until an AsyncLLM's engine thread has applied every command (all requests gone)."""
+    deadline = time.monotonic() + timeout
+    while engine.engine.has_unfinished_requests() or engine._commands:
+        assert time.monotonic() < deadline, "engine did not become idle"
+        time.sleep(0.01)

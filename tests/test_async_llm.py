@@ -6,6 +6,7 @@ import pytest
 
 from nanovllm import LLM, LLMEngine, RequestOutputKind, SamplingParams
 from nanovllm.entrypoints.async_llm import AsyncLLM, EngineDeadError
+from tests.conftest import wait_idle
 
 ENGINE_KWARGS = dict(device="cpu", dtype="float32", max_model_len=256, num_gpu_blocks_override=256)
 PROMPTS = ["Hello, my name is", "The capital of France is", "Paged attention keeps", "List all prime numbers"]
@@ -34,14 +35,6 @@ def run(coro, timeout: float = 30):
 
 async def collect(engine, prompt, params, request_id):
     return [out async for out in engine.generate(prompt, params, request_id)]
-
-
-def wait_idle(engine: AsyncLLM, timeout: float = 10) -> None:
-    """Until the engine thread has applied every abort (all requests gone)."""
-    deadline = time.monotonic() + timeout
-    while engine.engine.has_unfinished_requests() or engine._commands:
-        assert time.monotonic() < deadline, "engine did not become idle"
-        time.sleep(0.01)
 
 
 def test_cumulative_stream_matches_llm_generate(engine, reference):

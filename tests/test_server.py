@@ -15,6 +15,7 @@ import uvicorn
 from nanovllm import LLM, SamplingParams
 from nanovllm.entrypoints.async_llm import AsyncLLM
 from nanovllm.entrypoints.openai_server import build_app
+from tests.conftest import wait_idle
 
 ENGINE_KWARGS = dict(device="cpu", dtype="float32", max_model_len=256, num_gpu_blocks_override=512)
 MODEL = "tiny"
@@ -73,13 +74,6 @@ def same_text(streamed: str, whole: str) -> bool:
     """Streamed text equals the non-streamed one, character for character (a final incomplete
     UTF-8 character included: the tiny model's random bytes produce them often)."""
     return streamed == whole
-
-
-def wait_idle(engine: AsyncLLM, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while engine.engine.has_unfinished_requests() or engine._commands:
-        assert time.monotonic() < deadline, "requests still running"
-        time.sleep(0.01)
 
 
 def test_health_and_models(url, client):
