@@ -6,6 +6,8 @@
 """
 import dataclasses
 import itertools
+import json
+import os
 import time
 
 from tqdm.auto import tqdm
@@ -25,6 +27,12 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate(prompts)` uses when no SamplingParams are given: vLLM's defaults, with
+        the sampling settings of the checkpoint's generation_config.json (temperature, top_k,
+        top_p, min_p, repetition_penalty, max_new_tokens), as vLLM's generation_config="auto"."""
+        return SamplingParams(**_generation_defaults(self.llm_engine.config.model_dir))
+
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Complete each prompt; returns one RequestOutput per prompt, in input order.
@@ -33,6 +41,8 @@ class LLM:
         dict, or a list of any of these.
         """
         prompts = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params = _as_params_list(sampling_params, len(prompts))
         engine = self.llm_engine
         ids = []
@@ -102,9 +112,18 @@ def _as_prompt_list(prompts) -> list:
     return list(prompts)
 
 
+def _generation_defaults(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        saved = json.load(f)
+    names = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+             "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+    return {ours: saved[theirs] for theirs, ours in names.items() if saved.get(theirs) is not None}
+
+
 def _as_params_list(params, count: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams()] * count
     if isinstance(params, SamplingParams):
         return [params] * count
     if not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in params):

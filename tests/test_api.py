@@ -107,3 +107,21 @@ def test_mistral_with_a_short_sliding_window_is_refused(checkpoint_factory):
         LLM(path, device="cpu")
     # Within the window, full attention is exact: allowed.
     assert LLM(path, device="cpu", max_model_len=64).generate([[5, 6]], GREEDY, use_tqdm=False)[0].finished
+
+
+def test_default_sampling_params_come_from_generation_config(tiny_qwen3, tmp_path):
+    import json
+    import shutil
+    path = tmp_path / "model"
+    shutil.copytree(tiny_qwen3, path)
+    (path / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": 2, "temperature": 0.6, "top_k": 20, "top_p": 0.95, "max_new_tokens": 7}))
+    p = LLM(str(path), device="cpu").get_default_sampling_params()
+    assert (p.temperature, p.top_k, p.top_p, p.max_tokens) == (0.6, 20, 0.95, 7)
+    (path / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "max_new_tokens": 5}))
+    llm = LLM(str(path), device="cpu")
+    default = llm.generate([[5, 6, 7]], use_tqdm=False)[0].outputs[0]       # no SamplingParams given
+    explicit = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0].outputs[0]
+    assert default.token_ids == explicit.token_ids
+    # A checkpoint without sampling settings gets vLLM's plain defaults.
+    assert LLM(tiny_qwen3, device="cpu").get_default_sampling_params() == SamplingParams()
