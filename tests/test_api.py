@@ -125,3 +125,15 @@ def test_default_sampling_params_come_from_generation_config(tiny_qwen3, tmp_pat
     assert default.token_ids == explicit.token_ids
     # A checkpoint without sampling settings gets vLLM's plain defaults.
     assert LLM(tiny_qwen3, device="cpu").get_default_sampling_params() == SamplingParams()
+
+
+def test_repo_id_without_the_hub_says_how_to_get_weights(monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(OSError, match="huggingface-cli download Qwen/Qwen3-0.6B"):
+        LLM("Qwen/Qwen3-0.6B")
+    with pytest.raises(OSError, match="does not exist"):
+        LLM("./no/such/dir")

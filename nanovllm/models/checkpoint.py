@@ -1,6 +1,7 @@
 """Finding a checkpoint and loading its weights into the (sharded, fused) model."""
 import glob
 import os
+import re
 
 import torch
 from safetensors import safe_open
@@ -16,8 +17,7 @@ def resolve_model_dir(model: str, gguf_file: str | None = None, revision: str | 
         return converted
     if os.path.isdir(model):
         return model
-    looks_like_path = model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", os.sep, 1)
-    if looks_like_path or model.count("/") != 1:
+    if not re.fullmatch(r"[A-Za-z0-9_][\w.-]*/[\w.-]+", model):
         raise OSError(f"Model path {model!r} does not exist (and is not a Hugging Face repo id "
                       f"of the form 'org/name').")
     from huggingface_hub import snapshot_download
