@@ -102,6 +102,8 @@ class EngineConfig:
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
                              f"max_num_seqs ({self.max_num_seqs}): every running sequence needs a token per step.")
+        from nanovllm.models.registry import model_class
+        model_class(cfg, self.max_model_len)      # an unsupported architecture fails here, early
         heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         tp = self.tensor_parallel_size
         if heads % tp:
