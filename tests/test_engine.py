@@ -133,3 +133,27 @@ def test_triton_backend_with_a_group_of_seven_query_heads(checkpoint_factory):
               max_num_seqs=4)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts, 5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_everything_at_once_keeps_greedy_tokens(tiny_qwen3, seed):
+    """Shared prefixes, small blocks, a tight token budget (chunking), a cache small enough to
+    preempt, uneven max_tokens, and several generate calls on one engine (prefix-cache hits
+    across calls, pipelined decode throughout): greedy tokens must still be transformers'."""
+    import random
+    rng = random.Random(seed)
+    stems = random_prompts(3, 20, 60, seed=10 + seed)
+    prompts = [rng.choice(stems) + random_prompts(1, 1, 40, seed=100 * seed + i)[0] for i in range(8)]
+    expected = hf_greedy(tiny_qwen3, prompts, 20, ignore_eos=True)
+    block_size = rng.choice([4, 8, 16])
+    longest = max(map(len, prompts)) + 20
+    # Room for the longest request alone and a little more: running several forces preemption.
+    llm = LLM(tiny_qwen3, device="cpu", block_size=block_size, max_num_batched_tokens=rng.choice([24, 48]),
+              max_num_seqs=rng.choice([4, 8]), num_gpu_blocks_override=-(-longest // block_size) + 3)
+    for _ in range(2):
+        lengths = [rng.randint(1, 20) for _ in prompts]
+        params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == [e[:n] for e, n in zip(expected, lengths)]
+    bm = llm.llm_engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and llm.llm_engine.scheduler.num_preemptions > 0
