@@ -43,6 +43,13 @@ class EngineConfig:
     gguf_file: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
+    enable_chunked_prefill: bool = True
+    # Accepted so that vLLM scripts run unchanged; only the values nanovllm implements are allowed.
+    tokenizer_mode: str = "auto"
+    kv_cache_dtype: str = "auto"
+    quantization: str | None = None
+    disable_log_stats: bool = True
+    swap_space: float = 4
     # Filled in by __post_init__ from the checkpoint:
     hf_config: object = field(default=None, repr=False)
     model_dir: str = field(default="", repr=False)
@@ -81,6 +88,10 @@ class EngineConfig:
         if not (isinstance(self.block_size, int) and 1 <= self.block_size <= 256
                 and self.block_size & (self.block_size - 1) == 0):
             raise ValueError(f"block_size must be a power of two from 1 to 256, got {self.block_size}.")
+        for name, supported in (("tokenizer_mode", "auto"), ("kv_cache_dtype", "auto"), ("quantization", None)):
+            if getattr(self, name) != supported:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported by nanovllm "
+                                 f"(only {supported!r}); GGUF files are dequantized at load instead.")
         for name in ("tensor_parallel_size", "max_num_seqs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
@@ -99,6 +110,12 @@ class EngineConfig:
                              f"context length ({limit}, max_position_embeddings in its config).")
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = max(8192, self.max_num_seqs)
+            if not self.enable_chunked_prefill:      # every prompt must then fit one step
+                self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_model_len)
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than "
+                             f"max_model_len ({self.max_model_len}): with enable_chunked_prefill=False a "
+                             f"whole prompt must fit in one step.")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
                              f"max_num_seqs ({self.max_num_seqs}): every running sequence needs a token per step.")

@@ -34,13 +34,19 @@ class LLM:
         return SamplingParams(**_generation_defaults(self.llm_engine.config.model_dir))
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request=None, priority: list[int] | None = None,
+                 ) -> list[RequestOutput]:
         """Complete each prompt; returns one RequestOutput per prompt, in input order.
 
         `prompts`: a string, a list of token ids, a {"prompt": ...} / {"prompt_token_ids": [...]}
-        dict, or a list of any of these.
+        dict, or a list of any of these. `lora_request` and `priority` are vLLM's; nanovllm has
+        no LoRA and schedules first come, first served (vLLM's default policy ignores priority too).
         """
+        if lora_request is not None:
+            raise ValueError("lora_request is not supported: nanovllm has no LoRA adapters.")
         prompts = _as_prompt_list(prompts)
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"The lengths of prompts ({len(prompts)}) and priority ({len(priority)}) must be the same.")
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params = _as_params_list(sampling_params, len(prompts))

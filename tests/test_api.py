@@ -54,6 +54,8 @@ def test_unknown_token_ids_decode_without_crashing(llm):
     (lambda llm: llm.generate([[1, "x"]], GREEDY), "integers"),
     (lambda llm: llm.generate(None, GREEDY), "prompts must be"),
     (lambda llm: llm.generate("hi", "greedy"), "sampling_params must be"),
+    (lambda llm: llm.generate("hi", GREEDY, lora_request=object()), "lora_request"),
+    (lambda llm: llm.generate(["a", "b"], GREEDY, priority=[0]), "priority"),
 ])
 def test_bad_input_raises_value_error_and_engine_still_serves(llm, call, match):
     with pytest.raises(ValueError, match=match):
@@ -137,3 +139,12 @@ def test_repo_id_without_the_hub_says_how_to_get_weights(monkeypatch):
         LLM("Qwen/Qwen3-0.6B")
     with pytest.raises(OSError, match="does not exist"):
         LLM("./no/such/dir")
+
+
+def test_vllm_arguments_nanovllm_does_not_implement(tiny_qwen3):
+    # Accepted at their defaults (vLLM scripts pass them), refused otherwise.
+    LLM(tiny_qwen3, device="cpu", tokenizer_mode="auto", kv_cache_dtype="auto", quantization=None,
+        disable_log_stats=True, swap_space=4)
+    for kwargs in [dict(kv_cache_dtype="fp8"), dict(quantization="awq"), dict(tokenizer_mode="mistral")]:
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            LLM(tiny_qwen3, device="cpu", **kwargs)

@@ -157,3 +157,11 @@ def test_everything_at_once_keeps_greedy_tokens(tiny_qwen3, seed):
         assert [o.outputs[0].token_ids for o in outs] == [e[:n] for e, n in zip(expected, lengths)]
     bm = llm.llm_engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks and llm.llm_engine.scheduler.num_preemptions > 0
+
+
+def test_chunked_prefill_can_be_turned_off(tiny_qwen3, prompts, expected):
+    llm = LLM(tiny_qwen3, device="cpu", enable_chunked_prefill=False, max_model_len=160,
+              max_num_batched_tokens=160, max_num_seqs=4)
+    assert token_ids(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
+    with pytest.raises(ValueError, match="enable_chunked_prefill=False"):
+        LLM(tiny_qwen3, device="cpu", enable_chunked_prefill=False, max_model_len=160, max_num_batched_tokens=64)

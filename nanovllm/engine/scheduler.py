@@ -43,6 +43,7 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
+        self.chunked_prefill = config.enable_chunked_prefill
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -61,6 +62,8 @@ class Scheduler:
             if not seq.block_table and not self.block_manager.allocate(seq):
                 break                             # no room yet: wait for running ones to finish
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n < seq.num_tokens - seq.num_computed_tokens and not self.chunked_prefill and seqs:
+                break                             # no chunking: the whole prompt goes next step
             self.block_manager.cache_computed_blocks(seq, seq.num_computed_tokens + n)
             seqs.append(seq)
             counts.append(n)
