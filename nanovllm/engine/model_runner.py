@@ -199,11 +199,9 @@ class ModelRunner:
                 logits_indices.append(cu_q[-1] + n - 1)
             cu_q.append(cu_q[-1] + n)
             seq_lens.append(end)
-        inputs = self._tensors(ids, positions, slots, cu_q, seq_lens, [seq.block_table for seq in batch.seqs],
-                               max(batch.num_new_tokens), not batch.is_prefill, logits_indices)
-        if ahead:
-            inputs.input_ids = input_ids
-        return inputs
+        return self._tensors(input_ids if ahead else ids, positions, slots, cu_q, seq_lens,
+                             [seq.block_table for seq in batch.seqs], max(batch.num_new_tokens),
+                             not batch.is_prefill, logits_indices)
 
     def _tensors(self, input_ids, positions, slots, cu_q, seq_lens, block_tables, max_q, is_decode,
                  logits_indices) -> ModelInputs:
@@ -212,6 +210,8 @@ class ModelRunner:
             row[:len(table)] = table
 
         def as_tensor(values, dtype):
+            if isinstance(values, torch.Tensor):      # already on the device (a pipelined step's inputs)
+                return values
             host = torch.from_numpy(values) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=dtype)
             return to_device(host, self.device)
 
