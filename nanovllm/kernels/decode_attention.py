@@ -28,7 +28,9 @@ DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 MAX_SPLITS = 64
 
 
-@triton.jit
+# The block table's width changes from step to step outside CUDA graphs: do not compile a
+# variant per width class (Triton specialises ints equal to 1 or divisible by 16).
+@triton.jit(do_not_specialize=["stride_bt_b"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr,
     part_out_ptr, part_lse_ptr, out_ptr,

@@ -84,7 +84,9 @@ def _attend_kv_tile(acc, l_i, m_i, q, k_head, v_head, bt_row, kv_start, q_pos, s
     return acc, l_i, m_new
 
 
-@triton.jit
+# The batch size and the block table's width change from step to step: specialising on them
+# (Triton does for ints equal to 1 or divisible by 16) would compile new variants mid-run.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt_b"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, seq_lens_ptr, block_tables_ptr, out_ptr,
     num_seqs, scale_log2,
