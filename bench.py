@@ -116,7 +116,8 @@ def main() -> None:
     print(f"workload: {len(w.prompts)} requests, {sum(map(len, w.prompts))} prompt tokens, "
           f"{w.output_tokens} output tokens; model {args.model or args.shape + ' (dummy weights)'}", flush=True)
     from transformers import AutoConfig
-    floor = hbm_floor_seconds(w, AutoConfig.from_pretrained(model_dir), args.bandwidth, args.flops)
+    floor = hbm_floor_seconds(w, AutoConfig.from_pretrained(model_dir), args.bandwidth, args.flops,
+                              args.tensor_parallel_size)
     runners = {"nanovllm": run_nanovllm, "vllm": run_vllm, "hf": run_hf}
     rows = []
     for engine in args.engine:
