@@ -19,7 +19,7 @@ from nanovllm.bench_workload import Workload, add_workload_args, make_workload
 
 
 def hbm_floor_seconds(w: Workload, hf_config, bandwidth: float, flops: float, tp: int = 1) -> float:
-    """The fastest this workload can run on one GPU, assuming every request runs at once: each
+    """The fastest this workload can run on `tp` GPUs, assuming every request runs at once: each
     decode step reads the weights once and each running sequence's whole KV cache once; prefill
     costs 2 FLOP per parameter per prompt token."""
     c = hf_config
