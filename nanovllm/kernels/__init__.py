@@ -4,6 +4,7 @@
     paged_prefill_attention  varlen causal attention over the paged cache (prefill_attention.py)
     paged_decode_attention   one query token per sequence, split-KV       (decode_attention.py)
     *_reference              the same in plain torch                      (reference.py)
+    (the online-softmax step the two attention kernels share: online_softmax.py)
 
 The Triton modules are imported lazily, on first use of one of their names, for two reasons:
 importing `nanovllm.kernels` must work where triton is not installed (macOS, Windows), and

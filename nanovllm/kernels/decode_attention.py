@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.online_softmax import online_softmax_update, tile_scores
+
 LOG2E = 1.4426950408889634
 
 # Tuning knobs (chosen on an H100, see docs/kernels.md); benchmarks may override them.
@@ -85,20 +87,8 @@ def _decode_split_kernel(
         k = tl.load(k_head + (block * stride_kb + slot * stride_ks)[:, None], mask=kv_mask, other=0.0)
         v = tl.load(v_head + (block * stride_vb + slot * stride_vs)[:, None], mask=kv_mask, other=0.0)
 
-        if IEEE:
-            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k.to(q.dtype)))
-        s = tl.where(n_mask[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-        m_i = m_new
+        s = tl.where(n_mask[None, :], tile_scores(q, k, scale_log2, IEEE), float("-inf"))
+        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, s, v, q, IEEE)
 
     empty = start >= end   # a split past the end of a short sequence (or seq_len 0)
     l_safe = tl.where(l_i > 0, l_i, 1.0)

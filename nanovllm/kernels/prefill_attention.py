@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.online_softmax import online_softmax_update, tile_scores
+
 LOG2E = 1.4426950408889634
 
 # Tuning knobs (chosen on an H100, see docs/kernels.md); benchmarks may override them.
@@ -67,21 +69,10 @@ def _attend_kv_tile(acc, l_i, m_i, q, k_head, v_head, bt_row, kv_start, q_pos, s
     k = tl.load(k_head + (block * stride_kb + slot * stride_ks)[:, None], mask=kv_mask, other=0.0)
     v = tl.load(v_head + (block * stride_vb + slot * stride_vs)[:, None], mask=kv_mask, other=0.0)
 
-    if IEEE:
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale_log2
-    else:
-        s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale_log2
+    s = tile_scores(q, k, scale_log2, IEEE)
     if MASKED:
         s = tl.where(n[None, :] <= q_pos[:, None], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-    return acc, l_i, m_new
+    return online_softmax_update(acc, l_i, m_i, s, v, q, IEEE)
 
 
 # The batch size and the block table's width change from step to step: specialising on them
