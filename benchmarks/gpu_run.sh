@@ -15,6 +15,8 @@ for step in "$@"; do
     bench)   timeout 300 python bench.py --quiet --json "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench.txt" ;;
     hf)      timeout 400 python bench.py --quiet --engine nanovllm hf --hf-time-limit ${HF_LIMIT:-120} --json "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench_hf.txt" ;;
     qwen2)   timeout 200 python bench.py --quiet --shape qwen2.5-0.5b --json "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench_qwen2.txt" ;;
+    timeline) timeout 150 python benchmarks/step_timeline.py 2>&1 | grep -v Warning | tee "$OUT/timeline.txt"
+              timeout 150 python benchmarks/step_timeline.py --shape qwen2.5-0.5b 2>&1 | grep -v Warning | tee "$OUT/timeline_qwen2.txt" ;;
     profile) timeout 200 python benchmarks/profile_step.py 1 2>&1 | tee "$OUT/profile1.txt"
              timeout 200 python benchmarks/profile_step.py 256 2>&1 | tee "$OUT/profile256.txt" ;;
     profile2) timeout 200 python benchmarks/profile_step.py 256 qwen2.5-0.5b 2>&1 | tee "$OUT/profile256_qwen2.txt" ;;

@@ -12,6 +12,7 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.models.shapes import shape_checkpoint_dir
+from nanovllm.sampling_params import RequestOutputKind
 
 batch = int(sys.argv[1]) if len(sys.argv) > 1 else 1
 shape = sys.argv[2] if len(sys.argv) > 2 else "qwen3-0.6b"
@@ -20,7 +21,8 @@ engine = llm.llm_engine
 rng = random.Random(0)
 for i in range(batch):
     engine.add_request(str(i), [rng.randint(0, 10000) for _ in range(1024)],
-                       SamplingParams(temperature=0.6, max_tokens=400, ignore_eos=True))
+                       SamplingParams(temperature=0.6, max_tokens=400, ignore_eos=True,
+                                      output_kind=RequestOutputKind.FINAL_ONLY))  # as LLM.generate
 while engine.scheduler.waiting:
     engine.step()
 for _ in range(20):

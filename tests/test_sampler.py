@@ -235,15 +235,45 @@ def test_seeds_reproduce_alone_and_in_any_batch():
     assert run_seeded(steps, 4321, 0, []) != alone
 
 
-def test_unseeded_rows_use_the_global_rng():
+@pytest.mark.parametrize("fused", [False, True])
+def test_unseeded_rows_use_the_global_rng(fused):
     logits = fixed_logits(16, seed=6, scale=0.3)
     rows = [row() for _ in range(16)]
     torch.manual_seed(7)
-    a = Sampler()(logits, meta_of(rows)).sampled_token_ids
+    a = Sampler(fused)(logits, meta_of(rows)).sampled_token_ids
     torch.manual_seed(7)
-    b = Sampler()(logits, meta_of(rows)).sampled_token_ids
-    c = Sampler()(logits, meta_of(rows)).sampled_token_ids
+    b = Sampler(fused)(logits, meta_of(rows)).sampled_token_ids
+    c = Sampler(fused)(logits, meta_of(rows)).sampled_token_ids
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_fused_sampler_temperature_batch():
+    """The fused path (Triton Gumbel-max, in the interpreter here): greedy rows are the exact
+    argmax of the penalised logits, sampled rows follow softmax(logits / T)."""
+    n, vocab = 600, 16
+    base = fixed_logits(1, vocab, seed=8, scale=1.0)[0]
+    rows = [row(temperature=0.0, output=[int(base.argmax())], repetition_penalty=3.0)]
+    rows += [row(temperature=0.6) for _ in range(n)]
+    logits = base.expand(n + 1, vocab).clone().to(torch.float16)
+    original = logits.clone()
+    meta = meta_of(rows, vocab)
+    tokens = Sampler(fused=True)(logits, meta).sampled_token_ids
+    assert torch.equal(logits, original), "the caller's logits must not change"
+    assert tokens[0] == apply_penalties(logits[:1].float(), meta_of(rows[:1], vocab)).argmax()
+    assert tokens[0] != base.argmax()
+    assert tv_distance(tokens[1:], (base / 0.6).softmax(-1)) < 0.06
+
+
+@pytest.mark.parametrize("kwargs", [dict(top_k=5), dict(top_p=0.8), dict(min_p=0.1), dict(seed=3)])
+def test_fused_sampler_leaves_filters_and_seeds_to_torch(kwargs):
+    logits = fixed_logits(6, seed=9)
+    tokens = []
+    for fused in (False, True):
+        torch.manual_seed(5)
+        rows = [row(temperature=0.9, generator=torch.Generator().manual_seed(3) if "seed" in kwargs else None,
+                    **kwargs)] + [row(temperature=0.9) for _ in range(5)]
+        tokens.append(Sampler(fused)(logits, meta_of(rows)).sampled_token_ids)
+    assert torch.equal(*tokens)
 
 
 def test_min_tokens_masks_eos_and_stop_ids():

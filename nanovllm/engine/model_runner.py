@@ -69,7 +69,7 @@ class ModelRunner:
         else:
             load_weights(self.model, config.model_dir)
         self.model.eval()
-        self.sampler = Sampler()
+        self.sampler = Sampler(fused=config.device == "cuda")
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.backend = select_backend(config.attention_backend, config.device, config.block_size)
         for layer in self.attention_layers:
@@ -235,7 +235,6 @@ class ModelRunner:
     def sample(self, batch: ScheduledBatch, logits: torch.Tensor, eos_token_id: int | None) -> "Launched":
         """Queue the choice of the next token of every sequence that finished its prompt (or
         decodes), and the logprobs that were asked for. Nothing is read back here."""
-        logits = logits.float()
         rows, prompt_rows, row = [], {}, 0
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if wants_prompt_logprobs(seq, seq.num_computed_tokens):
@@ -255,7 +254,7 @@ class ModelRunner:
         for i, (start, count) in prompt_rows.items():
             seq, first = batch.seqs[i], batch.seqs[i].num_computed_tokens
             targets = to_device(torch.tensor(seq.token_ids[first + 1:first + 1 + count]), logits.device)
-            prompt_logprobs[i] = gather_logprobs(torch.log_softmax(logits[start:start + count], dim=-1),
+            prompt_logprobs[i] = gather_logprobs(torch.log_softmax(logits[start:start + count].float(), dim=-1),
                                                  targets, seq.params.prompt_logprobs)
         # Start copying the results to the host now. Reading them later waits for this step
         # only, not for a step launched after it (a plain .tolist() would wait for everything).

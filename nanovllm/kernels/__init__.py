@@ -3,6 +3,7 @@
     store_kv_cache           write new K/V into the paged cache          (store_kv.py)
     paged_prefill_attention  varlen causal attention over the paged cache (prefill_attention.py)
     paged_decode_attention   one query token per sequence, split-KV       (decode_attention.py)
+    gumbel_sample            one token per row from softmax(logits / T)  (gumbel_sample.py)
     *_reference              the same in plain torch                      (reference.py)
     (the online-softmax step the two attention kernels share: online_softmax.py)
 
@@ -21,10 +22,11 @@ _LAZY = {
     "store_kv_cache": ".store_kv",
     "paged_prefill_attention": ".prefill_attention",
     "paged_decode_attention": ".decode_attention",
+    "gumbel_sample": ".gumbel_sample",
 }
 
 __all__ = ["triton_available", "store_kv_cache", "paged_prefill_attention", "paged_decode_attention",
-           "store_kv_cache_reference", "paged_attention_reference", "paged_decode_attention_reference",
+           "gumbel_sample", "store_kv_cache_reference", "paged_attention_reference", "paged_decode_attention_reference",
            "gather_kv"]
 
 

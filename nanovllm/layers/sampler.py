@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from nanovllm import kernels
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -193,13 +194,23 @@ class SamplerOutput:
 
 
 class Sampler(torch.nn.Module):
+    """`fused=True` (the CUDA default) draws the tokens of batches that need only a temperature
+    with one Triton kernel (kernels/gumbel_sample.py); everything else, and the CPU, takes
+    the torch steps below, which are also that kernel's reference."""
+
+    def __init__(self, fused: bool = False):
+        super().__init__()
+        self.fused = fused
 
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         # All ops below are out of place: the caller's logits stay untouched.
-        logits = logits.float()
+        fused = (self.fused and not meta.all_greedy and meta.top_k is None and meta.top_p is None
+                 and meta.min_p is None and not meta.generators)
+        if not fused:
+            logits = logits.float()
         raw_logprobs = None
         if meta.max_num_logprobs is not None:
-            raw_logprobs = torch.log_softmax(logits, dim=-1)
+            raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
 
         if meta.min_tokens_rows is not None:
             logits = logits.index_put((meta.min_tokens_rows, meta.min_tokens_ids),
@@ -209,6 +220,10 @@ class Sampler(torch.nn.Module):
 
         if meta.all_greedy:
             sampled = logits.argmax(dim=-1)
+        elif fused:
+            # The seed comes from torch's global generator, so torch.manual_seed still rules.
+            seed = int(torch.randint(0, 2**62, ()))
+            sampled = kernels.gumbel_sample(logits.contiguous(), meta.temperature, meta.greedy, seed)
         else:
             probs = apply_temperature_and_filters(logits, meta).softmax(dim=-1)
             sampled = exponential_race(probs, meta.generators)

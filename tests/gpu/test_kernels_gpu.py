@@ -141,3 +141,22 @@ def test_prefill_cuda_graph_no_host_sync():
     graph.replay()
     torch.cuda.synchronize()
     assert rel_err(out, reference(batch, 0.1)) < TOL[torch.bfloat16]
+
+
+def test_gumbel_sample_gpu_bf16():
+    """The fused sampler at Qwen3's vocabulary in bf16: greedy rows are torch's argmax, sampled
+    rows follow softmax(logits / T)."""
+    from nanovllm.kernels import gumbel_sample
+    V, gen = 151936, torch.Generator().manual_seed(0)
+    logits = (torch.randn(64, V, generator=gen) * 3).to("cuda", torch.bfloat16)
+    ones, greedy = torch.ones(64, device="cuda"), torch.ones(64, dtype=torch.bool, device="cuda")
+    assert torch.equal(gumbel_sample(logits, ones, greedy, 1), logits.float().argmax(-1))
+    draws, live = 4000, torch.randn(20, generator=gen)
+    row = torch.full((V,), float("-inf"))
+    row[100_000:100_020] = live
+    batch = row.to("cuda", torch.bfloat16).expand(draws, V).contiguous()
+    tokens = gumbel_sample(batch, torch.full((draws,), 0.7, device="cuda"), ~greedy[:1].expand(draws), 5)
+    assert ((tokens >= 100_000) & (tokens < 100_020)).all()
+    freq = torch.bincount(tokens.cpu() - 100_000, minlength=20).float() / draws
+    expected = (live.bfloat16().float() / 0.7).softmax(-1)
+    assert 0.5 * (freq - expected).abs().sum() < 0.05

@@ -1,0 +1,68 @@
+"""Triton kernel: draw one token per row from softmax(logits / temperature), reading each logit once.
+
+The Gumbel-max trick: with G_i = -log(-log U_i), U_i uniform and independent,
+argmax_i (logit_i / T + G_i) is token i with probability softmax(logit / T)_i. So sampling
+needs no softmax, no division pass and no [rows, vocab] temporaries. The plain torch sampler
+(layers/sampler.py, the reference) makes several passes over float32 copies of the logits:
+about 0.8 ms of a 14 ms decode step at 256 rows x 151,936 tokens on an H100.
+
+Grid (rows, chunks of the vocabulary): each program scans its chunk, drawing the uniforms
+with Philox from (seed, row * vocab + token), and writes its best score and token; the
+host side then picks each row's best chunk. Rows marked greedy add no noise (plain argmax).
+Ties go to the lowest token id, as torch.argmax.
+"""
+import torch
+import triton
+import triton.language as tl
+
+_CHUNK = 8192       # tokens per program: 19 programs per row for a 151,936-token vocabulary
+
+
+@triton.jit(do_not_specialize=["seed", "vocab_size"])
+def _gumbel_argmax_kernel(
+    logits_ptr, stride_row, inv_temperature_ptr, noisy_ptr, seed, vocab_size,
+    best_score_ptr, best_token_ptr, num_chunks,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    inv_temperature = tl.load(inv_temperature_ptr + row)
+    noise_scale = tl.load(noisy_ptr + row)            # 1.0: sample, 0.0: greedy
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_token = tl.zeros([BLOCK], tl.int32)
+    for start in tl.range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
+        tokens = start + tl.arange(0, BLOCK)
+        in_vocab = tokens < vocab_size
+        x = tl.load(logits_ptr + row * stride_row + tokens, mask=in_vocab, other=float("-inf")).to(tl.float32)
+        u = tl.rand(seed, row * vocab_size + tokens.to(tl.int64))
+        u = tl.minimum(tl.maximum(u, 1e-12), 0.9999999)     # keep the Gumbel finite
+        score = x * inv_temperature - tl.log(-tl.log(u)) * noise_scale
+        better = score > best
+        best = tl.where(better, score, best)
+        best_token = tl.where(better, tokens, best_token)
+    top = tl.max(best, axis=0)
+    token = tl.min(tl.where(best == top, best_token, vocab_size), axis=0)
+    tl.store(best_score_ptr + row * num_chunks + chunk, top)
+    tl.store(best_token_ptr + row * num_chunks + chunk, token)
+
+
+def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, greedy: torch.Tensor,
+                  seed: int) -> torch.Tensor:
+    """logits [B, V] (any float dtype), temperature [B] (> 0 on sampled rows), greedy [B] bool
+    -> [B] int64 tokens. The same seed and inputs give the same tokens."""
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be a [rows, vocab] tensor with contiguous rows, got shape "
+                         f"{tuple(logits.shape)} and strides {logits.stride()}")
+    num_rows, vocab_size = logits.shape
+    chunk = min(_CHUNK, triton.next_power_of_2(vocab_size))
+    num_chunks = triton.cdiv(vocab_size, chunk)
+    inv_temperature = torch.where(greedy, 1.0, 1.0 / temperature.float())
+    noise_scale = (~greedy).float()
+    best_score = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)
+    best_token = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
+    if num_rows:
+        _gumbel_argmax_kernel[(num_rows, num_chunks)](
+            logits, logits.stride(0), inv_temperature, noise_scale, seed, vocab_size,
+            best_score, best_token, num_chunks, CHUNK=chunk, BLOCK=min(1024, chunk))
+    # torch.argmax picks the first best chunk, so ties still go to the lowest token id.
+    return best_token.gather(1, best_score.argmax(dim=1, keepdim=True)).squeeze(1).long()
