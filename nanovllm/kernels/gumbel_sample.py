@@ -7,7 +7,7 @@ needs no softmax, no division pass and no [rows, vocab] temporaries. The plain t
 about 0.8 ms of a 14 ms decode step at 256 rows x 151,936 tokens on an H100.
 
 Grid (rows, chunks of the vocabulary): each program scans its chunk, drawing the uniforms
-with Philox from (seed, row * vocab + token), and writes its best score and token; the
+with Philox from (seed + row, token), and writes its best score and token; the
 host side then picks each row's best chunk. Rows marked greedy add no noise (plain argmax).
 Ties go to the lowest token id, as torch.argmax.
 """
@@ -34,7 +34,9 @@ def _gumbel_argmax_kernel(
         tokens = start + tl.arange(0, BLOCK)
         in_vocab = tokens < vocab_size
         x = tl.load(logits_ptr + row * stride_row + tokens, mask=in_vocab, other=float("-inf")).to(tl.float32)
-        u = tl.rand(seed, row * vocab_size + tokens.to(tl.int64))
+        # One Philox stream per row (key seed + row, counter = token id): 32-bit counters keep
+        # Philox in 32-bit arithmetic (a 64-bit counter such as row * V + token would not).
+        u = tl.rand(seed + row, tokens)
         u = tl.minimum(tl.maximum(u, 1e-12), 0.9999999)     # keep the Gumbel finite
         score = x * inv_temperature - tl.log(-tl.log(u)) * noise_scale
         better = score > best
