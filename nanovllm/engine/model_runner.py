@@ -16,7 +16,6 @@ import torch
 from nanovllm.config import EngineConfig
 from nanovllm.distributed import min_over_ranks, tp_size
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.layers.fusion import enable_fusion
 from nanovllm.layers.attention import Attention, AttentionMetadata, select_backend
 from nanovllm.layers.sampler import LogprobsTensors, Sampler, SamplerOutput, SamplingMetadata, SamplingRow, \
     gather_logprobs, to_device
@@ -56,7 +55,6 @@ class ModelRunner:
         self.block_size = config.block_size
         self.vocab_size = hf.vocab_size
         torch.manual_seed(config.seed)
-        enable_fusion(not config.enforce_eager)
 
         cls = model_class(hf, config.max_model_len)
         default_dtype = torch.get_default_dtype()

@@ -4,6 +4,9 @@
     paged_prefill_attention  varlen causal attention over the paged cache (prefill_attention.py)
     paged_decode_attention   one query token per sequence, split-KV       (decode_attention.py)
     gumbel_sample            one token per row from softmax(logits / T)  (gumbel_sample.py)
+    rms_norm, add_rms_norm   RMSNorm, optionally after the residual add   (rms_norm.py)
+    rotary_                  RoPE on q and k in place, optional q/k norm  (rotary.py)
+    silu_and_mul             the gated MLP's activation                  (silu_and_mul.py)
     *_reference              the same in plain torch                      (reference.py)
     (the online-softmax step the two attention kernels share: online_softmax.py)
 
@@ -23,11 +26,14 @@ _LAZY = {
     "paged_prefill_attention": ".prefill_attention",
     "paged_decode_attention": ".decode_attention",
     "gumbel_sample": ".gumbel_sample",
+    "rms_norm": ".rms_norm",
+    "add_rms_norm": ".rms_norm",
+    "rotary_": ".rotary",
+    "silu_and_mul": ".silu_and_mul",
 }
 
-__all__ = ["triton_available", "store_kv_cache", "paged_prefill_attention", "paged_decode_attention",
-           "gumbel_sample", "store_kv_cache_reference", "paged_attention_reference", "paged_decode_attention_reference",
-           "gather_kv"]
+__all__ = ["triton_available", *_LAZY, "store_kv_cache_reference", "paged_attention_reference",
+           "paged_decode_attention_reference", "gather_kv"]
 
 
 def triton_available() -> bool:

@@ -5,7 +5,7 @@ from torch import nn
 from nanovllm.layers.fusion import fused
 
 
-@fused
+@fused("silu_and_mul")
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up

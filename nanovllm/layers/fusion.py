@@ -1,38 +1,33 @@
-"""Compiling the small element-wise pieces of a layer into single kernels on CUDA.
+"""The small element-wise pieces of a layer as single Triton kernels on CUDA.
 
-RMSNorm, rotary embedding and SiLU-and-mul are each a handful of tiny element-wise ops;
-eagerly that is one kernel launch (and one trip through memory) per op, which dominates a
-small model's decode step. `torch.compile` fuses each piece into one Triton kernel. On the
-CPU, or with `enforce_eager=True`, the plain functions run: they are the reference.
-NANOVLLM_COMPILE=1 compiles on the CPU too; NANOVLLM_COMPILE=0 never compiles.
+RMSNorm (with or without the residual add), rotary embedding (with Qwen3's per-head norm)
+and SiLU-and-mul are each a handful of tiny torch ops: eagerly, one kernel launch and one
+trip through memory per op, which dominates a small model's decode step. On CUDA each runs
+as one kernel from nanovllm/kernels/ instead; on the CPU the torch functions run, and they
+are the kernels' references. NANOVLLM_FUSED_KERNELS=0 keeps the torch functions on CUDA too.
+
+(These kernels replaced torch.compile, which fused the same pieces about as well inside CUDA
+graphs but cost 100-200 us of host time per call outside them, so prefill steps waited on it.)
 """
 import functools
 import os
 
 import torch
 
-# Set by the ModelRunner from enforce_eager and NANOVLLM_COMPILE.
-_enabled = False
-_on_cpu = False
+from nanovllm import kernels
 
 
-def enable_fusion(enabled: bool) -> None:
-    global _enabled, _on_cpu
-    asked = os.environ.get("NANOVLLM_COMPILE")
-    _enabled = enabled and asked != "0"
-    _on_cpu = asked == "1"
+def use_kernels(x: torch.Tensor) -> bool:
+    return x.is_cuda and os.environ.get("NANOVLLM_FUSED_KERNELS") != "0"
 
 
-def fused(fn):
-    """Run `fn` torch.compile'd (shapes dynamic) on CUDA tensors when fusion is enabled."""
-    compiled = None
-
-    @functools.wraps(fn)
-    def dispatch(x: torch.Tensor, *args):
-        nonlocal compiled
-        if not (_enabled and (x.is_cuda or _on_cpu)):
-            return fn(x, *args)
-        if compiled is None:
-            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
-        return compiled(x, *args)
-    return dispatch
+def fused(kernel_name: str):
+    """Decorator: on CUDA tensors, call kernels.<kernel_name> (same arguments) instead of fn."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def dispatch(x, *args, **kwargs):
+            if use_kernels(x):
+                return getattr(kernels, kernel_name)(x, *args, **kwargs)
+            return fn(x, *args, **kwargs)
+        return dispatch
+    return decorate

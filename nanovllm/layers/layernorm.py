@@ -4,7 +4,7 @@ from torch import nn
 from nanovllm.layers.fusion import fused
 
 
-@fused
+@fused("rms_norm")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight, normalised in float32 (as transformers does)."""
     x32 = x.float()
@@ -12,7 +12,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x32.to(x.dtype) * weight
 
 
-@fused
+@fused("add_rms_norm")
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """The pre-norm block's "add & norm": returns (rms_norm(x + residual), x + residual)."""
     x = x + residual

@@ -9,7 +9,8 @@ import math
 import torch
 from torch import nn
 
-from nanovllm.layers.fusion import fused
+from nanovllm import kernels
+from nanovllm.layers.fusion import use_kernels
 
 
 def rope_parameters(hf_config) -> dict:
@@ -68,12 +69,20 @@ class RotaryEmbedding(nn.Module):
         # [max_position, head_dim]: cos of both halves, then sin of both halves
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """Rotate q [T, Hq, D] and k [T, Hk, D] by their tokens' positions [T]."""
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                q_norm: nn.Module | None = None, k_norm: nn.Module | None = None):
+        """Rotate q [T, Hq, D] and k [T, Hk, D] by their tokens' positions [T]; with q_norm and
+        k_norm (Qwen3's RMSNorms over each head), normalise first. On CUDA one Triton kernel
+        does it all, in place."""
+        if use_kernels(q):
+            if q_norm is None:
+                return kernels.rotary_(q, k, self.cos_sin, positions)
+            return kernels.rotary_(q, k, self.cos_sin, positions, q_norm.weight, k_norm.weight, q_norm.eps)
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
         return apply_rotary(q, k, self.cos_sin, positions)
 
 
-@fused
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor):
     cos, sin = cos_sin[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)

@@ -160,3 +160,37 @@ def test_gumbel_sample_gpu_bf16():
     freq = torch.bincount(tokens.cpu() - 100_000, minlength=20).float() / draws
     expected = (live.bfloat16().float() / 0.7).softmax(-1)
     assert 0.5 * (freq - expected).abs().sum() < 0.05
+
+
+def test_fused_layer_kernels_gpu_bf16():
+    """RMSNorm, q/k-norm + rotary and SiLU-and-mul kernels at Qwen3-0.6B's sizes in bf16,
+    against the torch functions (their references) on the same inputs."""
+    from nanovllm import kernels
+    from nanovllm.layers.activation import silu_and_mul
+    from nanovllm.layers.layernorm import add_rms_norm, rms_norm
+    from nanovllm.layers.rotary import apply_rotary
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to("cuda", torch.bfloat16)
+
+    def close(out, ref):
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+    x, residual, weight = randn(300, 1024), randn(300, 1024), randn(1024)
+    for out, ref in zip(kernels.add_rms_norm(x, residual, weight, 1e-6),
+                        add_rms_norm.__wrapped__(x, residual, weight, 1e-6)):
+        close(out, ref)
+    qkv = randn(300, (16 + 2 * 8) * 128)
+    q, k, _ = qkv.split([2048, 1024, 1024], dim=-1)
+    q, k = q.view(300, 16, 128), k.view(300, 8, 128)
+    positions = torch.randint(0, 4096, (300,), generator=gen).cuda()
+    freqs = torch.outer(torch.arange(4096.0), 1.0 / 1e6 ** (torch.arange(0, 128, 2) / 128))
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).cuda()
+    q_w, k_w = randn(128), randn(128)
+    ref_q, ref_k = apply_rotary(rms_norm.__wrapped__(q, q_w, 1e-6), rms_norm.__wrapped__(k, k_w, 1e-6), cos_sin, positions)
+    kernels.rotary_(q, k, cos_sin, positions, q_w, k_w, 1e-6)
+    close(q, ref_q)
+    close(k, ref_k)
+    gate_up = randn(300, 2 * 3072)
+    close(kernels.silu_and_mul(gate_up), silu_and_mul.__wrapped__(gate_up))
