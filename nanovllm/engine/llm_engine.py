@@ -192,6 +192,8 @@ class LLMEngine:
         return [out for out in (self._make_output(r) for r in touched) if out is not None]
 
     def _process(self, batch: ScheduledBatch, result: StepResult) -> list[Request]:
+        """Each sequence's new token: stop checks, text, logprobs. Returns the requests that
+        have an output to report (with FINAL_ONLY, only those that finished)."""
         touched, sample_row = {}, 0
         # The sampled tokens' logprobs (when any sequence asked): rows follow the sampling
         # sequences; each keeps the top k it asked for.
@@ -201,10 +203,11 @@ class LLMEngine:
                 sample_row += token is not None
                 continue
             request = self.requests[seq.request_id]
-            chunk_start = seq.num_computed_tokens - batch.num_new_tokens[i]
-            # After a preemption the prompt is recomputed: keep the logprobs gathered the first time.
-            if i in result.prompt_logprobs and chunk_start + 1 == len(request.prompt_logprobs):
-                request.prompt_logprobs += self._logprob_dicts(result.prompt_logprobs[i])
+            if i in result.prompt_logprobs:
+                chunk_start = seq.num_computed_tokens - batch.num_new_tokens[i]
+                # After a preemption the prompt is recomputed: keep the logprobs gathered the first time.
+                if chunk_start + 1 == len(request.prompt_logprobs):
+                    request.prompt_logprobs += self._logprob_dicts(result.prompt_logprobs[i])
             if token is None:
                 continue
             if seq.logprobs is not None:
@@ -214,14 +217,19 @@ class LLMEngine:
             sample_row += 1
             reason, stop_reason = self._check_stop(seq)
             detokenizer = request.detokenizers[seq.index]
-            stop_str = detokenizer.update([token], reason == "stop")
-            if stop_str is not None:
-                reason, stop_reason = "stop", stop_str
-            elif reason is not None:
-                detokenizer.flush()
+            if detokenizer.incremental:
+                stop_str = detokenizer.update([token], reason == "stop")
+                if stop_str is not None:
+                    reason, stop_reason = "stop", stop_str
+                elif reason is not None:
+                    detokenizer.flush()
+            elif reason is not None:      # the text is only read at the end: decode it all at once
+                detokenizer.update(seq.output_token_ids, reason == "stop")
             if reason is not None:
                 self.scheduler.finish(seq, reason, stop_reason)
-            touched[seq.request_id] = request
+                touched[seq.request_id] = request
+            elif request.params.output_kind != RequestOutputKind.FINAL_ONLY:
+                touched[seq.request_id] = request
         return list(touched.values())
 
     def _check_stop(self, seq: Sequence) -> tuple[str | None, int | None]:

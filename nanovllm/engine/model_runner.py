@@ -10,30 +10,20 @@ import logging
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from nanovllm.config import EngineConfig
 from nanovllm.distributed import min_over_ranks, tp_size
+from nanovllm.engine.inputs import ModelInputs, prepare_inputs, to_tensors, wants_prompt_logprobs
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.layers.attention import Attention, AttentionMetadata, select_backend
+from nanovllm.layers.attention import Attention, select_backend
 from nanovllm.layers.sampler import LogprobsTensors, Sampler, SamplerOutput, SamplingMetadata, SamplingRow, \
-    gather_logprobs, to_device
+    gather_logprobs, reads_tokens, to_device
 from nanovllm.models.checkpoint import init_dummy_weights, load_weights
-from nanovllm.models.llama import head_dim_of
 from nanovllm.models.registry import model_class
 from nanovllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelInputs:
-    """Everything one forward pass needs, as tensors (what rank 0 sends to the other ranks)."""
-    input_ids: torch.Tensor       # [T]
-    positions: torch.Tensor       # [T]
-    meta: AttentionMetadata
-    logits_indices: torch.Tensor  # [N] rows of the hidden states whose logits are needed
 
 
 @dataclass
@@ -68,6 +58,7 @@ class ModelRunner:
             load_weights(self.model, config.model_dir)
         self.model.eval()
         self.sampler = Sampler(fused=config.device == "cuda")
+        self._cached_meta: tuple[list[int] | None, SamplingMetadata | None] = (None, None)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.backend = select_backend(config.attention_backend, config.device, config.block_size)
         for layer in self.attention_layers:
@@ -127,12 +118,13 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats()
         self._bind_cache(scratch_blocks)
         per_seq = scratch_blocks // num_seqs           # each sequence gets consecutive blocks
-        inputs = self._tensors(
+        inputs = to_tensors(
             input_ids=[0] * (seq_len * num_seqs), positions=list(range(seq_len)) * num_seqs,
             slots=[s * per_seq * self.block_size + p for s in range(num_seqs) for p in range(seq_len)],
             cu_q=[i * seq_len for i in range(num_seqs + 1)], seq_lens=[seq_len] * num_seqs,
             block_tables=[list(range(s * per_seq, (s + 1) * per_seq)) for s in range(num_seqs)],
-            max_q=seq_len, is_decode=False, logits_indices=[(i + 1) * seq_len - 1 for i in range(num_seqs)])
+            max_q=seq_len, is_decode=False, logits_indices=[(i + 1) * seq_len - 1 for i in range(num_seqs)],
+            device=self.device)
         logits = self.execute(inputs)
         if logits is not None:                          # only rank 0 samples
             self.sampler(logits.float(), SamplingMetadata.build(
@@ -178,47 +170,7 @@ class ModelRunner:
         return StepResult(sampled, launched.sample_logprobs, launched.prompt_logprobs)
 
     def prepare(self, batch: ScheduledBatch, input_ids: torch.Tensor | None = None) -> ModelInputs:
-        """Scheduled sequences -> flat token ids, positions and attention metadata. With
-        `input_ids` given (a decode step launched ahead), each sequence's newest token is still
-        being sampled: the step computes the position after it."""
-        bs, ahead = self.block_size, int(input_ids is not None)
-        ids, positions, slots, cu_q, seq_lens, logits_indices = [], [], [], [0], [], []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            start = seq.num_computed_tokens + ahead
-            end = start + n
-            if not ahead:
-                ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            if wants_prompt_logprobs(seq, start):
-                logits_indices += range(cu_q[-1], cu_q[-1] + n - batch.samples[i])
-            if batch.samples[i]:
-                logits_indices.append(cu_q[-1] + n - 1)
-            cu_q.append(cu_q[-1] + n)
-            seq_lens.append(end)
-        return self._tensors(input_ids if ahead else ids, positions, slots, cu_q, seq_lens,
-                             [seq.block_table for seq in batch.seqs], max(batch.num_new_tokens),
-                             not batch.is_prefill, logits_indices)
-
-    def _tensors(self, input_ids, positions, slots, cu_q, seq_lens, block_tables, max_q, is_decode,
-                 logits_indices) -> ModelInputs:
-        tables = np.zeros((len(block_tables), max(map(len, block_tables))), dtype=np.int32)
-        for row, table in zip(tables, block_tables):      # far faster than torch.tensor(nested lists)
-            row[:len(table)] = table
-
-        def as_tensor(values, dtype):
-            if isinstance(values, torch.Tensor):      # already on the device (a pipelined step's inputs)
-                return values
-            host = torch.from_numpy(values) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=dtype)
-            return to_device(host, self.device)
-
-        meta = AttentionMetadata(
-            slot_mapping=as_tensor(slots, torch.int64), cu_seqlens_q=as_tensor(cu_q, torch.int32),
-            seq_lens=as_tensor(seq_lens, torch.int32), block_tables=as_tensor(tables, torch.int32),
-            max_seqlen_q=max_q, max_seqlen_k=max(seq_lens), is_decode=is_decode)
-        return ModelInputs(as_tensor(input_ids, torch.int64), as_tensor(positions, torch.int64), meta,
-                           as_tensor(logits_indices, torch.int64))
+        return prepare_inputs(batch, self.block_size, self.device, input_ids)
 
     @torch.inference_mode()
     def execute(self, inputs: ModelInputs) -> torch.Tensor | None:
@@ -233,20 +185,20 @@ class ModelRunner:
     def sample(self, batch: ScheduledBatch, logits: torch.Tensor, eos_token_id: int | None) -> "Launched":
         """Queue the choice of the next token of every sequence that finished its prompt (or
         decodes), and the logprobs that were asked for. Nothing is read back here."""
-        rows, prompt_rows, row = [], {}, 0
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            if wants_prompt_logprobs(seq, seq.num_computed_tokens):
-                count = n - batch.samples[i]
-                prompt_rows[i] = (row, count)
-                row += count
-            if batch.samples[i]:
-                rows.append(row)
-                row += 1
-        sample_logits = logits[rows] if len(rows) != logits.shape[0] else logits
-        seqs = [seq for seq, samples in zip(batch.seqs, batch.samples) if samples]
-        meta = SamplingMetadata.build(
-            [SamplingRow.of(s.params, s.token_ids, s.num_prompt_tokens, s.generator, eos_token_id) for s in seqs],
-            self.vocab_size, self.device)
+        rows, prompt_rows, seqs = None, {}, batch.seqs    # decode: every sequence samples
+        if batch.is_prefill:
+            rows, row = [], 0
+            for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+                if wants_prompt_logprobs(seq, seq.num_computed_tokens):
+                    count = n - batch.samples[i]
+                    prompt_rows[i] = (row, count)
+                    row += count
+                if batch.samples[i]:
+                    rows.append(row)
+                    row += 1
+            seqs = [seq for seq, samples in zip(batch.seqs, batch.samples) if samples]
+        sample_logits = logits[rows] if rows is not None and len(rows) != logits.shape[0] else logits
+        meta = self._sampling_metadata(seqs, eos_token_id)
         out: SamplerOutput = self.sampler(sample_logits, meta)
         prompt_logprobs = {}
         for i, (start, count) in prompt_rows.items():
@@ -259,6 +211,21 @@ class ModelRunner:
         sampled, logprobs, prompt_logprobs = _to_host((out.sampled_token_ids, out.logprobs, prompt_logprobs))
         return Launched(batch, out.sampled_token_ids, sampled, logprobs, prompt_logprobs,
                         _Ready(self.device))
+
+
+    def _sampling_metadata(self, seqs: list, eos_token_id: int | None) -> SamplingMetadata:
+        """Built once per batch composition: decode steps keep the same sequences for many
+        steps in a row, and the metadata only changes when a row reads its tokens (penalties,
+        min_tokens), which is then rebuilt every step."""
+        key = [seq.seq_id for seq in seqs]
+        if key == self._cached_meta[0]:
+            return self._cached_meta[1]
+        meta = SamplingMetadata.build(
+            [SamplingRow.of(s.params, s.token_ids, s.num_prompt_tokens, s.generator, eos_token_id) for s in seqs],
+            self.vocab_size, self.device)
+        reusable = not any(reads_tokens(s.params) for s in seqs)
+        self._cached_meta = (key if reusable else None, meta)
+        return meta
 
 
 def _to_host(obj):
@@ -299,12 +266,6 @@ class Launched:
     sample_logprobs: LogprobsTensors | None
     prompt_logprobs: dict[int, LogprobsTensors]
     ready: _Ready                                # the copies above are complete
-
-
-def wants_prompt_logprobs(seq, chunk_start: int) -> bool:
-    """Does this chunk of seq need logits for its prompt tokens? (Only the first of n
-    completions reports them: the prompt is the same.)"""
-    return seq.params.prompt_logprobs is not None and seq.index == 0 and chunk_start < seq.num_prompt_tokens
 
 
 # Sampling with every filter on, so the profile run sees the sampler's largest temporaries.

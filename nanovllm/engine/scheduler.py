@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.layers.sampler import reads_tokens
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Scheduler:
         self.max_model_len = config.max_model_len
         self.chunked_prefill = config.enable_chunked_prefill
         self.block_manager = block_manager
+        self.block_size = config.block_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -99,21 +101,21 @@ class Scheduler:
         stop string computes one token in vain, which is dropped."""
         if self.waiting:
             return None
-        seqs = []
+        seqs, growing = [], []        # growing: those whose next token starts a new block
         for seq in launched.seqs:
             if seq.status != SequenceStatus.RUNNING:
                 continue
-            p = seq.params
-            if p.min_tokens or p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+            if reads_tokens(seq.params):
                 return None
-            if seq.num_output_tokens + 1 < p.max_tokens and seq.num_tokens + 1 < self.max_model_len:
+            num_tokens = len(seq.token_ids) + 1      # with the token being sampled
+            if num_tokens - seq.num_prompt_tokens < seq.params.max_tokens and num_tokens < self.max_model_len:
                 seqs.append(seq)
-        bm = self.block_manager
-        new_blocks = sum(bm.blocks_needed(seq.num_tokens + 1) > len(seq.block_table) for seq in seqs)
-        if not seqs or new_blocks > bm.num_free_blocks:
+                if num_tokens > len(seq.block_table) * self.block_size:
+                    growing.append(seq)
+        if not seqs or len(growing) > self.block_manager.num_free_blocks:
             return None
-        for seq in seqs:
-            bm.append_slot(seq, seq.num_tokens + 1)
+        for seq in growing:
+            self.block_manager.append_slot(seq, len(seq.token_ids) + 1)
         return ScheduledBatch(seqs, [1] * len(seqs), False, [True] * len(seqs))
 
     def _preempt(self, seq: Sequence) -> None:
@@ -132,7 +134,9 @@ class Scheduler:
             seq.num_computed_tokens += n
             if token is not None:
                 seq.append_token(token)
-            if not batch.is_prefill:              # prefill blocks were offered when scheduled
+            # Prefill blocks were offered when scheduled; a decode token fills a block only
+            # every block_size steps.
+            if not batch.is_prefill and seq.num_computed_tokens % self.block_size == 0:
                 self.block_manager.cache_computed_blocks(seq, seq.num_computed_tokens)
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:

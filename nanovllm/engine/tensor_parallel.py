@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from nanovllm.config import EngineConfig
-from nanovllm.engine.model_runner import ModelInputs, ModelRunner, StepResult
+from nanovllm.engine.inputs import ModelInputs
+from nanovllm.engine.model_runner import ModelRunner, StepResult
 from nanovllm.engine.tp_workers import STOP, SigintHeld, TensorParallelError, Workers, init_process_group
 
 logger = logging.getLogger(__name__)

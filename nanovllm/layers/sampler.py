@@ -36,6 +36,12 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def reads_tokens(params: SamplingParams) -> bool:
+    """Does sampling look at the sequence's tokens (penalties, min_tokens)?"""
+    return (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
+            or params.presence_penalty != 0.0 or params.min_tokens != 0)
+
+
 @dataclass
 class SamplingRow:
     """What the engine knows about one sequence this step."""
@@ -51,8 +57,7 @@ class SamplingRow:
         """A row for a sequence's tokens. The token lists are copied only for rows that read
         them (penalties, min_tokens): copying every sequence's tokens every step would
         dominate a large batch's host time."""
-        if (params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
-                and params.presence_penalty == 0.0 and params.min_tokens == 0):
+        if not reads_tokens(params):
             return cls(params, [], [], generator, eos_token_id)
         return cls(params, token_ids[:num_prompt_tokens], token_ids[num_prompt_tokens:], generator, eos_token_id)
 

@@ -1,0 +1,51 @@
+"""The host's share of a decode step, on any machine: the model is replaced by a stub that
+returns zero logits, so a step's time is the engine's own Python work (scheduling, input
+preparation, sampling set-up, stop checks, output handling) at a given batch size.
+
+    PYTHONPATH=. python benchmarks/host_step.py [BATCH] [--profile]
+
+Uses the built-in demo model (tiny vocabulary, greedy sampling), so sampling costs ~nothing.
+"""
+import cProfile
+import pstats
+import random
+import sys
+import time
+
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.demo_model import demo_checkpoint_dir
+from nanovllm.sampling_params import RequestOutputKind
+
+
+def main() -> None:
+    batch = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 256
+    llm = LLM(demo_checkpoint_dir(), device="cpu", num_gpu_blocks_override=30000, max_num_seqs=batch)
+    engine = llm.llm_engine
+    vocab = engine.runner.vocab_size
+    engine.runner.execute = lambda inputs: torch.zeros(inputs.logits_indices.shape[0], vocab)
+    rng = random.Random(0)
+    for i in range(batch):
+        prompt = [rng.randint(0, vocab - 1) for _ in range(rng.randint(100, 400))]
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=600, ignore_eos=True,
+                                                          output_kind=RequestOutputKind.FINAL_ONLY))
+    while engine.scheduler.waiting:
+        engine.step()
+    for _ in range(5):
+        engine.step()
+    start = time.perf_counter()
+    for _ in range(100):
+        engine.step()
+    print(f"batch {batch}: {1000 * (time.perf_counter() - start) / 100:.2f} ms of host work per decode step")
+    if "--profile" in sys.argv:
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(50):
+            engine.step()
+        profile.disable()
+        pstats.Stats(profile).sort_stats("tottime").print_stats(20)
+
+
+if __name__ == "__main__":
+    main()
