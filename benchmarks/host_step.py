@@ -2,9 +2,12 @@
 returns zero logits, so a step's time is the engine's own Python work (scheduling, input
 preparation, sampling set-up, stop checks, output handling) at a given batch size.
 
-    PYTHONPATH=. python benchmarks/host_step.py [BATCH] [--profile]
+    PYTHONPATH=. python benchmarks/host_step.py [BATCH] [--delta] [--profile]
 
 Uses the built-in demo model (tiny vocabulary, greedy sampling), so sampling costs ~nothing.
+--delta asks for an output every step, as the server's streams do (incremental
+detokenization and a RequestOutput per request per step); by default only the final output,
+as LLM.generate does.
 """
 import cProfile
 import pstats
@@ -25,11 +28,12 @@ def main() -> None:
     engine = llm.llm_engine
     vocab = engine.runner.vocab_size
     engine.runner.execute = lambda inputs: torch.zeros(inputs.logits_indices.shape[0], vocab)
+    kind = RequestOutputKind.DELTA if "--delta" in sys.argv else RequestOutputKind.FINAL_ONLY
     rng = random.Random(0)
     for i in range(batch):
         prompt = [rng.randint(0, vocab - 1) for _ in range(rng.randint(100, 400))]
         engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=600, ignore_eos=True,
-                                                          output_kind=RequestOutputKind.FINAL_ONLY))
+                                                          output_kind=kind))
     while engine.scheduler.waiting:
         engine.step()
     for _ in range(5):
@@ -37,7 +41,8 @@ def main() -> None:
     start = time.perf_counter()
     for _ in range(100):
         engine.step()
-    print(f"batch {batch}: {1000 * (time.perf_counter() - start) / 100:.2f} ms of host work per decode step")
+    print(f"batch {batch}, {kind.name} outputs: {1000 * (time.perf_counter() - start) / 100:.2f} ms "
+          f"of host work per decode step")
     if "--profile" in sys.argv:
         profile = cProfile.Profile()
         profile.enable()

@@ -7,6 +7,25 @@ from nanovllm.sampling_params import SamplingParams
 TEXT = "Hello, my name is nanovllm. Prefix caching lets requests share é 漢字 🙂 blocks."
 
 
+@pytest.fixture(autouse=True, params=["rust-decoder", "tokenizer.decode"])
+def decode_path(request, monkeypatch):
+    """Every test runs with the direct call of the Rust decoder and with tokenizer.decode
+    (what tokenizers that clean up spaces, or slow ones, use)."""
+    if request.param == "tokenizer.decode":
+        monkeypatch.setattr("nanovllm.engine.detokenizer._decoder", lambda tok, p: lambda ids: tok.decode(
+            ids, skip_special_tokens=p.skip_special_tokens,
+            spaces_between_special_tokens=p.spaces_between_special_tokens))
+    return request.param
+
+
+def test_the_direct_decoder_agrees_with_tokenizer_decode(tok, ids, prompt, decode_path):
+    from nanovllm.engine.detokenizer import _decoder
+    for skip in (True, False):
+        decode = _decoder(tok, SamplingParams(skip_special_tokens=skip))
+        for window in (ids, prompt + ids, prompt[-3:], ids[:1], []):
+            assert decode(window) == tok.decode(window, skip_special_tokens=skip)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return build_tokenizer()

@@ -29,8 +29,7 @@ class Detokenizer:
         self.enabled = params.detokenize
         self.incremental = self.enabled and (incremental or bool(params.stop))
         self._vocab_limit = len(tokenizer)
-        self._decode_kwargs = dict(skip_special_tokens=params.skip_special_tokens,
-                                   spaces_between_special_tokens=params.spaces_between_special_tokens)
+        self._decode = _decoder(tokenizer, params)
         # Ids that go into the text: a few prompt ids for context, then the decodable output ids.
         self._context = [t for t in prompt_token_ids[-_PROMPT_CONTEXT:] if t < self._vocab_limit]
         self._ids = list(self._context)
@@ -74,9 +73,8 @@ class Detokenizer:
     def _decode_next(self) -> str:
         """The text that the ids after read_offset add, or "" while it ends in an incomplete
         UTF-8 sequence (a byte-level token can hold part of a character)."""
-        decode = self.tokenizer.decode
-        prefix_text = decode(self._ids[self._prefix_offset:self._read_offset], **self._decode_kwargs)
-        full_text = decode(self._ids[self._prefix_offset:], **self._decode_kwargs)
+        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        full_text = self._decode(self._ids[self._prefix_offset:])
         if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
             return ""   # nothing new yet (a skipped special token, or half a character): wait
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
@@ -88,9 +86,8 @@ class Detokenizer:
         one-shot text agree."""
         if not (self.incremental and self.enabled) or self._stopped:
             return
-        decode = self.tokenizer.decode
-        prefix_text = decode(self._ids[self._prefix_offset:self._read_offset], **self._decode_kwargs)
-        full_text = decode(self._ids[self._prefix_offset:], **self._decode_kwargs)
+        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        full_text = self._decode(self._ids[self._prefix_offset:])
         if len(full_text) > len(prefix_text):
             self._text += full_text[len(prefix_text):]
         self._prefix_offset = self._read_offset = len(self._ids)
@@ -118,8 +115,8 @@ class Detokenizer:
         if self.incremental:
             return self._text
         if self._cached_text is None:
-            context_text = self.tokenizer.decode(self._context, **self._decode_kwargs)
-            full_text = self.tokenizer.decode(self._ids, **self._decode_kwargs)
+            context_text = self._decode(self._context)
+            full_text = self._decode(self._ids)
             self._cached_text = full_text[len(context_text):]
         return self._cached_text
 
@@ -135,3 +132,15 @@ class Detokenizer:
             return ""
         delta, self._sent = text[self._sent:end], end
         return delta
+
+
+def _decoder(tokenizer, params: SamplingParams):
+    """ids -> text as tokenizer.decode gives it. For a fast tokenizer that does no clean-up of
+    tokenization spaces, decode() adds only Python layers around the Rust decoder, which cost
+    several times the decoding itself for the few ids of an incremental step: call it directly."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    skip = params.skip_special_tokens
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return lambda ids: backend.decode(ids, skip_special_tokens=skip)
+    spaces = params.spaces_between_special_tokens
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip, spaces_between_special_tokens=spaces)

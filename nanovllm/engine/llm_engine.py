@@ -268,16 +268,16 @@ class LLMEngine:
         delta = kind == RequestOutputKind.DELTA
         outputs = []
         for seq, detok in zip(request.seqs, request.detokenizers):
-            tokens = seq.output_token_ids
             if delta:
                 start = request.reported_tokens[seq.index]
-                request.reported_tokens[seq.index] = len(tokens)
-                tokens, text = tokens[start:], detok.new_text(seq.is_finished)
+                tokens = seq.token_ids[seq.num_prompt_tokens + start:]     # the new ones only
+                request.reported_tokens[seq.index] = start + len(tokens)
+                text = detok.new_text(seq.is_finished)
                 logprobs = seq.logprobs[start:] if seq.logprobs is not None else None
             else:
-                text, logprobs = detok.text, seq.logprobs
+                tokens, text, logprobs = seq.output_token_ids, detok.text, seq.logprobs
             outputs.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=list(tokens),
+                index=seq.index, text=text, token_ids=tokens,          # a fresh slice
                 cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
                 logprobs=logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         if finished:
