@@ -2,12 +2,12 @@
 returns zero logits, so a step's time is the engine's own Python work (scheduling, input
 preparation, sampling set-up, stop checks, output handling) at a given batch size.
 
-    PYTHONPATH=. python benchmarks/host_step.py [BATCH] [--delta] [--profile]
+    PYTHONPATH=. python benchmarks/host_step.py [BATCH] [--delta] [--penalties] [--profile]
 
 Uses the built-in demo model (tiny vocabulary, greedy sampling), so sampling costs ~nothing.
 --delta asks for an output every step, as the server's streams do (incremental
 detokenization and a RequestOutput per request per step); by default only the final output,
-as LLM.generate does.
+as LLM.generate does. --penalties adds repetition, frequency and presence penalties.
 """
 import cProfile
 import pstats
@@ -32,8 +32,10 @@ def main() -> None:
     rng = random.Random(0)
     for i in range(batch):
         prompt = [rng.randint(0, vocab - 1) for _ in range(rng.randint(100, 400))]
+        penalties = dict(repetition_penalty=1.1, frequency_penalty=0.2, presence_penalty=0.2) \
+            if "--penalties" in sys.argv else {}
         engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=600, ignore_eos=True,
-                                                          output_kind=kind))
+                                                          output_kind=kind, **penalties))
     while engine.scheduler.waiting:
         engine.step()
     for _ in range(5):
@@ -41,7 +43,7 @@ def main() -> None:
     start = time.perf_counter()
     for _ in range(100):
         engine.step()
-    print(f"batch {batch}, {kind.name} outputs: {1000 * (time.perf_counter() - start) / 100:.2f} ms "
+    print(f"batch {batch}, {kind.name} outputs{', penalties' if '--penalties' in sys.argv else ''}: {1000 * (time.perf_counter() - start) / 100:.2f} ms "
           f"of host work per decode step")
     if "--profile" in sys.argv:
         profile = cProfile.Profile()

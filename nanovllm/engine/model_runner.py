@@ -13,12 +13,13 @@ from dataclasses import dataclass
 import torch
 
 from nanovllm.config import EngineConfig
-from nanovllm.distributed import min_over_ranks, tp_size
+from nanovllm.distributed import min_over_ranks, tp_rank, tp_size
 from nanovllm.engine.inputs import ModelInputs, prepare_inputs, to_tensors, wants_prompt_logprobs
 from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.token_histograms import TokenHistograms
 from nanovllm.layers.attention import Attention, select_backend
 from nanovllm.layers.sampler import LogprobsTensors, Sampler, SamplerOutput, SamplingMetadata, SamplingRow, \
-    gather_logprobs, reads_tokens, to_device
+    gather_logprobs, reads_tokens, to_device, uses_penalties
 from nanovllm.models.checkpoint import init_dummy_weights, load_weights
 from nanovllm.models.registry import model_class
 from nanovllm.sampling_params import SamplingParams
@@ -59,6 +60,9 @@ class ModelRunner:
         self.model.eval()
         self.sampler = Sampler(fused=config.device == "cuda")
         self._cached_meta: tuple[list[int] | None, SamplingMetadata | None] = (None, None)
+        self.histograms = TokenHistograms(self.vocab_size, config.max_num_seqs, self.device)
+        if config.device == "cuda" and tp_rank() == 0:     # rank 0 samples; reserve before the KV cache
+            self.histograms.reserve()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.backend = select_backend(config.attention_backend, config.device, config.block_size)
         for layer in self.attention_layers:
@@ -198,8 +202,10 @@ class ModelRunner:
                     row += 1
             seqs = [seq for seq, samples in zip(batch.seqs, batch.samples) if samples]
         sample_logits = logits[rows] if rows is not None and len(rows) != logits.shape[0] else logits
-        meta = self._sampling_metadata(seqs, eos_token_id)
+        meta, histogram_rows = self._sampling_metadata(seqs, eos_token_id)
         out: SamplerOutput = self.sampler(sample_logits, meta)
+        if histogram_rows is not None:
+            self.histograms.record(histogram_rows, out.sampled_token_ids)
         prompt_logprobs = {}
         for i, (start, count) in prompt_rows.items():
             seq, first = batch.seqs[i], batch.seqs[i].num_computed_tokens
@@ -213,19 +219,25 @@ class ModelRunner:
                         _Ready(self.device))
 
 
-    def _sampling_metadata(self, seqs: list, eos_token_id: int | None) -> SamplingMetadata:
-        """Built once per batch composition: decode steps keep the same sequences for many
+    def _sampling_metadata(self, seqs: list, eos_token_id: int | None
+                           ) -> tuple[SamplingMetadata, torch.Tensor | None]:
+        """-> (the batch's metadata, its rows in the token histograms if it uses penalties).
+        Built once per batch composition: decode steps keep the same sequences for many
         steps in a row, and the metadata only changes when a row reads its tokens (penalties,
-        min_tokens), which is then rebuilt every step."""
+        min_tokens), which is then rebuilt every step (penalties from the histograms)."""
         key = [seq.seq_id for seq in seqs]
         if key == self._cached_meta[0]:
-            return self._cached_meta[1]
+            return self._cached_meta[1], None
+        histogram_rows = token_counts = None
+        if any(uses_penalties(s.params) for s in seqs):
+            histogram_rows, *token_counts = self.histograms.gather(seqs)
         meta = SamplingMetadata.build(
-            [SamplingRow.of(s.params, s.token_ids, s.num_prompt_tokens, s.generator, eos_token_id) for s in seqs],
-            self.vocab_size, self.device)
+            [SamplingRow.of(s.params, s.token_ids, s.num_prompt_tokens, s.generator, eos_token_id,
+                            counts_kept=histogram_rows is not None) for s in seqs],
+            self.vocab_size, self.device, token_counts)
         reusable = not any(reads_tokens(s.params) for s in seqs)
         self._cached_meta = (key if reusable else None, meta)
-        return meta
+        return meta, histogram_rows
 
 
 def _to_host(obj):

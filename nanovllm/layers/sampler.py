@@ -36,10 +36,13 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def uses_penalties(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+
+
 def reads_tokens(params: SamplingParams) -> bool:
     """Does sampling look at the sequence's tokens (penalties, min_tokens)?"""
-    return (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
-            or params.presence_penalty != 0.0 or params.min_tokens != 0)
+    return uses_penalties(params) or params.min_tokens != 0
 
 
 @dataclass
@@ -53,11 +56,13 @@ class SamplingRow:
 
     @classmethod
     def of(cls, params: SamplingParams, token_ids: list[int], num_prompt_tokens: int,
-           generator: torch.Generator | None, eos_token_id: int | None) -> "SamplingRow":
+           generator: torch.Generator | None, eos_token_id: int | None,
+           counts_kept: bool = False) -> "SamplingRow":
         """A row for a sequence's tokens. The token lists are copied only for rows that read
-        them (penalties, min_tokens): copying every sequence's tokens every step would
-        dominate a large batch's host time."""
-        if not reads_tokens(params):
+        them (min_tokens; penalties unless `counts_kept`: the caller passes the histograms to
+        build): copying every sequence's tokens every step would dominate a large batch's
+        host time."""
+        if not (params.min_tokens or (uses_penalties(params) and not counts_kept)):
             return cls(params, [], [], generator, eos_token_id)
         return cls(params, token_ids[:num_prompt_tokens], token_ids[num_prompt_tokens:], generator, eos_token_id)
 
@@ -89,7 +94,10 @@ class SamplingMetadata:
     max_num_logprobs: int | None              # max `logprobs` over rows; None if no row asked
 
     @classmethod
-    def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device) -> "SamplingMetadata":
+    def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device,
+              token_counts: tuple[torch.Tensor, torch.Tensor] | None = None) -> "SamplingMetadata":
+        """`token_counts`: the rows' (output counts [B, V], prompt mask [B, V]) where the caller
+        keeps them (engine/token_histograms.py); else they are built from the rows' ids."""
         V = vocab_size
         ps = [r.params for r in rows]
         greedy = [p.is_greedy for p in ps]
@@ -111,13 +119,18 @@ class SamplingMetadata:
         uses_rep = [p.repetition_penalty != 1.0 for p in ps]
         uses_freq_pres = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in ps]
         rep = freq = pres = output_counts = prompt_mask = None
-        if any(uses_rep) or any(uses_freq_pres):
+        if token_counts is not None and (any(uses_rep) or any(uses_freq_pres)):
+            # (rows without a penalty get their real counts here: their neutral penalty
+            # values leave the logits unchanged)
+            output_counts, prompt_mask = token_counts
+        elif any(uses_rep) or any(uses_freq_pres):
             output_counts = _token_counts([r.output_token_ids if u or v else []
                                            for r, u, v in zip(rows, uses_rep, uses_freq_pres)], V, device)
+            if any(uses_rep):
+                prompt_mask = _token_counts([r.prompt_token_ids if u else []
+                                             for r, u in zip(rows, uses_rep)], V, device) > 0
         if any(uses_rep):
             rep = tensor([float(p.repetition_penalty) for p in ps])
-            prompt_mask = _token_counts([r.prompt_token_ids if u else []
-                                         for r, u in zip(rows, uses_rep)], V, device) > 0
         if any(uses_freq_pres):
             freq = tensor([float(p.frequency_penalty) for p in ps])
             pres = tensor([float(p.presence_penalty) for p in ps])
