@@ -65,17 +65,16 @@ class LLM:
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine, done = self.llm_engine, {}
         bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
-        prefill_tps = decode_tps = 0.0
+        tokens, seconds = [0, 0], [1e-9, 1e-9]       # [decode, prefill] totals of this call
         while engine.has_unfinished_requests():
-            start = time.perf_counter()
+            start, launched = time.perf_counter(), engine.num_steps
             outputs = engine.step()
-            is_prefill, num_tokens = engine.last_step
-            rate = num_tokens / max(time.perf_counter() - start, 1e-9)
-            if is_prefill:
-                prefill_tps = rate
-            else:
-                decode_tps = rate
-            bar.set_postfix(prefill=f"{prefill_tps:.0f} tok/s", decode=f"{decode_tps:.0f} tok/s", refresh=False)
+            if engine.num_steps > launched:        # not just the last pipelined step read back
+                is_prefill, num_tokens = engine.last_step
+                tokens[is_prefill] += num_tokens
+                seconds[is_prefill] += time.perf_counter() - start
+            bar.set_postfix(prefill=f"{tokens[1] / seconds[1]:.0f} tok/s",
+                            decode=f"{tokens[0] / seconds[0]:.0f} tok/s", refresh=False)
             for out in outputs:
                 if out.finished:
                     done[out.request_id] = out
