@@ -18,10 +18,11 @@ import triton.language as tl
 
 @triton.jit
 def _rotate_heads(x_ptr, stride_t, stride_h, token, cos, sin, w1, w2, eps,
-                  H: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+                  H: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                  HAS_NORM: tl.constexpr):
     heads = tl.arange(0, BLOCK_H)[:, None]
-    half = tl.arange(0, HALF)[None, :]
-    mask = heads < H
+    half = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (heads < H) & (half < HALF)
     first = x_ptr + token * stride_t + heads * stride_h + half
     x1 = tl.load(first, mask=mask, other=0.0)
     x2 = tl.load(first + HALF, mask=mask, other=0.0)
@@ -43,20 +44,27 @@ def _rotary_kernel(
     q_ptr, k_ptr, cos_sin_ptr, positions_ptr, q_weight_ptr, k_weight_ptr, eps,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
     HQ: tl.constexpr, HK: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    HALF: tl.constexpr, HAS_NORM: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
-    half = tl.arange(0, HALF)[None, :]
+    half = tl.arange(0, BLOCK_HALF)[None, :]
+    in_half = half < HALF
     # cos/sin in q's dtype, as the reference rounds them
-    cos = tl.load(cos_sin_ptr + position * stride_cs + half).to(q_ptr.dtype.element_ty).to(tl.float32)
-    sin = tl.load(cos_sin_ptr + position * stride_cs + HALF + half).to(q_ptr.dtype.element_ty).to(tl.float32)
+    cos = tl.load(cos_sin_ptr + position * stride_cs + half, mask=in_half, other=0.0)
+    sin = tl.load(cos_sin_ptr + position * stride_cs + HALF + half, mask=in_half, other=0.0)
+    cos = cos.to(q_ptr.dtype.element_ty).to(tl.float32)
+    sin = sin.to(q_ptr.dtype.element_ty).to(tl.float32)
     qw1, qw2, kw1, kw2 = cos, cos, cos, cos     # unused without HAS_NORM
     if HAS_NORM:
-        qw1, qw2 = tl.load(q_weight_ptr + half), tl.load(q_weight_ptr + HALF + half)
-        kw1, kw2 = tl.load(k_weight_ptr + half), tl.load(k_weight_ptr + HALF + half)
-    _rotate_heads(q_ptr, stride_qt, stride_qh, token, cos, sin, qw1, qw2, eps, HQ, BLOCK_HQ, HALF, HAS_NORM)
-    _rotate_heads(k_ptr, stride_kt, stride_kh, token, cos, sin, kw1, kw2, eps, HK, BLOCK_HK, HALF, HAS_NORM)
+        qw1 = tl.load(q_weight_ptr + half, mask=in_half, other=0.0)
+        qw2 = tl.load(q_weight_ptr + HALF + half, mask=in_half, other=0.0)
+        kw1 = tl.load(k_weight_ptr + half, mask=in_half, other=0.0)
+        kw2 = tl.load(k_weight_ptr + HALF + half, mask=in_half, other=0.0)
+    _rotate_heads(q_ptr, stride_qt, stride_qh, token, cos, sin, qw1, qw2, eps,
+                  HQ, BLOCK_HQ, HALF, BLOCK_HALF, HAS_NORM)
+    _rotate_heads(k_ptr, stride_kt, stride_kh, token, cos, sin, kw1, kw2, eps,
+                  HK, BLOCK_HK, HALF, BLOCK_HALF, HAS_NORM)
 
 
 def rotary_(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor,
@@ -70,13 +78,11 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: 
     if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin.stride(-1) != 1:
         raise ValueError("rotary_ needs the head dimension contiguous")
     half = d // 2
-    if half & (half - 1):
-        raise ValueError(f"rotary_ needs a power-of-two head dimension, got {d}")
     has_norm = q_weight is not None
     if t:
         _rotary_kernel[(t,)](
             q, k, cos_sin, positions, q_weight if has_norm else cos_sin, k_weight if has_norm else cos_sin, eps,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin.stride(0),
             HQ=hq, HK=hk, BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
-            HALF=half, HAS_NORM=has_norm)
+            HALF=half, BLOCK_HALF=triton.next_power_of_2(half), HAS_NORM=has_norm)
     return q, k

@@ -41,9 +41,10 @@ def test_rms_norm(dtype, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_norm", [False, True])
-def test_rotary_in_place_on_qkv_views(dtype, with_norm):
+@pytest.mark.parametrize("d", [32, 48])              # a head dimension that is no power of two
+def test_rotary_in_place_on_qkv_views(dtype, with_norm, d):
     from nanovllm import kernels
-    tokens, hq, hk, d = 6, 4, 2, 32
+    tokens, hq, hk = 6, 4, 2
     qkv = randn(tokens, (hq + 2 * hk) * d, dtype=dtype)          # as the fused projection gives it
     q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
     q, k = q.view(tokens, hq, d), k.view(tokens, hk, d)
