@@ -218,7 +218,6 @@ class ModelRunner:
         return Launched(batch, out.sampled_token_ids, sampled, logprobs, prompt_logprobs,
                         _Ready(self.device))
 
-
     def _sampling_metadata(self, seqs: list, eos_token_id: int | None
                            ) -> tuple[SamplingMetadata, torch.Tensor | None]:
         """-> (the batch's metadata, its rows in the token histograms if it uses penalties).
