@@ -4,9 +4,9 @@ penalties.
 The penalties need, for every row of a batch, how often each vocabulary id occurs in the
 sequence's output and whether it occurs in its prompt: [B, V] tensors. Rebuilding them from
 every sequence's ids each step is host work that grows with the tokens generated (6.6 ms a
-step at 256 sequences of 500 tokens on an H100's host, benchmarks/bench_sampler.py). Here a sequence gets a row of a
-device table the first time it samples with a penalty, built from its ids once; after that
-each step only adds the token it sampled, on the device.
+step at 256 sequences of 500 tokens on an H100's host, benchmarks/bench_sampler.py). Here a
+sequence gets a row of a device table the first time it samples with a penalty, built from
+its ids once; after that each step only adds the token it sampled, on the device.
 
 The table has a row per sequence that can run at once (max_num_seqs). A sequence that needs a
 row when all are taken evicts the least recently used one (a finished or long-preempted
