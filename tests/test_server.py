@@ -271,3 +271,23 @@ def test_sse_wire_format(url):
     chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
     assert {c["object"] for c in chunks} == {"text_completion"} and len({c["id"] for c in chunks}) == 1
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("max_num_seqs, expected", [(None, 2048), (4096, 4096)])
+def test_server_step_budget_default(tiny_qwen3, monkeypatch, max_num_seqs, expected):
+    """`nanovllm serve` on a CPU defaults to vllm serve's 2048 tokens a step, raised to
+    max_num_seqs when that is larger (every running sequence needs its token)."""
+    from nanovllm.config import EngineConfig
+    from nanovllm.entrypoints import openai_server
+
+    class Built(Exception):
+        pass
+
+    def build_config_only(model, **kwargs):
+        raise Built(EngineConfig.from_kwargs(model, **kwargs))
+
+    monkeypatch.setattr(openai_server.AsyncLLM, "from_kwargs", build_config_only)
+    kwargs = dict(device="cpu") if max_num_seqs is None else dict(device="cpu", max_num_seqs=max_num_seqs)
+    with pytest.raises(Built) as built:
+        openai_server.run_server(tiny_qwen3, **kwargs)
+    assert built.value.args[0].max_num_batched_tokens == expected

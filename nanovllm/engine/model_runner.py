@@ -17,6 +17,7 @@ from nanovllm.distributed import min_over_ranks, tp_rank, tp_size
 from nanovllm.engine.inputs import ModelInputs, prepare_inputs, to_tensors, wants_prompt_logprobs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.token_histograms import TokenHistograms
+from nanovllm.kernels import triton_available
 from nanovllm.layers.attention import Attention, select_backend
 from nanovllm.layers.sampler import LogprobsTensors, Sampler, SamplerOutput, SamplingMetadata, SamplingRow, \
     gather_logprobs, reads_tokens, to_device, uses_penalties
@@ -58,7 +59,7 @@ class ModelRunner:
         else:
             load_weights(self.model, config.model_dir)
         self.model.eval()
-        self.sampler = Sampler(fused=config.device == "cuda")
+        self.sampler = Sampler(fused=config.device == "cuda" and triton_available())
         self._cached_meta: tuple[list[int] | None, SamplingMetadata | None] = (None, None)
         self.histograms = TokenHistograms(self.vocab_size, config.max_num_seqs, self.device)
         if config.device == "cuda" and tp_rank() == 0:     # rank 0 samples; reserve before the KV cache

@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from nanovllm.config import default_max_num_batched_tokens, resolve_device
+from nanovllm.config import EngineConfig, default_max_num_batched_tokens, resolve_device
 from nanovllm.entrypoints.async_llm import AsyncLLM
 from nanovllm.entrypoints.openai_handlers import OpenAIHandlers
 from nanovllm.entrypoints.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
@@ -113,8 +113,10 @@ def run_server(model: str, host: str | None = None, port: int = 8000, api_key: s
     """Load the model, then serve it until interrupted (what `nanovllm serve` runs)."""
     import uvicorn
     if engine_kwargs.get("max_num_batched_tokens") is None and engine_kwargs.get("enable_chunked_prefill", True):
+        # vllm serve's smaller step budget (but room for a token of every running sequence)
         device = resolve_device(engine_kwargs.get("device", "auto"))
-        engine_kwargs["max_num_batched_tokens"] = default_max_num_batched_tokens(device, server=True)
+        max_num_seqs = engine_kwargs.get("max_num_seqs") or EngineConfig.max_num_seqs
+        engine_kwargs["max_num_batched_tokens"] = max(default_max_num_batched_tokens(device, server=True), max_num_seqs)
     engine = AsyncLLM.from_kwargs(model, **engine_kwargs)
     try:
         app = build_app(engine, served_model_name, api_key, load_chat_template(chat_template))

@@ -1,6 +1,6 @@
 """Triton kernel: draw one token per row from softmax(logits / temperature), reading each logit once.
 
-The Gumbel-max trick: with G_i = -log(-log U_i), U_i uniform and independent,
+The Gumbel-max trick: with G_i = -log(E_i), E_i ~ Exp(1) independent,
 argmax_i (logit_i / T + G_i) is token i with probability softmax(logit / T)_i. So sampling
 needs no softmax, no division pass and no [rows, vocab] temporaries. The plain torch sampler
 (layers/sampler.py, the reference) makes several passes over float32 copies of the logits:
@@ -36,9 +36,12 @@ def _gumbel_argmax_kernel(
         x = tl.load(logits_ptr + row * stride_row + tokens, mask=in_vocab, other=float("-inf")).to(tl.float32)
         # One Philox stream per row (key seed + row, counter = token id): 32-bit counters keep
         # Philox in 32-bit arithmetic (a 64-bit counter such as row * V + token would not).
-        u = tl.rand(seed + row, tokens)
-        u = tl.minimum(tl.maximum(u, 1e-12), 0.9999999)     # keep the Gumbel finite
-        score = x * inv_temperature - tl.log(-tl.log(u)) * noise_scale
+        u = tl.rand(seed + row, tokens)                    # [0, 1), steps of 2^-31 near 0
+        # E = -log(1 - u) ~ Exp(1), and -log(E) is Gumbel. Computed so that small E (the large
+        # Gumbel values that let a token far below the top win, rarely) keeps its precision.
+        e = tl.where(u < 1e-4, u + 0.5 * u * u, -tl.log(1.0 - u))
+        e = tl.maximum(e, 1e-30)                           # u = 0
+        score = x * inv_temperature - tl.log(e) * noise_scale
         better = score > best
         best = tl.where(better, score, best)
         best_token = tl.where(better, tokens, best_token)

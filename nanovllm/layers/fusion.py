@@ -18,7 +18,12 @@ from nanovllm import kernels
 
 
 def use_kernels(x: torch.Tensor) -> bool:
-    return x.is_cuda and os.environ.get("NANOVLLM_FUSED_KERNELS") != "0"
+    return x.is_cuda and os.environ.get("NANOVLLM_FUSED_KERNELS") != "0" and _triton_here()
+
+
+@functools.cache
+def _triton_here() -> bool:
+    return kernels.triton_available()
 
 
 def fused(kernel_name: str):

@@ -194,3 +194,16 @@ def test_fused_layer_kernels_gpu_bf16():
     close(k, ref_k)
     gate_up = randn(300, 2 * 3072)
     close(kernels.silu_and_mul(gate_up), silu_and_mul.__wrapped__(gate_up))
+
+
+def test_gumbel_sample_gpu_far_tail():
+    """Tokens far below the top still win at their rate: one token at 0 and 50,000 at -18
+    (each e^-18 as likely) give the tail 7.6e-4 of the draws, about 15 of 20,000. Noise that
+    stops near 16 (a uniform too coarse near 1) would give almost none."""
+    from nanovllm.kernels import gumbel_sample
+    rows, tail = 20_000, 50_000
+    logits = torch.full((rows, tail + 1), -18.0, device="cuda", dtype=torch.bfloat16)
+    logits[:, 0] = 0.0
+    tokens = gumbel_sample(logits, torch.ones(rows, device="cuda"), torch.zeros(rows, dtype=torch.bool, device="cuda"), 9)
+    drawn = int((tokens != 0).sum())
+    assert 5 <= drawn <= 30, drawn

@@ -70,3 +70,20 @@ def test_silu_and_mul(dtype):
     close(kernels.silu_and_mul(x), silu_and_mul.__wrapped__(x))
     with pytest.raises(ValueError, match="2 \\* intermediate"):
         kernels.silu_and_mul(x[:, :-1])
+
+
+def test_layers_keep_the_torch_functions_without_triton(monkeypatch):
+    """A CUDA machine without triton runs the torch functions instead of failing."""
+    import types
+
+    from nanovllm.layers import fusion
+    cuda_tensor = types.SimpleNamespace(is_cuda=True)
+    fusion._triton_here.cache_clear()
+    monkeypatch.setattr("nanovllm.kernels.triton_available", lambda: False)
+    assert not fusion.use_kernels(cuda_tensor)
+    fusion._triton_here.cache_clear()
+    monkeypatch.undo()
+    assert fusion.use_kernels(cuda_tensor)
+    monkeypatch.setenv("NANOVLLM_FUSED_KERNELS", "0")
+    assert not fusion.use_kernels(cuda_tensor)
+    fusion._triton_here.cache_clear()
