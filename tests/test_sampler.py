@@ -264,16 +264,30 @@ def test_fused_sampler_temperature_batch():
     assert tv_distance(tokens[1:], (base / 0.6).softmax(-1)) < 0.06
 
 
-@pytest.mark.parametrize("kwargs", [dict(top_k=5), dict(top_p=0.8), dict(min_p=0.1), dict(seed=3)])
-def test_fused_sampler_leaves_filters_and_seeds_to_torch(kwargs):
+def test_fused_sampler_leaves_seeded_batches_to_torch():
     logits = fixed_logits(6, seed=9)
     tokens = []
     for fused in (False, True):
         torch.manual_seed(5)
-        rows = [row(temperature=0.9, generator=torch.Generator().manual_seed(3) if "seed" in kwargs else None,
-                    **kwargs)] + [row(temperature=0.9) for _ in range(5)]
+        rows = [row(temperature=0.9, generator=torch.Generator().manual_seed(3), seed=3)]
+        rows += [row(temperature=0.9, top_k=5) for _ in range(5)]
         tokens.append(Sampler(fused)(logits, meta_of(rows)).sampled_token_ids)
     assert torch.equal(*tokens)
+
+
+def test_fused_sampler_with_filters_draws_only_kept_tokens():
+    """Each row its own filters (and one greedy row): every draw is a token the torch filters keep."""
+    settings = [dict(top_k=3), dict(top_p=0.5), dict(min_p=0.2), dict(top_k=10, top_p=0.6, min_p=0.05),
+                dict(temperature=0.0), dict()]
+    rows = [row(**dict(dict(temperature=0.9), **kw)) for kw in settings]
+    logits = fixed_logits(len(rows), seed=12)
+    meta = meta_of(rows)
+    kept = torch.isfinite(apply_temperature_and_filters(logits, meta))
+    for seed in range(3):
+        torch.manual_seed(seed)
+        tokens = Sampler(fused=True)(logits, meta).sampled_token_ids
+        assert kept[torch.arange(len(rows)), tokens].all()
+        assert tokens[4] == logits[4].argmax()
 
 
 def test_min_tokens_masks_eos_and_stop_ids():

@@ -4,6 +4,7 @@
     paged_prefill_attention  varlen causal attention over the paged cache (prefill_attention.py)
     paged_decode_attention   one query token per sequence, split-KV       (decode_attention.py)
     gumbel_sample            one token per row from softmax(logits / T)  (gumbel_sample.py)
+    sampling_thresholds      top-k / top-p / min-p cut-offs, no sorting  (sampling_filters.py)
     rms_norm, add_rms_norm   RMSNorm, optionally after the residual add   (rms_norm.py)
     rotary_                  RoPE on q and k in place, optional q/k norm  (rotary.py)
     silu_and_mul             the gated MLP's activation                  (silu_and_mul.py)
@@ -26,6 +27,7 @@ _LAZY = {
     "paged_prefill_attention": ".prefill_attention",
     "paged_decode_attention": ".decode_attention",
     "gumbel_sample": ".gumbel_sample",
+    "sampling_thresholds": ".sampling_filters",
     "rms_norm": ".rms_norm",
     "add_rms_norm": ".rms_norm",
     "rotary_": ".rotary",

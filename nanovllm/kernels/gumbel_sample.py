@@ -15,25 +15,31 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.sampling_filters import order_key
+
 _CHUNK = 8192       # tokens per program: 19 programs per row for a 151,936-token vocabulary
 
 
 @triton.jit(do_not_specialize=["seed", "vocab_size"])
 def _gumbel_argmax_kernel(
-    logits_ptr, stride_row, inv_temperature_ptr, noisy_ptr, seed, vocab_size,
+    logits_ptr, stride_row, inv_temperature_ptr, noisy_ptr, threshold_ptr, seed, vocab_size,
     best_score_ptr, best_token_ptr, num_chunks,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     inv_temperature = tl.load(inv_temperature_ptr + row)
     noise_scale = tl.load(noisy_ptr + row)            # 1.0: sample, 0.0: greedy
+    if HAS_THRESHOLD:
+        threshold = tl.load(threshold_ptr + row)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_token = tl.zeros([BLOCK], tl.int32)
     for start in tl.range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
         tokens = start + tl.arange(0, BLOCK)
         in_vocab = tokens < vocab_size
         x = tl.load(logits_ptr + row * stride_row + tokens, mask=in_vocab, other=float("-inf")).to(tl.float32)
+        if HAS_THRESHOLD:                              # filtered out by top-k / top-p / min-p
+            x = tl.where(order_key(x) >= threshold, x, float("-inf"))
         # One Philox stream per row (key seed + row, counter = token id): 32-bit counters keep
         # Philox in 32-bit arithmetic (a 64-bit counter such as row * V + token would not).
         u = tl.rand(seed + row, tokens)                    # [0, 1), steps of 2^-31 near 0
@@ -52,9 +58,10 @@ def _gumbel_argmax_kernel(
 
 
 def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, greedy: torch.Tensor,
-                  seed: int) -> torch.Tensor:
+                  seed: int, thresholds: torch.Tensor | None = None) -> torch.Tensor:
     """logits [B, V] (any float dtype), temperature [B] (> 0 on sampled rows), greedy [B] bool
-    -> [B] int64 tokens. The same seed and inputs give the same tokens."""
+    -> [B] int64 tokens. `thresholds` [B] (sampling_filters.py's keys): only tokens at or above
+    them are drawn. The same seed and inputs give the same tokens."""
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"logits must be a [rows, vocab] tensor with contiguous rows, got shape "
                          f"{tuple(logits.shape)} and strides {logits.stride()}")
@@ -67,7 +74,9 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, greedy: torch
     best_token = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
     if num_rows:
         _gumbel_argmax_kernel[(num_rows, num_chunks)](
-            logits, logits.stride(0), inv_temperature, noise_scale, seed, vocab_size,
-            best_score, best_token, num_chunks, CHUNK=chunk, BLOCK=min(1024, chunk))
+            logits, logits.stride(0), inv_temperature, noise_scale,
+            thresholds if thresholds is not None else noise_scale, seed, vocab_size,
+            best_score, best_token, num_chunks, CHUNK=chunk, BLOCK=min(1024, chunk),
+            HAS_THRESHOLD=thresholds is not None)
     # torch.argmax picks the first best chunk, so ties still go to the lowest token id.
     return best_token.gather(1, best_score.argmax(dim=1, keepdim=True)).squeeze(1).long()

@@ -13,6 +13,9 @@ The order follows vLLM V1:
      with probability probs[i] without a cumulative sum or a host sync.
      Seeded rows draw E from their own generator, so their tokens do not depend on the
      other rows in the batch.
+On CUDA (`Sampler(fused=True)`), steps 5-6 of a batch without seeded rows run as two Triton
+kernels instead: each row's top-k/top-p/min-p threshold found without sorting, then the
+Gumbel-max draw among the tokens above it (the same distribution; kernels/).
 
 Everything is vectorised over the batch; a step that no row uses is skipped, and an
 all-greedy batch never computes a softmax. Nothing in `Sampler.forward` reads a tensor
@@ -212,9 +215,10 @@ class SamplerOutput:
 
 
 class Sampler(torch.nn.Module):
-    """`fused=True` (the CUDA default) draws the tokens of batches that need only a temperature
-    with one Triton kernel (kernels/gumbel_sample.py); everything else, and the CPU, takes
-    the torch steps below, which are also that kernel's reference."""
+    """`fused=True` (the CUDA default) draws the tokens with Triton kernels: the top-k/top-p/
+    min-p cut-offs found without sorting (kernels/sampling_filters.py), then one Gumbel-max pass
+    (kernels/gumbel_sample.py). Batches with seeded rows, and the CPU, take the torch steps
+    below, which are also the kernels' reference."""
 
     def __init__(self, fused: bool = False):
         super().__init__()
@@ -222,8 +226,7 @@ class Sampler(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         # All ops below are out of place: the caller's logits stay untouched.
-        fused = (self.fused and not meta.all_greedy and meta.top_k is None and meta.top_p is None
-                 and meta.min_p is None and not meta.generators)
+        fused = self.fused and not meta.all_greedy and not meta.generators
         if not fused:
             logits = logits.float()
         raw_logprobs = None
@@ -239,9 +242,12 @@ class Sampler(torch.nn.Module):
         if meta.all_greedy:
             sampled = logits.argmax(dim=-1)
         elif fused:
+            logits, thresholds = logits.contiguous(), None
+            if meta.top_k is not None or meta.top_p is not None or meta.min_p is not None:
+                thresholds = kernels.sampling_thresholds(logits, meta.temperature, meta.top_k, meta.top_p, meta.min_p)
             # The seed comes from torch's global generator, so torch.manual_seed still rules.
             seed = int(torch.randint(0, 2**62, ()))
-            sampled = kernels.gumbel_sample(logits.contiguous(), meta.temperature, meta.greedy, seed)
+            sampled = kernels.gumbel_sample(logits, meta.temperature, meta.greedy, seed, thresholds)
         else:
             probs = apply_temperature_and_filters(logits, meta).softmax(dim=-1)
             sampled = exponential_race(probs, meta.generators)

@@ -207,3 +207,24 @@ def test_gumbel_sample_gpu_far_tail():
     tokens = gumbel_sample(logits, torch.ones(rows, device="cuda"), torch.zeros(rows, dtype=torch.bool, device="cuda"), 9)
     drawn = int((tokens != 0).sum())
     assert 5 <= drawn <= 30, drawn
+
+
+def test_sampling_thresholds_gpu_bf16():
+    """Top-k / top-p / min-p cut-offs without sorting, at Qwen3's vocabulary in bf16, keep the
+    tokens the sorting torch filters keep (at most one token apart, where float sums in a
+    different order land on the other side of the top-p boundary)."""
+    from nanovllm.kernels import sampling_thresholds
+    from nanovllm.layers.sampler import SamplingMetadata, SamplingRow, apply_temperature_and_filters
+    from nanovllm.sampling_params import SamplingParams
+    settings = [dict(top_k=50), dict(top_p=0.95), dict(top_k=50, top_p=0.9), dict(min_p=0.05),
+                dict(top_k=1000, top_p=0.5, min_p=0.01), dict(top_p=0.999)]
+    rows = [SamplingRow(SamplingParams(temperature=0.8, **kw), [], [], None, None) for kw in settings]
+    meta = SamplingMetadata.build(rows, 151936, torch.device("cuda"))
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(len(rows), 151936, generator=gen) * 3).to("cuda", torch.bfloat16)
+    kept = torch.isfinite(apply_temperature_and_filters(logits.float(), meta))
+    keys = sampling_thresholds(logits, meta.temperature, meta.top_k, meta.top_p, meta.min_p)
+    bits = logits.float().view(torch.int32)
+    ours = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) >= keys[:, None]
+    assert ((ours != kept).sum(-1) <= 1).all(), (ours.sum(-1).tolist(), kept.sum(-1).tolist())
+    assert (kept.sum(-1) > 1).all()

@@ -1,0 +1,74 @@
+"""The sort-free top-k / top-p / min-p thresholds against the torch filters that sort
+(layers/sampler.py), and sampling among the tokens they keep. In Triton's CPU interpreter
+without CUDA."""
+import pytest
+import torch
+
+from nanovllm.kernels import triton_available
+from nanovllm.layers.sampler import apply_min_p, apply_top_k_top_p
+from nanovllm.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def order_key(x: torch.Tensor) -> torch.Tensor:
+    bits = x.float().contiguous().view(torch.int32)
+    return torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+def reference_kept(logits, temperature, top_k, top_p, min_p):
+    """The torch sampler's filters (temperature, top-k, top-p, min-p) -> kept mask."""
+    from nanovllm.layers.sampler import SamplingMetadata, SamplingRow
+    rows = [SamplingRow(SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m), [], [], None, None)
+            for t, k, p, m in zip(temperature, top_k, top_p, min_p)]
+    meta = SamplingMetadata.build(rows, logits.shape[1], torch.device("cpu"))
+    x = logits / meta.temperature[:, None]
+    if meta.top_k is not None or meta.top_p is not None:
+        x = apply_top_k_top_p(x, meta)
+    if meta.min_p is not None:
+        x = apply_min_p(x, meta.min_p)
+    return torch.isfinite(x), meta
+
+
+CASES = [  # temperature, top_k, top_p, min_p
+    (1.0, 5, 1.0, 0.0), (0.7, 1, 1.0, 0.0), (1.0, 0, 0.9, 0.0), (1.3, 0, 0.3, 0.0), (0.5, 20, 0.8, 0.0),
+    (1.0, 0, 1.0, 0.1), (0.9, 8, 0.95, 0.05), (1.0, 0, 0.999, 0.0), (2.0, 99, 1.0, 0.0), (1.0, 3, 0.01, 0.0),
+]
+
+
+@pytest.mark.parametrize("vocab", [100, 2500])       # one tile; two tiles, the last partial
+def test_thresholds_keep_what_the_sorting_filters_keep(vocab):
+    from nanovllm.kernels import sampling_thresholds
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(len(CASES), vocab, generator=gen) * 3
+    logits[0, :10] = logits[0, 10]                    # ties at the top-k boundary are kept
+    t, k, p, m = (list(c) for c in zip(*CASES))
+    kept, meta = reference_kept(logits, t, k, p, m)
+    keys = sampling_thresholds(logits.to(DEVICE), meta.temperature.to(DEVICE),
+                               None if meta.top_k is None else meta.top_k.to(DEVICE),
+                               None if meta.top_p is None else meta.top_p.to(DEVICE),
+                               None if meta.min_p is None else meta.min_p.to(DEVICE)).cpu()
+    ours = order_key(logits) >= keys[:, None]
+    for row in range(len(CASES)):
+        assert torch.equal(ours[row], kept[row]), (CASES[row], int(ours[row].sum()), int(kept[row].sum()))
+
+
+def test_sampling_draws_only_kept_tokens_in_proportion():
+    from nanovllm.kernels import gumbel_sample, sampling_thresholds
+    gen = torch.Generator().manual_seed(3)
+    row = torch.randn(24, generator=gen) * 2
+    draws = 600
+    logits = row.expand(draws, -1).contiguous().to(DEVICE)
+    temperature = torch.full((draws,), 0.8, device=DEVICE)
+    # the rows are all alike: one row's threshold serves them all (the interpreter is slow)
+    keys = sampling_thresholds(logits[:1], temperature[:1], None, torch.full((1,), 0.7, device=DEVICE), None)
+    keys = keys.expand(draws).contiguous()
+    tokens = gumbel_sample(logits, temperature, torch.zeros(draws, dtype=torch.bool, device=DEVICE), 5, keys).cpu()
+    kept, _ = reference_kept(row[None], [0.8], [0], [0.7], [0.0])
+    assert kept[0][tokens].all(), "a filtered-out token was drawn"
+    expected = torch.where(kept[0], row / 0.8, float("-inf")).softmax(-1)
+    freq = torch.bincount(tokens, minlength=24).float() / draws
+    assert 0.5 * (freq - expected).abs().sum() < 0.07
+    assert int(kept[0].sum()) > 2                      # the test has something to get wrong
