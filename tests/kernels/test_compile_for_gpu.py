@@ -1,0 +1,130 @@
+"""Every Triton kernel compiles for an H100 (sm_90), checked on a machine without a GPU.
+
+The interpreter tests run the kernels' logic but not the compiler, which is stricter about
+types (a loop-carried value changing type, an out-of-range constant, ...). Here each kernel
+wrapper is called once under the interpreter, its launches are recorded (argument types,
+constexpr values), and a separate Python process, in which @triton.jit kernels are real
+JIT functions, compiles each launch for GPUTarget("cuda", 90, 32), also with bfloat16 in
+place of float16 (the models' dtype, which the interpreter cannot run).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanovllm.kernels import triton_available
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1"
+                                or not triton_available(),
+                                reason="checks the compiler from the CPU interpreter's recordings")
+
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+          torch.int64: "i64", torch.bool: "i1", torch.uint8: "u8", torch.int8: "i8"}
+
+
+def _launch_all_kernels():
+    """One representative call of every kernel wrapper (small CPU inputs)."""
+    from nanovllm import kernels
+    from tests.kernels.test_kernels import make_paged_batch
+    h = torch.float16
+    x = torch.randn(5, 64, dtype=h)
+    kernels.rms_norm(x, torch.ones(64, dtype=h), 1e-6)
+    kernels.add_rms_norm(x, x.clone(), torch.ones(64, dtype=h), 1e-6)
+    kernels.silu_and_mul(torch.randn(5, 96, dtype=h))
+    qkv = torch.randn(5, 8 * 32, dtype=h)
+    q, k, _ = qkv.split([4 * 32, 2 * 32, 2 * 32], dim=-1)
+    cos_sin = torch.randn(16, 32)
+    positions = torch.arange(5)
+    kernels.rotary_(q.view(5, 4, 32), k.view(5, 2, 32), cos_sin, positions)
+    kernels.rotary_(q.view(5, 4, 32), k.view(5, 2, 32), cos_sin, positions, torch.ones(32, dtype=h),
+                    torch.ones(32, dtype=h), 1e-6)
+    logits = torch.randn(3, 50, dtype=h)
+    temperature, greedy = torch.ones(3), torch.tensor([False, True, False])
+    keys = kernels.sampling_thresholds(logits, temperature, torch.tensor([5, 0, 0]), torch.tensor([1.0, 0.9, 0.5]),
+                                       torch.tensor([0.0, 0.1, 0.0]))
+    kernels.gumbel_sample(logits, temperature, greedy, 1)
+    kernels.gumbel_sample(logits, temperature, greedy, 1, keys)
+    batch = make_paged_batch([20, 9], [5, 1], 4, 2, 32, 16, dtype=h)
+    kernels.paged_prefill_attention(batch["q"], batch["k_cache"], batch["v_cache"], batch["cu_seqlens_q"],
+                                    batch["seq_lens"], batch["block_tables"], 5, 0.2)
+    decode = make_paged_batch([20, 9], [1, 1], 4, 2, 32, 16, dtype=h)
+    for splits in (1, 2):
+        kernels.paged_decode_attention(decode["q"], decode["k_cache"], decode["v_cache"], decode["seq_lens"],
+                                       decode["block_tables"], 0.2, num_splits=splits)
+    kv = torch.randn(3, 2, 32, dtype=h)
+    kernels.store_kv_cache(kv, kv, torch.zeros(2, 16, 2, 32, dtype=h), torch.zeros(2, 16, 2, 32, dtype=h),
+                           torch.tensor([0, 5, -1]))
+
+
+def _arg_type(value):
+    if isinstance(value, torch.Tensor):
+        return "*" + _TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {value!r}")
+
+
+def _record_launches(monkeypatch) -> list[dict]:
+    import inspect
+
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    launches, run = [], InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        params = inspect.signature(self.fn).parameters
+        bound = dict(zip(self.arg_names, args), **kwargs)
+        signature, constexprs = {}, {}
+        for name, param in params.items():
+            value = bound[name] if name in bound else param.default
+            if param.annotation in (tl.constexpr, "tl.constexpr"):
+                signature[name], constexprs[name] = "constexpr", value
+            else:
+                signature[name] = _arg_type(value)
+        launches.append(dict(module=self.fn.__module__, name=self.fn.__name__, signature=signature,
+                             constexprs=constexprs))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    _launch_all_kernels()
+    unique = {json.dumps(launch, sort_keys=True) for launch in launches}
+    with_bf16 = {u.replace('"*fp16"', '"*bf16"') for u in unique}
+    return [json.loads(u) for u in sorted(unique | with_bf16)]
+
+
+_COMPILE = """
+import importlib, json, sys, warnings
+warnings.filterwarnings("ignore")
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+for launch in json.load(sys.stdin):
+    kernel = getattr(importlib.import_module(launch["module"]), launch["name"])
+    try:
+        triton.compile(ASTSource(fn=kernel, signature=launch["signature"], constexprs=launch["constexprs"]),
+                       target=GPUTarget("cuda", 90, 32))
+    except Exception as e:
+        print(f"FAILED {launch['module']}.{launch['name']} {launch['signature']}: {e}")
+print("compiled", flush=True)
+"""
+
+
+def test_every_kernel_compiles_for_sm90(monkeypatch):
+    launches = _record_launches(monkeypatch)
+    names = {launch["name"] for launch in launches}
+    assert len(names) >= 9, names          # every kernel above was launched
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", _COMPILE], input=json.dumps(launches), env=env,
+                          capture_output=True, text=True, timeout=240)
+    failures = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    assert not failures, "\n".join(failures)
