@@ -7,7 +7,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case $step in
-    tests)   timeout 300 python -m pytest -q tests/gpu 2>&1 | tail -25 | tee "$OUT/tests.txt" ;;
+    tests)   timeout 300 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -25 | tee "$OUT/tests.txt" ;;
     enginetests) timeout 200 python -m pytest -q tests/gpu/test_engine_gpu.py 2>&1 | tail -8 | tee "$OUT/tests.txt" ;;
     tpsmoke) PYTHONFAULTHANDLER=1 timeout 150 python benchmarks/tp_smoke.py --eager 2>&1 | grep -v Warning | tail -40 | tee "$OUT/tp_smoke_eager.txt"
              PYTHONFAULTHANDLER=1 timeout 150 python benchmarks/tp_smoke.py 2>&1 | grep -v Warning | tail -40 | tee "$OUT/tp_smoke_graphs.txt" ;;
