@@ -7,8 +7,8 @@ needs no softmax, no division pass and no [rows, vocab] temporaries. The plain t
 about 0.8 ms of a 14 ms decode step at 256 rows x 151,936 tokens on an H100.
 
 Grid (rows, chunks of the vocabulary): each program scans its chunk, drawing the uniforms
-with Philox from (seed + row, token), and writes its best score and token; the
-host side then picks each row's best chunk. Rows marked greedy add no noise (plain argmax).
+with Philox from (seed + row, token), and writes its best score and token; two small torch
+ops on the device then pick each row's best chunk. Rows marked greedy add no noise (plain argmax).
 Ties go to the lowest token id, as torch.argmax.
 """
 import torch
