@@ -63,7 +63,20 @@ def test_n_completions_share_the_prompt(llm):
     assert alone.outputs[0].token_ids == out.outputs[1].token_ids
 
 
-def test_seeded_requests_do_not_depend_on_the_batch(llm):
+@pytest.fixture(scope="module")
+def fused_llm(tiny_qwen3):
+    """The CUDA sampler path (Triton kernels, in the interpreter here) in a CPU engine."""
+    from nanovllm.layers.sampler import Sampler
+    llm = LLM(tiny_qwen3, device="cpu", num_gpu_blocks_override=7, max_num_seqs=3, block_size=16)
+    llm.llm_engine.runner.sampler = Sampler(fused=True)
+    return llm
+
+
+@pytest.mark.parametrize("engine", ["llm", "fused_llm"])
+def test_seeded_requests_do_not_depend_on_the_batch(request, engine):
+    """Also through the fused sampler, whose seeded streams are keyed by seed and position,
+    with a cache small enough that the mixed run preempts and recomputes."""
+    llm = request.getfixturevalue(engine)
     params = SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_tokens=16, ignore_eos=True)
     alone = llm.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids
     others = [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)] * 2
@@ -72,6 +85,8 @@ def test_seeded_requests_do_not_depend_on_the_batch(llm):
     other_seed = llm.generate(PROMPTS[:1], SamplingParams(temperature=0.9, top_p=0.9, seed=4, max_tokens=16,
                                                           ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
     assert other_seed != alone
+    if engine == "fused_llm":
+        assert llm.llm_engine.scheduler.num_preemptions > 0
 
 
 def test_top_k_1_equals_greedy(llm):
@@ -148,3 +163,31 @@ def test_penalties_end_to_end(tiny_qwen3, hf_model, options):
     assert [o.outputs[0].token_ids for o in plain] != expected      # the penalties changed something
     if options:
         assert llm.llm_engine.scheduler.num_preemptions > 0
+
+
+def test_seeded_row_seed_is_a_function_of_the_token_position(fused_llm):
+    """The fused sampler's seed for a seeded request: the same for the same token position
+    whether the step was launched ahead (its input token still being sampled) or not, after
+    a prefill chunk or a decode step; different for the next position, the next completion
+    and an unseeded request (fresh from the global generator)."""
+    from nanovllm.engine.scheduler import ScheduledBatch
+    from nanovllm.engine.sequence import Sequence
+    runner = fused_llm.llm_engine.runner
+
+    def seed_of(seq, n, ahead, is_prefill=False):
+        return int(runner._row_seeds(ScheduledBatch([seq], [n], is_prefill, [True]), ahead)[0])
+
+    seq = Sequence("r", 0, list(range(10)), SamplingParams(seed=7))
+    draws_10 = seed_of(seq, 10, False, is_prefill=True)         # the prompt's last chunk
+    seq.num_computed_tokens = 10
+    seq.append_token(3)                                         # read back: token 10
+    draws_11 = seed_of(seq, 1, False)                           # a decode step, launched
+    draws_12_ahead = seed_of(seq, 1, True)                      # the next one, launched before 11 is read
+    seq.num_computed_tokens = 11
+    seq.append_token(4)                                         # now read back: token 11
+    assert seed_of(seq, 1, False) == draws_12_ahead             # token 12's seed, launched either way
+    assert len({draws_10, draws_11, draws_12_ahead}) == 3
+    sibling = Sequence("r", 1, list(range(10)), SamplingParams(seed=7))     # completion 1 of n
+    assert seed_of(sibling, 10, False, is_prefill=True) != draws_10
+    unseeded = Sequence("u", 0, list(range(10)), SamplingParams())
+    assert seed_of(unseeded, 10, False, True) != seed_of(unseeded, 10, False, True)

@@ -165,7 +165,7 @@ class ModelRunner:
         inputs = self.prepare(batch, input_ids)
         with torch.inference_mode():
             logits = self.execute(inputs)
-            return self.sample(batch, logits, eos_token_id)
+            return self.sample(batch, logits, eos_token_id, ahead=after is not None)
 
     def resolve(self, launched: "Launched") -> StepResult:
         """Wait for a launched step; the sampled token of each sequence (None mid-prompt)."""
@@ -187,9 +187,11 @@ class ModelRunner:
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
     @torch.inference_mode()
-    def sample(self, batch: ScheduledBatch, logits: torch.Tensor, eos_token_id: int | None) -> "Launched":
+    def sample(self, batch: ScheduledBatch, logits: torch.Tensor, eos_token_id: int | None,
+               ahead: bool = False) -> "Launched":
         """Queue the choice of the next token of every sequence that finished its prompt (or
-        decodes), and the logprobs that were asked for. Nothing is read back here."""
+        decodes), and the logprobs that were asked for. Nothing is read back here. `ahead`:
+        the batch was launched before the step it follows was read back (see launch)."""
         rows, prompt_rows, seqs = None, {}, batch.seqs    # decode: every sequence samples
         if batch.is_prefill:
             rows, row = [], 0
@@ -204,7 +206,8 @@ class ModelRunner:
             seqs = [seq for seq, samples in zip(batch.seqs, batch.samples) if samples]
         sample_logits = logits[rows] if rows is not None and len(rows) != logits.shape[0] else logits
         meta, histogram_rows = self._sampling_metadata(seqs, eos_token_id)
-        out: SamplerOutput = self.sampler(sample_logits, meta)
+        row_seeds = self._row_seeds(batch, ahead) if meta.generators and self.sampler.fused else None
+        out: SamplerOutput = self.sampler(sample_logits, meta, row_seeds)
         if histogram_rows is not None:
             self.histograms.record(histogram_rows, out.sampled_token_ids)
         prompt_logprobs = {}
@@ -238,6 +241,29 @@ class ModelRunner:
         reusable = not any(reads_tokens(s.params) for s in seqs)
         self._cached_meta = (key if reusable else None, meta)
         return meta, histogram_rows
+
+
+    def _row_seeds(self, batch: ScheduledBatch, ahead: bool) -> torch.Tensor:
+        """This step's seed for each sampling row of the fused sampler. A seeded request's is a
+        function of its seed, its completion index and the position of the token being drawn,
+        so its tokens depend on nothing else (batch, schedule, preemption); the other rows get
+        fresh draws from torch's global generator."""
+        base, seeds = int(torch.randint(0, 2**62, ())), []
+        for seq, n, samples in zip(batch.seqs, batch.num_new_tokens, batch.samples):
+            if samples:
+                seed = seq.params.seed
+                position = seq.num_computed_tokens + n + ahead      # index of the token drawn
+                seeds.append(base + len(seeds) if seed is None else _stream_seed(seed + seq.index, position))
+        return to_device(torch.tensor(seeds, dtype=torch.int64), self.device)
+
+
+def _stream_seed(seed: int, position: int) -> int:
+    """A 62-bit seed from (seed, position), mixed (splitmix64) so that neighbouring seeds and
+    positions give unrelated Philox keys."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 31)) >> 2
 
 
 def _to_host(obj):

@@ -20,9 +20,9 @@ from nanovllm.kernels.sampling_filters import order_key
 _CHUNK = 8192       # tokens per program: 19 programs per row for a 151,936-token vocabulary
 
 
-@triton.jit(do_not_specialize=["seed", "vocab_size"])
+@triton.jit(do_not_specialize=["vocab_size"])
 def _gumbel_argmax_kernel(
-    logits_ptr, stride_row, inv_temperature_ptr, noisy_ptr, threshold_ptr, seed, vocab_size,
+    logits_ptr, stride_row, inv_temperature_ptr, noisy_ptr, threshold_ptr, seeds_ptr, vocab_size,
     best_score_ptr, best_token_ptr, num_chunks,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
 ):
@@ -30,6 +30,7 @@ def _gumbel_argmax_kernel(
     chunk = tl.program_id(1)
     inv_temperature = tl.load(inv_temperature_ptr + row)
     noise_scale = tl.load(noisy_ptr + row)            # 1.0: sample, 0.0: greedy
+    seed = tl.load(seeds_ptr + row)
     if HAS_THRESHOLD:
         threshold = tl.load(threshold_ptr + row)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -40,9 +41,9 @@ def _gumbel_argmax_kernel(
         x = tl.load(logits_ptr + row * stride_row + tokens, mask=in_vocab, other=float("-inf")).to(tl.float32)
         if HAS_THRESHOLD:                              # filtered out by top-k / top-p / min-p
             x = tl.where(order_key(x) >= threshold, x, float("-inf"))
-        # One Philox stream per row (key seed + row, counter = token id): 32-bit counters keep
-        # Philox in 32-bit arithmetic (a 64-bit counter such as row * V + token would not).
-        u = tl.rand(seed + row, tokens)                    # [0, 1), steps of 2^-31 near 0
+        # One Philox stream per row (key = the row's seed, counter = token id): 32-bit counters
+        # keep Philox in 32-bit arithmetic (a 64-bit counter such as row * V + token would not).
+        u = tl.rand(seed, tokens)                          # [0, 1), steps of 2^-31 near 0
         # E = -log(1 - u) ~ Exp(1), and -log(E) is Gumbel. Computed so that small E (the large
         # Gumbel values that let a token far below the top win, rarely) keeps its precision.
         e = tl.where(u < 1e-4, u + 0.5 * u * u, -tl.log(1.0 - u))
@@ -58,10 +59,11 @@ def _gumbel_argmax_kernel(
 
 
 def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, greedy: torch.Tensor,
-                  seed: int, thresholds: torch.Tensor | None = None) -> torch.Tensor:
+                  seed: int | torch.Tensor, thresholds: torch.Tensor | None = None) -> torch.Tensor:
     """logits [B, V] (any float dtype), temperature [B] (> 0 on sampled rows), greedy [B] bool
-    -> [B] int64 tokens. `thresholds` [B] (sampling_filters.py's keys): only tokens at or above
-    them are drawn. The same seed and inputs give the same tokens."""
+    -> [B] int64 tokens. `seed`: one int (row b then uses seed + b) or [B] int64 seeds, one
+    per row; a row's draw depends only on its seed and its logits, not on the other rows.
+    `thresholds` [B] (sampling_filters.py's keys): only tokens at or above them are drawn."""
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"logits must be a [rows, vocab] tensor with contiguous rows, got shape "
                          f"{tuple(logits.shape)} and strides {logits.stride()}")
@@ -72,10 +74,14 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, greedy: torch
     noise_scale = (~greedy).float()
     best_score = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)
     best_token = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
+    if isinstance(seed, int):
+        seeds = seed + torch.arange(num_rows, dtype=torch.int64, device=logits.device)
+    else:
+        seeds = seed.to(device=logits.device, dtype=torch.int64).contiguous()
     if num_rows:
         _gumbel_argmax_kernel[(num_rows, num_chunks)](
             logits, logits.stride(0), inv_temperature, noise_scale,
-            thresholds if thresholds is not None else noise_scale, seed, vocab_size,
+            thresholds if thresholds is not None else noise_scale, seeds, vocab_size,
             best_score, best_token, num_chunks, CHUNK=chunk, BLOCK=min(1024, chunk),
             HAS_THRESHOLD=thresholds is not None)
     # torch.argmax picks the first best chunk, so ties still go to the lowest token id.

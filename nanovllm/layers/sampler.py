@@ -13,9 +13,10 @@ The order follows vLLM V1:
      with probability probs[i] without a cumulative sum or a host sync.
      Seeded rows draw E from their own generator, so their tokens do not depend on the
      other rows in the batch.
-On CUDA (`Sampler(fused=True)`), steps 5-6 of a batch without seeded rows run as two Triton
-kernels instead: each row's top-k/top-p/min-p threshold found without sorting, then the
-Gumbel-max draw among the tokens above it (the same distribution; kernels/).
+On CUDA (`Sampler(fused=True)`), steps 5-6 run as two Triton kernels instead: each row's
+top-k/top-p/min-p threshold found without sorting, then the Gumbel-max draw among the tokens
+above it (the same distribution; kernels/). There, seeded rows draw from Philox streams keyed
+by per-row seeds the engine derives from the request's seed and the token's position.
 
 Everything is vectorised over the batch; a step that no row uses is skipped, and an
 all-greedy batch never computes a softmax. Nothing in `Sampler.forward` reads a tensor
@@ -217,16 +218,19 @@ class SamplerOutput:
 class Sampler(torch.nn.Module):
     """`fused=True` (the CUDA default) draws the tokens with Triton kernels: the top-k/top-p/
     min-p cut-offs found without sorting (kernels/sampling_filters.py), then one Gumbel-max pass
-    (kernels/gumbel_sample.py). Batches with seeded rows, and the CPU, take the torch steps
-    below, which are also the kernels' reference."""
+    (kernels/gumbel_sample.py). The CPU takes the torch steps below, which are also the kernels'
+    reference, and so does a batch with seeded rows unless the caller gives `row_seeds`."""
 
     def __init__(self, fused: bool = False):
         super().__init__()
         self.fused = fused
 
-    def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+    def forward(self, logits: torch.Tensor, meta: SamplingMetadata,
+                row_seeds: torch.Tensor | None = None) -> SamplerOutput:
+        """`row_seeds` [B] int64 (fused path only): each row's seed for this draw; without
+        them the fused path seeds the rows from torch's global generator."""
         # All ops below are out of place: the caller's logits stay untouched.
-        fused = self.fused and not meta.all_greedy and not meta.generators
+        fused = self.fused and not meta.all_greedy and (not meta.generators or row_seeds is not None)
         if not fused:
             logits = logits.float()
         raw_logprobs = None
@@ -245,8 +249,8 @@ class Sampler(torch.nn.Module):
             logits, thresholds = logits.contiguous(), None
             if meta.top_k is not None or meta.top_p is not None or meta.min_p is not None:
                 thresholds = kernels.sampling_thresholds(logits, meta.temperature, meta.top_k, meta.top_p, meta.min_p)
-            # The seed comes from torch's global generator, so torch.manual_seed still rules.
-            seed = int(torch.randint(0, 2**62, ()))
+            # Unless given, the seed comes from torch's global generator (torch.manual_seed rules).
+            seed = row_seeds if row_seeds is not None else int(torch.randint(0, 2**62, ()))
             sampled = kernels.gumbel_sample(logits, meta.temperature, meta.greedy, seed, thresholds)
         else:
             probs = apply_temperature_and_filters(logits, meta).softmax(dim=-1)
