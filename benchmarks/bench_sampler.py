@@ -38,8 +38,10 @@ def main() -> None:
                 for i in range(B)]
         meta = SamplingMetadata.build(rows, V, device)
         plain = triton.testing.do_bench(lambda: torch_sampler(logits, meta), return_mode="median")
-        forward = triton.testing.do_bench(lambda: sampler(logits, meta), return_mode="median")
-        both = triton.testing.do_bench(lambda: sampler(logits, SamplingMetadata.build(rows, V, device)),
+        # the engine gives seeded rows their own seeds (ModelRunner._row_seeds)
+        seeds = torch.randint(0, 2**62, (B,), device=device) if params.seed is not None else None
+        forward = triton.testing.do_bench(lambda: sampler(logits, meta, seeds), return_mode="median")
+        both = triton.testing.do_bench(lambda: sampler(logits, SamplingMetadata.build(rows, V, device), seeds),
                                        return_mode="median")
         print(f"{name:<24} {plain:>10.3f} {forward:>11.3f} {both:>20.3f}")
 
