@@ -9,7 +9,8 @@ for step in "$@"; do
   case $step in
     tests)   timeout 300 python -m pytest -q tests/gpu tests/kernels 2>&1 | tail -25 | tee "$OUT/tests.txt" ;;
     enginetests) timeout 200 python -m pytest -q tests/gpu/test_engine_gpu.py 2>&1 | tail -8 | tee "$OUT/tests.txt" ;;
-    tpsmoke) PYTHONFAULTHANDLER=1 timeout 150 python benchmarks/tp_smoke.py --eager 2>&1 | grep -v Warning | tail -40 | tee "$OUT/tp_smoke_eager.txt"
+    tpsmoke) timeout 90 python benchmarks/nccl_graph_check.py 2>&1 | tail -20 | tee "$OUT/nccl_graph_check.txt"
+             PYTHONFAULTHANDLER=1 timeout 150 python benchmarks/tp_smoke.py --eager 2>&1 | grep -v Warning | tail -40 | tee "$OUT/tp_smoke_eager.txt"
              PYTHONFAULTHANDLER=1 timeout 150 python benchmarks/tp_smoke.py 2>&1 | grep -v Warning | tail -40 | tee "$OUT/tp_smoke_graphs.txt" ;;
     tp)      timeout 200 python -m pytest -q tests/gpu/test_tp_gpu.py 2>&1 | tail -8 | tee "$OUT/tests_tp.txt"
              timeout 200 python bench.py --quiet --tensor-parallel-size 2 --json "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench_tp2.txt" ;;
