@@ -109,7 +109,7 @@ class EngineConfig:
             raise ValueError(f"max_model_len={self.max_model_len} is larger than the model's maximum "
                              f"context length ({limit}, max_position_embeddings in its config).")
         if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = max(default_max_num_batched_tokens(self.device), self.max_num_seqs)
+            self.max_num_batched_tokens = default_max_num_batched_tokens(self.device, self.max_num_seqs)
             if not self.enable_chunked_prefill:      # every prompt must then fit one step
                 self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_model_len)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
@@ -138,14 +138,14 @@ class EngineConfig:
         return int(float(os.environ.get("NANOVLLM_CPU_KVCACHE_GIB", DEFAULT_CPU_KV_CACHE_GIB)) * 2**30)
 
 
-def default_max_num_batched_tokens(device: str, server: bool = False) -> int:
+def default_max_num_batched_tokens(device: str, max_num_seqs: int, server: bool = False) -> int:
     """vLLM's defaults: the LLM class computes up to 16384 tokens a step on a CUDA GPU of at
-    least 70 GiB other than an A100, else 8192; its OpenAI server 8192, else 2048."""
+    least 70 GiB other than an A100, else 8192; its OpenAI server 8192, else 2048. Never fewer
+    than max_num_seqs: every running sequence needs its token in a decode step."""
     large = (device == "cuda" and torch.cuda.get_device_properties(0).total_memory >= 70 * 2**30
              and "A100" not in torch.cuda.get_device_name(0))
-    if server:
-        return 8192 if large else 2048
-    return 16384 if large else 8192
+    budget = (8192 if large else 2048) if server else (16384 if large else 8192)
+    return max(budget, max_num_seqs)
 
 
 def resolve_device(device: str) -> str:

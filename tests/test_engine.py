@@ -170,9 +170,11 @@ def test_chunked_prefill_can_be_turned_off(tiny_qwen3, prompts, expected):
 def test_step_token_budget_defaults_follow_vllm(tiny_qwen3, monkeypatch):
     from nanovllm.config import EngineConfig, default_max_num_batched_tokens
     assert EngineConfig(tiny_qwen3, device="cpu").max_num_batched_tokens == 8192
-    assert default_max_num_batched_tokens("cpu", server=True) == 2048
+    assert default_max_num_batched_tokens("cpu", 256, server=True) == 2048
+    assert default_max_num_batched_tokens("cpu", 4096) == 4096
     # An 80 GiB H100 gets vLLM's larger budgets; an 80 GiB A100 does not.
     for name, expected in (("NVIDIA H100 80GB HBM3", (16384, 8192)), ("NVIDIA A100-SXM4-80GB", (8192, 2048))):
         monkeypatch.setattr("torch.cuda.get_device_properties", lambda i: type("P", (), {"total_memory": 80 * 2**30}))
         monkeypatch.setattr("torch.cuda.get_device_name", lambda i, name=name: name)
-        assert (default_max_num_batched_tokens("cuda"), default_max_num_batched_tokens("cuda", server=True)) == expected
+        assert (default_max_num_batched_tokens("cuda", 256),
+                default_max_num_batched_tokens("cuda", 256, server=True)) == expected

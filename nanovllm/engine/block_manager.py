@@ -84,16 +84,17 @@ class BlockManager:
         """Enter seq's blocks that are full within its first `num_computed` tokens into the
         prefix cache. Called when a step is scheduled: the step writes their keys/values
         before any attention reads them (every layer stores before it attends)."""
-        if not self.enable_prefix_caching:
-            return
-        for i in range(seq.num_blocks_seen, num_computed // self.block_size):
+        full = num_computed // self.block_size
+        if not self.enable_prefix_caching or full <= seq.num_blocks_seen:
+            return                                # (most decode steps fill no block)
+        for i in range(seq.num_blocks_seen, full):
             block = self.blocks[seq.block_table[i]]
             h = self._hash_of(seq, i)
             # A block already cached (a hit) stays; an identical block elsewhere keeps the entry.
             if block.hash is None and h not in self.cached:
                 block.hash, block.token_ids = h, tuple(self._block_tokens(seq, i))
                 self.cached[h] = block.block_id
-        seq.num_blocks_seen = max(seq.num_blocks_seen, num_computed // self.block_size)
+        seq.num_blocks_seen = full
 
     # -- allocation --------------------------------------------------------------------
     def _take_free_block(self) -> Block:

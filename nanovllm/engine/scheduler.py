@@ -134,9 +134,7 @@ class Scheduler:
             seq.num_computed_tokens += n
             if token is not None:
                 seq.append_token(token)
-            # Prefill blocks were offered when scheduled; a decode token fills a block only
-            # every block_size steps.
-            if not batch.is_prefill and seq.num_computed_tokens % self.block_size == 0:
+            if not batch.is_prefill:              # prefill blocks were offered when scheduled
                 self.block_manager.cache_computed_blocks(seq, seq.num_computed_tokens)
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:

@@ -113,10 +113,9 @@ def run_server(model: str, host: str | None = None, port: int = 8000, api_key: s
     """Load the model, then serve it until interrupted (what `nanovllm serve` runs)."""
     import uvicorn
     if engine_kwargs.get("max_num_batched_tokens") is None and engine_kwargs.get("enable_chunked_prefill", True):
-        # vllm serve's smaller step budget (but room for a token of every running sequence)
-        device = resolve_device(engine_kwargs.get("device", "auto"))
+        device = resolve_device(engine_kwargs.get("device", "auto"))     # vllm serve's smaller budget
         max_num_seqs = engine_kwargs.get("max_num_seqs") or EngineConfig.max_num_seqs
-        engine_kwargs["max_num_batched_tokens"] = max(default_max_num_batched_tokens(device, server=True), max_num_seqs)
+        engine_kwargs["max_num_batched_tokens"] = default_max_num_batched_tokens(device, max_num_seqs, server=True)
     engine = AsyncLLM.from_kwargs(model, **engine_kwargs)
     try:
         app = build_app(engine, served_model_name, api_key, load_chat_template(chat_template))
