@@ -52,7 +52,7 @@ class DecodeGraphs:
                                  is_decode=True)
 
     def fits(self, inputs) -> bool:
-        return inputs.input_ids.shape[0] <= self.max_batch_size \
+        return bool(self.graphs) and inputs.input_ids.shape[0] <= self.max_batch_size \
             and inputs.meta.block_tables.shape[1] <= self.block_tables.shape[1]
 
     def replay(self, inputs) -> torch.Tensor:
@@ -70,3 +70,13 @@ class DecodeGraphs:
         self.block_tables[:n, :width] = meta.block_tables
         self.graphs[bs].replay()
         return self.outputs[bs][:n]
+
+    def release(self) -> None:
+        """Free the graphs now. Tensor parallelism needs this before destroying the process
+        group: NCCL cannot destroy a communicator that a live graph has captured (it waits
+        forever; pytorch/pytorch#115388)."""
+        torch.cuda.synchronize()
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.outputs.clear()

@@ -136,6 +136,7 @@ class TensorParallelRunner(ModelRunner):
             init_process_group(config, 0, self.workers.store)
             self.workers.process_group = True
             super().__init__(config)
+            self.workers.graphs = self.graphs   # a graph holds no reference to this runner
             self.workers.wait_for("ready")
         except BaseException as e:
             error = self.workers.explain(e)

@@ -73,6 +73,8 @@ def _worker_main(config: EngineConfig, rank: int, port: int, conn, cpu_threads: 
         runner = ModelRunner(config)
         conn.send(("ready", runner.num_blocks))
         serve(runner, conn)                             # EOFError when rank 0 is gone
+        if runner.graphs is not None:
+            runner.graphs.release()                     # before destroy_process_group, see release()
     except EOFError:
         os._exit(1)
     except BaseException:
@@ -119,6 +121,7 @@ class Workers:
         self.last_words: str | None = None  # the traceback a failing worker sent
         self.closed = False
         self.process_group = False        # whether rank 0 joined the process group
+        self.graphs = None                # rank 0's DecodeGraphs: released before the group is destroyed
         # On the CPU the ranks share the cores: N processes each running torch's full thread
         # pool oversubscribe them (OpenMP threads spin while they wait), which is ~20x slower.
         self.saved_threads = torch.get_num_threads()
@@ -278,6 +281,9 @@ class Workers:
                     pass
         else:
             grace_s = 1.0                     # workers may be stuck in a collective
+        if self.graphs is not None and self.failure is None:
+            self.graphs.release()
+        self.graphs = None
         if self.process_group and dist.is_initialized():
             try:
                 dist.destroy_process_group()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from tests.conftest import hf_greedy, random_prompts
+from tests.conftest import assert_greedy_parts_only_at_near_ties, hf_greedy, random_prompts
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -40,16 +40,8 @@ def test_graphs_match_eager_in_bf16(tiny_qwen3, prompts):
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=2)
     eager = LLM(tiny_qwen3, device="cuda", dtype="bfloat16", enforce_eager=True).generate(prompts, params, use_tqdm=False)
     graphs = LLM(tiny_qwen3, device="cuda", dtype="bfloat16").generate(prompts, params, use_tqdm=False)
-    for a, b in zip(eager, graphs):
-        a, b = a.outputs[0], b.outputs[0]
-        assert a.token_ids[0] == b.token_ids[0]
-        split = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
-        if split is not None:
-            x, y = a.token_ids[split], b.token_ids[split]
-            other = a.logprobs[split].get(y)
-            assert other is not None, f"diverged at token {split} to a token outside eager's top 2"
-            gap = abs(a.logprobs[split][x].logprob - other.logprob)
-            assert gap < 0.1, f"diverged at token {split} with a logprob gap of {gap}"
+    assert all(a.outputs[0].token_ids[0] == b.outputs[0].token_ids[0] for a, b in zip(eager, graphs))
+    assert_greedy_parts_only_at_near_ties(eager, graphs, max_gap=0.1, max_logprob_diff=0.25)
 
 
 def test_seeded_sampling_on_gpu_is_reproducible(tiny_qwen3, prompts):
