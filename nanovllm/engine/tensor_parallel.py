@@ -154,6 +154,8 @@ class TensorParallelRunner(ModelRunner):
 
     def resolve(self, launched) -> StepResult:
         try:
+            if launched.ready.event is not None:
+                self.workers.wait(launched.ready.event)
             result = super().resolve(launched)
         except BaseException as e:     # e.g. a CUDA error after the watchdog aborted NCCL
             error = self.workers.explain(e, out_of_step=False)

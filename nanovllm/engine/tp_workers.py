@@ -118,6 +118,7 @@ class Workers:
         self.nccl = config.device == "cuda"
         self.procs, self.conns = [], []
         self.failure: str | None = None   # why the workers can no longer be driven
+        self.death: str | None = None     # set by the watchdog thread the moment a worker dies
         self.last_words: str | None = None  # the traceback a failing worker sent
         self.closed = False
         self.process_group = False        # whether rank 0 joined the process group
@@ -190,6 +191,16 @@ class Workers:
         if payload.numel():
             dist.broadcast(payload, src=0)
 
+    def wait(self, event: torch.cuda.Event) -> None:
+        """Wait for `event` (a step's results), raising as soon as a worker dies. An NCCL
+        kernel waits for a dead peer forever, and aborting the communicator may not free a
+        kernel a CUDA graph launched, so rank 0 polls instead of blocking in the driver."""
+        while not event.query():
+            if self.death is not None:
+                self.failure = self.failure or self.death
+                raise TensorParallelError(self.death)
+            time.sleep(0)                     # let other threads (the watchdog) run
+
     def check(self) -> None:
         """Raise if a worker is gone or the ranks are out of step."""
         if self.failure is None:
@@ -260,7 +271,8 @@ class Workers:
         if self.closed or self._wake_r in ready:
             return
         rank, proc = sentinels[ready[0]]
-        logger.error("%s", self._death_note(rank, proc))
+        self.death = self._death_note(rank, proc)
+        logger.error("%s", self.death)
         if self.nccl and self.process_group:
             try:
                 dist.distributed_c10d._abort_process_group()
@@ -273,6 +285,7 @@ class Workers:
             return
         self.closed = True
         os.write(self._wake_w, b"x")
+        self.failure = self.failure or self.death
         if self.failure is None:              # workers wait on their pipes: ask them to leave
             for conn in self.conns:
                 try:
@@ -281,14 +294,22 @@ class Workers:
                     pass
         else:
             grace_s = 1.0                     # workers may be stuck in a collective
-        if self.graphs is not None and self.failure is None:
-            self.graphs.release()
-        self.graphs = None
         if self.process_group and dist.is_initialized():
             try:
-                dist.destroy_process_group()
+                if self.failure is None:
+                    if self.graphs is not None:   # a communicator a live graph captured cannot be destroyed
+                        self.graphs.release()
+                    dist.destroy_process_group()
+                elif self.nccl:
+                    # Ranks out of step, a graph perhaps stuck in an all-reduce: destroying would
+                    # wait forever. Abort instead, unless the watchdog is already at it (a death).
+                    if self.death is None:
+                        dist.distributed_c10d._abort_process_group()
+                else:
+                    dist.destroy_process_group()
             except Exception as e:
-                logger.warning("destroying the process group failed: %s", e)
+                logger.warning("tearing down the process group failed: %s", e)
+        self.graphs = None
         self.process_group = False
         deadline = time.monotonic() + grace_s
         for proc in self.procs:

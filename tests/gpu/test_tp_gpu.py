@@ -65,10 +65,11 @@ def test_tp2_matches_tp1_bf16_cuda_graphs(checkpoint, prompts):
 
 
 _CHILD = textwrap.dedent("""
-    import json, os, signal, sys, threading, time
+    import faulthandler, json, os, signal, sys, threading, time
     from nanovllm import LLM, SamplingParams
 
     def main():
+        faulthandler.dump_traceback_later(100, exit=True)     # a hang shows its stacks
         llm = LLM(sys.argv[1], tensor_parallel_size=2, **json.loads(sys.argv[2]))
         pid = llm.llm_engine.runner.worker_pids[0]
         threading.Timer(1.0, lambda: os.kill(pid, signal.SIGKILL)).start()
@@ -78,7 +79,9 @@ _CHILD = textwrap.dedent("""
                 llm.generate([[5] * 50] * 8, SamplingParams(max_tokens=500, ignore_eos=True), use_tqdm=False)
             print("no error")
         except RuntimeError as e:
-            print(json.dumps({"error": str(e), "after_s": time.monotonic() - start}))
+            print(json.dumps({"error": str(e), "after_s": time.monotonic() - start}), flush=True)
+        llm.llm_engine.shutdown()
+        print(json.dumps({"shut_down_s": time.monotonic() - start}), flush=True)
 
     if __name__ == "__main__":
         main()
@@ -95,12 +98,12 @@ def test_killed_worker_raises_on_gpu(checkpoint, tmp_path):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                              start_new_session=True)
     try:
-        out, err = child.communicate(timeout=240)
+        out, err = child.communicate(timeout=150)
     except subprocess.TimeoutExpired:
         os.killpg(child.pid, signal.SIGKILL)
         out, err = child.communicate()
         pytest.fail(f"the engine hung after a worker was killed:\n{err[-3000:]}")
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    assert lines, f"no result from the child:\n{out}\n{err[-3000:]}"
-    result = json.loads(lines[-1])
-    assert "worker rank 1" in result["error"], result
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(results) == 2, f"the child did not fail and shut down:\n{out}\n{err[-4000:]}"
+    assert "worker rank 1" in results[0]["error"], results
+    assert results[0]["after_s"] < 60 and results[1]["shut_down_s"] < 90, results
