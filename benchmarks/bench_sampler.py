@@ -3,10 +3,13 @@ to compare with a decode step's time (`benchmarks/profile_step.py 256`). GPU onl
 
     PYTHONPATH=. python benchmarks/bench_sampler.py
 """
+from types import SimpleNamespace
+
 import torch
 import triton.testing
 
-from nanovllm.layers.sampler import Sampler, SamplingMetadata, SamplingRow
+from nanovllm.engine.token_histograms import TokenHistograms
+from nanovllm.layers.sampler import Sampler, SamplingMetadata, SamplingRow, uses_penalties
 from nanovllm.sampling_params import SamplingParams
 
 B, V = 256, 151936
@@ -33,16 +36,26 @@ def main() -> None:
     print(f"{'setting':<24} {'ms (torch)':>10} {'ms (engine)':>11} {'ms (build + engine)':>20}")
     for name, kwargs in SETTINGS.items():
         params = SamplingParams(**kwargs)
-        rows = [SamplingRow.of(params, prompt + output, len(prompt),
-                               torch.Generator(device=device).manual_seed(i) if params.seed is not None else None, 2)
+        seqs = [SimpleNamespace(seq_id=i, token_ids=prompt + output, num_prompt_tokens=len(prompt))
                 for i in range(B)]
-        meta = SamplingMetadata.build(rows, V, device)
+        generators = [torch.Generator(device=device).manual_seed(i) if params.seed is not None else None
+                      for i in range(B)]
+        histograms = TokenHistograms(V, B, device) if uses_penalties(params) else None
+
+        def build():
+            """The metadata as ModelRunner._sampling_metadata builds it (penalties: from the
+            device histograms, which after the first step only gain a token per row)."""
+            counts = histograms.gather(seqs)[1:] if histograms is not None else None
+            rows = [SamplingRow.of(params, s.token_ids, s.num_prompt_tokens, g, 2, counts_kept=counts is not None)
+                    for s, g in zip(seqs, generators)]
+            return SamplingMetadata.build(rows, V, device, counts)
+
+        meta = build()
         plain = triton.testing.do_bench(lambda: torch_sampler(logits, meta), return_mode="median")
         # the engine gives seeded rows their own seeds (ModelRunner._row_seeds)
         seeds = torch.randint(0, 2**62, (B,), device=device) if params.seed is not None else None
         forward = triton.testing.do_bench(lambda: sampler(logits, meta, seeds), return_mode="median")
-        both = triton.testing.do_bench(lambda: sampler(logits, SamplingMetadata.build(rows, V, device), seeds),
-                                       return_mode="median")
+        both = triton.testing.do_bench(lambda: sampler(logits, build(), seeds), return_mode="median")
         print(f"{name:<24} {plain:>10.3f} {forward:>11.3f} {both:>20.3f}")
 
 

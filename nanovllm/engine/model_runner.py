@@ -214,7 +214,7 @@ class ModelRunner:
         for i, (start, count) in prompt_rows.items():
             seq, first = batch.seqs[i], batch.seqs[i].num_computed_tokens
             targets = to_device(torch.tensor(seq.token_ids[first + 1:first + 1 + count]), logits.device)
-            prompt_logprobs[i] = gather_logprobs(torch.log_softmax(logits[start:start + count].float(), dim=-1),
+            prompt_logprobs[i] = gather_logprobs(logits[start:start + count],
                                                  targets, seq.params.prompt_logprobs)
         # Start copying the results to the host now. Reading them later waits for this step
         # only, not for a step launched after it (a plain .tolist() would wait for everything).
@@ -241,7 +241,6 @@ class ModelRunner:
         reusable = not any(reads_tokens(s.params) for s in seqs)
         self._cached_meta = (key if reusable else None, meta)
         return meta, histogram_rows
-
 
     def _row_seeds(self, batch: ScheduledBatch, ahead: bool) -> torch.Tensor:
         """This step's seed for each sampling row of the fused sampler. A seeded request's is a

@@ -5,6 +5,7 @@
     paged_decode_attention   one query token per sequence, split-KV       (decode_attention.py)
     gumbel_sample            one token per row from softmax(logits / T)  (gumbel_sample.py)
     sampling_thresholds      top-k / top-p / min-p cut-offs, no sorting  (sampling_filters.py)
+    apply_penalties          repetition/frequency/presence, one pass     (penalties.py)
     rms_norm, add_rms_norm   RMSNorm, optionally after the residual add   (rms_norm.py)
     rotary_                  RoPE on q and k in place, optional q/k norm  (rotary.py)
     silu_and_mul             the gated MLP's activation                  (silu_and_mul.py)
@@ -28,6 +29,7 @@ _LAZY = {
     "paged_decode_attention": ".decode_attention",
     "gumbel_sample": ".gumbel_sample",
     "sampling_thresholds": ".sampling_filters",
+    "apply_penalties": ".penalties",
     "rms_norm": ".rms_norm",
     "add_rms_norm": ".rms_norm",
     "rotary_": ".rotary",

@@ -1,7 +1,7 @@
 """The sampler: from the last position's logits to one token per sequence.
 
 The order follows vLLM V1:
-  1. logprobs, if any row asked, from the RAW logits (log_softmax before anything below:
+  1. logprobs, if any row asked, from the RAW logits (log-softmax before anything below:
      vLLM's default logprobs_mode "raw_logprobs"; so they ignore min_tokens masking,
      penalties, temperature and the top-k/top-p/min-p filters);
   2. min_tokens: EOS and stop_token_ids get -inf until the row has min_tokens outputs;
@@ -198,15 +198,19 @@ class LogprobsTensors:
     top_logprobs: torch.Tensor    # [N, k] float32
 
 
-def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobsTensors:
-    """`logprobs` [N, V] (already log-softmaxed), `token_ids` [N]: each token's logprob and
-    rank, and the top k. Also used by the engine for prompt logprobs."""
+def gather_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobsTensors:
+    """`logits` [N, V] (raw, any float dtype), `token_ids` [N]: each token's logprob and rank,
+    and the top k. A logprob is logit - logsumexp(row), in float32; ranks and the top k are
+    found on the logits themselves (log-softmax keeps their order), so no [N, V] float32
+    log-softmax is written. Also used by the engine for prompt logprobs."""
     token_ids = token_ids.long()
-    token_logprobs = logprobs.gather(-1, token_ids[:, None])          # [N, 1]
+    logsumexp = torch.logsumexp(logits.float(), dim=-1, keepdim=True)            # [N, 1]
+    token_logits = logits.gather(-1, token_ids[:, None])                        # [N, 1]
     # Rank as vLLM counts it: how many tokens are at least as likely (ties rank low).
-    token_ranks = (logprobs >= token_logprobs).sum(-1)
-    top_logprobs, top_ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
-    return LogprobsTensors(token_ids, token_logprobs.squeeze(-1), token_ranks, top_ids, top_logprobs)
+    token_ranks = (logits >= token_logits).sum(-1)
+    top_logits, top_ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
+    return LogprobsTensors(token_ids, (token_logits.float() - logsumexp).squeeze(-1), token_ranks, top_ids,
+                           top_logits.float() - logsumexp)
 
 
 @dataclass
@@ -233,15 +237,17 @@ class Sampler(torch.nn.Module):
         fused = self.fused and not meta.all_greedy and (not meta.generators or row_seeds is not None)
         if not fused:
             logits = logits.float()
-        raw_logprobs = None
-        if meta.max_num_logprobs is not None:
-            raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
+        raw_logits = logits if meta.max_num_logprobs is not None else None
 
         if meta.min_tokens_rows is not None:
             logits = logits.index_put((meta.min_tokens_rows, meta.min_tokens_ids),
                                       logits.new_full((), float("-inf")))
         if meta.output_counts is not None:
-            logits = apply_penalties(logits, meta)
+            if self.fused:
+                logits = kernels.apply_penalties(logits.contiguous(), meta.output_counts, meta.prompt_mask,
+                                                 meta.repetition_penalty, meta.frequency_penalty, meta.presence_penalty)
+            else:
+                logits = apply_penalties(logits, meta)
 
         if meta.all_greedy:
             sampled = logits.argmax(dim=-1)
@@ -259,8 +265,8 @@ class Sampler(torch.nn.Module):
                 sampled = torch.where(meta.greedy, logits.argmax(dim=-1), sampled)
 
         out = None
-        if raw_logprobs is not None:
-            out = gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs)
+        if raw_logits is not None:
+            out = gather_logprobs(raw_logits, sampled, meta.max_num_logprobs)
         return SamplerOutput(sampled, out)
 
 

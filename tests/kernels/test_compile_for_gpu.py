@@ -46,6 +46,9 @@ def _launch_all_kernels():
     keys = kernels.sampling_thresholds(logits, temperature, torch.tensor([5, 0, 0]), torch.tensor([1.0, 0.9, 0.5]),
                                        torch.tensor([0.0, 0.1, 0.0]))
     kernels.gumbel_sample(logits, temperature, greedy, 1)
+    counts, seen = torch.zeros(3, 50), torch.zeros(3, 50, dtype=torch.bool)
+    kernels.apply_penalties(logits, counts, seen, temperature, temperature, temperature)
+    kernels.apply_penalties(logits, counts, None, None, temperature, temperature)
     kernels.gumbel_sample(logits, temperature, greedy, 1, keys)
     batch = make_paged_batch([20, 9], [5, 1], 4, 2, 32, 16, dtype=h)
     kernels.paged_prefill_attention(batch["q"], batch["k_cache"], batch["v_cache"], batch["cu_seqlens_q"],

@@ -38,14 +38,17 @@ CASES = [  # temperature, top_k, top_p, min_p
 ]
 
 
-@pytest.mark.parametrize("vocab", [100, 2500])       # one tile; two tiles, the last partial
-def test_thresholds_keep_what_the_sorting_filters_keep(vocab):
+@pytest.mark.parametrize("vocab, dtype", [
+    (100, torch.float32), (2500, torch.float32),      # one tile; several tiles, the last partial
+    (700, torch.float16),                             # 16-bit keys (as bf16 on the GPU)
+])
+def test_thresholds_keep_what_the_sorting_filters_keep(vocab, dtype):
     from nanovllm.kernels import sampling_thresholds
     gen = torch.Generator().manual_seed(vocab)
-    logits = torch.randn(len(CASES), vocab, generator=gen) * 3
+    logits = (torch.randn(len(CASES), vocab, generator=gen) * 3).to(dtype)
     logits[0, :10] = logits[0, 10]                    # ties at the top-k boundary are kept
     t, k, p, m = (list(c) for c in zip(*CASES))
-    kept, meta = reference_kept(logits, t, k, p, m)
+    kept, meta = reference_kept(logits.float(), t, k, p, m)
     keys = sampling_thresholds(logits.to(DEVICE), meta.temperature.to(DEVICE),
                                None if meta.top_k is None else meta.top_k.to(DEVICE),
                                None if meta.top_p is None else meta.top_p.to(DEVICE),

@@ -1,0 +1,39 @@
+"""The one-pass penalties kernel against the torch chain in layers/sampler.py. In Triton's
+CPU interpreter without CUDA."""
+import pytest
+import torch
+
+from nanovllm.kernels import triton_available
+from nanovllm.layers.sampler import SamplingMetadata, SamplingRow, apply_penalties
+from nanovllm.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])   # bf16 is only loaded
+@pytest.mark.parametrize("which", [
+    dict(repetition_penalty=1.3), dict(frequency_penalty=0.4, presence_penalty=-0.7),
+    dict(repetition_penalty=0.8, frequency_penalty=-0.2, presence_penalty=0.5),
+])
+def test_penalties_kernel_matches_torch(dtype, which):
+    from nanovllm import kernels
+    vocab = 5000                                     # two tiles, the last partial
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(3):                               # the last row has no penalty at all
+        params = SamplingParams(temperature=0.8, **(which if i < 2 else {}))
+        ids = torch.randint(0, vocab, (80,), generator=gen).tolist()
+        rows.append(SamplingRow.of(params, ids, 30, None, 0))
+    meta = SamplingMetadata.build(rows, vocab, torch.device("cpu"))
+    logits = (torch.randn(3, vocab, generator=gen) * 3).to(dtype)
+    expected = apply_penalties(logits.float(), meta)
+    move = (lambda t: None if t is None else t.to(DEVICE))
+    ours = kernels.apply_penalties(logits.to(DEVICE), move(meta.output_counts), move(meta.prompt_mask),
+                                   move(meta.repetition_penalty), move(meta.frequency_penalty),
+                                   move(meta.presence_penalty)).cpu()
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(ours[:2], logits[:2].float())       # the penalties did something
+    assert torch.equal(ours[2], logits[2].float())             # and nothing to the plain row
