@@ -191,3 +191,18 @@ def test_seeded_row_seed_is_a_function_of_the_token_position(fused_llm):
     assert seed_of(sibling, 10, False, is_prefill=True) != draws_10
     unseeded = Sequence("u", 0, list(range(10)), SamplingParams())
     assert seed_of(unseeded, 10, False, True) != seed_of(unseeded, 10, False, True)
+
+
+def test_fused_logprobs_equal_the_torch_ones(llm, fused_llm):
+    """Logprobs, ranks and top tokens (sampled and prompt) from the fused path's one-pass
+    logsumexp-and-rank kernel equal the torch path's."""
+    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=3, prompt_logprobs=2)
+    a = llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    b = fused_llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        for lp_x, lp_y in zip(x.outputs[0].logprobs + x.prompt_logprobs[1:], y.outputs[0].logprobs + y.prompt_logprobs[1:]):
+            assert lp_x.keys() == lp_y.keys()
+            for t in lp_x:
+                assert lp_x[t].rank == lp_y[t].rank
+                assert abs(lp_x[t].logprob - lp_y[t].logprob) < 1e-5

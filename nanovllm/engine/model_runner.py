@@ -214,8 +214,8 @@ class ModelRunner:
         for i, (start, count) in prompt_rows.items():
             seq, first = batch.seqs[i], batch.seqs[i].num_computed_tokens
             targets = to_device(torch.tensor(seq.token_ids[first + 1:first + 1 + count]), logits.device)
-            prompt_logprobs[i] = gather_logprobs(logits[start:start + count],
-                                                 targets, seq.params.prompt_logprobs)
+            prompt_logprobs[i] = gather_logprobs(logits[start:start + count], targets,
+                                                 seq.params.prompt_logprobs, self.sampler.fused)
         # Start copying the results to the host now. Reading them later waits for this step
         # only, not for a step launched after it (a plain .tolist() would wait for everything).
         sampled, logprobs, prompt_logprobs = _to_host((out.sampled_token_ids, out.logprobs, prompt_logprobs))

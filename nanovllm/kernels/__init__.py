@@ -6,6 +6,7 @@
     gumbel_sample            one token per row from softmax(logits / T)  (gumbel_sample.py)
     sampling_thresholds      top-k / top-p / min-p cut-offs, no sorting  (sampling_filters.py)
     apply_penalties          repetition/frequency/presence, one pass     (penalties.py)
+    logsumexp_and_rank       a row's logsumexp and a token's rank         (logprobs.py)
     rms_norm, add_rms_norm   RMSNorm, optionally after the residual add   (rms_norm.py)
     rotary_                  RoPE on q and k in place, optional q/k norm  (rotary.py)
     silu_and_mul             the gated MLP's activation                  (silu_and_mul.py)
@@ -30,6 +31,7 @@ _LAZY = {
     "gumbel_sample": ".gumbel_sample",
     "sampling_thresholds": ".sampling_filters",
     "apply_penalties": ".penalties",
+    "logsumexp_and_rank": ".logprobs",
     "rms_norm": ".rms_norm",
     "add_rms_norm": ".rms_norm",
     "rotary_": ".rotary",

@@ -198,16 +198,21 @@ class LogprobsTensors:
     top_logprobs: torch.Tensor    # [N, k] float32
 
 
-def gather_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobsTensors:
+def gather_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int, fused: bool = False) -> LogprobsTensors:
     """`logits` [N, V] (raw, any float dtype), `token_ids` [N]: each token's logprob and rank,
     and the top k. A logprob is logit - logsumexp(row), in float32; ranks and the top k are
     found on the logits themselves (log-softmax keeps their order), so no [N, V] float32
-    log-softmax is written. Also used by the engine for prompt logprobs."""
+    log-softmax is written. `fused`: the logsumexp and ranks from one Triton pass
+    (kernels/logprobs.py). Also used by the engine for prompt logprobs."""
     token_ids = token_ids.long()
-    logsumexp = torch.logsumexp(logits.float(), dim=-1, keepdim=True)            # [N, 1]
     token_logits = logits.gather(-1, token_ids[:, None])                        # [N, 1]
-    # Rank as vLLM counts it: how many tokens are at least as likely (ties rank low).
-    token_ranks = (logits >= token_logits).sum(-1)
+    if fused:
+        logsumexp, token_ranks = kernels.logsumexp_and_rank(logits.contiguous(), token_ids)
+        logsumexp = logsumexp[:, None]
+    else:
+        logsumexp = torch.logsumexp(logits.float(), dim=-1, keepdim=True)        # [N, 1]
+        # Rank as vLLM counts it: how many tokens are at least as likely (ties rank low).
+        token_ranks = (logits >= token_logits).sum(-1)
     top_logits, top_ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
     return LogprobsTensors(token_ids, (token_logits.float() - logsumexp).squeeze(-1), token_ranks, top_ids,
                            top_logits.float() - logsumexp)
@@ -266,7 +271,7 @@ class Sampler(torch.nn.Module):
 
         out = None
         if raw_logits is not None:
-            out = gather_logprobs(raw_logits, sampled, meta.max_num_logprobs)
+            out = gather_logprobs(raw_logits, sampled, meta.max_num_logprobs, self.fused)
         return SamplerOutput(sampled, out)
 
 

@@ -55,7 +55,22 @@ def test_thresholds_keep_what_the_sorting_filters_keep(vocab, dtype):
                                None if meta.min_p is None else meta.min_p.to(DEVICE)).cpu()
     ours = order_key(logits) >= keys[:, None]
     for row in range(len(CASES)):
-        assert torch.equal(ours[row], kept[row]), (CASES[row], int(ours[row].sum()), int(kept[row].sum()))
+        if not torch.equal(ours[row], kept[row]):
+            assert _on_top_p_knife_edge(logits[row], CASES[row], ours[row] ^ kept[row]), \
+                (CASES[row], int(ours[row].sum()), int(kept[row].sum()))
+
+
+def _on_top_p_knife_edge(row, case, differ) -> bool:
+    """Whether the filters part only on one token whose top-p decision is within float32
+    rounding: the mass of the tokens more likely than it is within 1e-5 of top_p (exactly,
+    in float64). Sums in a different order may land it on either side."""
+    temperature, top_k, top_p, min_p = case
+    if top_p >= 1.0 or top_k or min_p or int(differ.sum()) != 1:
+        return False
+    probs = torch.softmax(row.double() / temperature, -1)
+    token = int(differ.nonzero())
+    mass_before = float(probs[probs > probs[token]].sum())
+    return abs(mass_before - top_p) < 1e-5
 
 
 def test_sampling_draws_only_kept_tokens_in_proportion():
