@@ -51,15 +51,21 @@ def _as_float32_key(key, dtype: tl.constexpr, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
-def _largest_key_reaching(row_ptr, vocab_size, floor, goal, top, inv_t, WEIGHTED: tl.constexpr,
+def _largest_key_reaching(row_ptr, vocab_size, floor, ceiling, goal, top, inv_t, WEIGHTED: tl.constexpr,
                           KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr, BLOCK: tl.constexpr):
     """The largest key u such that the tokens with key >= max(u, floor) number at least
-    `goal` (or, WEIGHTED, hold weight exp((x - top) / T) of at least `goal`)."""
-    digits = tl.arange(0, 1 << DIGIT_BITS)
-    found = tl.full([], 0, tl.int64)          # the key's top bits so far, offset to be >= 0
+    `goal` (or, WEIGHTED, hold weight exp((x - top) / T) of at least `goal`), given that u
+    lies in [floor, ceiling]: the high bits those two share are u's too, and need no pass."""
+    HALF: tl.constexpr = 1 << (KEY_BITS - 1)        # keys + HALF are >= 0, in the same order
+    low, high = floor.to(tl.int64) + HALF, ceiling.to(tl.int64) + HALF
+    known = 0                                       # passes whose bits low and high share
     for i in tl.static_range(KEY_BITS // DIGIT_BITS):
+        known += ((low >> (KEY_BITS - DIGIT_BITS * (i + 1))) == (high >> (KEY_BITS - DIGIT_BITS * (i + 1)))).to(tl.int32)
+    found = (low >> (KEY_BITS - DIGIT_BITS * known)) << (KEY_BITS - DIGIT_BITS * known)   # u's bits so far
+    digits = tl.arange(0, 1 << DIGIT_BITS)
+    for i in tl.range(known, KEY_BITS // DIGIT_BITS):
         shift = KEY_BITS - DIGIT_BITS * (i + 1)
-        candidates = (found + (digits.to(tl.int64) << shift) - (1 << (KEY_BITS - 1))).to(tl.int32)
+        candidates = (found + (digits.to(tl.int64) << shift) - HALF).to(tl.int32)
         # One [BLOCK, candidates] tile per step. The logits are loaded as a [BLOCK, 1] column
         # of that tile: loaded as a [BLOCK] vector and broadcast, they would be moved between
         # register layouts every step (2-3x slower on an H100).
@@ -77,7 +83,21 @@ def _largest_key_reaching(row_ptr, vocab_size, floor, goal, top, inv_t, WEIGHTED
         # Candidate 0 qualifies whenever the bits found so far do; keep the highest that does.
         best = tl.max(tl.where(totals >= goal, digits, 0), axis=0)
         found += best.to(tl.int64) << shift
-    return (found - (1 << (KEY_BITS - 1))).to(tl.int32)
+    return (found - HALF).to(tl.int32)
+
+
+@triton.jit
+def _kth_largest(keys, k, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
+    """The k-th largest of a vector of keys (1 <= k <= its length), the same search in registers."""
+    HALF: tl.constexpr = 1 << (KEY_BITS - 1)
+    digits = tl.arange(0, 1 << DIGIT_BITS)
+    found = tl.full([], 0, tl.int64)
+    for i in tl.static_range(KEY_BITS // DIGIT_BITS):
+        shift = KEY_BITS - DIGIT_BITS * (i + 1)
+        candidates = (found + (digits.to(tl.int64) << shift) - HALF).to(tl.int32)
+        counts = tl.sum((keys[:, None] >= candidates[None, :]).to(tl.int32), axis=0)
+        found += tl.max(tl.where(counts >= k, digits, 0), axis=0).to(tl.int64) << shift
+    return (found - HALF).to(tl.int32)
 
 
 @triton.jit
@@ -92,16 +112,25 @@ def _thresholds_kernel(logits_ptr, stride_row, vocab_size, temperature_ptr, top_
     min_p = tl.load(min_p_ptr + row)
     no_key = tl.full([], -(1 << (KEY_BITS - 1)), tl.int32)
 
+    # One pass for each lane's largest logit: the row's top, and a floor for its k-th largest
+    # (the k-th largest lane maximum: at least k tokens reach it).
     best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_key = tl.full([BLOCK], -(1 << (KEY_BITS - 1)), tl.int32)
     for start in tl.range(0, vocab_size, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        best = tl.maximum(best, tl.load(row_ptr + cols, mask=cols < vocab_size, other=float("-inf")).to(tl.float32))
+        x = tl.load(row_ptr + cols, mask=cols < vocab_size, other=float("-inf"))
+        best = tl.maximum(best, x.to(tl.float32))
+        best_key = tl.maximum(best_key, tl.where(cols < vocab_size, _row_key(x, KEY_BITS), no_key))
     top = tl.max(best, axis=0)
+    top_key = tl.max(best_key, axis=0)
 
     result = tl.full([], _KEY_MIN32, tl.int32)
     key_k = no_key
     if (k > 0) & (k < vocab_size):               # top-k: the k-th largest key
-        key_k = _largest_key_reaching(row_ptr, vocab_size, no_key, k.to(tl.float32), top, inv_t,
+        floor = no_key
+        if k <= tl.minimum(vocab_size, BLOCK):   # every lane holds a token
+            floor = _kth_largest(best_key, k, KEY_BITS, DIGIT_BITS)
+        key_k = _largest_key_reaching(row_ptr, vocab_size, floor, top_key, k.to(tl.float32), top, inv_t,
                                       False, KEY_BITS, DIGIT_BITS, BLOCK)
         result = tl.maximum(result, _as_float32_key(key_k, dtype, KEY_BITS))
     if p < 1.0:                                  # top-p among the top-k
@@ -111,7 +140,7 @@ def _thresholds_kernel(logits_ptr, stride_row, vocab_size, temperature_ptr, top_
             x = tl.load(row_ptr + cols, mask=cols < vocab_size, other=float("-inf"))
             keep = (cols < vocab_size) & (_row_key(x, KEY_BITS) >= key_k)
             mass += tl.where(keep, tl.exp((x.to(tl.float32) - top) * inv_t), 0.0)
-        key_p = _largest_key_reaching(row_ptr, vocab_size, key_k, p * tl.sum(mass, axis=0), top, inv_t,
+        key_p = _largest_key_reaching(row_ptr, vocab_size, key_k, top_key, p * tl.sum(mass, axis=0), top, inv_t,
                                       True, KEY_BITS, DIGIT_BITS, BLOCK)
         result = tl.maximum(result, _as_float32_key(key_p, dtype, KEY_BITS))
     if min_p > 0.0:

@@ -35,6 +35,7 @@ def reference_kept(logits, temperature, top_k, top_p, min_p):
 CASES = [  # temperature, top_k, top_p, min_p
     (1.0, 5, 1.0, 0.0), (0.7, 1, 1.0, 0.0), (1.0, 0, 0.9, 0.0), (1.3, 0, 0.3, 0.0), (0.5, 20, 0.8, 0.0),
     (1.0, 0, 1.0, 0.1), (0.9, 8, 0.95, 0.05), (1.0, 0, 0.999, 0.0), (2.0, 99, 1.0, 0.0), (1.0, 3, 0.01, 0.0),
+    (1.0, 2100, 0.9, 0.0),   # k above the kernel's 2048 lanes (no floor from the lane maxima); >= a small vocab
 ]
 
 
