@@ -43,9 +43,11 @@ def main() -> None:
         histograms = TokenHistograms(V, B, device) if uses_penalties(params) else None
 
         def build():
-            """The metadata as ModelRunner._sampling_metadata builds it (penalties: from the
-            device histograms, which after the first step only gain a token per row)."""
-            counts = histograms.gather(seqs)[1:] if histograms is not None else None
+            """The metadata as ModelRunner._sampling_metadata builds it when the batch changes
+            (penalties: from the device histograms; the engine reuses it while the batch stays)."""
+            counts = None
+            if histograms is not None:
+                counts = (histograms.output_counts, histograms.prompt_mask, histograms.gather(seqs))
             rows = [SamplingRow.of(params, s.token_ids, s.num_prompt_tokens, g, 2, counts_kept=counts is not None)
                     for s, g in zip(seqs, generators)]
             return SamplingMetadata.build(rows, V, device, counts)

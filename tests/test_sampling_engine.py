@@ -148,11 +148,16 @@ def penalised_greedy_reference(model, prompt, steps, rep, freq, pres):
     return out
 
 
-@pytest.mark.parametrize("options", [dict(), dict(num_gpu_blocks_override=12, max_num_seqs=3)])
-def test_penalties_end_to_end(tiny_qwen3, hf_model, options):
+@pytest.mark.parametrize("options, fused", [(dict(), False), (dict(num_gpu_blocks_override=12, max_num_seqs=3), False),
+                                            (dict(num_gpu_blocks_override=12, max_num_seqs=3), True)])
+def test_penalties_end_to_end(tiny_qwen3, hf_model, options, fused):
     """Repetition, frequency and presence penalties over many steps, also across preemption
-    (a cache too small for all sequences at once), match the reference loop."""
+    (a cache too small for all sequences at once), match the reference loop; also with the
+    CUDA path's one-pass penalties kernel (fused; in the interpreter here). The histograms'
+    metadata is reused while the batch stays the same."""
+    from nanovllm.layers.sampler import Sampler
     llm = LLM(tiny_qwen3, device="cpu", block_size=16, **options)
+    llm.llm_engine.runner.sampler = Sampler(fused=fused)
     penalties = dict(rep=1.3, freq=0.4, pres=0.6)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.3,
                             frequency_penalty=0.4, presence_penalty=0.6)

@@ -31,7 +31,8 @@ def test_counts_follow_the_sequences_through_eviction():
     table = TokenHistograms(V, capacity=4, device=torch.device("cpu"))
     for step in range(40):
         batch = rng.sample(seqs, rng.randint(1, 4))
-        index, counts, mask = table.gather(batch)
+        index = table.gather(batch)
+        counts, mask = table.output_counts[index], table.prompt_mask[index]
         assert len(set(index.tolist())) == len(batch)
         for i, seq in enumerate(batch):
             want_counts, want_mask = counts_of(seq)

@@ -60,7 +60,8 @@ class ModelRunner:
             load_weights(self.model, config.model_dir)
         self.model.eval()
         self.sampler = Sampler(fused=config.device == "cuda" and triton_available())
-        self._cached_meta: tuple[list[int] | None, SamplingMetadata | None] = (None, None)
+        # (the batch's seq ids, its SamplingMetadata, its histogram rows): see _sampling_metadata
+        self._cached_meta: tuple[list[int] | None, SamplingMetadata | None, torch.Tensor | None] = (None, None, None)
         self.histograms = TokenHistograms(self.vocab_size, config.max_num_seqs, self.device)
         if config.device == "cuda" and tp_rank() == 0:     # rank 0 samples; reserve before the KV cache
             self.histograms.reserve()
@@ -226,20 +227,21 @@ class ModelRunner:
                            ) -> tuple[SamplingMetadata, torch.Tensor | None]:
         """-> (the batch's metadata, its rows in the token histograms if it uses penalties).
         Built once per batch composition: decode steps keep the same sequences for many
-        steps in a row, and the metadata only changes when a row reads its tokens (penalties,
-        min_tokens), which is then rebuilt every step (penalties from the histograms)."""
+        steps in a row. Penalties read the histograms, which change in place on the device, so
+        such metadata stays valid too; only min_tokens makes it change from step to step."""
         key = [seq.seq_id for seq in seqs]
         if key == self._cached_meta[0]:
-            return self._cached_meta[1], None
+            return self._cached_meta[1], self._cached_meta[2]
         histogram_rows = token_counts = None
         if any(uses_penalties(s.params) for s in seqs):
-            histogram_rows, *token_counts = self.histograms.gather(seqs)
+            histogram_rows = self.histograms.gather(seqs)
+            token_counts = (self.histograms.output_counts, self.histograms.prompt_mask, histogram_rows)
         meta = SamplingMetadata.build(
             [SamplingRow.of(s.params, s.token_ids, s.num_prompt_tokens, s.generator, eos_token_id,
                             counts_kept=histogram_rows is not None) for s in seqs],
             self.vocab_size, self.device, token_counts)
-        reusable = not any(reads_tokens(s.params) for s in seqs)
-        self._cached_meta = (key if reusable else None, meta)
+        reusable = not any(s.params.min_tokens for s in seqs)
+        self._cached_meta = (key if reusable else None, meta, histogram_rows)
         return meta, histogram_rows
 
     def _row_seeds(self, batch: ScheduledBatch, ahead: bool) -> torch.Tensor:

@@ -34,8 +34,9 @@ class TokenHistograms:
             self.output_counts = torch.zeros(self.capacity, self.vocab_size, dtype=torch.float32, device=self.device)
             self.prompt_mask = torch.zeros(self.capacity, self.vocab_size, dtype=torch.bool, device=self.device)
 
-    def gather(self, seqs: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (the seqs' rows [B] on the device, their output counts [B, V], prompt masks [B, V])."""
+    def gather(self, seqs: list) -> torch.Tensor:
+        """The seqs' rows [B] (on the device) in `output_counts` / `prompt_mask`, giving rows
+        to those that have none. The rows stay theirs until a later gather evicts them."""
         if len(seqs) > self.capacity:
             raise ValueError(f"{len(seqs)} sequences in a batch, but token histograms for {self.capacity}")
         self.reserve()
@@ -50,8 +51,7 @@ class TokenHistograms:
             rows.append(row)
         if fresh:
             self._build([row for row, _ in fresh], [seq for _, seq in fresh])
-        index = to_device(torch.tensor(rows, dtype=torch.int64), self.device)
-        return index, self.output_counts[index], self.prompt_mask[index]
+        return to_device(torch.tensor(rows, dtype=torch.int64), self.device)
 
     def record(self, index: torch.Tensor, sampled: torch.Tensor) -> None:
         """Count the tokens just sampled (sampled[i] for the sequence in row index[i])."""

@@ -12,16 +12,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _penalties_kernel(logits_ptr, counts_ptr, prompt_mask_ptr, out_ptr, repetition_ptr, frequency_ptr, presence_ptr,
-                      vocab_size, stride_logits, stride_counts, stride_mask,
-                      REPETITION: tl.constexpr, FREQUENCY: tl.constexpr, BLOCK: tl.constexpr):
+def _penalties_kernel(logits_ptr, counts_ptr, prompt_mask_ptr, rows_ptr, out_ptr, repetition_ptr, frequency_ptr,
+                      presence_ptr, vocab_size, stride_logits, stride_counts, stride_mask,
+                      REPETITION: tl.constexpr, FREQUENCY: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    table_row = row
+    if ROWS:
+        table_row = tl.load(rows_ptr + row).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < vocab_size
     x = tl.load(logits_ptr + row * stride_logits + cols, mask=inside).to(tl.float32)
-    count = tl.load(counts_ptr + row * stride_counts + cols, mask=inside, other=0.0)
+    count = tl.load(counts_ptr + table_row * stride_counts + cols, mask=inside, other=0.0)
     if REPETITION:
-        seen = (tl.load(prompt_mask_ptr + row * stride_mask + cols, mask=inside, other=0) != 0) | (count > 0)
+        seen = (tl.load(prompt_mask_ptr + table_row * stride_mask + cols, mask=inside, other=0) != 0) | (count > 0)
         r = tl.load(repetition_ptr + row)
         x = tl.where(seen, tl.where(x > 0, x / r, x * r), x)
     if FREQUENCY:
@@ -31,10 +34,11 @@ def _penalties_kernel(logits_ptr, counts_ptr, prompt_mask_ptr, out_ptr, repetiti
 
 def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, prompt_mask: torch.Tensor | None,
                     repetition: torch.Tensor | None, frequency: torch.Tensor | None,
-                    presence: torch.Tensor | None) -> torch.Tensor:
+                    presence: torch.Tensor | None, table_rows: torch.Tensor | None = None) -> torch.Tensor:
     """logits [B, V] (any float dtype), output_counts [B, V] float32, prompt_mask [B, V] bool
     (None without repetition); per-row penalties [B] float32, or None when no row uses them
-    (frequency and presence come together) -> new [B, V] float32 logits."""
+    (frequency and presence come together) -> new [B, V] float32 logits. `table_rows` [B]:
+    the counts and mask are tables, and logits row i goes with their row table_rows[i]."""
     rows, vocab_size = logits.shape
     out = torch.empty(rows, vocab_size, dtype=torch.float32, device=logits.device)
     if rows == 0:
@@ -46,8 +50,9 @@ def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, prompt_ma
             raise ValueError("apply_penalties needs rows with contiguous columns")
     BLOCK = 4096
     _penalties_kernel[(rows, triton.cdiv(vocab_size, BLOCK))](
-        logits, output_counts, prompt_mask, out,
+        logits, output_counts, prompt_mask, table_rows if table_rows is not None else dummy, out,
         repetition if repetition is not None else dummy, frequency if frequency is not None else dummy,
         presence if presence is not None else dummy, vocab_size, logits.stride(0), output_counts.stride(0),
-        prompt_mask.stride(0), REPETITION=repetition is not None, FREQUENCY=frequency is not None, BLOCK=BLOCK)
+        prompt_mask.stride(0), REPETITION=repetition is not None, FREQUENCY=frequency is not None,
+        ROWS=table_rows is not None, BLOCK=BLOCK)
     return out

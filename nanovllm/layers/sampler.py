@@ -92,6 +92,8 @@ class SamplingMetadata:
     presence_penalty: torch.Tensor | None     # [B] } either
     output_counts: torch.Tensor | None        # [B, V] float32: occurrences in the output (any penalty)
     prompt_mask: torch.Tensor | None          # [B, V] bool: occurs in the prompt (repetition only)
+    count_rows: torch.Tensor | None           # [B] int64: if set, the two above are tables with a
+                                              # row per sequence and row i of the batch is count_rows[i]
     min_tokens_rows: torch.Tensor | None      # [M] int64 } logits[rows, ids] = -inf: the EOS/stop ids
     min_tokens_ids: torch.Tensor | None       # [M] int64 } of rows still short of min_tokens
     generators: dict[int, torch.Generator]    # row -> generator, for seeded random rows
@@ -99,9 +101,10 @@ class SamplingMetadata:
 
     @classmethod
     def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device,
-              token_counts: tuple[torch.Tensor, torch.Tensor] | None = None) -> "SamplingMetadata":
-        """`token_counts`: the rows' (output counts [B, V], prompt mask [B, V]) where the caller
-        keeps them (engine/token_histograms.py); else they are built from the rows' ids."""
+              token_counts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> "SamplingMetadata":
+        """`token_counts`: (output counts [N, V], prompt masks [N, V], the batch's rows in them
+        [B]) where the caller keeps them (engine/token_histograms.py, updated in place, so
+        the metadata stays valid from step to step); else they are built from the rows' ids."""
         V = vocab_size
         ps = [r.params for r in rows]
         greedy = [p.is_greedy for p in ps]
@@ -122,11 +125,11 @@ class SamplingMetadata:
         # that use a penalty: the prompt only for the repetition penalty.
         uses_rep = [p.repetition_penalty != 1.0 for p in ps]
         uses_freq_pres = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in ps]
-        rep = freq = pres = output_counts = prompt_mask = None
+        rep = freq = pres = output_counts = prompt_mask = count_rows = None
         if token_counts is not None and (any(uses_rep) or any(uses_freq_pres)):
             # (rows without a penalty get their real counts here: their neutral penalty
             # values leave the logits unchanged)
-            output_counts, prompt_mask = token_counts
+            output_counts, prompt_mask, count_rows = token_counts
         elif any(uses_rep) or any(uses_freq_pres):
             output_counts = _token_counts([r.output_token_ids if u or v else []
                                            for r, u, v in zip(rows, uses_rep, uses_freq_pres)], V, device)
@@ -167,7 +170,7 @@ class SamplingMetadata:
             top_p_within_top_k=all(k > 0 for k, p in zip(top_ks, ps) if p.top_p < 1.0),
             min_p=tensor([float(p.min_p) for p in ps]) if use_min_p else None,
             repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres,
-            output_counts=output_counts, prompt_mask=prompt_mask,
+            output_counts=output_counts, prompt_mask=prompt_mask, count_rows=count_rows,
             min_tokens_rows=tensor(mt_rows, torch.int64) if mt_rows else None,
             min_tokens_ids=tensor(mt_ids, torch.int64) if mt_rows else None,
             generators=generators,
@@ -250,7 +253,8 @@ class Sampler(torch.nn.Module):
         if meta.output_counts is not None:
             if self.fused:
                 logits = kernels.apply_penalties(logits.contiguous(), meta.output_counts, meta.prompt_mask,
-                                                 meta.repetition_penalty, meta.frequency_penalty, meta.presence_penalty)
+                                                 meta.repetition_penalty, meta.frequency_penalty,
+                                                 meta.presence_penalty, meta.count_rows)
             else:
                 logits = apply_penalties(logits, meta)
 
@@ -276,10 +280,12 @@ class Sampler(torch.nn.Module):
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    counts = meta.output_counts
+    counts, prompt_mask = meta.output_counts, meta.prompt_mask
+    if meta.count_rows is not None:
+        counts, prompt_mask = counts[meta.count_rows], prompt_mask[meta.count_rows]
     if meta.repetition_penalty is not None:
         # Repetition (HF): a seen token's logit moves toward "less likely" whatever its sign.
-        seen = meta.prompt_mask | (counts > 0)
+        seen = prompt_mask | (counts > 0)
         rep = torch.where(seen, meta.repetition_penalty[:, None], 1.0)
         logits = torch.where(logits > 0, logits / rep, logits * rep)
     if meta.frequency_penalty is not None:

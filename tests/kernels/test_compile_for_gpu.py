@@ -49,6 +49,7 @@ def _launch_all_kernels():
     counts, seen = torch.zeros(3, 50), torch.zeros(3, 50, dtype=torch.bool)
     kernels.apply_penalties(logits, counts, seen, temperature, temperature, temperature)
     kernels.apply_penalties(logits, counts, None, None, temperature, temperature)
+    kernels.apply_penalties(logits, counts, seen, temperature, None, None, torch.tensor([2, 0, 1]))
     kernels.logsumexp_and_rank(logits, torch.tensor([0, 4, 49]))
     kernels.gumbel_sample(logits, temperature, greedy, 1, keys)
     batch = make_paged_batch([20, 9], [5, 1], 4, 2, 32, 16, dtype=h)

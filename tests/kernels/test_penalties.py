@@ -37,3 +37,31 @@ def test_penalties_kernel_matches_torch(dtype, which):
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
     assert not torch.equal(ours[:2], logits[:2].float())       # the penalties did something
     assert torch.equal(ours[2], logits[2].float())             # and nothing to the plain row
+
+
+def test_penalties_kernel_reads_table_rows():
+    """The engine's form: counts and masks in a table with a row per sequence, `rows` mapping
+    the batch's rows to it (engine/token_histograms.py)."""
+    from nanovllm import kernels
+    vocab = 300
+    gen = torch.Generator().manual_seed(2)
+    counts = torch.randint(0, 3, (5, vocab), generator=gen).float()
+    mask = torch.rand(5, vocab, generator=gen) < 0.2
+    rows = torch.tensor([3, 0, 4])
+    logits = torch.randn(3, vocab, generator=gen) * 3
+    penalty = torch.tensor([1.5, 1.2, 0.9])
+    rows_meta = SamplingMetadata.build([SamplingRow.of(SamplingParams(repetition_penalty=1.5), [], 0, None, 0)] * 3,
+                                       vocab, torch.device("cpu"), (counts, mask, rows))
+    assert rows_meta.count_rows is rows
+    rows_meta.repetition_penalty = penalty
+    rows_meta.frequency_penalty = rows_meta.presence_penalty = penalty - 1.0
+    expected = apply_penalties(logits, rows_meta)
+    ours = kernels.apply_penalties(logits.to(DEVICE), counts.to(DEVICE), mask.to(DEVICE), penalty.to(DEVICE),
+                                   (penalty - 1.0).to(DEVICE), (penalty - 1.0).to(DEVICE), rows.to(DEVICE)).cpu()
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+    # and the table form is the gathered form
+    gathered = SamplingMetadata.build([SamplingRow.of(SamplingParams(repetition_penalty=1.5), [], 0, None, 0)] * 3,
+                                      vocab, torch.device("cpu"), (counts[rows], mask[rows], torch.arange(3)))
+    gathered.repetition_penalty, gathered.frequency_penalty = penalty, penalty - 1.0
+    gathered.presence_penalty = penalty - 1.0
+    torch.testing.assert_close(apply_penalties(logits, gathered), expected)
