@@ -62,8 +62,10 @@ def assert_greedy_parts_only_at_near_ties(ref_outputs, outputs, max_gap: float, 
     sequence: up to the parting, each chosen token's logprob agrees within max_logprob_diff;
     at the parting, the other run's token is in the reference's top logprobs, within max_gap
     of the reference's choice. Both runs need SamplingParams(logprobs=k)."""
+    assert len(ref_outputs) == len(outputs)
     for ref, out in zip(ref_outputs, outputs):
         ref, out = ref.outputs[0], out.outputs[0]
+        assert len(ref.token_ids) == len(out.token_ids), "the runs generated different numbers of tokens"
         split = next((i for i, (x, y) in enumerate(zip(ref.token_ids, out.token_ids)) if x != y), None)
         for i in range(len(ref.token_ids) if split is None else split):
             token = ref.token_ids[i]

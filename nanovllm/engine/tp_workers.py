@@ -197,8 +197,8 @@ class Workers:
         kernel a CUDA graph launched, so rank 0 polls instead of blocking in the driver."""
         while not event.query():
             if self.death is not None:
-                self.failure = self.failure or self.death
-                raise TensorParallelError(self.death)
+                self.failure = self.failure or self._worker_failure() or self.death   # its traceback, if it sent one
+                raise TensorParallelError(self.failure)
             time.sleep(0)                     # let other threads (the watchdog) run
 
     def check(self) -> None:
@@ -285,6 +285,10 @@ class Workers:
             return
         self.closed = True
         os.write(self._wake_w, b"x")
+        # The watchdog now returns, or it is recording a death and aborting NCCL: let it
+        # finish, so the teardown below sees what it did. An abort that hangs is given up on.
+        self._watchdog.join(timeout=grace_s)
+        watchdog_stuck = self._watchdog.is_alive()
         self.failure = self.failure or self.death
         if self.failure is None:              # workers wait on their pipes: ask them to leave
             for conn in self.conns:
@@ -294,7 +298,9 @@ class Workers:
                     pass
         else:
             grace_s = 1.0                     # workers may be stuck in a collective
-        if self.process_group and dist.is_initialized():
+        if watchdog_stuck:
+            logger.warning("the process group could not be aborted; it is left as it is")
+        elif self.process_group and dist.is_initialized():
             try:
                 if self.failure is None:
                     if self.graphs is not None:   # a communicator a live graph captured cannot be destroyed
@@ -302,9 +308,8 @@ class Workers:
                     dist.destroy_process_group()
                 elif self.nccl:
                     # Ranks out of step, a graph perhaps stuck in an all-reduce: destroying would
-                    # wait forever. Abort instead, unless the watchdog is already at it (a death).
-                    if self.death is None:
-                        dist.distributed_c10d._abort_process_group()
+                    # wait forever. Abort instead (unless the watchdog's abort already ended it).
+                    dist.distributed_c10d._abort_process_group()
                 else:
                     dist.destroy_process_group()
             except Exception as e:
@@ -323,7 +328,6 @@ class Workers:
                 proc.join()
         for conn in self.conns:
             conn.close()
-        self._watchdog.join(timeout=1.0)
         if not self.nccl:
             torch.set_num_threads(self.saved_threads)
         os.close(self._wake_r)

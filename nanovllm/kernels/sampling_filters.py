@@ -11,8 +11,9 @@ logits, 32 for fp32), and each threshold is the largest key u such that the toke
 >= u still number at least k (top-k) or still hold at least top_p of the mass (top-p). That
 u is found 2 bits at a time, most significant first: one pass over the row counts (or sums)
 the tokens at or above 4 candidate values at once and keeps the highest candidate that
-still qualifies. A bf16 row takes 8 passes per filter instead of a sort (2 bits a pass with
-2048-token tiles was the fastest of 1, 2 and 4 bits and 256-2048 tokens on an H100). The result is each
+still qualifies; the high bits that the search's lower and upper bounds share are known
+without a pass. A bf16 row takes at most 8 passes per filter instead of a sort (2 bits a
+pass with 2048-token tiles was the fastest of 1, 2 and 4 bits and 256-2048 tokens on an H100). The result is each
 row's threshold as a float32 key (`order_key`); gumbel_sample then draws among the tokens
 at or above it.
 """

@@ -81,7 +81,9 @@ _CHILD = textwrap.dedent("""
         except RuntimeError as e:
             print(json.dumps({"error": str(e), "after_s": time.monotonic() - start}), flush=True)
         llm.llm_engine.shutdown()
-        print(json.dumps({"shut_down_s": time.monotonic() - start}), flush=True)
+        import torch.distributed as dist
+        print(json.dumps({"shut_down_s": time.monotonic() - start, "dist_initialized": dist.is_initialized()}),
+              flush=True)
 
     if __name__ == "__main__":
         main()
@@ -107,3 +109,4 @@ def test_killed_worker_raises_on_gpu(checkpoint, tmp_path):
     assert len(results) == 2, f"the child did not fail and shut down:\n{out}\n{err[-4000:]}"
     assert "worker rank 1" in results[0]["error"], results
     assert results[0]["after_s"] < 60 and results[1]["shut_down_s"] < 90, results
+    assert not results[1]["dist_initialized"], results      # another engine could start in that process
