@@ -33,7 +33,8 @@ import torch.distributed as dist
 from nanovllm.config import EngineConfig
 from nanovllm.engine.inputs import ModelInputs
 from nanovllm.engine.model_runner import ModelRunner, StepResult
-from nanovllm.engine.tp_workers import STOP, SigintHeld, TensorParallelError, Workers, init_process_group
+from nanovllm.engine.ctrl_c import SigintHeld
+from nanovllm.engine.tp_workers import STOP, TensorParallelError, Workers, init_process_group
 
 logger = logging.getLogger(__name__)
 

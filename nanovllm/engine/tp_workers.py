@@ -16,7 +16,7 @@ Robustness:
   "stop" to the workers, joins them, and destroys the process group, so another engine
   can start in the same process (one at a time: torch.distributed has one default group).
   Workers ignore Ctrl-C; rank 0 holds a Ctrl-C until the step in flight finishes (an
-  interrupted step would leave the ranks out of step), then raises it. Workers exit when
+  interrupted step would leave the ranks out of step), then raises it (ctrl_c.py). Workers exit when
   their parent dies, even in a collective.
 - A worker that dies is noticed by rank 0: between steps (exit code, broken pipe), in a
   gloo collective (the peer's socket closes), or by a watchdog thread that aborts NCCL.
@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from nanovllm.config import EngineConfig
+from nanovllm.engine.ctrl_c import sigint_ignored
 from nanovllm.engine.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ class Workers:
                 ours, theirs = ctx.Pipe()
                 proc = ctx.Process(target=_worker_main, args=(config, rank, self.store.port, theirs, cpu_threads, serve),
                                    name=f"nanovllm-tp-rank{rank}", daemon=True)
-                with _sigint_ignored():           # the worker starts with Ctrl-C ignored
+                with sigint_ignored():           # the worker starts with Ctrl-C ignored
                     proc.start()
                 theirs.close()
                 self.procs.append(proc)
@@ -333,42 +334,3 @@ class Workers:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self.store = None
-
-
-# -- Ctrl-C ---------------------------------------------------------------------------------------
-class _sigint_ignored:
-    """Start child processes with SIGINT ignored (they inherit it through exec)."""
-
-    def __enter__(self):
-        self.old = None
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not None:
-            self.old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
-
-
-class SigintHeld:
-    """Hold a Ctrl-C until the block ends (the ranks must finish the step together), then
-    deliver it. A second Ctrl-C raises at once, giving up the engine."""
-
-    def __enter__(self):
-        self.pending = False
-        self.old = None
-        if threading.current_thread() is threading.main_thread():
-            old = signal.getsignal(signal.SIGINT)
-            if callable(old):             # leave SIG_IGN / SIG_DFL / non-Python handlers alone
-                self.old = signal.signal(signal.SIGINT, self._handler)
-
-    def _handler(self, signum, frame):
-        if self.pending:
-            raise KeyboardInterrupt
-        self.pending = True
-        os.write(2, b"nanovllm: Ctrl-C received, stopping after the current step (again to abort)\n")
-
-    def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
-            if self.pending:
-                signal.raise_signal(signal.SIGINT)
