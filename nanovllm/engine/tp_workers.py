@@ -13,8 +13,10 @@ Robustness:
 - Nothing global is fixed: the rendezvous TCPStore listens on a port the OS picks, and no
   shared memory is used, so engines in different processes never meet.
 - Shutdown (engine.shutdown(), `del llm`, garbage collection, interpreter exit) sends
-  "stop" to the workers, joins them, and destroys the process group, so another engine
-  can start in the same process (one at a time: torch.distributed has one default group).
+  "stop" to the workers, joins them, and destroys the process group (CUDA graphs released
+  first: NCCL cannot destroy a communicator a live graph captured; after a failure, NCCL's
+  group is aborted instead), so another engine can start in the same process (one at a
+  time: torch.distributed has one default group).
   Workers ignore Ctrl-C; rank 0 holds a Ctrl-C until the step in flight finishes (an
   interrupted step would leave the ranks out of step), then raises it (ctrl_c.py). Workers exit when
   their parent dies, even in a collective.
