@@ -42,9 +42,12 @@ def run_nanovllm(model_dir: str, w: Workload, args) -> tuple[int, float, object]
     print(f"nanovllm start-up: {time.perf_counter() - start:.1f} s", flush=True)
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)          # warm-up
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in w.output_lens]
+    steps_before = llm.llm_engine.num_steps
     start = time.perf_counter()
     outs = llm.generate(w.prompts, params, use_tqdm=not args.quiet)
     seconds = time.perf_counter() - start
+    steps = llm.llm_engine.num_steps - steps_before
+    print(f"nanovllm: {steps} engine steps, {1000 * seconds / max(1, steps):.2f} ms each", flush=True)
     return sum(len(o.outputs[0].token_ids) for o in outs), seconds, llm.llm_engine.config.hf_config
 
 

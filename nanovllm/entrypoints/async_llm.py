@@ -111,6 +111,10 @@ class AsyncLLM:
         self._wakeup = threading.Event()
         self._stopping = False
         self.error: BaseException | None = None     # set if the engine failed and the loop stopped
+        # Where the engine thread's time goes (logged at shutdown): steps, and handing their
+        # outputs over to the event loop. Compared with an offline run's step times, they show
+        # what serving adds per step (GIL sharing with the event loop, streamed outputs).
+        self.seconds_in_steps = self.seconds_handing_over = 0.0
         self._thread = threading.Thread(target=self._loop, name="nanovllm-engine", daemon=True)
         self._thread.start()
 
@@ -174,6 +178,10 @@ class AsyncLLM:
             self._stopping = True
             self._wakeup.set()
             self._thread.join()
+            steps = max(1, self.engine.num_steps)
+            logger.info("engine loop: %d steps, %.2f s in steps (%.2f ms each), %.2f s handing outputs over",
+                        self.engine.num_steps, self.seconds_in_steps, 1000 * self.seconds_in_steps / steps,
+                        self.seconds_handing_over)
             self.engine.shutdown()
 
     # -- the engine thread ----------------------------------------------------------------
@@ -250,7 +258,12 @@ class AsyncLLM:
                 self._apply_commands()
                 if self._stopping or not self.engine.has_unfinished_requests():
                     continue
-                self._hand_over(self.engine.step())
+                start = time.perf_counter()
+                outputs = self.engine.step()
+                stepped = time.perf_counter()
+                self._hand_over(outputs)
+                self.seconds_in_steps += stepped - start
+                self.seconds_handing_over += time.perf_counter() - stepped
         except BaseException as e:              # the engine itself failed: fail every request
             logger.exception("The engine loop failed")
             self.error = e
