@@ -9,7 +9,8 @@ import torch
 import triton.testing
 
 from nanovllm.engine.token_histograms import TokenHistograms
-from nanovllm.layers.sampler import Sampler, SamplingMetadata, SamplingRow, uses_penalties
+from nanovllm.layers.sampler import Sampler
+from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow, uses_penalties
 from nanovllm.sampling_params import SamplingParams
 
 B, V = 256, 151936

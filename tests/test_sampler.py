@@ -7,10 +7,8 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper, TopPLogitsWarper,
 )
 
-from nanovllm.layers.sampler import (
-    Sampler, SamplingMetadata, SamplingRow, apply_penalties, apply_temperature_and_filters,
-    gather_logprobs,
-)
+from nanovllm.layers.sampler import Sampler, apply_penalties, apply_temperature_and_filters, gather_logprobs
+from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow
 from nanovllm.sampling_params import SamplingParams
 
 V = 64

@@ -13,7 +13,7 @@ import torch
 
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.attention import AttentionMetadata
-from nanovllm.layers.sampler import to_device
+from nanovllm.layers.sampling_metadata import to_device
 
 
 @dataclass

@@ -19,8 +19,8 @@ from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.token_histograms import TokenHistograms
 from nanovllm.kernels import triton_available
 from nanovllm.layers.attention import Attention, select_backend
-from nanovllm.layers.sampler import LogprobsTensors, Sampler, SamplerOutput, SamplingMetadata, SamplingRow, \
-    gather_logprobs, reads_tokens, to_device, uses_penalties
+from nanovllm.layers.sampler import LogprobsTensors, Sampler, SamplerOutput, gather_logprobs
+from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow, to_device, uses_penalties
 from nanovllm.models.checkpoint import init_dummy_weights, load_weights
 from nanovllm.models.registry import model_class
 from nanovllm.sampling_params import SamplingParams

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, SequenceStatus
-from nanovllm.layers.sampler import reads_tokens
+from nanovllm.layers.sampling_metadata import reads_tokens
 
 
 @dataclass

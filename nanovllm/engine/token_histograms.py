@@ -18,7 +18,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from nanovllm.layers.sampler import to_device
+from nanovllm.layers.sampling_metadata import to_device
 
 
 class TokenHistograms:

@@ -214,7 +214,8 @@ def test_sampling_thresholds_gpu_bf16():
     tokens the sorting torch filters keep (at most one token apart, where float sums in a
     different order land on the other side of the top-p boundary)."""
     from nanovllm.kernels import sampling_thresholds
-    from nanovllm.layers.sampler import SamplingMetadata, SamplingRow, apply_temperature_and_filters
+    from nanovllm.layers.sampler import apply_temperature_and_filters
+    from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow
     from nanovllm.sampling_params import SamplingParams
     settings = [dict(top_k=50), dict(top_p=0.95), dict(top_k=50, top_p=0.9), dict(min_p=0.05),
                 dict(top_k=1000, top_p=0.5, min_p=0.01), dict(top_p=0.999)]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nanovllm.kernels import triton_available
-from nanovllm.layers.sampler import SamplingMetadata, SamplingRow, apply_penalties
+from nanovllm.layers.sampler import apply_penalties
+from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow
 from nanovllm.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
