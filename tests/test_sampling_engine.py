@@ -170,6 +170,25 @@ def test_penalties_end_to_end(tiny_qwen3, hf_model, options, fused):
         assert llm.llm_engine.scheduler.num_preemptions > 0
 
 
+def test_penalties_keep_decode_pipelined_but_min_tokens_does_not(llm, monkeypatch):
+    """Penalties count tokens on the device, in step order, so the next decode step can be
+    launched before this one's tokens are read back; min_tokens needs the count on the host."""
+    scheduler = llm.llm_engine.scheduler
+    launched_ahead, schedule_ahead = [], scheduler.schedule_ahead
+
+    def spy(batch):
+        ahead = schedule_ahead(batch)
+        launched_ahead.append(ahead is not None)
+        return ahead
+
+    monkeypatch.setattr(scheduler, "schedule_ahead", spy)
+    greedy(llm, PROMPTS[:2], max_tokens=12, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.5)
+    assert sum(launched_ahead) >= 8
+    launched_ahead.clear()
+    greedy(llm, PROMPTS[:2], max_tokens=12, ignore_eos=True, min_tokens=4)
+    assert launched_ahead and not any(launched_ahead)
+
+
 def test_seeded_row_seed_is_a_function_of_the_token_position(fused_llm):
     """The fused sampler's seed for a seeded request: the same for the same token position
     whether the step was launched ahead (its input token still being sampled) or not, after

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, SequenceStatus
-from nanovllm.layers.sampling_metadata import reads_tokens
 
 
 @dataclass
@@ -95,8 +94,9 @@ class Scheduler:
     def schedule_ahead(self, launched: ScheduledBatch) -> ScheduledBatch | None:
         """The next decode step of a decode step still on the device, scheduled before its
         tokens are known (each sequence will then have one token more). Only when nothing
-        could change the plan: no prompt is waiting, no sequence needs its new token to be
-        sampled (penalties, min_tokens), and blocks suffice without preemption. Sequences
+        could change the plan: no prompt is waiting, no sequence needs its new token counted
+        on the host to be sampled (min_tokens; penalties count on the device, in step order),
+        and blocks suffice without preemption. Sequences
         that the pending token finishes by length are left out; one that stops on EOS or a
         stop string computes one token in vain, which is dropped."""
         if self.waiting:
@@ -105,7 +105,7 @@ class Scheduler:
         for seq in launched.seqs:
             if seq.status != SequenceStatus.RUNNING:
                 continue
-            if reads_tokens(seq.params):
+            if seq.params.min_tokens:
                 return None
             num_tokens = len(seq.token_ids) + 1      # with the token being sampled
             if num_tokens - seq.num_prompt_tokens < seq.params.max_tokens and num_tokens < self.max_model_len:

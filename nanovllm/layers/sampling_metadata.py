@@ -24,11 +24,6 @@ def uses_penalties(params: SamplingParams) -> bool:
     return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
 
 
-def reads_tokens(params: SamplingParams) -> bool:
-    """Does sampling look at the sequence's tokens (penalties, min_tokens)?"""
-    return uses_penalties(params) or params.min_tokens != 0
-
-
 @dataclass
 class SamplingRow:
     """What the engine knows about one sequence this step."""
