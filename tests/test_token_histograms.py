@@ -49,3 +49,15 @@ def test_a_batch_larger_than_the_table_is_refused():
     seqs = [Sequence(str(i), 0, [1, 2], SamplingParams()) for i in range(3)]
     with pytest.raises(ValueError, match="3 sequences"):
         table.gather(seqs)
+
+
+def test_a_finished_sequence_gives_up_its_row_first():
+    """Rows go to new sequences from finished ones before running ones lose theirs (a running
+    sequence's row would have to be rebuilt from all its ids)."""
+    from nanovllm.engine.sequence import SequenceStatus
+    table = TokenHistograms(V, capacity=2, device=torch.device("cpu"))
+    a, b, c = (Sequence(name, 0, [1, 2], SamplingParams()) for name in "abc")
+    rows = table.gather([a, b]).tolist()               # a is now the least recently used
+    b.status = SequenceStatus.FINISHED
+    assert table.gather([c]).tolist() == [rows[1]]      # b's row, not a's
+    assert table.gather([a]).tolist() == [rows[0]]      # a kept its row

@@ -9,8 +9,9 @@ sequence gets a row of a device table the first time it samples with a penalty, 
 its ids once; after that each step only adds the token it sampled, on the device.
 
 The table has a row per sequence that can run at once (max_num_seqs). A sequence that needs a
-row when all are taken evicts the least recently used one (a finished or long-preempted
-sequence); an evicted sequence that samples again gets its row rebuilt from its ids.
+row when all are taken takes a finished sequence's, else the least recently used one outside
+its batch (a preempted sequence's); an evicted sequence that samples again gets its row
+rebuilt from its ids.
 """
 import itertools
 from collections import OrderedDict
@@ -25,6 +26,7 @@ class TokenHistograms:
     def __init__(self, vocab_size: int, capacity: int, device: torch.device):
         self.vocab_size, self.capacity, self.device = vocab_size, capacity, device
         self.rows: OrderedDict[int, int] = OrderedDict()   # seq_id -> row, least recently used first
+        self.owners: dict[int, object] = {}                 # seq_id -> its Sequence (is it finished?)
         self.output_counts: torch.Tensor | None = None      # [capacity, V] float32
         self.prompt_mask: torch.Tensor | None = None        # [capacity, V] bool
 
@@ -48,6 +50,7 @@ class TokenHistograms:
                 row = self._free_row(in_batch)
                 fresh.append((row, seq))
             self.rows[seq.seq_id] = row                      # now the most recently used
+            self.owners[seq.seq_id] = seq
             rows.append(row)
         if fresh:
             self._build([row for row, _ in fresh], [seq for _, seq in fresh])
@@ -59,10 +62,14 @@ class TokenHistograms:
                                       accumulate=True)
 
     def _free_row(self, in_batch: set[int]) -> int:
+        """A free row, else one taken from a finished sequence, else from the least recently
+        used sequence outside the batch (a preempted one: rebuilt if it comes back)."""
         if len(self.rows) < self.capacity:
             used = set(self.rows.values())
             return next(r for r in range(self.capacity) if r not in used)
-        victim = next(seq_id for seq_id in self.rows if seq_id not in in_batch)
+        candidates = [seq_id for seq_id in self.rows if seq_id not in in_batch]
+        victim = next((i for i in candidates if getattr(self.owners[i], "is_finished", False)), candidates[0])
+        del self.owners[victim]
         return self.rows.pop(victim)
 
     def _build(self, rows: list[int], seqs: list) -> None:

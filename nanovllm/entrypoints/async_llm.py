@@ -115,6 +115,7 @@ class AsyncLLM:
         # outputs over to the event loop. Compared with an offline run's step times, they show
         # what serving adds per step (GIL sharing with the event loop, streamed outputs).
         self.seconds_in_steps = self.seconds_handing_over = 0.0
+        self.loop_steps = 0
         self._thread = threading.Thread(target=self._loop, name="nanovllm-engine", daemon=True)
         self._thread.start()
 
@@ -178,10 +179,10 @@ class AsyncLLM:
             self._stopping = True
             self._wakeup.set()
             self._thread.join()
-            steps = max(1, self.engine.num_steps)
-            logger.info("engine loop: %d steps, %.2f s in steps (%.2f ms each), %.2f s handing outputs over",
-                        self.engine.num_steps, self.seconds_in_steps, 1000 * self.seconds_in_steps / steps,
-                        self.seconds_handing_over)
+            launched = max(1, self.engine.num_steps)     # comparable with bench.py's "ms each"
+            logger.info("engine loop: %d step() calls, %d steps launched, %.2f s in step() (%.2f ms per launched "
+                        "step), %.2f s handing outputs over", self.loop_steps, self.engine.num_steps,
+                        self.seconds_in_steps, 1000 * self.seconds_in_steps / launched, self.seconds_handing_over)
             self.engine.shutdown()
 
     # -- the engine thread ----------------------------------------------------------------
@@ -263,6 +264,7 @@ class AsyncLLM:
                 stepped = time.perf_counter()
                 self._hand_over(outputs)
                 self.seconds_in_steps += stepped - start
+                self.loop_steps += 1
                 self.seconds_handing_over += time.perf_counter() - stepped
         except BaseException as e:              # the engine itself failed: fail every request
             logger.exception("The engine loop failed")
