@@ -13,13 +13,11 @@ row when all are taken takes a finished sequence's, else the least recently used
 its batch (a preempted sequence's); an evicted sequence that samples again gets its row
 rebuilt from its ids.
 """
-import itertools
 from collections import OrderedDict
 
-import numpy as np
 import torch
 
-from nanovllm.layers.sampling_metadata import to_device
+from nanovllm.layers.sampling_metadata import flat_token_indices, to_device
 
 
 class TokenHistograms:
@@ -79,14 +77,6 @@ class TokenHistograms:
         self.prompt_mask[index] = False
         outputs = [seq.token_ids[seq.num_prompt_tokens:] for seq in seqs]
         prompts = [seq.token_ids[:seq.num_prompt_tokens] for seq in seqs]
-        flat = self._flat(rows, outputs)
+        flat = flat_token_indices(rows, outputs, self.vocab_size, self.device)
         self.output_counts.view(-1).index_add_(0, flat, torch.ones(flat.shape, device=self.device))
-        self.prompt_mask.view(-1)[self._flat(rows, prompts)] = True
-
-    def _flat(self, rows: list[int], id_lists: list[list[int]]) -> torch.Tensor:
-        """Flat indices row * V + id of every id in the lists, ids outside [0, V) dropped."""
-        ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64,
-                          count=sum(map(len, id_lists)))
-        starts = np.repeat(np.array(rows, dtype=np.int64) * self.vocab_size, [len(x) for x in id_lists])
-        keep = (ids >= 0) & (ids < self.vocab_size)
-        return to_device(torch.from_numpy(starts[keep] + ids[keep]), self.device)
+        self.prompt_mask.view(-1)[flat_token_indices(rows, prompts, self.vocab_size, self.device)] = True
