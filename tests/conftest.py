@@ -79,9 +79,28 @@ def assert_greedy_parts_only_at_near_ties(ref_outputs, outputs, max_gap: float, 
             assert gap < max_gap, f"parted at token {split} with a logprob gap of {gap}"
 
 
-def wait_idle(engine, timeout: float = 10) -> None:
-    """Until an AsyncLLM's engine thread has applied every command (all requests gone)."""
+def wait_idle(engine, timeout: float = 10):
+    """Until an AsyncLLM's engine has applied every command sent so far and has no request
+    left; returns its last EngineStats."""
     deadline = time.monotonic() + timeout
-    while engine.engine.has_unfinished_requests() or engine._commands:
+    while (stats := engine.stats()).num_unfinished_requests:
         assert time.monotonic() < deadline, "engine did not become idle"
         time.sleep(0.01)
+    return stats
+
+
+def process_alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pids, timeout: float) -> list[int]:
+    """Wait up to `timeout` s for the processes to end; returns those still running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(process_alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if process_alive(p)]

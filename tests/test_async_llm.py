@@ -1,12 +1,17 @@
 """AsyncLLM: streaming outputs, concurrent requests batched together, errors, aborts, shutdown."""
 import asyncio
+import os
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
 
-from nanovllm import LLM, LLMEngine, RequestOutputKind, SamplingParams
+import nanovllm
+from nanovllm import LLM, RequestOutputKind, SamplingParams
 from nanovllm.entrypoints.async_llm import AsyncLLM, EngineDeadError
-from tests.conftest import wait_idle
+from tests.conftest import wait_gone, wait_idle
 
 ENGINE_KWARGS = dict(device="cpu", dtype="float32", max_model_len=256, num_gpu_blocks_override=256)
 PROMPTS = ["Hello, my name is", "The capital of France is", "Paged attention keeps", "List all prime numbers"]
@@ -18,7 +23,7 @@ def greedy(max_tokens: int = 12, **kwargs) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def engine(tiny_qwen3):
-    engine = AsyncLLM.from_kwargs(tiny_qwen3, **ENGINE_KWARGS)
+    engine = AsyncLLM(tiny_qwen3, **ENGINE_KWARGS)
     yield engine
     engine.shutdown_sync()
 
@@ -73,7 +78,7 @@ def test_a_slow_consumer_gets_folded_outputs(engine, reference):
 
 def test_outputs_held_between_hand_overs_are_folded(tiny_qwen3, reference):
     """With a long hand-over interval, the first output comes at once, the rest folded into the last."""
-    engine = AsyncLLM(LLMEngine.from_kwargs(tiny_qwen3, **ENGINE_KWARGS), stream_interval_per_request=10.0)
+    engine = AsyncLLM(tiny_qwen3, stream_interval_per_request=10.0, **ENGINE_KWARGS)
     try:
         outs = run(collect(engine, PROMPTS[3], greedy(output_kind=RequestOutputKind.DELTA), "held"))
     finally:
@@ -86,10 +91,10 @@ def test_outputs_held_between_hand_overs_are_folded(tiny_qwen3, reference):
 
 def test_concurrent_requests_share_batches(engine, reference):
     async def main():
-        start = engine.num_steps
+        start = engine.stats().num_steps
         tasks = [collect(engine, PROMPTS[i % 4], greedy(), f"c{i}") for i in range(16)]
         results = await asyncio.gather(*tasks)
-        return results, engine.num_steps - start
+        return results, engine.stats().num_steps - start
     results, steps = run(main())
     assert [r[-1].outputs[0].text for r in results] == [reference[i % 4] for i in range(16)]
     assert steps < 16 * 12 / 4      # 192 tokens in a few dozen steps: they ran together
@@ -118,44 +123,40 @@ def test_duplicate_request_id_is_refused(engine):
         with pytest.raises(ValueError, match="already in use"):
             await engine.add_request("dup", PROMPTS[0], params)
         stream.close()
-    start = engine.num_steps
+    start = engine.stats().num_steps
     run(main())
-    wait_idle(engine)
-    assert engine.num_steps - start < 200
+    assert wait_idle(engine).num_steps - start < 200
 
 
 def test_leaving_the_loop_early_aborts_and_frees_blocks(engine):
-    bm = engine.engine.block_manager
-
     async def main():
         got = 0
         async for out in engine.generate(PROMPTS[0], greedy(200, ignore_eos=True), "leaver"):
             got += 1
             if got == 3:
-                assert bm.num_free_blocks < bm.num_blocks
+                stats = engine.stats()
+                assert stats.num_free_blocks < stats.num_blocks
                 break
-    start = engine.num_steps
+    start = engine.stats().num_steps
     run(main())
-    wait_idle(engine)
-    assert engine.num_steps - start < 200, "the request ran to its end instead of being aborted"
-    assert bm.num_free_blocks == bm.num_blocks
+    stats = wait_idle(engine)
+    assert stats.num_steps - start < 200, "the request ran to its end instead of being aborted"
+    assert stats.num_free_blocks == stats.num_blocks
 
 
 def test_cancelled_consumer_aborts(engine):
-    bm = engine.engine.block_manager
-
     async def main():
         task = asyncio.create_task(collect(engine, PROMPTS[1], greedy(200, ignore_eos=True), "cancelled"))
-        while not engine.engine.has_unfinished_requests():
+        while not engine.stats().num_unfinished_requests:
             await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    start = engine.num_steps
+    start = engine.stats().num_steps
     run(main())
-    wait_idle(engine)
-    assert engine.num_steps - start < 200, "the request ran to its end instead of being aborted"
-    assert bm.num_free_blocks == bm.num_blocks
+    stats = wait_idle(engine)
+    assert stats.num_steps - start < 200, "the request ran to its end instead of being aborted"
+    assert stats.num_free_blocks == stats.num_blocks
 
 
 def test_abort_ends_the_stream(engine):
@@ -166,34 +167,24 @@ def test_abort_ends_the_stream(engine):
             if len(outs) == 2:
                 await engine.abort("aborted")
         return outs
-    start = engine.num_steps
+    start = engine.stats().num_steps
     outs = run(main())
     assert 2 <= len(outs) < 200 and not outs[-1].finished
-    wait_idle(engine)
-    assert engine.num_steps - start < 200
+    assert wait_idle(engine).num_steps - start < 200
 
 
 def test_idle_loop_sleeps(engine):
-    """With nothing to do, the loop blocks on its event instead of polling the engine."""
-    wait_idle(engine)
-    time.sleep(0.2)          # let the loop finish its last iteration and block
-    calls = 0
-    real = engine.engine.has_unfinished_requests
-
-    def counting():
-        nonlocal calls
-        calls += 1
-        return real()
-    engine.engine.has_unfinished_requests = counting
-    try:
-        time.sleep(0.3)
-    finally:
-        del engine.engine.has_unfinished_requests
-    assert calls == 0
+    """With nothing to do, the engine's loop blocks on its pipe instead of polling: it turns
+    once per command (here: the stats request), not in between."""
+    before = wait_idle(engine).loop_iterations
+    time.sleep(0.3)
+    assert engine.stats().loop_iterations == before + 1
+    time.sleep(0.3)
+    assert engine.stats().loop_iterations == before + 2
 
 
 def test_shutdown_fails_pending_requests(tiny_qwen3):
-    engine = AsyncLLM.from_kwargs(tiny_qwen3, **ENGINE_KWARGS)
+    engine = AsyncLLM(tiny_qwen3, **ENGINE_KWARGS)
 
     async def main():
         stream = await engine.add_request("pending", PROMPTS[0], greedy(200, ignore_eos=True))
@@ -206,3 +197,60 @@ def test_shutdown_fails_pending_requests(tiny_qwen3):
             await collect(engine, PROMPTS[0], greedy(), "after")
     run(main())
     assert not engine.is_running
+
+
+def test_a_killed_engine_process_fails_its_requests(tiny_qwen3):
+    engine = AsyncLLM(tiny_qwen3, **ENGINE_KWARGS)
+
+    async def main():
+        stream = await engine.add_request("doomed", PROMPTS[0], greedy(200, ignore_eos=True))
+        await anext(stream)
+        engine._process.proc.kill()
+        with pytest.raises(EngineDeadError, match="exited unexpectedly"):
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineDeadError):
+            await collect(engine, PROMPTS[0], greedy(), "after")
+    try:
+        run(main())
+        assert not engine.is_running
+    finally:
+        engine.shutdown_sync()
+
+
+def test_a_bad_model_fails_at_start_with_the_engines_error():
+    with pytest.raises(OSError, match="does not exist"):     # what LLM(...) raises
+        AsyncLLM("/nonexistent/model", device="cpu")
+
+
+_FRONT = textwrap.dedent("""
+    import sys, time
+    from nanovllm.entrypoints.async_llm import AsyncLLM
+
+    if __name__ == "__main__":
+        engine = AsyncLLM(sys.argv[1], device="cpu", dtype="float32", max_model_len=256, num_gpu_blocks_override=64)
+        print(engine._process.proc.pid, flush=True)
+        if sys.argv[2] == "wait":
+            time.sleep(120)
+        # else: leave without shutdown(); interpreter exit must stop the engine process
+""")
+
+
+def test_the_engine_process_ends_with_its_front(tiny_qwen3, tmp_path):
+    """Killed outright, or leaving without shutdown(): either way no engine process is left."""
+    script = tmp_path / "front.py"
+    script.write_text(_FRONT)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(nanovllm.__file__)))
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    fronts = {how: subprocess.Popen([sys.executable, str(script), tiny_qwen3, how], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=env) for how in ("wait", "exit")}
+    try:
+        pids = {how: int(front.stdout.readline() or 0) for how, front in fronts.items()}
+        assert all(pids.values()), fronts["wait"].stderr.read() + fronts["exit"].stderr.read()
+        fronts["wait"].kill()
+        assert fronts["exit"].wait(timeout=60) == 0
+        assert wait_gone(list(pids.values()), 20) == [], "an engine process outlived its front"
+    finally:
+        for front in fronts.values():
+            front.kill()
+            front.wait()

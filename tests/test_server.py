@@ -3,7 +3,11 @@ with the `openai` client: results, streaming, usage, batching, disconnects, erro
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -15,7 +19,7 @@ import uvicorn
 from nanovllm import LLM, SamplingParams
 from nanovllm.entrypoints.async_llm import AsyncLLM
 from nanovllm.entrypoints.openai_server import build_app
-from tests.conftest import wait_idle
+from tests.conftest import wait_gone, wait_idle
 
 ENGINE_KWARGS = dict(device="cpu", dtype="float32", max_model_len=256, num_gpu_blocks_override=512)
 MODEL = "tiny"
@@ -45,7 +49,7 @@ def serving(app):
 
 @pytest.fixture(scope="module")
 def engine(tiny_qwen3):
-    engine = AsyncLLM.from_kwargs(tiny_qwen3, **ENGINE_KWARGS)
+    engine = AsyncLLM(tiny_qwen3, **ENGINE_KWARGS)
     yield engine
     engine.shutdown_sync()
 
@@ -182,29 +186,29 @@ def test_concurrent_streaming_clients_share_batches(url, engine, llm):
         await aclient.close()
         return results
 
-    start = engine.num_steps
+    start = engine.stats().num_steps
     results = asyncio.run(asyncio.wait_for(main(), 60))
-    steps = engine.num_steps - start
+    steps = engine.stats().num_steps - start
     assert all(same_text(got, want) for got, want in zip(results, expected)) and results[32] == 400
     assert steps < 32 * 24 / 4, f"{steps} steps for {32 * 24} tokens: the clients were not batched together"
 
 
 def test_disconnect_mid_stream_aborts_and_frees_blocks(url, engine, client):
-    bm = engine.engine.block_manager
     body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 200, "ignore_eos": True, "stream": True}
     others = threading.Thread(target=lambda: [client.completions.create(model=MODEL, prompt=p, max_tokens=16)
                                               for p in PROMPTS])
-    start = engine.num_steps
+    start = engine.stats().num_steps
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as resp:
         lines = resp.iter_lines()
         assert next(lines).startswith("data: ")
         others.start()
-        assert bm.num_free_blocks < bm.num_blocks
+        stats = engine.stats()
+        assert stats.num_free_blocks < stats.num_blocks
     # The connection is closed: the server aborts the request at its next step.
     others.join(timeout=30)
-    wait_idle(engine)
-    assert engine.num_steps - start < 200, "the disconnected request ran to the end"
-    assert bm.num_free_blocks == bm.num_blocks
+    stats = wait_idle(engine)
+    assert stats.num_steps - start < 200, "the disconnected request ran to the end"
+    assert stats.num_free_blocks == stats.num_blocks
     assert client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2).choices[0].text is not None
 
 
@@ -235,8 +239,8 @@ def _raw_error(url: str, status: int, body, headers=None) -> dict:
 def test_errors_are_openai_json_and_the_server_still_serves(url, engine, client, body, status, param):
     error = _raw_error(url, status, body)
     assert error["param"] == param or param is None
-    wait_idle(engine)          # nothing was left queued: every block is free
-    assert engine.engine.block_manager.num_free_blocks == engine.engine.block_manager.num_blocks
+    stats = wait_idle(engine)          # nothing was left queued: every block is free
+    assert stats.num_free_blocks == stats.num_blocks
     assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
 
@@ -286,8 +290,39 @@ def test_server_step_budget_default(tiny_qwen3, monkeypatch, max_num_seqs, expec
     def build_config_only(model, **kwargs):
         raise Built(EngineConfig.from_kwargs(model, **kwargs))
 
-    monkeypatch.setattr(openai_server.AsyncLLM, "from_kwargs", build_config_only)
+    monkeypatch.setattr(openai_server, "AsyncLLM", build_config_only)
     kwargs = dict(device="cpu") if max_num_seqs is None else dict(device="cpu", max_num_seqs=max_num_seqs)
     with pytest.raises(Built) as built:
         openai_server.run_server(tiny_qwen3, **kwargs)
     assert built.value.args[0].max_num_batched_tokens == expected
+
+
+def test_nanovllm_serve_stops_its_engine_on_sigterm(tiny_qwen3):
+    """`nanovllm serve` as a process manager stops it: the engine process leaves in order
+    (its closing log line), and nothing is left running."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = subprocess.Popen([sys.executable, "-m", "nanovllm", "serve", tiny_qwen3, "--device", "cpu",
+                               "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "256",
+                               "--uvicorn-log-level", "warning"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        with open(f"/proc/{server.pid}/task/{server.pid}/children") as f:
+            children = [int(pid) for pid in f.read().split()]
+        assert children, "no engine process"
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=60)
+        assert "engine loop:" in err, err          # logged by the engine process as it stops
+        assert wait_gone(children, 10) == []
+    finally:
+        server.kill()
+        server.wait()

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import nanovllm
 from nanovllm import LLM, SamplingParams
 from nanovllm.demo_model import build_tiny_checkpoint
-from tests.conftest import assert_greedy_parts_only_at_near_ties
+from tests.conftest import assert_greedy_parts_only_at_near_ties, process_alive, wait_gone
 
 PROMPTS = ["Hello, my name is", "The capital of France is",
            "List all prime numbers within 100: 2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47",
@@ -58,25 +58,9 @@ def _tokens(outputs) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
-def _alive(pid: int) -> bool:
-    """Running (a zombie nobody reaped counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _wait_gone(pids, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.1)
-    return [p for p in pids if _alive(p)]
-
-
 def _assert_clean(pids):
     """After shutdown: workers gone, process group destroyed, no watchdog thread, no shared memory."""
-    assert _wait_gone(pids, 10) == []
+    assert wait_gone(pids, 10) == []
     assert not dist.is_initialized()
     assert not [t.name for t in threading.enumerate() if t.name.startswith("nanovllm-tp")]
     fds = []
@@ -94,7 +78,7 @@ def test_tp2_matches_tp1(checkpoints, tp1_tokens, name):
     llm = LLM(checkpoints[name], tensor_parallel_size=2, max_num_batched_tokens=16, max_num_seqs=4,
               **ENGINE_ARGS)
     pids = llm.llm_engine.runner.worker_pids
-    assert len(pids) == 1 and all(_alive(p) for p in pids)
+    assert len(pids) == 1 and all(process_alive(p) for p in pids)
     assert _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == tp1_tokens[name]
     del llm
     _assert_clean(pids)
@@ -219,11 +203,11 @@ def test_two_processes_at_once_ctrl_c_and_parent_death(checkpoints, tp1_tokens, 
             assert line, f"{mode} child failed:\n{child.stderr.read()}"
             first[mode] = json.loads(line)
             assert first[mode]["tokens"] == tp1_tokens["tied"]
-            assert all(_alive(p) for p in first[mode]["pids"])
+            assert all(process_alive(p) for p in first[mode]["pids"])
         # Both engines are up at once. Kill the orphan's parent outright: its worker must notice.
         children["orphan"].kill()
         children["orphan"].wait(timeout=10)
-        assert _wait_gone(first["orphan"]["pids"], 20) == [], "worker outlived its killed parent"
+        assert wait_gone(first["orphan"]["pids"], 20) == [], "worker outlived its killed parent"
 
         # Ctrl-C as a terminal sends it: to the whole process group (the worker ignores it).
         child = children["ctrl-c"]
@@ -237,7 +221,7 @@ def test_two_processes_at_once_ctrl_c_and_parent_death(checkpoints, tp1_tokens, 
         assert lines[0] == "interrupted", err
         assert json.loads(lines[1])["again"] == tp1_tokens["tied"]      # the engine survived Ctrl-C
         assert child.returncode == 0, err
-        assert _wait_gone(first["ctrl-c"]["pids"], 10) == [], "worker outlived interpreter exit"
+        assert wait_gone(first["ctrl-c"]["pids"], 10) == [], "worker outlived interpreter exit"
     finally:
         for child in children.values():
             if child.poll() is None:

@@ -2,7 +2,7 @@
 
 Every request becomes one engine request per prompt (each fanning out to `n` choices), added
 to the shared `AsyncLLM`, so concurrent clients are batched together step by step. Prompts are
-tokenized here, with the server's own tokenizer (the engine's belongs to its thread), so the
+tokenized here, with the server's own tokenizer (the engine's lives in its process), so the
 context-length check can answer 400 before anything is queued. Streams use DELTA outputs;
 non-streamed requests use FINAL_ONLY. Closing a stream early (the client went away: Starlette
 cancels the response) aborts its requests, which frees their KV blocks at the next step.

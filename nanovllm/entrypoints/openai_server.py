@@ -6,6 +6,7 @@
 This module wires the app: routes, the optional API key, and errors as OpenAI's JSON. The
 requests themselves are answered by `openai_handlers.OpenAIHandlers`.
 """
+import contextlib
 import logging
 import os
 import time
@@ -24,12 +25,13 @@ logger = logging.getLogger(__name__)
 
 
 def build_app(engine: AsyncLLM, served_model_names: list[str] | None = None, api_key: str | None = None,
-              chat_template: str | None = None) -> FastAPI:
-    """The FastAPI app serving `engine` under the first of `served_model_names` (default: the model path)."""
-    config = engine.engine.config
+              chat_template: str | None = None, lifespan=None) -> FastAPI:
+    """The FastAPI app serving `engine` under the first of `served_model_names` (default: the
+    model path). `lifespan`: FastAPI's, e.g. to shut the engine down with the server."""
+    config = engine.config
     names = served_model_names or [config.model]
     server = OpenAIHandlers(engine, names, load_tokenizer(config), config.max_model_len, chat_template)
-    app = FastAPI(title="nanovllm OpenAI-compatible server")
+    app = FastAPI(title="nanovllm OpenAI-compatible server", lifespan=lifespan)
     app.state.server = server
 
     if api_key is not None:
@@ -116,9 +118,17 @@ def run_server(model: str, host: str | None = None, port: int = 8000, api_key: s
         device = resolve_device(engine_kwargs.get("device", "auto"))     # vllm serve's smaller budget
         max_num_seqs = engine_kwargs.get("max_num_seqs") or EngineConfig.max_num_seqs
         engine_kwargs["max_num_batched_tokens"] = default_max_num_batched_tokens(device, max_num_seqs, server=True)
-    engine = AsyncLLM.from_kwargs(model, **engine_kwargs)
+    engine = AsyncLLM(model, **engine_kwargs)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        # The engine stops with the server, whatever stopped it: uvicorn ends the process with
+        # the SIGTERM it caught once the server has shut down, so code after run() never runs.
+        yield
+        await engine.shutdown()
+
     try:
-        app = build_app(engine, served_model_name, api_key, load_chat_template(chat_template))
+        app = build_app(engine, served_model_name, api_key, load_chat_template(chat_template), lifespan)
         uvicorn.run(app, host=host or "0.0.0.0", port=port, log_level=log_level)
     finally:
         engine.shutdown_sync()

@@ -1,0 +1,291 @@
+"""The engine in its own process, behind `AsyncLLM` (and so behind `nanovllm serve`).
+
+Why a process and not a thread: a step is Python work on the host (scheduling, inputs,
+detokenizing) that must keep pace with the GPU. In a thread beside the server's event loop it
+shares Python's GIL with the streaming of every client's chunks, and each waits for the
+other (on an H100 the server's steps took ~45% longer than offline ones). vLLM runs its
+engine core in a separate process for the same reason.
+
+The two sides talk over one pipe (multiprocessing.Pipe: pickled tuples):
+
+    front -> engine   ("add", request_id, prompt, params) | ("abort", request_id)
+                      ("stats", token) | ("shutdown",)
+    engine -> front   ("ready", config) or ("failed", error)          once, at start
+                      ("outputs", [(request_id, item, last), ...])     item: a RequestOutput,
+                                                                       ACCEPTED, ABORTED or an error
+                      ("stats", token, EngineStats)
+                      ("stopped", None or the failure's traceback)     last
+
+The engine process's loop:
+
+    while running:
+        block on the pipe while idle (an idle engine costs nothing), else take what is waiting
+        apply the commands in order (new requests join the batch at the next step)
+        engine.step()
+        send the outputs that are due (`OutputHold`)
+
+It ends on "shutdown", on a failure, or when the pipe closes (the front process is gone).
+"""
+import logging
+import multiprocessing
+import multiprocessing.util
+import pickle
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+from nanovllm.engine.ctrl_c import sigint_ignored
+from nanovllm.outputs import RequestOutput, fold_outputs
+from nanovllm.sampling_params import RequestOutputKind
+
+logger = logging.getLogger(__name__)
+
+ACCEPTED = "accepted"   # an "outputs" item: the engine took the request
+ABORTED = "aborted"     # an "outputs" item: the request was aborted; its stream ends
+
+
+@dataclass
+class EngineStats:
+    """What the engine process reports on `("stats", token)`, after the commands sent before it."""
+    num_steps: int                  # steps launched (each advances every running request by one token)
+    num_unfinished_requests: int
+    num_free_blocks: int
+    num_blocks: int
+    loop_iterations: int            # turns of the loop (it does not turn while idle)
+
+
+@dataclass
+class _Live:
+    delta: bool                             # DELTA outputs: folding concatenates them
+    held: RequestOutput | None = None       # not sent yet
+    started: bool = False                   # an output was sent
+
+
+class OutputHold:
+    """Holds each request's outputs between hand-overs, folded together. Every hand-over costs
+    the front tens of microseconds per stream (waking its consumer, an HTTP chunk), so
+    intermediate outputs go out only once `interval_per_request` x live requests has passed
+    since the last hand-over: a lone request gets every step's output, 256 requests about ten
+    updates a second. A request's first and final outputs go at once (time to first token)."""
+
+    def __init__(self, interval_per_request: float):
+        self.interval_per_request = interval_per_request
+        self.live: dict[str, _Live] = {}
+        self.next_hand_over = 0.0
+
+    def add(self, request_id: str, params) -> None:
+        self.live[request_id] = _Live(params is not None and params.output_kind == RequestOutputKind.DELTA)
+
+    def drop(self, request_id: str) -> None:
+        self.live.pop(request_id, None)
+
+    def due(self, outputs: list[RequestOutput]) -> list[tuple[str, RequestOutput, bool]]:
+        """Take a step's outputs; return the (request_id, output, last) items to send now."""
+        now = time.perf_counter()
+        ready = []
+        for out in outputs:
+            live = self.live.get(out.request_id)
+            if live is not None:
+                live.held = out if live.held is None else fold_outputs(live.held, out, live.delta)
+                if out.finished or not live.started:
+                    ready.append(out.request_id)
+        if now >= self.next_hand_over:
+            ready = [request_id for request_id, live in self.live.items() if live.held is not None]
+            self.next_hand_over = now + self.interval_per_request * len(self.live)
+        items = []
+        for request_id in ready:
+            live = self.live[request_id]
+            output, live.held, live.started = live.held, None, True
+            if output.finished:
+                del self.live[request_id]
+            items.append((request_id, output, output.finished))
+        return items
+
+
+class EngineLoop:
+    """The engine process's loop (module docstring), over an `LLMEngine` and the pipe."""
+
+    def __init__(self, engine, conn, stream_interval_per_request: float):
+        self.engine, self.conn = engine, conn
+        self.hold = OutputHold(stream_interval_per_request)
+        self.loop_iterations = 0
+        # Where the time goes (logged at the end; compare "ms per launched step" with the
+        # "ms each" of an offline bench.py run to see what serving adds to a step).
+        self.seconds_in_steps = self.seconds_sending = 0.0
+
+    def run(self) -> None:
+        failure = None
+        try:
+            while self._take_commands(block=not self.engine.has_unfinished_requests()):
+                self.loop_iterations += 1
+                if not self.engine.has_unfinished_requests():
+                    continue
+                start = time.perf_counter()
+                outputs = self.engine.step()
+                stepped = time.perf_counter()
+                items = self.hold.due(outputs)
+                if items:
+                    self.conn.send(("outputs", items))
+                self.seconds_in_steps += stepped - start
+                self.seconds_sending += time.perf_counter() - stepped
+        except (EOFError, BrokenPipeError):
+            pass                                # the front process is gone
+        except BaseException:
+            failure = traceback.format_exc()
+            logger.error("The engine loop failed:\n%s", failure)
+        launched = max(1, self.engine.num_steps)
+        logger.info("engine loop: %d steps launched, %.2f s in step() (%.2f ms per launched step), %.2f s "
+                    "sending outputs", self.engine.num_steps, self.seconds_in_steps,
+                    1000 * self.seconds_in_steps / launched, self.seconds_sending)
+        try:
+            self.conn.send(("stopped", failure))
+        except OSError:
+            pass
+
+    def _take_commands(self, block: bool) -> bool:
+        """Apply the commands waiting on the pipe (first waiting for one if `block`); answer
+        adds and aborts in one message. False once asked to shut down."""
+        replies = []
+        if block:
+            self.conn.poll(None)                # wakes on a command, or on EOF
+        while self.conn.poll():
+            command = self.conn.recv()
+            kind = command[0]
+            if kind == "add":
+                _, request_id, prompt, params = command
+                try:
+                    self.engine.add_request(request_id, prompt, params)
+                except Exception as e:          # rejected: tell only that caller
+                    replies.append((request_id, sendable(e), True))
+                else:
+                    self.hold.add(request_id, params)
+                    replies.append((request_id, ACCEPTED, False))
+            elif kind == "abort":
+                self.engine.abort_request([command[1]])
+                self.hold.drop(command[1])
+                replies.append((command[1], ABORTED, True))
+            elif kind == "stats":
+                self._flush(replies)
+                self.conn.send(("stats", command[1], self.stats()))
+            else:                               # "shutdown"
+                self._flush(replies)
+                return False
+        self._flush(replies)
+        return True
+
+    def _flush(self, replies: list) -> None:
+        if replies:
+            self.conn.send(("outputs", replies[:]))
+            replies.clear()
+
+    def stats(self) -> EngineStats:
+        bm = self.engine.block_manager
+        return EngineStats(self.engine.num_steps, self.engine.get_num_unfinished_requests(),
+                           bm.num_free_blocks, bm.num_blocks, self.loop_iterations)
+
+
+def sendable(error: BaseException) -> BaseException:
+    """`error`, or a RuntimeError carrying its text if it does not survive pickling."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def run_engine(conn, model: str, engine_kwargs: dict, stream_interval_per_request: float) -> None:
+    """The engine process's main function."""
+    from nanovllm.engine.llm_engine import LLMEngine
+    try:
+        engine = LLMEngine.from_kwargs(model, **engine_kwargs)
+    except BaseException as e:
+        conn.send(("failed", sendable(e)))
+        return
+    conn.send(("ready", engine.config))
+    try:
+        EngineLoop(engine, conn, stream_interval_per_request).run()
+    finally:
+        engine.shutdown()
+
+
+class EngineProcess:
+    """The front's handle on the engine process: start it, send it commands, hand its
+    messages to `on_message` (called in a reader thread), stop it."""
+
+    def __init__(self, model: str, engine_kwargs: dict, stream_interval_per_request: float, on_message):
+        ctx = multiprocessing.get_context("spawn")       # CUDA cannot be used in a forked child
+        self.conn, theirs = ctx.Pipe()
+        # Not a daemon: with tensor parallelism it starts worker processes of its own. It ends
+        # when the pipe closes, so it does not outlive this process.
+        self.proc = ctx.Process(target=run_engine, name="nanovllm-engine",
+                                args=(theirs, model, engine_kwargs, stream_interval_per_request))
+        with sigint_ignored():                  # Ctrl-C is the front's to handle
+            self.proc.start()
+        theirs.close()
+        try:
+            kind, payload = self.conn.recv()    # loading the model can take a while
+        except EOFError:
+            self.proc.join()
+            raise RuntimeError(f"The engine process exited while starting (exit code {self.proc.exitcode})")
+        if kind == "failed":
+            self.proc.join()
+            raise payload
+        self.config = payload
+        # Commands go through a queue and a sender thread, so a full pipe (the engine busy with
+        # a step) never blocks the caller's event loop.
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.sender = threading.Thread(target=self._send_loop, name="nanovllm-engine-sender", daemon=True)
+        self.reader = threading.Thread(target=self._read_loop, args=(on_message,), name="nanovllm-engine-reader",
+                                       daemon=True)
+        self.sender.start()
+        self.reader.start()
+        # Runs at shutdown(), on garbage collection, or at interpreter exit before
+        # multiprocessing joins its children (which would wait for this one forever).
+        self._stop = multiprocessing.util.Finalize(self, _stop_process, args=(self.proc, self.outbox),
+                                                   exitpriority=10)
+
+    def post(self, command: tuple) -> None:
+        self.outbox.put(command)
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def shutdown(self) -> None:
+        self._stop()
+        self.reader.join(timeout=5)             # it has read "stopped" (or EOF)
+        self.conn.close()
+
+    def _send_loop(self) -> None:
+        while (command := self.outbox.get()) is not None:
+            try:
+                self.conn.send(command)
+            except OSError:
+                return
+
+    def _read_loop(self, on_message) -> None:
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                self.proc.join(timeout=5)
+                message = ("stopped", f"The engine process exited unexpectedly (exit code {self.proc.exitcode})")
+            on_message(message)
+            if message[0] == "stopped":
+                return
+
+
+def _stop_process(proc, outbox: queue.SimpleQueue, grace_s: float = 30.0) -> None:
+    """Ask the engine process to leave (it shuts its engine down: TP workers, NCCL), then
+    make sure it has."""
+    outbox.put(("shutdown",))
+    outbox.put(None)                            # ends the sender thread
+    proc.join(timeout=grace_s)
+    if proc.exitcode is None:
+        logger.warning("the engine process did not stop in %.0f s; terminating it", grace_s)
+        proc.terminate()
+        proc.join(timeout=5)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
