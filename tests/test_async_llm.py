@@ -60,6 +60,18 @@ def test_delta_outputs_concatenate(engine, reference):
     assert len(final) == 1 and final[0].outputs[0].text == reference[1]
 
 
+def test_every_output_carries_the_prompt(engine):
+    """The engine sends the prompt with a request's first output only; the stream restores it."""
+    for kind in (RequestOutputKind.DELTA, RequestOutputKind.CUMULATIVE):
+        outs = run(collect(engine, PROMPTS[0], greedy(prompt_logprobs=2, output_kind=kind), f"prompted-{kind.name}"))
+        first = outs[0]
+        assert len(outs) > 2 and first.prompt == PROMPTS[0] and len(first.prompt_token_ids) > 1
+        assert len(first.prompt_logprobs) == len(first.prompt_token_ids) and first.prompt_logprobs[1]
+        for out in outs[1:]:
+            assert (out.prompt, out.prompt_token_ids, out.prompt_logprobs) == (
+                first.prompt, first.prompt_token_ids, first.prompt_logprobs)
+
+
 def test_a_slow_consumer_gets_folded_outputs(engine, reference):
     """Outputs that pile up while the consumer is busy arrive folded into one."""
     async def slow(kind):

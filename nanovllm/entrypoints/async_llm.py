@@ -47,6 +47,7 @@ class RequestStream:
         self.finished = False
         self._items: deque = deque()
         self._waiter: asyncio.Future | None = None
+        self._prompt: tuple | None = None      # prompt, its ids and logprobs, from the first output
 
     def _put(self, item) -> None:
         """Called in the event loop's thread."""
@@ -79,6 +80,10 @@ class RequestStream:
             self.finished = True
             raise StopAsyncIteration
         self.finished = item.finished
+        if self._prompt is None:            # the engine sends the prompt with the first output only
+            self._prompt = item.prompt, item.prompt_token_ids, item.prompt_logprobs
+        else:
+            item.prompt, item.prompt_token_ids, item.prompt_logprobs = self._prompt
         return item
 
     def close(self) -> None:

@@ -68,7 +68,9 @@ class OutputHold:
     the front tens of microseconds per stream (waking its consumer, an HTTP chunk), so
     intermediate outputs go out only once `interval_per_request` x live requests has passed
     since the last hand-over: a lone request gets every step's output, 256 requests about ten
-    updates a second. A request's first and final outputs go at once (time to first token)."""
+    updates a second. A request's first and final outputs go at once (time to first token).
+    Only the first output carries the prompt (its ids can be thousands of integers to pickle);
+    the front's RequestStream puts it back into the later ones."""
 
     def __init__(self, interval_per_request: float):
         self.interval_per_request = interval_per_request
@@ -97,7 +99,10 @@ class OutputHold:
         items = []
         for request_id in ready:
             live = self.live[request_id]
-            output, live.held, live.started = live.held, None, True
+            output, live.held = live.held, None
+            if live.started:        # the front has the prompt from the first output: not again
+                output.prompt = output.prompt_token_ids = output.prompt_logprobs = None
+            live.started = True
             if output.finished:
                 del self.live[request_id]
             items.append((request_id, output, output.finished))
