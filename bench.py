@@ -38,7 +38,8 @@ def run_nanovllm(model_dir: str, w: Workload, args) -> tuple[int, float, object]
     start = time.perf_counter()
     llm = LLM(model_dir, load_format=args.load_format, max_model_len=args.max_model_len,
               enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
-              device=args.device, block_size=args.block_size, max_num_seqs=args.max_num_seqs)
+              device=args.device, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens)
     print(f"nanovllm start-up: {time.perf_counter() - start:.1f} s", flush=True)
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)          # warm-up
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in w.output_lens]
@@ -100,6 +101,8 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per step (default: LLM's; `nanovllm serve` uses vllm serve's smaller one)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--device", default="auto")

@@ -5,7 +5,7 @@ python3 -m pip install --no-index --find-links .whl/serve fastapi uvicorn httpx 
 export PYTHONPATH=.
 nvidia-smi -L
 python3 --version
-timeout ${OFFLINE_LIMIT:-200} python3 bench.py --quiet $BENCH_ARGS 2>&1 | tee $OUT/offline.log
+timeout ${OFFLINE_LIMIT:-200} python3 bench.py --quiet $BENCH_ARGS $OFFLINE_ARGS 2>&1 | tee $OUT/offline.log
 MODEL=$(python3 -c "from nanovllm.models.shapes import shape_checkpoint_dir; print(shape_checkpoint_dir('qwen3-0.6b'))")
 python3 -m nanovllm serve $MODEL --load-format dummy --max-model-len 4096 --port 8000 --host 127.0.0.1 --uvicorn-log-level warning $SERVE_ARGS > $OUT/server.log 2>&1 &
 SPID=$!
