@@ -1,14 +1,19 @@
 """Sampler cost at 256 sequences over Qwen3's vocabulary (151,936), per sampling setting,
 to compare with a decode step's time (`benchmarks/profile_step.py 256`). GPU only.
 
-    PYTHONPATH=. python benchmarks/bench_sampler.py
+    PYTHONPATH=. python benchmarks/bench_sampler.py            # the table
+    PYTHONPATH=. python benchmarks/bench_sampler.py --sweep    # the kernels alone, per tuning knob
 """
+import argparse
 from types import SimpleNamespace
 
 import torch
 import triton.testing
 
+from nanovllm import kernels
 from nanovllm.engine.token_histograms import TokenHistograms
+from nanovllm.kernels import logprobs as logprobs_kernel
+from nanovllm.kernels import sampling_filters
 from nanovllm.layers.sampler import Sampler
 from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow, uses_penalties
 from nanovllm.sampling_params import SamplingParams
@@ -23,6 +28,8 @@ SETTINGS = {
     "min_p 0.05": dict(temperature=0.8, min_p=0.05),
     "penalties": dict(temperature=0.8, presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1),
     "logprobs 5": dict(temperature=0.8, logprobs=5),
+    "logprobs 20": dict(temperature=0.8, logprobs=20),
+    "greedy + logprobs 5": dict(temperature=0.0, logprobs=5),
     "seeded": dict(temperature=0.8, seed=1),
 }
 
@@ -62,5 +69,43 @@ def main() -> None:
         print(f"{name:<24} {plain:>10.3f} {forward:>11.3f} {both:>20.3f}")
 
 
+def ms(fn) -> float:
+    return triton.testing.do_bench(fn, return_mode="median")
+
+
+def sweep() -> None:
+    """Each kernel alone on the same logits, per value of its tuning knobs (module constants)."""
+    device = torch.device("cuda")
+    logits = (torch.randn(B, V, device=device) * 3).bfloat16()
+    temperature = torch.full((B,), 0.8, device=device)
+    top_k, top_p = torch.full((B,), 50, device=device), torch.full((B,), 0.95, device=device)
+    tokens = torch.randint(0, V, (B,), device=device)
+    print(f"{'kernel':<52} {'ms':>7}")
+    print(f"{'torch.argmax':<52} {ms(lambda: logits.argmax(dim=-1)):>7.3f}")
+    print(f"{'greedy_sample':<52} {ms(lambda: kernels.greedy_sample(logits)):>7.3f}")
+    print(f"{'gumbel_sample (no filter)':<52} "
+          f"{ms(lambda: kernels.gumbel_sample(logits, temperature, temperature < 0, 1)):>7.3f}")
+    print(f"{'torch.topk(5) / (20)':<52} {ms(lambda: logits.topk(5, dim=-1)):>7.3f} "
+          f"{ms(lambda: logits.topk(20, dim=-1)):>7.3f}")
+    for block in (1024, 2048):
+        for warps in (4, 8):
+            sampling_filters.BLOCK, sampling_filters.NUM_WARPS = block, warps
+            for name, k, p, m in (("top_k 50", top_k, None, None), ("top_p 0.95", None, top_p, None),
+                                  ("top_k 50 + top_p 0.95", top_k, top_p, None),
+                                  ("min_p 0.05", None, None, torch.full((B,), 0.05, device=device))):
+                t = ms(lambda: kernels.sampling_thresholds(logits, temperature, k, p, m))
+                print(f"{f'thresholds {name} BLOCK={block} warps={warps}':<52} {t:>7.3f}")
+    sampling_filters.BLOCK, sampling_filters.NUM_WARPS = 2048, 8
+    for chunk in (2048, 4096, 8192):
+        for warps in (4, 8):
+            logprobs_kernel.CHUNK, logprobs_kernel.NUM_WARPS = chunk, warps
+            times = [ms(lambda: kernels.logprobs_and_top_k(logits, tokens, k)) for k in (0, 5, 20)]
+            print(f"{f'logprobs k=0/5/20 CHUNK={chunk} warps={warps}':<52} "
+                  + " ".join(f"{t:>7.3f}" for t in times))
+    logprobs_kernel.CHUNK, logprobs_kernel.NUM_WARPS = 4096, 8
+
+
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", action="store_true", help="time the kernels alone, per tuning knob")
+    sweep() if parser.parse_args().sweep else main()

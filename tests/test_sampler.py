@@ -13,6 +13,8 @@ from nanovllm.sampling_params import SamplingParams
 
 V = 64
 CPU = torch.device("cpu")
+# Where Sampler(fused=True) runs its Triton kernels: on CUDA when there is a GPU, else in the interpreter.
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NO_IDS = torch.empty(1, 0, dtype=torch.long)  # HF warpers ignore input_ids
 
 
@@ -20,8 +22,19 @@ def row(prompt=(1, 2, 3), output=(), generator=None, eos=None, **kwargs) -> Samp
     return SamplingRow(SamplingParams(**kwargs), list(prompt), list(output), generator, eos)
 
 
-def meta_of(rows, vocab_size=V):
-    return SamplingMetadata.build(rows, vocab_size, CPU)
+def meta_of(rows, vocab_size=V, device=CPU):
+    return SamplingMetadata.build(rows, vocab_size, device)
+
+
+def sample(fused: bool, logits, rows, vocab_size=V):
+    """Sampler(fused) on the device its path runs on; the output's tensors back on the CPU."""
+    device = KERNEL_DEVICE if fused else CPU
+    out = Sampler(fused)(logits.to(device), meta_of(rows, vocab_size, device))
+    if out.logprobs is not None:
+        for name, value in vars(out.logprobs).items():
+            setattr(out.logprobs, name, value.cpu())
+    out.sampled_token_ids = out.sampled_token_ids.cpu()
+    return out
 
 
 def fixed_logits(batch, vocab_size=V, seed=0, scale=3.0):
@@ -238,10 +251,10 @@ def test_unseeded_rows_use_the_global_rng(fused):
     logits = fixed_logits(16, seed=6, scale=0.3)
     rows = [row() for _ in range(16)]
     torch.manual_seed(7)
-    a = Sampler(fused)(logits, meta_of(rows)).sampled_token_ids
+    a = sample(fused, logits, rows).sampled_token_ids
     torch.manual_seed(7)
-    b = Sampler(fused)(logits, meta_of(rows)).sampled_token_ids
-    c = Sampler(fused)(logits, meta_of(rows)).sampled_token_ids
+    b = sample(fused, logits, rows).sampled_token_ids
+    c = sample(fused, logits, rows).sampled_token_ids
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -252,11 +265,11 @@ def test_fused_sampler_temperature_batch():
     base = fixed_logits(1, vocab, seed=8, scale=1.0)[0]
     rows = [row(temperature=0.0, output=[int(base.argmax())], repetition_penalty=3.0)]
     rows += [row(temperature=0.6) for _ in range(n)]
-    logits = base.expand(n + 1, vocab).clone().to(torch.float16)
+    logits = base.expand(n + 1, vocab).clone().to(torch.float16).to(KERNEL_DEVICE)
     original = logits.clone()
-    meta = meta_of(rows, vocab)
-    tokens = Sampler(fused=True)(logits, meta).sampled_token_ids
+    tokens = Sampler(fused=True)(logits, meta_of(rows, vocab, KERNEL_DEVICE)).sampled_token_ids.cpu()
     assert torch.equal(logits, original), "the caller's logits must not change"
+    logits, meta = logits.cpu(), meta_of(rows, vocab)
     assert tokens[0] == apply_penalties(logits[:1].float(), meta_of(rows[:1], vocab)).argmax()
     assert tokens[0] != base.argmax()
     assert tv_distance(tokens[1:], (base / 0.6).softmax(-1)) < 0.06
@@ -283,7 +296,7 @@ def test_fused_sampler_with_filters_draws_only_kept_tokens():
     kept = torch.isfinite(apply_temperature_and_filters(logits, meta))
     for seed in range(3):
         torch.manual_seed(seed)
-        tokens = Sampler(fused=True)(logits, meta).sampled_token_ids
+        tokens = sample(True, logits, rows).sampled_token_ids
         assert kept[torch.arange(len(rows)), tokens].all()
         assert tokens[4] == logits[4].argmax()
 
@@ -318,7 +331,8 @@ def test_min_tokens_masks_eos_and_stop_ids():
     assert out.logprobs.top_ids[0, 0] == eos
 
 
-def test_logprobs_are_raw_log_softmax_with_ranks():
+@pytest.mark.parametrize("fused", [False, True])
+def test_logprobs_are_raw_log_softmax_with_ranks(fused):
     torch.manual_seed(3)
     logits = fixed_logits(6, seed=9)
     rows = [row(temperature=0.5, logprobs=5, top_k=4, repetition_penalty=1.5, output=[3, 3]),
@@ -327,7 +341,7 @@ def test_logprobs_are_raw_log_softmax_with_ranks():
             row(temperature=1.8, logprobs=3, presence_penalty=1.0, output=[7]),
             row(temperature=1.0, logprobs=20),
             row(temperature=0.0)]
-    out = Sampler()(logits, meta_of(rows))
+    out = sample(fused, logits, rows)
     lp = out.logprobs
     ref = torch.log_softmax(logits, -1)
     k = 20

@@ -4,9 +4,11 @@
     paged_prefill_attention  varlen causal attention over the paged cache (prefill_attention.py)
     paged_decode_attention   one query token per sequence, split-KV       (decode_attention.py)
     gumbel_sample            one token per row from softmax(logits / T)  (gumbel_sample.py)
+    greedy_sample            torch.argmax over rows, split over chunks    (gumbel_sample.py)
     sampling_thresholds      top-k / top-p / min-p cut-offs, no sorting  (sampling_filters.py)
     apply_penalties          repetition/frequency/presence, one pass     (penalties.py)
-    logsumexp_and_rank       a row's logsumexp and a token's rank         (logprobs.py)
+    logprobs_and_top_k       a row's logsumexp, a token's rank, the top k (logprobs.py)
+    logsumexp_and_rank       the same without the top k                   (logprobs.py)
     rms_norm, add_rms_norm   RMSNorm, optionally after the residual add   (rms_norm.py)
     rotary_                  RoPE on q and k in place, optional q/k norm  (rotary.py)
     silu_and_mul             the gated MLP's activation                  (silu_and_mul.py)
@@ -29,9 +31,11 @@ _LAZY = {
     "paged_prefill_attention": ".prefill_attention",
     "paged_decode_attention": ".decode_attention",
     "gumbel_sample": ".gumbel_sample",
+    "greedy_sample": ".gumbel_sample",
     "sampling_thresholds": ".sampling_filters",
     "apply_penalties": ".penalties",
     "logsumexp_and_rank": ".logprobs",
+    "logprobs_and_top_k": ".logprobs",
     "rms_norm": ".rms_norm",
     "add_rms_norm": ".rms_norm",
     "rotary_": ".rotary",
@@ -57,7 +61,11 @@ def triton_available() -> bool:
 
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value      # later look-ups skip this hook
-        return value
+        module = importlib.import_module(_LAZY[name], __name__)
+        # Bind every name the module provides: importing `.gumbel_sample` set this package's
+        # attribute `gumbel_sample` to the module, which the function must replace.
+        for lazy_name, module_name in _LAZY.items():
+            if module_name == _LAZY[name]:
+                globals()[lazy_name] = getattr(module, lazy_name)     # later look-ups skip this hook
+        return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,20 +8,32 @@ The filters all keep the tokens whose logit is at least some threshold (ties wit
 The torch reference sorts (layers/sampler.py: `apply_top_k_top_p`, `apply_min_p`). Here the
 logits' bit patterns are mapped to integer keys in the same order (16 bits for bf16/fp16
 logits, 32 for fp32), and each threshold is the largest key u such that the tokens with key
->= u still number at least k (top-k) or still hold at least top_p of the mass (top-p). That
-u is found 2 bits at a time, most significant first: one pass over the row counts (or sums)
-the tokens at or above 4 candidate values at once and keeps the highest candidate that
-still qualifies; the high bits that the search's lower and upper bounds share are known
-without a pass. A bf16 row takes at most 8 passes per filter instead of a sort (2 bits a
-pass with 2048-token tiles was the fastest of 1, 2 and 4 bits and 256-2048 tokens on an H100). The result is each
-row's threshold as a float32 key (`order_key`); gumbel_sample then draws among the tokens
-at or above it.
+>= u still number at least k (top-k) or still hold at least top_p of the mass (top-p).
+
+One program per row. Its first pass over the row keeps, for each of its BLOCK lanes (token
+t is in lane t % BLOCK), the lane's 4 largest keys and, for top-p, the lane's softmax mass
+(an online max and sum, as in logprobs.py). From those 4 x BLOCK kept keys alone, in
+registers, each threshold gets a floor and a ceiling:
+  floor    the largest u that the kept keys alone reach (they are a subset of the row);
+  ceiling  the largest u that the kept keys plus everything they may miss reach: a lane's
+           other tokens are all <= its 4th key, so they count only for u <= that key
+           (the lane's count minus 4, or its mass minus its kept keys' mass).
+When no lane has all 4 kept keys at or above the floor, the two meet and the threshold is
+known after one pass: top-k 50 nearly always; top-p when its nucleus holds less than about
+4 tokens per lane. Otherwise the passes that follow split the interval [floor, ceiling]
+into 5 with 4 candidate keys per pass (one [BLOCK, 4] tile of counts or masses), so an
+interval of n keys takes ceil(log5(n)) passes: 1-2 for the benchmark's top-p 0.95 (a
+nucleus of ~3,000 tokens, interval 2-8 keys), at most 7 for a bf16 row (14 for fp32).
+The result is each row's threshold as a float32 key (`order_key`); gumbel_sample then draws
+among the tokens at or above it.
 """
 import torch
 import triton
 import triton.language as tl
 
 _KEY_MIN32 = tl.constexpr(-2**31)     # below every float32 key
+BLOCK = 2048        # lanes per row; the bench's --sweep changes these two
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -42,68 +54,104 @@ def _row_key(x, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
+def _key_value(key, dtype: tl.constexpr, KEY_BITS: tl.constexpr):
+    """A _row_key back to its logit, as float32."""
+    if KEY_BITS == 16:
+        return tl.where(key >= 0, key, key ^ 0x7FFF).to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
+    else:
+        return tl.where(key >= 0, key, key ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _as_float32_key(key, dtype: tl.constexpr, KEY_BITS: tl.constexpr):
     """A _row_key back to the value it stands for, as order_key(float32 value)."""
     if KEY_BITS == 16:
-        bits = tl.where(key >= 0, key, key ^ 0x7FFF).to(tl.int16)
-        return order_key(bits.to(dtype, bitcast=True).to(tl.float32))
+        return order_key(_key_value(key, dtype, KEY_BITS))
     else:
         return key
 
 
 @triton.jit
-def _largest_key_reaching(row_ptr, vocab_size, floor, ceiling, goal, top, inv_t, WEIGHTED: tl.constexpr,
-                          KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """The largest key u such that the tokens with key >= max(u, floor) number at least
-    `goal` (or, WEIGHTED, hold weight exp((x - top) / T) of at least `goal`), given that u
-    lies in [floor, ceiling]: the high bits those two share are u's too, and need no pass."""
-    HALF: tl.constexpr = 1 << (KEY_BITS - 1)        # keys + HALF are >= 0, in the same order
-    low, high = floor.to(tl.int64) + HALF, ceiling.to(tl.int64) + HALF
-    known = 0                                       # passes whose bits low and high share
-    for i in tl.static_range(KEY_BITS // DIGIT_BITS):
-        known += ((low >> (KEY_BITS - DIGIT_BITS * (i + 1))) == (high >> (KEY_BITS - DIGIT_BITS * (i + 1)))).to(tl.int32)
-    found = (low >> (KEY_BITS - DIGIT_BITS * known)) << (KEY_BITS - DIGIT_BITS * known)   # u's bits so far
-    digits = tl.arange(0, 1 << DIGIT_BITS)
-    for i in tl.range(known, KEY_BITS // DIGIT_BITS):
-        shift = KEY_BITS - DIGIT_BITS * (i + 1)
-        candidates = (found + (digits.to(tl.int64) << shift) - HALF).to(tl.int32)
-        # One [BLOCK, candidates] tile per step. The logits are loaded as a [BLOCK, 1] column
+def _split(lo, hi):
+    """4 candidate keys that split (lo, hi] into 5 nearly equal parts (repeats when it is short)."""
+    i = tl.arange(0, 4).to(tl.int64) + 1
+    return (lo.to(tl.int64) + ((hi.to(tl.int64) - lo.to(tl.int64)) * i + 4) // 5).to(tl.int32)
+
+
+@triton.jit
+def _narrow(lo, hi, candidates, reached):
+    """[lo, hi] -> the part between the highest candidate that reached the goal and the next."""
+    new_lo = tl.maximum(lo, tl.max(tl.where(reached, candidates, lo), axis=0))
+    new_hi = tl.minimum(hi, tl.min(tl.where(reached, hi, candidates - 1), axis=0))
+    return new_lo, new_hi
+
+
+@triton.jit
+def _kept_weight(keys, top, inv_t, dtype: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Each kept key's mass exp((x - top) / T); 0 where a lane kept nothing."""
+    weight = tl.exp((_key_value(keys, dtype, KEY_BITS) - top) * inv_t)       # 0 for -inf
+    return tl.where(keys > -(1 << (KEY_BITS - 1)), weight, 0.0)
+
+
+@triton.jit
+def _search_kept(k1, k2, k3, k4, w1, w2, w3, w4, goal, lo, hi):
+    """The largest u in [lo, hi] (lo if none) at which the lanes' kept keys k1..k4, weighing
+    w1..w4, reach `goal`. w4 includes what each lane missed: the tokens it did not keep are all
+    <= its k4. In registers, no pass. The candidates are those of _split as scalars: a
+    [BLOCK, 4] tile would hold each lane's keys and weights 4 times over."""
+    while lo < hi:
+        new_lo, new_hi = lo, hi
+        for i in tl.range(1, 5):
+            c = (lo.to(tl.int64) + ((hi.to(tl.int64) - lo.to(tl.int64)) * i + 4) // 5).to(tl.int32)
+            # (c > lo >= "no key": the lanes' fillers never count)
+            reach = tl.sum(tl.where(k1 >= c, w1, 0.0) + tl.where(k2 >= c, w2, 0.0)
+                           + tl.where(k3 >= c, w3, 0.0) + tl.where(k4 >= c, w4, 0.0), axis=0)
+            new_lo = tl.where(reach >= goal, tl.maximum(new_lo, c), new_lo)
+            new_hi = tl.where(reach >= goal, new_hi, tl.minimum(new_hi, c - 1))
+        lo, hi = new_lo, new_hi
+    return lo
+
+
+@triton.jit
+def _search_row(row_ptr, vocab_size, lo, hi, goal, top, inv_t, WEIGHTED: tl.constexpr,
+                KEY_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """The largest key u in [lo, hi] such that the row's tokens with key >= u number at least
+    `goal` (WEIGHTED: hold mass exp((x - top) / T) of at least `goal`), given that lo does:
+    one pass over the row per 5-fold narrowing of the interval."""
+    while lo < hi:
+        candidates = _split(lo, hi)
+        # One [BLOCK, candidates] tile per pass. The logits are loaded as a [BLOCK, 1] column
         # of that tile: loaded as a [BLOCK] vector and broadcast, they would be moved between
         # register layouts every step (2-3x slower on an H100).
-        reach = tl.zeros([BLOCK, 1 << DIGIT_BITS], tl.float32)   # counts stay exact in float32
+        reach = tl.zeros([BLOCK, 4], tl.float32)   # counts stay exact in float32
         for start in tl.range(0, vocab_size, BLOCK):
             cols = start + tl.arange(0, BLOCK)[:, None]
             x = tl.load(row_ptr + cols, mask=cols < vocab_size, other=float("-inf"))
-            key = _row_key(x, KEY_BITS)
-            at_or_above = (key >= candidates[None, :]) & (cols < vocab_size) & (key >= floor)
+            at_or_above = (_row_key(x, KEY_BITS) >= candidates[None, :]) & (cols < vocab_size)
             if WEIGHTED:
                 reach += tl.where(at_or_above, tl.exp((x.to(tl.float32) - top) * inv_t), 0.0)
             else:
                 reach += at_or_above.to(tl.float32)
-        totals = tl.sum(reach, axis=0)
-        # Candidate 0 qualifies whenever the bits found so far do; keep the highest that does.
-        best = tl.max(tl.where(totals >= goal, digits, 0), axis=0)
-        found += best.to(tl.int64) << shift
-    return (found - HALF).to(tl.int32)
+        lo, hi = _narrow(lo, hi, candidates, tl.sum(reach, axis=0) >= goal)
+    return lo
 
 
 @triton.jit
-def _kth_largest(keys, k, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
-    """The k-th largest of a vector of keys (1 <= k <= its length), the same search in registers."""
-    HALF: tl.constexpr = 1 << (KEY_BITS - 1)
-    digits = tl.arange(0, 1 << DIGIT_BITS)
-    found = tl.full([], 0, tl.int64)
-    for i in tl.static_range(KEY_BITS // DIGIT_BITS):
-        shift = KEY_BITS - DIGIT_BITS * (i + 1)
-        candidates = (found + (digits.to(tl.int64) << shift) - HALF).to(tl.int32)
-        counts = tl.sum((keys[:, None] >= candidates[None, :]).to(tl.int32), axis=0)
-        found += tl.max(tl.where(counts >= k, digits, 0), axis=0).to(tl.int64) << shift
-    return (found - HALF).to(tl.int32)
+def _mass_at_or_above(row_ptr, vocab_size, floor, top, inv_t, KEY_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass: the mass exp((x - top) / T) of the tokens with key >= floor."""
+    mass = tl.zeros([BLOCK], tl.float32)
+    for start in tl.range(0, vocab_size, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(row_ptr + cols, mask=cols < vocab_size, other=float("-inf"))
+        keep = (cols < vocab_size) & (_row_key(x, KEY_BITS) >= floor)
+        mass += tl.where(keep, tl.exp((x.to(tl.float32) - top) * inv_t), 0.0)
+    return tl.sum(mass, axis=0)
 
 
 @triton.jit
 def _thresholds_kernel(logits_ptr, stride_row, vocab_size, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
-                       out_ptr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr, BLOCK: tl.constexpr):
+                       out_ptr, KEEP: tl.constexpr, MASS: tl.constexpr, KEY_BITS: tl.constexpr,
+                       BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     dtype: tl.constexpr = logits_ptr.dtype.element_ty
@@ -111,39 +159,68 @@ def _thresholds_kernel(logits_ptr, stride_row, vocab_size, temperature_ptr, top_
     k = tl.load(top_k_ptr + row)
     p = tl.load(top_p_ptr + row)
     min_p = tl.load(min_p_ptr + row)
-    no_key = tl.full([], -(1 << (KEY_BITS - 1)), tl.int32)
+    no_key = tl.full([], -(1 << (KEY_BITS - 1)), tl.int32)     # below every token's key
 
-    # One pass for each lane's largest logit: the row's top, and a floor for its k-th largest
-    # (the k-th largest lane maximum: at least k tokens reach it).
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_key = tl.full([BLOCK], -(1 << (KEY_BITS - 1)), tl.int32)
+    # The first pass: per lane, the largest logit, (KEEP) the 4 largest keys k1 >= .. >= k4,
+    # and (MASS) the sum of exp((x - lane_max) / T), rescaled when the maximum moves.
+    lane_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    lane_sum = tl.zeros([BLOCK], tl.float32)
+    k1 = tl.full([BLOCK], -(1 << (KEY_BITS - 1)), tl.int32)
+    k2, k3, k4 = k1, k1, k1
     for start in tl.range(0, vocab_size, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(row_ptr + cols, mask=cols < vocab_size, other=float("-inf"))
-        best = tl.maximum(best, x.to(tl.float32))
-        best_key = tl.maximum(best_key, tl.where(cols < vocab_size, _row_key(x, KEY_BITS), no_key))
-    top = tl.max(best, axis=0)
-    top_key = tl.max(best_key, axis=0)
+        xf = x.to(tl.float32)
+        if MASS:   # one exp per token: exp(-|d|) is the new token's weight or the old sum's rescale
+            ref = tl.where(lane_max == float("-inf"), 0.0, lane_max)        # (the lane's sum is 0 then)
+            e = tl.where(xf == float("-inf"), 0.0, tl.exp(-tl.abs((xf - ref) * inv_t)))
+            lane_sum = tl.where(xf > lane_max, lane_sum * e + 1.0, lane_sum + e)
+        lane_max = tl.maximum(lane_max, xf)
+        if KEEP:   # insert the key into the lane's sorted 4
+            key = tl.where(cols < vocab_size, _row_key(x, KEY_BITS), no_key)
+            k4 = tl.maximum(k4, tl.minimum(k3, key))
+            k3 = tl.maximum(k3, tl.minimum(k2, key))
+            k2 = tl.maximum(k2, tl.minimum(k1, key))
+            k1 = tl.maximum(k1, key)
+    top = tl.max(lane_max, axis=0)
 
     result = tl.full([], _KEY_MIN32, tl.int32)
-    key_k = no_key
-    if (k > 0) & (k < vocab_size):               # top-k: the k-th largest key
-        floor = no_key
-        if k <= tl.minimum(vocab_size, BLOCK):   # every lane holds a token
-            floor = _kth_largest(best_key, k, KEY_BITS, DIGIT_BITS)
-        key_k = _largest_key_reaching(row_ptr, vocab_size, floor, top_key, k.to(tl.float32), top, inv_t,
-                                      False, KEY_BITS, DIGIT_BITS, BLOCK)
-        result = tl.maximum(result, _as_float32_key(key_k, dtype, KEY_BITS))
-    if p < 1.0:                                  # top-p among the top-k
-        mass = tl.zeros([BLOCK], tl.float32)
-        for start in tl.range(0, vocab_size, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            x = tl.load(row_ptr + cols, mask=cols < vocab_size, other=float("-inf"))
-            keep = (cols < vocab_size) & (_row_key(x, KEY_BITS) >= key_k)
-            mass += tl.where(keep, tl.exp((x.to(tl.float32) - top) * inv_t), 0.0)
-        key_p = _largest_key_reaching(row_ptr, vocab_size, key_k, top_key, p * tl.sum(mass, axis=0), top, inv_t,
-                                      True, KEY_BITS, DIGIT_BITS, BLOCK)
-        result = tl.maximum(result, _as_float32_key(key_p, dtype, KEY_BITS))
+    if KEEP:
+        top_key = tl.max(k1, axis=0)
+        if MASS:
+            lane_mass = tl.where(lane_max == float("-inf"), 0.0, lane_sum * tl.exp((lane_max - top) * inv_t))
+        key_k = no_key
+        if (k > 0) & (k < vocab_size):           # top-k: the k-th largest key
+            lanes = tl.arange(0, BLOCK)
+            missed = tl.maximum(tl.cdiv(vocab_size - lanes, BLOCK) - 4, 0).to(tl.float32)   # tokens not kept
+            goal = k.to(tl.float32)
+            floor = _search_kept(k1, k2, k3, k4, 1.0, 1.0, 1.0, 1.0, goal, no_key, top_key)
+            ceiling = _search_kept(k1, k2, k3, k4, 1.0, 1.0, 1.0, 1.0 + missed, goal, floor, top_key)
+            key_k = _search_row(row_ptr, vocab_size, floor, ceiling, goal, top, inv_t, False, KEY_BITS, BLOCK)
+            result = tl.maximum(result, _as_float32_key(key_k, dtype, KEY_BITS))
+        if MASS:
+            if p < 1.0:                          # top-p among the top-k
+                w1 = _kept_weight(k1, top, inv_t, dtype, KEY_BITS)
+                w2 = _kept_weight(k2, top, inv_t, dtype, KEY_BITS)
+                w3 = _kept_weight(k3, top, inv_t, dtype, KEY_BITS)
+                w4 = _kept_weight(k4, top, inv_t, dtype, KEY_BITS)
+                total = tl.sum(lane_mass, axis=0)
+                missed = tl.maximum(lane_mass - w1 - w2 - w3 - w4, 0.0)         # mass not kept
+                if key_k == no_key:
+                    mass = total
+                elif tl.max(k4, axis=0) < key_k:     # every token >= key_k was kept (k4s are below it)
+                    mass = tl.sum(tl.where(k1 >= key_k, w1, 0.0) + tl.where(k2 >= key_k, w2, 0.0)
+                                  + tl.where(k3 >= key_k, w3, 0.0), axis=0)
+                else:
+                    mass = _mass_at_or_above(row_ptr, vocab_size, key_k, top, inv_t, KEY_BITS, BLOCK)
+                goal = p * mass
+                # The bounds come from sums in another order than the passes': a margin far
+                # above float32 rounding keeps them on the right side of the goal.
+                margin = 1e-5 * total
+                floor = _search_kept(k1, k2, k3, k4, w1, w2, w3, w4, goal + margin, key_k, top_key)
+                ceiling = _search_kept(k1, k2, k3, k4, w1, w2, w3, w4 + missed, goal - margin, floor, top_key)
+                key_p = _search_row(row_ptr, vocab_size, floor, ceiling, goal, top, inv_t, True, KEY_BITS, BLOCK)
+                result = tl.maximum(result, _as_float32_key(key_p, dtype, KEY_BITS))
     if min_p > 0.0:
         result = tl.maximum(result, order_key(top + tl.log(min_p) / inv_t))
     tl.store(out_ptr + row, result)
@@ -158,6 +235,7 @@ def sampling_thresholds(logits: torch.Tensor, temperature: torch.Tensor, top_k: 
         raise ValueError(f"logits must be [rows, vocab] with contiguous rows, got {tuple(logits.shape)}")
     rows, vocab_size = logits.shape
     device = logits.device
+    keep, mass = top_k is not None or top_p is not None, top_p is not None
     top_k = torch.zeros(rows, dtype=torch.int32, device=device) if top_k is None else top_k.to(torch.int32)
     top_p = torch.ones(rows, dtype=torch.float32, device=device) if top_p is None else top_p.float()
     min_p = torch.zeros(rows, dtype=torch.float32, device=device) if min_p is None else min_p.float()
@@ -165,6 +243,6 @@ def sampling_thresholds(logits: torch.Tensor, temperature: torch.Tensor, top_k: 
     if rows:
         _thresholds_kernel[(rows,)](logits, logits.stride(0), vocab_size, temperature.float().contiguous(),
                                     top_k.contiguous(), top_p.contiguous(), min_p.contiguous(), out,
-                                    KEY_BITS=8 * logits.element_size(), DIGIT_BITS=2,
-                                    BLOCK=min(2048, triton.next_power_of_2(vocab_size)), num_warps=8)
+                                    KEEP=keep, MASS=mass, KEY_BITS=8 * logits.element_size(),
+                                    BLOCK=min(BLOCK, triton.next_power_of_2(vocab_size)), num_warps=NUM_WARPS)
     return out

@@ -15,7 +15,8 @@ The order follows vLLM V1:
      other rows in the batch.
 On CUDA (`Sampler(fused=True)`), steps 5-6 run as two Triton kernels instead: each row's
 top-k/top-p/min-p threshold found without sorting, then the Gumbel-max draw among the tokens
-above it (the same distribution; kernels/). There, seeded rows draw from Philox streams keyed
+above it (the same distribution; kernels/); an all-greedy batch takes a split-row argmax
+kernel, and logprobs one pass for the logsumexp, ranks and top k. There, seeded rows draw from Philox streams keyed
 by per-row seeds the engine derives from the request's seed and the token's position.
 
 Everything is vectorised over the batch; a step that no row uses is skipped, and an
@@ -44,20 +45,29 @@ def gather_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int, fused
     """`logits` [N, V] (raw, any float dtype), `token_ids` [N]: each token's logprob and rank,
     and the top k. A logprob is logit - logsumexp(row), in float32; ranks and the top k are
     found on the logits themselves (log-softmax keeps their order), so no [N, V] float32
-    log-softmax is written. `fused`: the logsumexp and ranks from one Triton pass
-    (kernels/logprobs.py). Also used by the engine for prompt logprobs."""
+    log-softmax is written. `fused`: the logsumexp, ranks and top k from one Triton pass
+    (kernels/logprobs.py; its top k breaks ties by the lowest id). Also used by the engine
+    for prompt logprobs."""
     token_ids = token_ids.long()
     token_logits = logits.gather(-1, token_ids[:, None])                        # [N, 1]
-    if fused:
-        logsumexp, token_ranks = kernels.logsumexp_and_rank(logits.contiguous(), token_ids)
-        logsumexp = logsumexp[:, None]
+    if fused and k <= _FUSED_MAX_TOP_K:
+        logsumexp, token_ranks, top_ids = kernels.logprobs_and_top_k(logits.contiguous(), token_ids, k)
+        logsumexp, top_logits = logsumexp[:, None], logits.gather(-1, top_ids)
     else:
-        logsumexp = torch.logsumexp(logits.float(), dim=-1, keepdim=True)        # [N, 1]
-        # Rank as vLLM counts it: how many tokens are at least as likely (ties rank low).
-        token_ranks = (logits >= token_logits).sum(-1)
-    top_logits, top_ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
+        if fused:
+            logsumexp, token_ranks = kernels.logsumexp_and_rank(logits.contiguous(), token_ids)
+            logsumexp = logsumexp[:, None]
+        else:
+            logsumexp = torch.logsumexp(logits.float(), dim=-1, keepdim=True)        # [N, 1]
+            # Rank as vLLM counts it: how many tokens are at least as likely (ties rank low).
+            token_ranks = (logits >= token_logits).sum(-1)
+        top_logits, top_ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
     return LogprobsTensors(token_ids, (token_logits.float() - logsumexp).squeeze(-1), token_ranks, top_ids,
                            top_logits.float() - logsumexp)
+
+
+# The kernel finds the top k by k max-reductions per chunk: fine for SamplingParams' limit (20).
+_FUSED_MAX_TOP_K = 32
 
 
 @dataclass
@@ -81,7 +91,7 @@ class Sampler(torch.nn.Module):
         """`row_seeds` [B] int64 (fused path only): each row's seed for this draw; without
         them the fused path seeds the rows from torch's global generator."""
         # All ops below are out of place: the caller's logits stay untouched.
-        fused = self.fused and not meta.all_greedy and (not meta.generators or row_seeds is not None)
+        fused = self.fused and (not meta.generators or row_seeds is not None)
         if not fused:
             logits = logits.float()
         raw_logits = logits if meta.max_num_logprobs is not None else None
@@ -98,7 +108,7 @@ class Sampler(torch.nn.Module):
                 logits = apply_penalties(logits, meta)
 
         if meta.all_greedy:
-            sampled = logits.argmax(dim=-1)
+            sampled = kernels.greedy_sample(logits.contiguous()) if fused else logits.argmax(dim=-1)
         elif fused:
             logits, thresholds = logits.contiguous(), None
             if meta.top_k is not None or meta.top_p is not None or meta.min_p is not None:

@@ -45,12 +45,16 @@ def _launch_all_kernels():
     temperature, greedy = torch.ones(3), torch.tensor([False, True, False])
     keys = kernels.sampling_thresholds(logits, temperature, torch.tensor([5, 0, 0]), torch.tensor([1.0, 0.9, 0.5]),
                                        torch.tensor([0.0, 0.1, 0.0]))
+    kernels.sampling_thresholds(logits, temperature, torch.tensor([5, 0, 3]), None, None)    # top-k only
+    kernels.sampling_thresholds(logits, temperature, None, None, torch.tensor([0.0, 0.1, 0.2]))   # min-p only
     kernels.gumbel_sample(logits, temperature, greedy, 1)
     counts, seen = torch.zeros(3, 50), torch.zeros(3, 50, dtype=torch.bool)
     kernels.apply_penalties(logits, counts, seen, temperature, temperature, temperature)
     kernels.apply_penalties(logits, counts, None, None, temperature, temperature)
     kernels.apply_penalties(logits, counts, seen, temperature, None, None, torch.tensor([2, 0, 1]))
     kernels.logsumexp_and_rank(logits, torch.tensor([0, 4, 49]))
+    kernels.logprobs_and_top_k(logits, torch.tensor([0, 4, 49]), 5)
+    kernels.greedy_sample(logits)
     kernels.gumbel_sample(logits, temperature, greedy, 1, keys)
     batch = make_paged_batch([20, 9], [5, 1], 4, 2, 32, 16, dtype=h)
     kernels.paged_prefill_attention(batch["q"], batch["k_cache"], batch["v_cache"], batch["cu_seqlens_q"],

@@ -65,3 +65,29 @@ def test_masked_tokens_are_never_drawn_and_bad_layout_is_refused():
     from nanovllm.kernels import gumbel_sample
     with pytest.raises(ValueError, match="contiguous rows"):
         gumbel_sample(torch.zeros(16, 4).t(), torch.ones(4), torch.zeros(4, dtype=torch.bool), 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_greedy_sample_is_torch_argmax(dtype):
+    from nanovllm.kernels import greedy_sample
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 20000, generator=gen).to(dtype)     # three chunks, the last partial
+    logits[1, 9000] = logits[1, 17000] = 50.0                   # a tie across chunks
+    logits[2, 5] = logits[2, 6] = logits[2, 1029] = 50.0        # ties within a chunk, across lanes
+    logits[3] = float("-inf")                                   # nothing allowed: torch says 0
+    logits[4, :19990] = float("-inf")                           # only the last, partial chunk
+    tokens = greedy_sample(logits.to(DEVICE)).cpu()
+    assert tokens.dtype == torch.int64
+    assert tokens.tolist() == logits.float().argmax(dim=-1).tolist()
+    assert tokens[1:4].tolist() == [9000, 5, 0] and tokens[4] >= 19990
+
+
+def test_every_lazy_name_of_a_module_is_its_function():
+    """kernels.greedy_sample imports kernels/gumbel_sample.py, which sets the package attribute
+    `gumbel_sample` to the module: the function must still be what kernels.gumbel_sample gives."""
+    import subprocess
+    import sys
+    code = ("from nanovllm import kernels; kernels.greedy_sample; import inspect; "
+            "assert inspect.isfunction(kernels.gumbel_sample), kernels.gumbel_sample")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

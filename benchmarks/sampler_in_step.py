@@ -1,0 +1,69 @@
+"""What each sampling setting adds to a whole decode step at 256 sequences, end to end.
+
+    PYTHONPATH=. python benchmarks/sampler_in_step.py [--shape qwen3-0.6b] [workload flags]
+
+bench.py's 256 prompts (100 to 1,024 tokens) on the Qwen3-0.6B shape with dummy weights, all
+running at once; for each setting of bench_sampler.py, the same requests are run until every
+one is decoding, then 64 decode steps are timed (wall time per `engine.step()`: the GPU's
+step, or the host's when that is longer, since decode is pipelined). The first column is the
+step with greedy sampling; the others say how much longer each setting's step is.
+"""
+import argparse
+import sys
+import time
+
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.bench_workload import add_workload_args, make_workload
+from nanovllm.models.shapes import shape_checkpoint_dir
+from nanovllm.sampling_params import RequestOutputKind
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_sampler import SETTINGS  # noqa: E402
+
+WARMUP, TIMED = 8, 64
+
+
+def decode_step_ms(engine, prompts: list[list[int]], kwargs: dict) -> float:
+    params = SamplingParams(**kwargs, ignore_eos=True, max_tokens=WARMUP + TIMED + 64,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
+    ids = [f"{id(kwargs)}-{i}" for i in range(len(prompts))]
+    engine.last_step = None
+    for request_id, prompt in zip(ids, prompts):
+        engine.add_request(request_id, prompt, params)
+    while engine.last_step is None or engine.last_step[0] or engine.last_step[1] < len(prompts):
+        engine.step()                           # prefill, until a decode step runs every sequence
+    for _ in range(WARMUP):
+        engine.step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(TIMED):
+        engine.step()
+    seconds = time.perf_counter() - start
+    engine.abort_request(ids)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return 1000 * seconds / TIMED
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="qwen3-0.6b")
+    add_workload_args(parser)
+    args = parser.parse_args()
+    prompts = make_workload(args).prompts
+    llm = LLM(shape_checkpoint_dir(args.shape), load_format="dummy", max_model_len=4096)
+    engine = llm.llm_engine
+    decode_step_ms(engine, prompts, dict(temperature=0.0))      # warm-up (and the prefix cache)
+    base = None
+    print(f"{'setting':<24} {'decode step ms':>14} {'vs greedy':>10}")
+    for name, kwargs in SETTINGS.items():
+        ms = decode_step_ms(engine, prompts, kwargs)
+        base = ms if base is None else base
+        print(f"{name:<24} {ms:>14.2f} {100 * (ms - base) / base:>+9.1f}%", flush=True)
+
+
+if __name__ == "__main__":
+    main()
