@@ -2,12 +2,14 @@
 returns zero logits, so a step's time is the engine's own Python work (scheduling, input
 preparation, sampling set-up, stop checks, output handling) at a given batch size.
 
-    PYTHONPATH=. python benchmarks/host_step.py [BATCH] [--delta] [--penalties] [--profile]
+    PYTHONPATH=. python benchmarks/host_step.py [BATCH] [--delta] [--penalties] [--logprobs K] [--profile]
 
 Uses the built-in demo model (tiny vocabulary, greedy sampling), so sampling costs ~nothing.
 --delta asks for an output every step, as the server's streams do (incremental
 detokenization and a RequestOutput per request per step); by default only the final output,
-as LLM.generate does. --penalties adds repetition, frequency and presence penalties.
+as LLM.generate does. --penalties adds repetition, frequency and presence penalties;
+--logprobs K asks for the top K logprobs of every token (the stub's logits are then random,
+so the top tokens change from step to step).
 """
 import cProfile
 import pstats
@@ -27,7 +29,9 @@ def main() -> None:
     llm = LLM(demo_checkpoint_dir(), device="cpu", num_gpu_blocks_override=30000, max_num_seqs=batch)
     engine = llm.llm_engine
     vocab = engine.runner.vocab_size
-    engine.runner.execute = lambda inputs: torch.zeros(inputs.logits_indices.shape[0], vocab)
+    logprobs = int(sys.argv[sys.argv.index("--logprobs") + 1]) if "--logprobs" in sys.argv else None
+    make = torch.randn if logprobs is not None else torch.zeros
+    engine.runner.execute = lambda inputs: make(inputs.logits_indices.shape[0], vocab)
     kind = RequestOutputKind.DELTA if "--delta" in sys.argv else RequestOutputKind.FINAL_ONLY
     rng = random.Random(0)
     for i in range(batch):
@@ -35,7 +39,7 @@ def main() -> None:
         penalties = dict(repetition_penalty=1.1, frequency_penalty=0.2, presence_penalty=0.2) \
             if "--penalties" in sys.argv else {}
         engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=600, ignore_eos=True,
-                                                          output_kind=kind, **penalties))
+                                                          output_kind=kind, logprobs=logprobs, **penalties))
     while engine.scheduler.waiting:
         engine.step()
     for _ in range(5):
@@ -43,7 +47,8 @@ def main() -> None:
     start = time.perf_counter()
     for _ in range(100):
         engine.step()
-    print(f"batch {batch}, {kind.name} outputs{', penalties' if '--penalties' in sys.argv else ''}: {1000 * (time.perf_counter() - start) / 100:.2f} ms "
+    extras = (", penalties" if "--penalties" in sys.argv else "") + (f", logprobs {logprobs}" if logprobs else "")
+    print(f"batch {batch}, {kind.name} outputs{extras}: {1000 * (time.perf_counter() - start) / 100:.2f} ms "
           f"of host work per decode step")
     if "--profile" in sys.argv:
         profile = cProfile.Profile()

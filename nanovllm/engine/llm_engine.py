@@ -52,6 +52,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.vocab_size = config.hf_config.vocab_size
         self.tokenizer_size = len(self.tokenizer)     # ids at or above it have no text
+        self.token_texts: dict[int, str] = {}          # token id -> its text alone, for logprobs
         self.eos_token_id, self.extra_eos_ids = _eos_ids(self.tokenizer, config.hf_config)
         self.num_steps = 0
         self.last_step = (False, 0)          # (was it a prefill, tokens computed), for progress bars
@@ -259,7 +260,13 @@ class LLMEngine:
         return dicts
 
     def _decode_one(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id]) if token_id < self.tokenizer_size else ""
+        """A token's text alone (Logprob.decoded_token). Cached: a decode call costs several
+        microseconds, and logprobs ask for (k + 1) x batch of them every step."""
+        text = self.token_texts.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id]) if token_id < self.tokenizer_size else ""
+            self.token_texts[token_id] = text
+        return text
 
     def _make_output(self, request: Request) -> RequestOutput | None:
         kind, finished = request.params.output_kind, request.finished
