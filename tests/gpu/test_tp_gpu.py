@@ -109,4 +109,8 @@ def test_killed_worker_raises_on_gpu(checkpoint, tmp_path):
     assert len(results) == 2, f"the child did not fail and shut down:\n{out}\n{err[-4000:]}"
     assert "worker rank 1" in results[0]["error"], results
     assert results[0]["after_s"] < 60 and results[1]["shut_down_s"] < 90, results
-    assert not results[1]["dist_initialized"], results      # another engine could start in that process
+    # Torn down, so another engine could start in this process; or, where NCCL's abort of a
+    # communicator whose all-reduce (inside a CUDA graph) waits for the killed peer does not
+    # return within the shutdown's grace (seen on 2 x H200, 2026-11-27), left as it is, and
+    # the engine says so: another tensor-parallel engine then needs a new process.
+    assert not results[1]["dist_initialized"] or "could not be aborted" in err, results
