@@ -19,7 +19,7 @@ from nanovllm.engine.model_runner import ModelRunner, StepResult
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import LogprobsTensors
-from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
+from nanovllm.outputs import CompletionOutput, FlatLogprobs, Logprob, RequestOutput
 from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 from nanovllm.tokenizer import load_tokenizer
 
@@ -198,7 +198,7 @@ class LLMEngine:
         touched, sample_row = {}, 0
         # The sampled tokens' logprobs (when any sequence asked): rows follow the sampling
         # sequences; each keeps the top k it asked for.
-        sample_logprobs = self._logprob_dicts(result.sample_logprobs) if result.sample_logprobs else None
+        sample_logprobs = LogprobRows(result.sample_logprobs, self._decode_one) if result.sample_logprobs else None
         for i, (seq, token) in enumerate(zip(batch.seqs, result.sampled)):
             if seq.is_finished:           # stopped (or aborted) while this step was in flight
                 sample_row += token is not None
@@ -208,13 +208,12 @@ class LLMEngine:
                 chunk_start = seq.num_computed_tokens - batch.num_new_tokens[i]
                 # After a preemption the prompt is recomputed: keep the logprobs gathered the first time.
                 if chunk_start + 1 == len(request.prompt_logprobs):
-                    request.prompt_logprobs += self._logprob_dicts(result.prompt_logprobs[i])
+                    prompt_rows = LogprobRows(result.prompt_logprobs[i], self._decode_one)
+                    request.prompt_logprobs += prompt_rows.entries(request.params.prompt_logprobs)
             if token is None:
                 continue
             if seq.logprobs is not None:
-                entry = _top(sample_logprobs[sample_row], token, seq.params.logprobs)
-                seq.logprobs.append(entry)
-                seq.cumulative_logprob += entry[token].logprob
+                seq.cumulative_logprob += sample_logprobs.add_to(seq.logprobs, sample_row, seq.params.logprobs)
             sample_row += 1
             reason, stop_reason = self._check_stop(seq)
             detokenizer = request.detokenizers[seq.index]
@@ -244,20 +243,6 @@ class LLMEngine:
         if produced >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
             return "length", None
         return None, None
-
-    def _logprob_dicts(self, lp: LogprobsTensors, k: int | None = None) -> list[dict[int, Logprob]]:
-        """Every row of LogprobsTensors as vLLM's {token_id: Logprob} (the top k, plus the
-        chosen token). Read back once per step, not once per sequence."""
-        k = lp.top_ids.shape[1] if k is None else k
-        ids, lps, ranks = lp.token_ids.tolist(), lp.token_logprobs.tolist(), lp.token_ranks.tolist()
-        top_ids, top_lps = lp.top_ids[:, :k].tolist(), lp.top_logprobs[:, :k].tolist()
-        dicts = []
-        for r in range(len(ids)):
-            entry = {t: Logprob(v, rank + 1, self._decode_one(t))
-                     for rank, (t, v) in enumerate(zip(top_ids[r], top_lps[r]))}
-            entry.setdefault(ids[r], Logprob(lps[r], ranks[r], self._decode_one(ids[r])))
-            dicts.append(entry)
-        return dicts
 
     def _decode_one(self, token_id: int) -> str:
         """A token's text alone (Logprob.decoded_token). Cached: a decode call costs several
@@ -298,9 +283,39 @@ class LLMEngine:
             self.runner.shutdown()
 
 
-def _top(entry: dict[int, Logprob], token: int, k: int) -> dict[int, Logprob]:
-    """Keep the k best-ranked entries and the chosen token."""
-    return {t: lp for t, lp in entry.items() if lp.rank <= k or t == token}
+class LogprobRows:
+    """A step's LogprobsTensors, read back once (not once per sequence); each row, when a
+    sequence asks for it, as vLLM's {token_id: Logprob} with that sequence's k: its top k,
+    then the chosen token if it is not among them."""
+
+    def __init__(self, lp: LogprobsTensors, decode):
+        self.ids, self.logprobs, self.ranks = lp.token_ids.tolist(), lp.token_logprobs.tolist(), lp.token_ranks.tolist()
+        self.top_ids, self.top_logprobs = lp.top_ids.tolist(), lp.top_logprobs.tolist()
+        self.decode = decode                  # token id -> its text
+
+    def entry(self, row: int, k: int) -> dict[int, Logprob]:
+        ids, logprobs, decode = self.top_ids[row][:k], self.top_logprobs[row], self.decode
+        entry = {t: Logprob(logprobs[i], i + 1, decode(t)) for i, t in enumerate(ids)}
+        chosen = self.ids[row]
+        if chosen not in entry:
+            entry[chosen] = Logprob(self.logprobs[row], self.ranks[row], decode(chosen))
+        return entry
+
+    def entries(self, k: int) -> list[dict[int, Logprob]]:
+        return [self.entry(row, k) for row in range(len(self.ids))]
+
+    def add_to(self, flat: FlatLogprobs, row: int, k: int) -> float:
+        """Append the row's entry to `flat` (as numbers: no objects); returns the chosen token's logprob."""
+        ids, logprobs = self.top_ids[row][:k], self.top_logprobs[row][:k]
+        ranks = list(range(1, len(ids) + 1))
+        chosen = self.ids[row]
+        if chosen in ids:
+            chosen_logprob = logprobs[ids.index(chosen)]
+        else:
+            chosen_logprob = self.logprobs[row]
+            ids, logprobs, ranks = ids + [chosen], logprobs + [chosen_logprob], ranks + [self.ranks[row]]
+        flat.add(ids, logprobs, ranks, [self.decode(t) for t in ids])
+        return chosen_logprob
 
 
 def _eos_ids(tokenizer, hf_config) -> tuple[int | None, set[int]]:

@@ -8,6 +8,7 @@ from enum import Enum, auto
 
 import torch
 
+from nanovllm.outputs import FlatLogprobs
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -39,7 +40,7 @@ class Sequence:
         self.num_blocks_seen = 0                # leading blocks already offered to the prefix cache
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
-        self.logprobs: list | None = [] if params.logprobs is not None else None
+        self.logprobs: FlatLogprobs | None = FlatLogprobs() if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
 
     def __len__(self) -> int:
