@@ -54,6 +54,9 @@ def _launch_all_kernels():
     kernels.apply_penalties(logits, counts, seen, temperature, None, None, torch.tensor([2, 0, 1]))
     kernels.logsumexp_and_rank(logits, torch.tensor([0, 4, 49]))
     kernels.logprobs_and_top_k(logits, torch.tensor([0, 4, 49]), 5)
+    from nanovllm.kernels import logprobs       # k >= FLOOR_MIN_K: group maxima, then the floored kernel
+    for wide in (torch.randn(2, 3000, dtype=h), torch.randn(2, 3000)):
+        kernels.logprobs_and_top_k(wide, torch.tensor([0, 2999]), min(max(logprobs.FLOOR_MIN_K, 10), 16))
     kernels.greedy_sample(logits)
     kernels.gumbel_sample(logits, temperature, greedy, 1, keys)
     batch = make_paged_batch([20, 9], [5, 1], 4, 2, 32, 16, dtype=h)
