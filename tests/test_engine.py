@@ -94,6 +94,40 @@ def test_engine_step_api_and_abort(tiny_qwen3):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_outputs_between_hand_overs_wait_and_then_cover_every_step(tiny_qwen3):
+    """step(all_outputs=False) makes only first and final outputs; the next step that wants
+    them all reports each request's progress since its last output (DELTA: all the new
+    tokens and text), so streams read less often see the same tokens and text."""
+    from nanovllm import LLMEngine, RequestOutputKind
+    prompts = ["Hello, my name is", "The capital of France is", [5, 6, 7, 8, 9]]
+    kinds = [RequestOutputKind.DELTA, RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA]
+    stops = [[], [], ["e"]]       # the last one decodes every step (a stop string to look for)
+    params = [SamplingParams(temperature=0, max_tokens=20, output_kind=k, stop=stop) for k, stop in zip(kinds, stops)]
+    llm = LLM(tiny_qwen3, device="cpu")
+    want = [o.outputs[0] for o in llm.generate(prompts, [p.clone() for p in params], use_tqdm=False)]
+    engine = LLMEngine.from_kwargs(tiny_qwen3, device="cpu")
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), prompt, p)
+    got = {str(i): [] for i in range(3)}
+    step = 0
+    while engine.has_unfinished_requests():
+        hand_over = step % 5 == 4
+        outputs = engine.step(all_outputs=hand_over)
+        for out in outputs:
+            assert hand_over or out.finished or not got[out.request_id], "an output between hand-overs"
+            got[out.request_id].append(out)
+        step += 1
+    for i, kind in enumerate(kinds):
+        outs = got[str(i)]
+        assert 2 <= len(outs) < 20 and outs[-1].finished and len(outs[0].outputs[0].token_ids) == 1
+        if kind == RequestOutputKind.DELTA:
+            text = "".join(o.outputs[0].text for o in outs)
+            tokens = [t for o in outs for t in o.outputs[0].token_ids]
+        else:
+            text, tokens = outs[-1].outputs[0].text, outs[-1].outputs[0].token_ids
+        assert (text, tokens) == (want[i].text, want[i].token_ids)
+
+
 def test_triton_backend_gives_the_same_tokens(tiny_qwen3, prompts, expected):
     """The engine on the Triton kernels (the CPU interpreter here, the GPU's default backend)."""
     from nanovllm.kernels import triton_available

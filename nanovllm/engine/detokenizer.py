@@ -1,9 +1,11 @@
 """Token ids -> output text, one `Detokenizer` per output sequence.
 
 Two modes:
-- incremental (the request has stop strings, or is streamed): each `update` decodes only the
-  new tokens and searches the stop strings in the new text, so a request can stop as soon as
-  a stop string appears and the text can be sent out piece by piece;
+- incremental (the request has stop strings, or is streamed): the text grows by the new
+  tokens' text only, so it can be sent out piece by piece. With stop strings, each `update`
+  decodes its tokens and searches the new text, so a request stops as soon as a stop string
+  appears; without, `update` only queues the tokens and they are decoded together when the
+  text is next read (a streamed request's output is built far less often than every step);
 - non-incremental (the common offline case): tokens are just collected and the text is
   decoded once, when `text` is read.
 
@@ -38,6 +40,7 @@ class Detokenizer:
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self._text = ""                         # incremental: the text so far
+        self._unread: list[int] = []            # incremental, no stop strings: ids not decoded yet
         self._cached_text: str | None = None    # non-incremental: the decoded text, until new tokens come
         self._sent = 0                          # characters already returned by new_text()
         self._stopped = False                   # a stop string matched: the text is final
@@ -56,6 +59,10 @@ class Detokenizer:
             text_ids = new_token_ids[:-1] if skip_last else new_token_ids
             self._ids.extend(t for t in text_ids if t < self._vocab_limit)
             self._cached_text = None
+            return None
+        if not self.params.stop:                # nothing to search for: decode when read
+            text_ids = new_token_ids[:-1] if skip_last else new_token_ids
+            self._unread.extend(t for t in text_ids if t < self._vocab_limit)
             return None
 
         num_before = len(self.token_ids) - len(new_token_ids)
@@ -80,12 +87,20 @@ class Detokenizer:
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         return full_text[len(prefix_text):]
 
+    def _catch_up(self) -> None:
+        """Decode the ids that `update` queued, all in one window."""
+        if self._unread:
+            self._ids += self._unread
+            self._unread.clear()
+            self._text += self._decode_next()
+
     def flush(self) -> None:
         """The sequence has ended: add the text an incomplete character was holding back (as
         U+FFFD, which is what decoding all the tokens at once gives), so that streamed and
         one-shot text agree."""
         if not (self.incremental and self.enabled) or self._stopped:
             return
+        self._catch_up()
         prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
         full_text = self._decode(self._ids[self._prefix_offset:])
         if len(full_text) > len(prefix_text):
@@ -113,6 +128,7 @@ class Detokenizer:
         if not self.enabled:
             return ""
         if self.incremental:
+            self._catch_up()
             return self._text
         if self._cached_text is None:
             context_text = self._decode(self._context)

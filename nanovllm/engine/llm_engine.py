@@ -36,6 +36,7 @@ class Request:
     detokenizers: list[Detokenizer]
     prompt_logprobs: list | None = None
     reported_tokens: list[int] = field(default_factory=list)   # per seq, for DELTA outputs
+    reported: bool = False                                      # an output was made
 
     @property
     def finished(self) -> bool:
@@ -57,6 +58,7 @@ class LLMEngine:
         self.num_steps = 0
         self.last_step = (False, 0)          # (was it a prefill, tokens computed), for progress bars
         self.in_flight = None                # a decode step launched but not yet read back
+        self.unreported: dict[str, Request] = {}   # advanced since their last output (step(all_outputs=False))
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "LLMEngine":
@@ -147,6 +149,7 @@ class LLMEngine:
     def abort_request(self, request_ids: str | list[str]) -> None:
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
             request = self.requests.pop(request_id, None)
+            self.unreported.pop(request_id, None)
             for seq in request.seqs if request else []:
                 if not seq.is_finished:
                     self.scheduler.finish(seq, "abort")
@@ -158,8 +161,12 @@ class LLMEngine:
         return len(self.requests)
 
     # -- one step -------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, all_outputs: bool = True) -> list[RequestOutput]:
         """Run one batch; return the outputs of the requests it advanced (per output_kind).
+        With `all_outputs=False` (a server between two hand-overs), only first and final
+        outputs: the others are made at the next step that wants them all, and then cover
+        every step since (DELTA: all the new tokens and text), so the text of a streamed
+        request is decoded a few times a second instead of at every step.
 
         Decode steps are pipelined: while step N is on the device, step N+1 is scheduled and
         launched with N's sampled tokens as its inputs (read on the device), and only then are
@@ -170,27 +177,35 @@ class LLMEngine:
             ahead = self.scheduler.schedule_ahead(pending.batch)
             if ahead is not None:
                 self.in_flight = self._launch(ahead, after=pending)
-        outputs = self._finish(pending) if pending is not None else []
+        touched = self._finish(pending) if pending is not None else []
         if self.in_flight is None:
             batch = self.scheduler.schedule()
             if batch is not None:
                 launched = self._launch(batch)
                 if batch.is_prefill:
-                    outputs += self._finish(launched)
+                    touched += self._finish(launched)
                 else:
                     self.in_flight = launched
-        return outputs
+        for request in touched:
+            self.unreported[request.request_id] = request
+        if all_outputs:
+            due, self.unreported = list(self.unreported.values()), {}
+        else:
+            due = [r for r in self.unreported.values() if r.finished or not r.reported]
+            for request in due:
+                del self.unreported[request.request_id]
+        return [out for out in (self._make_output(r) for r in due) if out is not None]
 
     def _launch(self, batch: ScheduledBatch, after=None):
         self.num_steps += 1
         self.last_step = (batch.is_prefill, batch.num_tokens)
         return self.runner.launch(batch, self.eos_token_id, after)
 
-    def _finish(self, launched) -> list[RequestOutput]:
+    def _finish(self, launched) -> list[Request]:
+        """Read a step's results back and process them; returns the requests with an output to make."""
         result = self.runner.resolve(launched)
         self.scheduler.update(launched.batch, result.sampled)
-        touched = self._process(launched.batch, result)
-        return [out for out in (self._make_output(r) for r in touched) if out is not None]
+        return self._process(launched.batch, result)
 
     def _process(self, batch: ScheduledBatch, result: StepResult) -> list[Request]:
         """Each sequence's new token: stop checks, text, logprobs. Returns the requests that
@@ -274,6 +289,7 @@ class LLMEngine:
                 logprobs=logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         if finished:
             del self.requests[request.request_id]
+        request.reported = True
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
                              request.prompt_logprobs, outputs, finished,
                              num_cached_tokens=request.seqs[0].num_cached_tokens)

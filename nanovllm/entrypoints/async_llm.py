@@ -51,6 +51,11 @@ class RequestStream:
 
     def _put(self, item) -> None:
         """Called in the event loop's thread."""
+        if isinstance(item, RequestOutput):     # the engine sends the prompt with the first output only
+            if self._prompt is None:
+                self._prompt = item.prompt, item.prompt_token_ids, item.prompt_logprobs
+            else:
+                item.prompt, item.prompt_token_ids, item.prompt_logprobs = self._prompt
         last = self._items[-1] if self._items else None
         if isinstance(item, RequestOutput) and isinstance(last, RequestOutput):
             self._items[-1] = fold_outputs(last, item, self.delta)
@@ -80,10 +85,6 @@ class RequestStream:
             self.finished = True
             raise StopAsyncIteration
         self.finished = item.finished
-        if self._prompt is None:            # the engine sends the prompt with the first output only
-            self._prompt = item.prompt, item.prompt_token_ids, item.prompt_logprobs
-        else:
-            item.prompt, item.prompt_token_ids, item.prompt_logprobs = self._prompt
         return item
 
     def close(self) -> None:
@@ -96,7 +97,7 @@ class AsyncLLM:
     def __init__(self, model: str, stream_interval_per_request: float = 4e-4, **engine_kwargs):
         """Start the engine process and load `model` (the keyword arguments are `LLM`'s).
         `stream_interval_per_request`: seconds between hand-overs of intermediate outputs,
-        per live request (engine_process.OutputHold)."""
+        per live request (engine_process.HandOver)."""
         self._streams: dict[str, RequestStream] = {}
         self._stats: dict[int, concurrent.futures.Future] = {}
         self._tokens = itertools.count()

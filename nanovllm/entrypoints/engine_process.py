@@ -22,7 +22,7 @@ The engine process's loop:
         block on the pipe while idle (an idle engine costs nothing), else take what is waiting
         apply the commands in order (new requests join the batch at the next step)
         engine.step()
-        send the outputs that are due (`OutputHold`)
+        send its outputs (all of them only a few times a second under load: `HandOver`)
 
 It ends on "shutdown", on a failure, or when the pipe closes (the front process is gone).
 """
@@ -37,8 +37,7 @@ import traceback
 from dataclasses import dataclass
 
 from nanovllm.engine.ctrl_c import sigint_ignored
-from nanovllm.outputs import RequestOutput, fold_outputs
-from nanovllm.sampling_params import RequestOutputKind
+from nanovllm.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -56,57 +55,42 @@ class EngineStats:
     loop_iterations: int            # turns of the loop (it does not turn while idle)
 
 
-@dataclass
-class _Live:
-    delta: bool                             # DELTA outputs: folding concatenates them
-    held: RequestOutput | None = None       # not sent yet
-    started: bool = False                   # an output was sent
-
-
-class OutputHold:
-    """Holds each request's outputs between hand-overs, folded together. Every hand-over costs
-    the front tens of microseconds per stream (waking its consumer, an HTTP chunk), so
-    intermediate outputs go out only once `interval_per_request` x live requests has passed
-    since the last hand-over: a lone request gets every step's output, 256 requests about ten
-    updates a second. A request's first and final outputs go at once (time to first token).
-    Only the first output carries the prompt (its ids can be thousands of integers to pickle);
-    the front's RequestStream puts it back into the later ones."""
+class HandOver:
+    """When the engine's outputs go to the front. Every hand-over costs the front tens of
+    microseconds per stream (waking its consumer, an HTTP chunk) and the engine the outputs'
+    making (detokenizing) and pickling, so a step asks the engine for all its outputs only
+    once `interval_per_request` x live requests has passed since the last time: a lone
+    request gets every step's output, 256 requests about ten a second. In between, the
+    engine makes only first and final outputs (time to first token, to finish); the others
+    wait and then cover every step since (`LLMEngine.step(all_outputs=...)`).
+    Only a request's first output carries the prompt (its ids can be thousands of integers
+    to pickle); the front's RequestStream puts it back into the later ones."""
 
     def __init__(self, interval_per_request: float):
         self.interval_per_request = interval_per_request
-        self.live: dict[str, _Live] = {}
-        self.next_hand_over = 0.0
+        self.next_time = 0.0
+        self.started: set[str] = set()          # requests whose first output was sent
 
-    def add(self, request_id: str, params) -> None:
-        self.live[request_id] = _Live(params is not None and params.output_kind == RequestOutputKind.DELTA)
+    def due(self, num_requests: int) -> bool:
+        now = time.perf_counter()
+        if now < self.next_time:
+            return False
+        self.next_time = now + self.interval_per_request * num_requests
+        return True
+
+    def items(self, outputs: list[RequestOutput]) -> list[tuple[str, RequestOutput, bool]]:
+        """The (request_id, output, last) items to send for a step's outputs."""
+        for output in outputs:
+            if output.request_id in self.started:
+                output.prompt = output.prompt_token_ids = output.prompt_logprobs = None
+            else:
+                self.started.add(output.request_id)
+            if output.finished:
+                self.started.discard(output.request_id)
+        return [(output.request_id, output, output.finished) for output in outputs]
 
     def drop(self, request_id: str) -> None:
-        self.live.pop(request_id, None)
-
-    def due(self, outputs: list[RequestOutput]) -> list[tuple[str, RequestOutput, bool]]:
-        """Take a step's outputs; return the (request_id, output, last) items to send now."""
-        now = time.perf_counter()
-        ready = []
-        for out in outputs:
-            live = self.live.get(out.request_id)
-            if live is not None:
-                live.held = out if live.held is None else fold_outputs(live.held, out, live.delta)
-                if out.finished or not live.started:
-                    ready.append(out.request_id)
-        if now >= self.next_hand_over:
-            ready = [request_id for request_id, live in self.live.items() if live.held is not None]
-            self.next_hand_over = now + self.interval_per_request * len(self.live)
-        items = []
-        for request_id in ready:
-            live = self.live[request_id]
-            output, live.held = live.held, None
-            if live.started:        # the front has the prompt from the first output: not again
-                output.prompt = output.prompt_token_ids = output.prompt_logprobs = None
-            live.started = True
-            if output.finished:
-                del self.live[request_id]
-            items.append((request_id, output, output.finished))
-        return items
+        self.started.discard(request_id)
 
 
 class EngineLoop:
@@ -114,7 +98,7 @@ class EngineLoop:
 
     def __init__(self, engine, conn, stream_interval_per_request: float):
         self.engine, self.conn = engine, conn
-        self.hold = OutputHold(stream_interval_per_request)
+        self.hand_over = HandOver(stream_interval_per_request)
         self.loop_iterations = 0
         # Where the time goes (logged at the end; compare "ms per launched step" with the
         # "ms each" of an offline bench.py run to see what serving adds to a step).
@@ -128,11 +112,10 @@ class EngineLoop:
                 if not self.engine.has_unfinished_requests():
                     continue
                 start = time.perf_counter()
-                outputs = self.engine.step()
+                outputs = self.engine.step(all_outputs=self.hand_over.due(self.engine.get_num_unfinished_requests()))
                 stepped = time.perf_counter()
-                items = self.hold.due(outputs)
-                if items:
-                    self.conn.send(("outputs", items))
+                if outputs:
+                    self.conn.send(("outputs", self.hand_over.items(outputs)))
                 self.seconds_in_steps += stepped - start
                 self.seconds_sending += time.perf_counter() - stepped
         except (EOFError, BrokenPipeError):
@@ -165,11 +148,10 @@ class EngineLoop:
                 except Exception as e:          # rejected: tell only that caller
                     replies.append((request_id, sendable(e), True))
                 else:
-                    self.hold.add(request_id, params)
                     replies.append((request_id, ACCEPTED, False))
             elif kind == "abort":
                 self.engine.abort_request([command[1]])
-                self.hold.drop(command[1])
+                self.hand_over.drop(command[1])
                 replies.append((command[1], ABORTED, True))
             elif kind == "stats":
                 self._flush(replies)
