@@ -1,9 +1,12 @@
 """AsyncLLM: streaming outputs, concurrent requests batched together, errors, aborts, shutdown."""
 import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -209,6 +212,48 @@ def test_shutdown_fails_pending_requests(tiny_qwen3):
             await collect(engine, PROMPTS[0], greedy(), "after")
     run(main())
     assert not engine.is_running
+
+
+def test_request_ids_are_free_again_at_once(engine, reference):
+    """An id can be reused right after its stream ended, was left or was aborted (a late
+    reply from the engine about the old request never reaches the new one)."""
+    async def main():
+        await collect(engine, PROMPTS[0], greedy(), "again")
+        await engine.abort("again")                      # finished already: nothing to do
+        assert (await collect(engine, PROMPTS[0], greedy(), "again"))[-1].outputs[0].text == reference[0]
+        async with contextlib.aclosing(engine.generate(PROMPTS[1], greedy(200, ignore_eos=True), "again")) as gen:
+            async for _ in gen:
+                break                                    # left early (and closed at once): aborted
+        outs = await collect(engine, PROMPTS[1], greedy(), "again")
+        assert outs[-1].outputs[0].text == reference[1] and outs[-1].request_id == "again"
+        stream = await engine.add_request("again", PROMPTS[2], greedy(200, ignore_eos=True))
+        await engine.abort(["again", 7, ["not", "an", "id"]])     # odd ids are ignored
+        assert all(not o.finished for o in [o async for o in stream])   # ended by the abort
+        return await collect(engine, PROMPTS[2], greedy(), "again")
+    assert run(main())[-1].outputs[0].text == reference[2]
+    assert wait_idle(engine).num_free_blocks == engine.stats().num_blocks
+
+
+def test_a_prompt_that_cannot_be_sent_is_refused(engine, reference):
+    async def main():
+        with pytest.raises(ValueError, match="cannot be sent"):
+            await engine.add_request("unsendable", (i for i in range(3)), greedy())
+        return await collect(engine, PROMPTS[0], greedy(), "unsendable")     # the channel still works
+    assert run(main())[-1].outputs[0].text == reference[0]
+
+
+def test_ctrl_c_is_the_fronts_even_when_built_off_the_main_thread(tiny_qwen3, reference):
+    built = []
+    thread = threading.Thread(target=lambda: built.append(AsyncLLM(tiny_qwen3, **ENGINE_KWARGS)))
+    thread.start()
+    thread.join()
+    engine = built[0]
+    try:
+        os.kill(engine._process.proc.pid, signal.SIGINT)     # a terminal's Ctrl-C reaches the whole group
+        time.sleep(0.5)
+        assert run(collect(engine, PROMPTS[0], greedy(), "after-ctrl-c"))[-1].outputs[0].text == reference[0]
+    finally:
+        engine.shutdown_sync()
 
 
 def test_a_killed_engine_process_fails_its_requests(tiny_qwen3):

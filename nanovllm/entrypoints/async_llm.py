@@ -40,8 +40,9 @@ class RequestStream:
     collector does): DELTA outputs are concatenated, other kinds keep only the newest. A slow
     consumer thus gets fewer, larger outputs instead of a growing backlog."""
 
-    def __init__(self, owner: "AsyncLLM", request_id: str, params: SamplingParams | None):
+    def __init__(self, owner: "AsyncLLM", request_id: str, key: str, params: SamplingParams | None):
         self.owner, self.request_id = owner, request_id
+        self.key = key      # the engine's id for it: unique, so a late reply never reaches a reused id's stream
         self.delta = params is not None and params.output_kind == RequestOutputKind.DELTA
         self.loop = asyncio.get_running_loop()
         self.finished = False
@@ -51,8 +52,9 @@ class RequestStream:
 
     def _put(self, item) -> None:
         """Called in the event loop's thread."""
-        if isinstance(item, RequestOutput):     # the engine sends the prompt with the first output only
-            if self._prompt is None:
+        if isinstance(item, RequestOutput):
+            item.request_id = self.request_id
+            if self._prompt is None:            # the engine sends the prompt with the first output only
                 self._prompt = item.prompt, item.prompt_token_ids, item.prompt_logprobs
             else:
                 item.prompt, item.prompt_token_ids, item.prompt_logprobs = self._prompt
@@ -88,9 +90,11 @@ class RequestStream:
         return item
 
     def close(self) -> None:
+        """Leave the stream: the request is aborted, and its id is free for reuse at once."""
         if not self.finished:
             self.finished = True
-            self.owner._post(("abort", self.request_id))
+            self.owner._forget(self)
+            self.owner._post(("abort", self.key))
 
 
 class AsyncLLM:
@@ -98,7 +102,9 @@ class AsyncLLM:
         """Start the engine process and load `model` (the keyword arguments are `LLM`'s).
         `stream_interval_per_request`: seconds between hand-overs of intermediate outputs,
         per live request (engine_process.HandOver)."""
-        self._streams: dict[str, RequestStream] = {}
+        self._streams: dict[str, RequestStream] = {}    # by engine key (RequestStream.key)
+        self._live: dict[str, RequestStream] = {}       # by the caller's request_id, until it ends
+        self._serial = itertools.count()
         self._stats: dict[int, concurrent.futures.Future] = {}
         self._tokens = itertools.count()
         self._lock = threading.Lock()
@@ -116,14 +122,20 @@ class AsyncLLM:
                           ) -> RequestStream:
         """Queue a request; returns its output stream once the engine has accepted it.
         Raises the engine's ValueError (TypeError for a non-str id) if it is rejected."""
-        stream = RequestStream(self, request_id, sampling_params)
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a string, got {type(request_id)}")
+        stream = RequestStream(self, request_id, f"{request_id}#{next(self._serial)}", sampling_params)
         with self._lock:                    # (the reader thread fails every stream it knows at "stopped")
             if not self.is_running:
                 raise self._dead()
-            if request_id in self._streams:
+            if request_id in self._live:
                 raise ValueError(f"request_id {request_id!r} is already in use")
-            self._streams[request_id] = stream
-        self._post(("add", request_id, prompt, sampling_params))
+            self._streams[stream.key] = self._live[request_id] = stream
+        try:
+            self._post(("add", stream.key, prompt, sampling_params))
+        except Exception as e:              # it cannot be sent (pickled) to the engine process
+            self._forget(stream)
+            raise ValueError(f"request {request_id!r} cannot be sent to the engine: {e}") from e
         try:
             if await stream._get() == ABORTED:     # an abort overtook the add
                 stream.finished = True
@@ -145,9 +157,13 @@ class AsyncLLM:
             stream.close()
 
     async def abort(self, request_id: str | list[str]) -> None:
-        """Abort requests; their streams end, and their KV blocks are freed before the next step."""
+        """Abort requests; their streams end, and their KV blocks are freed before the next
+        step. Unknown (or finished) ids are ignored; the ids are free for reuse at once."""
         for rid in [request_id] if isinstance(request_id, str) else request_id:
-            self._post(("abort", rid))
+            with self._lock:
+                stream = self._live.pop(rid, None) if isinstance(rid, str) else None
+            if stream is not None:          # its stream ends when the engine's ABORTED comes back
+                self._post(("abort", stream.key))
 
     def stats(self, timeout: float = 30.0) -> EngineStats:
         """The engine's counters, once it has applied every command sent before this call
@@ -159,7 +175,11 @@ class AsyncLLM:
             token = next(self._tokens)
             self._stats[token] = future
         self._post(("stats", token))
-        return future.result(timeout)
+        try:
+            return future.result(timeout)
+        finally:
+            with self._lock:
+                self._stats.pop(token, None)
 
     async def shutdown(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.shutdown_sync)
@@ -172,6 +192,13 @@ class AsyncLLM:
     # -- talking to the engine process --------------------------------------------------
     def _post(self, command: tuple) -> None:
         self._process.post(command)
+
+    def _forget(self, stream: RequestStream) -> None:
+        """No more items for this stream (its consumer left, or it ended)."""
+        with self._lock:
+            self._streams.pop(stream.key, None)
+            if self._live.get(stream.request_id) is stream:
+                del self._live[stream.request_id]
 
     def _dead(self) -> "EngineDeadError":
         return EngineDeadError("The engine has stopped" + (f": {self.error}" if self.error else ""))
@@ -191,20 +218,22 @@ class AsyncLLM:
                 logger.error("The engine process failed:\n%s", message[1])
             with self._lock:
                 self.error, self._stopping = message[1], True
-                request_ids, waiters = list(self._streams), list(self._stats.values())
+                keys, waiters = list(self._streams), list(self._stats.values())
                 self._stats.clear()
             dead = self._dead()
             for future in waiters:
                 future.set_exception(dead)
-            self._deliver([(request_id, dead, True) for request_id in request_ids])
+            self._deliver([(key, dead, True) for key in keys])
 
     def _deliver(self, items: list[tuple[str, object, bool]]) -> None:
-        """Hand (request_id, item, is_last) to the streams: one wake-up per event loop."""
+        """Hand (key, item, is_last) to the streams: one wake-up per event loop."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
-            for request_id, item, last in items:
-                stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+            for key, item, last in items:
+                stream = self._streams.pop(key, None) if last else self._streams.get(key)
                 if stream is not None:
+                    if last and self._live.get(stream.request_id) is stream:
+                        del self._live[stream.request_id]
                     by_loop.setdefault(stream.loop, []).append((stream, item))
         for loop, puts in by_loop.items():
             try:

@@ -29,8 +29,10 @@ It ends on "shutdown", on a failure, or when the pipe closes (the front process 
 import logging
 import multiprocessing
 import multiprocessing.util
+from multiprocessing.reduction import ForkingPickler
 import pickle
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -184,15 +186,18 @@ def sendable(error: BaseException) -> BaseException:
 
 def run_engine(conn, model: str, engine_kwargs: dict, stream_interval_per_request: float) -> None:
     """The engine process's main function."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the front's to handle (the whole group gets it)
     from nanovllm.engine.llm_engine import LLMEngine
     try:
         engine = LLMEngine.from_kwargs(model, **engine_kwargs)
     except BaseException as e:
         conn.send(("failed", sendable(e)))
         return
-    conn.send(("ready", engine.config))
     try:
+        conn.send(("ready", engine.config))
         EngineLoop(engine, conn, stream_interval_per_request).run()
+    except OSError:
+        pass                                        # the front went away while the model loaded
     finally:
         engine.shutdown()
 
@@ -215,7 +220,10 @@ class EngineProcess:
             kind, payload = self.conn.recv()    # loading the model can take a while
         except EOFError:
             self.proc.join()
-            raise RuntimeError(f"The engine process exited while starting (exit code {self.proc.exitcode})")
+            raise RuntimeError(
+                f"The engine process exited while starting (exit code {self.proc.exitcode}); its error is "
+                f"printed above. If it failed importing your script: the process is spawned and imports "
+                f"the main module, so build AsyncLLM under `if __name__ == \"__main__\":`") from None
         if kind == "failed":
             self.proc.join()
             raise payload
@@ -228,13 +236,15 @@ class EngineProcess:
                                        daemon=True)
         self.sender.start()
         self.reader.start()
-        # Runs at shutdown(), on garbage collection, or at interpreter exit before
-        # multiprocessing joins its children (which would wait for this one forever).
+        # Runs at shutdown(), or at interpreter exit before multiprocessing joins its children
+        # (which would wait for this one forever). (The threads keep this object alive.)
         self._stop = multiprocessing.util.Finalize(self, _stop_process, args=(self.proc, self.outbox),
                                                    exitpriority=10)
 
     def post(self, command: tuple) -> None:
-        self.outbox.put(command)
+        """Queue a command. Pickled here, in the caller's thread: one that cannot be pickled
+        raises to its caller instead of stopping the sender thread."""
+        self.outbox.put(ForkingPickler.dumps(command))
 
     def alive(self) -> bool:
         return self.proc.is_alive()
@@ -247,7 +257,7 @@ class EngineProcess:
     def _send_loop(self) -> None:
         while (command := self.outbox.get()) is not None:
             try:
-                self.conn.send(command)
+                self.conn.send_bytes(command)
             except OSError:
                 return
 
@@ -266,7 +276,7 @@ class EngineProcess:
 def _stop_process(proc, outbox: queue.SimpleQueue, grace_s: float = 30.0) -> None:
     """Ask the engine process to leave (it shuts its engine down: TP workers, NCCL), then
     make sure it has."""
-    outbox.put(("shutdown",))
+    outbox.put(ForkingPickler.dumps(("shutdown",)))
     outbox.put(None)                            # ends the sender thread
     proc.join(timeout=grace_s)
     if proc.exitcode is None:
