@@ -8,9 +8,9 @@ preparation, sampling set-up, stop checks, output handling) at a given batch siz
 Uses the built-in demo model (tiny vocabulary, greedy sampling), so sampling costs ~nothing.
 --delta asks for an output every step, as the server's streams do (incremental
 detokenization and a RequestOutput per request per step); by default only the final output,
-as LLM.generate does; with --hand-over-every N, all outputs only every N steps and first
-and final ones in between, as `nanovllm serve` asks for them (~14 steps = 0.1 s at 256
-streams on an H100). --penalties adds repetition, frequency and presence penalties;
+as LLM.generate does; with --hand-over-every N, each request's output only every N steps
+(a 1/N share of them at each step) and first and final ones in between, as `nanovllm
+serve` asks for them (~14 steps = 0.1 s at 256 streams on an H100). --penalties adds repetition, frequency and presence penalties;
 --logprobs K asks for the top K logprobs of every token (the stub's logits are then random,
 so the top tokens change from step to step).
 """
@@ -50,8 +50,8 @@ def main() -> None:
     every = int(sys.argv[sys.argv.index("--hand-over-every") + 1]) if "--hand-over-every" in sys.argv else 1
     start = time.perf_counter()
     for i in range(100):
-        engine.step(all_outputs=i % every == 0)
-    extras = (f", all outputs every {every} steps" if every > 1 else "") + (", penalties" if "--penalties" in sys.argv else "") + (f", logprobs {logprobs}" if logprobs else "")
+        engine.step(None if every == 1 else lambda request_id: hash(request_id) % every == i % every)
+    extras = (f", each output every {every} steps" if every > 1 else "") + (", penalties" if "--penalties" in sys.argv else "") + (f", logprobs {logprobs}" if logprobs else "")
     print(f"batch {batch}, {kind.name} outputs{extras}: {1000 * (time.perf_counter() - start) / 100:.2f} ms "
           f"of host work per decode step")
     if "--profile" in sys.argv:

@@ -95,9 +95,9 @@ def test_engine_step_api_and_abort(tiny_qwen3):
 
 
 def test_outputs_between_hand_overs_wait_and_then_cover_every_step(tiny_qwen3):
-    """step(all_outputs=False) makes only first and final outputs; the next step that wants
-    them all reports each request's progress since its last output (DELTA: all the new
-    tokens and text), so streams read less often see the same tokens and text."""
+    """step(wanted=...) makes only first and final outputs and those wanted; a request's next
+    output reports its progress since its last one (DELTA: all the new tokens and text), so
+    streams read less often see the same tokens and text."""
     from nanovllm import LLMEngine, RequestOutputKind
     prompts = ["Hello, my name is", "The capital of France is", [5, 6, 7, 8, 9]]
     kinds = [RequestOutputKind.DELTA, RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA]
@@ -111,9 +111,10 @@ def test_outputs_between_hand_overs_wait_and_then_cover_every_step(tiny_qwen3):
     got = {str(i): [] for i in range(3)}
     step = 0
     while engine.has_unfinished_requests():
-        hand_over = step % 5 == 4
-        outputs = engine.step(all_outputs=hand_over)
+        wanted = str(step % 5)                          # request i's outputs every 5th step
+        outputs = engine.step(lambda request_id: request_id == wanted)
         for out in outputs:
+            hand_over = out.request_id == wanted
             assert hand_over or out.finished or not got[out.request_id], "an output between hand-overs"
             got[out.request_id].append(out)
         step += 1

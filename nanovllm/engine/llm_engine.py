@@ -8,6 +8,7 @@ A step schedules a batch (Scheduler), runs it (ModelRunner), then for every sequ
 got a token: checks the stop conditions, detokenizes, and reports its request's output.
 """
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -58,7 +59,7 @@ class LLMEngine:
         self.num_steps = 0
         self.last_step = (False, 0)          # (was it a prefill, tokens computed), for progress bars
         self.in_flight = None                # a decode step launched but not yet read back
-        self.unreported: dict[str, Request] = {}   # advanced since their last output (step(all_outputs=False))
+        self.unreported: dict[str, Request] = {}   # advanced since their last output (see step's `wanted`)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "LLMEngine":
@@ -161,12 +162,12 @@ class LLMEngine:
         return len(self.requests)
 
     # -- one step -------------------------------------------------------------------------
-    def step(self, all_outputs: bool = True) -> list[RequestOutput]:
+    def step(self, wanted: Callable[[str], bool] | None = None) -> list[RequestOutput]:
         """Run one batch; return the outputs of the requests it advanced (per output_kind).
-        With `all_outputs=False` (a server between two hand-overs), only first and final
-        outputs: the others are made at the next step that wants them all, and then cover
-        every step since (DELTA: all the new tokens and text), so the text of a streamed
-        request is decoded a few times a second instead of at every step.
+        `wanted(request_id)` (a server's hand-over schedule): whose other outputs to make
+        now; first and final outputs are always made. An output not wanted waits, and the
+        next one then covers every step since (DELTA: all the new tokens and text), so a
+        streamed request's text is decoded a few times a second instead of at every step.
 
         Decode steps are pipelined: while step N is on the device, step N+1 is scheduled and
         launched with N's sampled tokens as its inputs (read on the device), and only then are
@@ -188,10 +189,10 @@ class LLMEngine:
                     self.in_flight = launched
         for request in touched:
             self.unreported[request.request_id] = request
-        if all_outputs:
+        if wanted is None:
             due, self.unreported = list(self.unreported.values()), {}
         else:
-            due = [r for r in self.unreported.values() if r.finished or not r.reported]
+            due = [r for r in self.unreported.values() if r.finished or not r.reported or wanted(r.request_id)]
             for request in due:
                 del self.unreported[request.request_id]
         return [out for out in (self._make_output(r) for r in due) if out is not None]

@@ -58,27 +58,37 @@ class EngineStats:
 
 
 class HandOver:
-    """When the engine's outputs go to the front. Every hand-over costs the front tens of
-    microseconds per stream (waking its consumer, an HTTP chunk) and the engine the outputs'
-    making (detokenizing) and pickling, so a step asks the engine for all its outputs only
-    once `interval_per_request` x live requests has passed since the last time: a lone
-    request gets every step's output, 256 requests about ten a second. In between, the
-    engine makes only first and final outputs (time to first token, to finish); the others
-    wait and then cover every step since (`LLMEngine.step(all_outputs=...)`).
+    """Whose outputs the engine makes at each step. Every output costs the engine its making
+    (detokenizing) and pickling, and the front tens of microseconds (waking its consumer, an
+    HTTP chunk), so each request gets one every `interval_per_request` x live requests: a
+    lone request every step, 256 requests about ten a second. In between, the engine makes
+    only first and final outputs (time to first token, to finish); the others wait and then
+    cover every step since (`LLMEngine.step(wanted=...)`). The hand-overs are spread over
+    the steps: with K steps per interval, a request's output is made at every K-th step (by
+    its key's hash), so no step makes them all at once (on the H100 machine's slower CPU such
+    a step outlasted the GPU's).
     Only a request's first output carries the prompt (its ids can be thousands of integers
     to pickle); the front's RequestStream puts it back into the later ones."""
 
     def __init__(self, interval_per_request: float):
         self.interval_per_request = interval_per_request
-        self.next_time = 0.0
+        self.step_seconds = 0.0                 # a running average of the time between steps
+        self.last_step = None
+        self.phase = 0
         self.started: set[str] = set()          # requests whose first output was sent
 
-    def due(self, num_requests: int) -> bool:
+    def wanted(self, num_requests: int):
+        """For LLMEngine.step: None (every output now) or which requests' outputs to make."""
         now = time.perf_counter()
-        if now < self.next_time:
-            return False
-        self.next_time = now + self.interval_per_request * num_requests
-        return True
+        if self.last_step is not None:
+            self.step_seconds = 0.9 * self.step_seconds + 0.1 * (now - self.last_step) if self.step_seconds \
+                else now - self.last_step
+        self.last_step = now
+        steps = int(self.interval_per_request * num_requests / self.step_seconds) if self.step_seconds else 1
+        if steps <= 1:
+            return None
+        self.phase = phase = (self.phase + 1) % steps
+        return lambda key: hash(key) % steps == phase
 
     def items(self, outputs: list[RequestOutput]) -> list[tuple[str, RequestOutput, bool]]:
         """The (request_id, output, last) items to send for a step's outputs."""
@@ -114,7 +124,7 @@ class EngineLoop:
                 if not self.engine.has_unfinished_requests():
                     continue
                 start = time.perf_counter()
-                outputs = self.engine.step(all_outputs=self.hand_over.due(self.engine.get_num_unfinished_requests()))
+                outputs = self.engine.step(self.hand_over.wanted(self.engine.get_num_unfinished_requests()))
                 stepped = time.perf_counter()
                 if outputs:
                     self.conn.send(("outputs", self.hand_over.items(outputs)))
