@@ -17,10 +17,10 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import Detokenizer
 from nanovllm.engine.model_runner import ModelRunner, StepResult
+from nanovllm.engine.logprob_rows import LogprobRows, TokenTexts
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
-from nanovllm.layers.sampler import LogprobsTensors
-from nanovllm.outputs import CompletionOutput, FlatLogprobs, Logprob, RequestOutput
+from nanovllm.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 from nanovllm.tokenizer import load_tokenizer
 
@@ -53,8 +53,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager)
         self.requests: dict[str, Request] = {}
         self.vocab_size = config.hf_config.vocab_size
-        self.tokenizer_size = len(self.tokenizer)     # ids at or above it have no text
-        self.token_texts: dict[int, str] = {}          # token id -> its text alone, for logprobs
+        self.token_texts = TokenTexts(self.tokenizer)   # for logprobs' decoded_token
         self.eos_token_id, self.extra_eos_ids = _eos_ids(self.tokenizer, config.hf_config)
         self.num_steps = 0
         self.last_step = (False, 0)          # (was it a prefill, tokens computed), for progress bars
@@ -214,7 +213,7 @@ class LLMEngine:
         touched, sample_row = {}, 0
         # The sampled tokens' logprobs (when any sequence asked): rows follow the sampling
         # sequences; each keeps the top k it asked for.
-        sample_logprobs = LogprobRows(result.sample_logprobs, self._decode_one) if result.sample_logprobs else None
+        sample_logprobs = LogprobRows(result.sample_logprobs, self.token_texts) if result.sample_logprobs else None
         for i, (seq, token) in enumerate(zip(batch.seqs, result.sampled)):
             if seq.is_finished:           # stopped (or aborted) while this step was in flight
                 sample_row += token is not None
@@ -224,7 +223,7 @@ class LLMEngine:
                 chunk_start = seq.num_computed_tokens - batch.num_new_tokens[i]
                 # After a preemption the prompt is recomputed: keep the logprobs gathered the first time.
                 if chunk_start + 1 == len(request.prompt_logprobs):
-                    prompt_rows = LogprobRows(result.prompt_logprobs[i], self._decode_one)
+                    prompt_rows = LogprobRows(result.prompt_logprobs[i], self.token_texts)
                     request.prompt_logprobs += prompt_rows.entries(request.params.prompt_logprobs)
             if token is None:
                 continue
@@ -260,15 +259,6 @@ class LLMEngine:
             return "length", None
         return None, None
 
-    def _decode_one(self, token_id: int) -> str:
-        """A token's text alone (Logprob.decoded_token). Cached: a decode call costs several
-        microseconds, and logprobs ask for (k + 1) x batch of them every step."""
-        text = self.token_texts.get(token_id)
-        if text is None:
-            text = self.tokenizer.decode([token_id]) if token_id < self.tokenizer_size else ""
-            self.token_texts[token_id] = text
-        return text
-
     def _make_output(self, request: Request) -> RequestOutput | None:
         kind, finished = request.params.output_kind, request.finished
         if kind == RequestOutputKind.FINAL_ONLY and not finished:
@@ -298,41 +288,6 @@ class LLMEngine:
     def shutdown(self) -> None:
         if hasattr(self.runner, "shutdown"):
             self.runner.shutdown()
-
-
-class LogprobRows:
-    """A step's LogprobsTensors, read back once (not once per sequence); each row, when a
-    sequence asks for it, as vLLM's {token_id: Logprob} with that sequence's k: its top k,
-    then the chosen token if it is not among them."""
-
-    def __init__(self, lp: LogprobsTensors, decode):
-        self.ids, self.logprobs, self.ranks = lp.token_ids.tolist(), lp.token_logprobs.tolist(), lp.token_ranks.tolist()
-        self.top_ids, self.top_logprobs = lp.top_ids.tolist(), lp.top_logprobs.tolist()
-        self.decode = decode                  # token id -> its text
-
-    def entry(self, row: int, k: int) -> dict[int, Logprob]:
-        ids, logprobs, decode = self.top_ids[row][:k], self.top_logprobs[row], self.decode
-        entry = {t: Logprob(logprobs[i], i + 1, decode(t)) for i, t in enumerate(ids)}
-        chosen = self.ids[row]
-        if chosen not in entry:
-            entry[chosen] = Logprob(self.logprobs[row], self.ranks[row], decode(chosen))
-        return entry
-
-    def entries(self, k: int) -> list[dict[int, Logprob]]:
-        return [self.entry(row, k) for row in range(len(self.ids))]
-
-    def add_to(self, flat: FlatLogprobs, row: int, k: int) -> float:
-        """Append the row's entry to `flat` (as numbers: no objects); returns the chosen token's logprob."""
-        ids, logprobs = self.top_ids[row][:k], self.top_logprobs[row][:k]
-        ranks = list(range(1, len(ids) + 1))
-        chosen = self.ids[row]
-        if chosen in ids:
-            chosen_logprob = logprobs[ids.index(chosen)]
-        else:
-            chosen_logprob = self.logprobs[row]
-            ids, logprobs, ranks = ids + [chosen], logprobs + [chosen_logprob], ranks + [self.ranks[row]]
-        flat.add(ids, logprobs, ranks, [self.decode(t) for t in ids])
-        return chosen_logprob
 
 
 def _eos_ids(tokenizer, hf_config) -> tuple[int | None, set[int]]:
