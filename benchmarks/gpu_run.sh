@@ -24,6 +24,8 @@ for step in "$@"; do
              timeout 200 python benchmarks/profile_step.py 256 2>&1 | tee "$OUT/profile256.txt" ;;
     profile2) timeout 200 python benchmarks/profile_step.py 256 qwen2.5-0.5b 2>&1 | tee "$OUT/profile256_qwen2.txt" ;;
     sampler) timeout 120 python benchmarks/bench_sampler.py 2>&1 | tee "$OUT/sampler.txt" ;;
+    instep)  timeout 150 python benchmarks/sampler_in_step.py 2>&1 | grep -v INFO | tee "$OUT/instep.txt" ;;
+    sweep)   timeout 150 python benchmarks/bench_sampler.py --sweep 2>&1 | tee "$OUT/sweep.txt" ;;
     single)  timeout 120 python benchmarks/single_request.py 2>&1 | tee "$OUT/single.txt" ;;
   esac
 done

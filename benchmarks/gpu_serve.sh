@@ -18,7 +18,9 @@ for _ in range(300):
         time.sleep(1)
 PY
 for c in ${CONCURRENCY:-256}; do
-  timeout ${SERVE_LIMIT:-200} python3 benchmarks/bench_serve.py --url http://127.0.0.1:8000 --concurrency $c $BENCH_ARGS --json $OUT/serve.jsonl 2>&1 | tee -a $OUT/serve.log
+  for r in $(seq ${REPEAT:-1}); do     # REPEAT=2: the same workload again on the warm server
+    timeout ${SERVE_LIMIT:-200} python3 benchmarks/bench_serve.py --url http://127.0.0.1:8000 --concurrency $c $BENCH_ARGS --json $OUT/serve.jsonl 2>&1 | tee -a $OUT/serve.log
+  done
 done
 kill $SPID; wait $SPID
 tail -20 $OUT/server.log
