@@ -311,3 +311,32 @@ def test_the_engine_process_ends_with_its_front(tiny_qwen3, tmp_path):
         for front in fronts.values():
             front.kill()
             front.wait()
+
+
+def test_hand_overs_are_spread_over_the_steps():
+    """Each request's output is wanted once every K steps (K = steps per interval), a K-th
+    of them at each step, also while K changes (requests finish, steps speed up)."""
+    from nanovllm.entrypoints.engine_process import HandOver
+    hand_over = HandOver(interval_per_request=1e-3)
+    keys = [f"r{i}#{i}" for i in range(120)]
+    hand_over.started = dict.fromkeys(keys)                 # their first outputs went out
+    last, gaps, per_step, now = {}, [], [], 0.0
+    for step in range(400):
+        if step == 200:
+            for k in keys[60:]:                             # half of them finish: K 12 -> 6
+                hand_over.drop(k)
+        live = list(hand_over.started)
+        now += 0.010 if step < 300 else 0.005               # then steps get faster: K back to 12
+        want = hand_over.wanted(len(live), now)
+        assert want is not None or step == 0                # (no step time known yet: every output)
+        wanted = [k for k in live if want is None or want(k)]
+        per_step.append(len(wanted))
+        for k in wanted:
+            if k in last and step >= 20:                   # (after the first full turn)
+                gaps.append(step - last[k])
+            last[k] = step
+    lone = HandOver(interval_per_request=1e-3)
+    lone.started = {"only#0": None}
+    assert all(lone.wanted(1, 0.01 * t) is None for t in range(5))   # a lone request: every step's output
+    assert max(per_step[1:]) <= 120 / 11 + 1                # spread: never all at once
+    assert max(gaps) <= 13 and min(gaps) >= 5               # every K steps, K between 6 and 12

@@ -64,31 +64,38 @@ class HandOver:
     lone request every step, 256 requests about ten a second. In between, the engine makes
     only first and final outputs (time to first token, to finish); the others wait and then
     cover every step since (`LLMEngine.step(wanted=...)`). The hand-overs are spread over
-    the steps: with K steps per interval, a request's output is made at every K-th step (by
-    its key's hash), so no step makes them all at once (on the H100 machine's slower CPU such
-    a step outlasted the GPU's).
+    the steps: with K steps per interval, each step takes the next 1/K of the requests in
+    turn, so no step makes them all at once (on the H100 machine's slower CPU such a step
+    outlasted the GPU's).
     Only a request's first output carries the prompt (its ids can be thousands of integers
     to pickle); the front's RequestStream puts it back into the later ones."""
 
     def __init__(self, interval_per_request: float):
         self.interval_per_request = interval_per_request
         self.step_seconds = 0.0                 # a running average of the time between steps
-        self.last_step = None
-        self.phase = 0
-        self.started: set[str] = set()          # requests whose first output was sent
+        self.last_time = None
+        self.started: dict[str, None] = {}      # requests whose first output was sent, in order
+        self.cursor = 0                         # where the next step's turn starts in `started`
+        self.credit = 0.0                       # requests owed an output (fractions carry over)
 
-    def wanted(self, num_requests: int):
+    def wanted(self, num_requests: int, now: float | None = None):
         """For LLMEngine.step: None (every output now) or which requests' outputs to make."""
-        now = time.perf_counter()
-        if self.last_step is not None:
-            self.step_seconds = 0.9 * self.step_seconds + 0.1 * (now - self.last_step) if self.step_seconds \
-                else now - self.last_step
-        self.last_step = now
+        now = time.perf_counter() if now is None else now
+        if self.last_time is not None:
+            gap = now - self.last_time
+            self.step_seconds = 0.9 * self.step_seconds + 0.1 * gap if self.step_seconds else gap
+        self.last_time = now
         steps = int(self.interval_per_request * num_requests / self.step_seconds) if self.step_seconds else 1
-        if steps <= 1:
+        if steps <= 1 or not self.started:
             return None
-        self.phase = phase = (self.phase + 1) % steps
-        return lambda key: hash(key) % steps == phase
+        keys = list(self.started)
+        self.credit = min(self.credit + len(keys) / steps, len(keys))   # a K-th of them per step
+        share = int(self.credit)
+        self.credit -= share
+        start = self.cursor % len(keys)
+        turn = set(keys[start:start + share] + keys[:max(0, start + share - len(keys))])
+        self.cursor = start + share
+        return turn.__contains__
 
     def items(self, outputs: list[RequestOutput]) -> list[tuple[str, RequestOutput, bool]]:
         """The (request_id, output, last) items to send for a step's outputs."""
@@ -96,13 +103,13 @@ class HandOver:
             if output.request_id in self.started:
                 output.prompt = output.prompt_token_ids = output.prompt_logprobs = None
             else:
-                self.started.add(output.request_id)
+                self.started[output.request_id] = None
             if output.finished:
-                self.started.discard(output.request_id)
+                self.drop(output.request_id)
         return [(output.request_id, output, output.finished) for output in outputs]
 
     def drop(self, request_id: str) -> None:
-        self.started.discard(request_id)
+        self.started.pop(request_id, None)
 
 
 class EngineLoop:
