@@ -97,18 +97,18 @@ def sweep() -> None:
                 print(f"{f'thresholds {name} BLOCK={block} warps={warps}':<52} {t:>7.3f}")
     sampling_filters.BLOCK, sampling_filters.NUM_WARPS = 2048, 8
     defaults = {knob: getattr(logprobs_kernel, knob)
-                for knob in ("CHUNK", "NUM_WARPS", "GROUP", "FLOOR_MIN_K", "FLOOR")}
+                for knob in ("CHUNK", "NUM_WARPS", "GROUP", "FLOOR_MIN_K")}
     for chunk in (2048, 4096, 8192):
         for warps in (4, 8):
             logprobs_kernel.CHUNK, logprobs_kernel.NUM_WARPS = chunk, warps
             times = [ms(lambda: kernels.logprobs_and_top_k(logits, tokens, k)) for k in (0, 5, 20)]
             print(f"{f'logprobs k=0/5/20 CHUNK={chunk} warps={warps}':<52} "
                   + " ".join(f"{t:>7.3f}" for t in times))
-    # The top k's floor (k >= FLOOR_MIN_K): off, from group maxima (per GROUP), or exact from
-    # sampling_thresholds; each checked against a stable sort of the row.
+    # The top k's floor (k >= FLOOR_MIN_K): off, or from group maxima (per GROUP); each checked
+    # against a stable sort of the row.
     expected = {k: logits.float().sort(dim=-1, descending=True, stable=True).indices[:, :k] for k in (1, 5, 10, 20)}
-    variants = {"off": dict(FLOOR_MIN_K=10**9), "thresholds": dict(FLOOR_MIN_K=1, FLOOR="thresholds")}
-    variants.update({f"group_max GROUP={g}": dict(FLOOR_MIN_K=1, FLOOR="group_max", GROUP=g) for g in (128, 256, 512)})
+    variants = {"off": dict(FLOOR_MIN_K=10**9)}
+    variants.update({f"group_max GROUP={g}": dict(FLOOR_MIN_K=1, GROUP=g) for g in (128, 256, 512)})
     for name, knobs in variants.items():
         for knob, value in dict(defaults, **knobs).items():
             setattr(logprobs_kernel, knob, value)

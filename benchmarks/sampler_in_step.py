@@ -22,7 +22,6 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.bench_workload import add_workload_args, make_workload
-from nanovllm.engine import model_runner
 from nanovllm.models.shapes import shape_checkpoint_dir
 from nanovllm.sampling_params import RequestOutputKind
 
@@ -30,17 +29,6 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_sampler import SETTINGS  # noqa: E402
 
 WARMUP, TIMED = 8, 64
-waited = [0.0]                                  # seconds in ModelRunner's wait for the GPU
-_synchronize = model_runner._Ready.synchronize
-
-
-def _timed_synchronize(self):
-    start = time.perf_counter()
-    _synchronize(self)
-    waited[0] += time.perf_counter() - start
-
-
-model_runner._Ready.synchronize = _timed_synchronize
 
 
 def decode_step_ms(engine, prompts: list[list[int]], kwargs: dict, profile: bool = False) -> tuple[float, float]:
@@ -58,7 +46,7 @@ def decode_step_ms(engine, prompts: list[list[int]], kwargs: dict, profile: bool
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     profiler = cProfile.Profile() if profile else None
-    waited[0] = 0.0
+    waited = engine.runner.seconds_waiting
     start = time.perf_counter()
     if profiler:
         profiler.enable()
@@ -71,7 +59,7 @@ def decode_step_ms(engine, prompts: list[list[int]], kwargs: dict, profile: bool
     engine.abort_request(ids)
     while engine.has_unfinished_requests():
         engine.step()
-    return 1000 * seconds / TIMED, 1000 * waited[0] / TIMED
+    return 1000 * seconds / TIMED, 1000 * (engine.runner.seconds_waiting - waited) / TIMED
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.bench_workload import add_workload_args, make_workload
-from nanovllm.engine import model_runner
 from nanovllm.models.shapes import shape_checkpoint_dir
 from nanovllm.sampling_params import RequestOutputKind
 
@@ -32,17 +31,6 @@ llm = LLM(shape_checkpoint_dir(args.shape), load_format="dummy", max_model_len=4
           gpu_memory_utilization=args.gpu_memory_utilization)
 engine = llm.llm_engine
 
-waited = [0.0]
-synchronize = model_runner._Ready.synchronize
-
-
-def timed_synchronize(self):
-    start = time.perf_counter()
-    synchronize(self)
-    waited[0] += time.perf_counter() - start
-
-
-model_runner._Ready.synchronize = timed_synchronize
 for i, (prompt, n) in enumerate(zip(workload.prompts, workload.output_lens)):
     engine.add_request(str(i), prompt, SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True,
                                                       output_kind=RequestOutputKind.FINAL_ONLY))
@@ -65,7 +53,7 @@ begin = time.perf_counter()
 if profiler:
     profiler.enable()
 while engine.has_unfinished_requests():
-    waited[0] = 0.0
+    waited = engine.runner.seconds_waiting
     start = time.perf_counter()
     engine.step()
     elapsed = time.perf_counter() - start
@@ -74,7 +62,7 @@ while engine.has_unfinished_requests():
     b = buckets[key]
     b[0] += 1
     b[1] += elapsed
-    b[2] += waited[0]
+    b[2] += engine.runner.seconds_waiting - waited
 total = time.perf_counter() - begin
 if profiler:
     profiler.disable()

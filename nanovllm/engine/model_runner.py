@@ -46,6 +46,7 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
         self.vocab_size = hf.vocab_size
+        self.seconds_waiting = 0.0   # resolve()'s waits for the device, in all (benchmarks read it)
         torch.manual_seed(config.seed)
 
         cls = model_class(hf, config.max_model_len)
@@ -170,7 +171,9 @@ class ModelRunner:
 
     def resolve(self, launched: "Launched") -> StepResult:
         """Wait for a launched step; the sampled token of each sequence (None mid-prompt)."""
+        start = time.perf_counter()
         launched.ready.synchronize()
+        self.seconds_waiting += time.perf_counter() - start
         tokens = iter(launched.sampled.tolist())
         sampled = [next(tokens) if samples else None for samples in launched.batch.samples]
         return StepResult(sampled, launched.sample_logprobs, launched.prompt_logprobs)

@@ -156,7 +156,9 @@ class TensorParallelRunner(ModelRunner):
     def resolve(self, launched) -> StepResult:
         try:
             if launched.ready.event is not None:
+                start = time.perf_counter()
                 self.workers.wait(launched.ready.event)
+                self.seconds_waiting += time.perf_counter() - start
             result = super().resolve(launched)
         except BaseException as e:     # e.g. a CUDA error after the watchdog aborted NCCL
             error = self.workers.explain(e, out_of_step=False)

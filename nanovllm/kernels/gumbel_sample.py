@@ -73,33 +73,25 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, greedy: torch
     -> [B] int64 tokens. `seed`: one int (row b then uses seed + b) or [B] int64 seeds, one
     per row; a row's draw depends only on its seed and its logits, not on the other rows.
     `thresholds` [B] (sampling_filters.py's keys): only tokens at or above them are drawn."""
-    if logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError(f"logits must be a [rows, vocab] tensor with contiguous rows, got shape "
-                         f"{tuple(logits.shape)} and strides {logits.stride()}")
-    num_rows, vocab_size = logits.shape
-    chunk = min(_CHUNK, triton.next_power_of_2(vocab_size))
-    num_chunks = triton.cdiv(vocab_size, chunk)
-    inv_temperature = torch.where(greedy, 1.0, 1.0 / temperature.float())
-    noise_scale = (~greedy).float()
-    best_score = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)
-    best_token = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
+    num_rows, device = logits.shape[0], logits.device
     if isinstance(seed, int):
-        seeds = seed + torch.arange(num_rows, dtype=torch.int64, device=logits.device)
+        seeds = seed + torch.arange(num_rows, dtype=torch.int64, device=device)
     else:
-        seeds = seed.to(device=logits.device, dtype=torch.int64).contiguous()
-    if num_rows:
-        _gumbel_argmax_kernel[(num_rows, num_chunks)](
-            logits, logits.stride(0), inv_temperature, noise_scale,
-            thresholds if thresholds is not None else noise_scale, seeds, vocab_size,
-            best_score, best_token, num_chunks, CHUNK=chunk, BLOCK=min(1024, chunk),
-            HAS_THRESHOLD=thresholds is not None)
-    # torch.argmax picks the first best chunk, so ties still go to the lowest token id.
-    return best_token.gather(1, best_score.argmax(dim=1, keepdim=True)).squeeze(1).long()
+        seeds = seed.to(device=device, dtype=torch.int64).contiguous()
+    noise_scale = (~greedy).float()
+    return _chunked_argmax(logits, torch.where(greedy, 1.0, 1.0 / temperature.float()), noise_scale,
+                           thresholds, seeds, noise=True)
 
 
 def greedy_sample(logits: torch.Tensor) -> torch.Tensor:
     """logits [B, V] (any float dtype, rows contiguous) -> [B] int64: torch.argmax(logits, -1),
     ties to the lowest id, split over chunks of the vocabulary."""
+    return _chunked_argmax(logits, None, None, None, None, noise=False)
+
+
+def _chunked_argmax(logits, inv_temperature, noise_scale, thresholds, seeds, noise: bool) -> torch.Tensor:
+    """Launch the kernel over (rows, chunks), then pick each row's best chunk. Without noise
+    the per-row tensors are not read (any pointer stands in for them)."""
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"logits must be a [rows, vocab] tensor with contiguous rows, got shape "
                          f"{tuple(logits.shape)} and strides {logits.stride()}")
@@ -109,8 +101,11 @@ def greedy_sample(logits: torch.Tensor) -> torch.Tensor:
     best_score = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)
     best_token = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
     if num_rows:
+        unused = best_score
         _gumbel_argmax_kernel[(num_rows, num_chunks)](
-            logits, logits.stride(0), best_score, best_score, best_score, best_token, vocab_size,
-            best_score, best_token, num_chunks, CHUNK=chunk, BLOCK=min(1024, chunk), HAS_THRESHOLD=False,
-            NOISE=False)
+            logits, logits.stride(0), inv_temperature if noise else unused, noise_scale if noise else unused,
+            thresholds if thresholds is not None else unused, seeds if noise else best_token, vocab_size,
+            best_score, best_token, num_chunks, CHUNK=chunk, BLOCK=min(1024, chunk),
+            HAS_THRESHOLD=thresholds is not None, NOISE=noise)
+    # torch.argmax picks the first best chunk, so ties still go to the lowest token id.
     return best_token.gather(1, best_score.argmax(dim=1, keepdim=True)).squeeze(1).long()

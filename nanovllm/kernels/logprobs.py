@@ -25,8 +25,8 @@ streaming read), and torch.topk over the row's V / GROUP group maxima: the k lar
 maxima are k distinct tokens, so the k-th of them is <= the row's k-th largest key, and
 only groups holding two of the top tokens make F lower than that. At k=20 a row then does
 ~20 rounds in all (in ~16 chunks; the other ~22 skip even the int64 packing) instead of
-38 x 20, for one light pass and a topk. FLOOR = "thresholds" takes the exact k-th key from
-sampling_filters.sampling_thresholds instead (one program per row). Below FLOOR_MIN_K the k
+38 x 20, for one light pass and a topk. (The exact k-th key from sampling_thresholds, one
+program per row, was slower as a floor in the sweep: 0.52 against 0.44 ms.) Below FLOOR_MIN_K the k
 rounds everywhere are cheaper than the first pass; k = 0 compiles without the top-k code.
 bench_sampler.py --sweep times each choice. Keys everywhere are order_key(float32 value):
 the same order as the values, except -0.0 < +0.0 (as before).
@@ -35,13 +35,12 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.sampling_filters import order_key, sampling_thresholds
+from nanovllm.kernels.sampling_filters import order_key
 
 CHUNK = 4096        # tokens per program (the bench's --sweep changes these knobs)
 NUM_WARPS = 8
 GROUP = 256         # tokens per maximum in the floor's first pass
 FLOOR_MIN_K = 8     # k from which the floor pays for its pass (~2-3 rounds' cost, estimated)
-FLOOR = "group_max"     # or "thresholds"
 
 _NO_KEY = tl.constexpr(-2**31)    # no token: below order_key of every float32 (but an all-ones NaN)
 
@@ -106,10 +105,6 @@ def _logprobs_kernel(logits_ptr, stride_row, token_ptr, vocab_size, k, floor_ptr
 def _row_floors(logits: torch.Tensor, k: int, chunk: int, num_chunks: int) -> torch.Tensor | None:
     """[rows] int32 keys, each <= its row's k-th largest order_key (None: no floor to gain)."""
     rows, vocab_size = logits.shape
-    if FLOOR == "thresholds":
-        ones = torch.ones(rows, dtype=torch.float32, device=logits.device)
-        return sampling_thresholds(logits, ones, torch.full((rows,), k, dtype=torch.int32, device=logits.device),
-                                   None, None)
     group = min(GROUP, chunk)
     groups_per_row = num_chunks * (chunk // group)
     if k > groups_per_row:
