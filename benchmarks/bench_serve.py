@@ -11,6 +11,7 @@ time to first token (TTFT) and time per output token after the first (TPOT), p50
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import time
@@ -50,8 +51,11 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
 async def run(args) -> tuple[list[Result], float]:
     workload = make_workload(args)
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
-        model = args.model or (await client.get(f"{args.url}/v1/models")).json()["data"][0]["id"]
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    async with httpx.AsyncClient(timeout=None, limits=limits, headers=headers) as client:
+        models = await client.get(f"{args.url}/v1/models")
+        models.raise_for_status()           # e.g. 401: the server wants --api-key
+        model = args.model or models.json()["data"][0]["id"]
         await one_request(client, args.url, model, [1, 2, 3], 4, args.temperature)       # warm-up
         semaphore = asyncio.Semaphore(args.concurrency)
         rng = random.Random(args.seed)
@@ -78,6 +82,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
     p.add_argument("--model", help="model name to send (default: the server's first)")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="the server's --api-key")
     add_workload_args(p)
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--concurrency", type=int, default=256, help="most requests in flight at once")

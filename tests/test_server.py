@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, started for real (uvicorn on a free loopback port) and driven
 with the `openai` client: results, streaming, usage, batching, disconnects, errors."""
+import argparse
 import asyncio
 import contextlib
 import json
@@ -8,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 
@@ -15,8 +17,10 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from transformers import AutoTokenizer
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.bench_workload import add_workload_args, make_workload
 from nanovllm.entrypoints.async_llm import AsyncLLM
 from nanovllm.entrypoints.openai_server import build_app
 from tests.conftest import wait_gone, wait_idle
@@ -166,6 +170,66 @@ def test_n_stop_and_logprobs_carried_through(client, llm):
     assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)
 
 
+def test_echo_and_prompt_logprobs(client, llm):
+    prompt = PROMPTS[3]
+    expected = llm.generate(prompt, greedy(4, logprobs=1, prompt_logprobs=1), use_tqdm=False)[0]
+    n_prompt = len(expected.prompt_token_ids)
+    resp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=1)
+    (choice,) = resp.choices
+    assert choice.text == prompt + expected.outputs[0].text
+    lp = choice.logprobs
+    assert len(lp.tokens) == n_prompt + 4 and lp.token_logprobs[0] is None
+    want = [e[t].logprob for t, e in zip(expected.prompt_token_ids[1:], expected.prompt_logprobs[1:])]
+    assert lp.token_logprobs[1:n_prompt] == pytest.approx(want, abs=1e-4)
+    # max_tokens 0 with echo: the prompt alone, scored (how evaluation harnesses use it).
+    resp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, temperature=0, echo=True, logprobs=1)
+    (choice,) = resp.choices
+    assert choice.text == prompt and choice.finish_reason == "length" and resp.usage.completion_tokens == 0
+    assert len(choice.logprobs.tokens) == n_prompt
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == prompt
+    # vLLM's prompt_logprobs field: per prompt token, None first, then {id: Logprob}.
+    resp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0,
+                                     extra_body={"prompt_logprobs": 1})
+    got = resp.choices[0].model_extra["prompt_logprobs"]
+    assert got[0] is None and len(got) == n_prompt
+    for entry, want_entry in zip(got[1:], expected.prompt_logprobs[1:]):
+        assert {int(t): v["rank"] for t, v in entry.items()} == {t: lp.rank for t, lp in want_entry.items()}
+        assert [v["logprob"] for v in entry.values()] == pytest.approx([lp.logprob for lp in want_entry.values()],
+                                                                       abs=1e-4)
+
+
+def test_vllm_extra_sampling_fields_reach_the_engine(client, llm):
+    fields = dict(top_k=5, min_p=0.05, min_tokens=6, repetition_penalty=1.3, seed=7)
+    openai_fields = dict(presence_penalty=0.5, frequency_penalty=0.3, temperature=0.9)
+    expected = llm.generate(PROMPTS[1], SamplingParams(max_tokens=10, **fields, **openai_fields),
+                            use_tqdm=False)[0].outputs[0]
+    resp = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=10, **openai_fields,
+                                     extra_body=fields)
+    assert resp.choices[0].text == expected.text and resp.usage.completion_tokens == len(expected.token_ids)
+    # A stop token id ends the choice there; include_stop_str_in_output keeps a stop string.
+    greedy_out = llm.generate(PROMPTS[1], greedy(), use_tqdm=False)[0].outputs[0]
+    stop_id = greedy_out.token_ids[3]
+    resp = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16, temperature=0,
+                                     extra_body={"stop_token_ids": [stop_id]})
+    want = llm.generate(PROMPTS[1], greedy(stop_token_ids=[stop_id]), use_tqdm=False)[0].outputs[0]
+    assert resp.choices[0].finish_reason == "stop" and resp.choices[0].model_extra["stop_reason"] == stop_id
+    assert resp.choices[0].text == want.text and resp.usage.completion_tokens == len(want.token_ids)
+    stop = greedy_out.text[4:7]
+    resp = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16, temperature=0, stop=[stop],
+                                     extra_body={"include_stop_str_in_output": True})
+    assert resp.choices[0].text == greedy_out.text[:greedy_out.text.index(stop) + len(stop)]
+
+
+def test_chat_top_logprobs_0_and_tools_shown_to_the_template(client):
+    resp = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, top_logprobs=0)
+    assert resp.choices[0].logprobs is None
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    resp = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, tools=tools, tool_choice="none")
+    assert resp.usage.completion_tokens == 2
+
+
 def test_concurrent_streaming_clients_share_batches(url, engine, llm):
     prompts = [f"{PROMPTS[i % 4]} {i}" for i in range(32)]
     expected = [o.outputs[0].text for o in llm.generate(prompts, greedy(24, ignore_eos=True), use_tqdm=False)]
@@ -212,9 +276,19 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(url, engine, client):
     assert client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2).choices[0].text is not None
 
 
-def _raw_error(url: str, status: int, body, headers=None) -> dict:
+def test_client_leaving_a_non_streamed_request_aborts_it(url, engine):
+    body = {"model": MODEL, "prompt": PROMPTS, "max_tokens": 230, "ignore_eos": True}
+    start = engine.stats().num_steps
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=0.1)     # the client gives up: disconnects
+    stats = wait_idle(engine)
+    assert 0 < stats.num_steps - start < 200, "the abandoned request ran to the end"
+    assert stats.num_free_blocks == stats.num_blocks
+
+
+def _raw_error(url: str, status: int, body, headers=None, path: str = "/v1/completions") -> dict:
     kwargs = {"content": body} if isinstance(body, str) else {"json": body}
-    resp = httpx.post(f"{url}/v1/completions", headers=headers, timeout=30, **kwargs)
+    resp = httpx.post(f"{url}{path}", headers=headers, timeout=30, **kwargs)
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
@@ -235,12 +309,41 @@ def _raw_error(url: str, status: int, body, headers=None) -> dict:
     ({"model": MODEL, "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),      # wrong type
     ('{"model": "tiny", "prompt": ', 400, None),                                      # malformed JSON
     ({"model": "gpt-4", "prompt": "hi"}, 404, "model"),                               # unknown model
+    ({"model": MODEL, "prompt": "hi", "seed": 2**70}, 400, "seed"),                   # beyond torch's seeds
+    ({"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"model": MODEL, "prompt": "hi", "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs"),
+    # Refused rather than ignored: each would quietly change the answer.
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"5": 100}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "hi", "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "best_of"),
 ])
 def test_errors_are_openai_json_and_the_server_still_serves(url, engine, client, body, status, param):
     error = _raw_error(url, status, body)
-    assert error["param"] == param or param is None
+    assert error["param"] == param
     stats = wait_idle(engine)          # nothing was left queued: every block is free
     assert stats.num_free_blocks == stats.num_blocks
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"temperature": 3}, "temperature"),
+    ({"max_completion_tokens": 1000}, "max_completion_tokens"),
+    ({"max_tokens": 1000}, "max_tokens"),
+    ({"top_logprobs": 2}, "top_logprobs"),                                  # without logprobs
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+    ({"messages": []}, "messages"),
+])
+def test_chat_errors_name_their_field(url, extra, param):
+    error = _raw_error(url, 400, {"model": MODEL, "messages": CHAT, **extra}, path="/v1/chat/completions")
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+def test_non_json_unknown_paths_and_methods_get_openai_errors(url, client):
+    resp = httpx.post(f"{url}/v1/completions", content='{"model": "tiny", "prompt": "hi"}',
+                      headers={"Content-Type": "text/plain"}, timeout=30)
+    assert resp.status_code == 415 and "application/json" in resp.json()["error"]["message"]
+    for resp, status in ((httpx.get(f"{url}/v1/nothing"), 404), (httpx.get(f"{url}/v1/completions"), 405)):
+        assert resp.status_code == status and set(resp.json()["error"]) == {"message", "type", "param", "code"}
     assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
 
@@ -254,7 +357,7 @@ def test_errors_through_the_openai_client(client):
         client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1000)
 
 
-def test_api_key(engine):
+def test_api_key_and_the_serving_benchmark(engine, tmp_path):
     with serving(build_app(engine, [MODEL], api_key="secret")) as url:
         for headers in (None, {"Authorization": "Bearer wrong"}):
             error = _raw_error(url, 401, {"model": MODEL, "prompt": "hi"}, headers)
@@ -264,6 +367,20 @@ def test_api_key(engine):
         good = openai.OpenAI(base_url=f"{url}/v1", api_key="secret", max_retries=0)
         assert good.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
         assert httpx.get(f"{url}/health").status_code == 200      # health needs no key
+        # The serving benchmark, against this server (with its key), on a small workload.
+        out = str(tmp_path / "bench_serve.jsonl")
+        workload = ["--num-seqs", "6", "--min-input", "4", "--max-input", "12", "--min-output", "3",
+                    "--max-output", "9", "--max-token-id", "100"]
+        subprocess.run([sys.executable, "benchmarks/bench_serve.py", "--url", url, "--api-key", "secret",
+                        "--concurrency", "3", "--json", out, *workload], check=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        with open(out) as f:
+            result = json.loads(f.read().splitlines()[-1])
+        parser = argparse.ArgumentParser()
+        add_workload_args(parser)
+        assert result["num_requests"] == 6
+        assert result["output_tokens"] == sum(make_workload(parser.parse_args(workload)).output_lens)
+        assert result["ttft_ms_p50"] > 0 and result["tpot_ms_p50"] > 0
 
 
 def test_sse_wire_format(url):
@@ -297,25 +414,40 @@ def test_server_step_budget_default(tiny_qwen3, monkeypatch, max_num_seqs, expec
     assert built.value.args[0].max_num_batched_tokens == expected
 
 
-def test_nanovllm_serve_stops_its_engine_on_sigterm(tiny_qwen3):
-    """`nanovllm serve` as a process manager stops it: the engine process leaves in order
+def test_nanovllm_serve_flags_and_sigterm(tiny_qwen3, tmp_path):
+    """The `nanovllm` console script with vllm serve's flags (API key, served names, a chat
+    template file); a process manager's SIGTERM stops it: the engine process leaves in order
     (its closing log line), and nothing is left running."""
+    script = os.path.join(sysconfig.get_path("scripts"), "nanovllm")
+    assert os.path.exists(script), "the console script is not installed (pip install -e .)"
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    server = subprocess.Popen([sys.executable, "-m", "nanovllm", "serve", tiny_qwen3, "--device", "cpu",
-                               "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "256",
+    server = subprocess.Popen([script, "serve", tiny_qwen3, "--device", "cpu", "--port", str(port),
+                               "--host", "127.0.0.1", "--max-model-len", "256", "--api-key", "secret",
+                               "--served-model-name", "first", "second", "--chat-template", str(template),
                                "--uvicorn-log-level", "warning"], stderr=subprocess.PIPE, text=True)
+    base, key = f"http://127.0.0.1:{port}", {"Authorization": "Bearer secret"}
     try:
         deadline = time.monotonic() + 60
         while True:
             assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                if httpx.get(f"{base}/health").status_code == 200:
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        assert [m["id"] for m in httpx.get(f"{base}/v1/models", headers=key).json()["data"]] == ["first", "second"]
+        messages = [{"role": "user", "content": "Hello there"}]
+        resp = httpx.post(f"{base}/v1/chat/completions", headers=key, timeout=30,
+                          json={"model": "second", "messages": messages, "max_tokens": 2}).json()
+        rendered = "<user>Hello there"                 # what the template file makes of the messages
+        tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3)
+        assert resp["usage"]["prompt_tokens"] == len(tokenizer.encode(rendered, add_special_tokens=False))
         with open(f"/proc/{server.pid}/task/{server.pid}/children") as f:
             children = [int(pid) for pid in f.read().split()]
         assert children, "no engine process"

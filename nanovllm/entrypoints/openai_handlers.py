@@ -8,6 +8,7 @@ non-streamed requests use FINAL_ONLY. Closing a stream early (the client went aw
 cancels the response) aborts its requests, which frees their KV blocks at the next step.
 """
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -18,7 +19,7 @@ from fastapi.responses import StreamingResponse
 
 from nanovllm.entrypoints.async_llm import AsyncLLM, RequestStream
 from nanovllm.entrypoints.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
-from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
+from nanovllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -47,13 +48,13 @@ class OpenAIHandlers:
             raise OpenAIError(f"The model `{model}` does not exist.", 404, param="model", code="model_not_found")
         return model or self.names[0]
 
-    def _check_length(self, prompt_ids: list[int], max_tokens: int | None) -> None:
+    def _check_length(self, prompt_ids: list[int], max_tokens: int | None, param: str = "max_tokens") -> None:
         n = len(prompt_ids)
         if n >= self.max_model_len or (max_tokens is not None and n + max_tokens > self.max_model_len):
             raise OpenAIError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{n + (max_tokens or 1)} tokens ({n} in the prompt, {max_tokens or 1} in the completion). "
-                f"Please reduce the length of the prompt or completion.", param="max_tokens")
+                f"Please reduce the length of the prompt or completion.", param=param)
 
     @staticmethod
     def _params(body) -> SamplingParams:
@@ -160,6 +161,7 @@ class OpenAIHandlers:
         choices, completion_tokens = [], 0
         for i, out in enumerate(await self._finals(streams)):
             for c in out.outputs:
+                c = _nothing_generated(c) if body.echo_only else c
                 text, logprobs = c.text, None
                 if body.echo:
                     text = self._prompt_text(inputs[i]) + text
@@ -167,6 +169,8 @@ class OpenAIHandlers:
                     logprobs = self._completion_logprobs(body, out, c, 0, first=True)
                 choices.append({"index": i * body.n + c.index, "text": text, "logprobs": logprobs,
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                if body.prompt_logprobs is not None:
+                    choices[-1]["prompt_logprobs"] = _prompt_logprobs_json(out.prompt_logprobs)
                 completion_tokens += len(c.token_ids)
         prompt_tokens = sum(len(x["prompt_token_ids"]) for x in inputs)
         return {**head, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
@@ -177,6 +181,7 @@ class OpenAIHandlers:
         done, completion_tokens = set(), 0
         async for i, out in self._merged(streams):
             for c in out.outputs:
+                c = _nothing_generated(c) if body.echo_only else c
                 index = i * body.n + c.index
                 completion_tokens += len(c.token_ids)
                 if index in done or not (c.token_ids or c.finish_reason):
@@ -227,12 +232,13 @@ class OpenAIHandlers:
             text = self.tokenizer.apply_chat_template(
                 [m.to_template() for m in body.messages], tokenize=False, chat_template=self.chat_template,
                 add_generation_prompt=body.add_generation_prompt,
-                continue_final_message=body.continue_final_message, **(body.chat_template_kwargs or {}))
+                continue_final_message=body.continue_final_message, tools=body.tools,
+                **(body.chat_template_kwargs or {}))
         except Exception as e:      # a template error (jinja) or no template at all
             raise OpenAIError(f"Could not apply the chat template: {e}", param="messages") from None
         # The template holds the special tokens already: do not add them again (as LLM.chat).
         ids = self.tokenizer.encode(text, add_special_tokens=False)
-        self._check_length(ids, params.max_tokens)
+        self._check_length(ids, params.max_tokens, body.max_tokens_param)
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         streams = await self._add(request_id, [{"prompt": text, "prompt_token_ids": ids}], params)
         head = {"id": request_id, "object": "chat.completion", "created": created, "model": model}
@@ -244,8 +250,11 @@ class OpenAIHandlers:
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": self._chat_logprobs(body, c), "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason} for c in out.outputs]
-        return {**head, "choices": choices,
-                "usage": _usage(len(ids), sum(len(c.token_ids) for c in out.outputs))}
+        response = {**head, "choices": choices,
+                    "usage": _usage(len(ids), sum(len(c.token_ids) for c in out.outputs))}
+        if body.prompt_logprobs is not None:
+            response["prompt_logprobs"] = _prompt_logprobs_json(out.prompt_logprobs)
+        return response
 
     async def _chat_chunks(self, body: ChatCompletionRequest, head: dict, prompt_tokens: int,
                            stream: RequestStream) -> AsyncIterator[dict]:
@@ -281,3 +290,18 @@ class OpenAIHandlers:
 
 def _ranked(entry: dict[int, Logprob]) -> list[Logprob]:
     return sorted(entry.values(), key=lambda lp: -lp.logprob)
+
+
+def _nothing_generated(c: CompletionOutput) -> CompletionOutput:
+    """The choice of an echo-only request (max_tokens 0): the engine's one token is dropped."""
+    return dataclasses.replace(c, text="", token_ids=[], logprobs=[] if c.logprobs is not None else None,
+                               finish_reason="length" if c.finish_reason else None, stop_reason=None)
+
+
+def _prompt_logprobs_json(prompt_logprobs: PromptLogprobs | None) -> list | None:
+    """vLLM's extra `prompt_logprobs` field: per prompt token, None (the first) or
+    {token id: {logprob, rank, decoded_token}}."""
+    if prompt_logprobs is None:
+        return None
+    return [None if entry is None else {str(t): dataclasses.asdict(lp) for t, lp in entry.items()}
+            for entry in prompt_logprobs]

@@ -3,9 +3,11 @@
     GET  /health, /v1/models
     POST /v1/completions, /v1/chat/completions   (stream=true: server-sent events)
 
-This module wires the app: routes, the optional API key, and errors as OpenAI's JSON. The
-requests themselves are answered by `openai_handlers.OpenAIHandlers`.
+This module wires the app: routes, the optional API key, errors as OpenAI's JSON, and
+clients that leave before their answer. The requests themselves are answered by
+`openai_handlers.OpenAIHandlers`.
 """
+import asyncio
 import contextlib
 import logging
 import os
@@ -14,6 +16,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from nanovllm.config import EngineConfig, default_max_num_batched_tokens, resolve_device
 from nanovllm.entrypoints.async_llm import AsyncLLM
@@ -44,6 +47,9 @@ def build_app(engine: AsyncLLM, served_model_names: list[str] | None = None, api
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, e: RequestValidationError):
         # FastAPI answers 422; OpenAI (and vLLM) answer 400. Malformed JSON lands here too.
+        if request.headers.get("content-type", "application/json").split(";")[0].strip() != "application/json":
+            return _error_response(OpenAIError("Unsupported Media Type: Only 'application/json' is allowed",
+                                               415, code="unsupported_media_type"))
         messages, params = [], []
         for err in e.errors():
             loc = [str(x) for x in err.get("loc", ()) if x != "body" and not isinstance(x, int)]
@@ -52,6 +58,10 @@ def build_app(engine: AsyncLLM, served_model_names: list[str] | None = None, api
             messages.append(f"{params[-1] or 'body'}: {err.get('msg')}" + (f" ({detail})" if detail else ""))
         param = next(filter(None, params), None)
         return _error_response(OpenAIError("; ".join(messages) or "Invalid request", param=param))
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, e: HTTPException):      # an unknown path or method
+        return _error_response(OpenAIError(str(e.detail), e.status_code, code=_code(e.status_code)))
 
     @app.exception_handler(Exception)
     async def on_internal_error(request: Request, e: Exception):
@@ -72,14 +82,43 @@ def build_app(engine: AsyncLLM, served_model_names: list[str] | None = None, api
              "max_model_len": config.max_model_len} for name in names]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return await server.completions(body)
+    async def completions(body: CompletionRequest, request: Request):
+        return await _unless_client_leaves(request, server.completions(body))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
-        return await server.chat_completions(body)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await _unless_client_leaves(request, server.chat_completions(body))
 
     return app
+
+
+async def _unless_client_leaves(request: Request, answer):
+    """Await `answer`, unless the client disconnects first: then it is cancelled, which closes
+    its request streams and so aborts its engine requests (their KV blocks are freed at the
+    next step). A streamed answer returns at once; from then on Starlette watches for the
+    disconnect itself and closes the stream."""
+    work = asyncio.ensure_future(answer)
+    left = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({work, left}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+        if not work.done():
+            work.cancel()
+    if work not in done:
+        return Response(status_code=499)        # nginx's "client closed request": nobody reads it
+    return work.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body was read already: what is left to receive
+    from the server is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _code(status: int) -> str | None:
+    return {404: "not_found", 405: "method_not_allowed"}.get(status)
 
 
 class _APIKeyMiddleware:

@@ -3,7 +3,7 @@
 Field names, types and defaults follow OpenAI's API; the extra sampling fields are the
 ones vLLM's server accepts. Unknown fields are ignored, as OpenAI's server does.
 """
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,7 +36,7 @@ class _SamplingRequest(BaseModel):
     top_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)      # what torch's generators take
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -50,10 +50,31 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None
+    # Accepted so that they can be refused by name (an ignored logit_bias or JSON format would
+    # quietly give a different answer than the client asked for).
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def _check_supported(self) -> None:
+        if self.logit_bias:
+            raise OpenAIError("logit_bias is not supported", param="logit_bias")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise OpenAIError(f"response_format {self.response_format.get('type')!r} is not supported "
+                              "(no guided decoding): only 'text'", param="response_format")
+        if self.stream_options is not None and not self.stream:
+            raise OpenAIError("Stream options can only be defined when `stream=True`.", param="stream_options")
+        if self.stream and self.prompt_logprobs is not None:
+            raise OpenAIError("`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs")
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
                          prompt_logprobs: int | None = None) -> SamplingParams:
-        """Raises ValueError (SamplingParams' checks) for out-of-range values."""
+        """Raises ValueError (SamplingParams' checks) for out-of-range values, OpenAIError for
+        fields it does not support."""
+        self._check_supported()
+        if self.prompt_logprobs is not None:
+            prompt_logprobs = self.prompt_logprobs
+
         def default(value, fallback):
             return fallback if value is None else value
         return SamplingParams(
@@ -79,13 +100,24 @@ class CompletionRequest(_SamplingRequest):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = None
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the prompt alone comes back (with its logprobs, if asked:
+        how a prompt is scored, e.g. by lm-evaluation-harness)."""
+        return self.echo and self.max_tokens == 0
 
     def to_sampling_params(self) -> SamplingParams:
         if self.suffix:
             raise OpenAIError("suffix is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise OpenAIError(f"best_of is not supported (got {self.best_of}, n={self.n})", param="best_of")
         # With echo, the prompt's logprobs are reported too (its first token has none).
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
-        return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
+        # The engine always makes at least one token: echo_only discards it.
+        max_tokens = 1 if self.echo_only else self.max_tokens
+        return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs)
 
 
 class ContentPart(BaseModel):
@@ -115,9 +147,21 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    @property
+    def max_tokens_param(self) -> str:
+        """The field the client set the output length with (for error messages)."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def to_sampling_params(self) -> SamplingParams:
-        if self.top_logprobs is not None and not self.logprobs:
-            raise OpenAIError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise OpenAIError("when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs")
+        if self.tools and self.tool_choice != "none":
+            # The tools could be shown to the model (the template takes them), but its tool
+            # calls would come back as plain text: no tool-call parser.
+            raise OpenAIError("tool calling is not supported: pass tool_choice 'none' to only show the "
+                              "tools to the model", param="tool_choice")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
