@@ -1,0 +1,79 @@
+"""`nanovllm serve`: its step budget, the console script with vllm serve's flags, and a clean
+stop on SIGTERM (as a process manager sends)."""
+import os
+import signal
+import socket
+import subprocess
+import sysconfig
+import time
+
+import httpx
+import pytest
+from transformers import AutoTokenizer
+
+from tests.conftest import wait_gone
+
+@pytest.mark.parametrize("max_num_seqs, expected", [(None, 2048), (4096, 4096)])
+def test_server_step_budget_default(tiny_qwen3, monkeypatch, max_num_seqs, expected):
+    """`nanovllm serve` on a CPU defaults to vllm serve's 2048 tokens a step, raised to
+    max_num_seqs when that is larger (every running sequence needs its token)."""
+    from nanovllm.config import EngineConfig
+    from nanovllm.entrypoints import openai_server
+
+    class Built(Exception):
+        pass
+
+    def build_config_only(model, **kwargs):
+        raise Built(EngineConfig.from_kwargs(model, **kwargs))
+
+    monkeypatch.setattr(openai_server, "AsyncLLM", build_config_only)
+    kwargs = dict(device="cpu") if max_num_seqs is None else dict(device="cpu", max_num_seqs=max_num_seqs)
+    with pytest.raises(Built) as built:
+        openai_server.run_server(tiny_qwen3, **kwargs)
+    assert built.value.args[0].max_num_batched_tokens == expected
+
+
+def test_nanovllm_serve_flags_and_sigterm(tiny_qwen3, tmp_path):
+    """The `nanovllm` console script with vllm serve's flags (API key, served names, a chat
+    template file); a process manager's SIGTERM stops it: the engine process leaves in order
+    (its closing log line), and nothing is left running."""
+    script = os.path.join(sysconfig.get_path("scripts"), "nanovllm")
+    assert os.path.exists(script), "the console script is not installed (pip install -e .)"
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = subprocess.Popen([script, "serve", tiny_qwen3, "--device", "cpu", "--port", str(port),
+                               "--host", "127.0.0.1", "--max-model-len", "256", "--api-key", "secret",
+                               "--served-model-name", "first", "second", "--chat-template", str(template),
+                               "--uvicorn-log-level", "warning"], stderr=subprocess.PIPE, text=True)
+    base, key = f"http://127.0.0.1:{port}", {"Authorization": "Bearer secret"}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(f"{base}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        assert [m["id"] for m in httpx.get(f"{base}/v1/models", headers=key).json()["data"]] == ["first", "second"]
+        messages = [{"role": "user", "content": "Hello there"}]
+        resp = httpx.post(f"{base}/v1/chat/completions", headers=key, timeout=30,
+                          json={"model": "second", "messages": messages, "max_tokens": 2}).json()
+        rendered = "<user>Hello there"                 # what the template file makes of the messages
+        tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3)
+        assert resp["usage"]["prompt_tokens"] == len(tokenizer.encode(rendered, add_special_tokens=False))
+        with open(f"/proc/{server.pid}/task/{server.pid}/children") as f:
+            children = [int(pid) for pid in f.read().split()]
+        assert children, "no engine process"
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=60)
+        assert "engine loop:" in err, err          # logged by the engine process as it stops
+        assert wait_gone(children, 10) == []
+    finally:
+        server.kill()
+        server.wait()

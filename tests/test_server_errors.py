@@ -1,0 +1,133 @@
+"""The server's errors (OpenAI's JSON, each with its status and field), the API key, clients
+that leave before their answer, and the serving benchmark against a running server."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import httpx
+import openai
+import pytest
+
+from nanovllm.bench_workload import add_workload_args, make_workload
+from nanovllm.entrypoints.openai_server import build_app
+from tests.conftest import wait_idle
+from tests.server_helpers import CHAT, MODEL, PROMPTS, client, engine, raw_error, serving, url  # noqa: F401
+
+def test_disconnect_mid_stream_aborts_and_frees_blocks(url, engine, client):
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 200, "ignore_eos": True, "stream": True}
+    others = threading.Thread(target=lambda: [client.completions.create(model=MODEL, prompt=p, max_tokens=16)
+                                              for p in PROMPTS])
+    start = engine.stats().num_steps
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as resp:
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data: ")
+        others.start()
+        stats = engine.stats()
+        assert stats.num_free_blocks < stats.num_blocks
+    # The connection is closed: the server aborts the request at its next step.
+    others.join(timeout=30)
+    stats = wait_idle(engine)
+    assert stats.num_steps - start < 200, "the disconnected request ran to the end"
+    assert stats.num_free_blocks == stats.num_blocks
+    assert client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2).choices[0].text is not None
+
+
+def test_client_leaving_a_non_streamed_request_aborts_it(url, engine):
+    body = {"model": MODEL, "prompt": PROMPTS, "max_tokens": 230, "ignore_eos": True}
+    start = engine.stats().num_steps
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=0.1)     # the client gives up: disconnects
+    stats = wait_idle(engine)
+    assert 0 < stats.num_steps - start < 200, "the abandoned request ran to the end"
+    assert stats.num_free_blocks == stats.num_blocks
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature"),        # SamplingParams
+    ({"model": MODEL, "prompt": "hi", "temperature": 0, "n": 2}, 400, None),          # greedy with n > 1
+    ({"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": [5] * 300}, 400, "max_tokens"),                       # prompt too long
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 255}, 400, "max_tokens"),         # prompt + output too long
+    ({"model": MODEL, "prompt": [[1, 2, 100000]]}, 400, None),                        # not in the vocabulary
+    ({"model": MODEL, "prompt": [[1, 2, 3], [4, 100000]]}, 400, None),                # one bad prompt of two
+    ({"model": MODEL, "prompt": []}, 400, "prompt"),
+    ({"model": MODEL}, 400, "prompt"),                                                # missing field
+    ({"model": MODEL, "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),      # wrong type
+    ('{"model": "tiny", "prompt": ', 400, None),                                      # malformed JSON
+    ({"model": "gpt-4", "prompt": "hi"}, 404, "model"),                               # unknown model
+    ({"model": MODEL, "prompt": "hi", "seed": 2**70}, 400, "seed"),                   # beyond torch's seeds
+    ({"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"model": MODEL, "prompt": "hi", "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs"),
+    # Refused rather than ignored: each would quietly change the answer.
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"5": 100}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "hi", "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "best_of"),
+])
+def test_errors_are_openai_json_and_the_server_still_serves(url, engine, client, body, status, param):
+    error = raw_error(url, status, body)
+    assert error["param"] == param
+    stats = wait_idle(engine)          # nothing was left queued: every block is free
+    assert stats.num_free_blocks == stats.num_blocks
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"temperature": 3}, "temperature"),
+    ({"max_completion_tokens": 1000}, "max_completion_tokens"),
+    ({"max_tokens": 1000}, "max_tokens"),
+    ({"top_logprobs": 2}, "top_logprobs"),                                  # without logprobs
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+    ({"messages": []}, "messages"),
+])
+def test_chat_errors_name_their_field(url, extra, param):
+    error = raw_error(url, 400, {"model": MODEL, "messages": CHAT, **extra}, path="/v1/chat/completions")
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+def test_non_json_unknown_paths_and_methods_get_openai_errors(url, client):
+    resp = httpx.post(f"{url}/v1/completions", content='{"model": "tiny", "prompt": "hi"}',
+                      headers={"Content-Type": "text/plain"}, timeout=30)
+    assert resp.status_code == 415 and "application/json" in resp.json()["error"]["message"]
+    for resp, status in ((httpx.get(f"{url}/v1/nothing"), 404), (httpx.get(f"{url}/v1/completions"), 405)):
+        assert resp.status_code == status and set(resp.json()["error"]) == {"message", "type", "param", "code"}
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_errors_through_the_openai_client(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=CHAT, temperature=3)
+    assert "temperature" in e.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=CHAT)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1000)
+
+
+def test_api_key_and_the_serving_benchmark(engine, tmp_path):
+    with serving(build_app(engine, [MODEL], api_key="secret")) as url:
+        for headers in (None, {"Authorization": "Bearer wrong"}):
+            error = raw_error(url, 401, {"model": MODEL, "prompt": "hi"}, headers)
+            assert error["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key="secret", max_retries=0)
+        assert good.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+        assert httpx.get(f"{url}/health").status_code == 200      # health needs no key
+        # The serving benchmark, against this server (with its key), on a small workload.
+        out = str(tmp_path / "bench_serve.jsonl")
+        workload = ["--num-seqs", "6", "--min-input", "4", "--max-input", "12", "--min-output", "3",
+                    "--max-output", "9", "--max-token-id", "100"]
+        subprocess.run([sys.executable, "benchmarks/bench_serve.py", "--url", url, "--api-key", "secret",
+                        "--concurrency", "3", "--json", out, *workload], check=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        with open(out) as f:
+            result = json.loads(f.read().splitlines()[-1])
+        parser = argparse.ArgumentParser()
+        add_workload_args(parser)
+        assert result["num_requests"] == 6
+        assert result["output_tokens"] == sum(make_workload(parser.parse_args(workload)).output_lens)
+        assert result["ttft_ms_p50"] > 0 and result["tpot_ms_p50"] > 0
