@@ -10,6 +10,10 @@ Choices where vLLM versions differ:
 - `logprobs` / `prompt_logprobs` above `max_logprobs` (20) are rejected here, at construction,
   because nanovllm has no per-model `max_logprobs` setting. vLLM main's -1 ("the whole
   vocabulary") is therefore rejected too, with the same "greater than max allowed" message.
+- Types are checked too (vLLM's struct does not check them when built): ints (not bools) for
+  the counts, the seed and the stop token ids, numbers for the float fields, strings for
+  `stop`. A wrong type is a ValueError naming the parameter, not a crash inside a later step.
+  Stop token ids outside the model's vocabulary are refused when the request is added.
 """
 import copy
 import enum
@@ -28,6 +32,17 @@ _MIN_TEMPERATURE = 1e-2
 max_logprobs = 20
 # Most outputs per prompt (vLLM's VLLM_MAX_N_SEQUENCES).
 _MAX_N = int(os.environ.get("VLLM_MAX_N_SEQUENCES", "16384"))
+# The seeds a request may give: a signed 64-bit integer.
+_MIN_SEED, _MAX_SEED = -2**63, 2**63 - 1
+
+
+def _is_int(value) -> bool:
+    # bool is a subclass of int, but True as a count or a seed is a mistake, not a number.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -77,7 +92,13 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
-        # Normalise first (vLLM's order), so the checks see the final values.
+        if self.logprobs is True:            # vLLM's shorthand for 1; other bools are refused
+            self.logprobs = 1
+        if self.prompt_logprobs is True:
+            self.prompt_logprobs = 1
+        # Types first: the normalisation below compares and iterates the values.
+        self._verify_types()
+        # Normalise (vLLM's order), so the range checks see the final values.
         if 0 < self.temperature < _MIN_TEMPERATURE:
             logger.warning("temperature %s is less than %s, which may cause numerical errors "
                            "nan or inf in tensors. We have maxed it out to %s.",
@@ -91,17 +112,11 @@ class SamplingParams:
             self.stop = [self.stop]
         else:
             self.stop = list(self.stop)
-        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
-        if self.logprobs is True:
-            self.logprobs = 1
-        if self.prompt_logprobs is True:
-            self.prompt_logprobs = 1
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(dict.fromkeys(self.stop_token_ids))
         if self.top_k == -1:
             self.top_k = 0
 
         self._verify_args()
-        # Deduplicate only after the type check: non-ints may be unhashable.
-        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))
 
         if self.is_greedy:
             # Greedy sampling takes the argmax; these filters cannot change it.
@@ -109,9 +124,39 @@ class SamplingParams:
             if self.n > 1:
                 raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")
 
+    def _verify_types(self) -> None:
+        """Refuse values of the wrong type here, as ValueErrors naming the parameter: let
+        through, a float `logprobs` or a non-string stop would only fail inside an engine
+        step (where, in the server's engine process, it ends every running request). vLLM
+        does not coerce types, and neither does this: an int temperature stays an int."""
+        if not _is_int(self.n):
+            raise ValidationError(f"n must be an int, but is of type {type(self.n)}", "n", self.n)
+        if not _is_int(self.top_k):
+            raise ValidationError(f"top_k must be an integer, got {type(self.top_k).__name__}",
+                                  "top_k", self.top_k)
+        for name in ("max_tokens", "min_tokens", "seed", "logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if not (_is_int(value) or (value is None and name != "min_tokens")):
+                raise ValidationError(f"{name} must be an integer, got {value!r}.", name, value)
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature",
+                     "top_p", "min_p"):
+            value = getattr(self, name)
+            if not _is_number(value):
+                raise ValidationError(f"{name} must be a number, got {value!r}.", name, value)
+        stop = self.stop
+        if not (stop is None or isinstance(stop, (str, list, tuple))):
+            raise ValidationError(f"stop must be a string or a list of strings, got {stop!r}.", "stop", stop)
+        if isinstance(stop, (list, tuple)) and not all(isinstance(s, str) for s in stop):
+            raise ValidationError(f"stop must contain only strings, got {list(stop)}.", "stop", stop)
+        ids = self.stop_token_ids
+        if not (ids is None or isinstance(ids, (list, tuple))):
+            raise ValidationError(f"stop_token_ids must be a list of integers, got {ids!r}.",
+                                  "stop_token_ids", ids)
+        if ids is not None and not all(_is_int(t) for t in ids):
+            raise ValidationError(f"stop_token_ids must contain only integers, got {list(ids)}.",
+                                  "stop_token_ids", ids)
+
     def _verify_args(self) -> None:
-        if not isinstance(self.n, int):
-            raise ValueError(f"n must be an int, but is of type {type(self.n)}")
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}.")
         if self.n > _MAX_N:
@@ -136,11 +181,13 @@ class SamplingParams:
                                   "temperature", self.temperature)
         if not 0.0 < self.top_p <= 1.0:
             raise ValidationError(f"top_p must be in (0, 1], got {self.top_p}.", "top_p", self.top_p)
-        # The type check comes first so that e.g. top_k="5" is a ValueError, not a TypeError.
-        if not isinstance(self.top_k, int):
-            raise ValueError(f"top_k must be an integer, got {type(self.top_k).__name__}")
         if self.top_k < -1:
             raise ValueError(f"top_k must be 0 (disable), or at least 1, got {self.top_k}.")
+        if self.seed is not None and not _MIN_SEED <= self.seed <= _MAX_SEED:
+            # torch's generators take a signed 64-bit seed (child i of n adds i, which they
+            # still take: they also accept unsigned 64-bit values).
+            raise ValidationError(f"seed must be in [{_MIN_SEED}, {_MAX_SEED}], got {self.seed}.",
+                                  "seed", self.seed)
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -161,8 +208,6 @@ class SamplingParams:
                 shown = "-1 (the whole vocabulary)" if k == -1 else k
                 raise ValueError(f"Requested {kind} logprobs of {shown}, "
                                  f"which is greater than max allowed: {max_logprobs}")
-        if not all(isinstance(t, int) for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must contain only integers, got {self.stop_token_ids}.")
         if any(not s for s in self.stop):
             raise ValueError("stop cannot contain an empty string.")
         if self.stop and not self.detokenize:

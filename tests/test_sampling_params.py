@@ -76,6 +76,36 @@ def test_valid_edge_values():
     SamplingParams(max_tokens=None, min_tokens=1000)
 
 
+# (kwargs, exact message start, the value in the error's .value): wrong types, which would
+# otherwise be accepted and fail later inside an engine step (or fail here with a TypeError).
+WRONG_TYPES = [
+    (dict(n=True), "n must be an int, but is of type <class 'bool'>", True),
+    (dict(top_k=True), "top_k must be an integer, got bool", True),
+    (dict(max_tokens=1.5), "max_tokens must be an integer, got 1.5.", 1.5),
+    (dict(max_tokens="16"), "max_tokens must be an integer, got '16'.", "16"),
+    (dict(min_tokens=1.5), "min_tokens must be an integer, got 1.5.", 1.5),
+    (dict(min_tokens=None), "min_tokens must be an integer, got None.", None),
+    (dict(seed="x"), "seed must be an integer, got 'x'.", "x"),
+    (dict(seed=1.5), "seed must be an integer, got 1.5.", 1.5),
+    (dict(seed=-1.0), "seed must be an integer, got -1.0.", -1.0),
+    (dict(logprobs=1.5, max_tokens=3), "logprobs must be an integer, got 1.5.", 1.5),
+    (dict(logprobs=False), "logprobs must be an integer, got False.", False),
+    (dict(prompt_logprobs="2"), "prompt_logprobs must be an integer, got '2'.", "2"),
+    (dict(presence_penalty=None), "presence_penalty must be a number, got None.", None),
+    (dict(frequency_penalty="0.5"), "frequency_penalty must be a number, got '0.5'.", "0.5"),
+    (dict(repetition_penalty=True), "repetition_penalty must be a number, got True.", True),
+    (dict(temperature="1"), "temperature must be a number, got '1'.", "1"),
+    (dict(temperature=None), "temperature must be a number, got None.", None),
+    (dict(top_p=[0.5]), "top_p must be a number, got [0.5].", [0.5]),
+    (dict(min_p=False), "min_p must be a number, got False.", False),
+    (dict(stop=5), "stop must be a string or a list of strings, got 5.", 5),
+    (dict(stop=[5]), "stop must contain only strings, got [5].", [5]),
+    (dict(stop=["a", None]), "stop must contain only strings, got ['a', None].", ["a", None]),
+    (dict(stop_token_ids=5), "stop_token_ids must be a list of integers, got 5.", 5),
+    (dict(stop_token_ids="12"), "stop_token_ids must be a list of integers, got '12'.", "12"),
+    (dict(stop_token_ids=[1, True]), "stop_token_ids must contain only integers, got [1, True].", [1, True]),
+]
+
 # (kwargs, exact message start): every invalid value raises a ValueError naming the parameter
 # and showing the value.
 INVALID = [
@@ -120,7 +150,9 @@ INVALID = [
     (dict(stop=""), "stop cannot contain an empty string."),
     (dict(stop="x", detokenize=False),
      "stop strings are only supported when detokenize is True. Set detokenize=True to use stop."),
-]
+    (dict(seed=2**70), "seed must be in [-9223372036854775808, 9223372036854775807], got 1180591620717411303424."),
+    (dict(seed=-2**63 - 1), "seed must be in [-9223372036854775808, 9223372036854775807], got -9223372036854775809."),
+] + [(kwargs, message) for kwargs, message, _ in WRONG_TYPES]
 
 
 @pytest.mark.parametrize("kwargs,message", INVALID, ids=[m[:40] for _, m in INVALID])
@@ -140,3 +172,29 @@ def test_tagged_errors_carry_parameter_and_value():
         SamplingParams(temperature=-1.0)
     assert str(info.value) == "temperature must be non-negative, got -1.0. (parameter=temperature, value=-1.0)"
     assert info.value.parameter == "temperature" and info.value.value == -1.0
+
+
+@pytest.mark.parametrize("kwargs,message,value", WRONG_TYPES, ids=[m[:40] for _, m, _ in WRONG_TYPES])
+def test_wrong_types_are_tagged_value_errors(kwargs, message, value):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError) as info:
+        SamplingParams(**kwargs)
+    assert str(info.value) == f"{message} (parameter={name}, value={value})"
+    assert info.value.parameter == name and info.value.value == value
+
+
+def test_seed_range_is_tagged():
+    with pytest.raises(ValueError) as info:
+        SamplingParams(seed=2**64)
+    assert info.value.parameter == "seed" and info.value.value == 2**64
+
+
+def test_valid_types():
+    # float fields take ints (kept as given); seeds span the signed 64-bit range; stop and
+    # stop_token_ids may be tuples
+    p = SamplingParams(presence_penalty=1, frequency_penalty=-1, repetition_penalty=2, temperature=1,
+                       top_p=1, min_p=0, seed=2**63 - 1, n=3)
+    assert (p.presence_penalty, p.repetition_penalty, p.seed) == (1, 2, 2**63 - 1)
+    assert SamplingParams(seed=-2**63).seed == -2**63
+    assert SamplingParams(stop=("a",), stop_token_ids=(3, 3, 4)).stop_token_ids == [3, 4]
+    assert SamplingParams(logprobs=True, prompt_logprobs=0).logprobs == 1
