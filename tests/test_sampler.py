@@ -1,5 +1,6 @@
 """The sampler's steps against independent references (transformers' logits processors and
-direct torch computations), its sampling distribution, seeds, min_tokens and logprobs."""
+direct torch computations), its sampling distribution, seeds and min_tokens (its logprobs:
+test_sampler_logprobs.py)."""
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -7,7 +8,7 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper, TopPLogitsWarper,
 )
 
-from nanovllm.layers.sampler import Sampler, apply_penalties, apply_temperature_and_filters, gather_logprobs
+from nanovllm.layers.sampler import Sampler, apply_penalties, apply_temperature_and_filters
 from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow
 from nanovllm.sampling_params import SamplingParams
 
@@ -18,8 +19,8 @@ KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NO_IDS = torch.empty(1, 0, dtype=torch.long)  # HF warpers ignore input_ids
 
 
-def row(prompt=(1, 2, 3), output=(), generator=None, eos=None, **kwargs) -> SamplingRow:
-    return SamplingRow(SamplingParams(**kwargs), list(prompt), list(output), generator, eos)
+def row(prompt=(1, 2, 3), output=(), generator=None, eos=None, extra_eos=(), **kwargs) -> SamplingRow:
+    return SamplingRow(SamplingParams(**kwargs), list(prompt), list(output), generator, eos, tuple(extra_eos))
 
 
 def meta_of(rows, vocab_size=V, device=CPU):
@@ -301,68 +302,36 @@ def test_fused_sampler_with_filters_draws_only_kept_tokens():
         assert tokens[4] == logits[4].argmax()
 
 
-def test_min_tokens_masks_eos_and_stop_ids():
-    eos, stop_a, stop_b = 2, 5, 9
+@pytest.mark.parametrize("fused", [False, True])
+def test_min_tokens_masks_eos_and_stop_ids(fused):
+    """Until min_tokens, every id that would stop the row is banned: its stop ids, EOS and the
+    model's further EOS ids (the last two unless ignore_eos)."""
+    eos, extra, stop_a, stop_b = 2, 11, 5, 9
     logits = fixed_logits(5, seed=8)
     logits[:, eos] = 100.0
+    logits[:, extra] = 95.0
     logits[:, stop_a] = 90.0
     logits[:, stop_b] = 80.0
+    common = dict(eos=eos, extra_eos=[extra])
     rows = [
-        row(temperature=0.0, eos=eos, min_tokens=3, output=[1], stop_token_ids=[stop_a, stop_b]),
-        row(temperature=0.0, eos=eos, min_tokens=3, output=[1, 1, 1], stop_token_ids=[stop_a]),  # done
-        row(temperature=0.0, eos=eos, min_tokens=3, output=[], ignore_eos=True, stop_token_ids=[stop_a]),
-        row(temperature=1.0, eos=eos, min_tokens=2, output=[1], stop_token_ids=[stop_a, stop_b, 10**6]),
-        row(temperature=0.0, eos=eos, min_tokens=0, logprobs=2),
+        row(temperature=0.0, min_tokens=3, output=[1], stop_token_ids=[stop_a, stop_b], **common),
+        row(temperature=0.0, min_tokens=3, output=[1, 1, 1], stop_token_ids=[stop_a], **common),  # done
+        row(temperature=0.0, min_tokens=3, output=[], ignore_eos=True, stop_token_ids=[stop_a], **common),
+        row(temperature=1.0, min_tokens=2, output=[1], stop_token_ids=[stop_a, stop_b, 10**6], **common),
+        row(temperature=0.0, min_tokens=0, logprobs=2, **common),
     ]
-    out = Sampler()(logits, meta_of(rows))
+    out = sample(fused, logits, rows)
     masked = logits.clone()
-    masked[0, [eos, stop_a, stop_b]] = float("-inf")
-    masked[3, [eos, stop_a, stop_b]] = float("-inf")
+    masked[0, [eos, extra, stop_a, stop_b]] = float("-inf")
     sampled = out.sampled_token_ids.tolist()
-    assert sampled[0] == int(masked[0].argmax()) and sampled[0] not in (eos, stop_a, stop_b)
+    assert sampled[0] == int(masked[0].argmax()) and sampled[0] not in (eos, extra, stop_a, stop_b)
     assert sampled[1] == eos                    # min_tokens reached: EOS allowed again
     assert sampled[2] == eos                    # ignore_eos: EOS is not a stop, so not masked...
-    assert sampled[3] not in (eos, stop_a, stop_b)
-    # ...while its stop id is
+    assert sampled[3] not in (eos, extra, stop_a, stop_b)
+    # ...while its stop id is (and the extra EOS, like EOS, is not)
     meta = meta_of(rows)
     pairs = set(zip(meta.min_tokens_rows.tolist(), meta.min_tokens_ids.tolist()))
-    assert pairs == {(0, eos), (0, stop_a), (0, stop_b), (2, stop_a), (3, eos), (3, stop_a), (3, stop_b)}
+    assert pairs == {(0, eos), (0, extra), (0, stop_a), (0, stop_b), (2, stop_a),
+                     (3, eos), (3, extra), (3, stop_a), (3, stop_b)}
     # logprobs stay those of the raw logits: EOS is still the top token
     assert out.logprobs.top_ids[0, 0] == eos
-
-
-@pytest.mark.parametrize("fused", [False, True])
-def test_logprobs_are_raw_log_softmax_with_ranks(fused):
-    torch.manual_seed(3)
-    logits = fixed_logits(6, seed=9)
-    rows = [row(temperature=0.5, logprobs=5, top_k=4, repetition_penalty=1.5, output=[3, 3]),
-            row(temperature=0.0, logprobs=0),
-            row(temperature=1.0),                       # no logprobs: still gets the batch's k
-            row(temperature=1.8, logprobs=3, presence_penalty=1.0, output=[7]),
-            row(temperature=1.0, logprobs=20),
-            row(temperature=0.0)]
-    out = sample(fused, logits, rows)
-    lp = out.logprobs
-    ref = torch.log_softmax(logits, -1)
-    k = 20
-    assert lp.top_ids.shape == (6, k) and lp.top_logprobs.shape == (6, k)
-    assert lp.top_ids.dtype == torch.int64 and lp.token_ranks.dtype == torch.int64
-    assert lp.token_logprobs.dtype == torch.float32
-    assert torch.equal(lp.token_ids, out.sampled_token_ids)
-    torch.testing.assert_close(lp.token_logprobs, ref.gather(1, out.sampled_token_ids[:, None])[:, 0])
-    order = ref.argsort(-1, descending=True)
-    assert torch.equal(lp.top_ids, order[:, :k])
-    torch.testing.assert_close(lp.top_logprobs, ref.gather(1, order[:, :k]))
-    ranks = (order == out.sampled_token_ids[:, None]).float().argmax(-1) + 1
-    assert torch.equal(lp.token_ranks, ranks)
-    assert lp.token_ranks[1] == 1 and lp.token_ranks[5] == 1  # greedy rows
-
-
-def test_gather_logprobs_for_given_tokens():
-    logprobs = torch.log_softmax(fixed_logits(5, seed=10), -1)
-    targets = torch.tensor([0, 5, 63, 17, 2])
-    out = gather_logprobs(logprobs, targets, 0)
-    assert out.top_ids.shape == (5, 0)
-    torch.testing.assert_close(out.token_logprobs, logprobs[torch.arange(5), targets])
-    ranks = (logprobs > logprobs[torch.arange(5), targets][:, None]).sum(-1) + 1
-    assert torch.equal(out.token_ranks, ranks)

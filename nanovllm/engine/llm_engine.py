@@ -21,7 +21,7 @@ from nanovllm.engine.logprob_rows import LogprobRows, TokenTexts
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.outputs import CompletionOutput, RequestOutput
-from nanovllm.sampling_params import RequestOutputKind, SamplingParams
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams, ValidationError
 from nanovllm.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class LLMEngine:
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         text, token_ids = self._tokenize(prompt)
         self._validate_prompt(token_ids)
+        self._validate_params(params)
         params = params.clone()
         if params.max_tokens is None:
             params.max_tokens = self.config.max_model_len - len(token_ids)
@@ -139,6 +140,14 @@ class LLMEngine:
             raise ValueError(f"The decoder prompt (length {len(token_ids)}) is longer than the maximum model "
                              f"length of {self.config.max_model_len}. Make sure that `max_model_len` is no "
                              f"smaller than the number of text tokens.")
+
+    def _validate_params(self, params: SamplingParams) -> None:
+        """The checks that need the model (vLLM's request-time checks). A stop token id outside
+        the vocabulary could never be sampled, so it would never stop anything: refused."""
+        bad = next((t for t in params.stop_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValidationError(f"stop_token_ids contains {bad}, which is out of vocabulary (the model "
+                                  f"has {self.vocab_size} tokens).", "stop_token_ids", params.stop_token_ids)
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
         """Seeded requests get their own generator (child i of n uses seed + i, as vLLM)."""
@@ -199,7 +208,7 @@ class LLMEngine:
     def _launch(self, batch: ScheduledBatch, after=None):
         self.num_steps += 1
         self.last_step = (batch.is_prefill, batch.num_tokens)
-        return self.runner.launch(batch, self.eos_token_id, after)
+        return self.runner.launch(batch, self.eos_token_id, after, extra_eos_ids=self.extra_eos_ids)
 
     def _finish(self, launched) -> list[Request]:
         """Read a step's results back and process them; returns the requests with an output to make."""

@@ -8,6 +8,7 @@ rank 0 prepared; only rank 0 prepares and samples.
 import dataclasses
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -155,10 +156,11 @@ class ModelRunner:
     # resolved (sampled tokens read back). Between the two the host is free: the engine uses
     # that time to launch the next decode step before it resolves this one.
     def launch(self, batch: ScheduledBatch, eos_token_id: int | None, after: "Launched | None" = None,
-               ) -> "Launched":
+               extra_eos_ids: Collection[int] = ()) -> "Launched":
         """Queue batch's forward pass and sampling. With `after` (a decode step not resolved yet),
         batch is the next decode step of (some of) its sequences: their input token is the one
-        `after` samples, read on the device, and their positions are one further on."""
+        `after` samples, read on the device, and their positions are one further on.
+        `eos_token_id` and `extra_eos_ids`: the ids min_tokens bans (unless ignore_eos)."""
         input_ids = None
         if after is not None:
             index = {id(seq): i for i, seq in enumerate(after.batch.seqs)}
@@ -167,7 +169,7 @@ class ModelRunner:
         inputs = self.prepare(batch, input_ids)
         with torch.inference_mode():
             logits = self.execute(inputs)
-            return self.sample(batch, logits, eos_token_id, ahead=after is not None)
+            return self.sample(batch, logits, eos_token_id, ahead=after is not None, extra_eos_ids=extra_eos_ids)
 
     def resolve(self, launched: "Launched") -> StepResult:
         """Wait for a launched step; the sampled token of each sequence (None mid-prompt)."""
@@ -192,7 +194,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def sample(self, batch: ScheduledBatch, logits: torch.Tensor, eos_token_id: int | None,
-               ahead: bool = False) -> "Launched":
+               ahead: bool = False, extra_eos_ids: Collection[int] = ()) -> "Launched":
         """Queue the choice of the next token of every sequence that finished its prompt (or
         decodes), and the logprobs that were asked for. Nothing is read back here. `ahead`:
         the batch was launched before the step it follows was read back (see launch)."""
@@ -209,7 +211,7 @@ class ModelRunner:
                     row += 1
             seqs = [seq for seq, samples in zip(batch.seqs, batch.samples) if samples]
         sample_logits = logits[rows] if rows is not None and len(rows) != logits.shape[0] else logits
-        meta, histogram_rows = self._sampling_metadata(seqs, eos_token_id)
+        meta, histogram_rows = self._sampling_metadata(seqs, eos_token_id, extra_eos_ids)
         row_seeds = self._row_seeds(batch, ahead) if meta.generators and self.sampler.fused else None
         out: SamplerOutput = self.sampler(sample_logits, meta, row_seeds)
         if histogram_rows is not None:
@@ -226,7 +228,7 @@ class ModelRunner:
         return Launched(batch, out.sampled_token_ids, sampled, logprobs, prompt_logprobs,
                         _Ready(self.device))
 
-    def _sampling_metadata(self, seqs: list, eos_token_id: int | None
+    def _sampling_metadata(self, seqs: list, eos_token_id: int | None, extra_eos_ids: Collection[int] = ()
                            ) -> tuple[SamplingMetadata, torch.Tensor | None]:
         """-> (the batch's metadata, its rows in the token histograms if it uses penalties).
         Built once per batch composition: decode steps keep the same sequences for many
@@ -241,7 +243,7 @@ class ModelRunner:
             token_counts = (self.histograms.output_counts, self.histograms.prompt_mask, histogram_rows)
         meta = SamplingMetadata.build(
             [SamplingRow.of(s.params, s.token_ids, s.num_prompt_tokens, s.generator, eos_token_id,
-                            counts_kept=histogram_rows is not None) for s in seqs],
+                            counts_kept=histogram_rows is not None, extra_eos_ids=extra_eos_ids) for s in seqs],
             self.vocab_size, self.device, token_counts)
         reusable = not any(s.params.min_tokens for s in seqs)
         self._cached_meta = (key if reusable else None, meta, histogram_rows)

@@ -4,7 +4,8 @@ The order follows vLLM V1:
   1. logprobs, if any row asked, from the RAW logits (log-softmax before anything below:
      vLLM's default logprobs_mode "raw_logprobs"; so they ignore min_tokens masking,
      penalties, temperature and the top-k/top-p/min-p filters);
-  2. min_tokens: EOS and stop_token_ids get -inf until the row has min_tokens outputs;
+  2. min_tokens: EOS, the model's further EOS ids and stop_token_ids get -inf until the row
+     has min_tokens outputs (the EOS ids not with ignore_eos, where they do not stop);
   3. penalties: repetition (HF style, over prompt + output tokens), then frequency and
      presence (OpenAI style, over output tokens);
   4. greedy rows take the argmax here; random rows continue with

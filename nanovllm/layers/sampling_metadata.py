@@ -4,6 +4,7 @@ ids). Built on the host once per batch composition and sent to the device in a f
 the sampler (layers/sampler.py) then runs without reading anything back.
 """
 import itertools
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,18 +33,22 @@ class SamplingRow:
     output_token_ids: list[int]
     generator: torch.Generator | None  # seeded requests only, on the logits' device
     eos_token_id: int | None
+    # The model's further EOS ids (config.json's eos_token_id list): like EOS, they stop the
+    # request unless ignore_eos, so min_tokens bans them too.
+    extra_eos_ids: Collection[int] = ()
 
     @classmethod
     def of(cls, params: SamplingParams, token_ids: list[int], num_prompt_tokens: int,
            generator: torch.Generator | None, eos_token_id: int | None,
-           counts_kept: bool = False) -> "SamplingRow":
+           counts_kept: bool = False, extra_eos_ids: Collection[int] = ()) -> "SamplingRow":
         """A row for a sequence's tokens. The token lists are copied only for rows that read
         them (min_tokens; penalties unless `counts_kept`: the caller passes the histograms to
         build): copying every sequence's tokens every step would dominate a large batch's
         host time."""
         if not (params.min_tokens or (uses_penalties(params) and not counts_kept)):
-            return cls(params, [], [], generator, eos_token_id)
-        return cls(params, token_ids[:num_prompt_tokens], token_ids[num_prompt_tokens:], generator, eos_token_id)
+            return cls(params, [], [], generator, eos_token_id, extra_eos_ids)
+        return cls(params, token_ids[:num_prompt_tokens], token_ids[num_prompt_tokens:], generator,
+                   eos_token_id, extra_eos_ids)
 
 
 @dataclass
@@ -118,14 +123,16 @@ class SamplingMetadata:
             pres = tensor([float(p.presence_penalty) for p in ps])
 
         # min_tokens: until a row has min_tokens outputs it must not stop, so its stop ids and
-        # (unless ignore_eos, where EOS does not stop anyway) EOS are banned.
+        # (unless ignore_eos, where they do not stop anyway) every EOS id are banned.
         mt_rows, mt_ids = [], []
         for i, r in enumerate(rows):
             if len(r.output_token_ids) < r.params.min_tokens:
-                ids = list(r.params.stop_token_ids)
-                if r.eos_token_id is not None and not r.params.ignore_eos:
-                    ids.append(r.eos_token_id)
-                ids = [t for t in ids if 0 <= t < V]
+                ids = set(r.params.stop_token_ids)
+                if not r.params.ignore_eos:
+                    ids.update(r.extra_eos_ids)
+                    if r.eos_token_id is not None:
+                        ids.add(r.eos_token_id)
+                ids = sorted(t for t in ids if 0 <= t < V)
                 mt_rows += [i] * len(ids)
                 mt_ids += ids
 
