@@ -47,9 +47,18 @@ def test_stop_token_ids_and_min_tokens(llm):
     first = base.token_ids.index(tok)
     assert out.token_ids == base.token_ids[:first + 1]            # the stop token is kept in the ids
     assert out.finish_reason == "stop" and out.stop_reason == tok
-    # min_tokens bans the stop token until 8 tokens exist.
+    # min_tokens=8 bans the stop token from the first 8 tokens (indices 0-7): the earliest it
+    # can stop is at the 9th.
     late = greedy(llm, PROMPTS[:1], max_tokens=20, ignore_eos=True, stop_token_ids=[tok], min_tokens=8)[0].outputs[0]
-    assert len(late.token_ids) >= 8 and tok not in late.token_ids[:8 - 1]
+    assert len(late.token_ids) > 8 and tok not in late.token_ids[:8]
+    # The exact boundary: with min_tokens=first the stop token may come right at index first
+    # (greedy picks it there, as in base); with min_tokens=first+1 it may not.
+    assert first >= 1
+    at = greedy(llm, PROMPTS[:1], max_tokens=20, ignore_eos=True, stop_token_ids=[tok], min_tokens=first)[0].outputs[0]
+    assert at.token_ids == base.token_ids[:first + 1] and at.stop_reason == tok
+    after = greedy(llm, PROMPTS[:1], max_tokens=20, ignore_eos=True, stop_token_ids=[tok],
+                   min_tokens=first + 1)[0].outputs[0]
+    assert after.token_ids[:first] == base.token_ids[:first] and after.token_ids[first] != tok
 
 
 def test_n_completions_share_the_prompt(llm):
@@ -61,6 +70,29 @@ def test_n_completions_share_the_prompt(llm):
     alone = llm.generate(PROMPTS[:1], SamplingParams(temperature=1.0, seed=12, max_tokens=12, ignore_eos=True),
                          use_tqdm=False)[0]
     assert alone.outputs[0].token_ids == out.outputs[1].token_ids
+
+
+def test_n_completions_share_the_prompt_blocks(llm):
+    """n=3 children of a 40-token prompt hold its full blocks once (shared, reference counted)
+    and each has a block of its own for the partial last block and what it generates."""
+    engine = llm.llm_engine
+    block_size, manager = engine.config.block_size, engine.block_manager
+    full = 40 // block_size
+    assert full >= 1 and 40 % block_size       # the prompt ends in a partial block
+    free_before = manager.num_free_blocks
+    prompt = random_prompts(1, 40, 40, seed=9)[0]
+    engine.add_request("share", prompt, SamplingParams(n=3, temperature=1.0, seed=2, max_tokens=4, ignore_eos=True))
+    engine.step()                               # the prefill: all three children's blocks allocated
+    tables = [seq.block_table for seq in engine.requests["share"].seqs]
+    assert all(len(t) == full + 1 for t in tables)
+    assert tables[0][:full] == tables[1][:full] == tables[2][:full]
+    assert len({t[full] for t in tables}) == 3
+    assert all(manager.blocks[b].ref_count == 3 for b in tables[0][:full])
+    assert free_before - manager.num_free_blocks == full + 3
+    assert [seq.num_cached_tokens for seq in engine.requests["share"].seqs[1:]] == [full * block_size] * 2
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert manager.num_free_blocks == free_before
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +127,27 @@ def test_top_k_1_equals_greedy(llm):
     assert [o.outputs[0].token_ids for o in g] == [o.outputs[0].token_ids for o in k1]
 
 
-def test_logprobs_match_transformers(llm, hf_model):
+def assert_logprobs_entry(entry, row, token, k, decode):
+    """One position's {token_id: Logprob} against transformers' log-softmax `row`: the top k
+    (values, ranks 1..k), plus the chosen/prompt token with vLLM's rank (the number of tokens
+    at least as likely), each with the tokenizer's text of that one id."""
+    top = row.topk(k)
+    assert set(entry) == set(top.indices.tolist()) | {token}
+    for rank, (lp, t) in enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1):
+        assert math.isclose(entry[t].logprob, lp, abs_tol=1e-4) and entry[t].rank == rank
+    assert math.isclose(entry[token].logprob, row[token].item(), abs_tol=1e-4)
+    assert entry[token].rank == int((row >= row[token]).sum())
+    for t, logprob in entry.items():
+        assert logprob.decoded_token == decode(t), t
+
+
+def test_logprobs_match_transformers(llm, hf_model, tiny_qwen3):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3)
+
+    def decode(t):       # ids past the tokenizer's vocabulary (the model's is larger) have no text
+        return tokenizer.decode([t]) if t < len(tokenizer) else ""
+
     out = llm.generate(PROMPTS[:1], SamplingParams(temperature=0.8, seed=1, max_tokens=6, ignore_eos=True,
                                                    logprobs=3, prompt_logprobs=2), use_tqdm=False)[0]
     c = out.outputs[0]
@@ -105,19 +157,14 @@ def test_logprobs_match_transformers(llm, hf_model):
     n_prompt = len(out.prompt_token_ids)
     total = 0.0
     for j, (token, entry) in enumerate(zip(c.token_ids, c.logprobs)):
-        row = ref[n_prompt - 1 + j]
-        assert token in entry and len(entry) in (3, 4)
-        assert math.isclose(entry[token].logprob, row[token].item(), abs_tol=1e-4)
-        assert entry[token].rank == int((row >= row[token]).sum())
-        top = row.topk(3)
-        for rank, (lp, t) in enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1):
-            assert math.isclose(entry[t].logprob, lp, abs_tol=1e-4) and entry[t].rank == rank
+        assert_logprobs_entry(entry, ref[n_prompt - 1 + j], token, 3, decode)
         total += entry[token].logprob
     assert math.isclose(c.cumulative_logprob, total, abs_tol=1e-4)
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == n_prompt
     for i in range(1, n_prompt):
-        entry = out.prompt_logprobs[i]
-        assert math.isclose(entry[ids[i]].logprob, ref[i - 1, ids[i]].item(), abs_tol=1e-4)
+        assert_logprobs_entry(out.prompt_logprobs[i], ref[i - 1], ids[i], 2, decode)
+    decoded = [lp.decoded_token for entry in c.logprobs + out.prompt_logprobs[1:] for lp in entry.values()]
+    assert any(text.strip() for text in decoded)    # real texts were compared, not only ""
 
 
 def test_prompt_logprobs_survive_chunked_prefill(tiny_qwen3):
