@@ -92,10 +92,12 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
-        if self.logprobs is True:            # vLLM's shorthand for 1; other bools are refused
-            self.logprobs = 1
-        if self.prompt_logprobs is True:
-            self.prompt_logprobs = 1
+        # vLLM reads True as 1 and False as 0 (the sampled token's logprob only); bools are
+        # refused everywhere else.
+        if isinstance(self.logprobs, bool):
+            self.logprobs = int(self.logprobs)
+        if isinstance(self.prompt_logprobs, bool):
+            self.prompt_logprobs = int(self.prompt_logprobs)
         # Types first: the normalisation below compares and iterates the values.
         self._verify_types()
         # Normalise (vLLM's order), so the range checks see the final values.

@@ -89,7 +89,7 @@ WRONG_TYPES = [
     (dict(seed=1.5), "seed must be an integer, got 1.5.", 1.5),
     (dict(seed=-1.0), "seed must be an integer, got -1.0.", -1.0),
     (dict(logprobs=1.5, max_tokens=3), "logprobs must be an integer, got 1.5.", 1.5),
-    (dict(logprobs=False), "logprobs must be an integer, got False.", False),
+    (dict(logprobs=1.0), "logprobs must be an integer, got 1.0.", 1.0),
     (dict(prompt_logprobs="2"), "prompt_logprobs must be an integer, got '2'.", "2"),
     (dict(presence_penalty=None), "presence_penalty must be a number, got None.", None),
     (dict(frequency_penalty="0.5"), "frequency_penalty must be a number, got '0.5'.", "0.5"),
@@ -198,3 +198,4 @@ def test_valid_types():
     assert SamplingParams(seed=-2**63).seed == -2**63
     assert SamplingParams(stop=("a",), stop_token_ids=(3, 3, 4)).stop_token_ids == [3, 4]
     assert SamplingParams(logprobs=True, prompt_logprobs=0).logprobs == 1
+    assert SamplingParams(logprobs=False, prompt_logprobs=False).logprobs == 0     # as vLLM: 0

@@ -60,6 +60,7 @@ def test_client_leaving_a_non_streamed_request_aborts_it(url, engine):
     ('{"model": "tiny", "prompt": ', 400, None),                                      # malformed JSON
     ({"model": "gpt-4", "prompt": "hi"}, 404, "model"),                               # unknown model
     ({"model": MODEL, "prompt": "hi", "seed": 2**70}, 400, "seed"),                   # beyond torch's seeds
+    ({"model": MODEL, "prompt": "hi", "stop_token_ids": [10**6]}, 400, "stop_token_ids"),  # not in the vocabulary
     ({"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"model": MODEL, "prompt": "hi", "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs"),
     # Refused rather than ignored: each would quietly change the answer.

@@ -73,7 +73,7 @@ class OpenAIHandlers:
                 if isinstance(stream, RequestStream):
                     stream.close()
             if isinstance(errors[0], ValueError):
-                raise OpenAIError(str(errors[0])) from None
+                raise OpenAIError(str(errors[0]), param=getattr(errors[0], "parameter", None)) from None
             raise errors[0]
         return added
 
