@@ -56,7 +56,7 @@ def main() -> None:
             counts = None
             if histograms is not None:
                 counts = (histograms.output_counts, histograms.prompt_mask, histograms.gather(seqs))
-            rows = [SamplingRow.of(params, s.token_ids, s.num_prompt_tokens, g, 2, counts_kept=counts is not None)
+            rows = [SamplingRow.of(params, s.token_ids, s.num_prompt_tokens, g, (2,), counts_kept=counts is not None)
                     for s, g in zip(seqs, generators)]
             return SamplingMetadata.build(rows, V, device, counts)
 

@@ -20,7 +20,8 @@ NO_IDS = torch.empty(1, 0, dtype=torch.long)  # HF warpers ignore input_ids
 
 
 def row(prompt=(1, 2, 3), output=(), generator=None, eos=None, extra_eos=(), **kwargs) -> SamplingRow:
-    return SamplingRow(SamplingParams(**kwargs), list(prompt), list(output), generator, eos, tuple(extra_eos))
+    eos_ids = (() if eos is None else (eos,)) + tuple(extra_eos)
+    return SamplingRow(SamplingParams(**kwargs), list(prompt), list(output), generator, eos_ids)
 
 
 def meta_of(rows, vocab_size=V, device=CPU):

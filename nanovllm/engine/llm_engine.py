@@ -208,7 +208,8 @@ class LLMEngine:
     def _launch(self, batch: ScheduledBatch, after=None):
         self.num_steps += 1
         self.last_step = (batch.is_prefill, batch.num_tokens)
-        return self.runner.launch(batch, self.eos_token_id, after, extra_eos_ids=self.extra_eos_ids)
+        eos_ids = self.extra_eos_ids if self.eos_token_id is None else {self.eos_token_id, *self.extra_eos_ids}
+        return self.runner.launch(batch, eos_ids, after)
 
     def _finish(self, launched) -> list[Request]:
         """Read a step's results back and process them; returns the requests with an output to make."""

@@ -136,7 +136,7 @@ class ModelRunner:
         logits = self.execute(inputs)
         if logits is not None:                          # only rank 0 samples
             self.sampler(logits.float(), SamplingMetadata.build(
-                [SamplingRow(_PROFILE_PARAMS, [], [], None, None)] * num_seqs, self.vocab_size, self.device))
+                [SamplingRow(_PROFILE_PARAMS, [], [], None)] * num_seqs, self.vocab_size, self.device))
         torch.cuda.synchronize()
         # Measured while the scratch cache and the weights are still allocated: what is left
         # above them at the peak is the activations' (and the sampler's) share.
@@ -155,12 +155,12 @@ class ModelRunner:
     # A step is launched (inputs prepared, forward and sampling queued on the device) and later
     # resolved (sampled tokens read back). Between the two the host is free: the engine uses
     # that time to launch the next decode step before it resolves this one.
-    def launch(self, batch: ScheduledBatch, eos_token_id: int | None, after: "Launched | None" = None,
-               extra_eos_ids: Collection[int] = ()) -> "Launched":
+    def launch(self, batch: ScheduledBatch, eos_ids: Collection[int], after: "Launched | None" = None,
+               ) -> "Launched":
         """Queue batch's forward pass and sampling. With `after` (a decode step not resolved yet),
         batch is the next decode step of (some of) its sequences: their input token is the one
         `after` samples, read on the device, and their positions are one further on.
-        `eos_token_id` and `extra_eos_ids`: the ids min_tokens bans (unless ignore_eos)."""
+        `eos_ids`: the model's EOS ids, which min_tokens bans (unless ignore_eos)."""
         input_ids = None
         if after is not None:
             index = {id(seq): i for i, seq in enumerate(after.batch.seqs)}
@@ -169,7 +169,7 @@ class ModelRunner:
         inputs = self.prepare(batch, input_ids)
         with torch.inference_mode():
             logits = self.execute(inputs)
-            return self.sample(batch, logits, eos_token_id, ahead=after is not None, extra_eos_ids=extra_eos_ids)
+            return self.sample(batch, logits, eos_ids, ahead=after is not None)
 
     def resolve(self, launched: "Launched") -> StepResult:
         """Wait for a launched step; the sampled token of each sequence (None mid-prompt)."""
@@ -193,8 +193,8 @@ class ModelRunner:
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
     @torch.inference_mode()
-    def sample(self, batch: ScheduledBatch, logits: torch.Tensor, eos_token_id: int | None,
-               ahead: bool = False, extra_eos_ids: Collection[int] = ()) -> "Launched":
+    def sample(self, batch: ScheduledBatch, logits: torch.Tensor, eos_ids: Collection[int],
+               ahead: bool = False) -> "Launched":
         """Queue the choice of the next token of every sequence that finished its prompt (or
         decodes), and the logprobs that were asked for. Nothing is read back here. `ahead`:
         the batch was launched before the step it follows was read back (see launch)."""
@@ -211,7 +211,7 @@ class ModelRunner:
                     row += 1
             seqs = [seq for seq, samples in zip(batch.seqs, batch.samples) if samples]
         sample_logits = logits[rows] if rows is not None and len(rows) != logits.shape[0] else logits
-        meta, histogram_rows = self._sampling_metadata(seqs, eos_token_id, extra_eos_ids)
+        meta, histogram_rows = self._sampling_metadata(seqs, eos_ids)
         row_seeds = self._row_seeds(batch, ahead) if meta.generators and self.sampler.fused else None
         out: SamplerOutput = self.sampler(sample_logits, meta, row_seeds)
         if histogram_rows is not None:
@@ -228,7 +228,7 @@ class ModelRunner:
         return Launched(batch, out.sampled_token_ids, sampled, logprobs, prompt_logprobs,
                         _Ready(self.device))
 
-    def _sampling_metadata(self, seqs: list, eos_token_id: int | None, extra_eos_ids: Collection[int] = ()
+    def _sampling_metadata(self, seqs: list, eos_ids: Collection[int]
                            ) -> tuple[SamplingMetadata, torch.Tensor | None]:
         """-> (the batch's metadata, its rows in the token histograms if it uses penalties).
         Built once per batch composition: decode steps keep the same sequences for many
@@ -242,8 +242,8 @@ class ModelRunner:
             histogram_rows = self.histograms.gather(seqs)
             token_counts = (self.histograms.output_counts, self.histograms.prompt_mask, histogram_rows)
         meta = SamplingMetadata.build(
-            [SamplingRow.of(s.params, s.token_ids, s.num_prompt_tokens, s.generator, eos_token_id,
-                            counts_kept=histogram_rows is not None, extra_eos_ids=extra_eos_ids) for s in seqs],
+            [SamplingRow.of(s.params, s.token_ids, s.num_prompt_tokens, s.generator, eos_ids,
+                            counts_kept=histogram_rows is not None) for s in seqs],
             self.vocab_size, self.device, token_counts)
         reusable = not any(s.params.min_tokens for s in seqs)
         self._cached_meta = (key if reusable else None, meta, histogram_rows)

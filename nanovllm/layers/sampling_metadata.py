@@ -32,23 +32,21 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None  # seeded requests only, on the logits' device
-    eos_token_id: int | None
-    # The model's further EOS ids (config.json's eos_token_id list): like EOS, they stop the
-    # request unless ignore_eos, so min_tokens bans them too.
-    extra_eos_ids: Collection[int] = ()
+    # The model's EOS ids (the tokenizer's and any further ones config.json lists): they stop
+    # the request unless ignore_eos, so min_tokens bans them.
+    eos_ids: Collection[int] = ()
 
     @classmethod
     def of(cls, params: SamplingParams, token_ids: list[int], num_prompt_tokens: int,
-           generator: torch.Generator | None, eos_token_id: int | None,
-           counts_kept: bool = False, extra_eos_ids: Collection[int] = ()) -> "SamplingRow":
+           generator: torch.Generator | None, eos_ids: Collection[int] = (),
+           counts_kept: bool = False) -> "SamplingRow":
         """A row for a sequence's tokens. The token lists are copied only for rows that read
         them (min_tokens; penalties unless `counts_kept`: the caller passes the histograms to
         build): copying every sequence's tokens every step would dominate a large batch's
         host time."""
         if not (params.min_tokens or (uses_penalties(params) and not counts_kept)):
-            return cls(params, [], [], generator, eos_token_id, extra_eos_ids)
-        return cls(params, token_ids[:num_prompt_tokens], token_ids[num_prompt_tokens:], generator,
-                   eos_token_id, extra_eos_ids)
+            return cls(params, [], [], generator, eos_ids)
+        return cls(params, token_ids[:num_prompt_tokens], token_ids[num_prompt_tokens:], generator, eos_ids)
 
 
 @dataclass
@@ -129,9 +127,7 @@ class SamplingMetadata:
             if len(r.output_token_ids) < r.params.min_tokens:
                 ids = set(r.params.stop_token_ids)
                 if not r.params.ignore_eos:
-                    ids.update(r.extra_eos_ids)
-                    if r.eos_token_id is not None:
-                        ids.add(r.eos_token_id)
+                    ids.update(r.eos_ids)
                 ids = sorted(t for t in ids if 0 <= t < V)
                 mt_rows += [i] * len(ids)
                 mt_ids += ids
