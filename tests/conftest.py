@@ -104,3 +104,15 @@ def wait_gone(pids, timeout: float) -> list[int]:
     while time.monotonic() < deadline and any(process_alive(p) for p in pids):
         time.sleep(0.1)
     return [p for p in pids if process_alive(p)]
+
+
+def fused_sampler_llm(model: str, **kwargs):
+    """An LLM whose sampler is the CUDA path (Triton kernels): on the GPU when there is one
+    (where it is the default), else a CPU engine with the kernels in Triton's interpreter."""
+    from nanovllm import LLM
+    from nanovllm.layers.sampler import Sampler
+    if torch.cuda.is_available():
+        return LLM(model, device="cuda", dtype="float32", enforce_eager=True, **kwargs)
+    llm = LLM(model, device="cpu", **kwargs)
+    llm.llm_engine.runner.sampler = Sampler(fused=True)
+    return llm

@@ -4,7 +4,7 @@ its real EOS, so the tests make a token it does produce greedily the EOS (or an 
 import pytest
 
 from nanovllm import LLM, SamplingParams
-from tests.conftest import random_prompts
+from tests.conftest import fused_sampler_llm, random_prompts
 
 PROMPT = random_prompts(1, 10, 60, seed=5)[0]
 
@@ -16,11 +16,7 @@ def llm(tiny_qwen3):
 
 @pytest.fixture(scope="module")
 def fused_llm(tiny_qwen3):
-    """The CUDA sampler path (Triton kernels, in the interpreter here) in a CPU engine."""
-    from nanovllm.layers.sampler import Sampler
-    llm = LLM(tiny_qwen3, device="cpu")
-    llm.llm_engine.runner.sampler = Sampler(fused=True)
-    return llm
+    return fused_sampler_llm(tiny_qwen3)
 
 
 def greedy(llm, **kwargs):

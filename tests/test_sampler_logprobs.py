@@ -43,7 +43,8 @@ def test_gather_logprobs_for_given_tokens(fused):
     logits[0, [7, 40]] = logits[0, 0].item()
     logits[3, 9] = logits[3, 17].item()
     logprobs = torch.log_softmax(logits, -1)
-    out = gather_logprobs(logprobs.to(KERNEL_DEVICE if fused else CPU), targets, 0, fused)
+    device = KERNEL_DEVICE if fused else CPU
+    out = gather_logprobs(logprobs.to(device), targets.to(device), 0, fused)
     assert out.top_ids.shape == (5, 0)
     torch.testing.assert_close(out.token_logprobs.cpu(), logprobs[torch.arange(5), targets])
     target_logprobs = logprobs[torch.arange(5), targets][:, None]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from tests.conftest import random_prompts
+from tests.conftest import fused_sampler_llm, random_prompts
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +97,7 @@ def test_n_completions_share_the_prompt_blocks(llm):
 
 @pytest.fixture(scope="module")
 def fused_llm(tiny_qwen3):
-    """The CUDA sampler path (Triton kernels, in the interpreter here) in a CPU engine."""
-    from nanovllm.layers.sampler import Sampler
-    llm = LLM(tiny_qwen3, device="cpu", num_gpu_blocks_override=7, max_num_seqs=3, block_size=16)
-    llm.llm_engine.runner.sampler = Sampler(fused=True)
-    return llm
+    return fused_sampler_llm(tiny_qwen3, num_gpu_blocks_override=7, max_num_seqs=3, block_size=16)
 
 
 @pytest.mark.parametrize("engine", ["llm", "fused_llm"])
