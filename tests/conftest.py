@@ -106,6 +106,11 @@ def wait_gone(pids, timeout: float) -> list[int]:
     return [p for p in pids if process_alive(p)]
 
 
+# Where the Triton kernels run in the engine tests: on the GPU when there is one, else on the
+# CPU in Triton's interpreter (a CPU engine on a GPU machine would hand them host tensors).
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def fused_sampler_llm(model: str, **kwargs):
     """An LLM whose sampler is the CUDA path (Triton kernels): on the GPU when there is one
     (where it is the default), else a CPU engine with the kernels in Triton's interpreter."""

@@ -2,7 +2,7 @@
 import pytest
 
 from nanovllm import LLM, SamplingParams
-from tests.conftest import hf_greedy, random_prompts
+from tests.conftest import KERNEL_DEVICE, hf_greedy, random_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
 
@@ -134,7 +134,7 @@ def test_triton_backend_gives_the_same_tokens(tiny_qwen3, prompts, expected):
     from nanovllm.kernels import triton_available
     if not triton_available():
         pytest.skip("triton is not installed")
-    llm = LLM(tiny_qwen3, device="cpu", attention_backend="triton", block_size=16,
+    llm = LLM(tiny_qwen3, device=KERNEL_DEVICE, dtype="float32", attention_backend="triton", block_size=16,
               max_num_batched_tokens=64, max_num_seqs=4)
     assert token_ids(llm.generate(prompts[:3], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)) \
         == [e[:6] for e in expected[:3]]
@@ -164,8 +164,8 @@ def test_triton_backend_with_a_group_of_seven_query_heads(checkpoint_factory):
         pytest.skip("triton is not installed")
     path = checkpoint_factory("qwen2", hidden_size=112, num_attention_heads=7, num_key_value_heads=1, head_dim=16)
     prompts = random_prompts(3, 5, 70, seed=9)
-    llm = LLM(path, device="cpu", attention_backend="triton", block_size=16, max_num_batched_tokens=64,
-              max_num_seqs=4)
+    llm = LLM(path, device=KERNEL_DEVICE, dtype="float32", attention_backend="triton", block_size=16,
+              max_num_batched_tokens=64, max_num_seqs=4)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts, 5)
 

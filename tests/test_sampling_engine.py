@@ -198,9 +198,8 @@ def test_penalties_end_to_end(tiny_qwen3, hf_model, options, fused):
     (a cache too small for all sequences at once), match the reference loop; also with the
     CUDA path's one-pass penalties kernel (fused; in the interpreter here). The histograms'
     metadata is reused while the batch stays the same."""
-    from nanovllm.layers.sampler import Sampler
-    llm = LLM(tiny_qwen3, device="cpu", block_size=16, **options)
-    llm.llm_engine.runner.sampler = Sampler(fused=fused)
+    llm = fused_sampler_llm(tiny_qwen3, block_size=16, **options) if fused else \
+        LLM(tiny_qwen3, device="cpu", block_size=16, **options)
     penalties = dict(rep=1.3, freq=0.4, pres=0.6)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.3,
                             frequency_penalty=0.4, presence_penalty=0.6)
