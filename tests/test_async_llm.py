@@ -115,6 +115,25 @@ def test_concurrent_requests_share_batches(engine, reference):
     assert steps < 16 * 12 / 4      # 192 tokens in a few dozen steps: they ran together
 
 
+def test_a_request_joins_the_running_batch(engine, reference):
+    """A request added while another decodes joins its batch: it ends long before the running
+    one, in about as many steps as it has tokens (the count includes the steps that ran while
+    the commands and outputs crossed the pipe)."""
+    async def main():
+        long = await engine.add_request("long", PROMPTS[0], greedy(200, ignore_eos=True))
+        await long.__anext__()                      # it is decoding now
+        start = engine.stats().num_steps
+        late = await collect(engine, PROMPTS[1], greedy(), "late")
+        steps = engine.stats().num_steps - start
+        long_was_running = engine.stats().num_unfinished_requests == 1
+        rest = [out async for out in long]
+        return late, steps, long_was_running, rest
+    late, steps, long_was_running, rest = run(main())
+    assert late[-1].outputs[0].text == reference[1]
+    assert long_was_running and len(rest[-1].outputs[0].token_ids) == 200
+    assert steps < 60, f"{steps} steps for 12 tokens: the late request waited for the running one"
+
+
 def test_bad_request_raises_and_leaves_others_running(engine, reference):
     async def main():
         good = asyncio.create_task(collect(engine, PROMPTS[2], greedy(), "good"))
