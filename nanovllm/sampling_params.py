@@ -10,16 +10,20 @@ Choices where vLLM versions differ:
 - `logprobs` / `prompt_logprobs` above `max_logprobs` (20) are rejected here, at construction,
   because nanovllm has no per-model `max_logprobs` setting. vLLM main's -1 ("the whole
   vocabulary") is therefore rejected too, with the same "greater than max allowed" message.
-- Types are checked too (vLLM's struct does not check them when built): ints (not bools) for
-  the counts, the seed and the stop token ids, numbers for the float fields, strings for
-  `stop`. A wrong type is a ValueError naming the parameter, not a crash inside a later step.
-  Stop token ids outside the model's vocabulary are refused when the request is added.
+- Types are checked too (vLLM's struct does not check them when built): integers (not bools;
+  numpy's count) for the counts, the seed and the stop token ids, real numbers for the float
+  fields, strings for `stop`; numpy scalars become Python numbers. A wrong type is a
+  ValueError naming the parameter, not a crash inside a later step. Stop token ids outside
+  the model's vocabulary are refused when the request is added.
 """
 import copy
 import enum
 import logging
 import math
+import numbers
+import operator
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -37,12 +41,19 @@ _MIN_SEED, _MAX_SEED = -2**63, 2**63 - 1
 
 
 def _is_int(value) -> bool:
-    # bool is a subclass of int, but True as a count or a seed is a mistake, not a number.
-    return isinstance(value, int) and not isinstance(value, bool)
+    # numpy's integers are Integral too (scripts draw lengths with numpy); bool is a subclass
+    # of int, but True as a count or a seed is a mistake, not a number.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_collection(value) -> bool:
+    """A list, tuple, set, numpy array ...: something to take list() of (not a string or a
+    lone number)."""
+    return isinstance(value, Collection) and not isinstance(value, (str, bytes))
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -129,34 +140,38 @@ class SamplingParams:
     def _verify_types(self) -> None:
         """Refuse values of the wrong type here, as ValueErrors naming the parameter: let
         through, a float `logprobs` or a non-string stop would only fail inside an engine
-        step (where, in the server's engine process, it ends every running request). vLLM
-        does not coerce types, and neither does this: an int temperature stays an int."""
+        step (where, in the server's engine process, it ends every running request). Numpy
+        scalars become Python ints and floats (later arithmetic on a seed would overflow)."""
         if not _is_int(self.n):
             raise ValidationError(f"n must be an int, but is of type {type(self.n)}", "n", self.n)
         if not _is_int(self.top_k):
             raise ValidationError(f"top_k must be an integer, got {type(self.top_k).__name__}",
                                   "top_k", self.top_k)
+        self.n, self.top_k = operator.index(self.n), operator.index(self.top_k)
         for name in ("max_tokens", "min_tokens", "seed", "logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if not (_is_int(value) or (value is None and name != "min_tokens")):
                 raise ValidationError(f"{name} must be an integer, got {value!r}.", name, value)
+            setattr(self, name, None if value is None else operator.index(value))
         for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature",
                      "top_p", "min_p"):
             value = getattr(self, name)
             if not _is_number(value):
                 raise ValidationError(f"{name} must be a number, got {value!r}.", name, value)
+            if not isinstance(value, (int, float)):
+                setattr(self, name, float(value))
+        # stop and stop_token_ids: any collection (vLLM takes list() of them), of the right items.
         stop = self.stop
-        if not (stop is None or isinstance(stop, (str, list, tuple))):
-            raise ValidationError(f"stop must be a string or a list of strings, got {stop!r}.", "stop", stop)
-        if isinstance(stop, (list, tuple)) and not all(isinstance(s, str) for s in stop):
-            raise ValidationError(f"stop must contain only strings, got {list(stop)}.", "stop", stop)
+        if stop is not None and not isinstance(stop, str):
+            if not _is_collection(stop) or not all(isinstance(x, str) for x in stop):
+                raise ValidationError(f"stop must be a string or a list of strings, got {stop!r}.", "stop", stop)
+            self.stop = list(stop)
         ids = self.stop_token_ids
-        if not (ids is None or isinstance(ids, (list, tuple))):
-            raise ValidationError(f"stop_token_ids must be a list of integers, got {ids!r}.",
-                                  "stop_token_ids", ids)
-        if ids is not None and not all(_is_int(t) for t in ids):
-            raise ValidationError(f"stop_token_ids must contain only integers, got {list(ids)}.",
-                                  "stop_token_ids", ids)
+        if ids is not None:
+            if not _is_collection(ids) or not all(_is_int(t) for t in ids):
+                raise ValidationError(f"stop_token_ids must be a list of integers, got {ids!r}.",
+                                      "stop_token_ids", ids)
+            self.stop_token_ids = [operator.index(t) for t in ids]
 
     def _verify_args(self) -> None:
         if self.n < 1:

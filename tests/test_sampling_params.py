@@ -99,11 +99,11 @@ WRONG_TYPES = [
     (dict(top_p=[0.5]), "top_p must be a number, got [0.5].", [0.5]),
     (dict(min_p=False), "min_p must be a number, got False.", False),
     (dict(stop=5), "stop must be a string or a list of strings, got 5.", 5),
-    (dict(stop=[5]), "stop must contain only strings, got [5].", [5]),
-    (dict(stop=["a", None]), "stop must contain only strings, got ['a', None].", ["a", None]),
+    (dict(stop=[5]), "stop must be a string or a list of strings, got [5].", [5]),
+    (dict(stop=["a", None]), "stop must be a string or a list of strings, got ['a', None].", ["a", None]),
     (dict(stop_token_ids=5), "stop_token_ids must be a list of integers, got 5.", 5),
     (dict(stop_token_ids="12"), "stop_token_ids must be a list of integers, got '12'.", "12"),
-    (dict(stop_token_ids=[1, True]), "stop_token_ids must contain only integers, got [1, True].", [1, True]),
+    (dict(stop_token_ids=[1, True]), "stop_token_ids must be a list of integers, got [1, True].", [1, True]),
 ]
 
 # (kwargs, exact message start): every invalid value raises a ValueError naming the parameter
@@ -143,9 +143,9 @@ INVALID = [
     (dict(logprobs=21), "Requested sample logprobs of 21, which is greater than max allowed: 20"),
     (dict(logprobs=-1), "Requested sample logprobs of -1"),
     (dict(prompt_logprobs=100), "Requested prompt logprobs of 100, which is greater than max allowed: 20"),
-    (dict(stop_token_ids=[1, "2"]), "stop_token_ids must contain only integers, got [1, '2']."),
-    (dict(stop_token_ids=[1.0]), "stop_token_ids must contain only integers, got [1.0]."),
-    (dict(stop_token_ids=[[1]]), "stop_token_ids must contain only integers, got [[1]]."),
+    (dict(stop_token_ids=[1, "2"]), "stop_token_ids must be a list of integers, got [1, '2']."),
+    (dict(stop_token_ids=[1.0]), "stop_token_ids must be a list of integers, got [1.0]."),
+    (dict(stop_token_ids=[[1]]), "stop_token_ids must be a list of integers, got [[1]]."),
     (dict(stop=["a", ""]), "stop cannot contain an empty string."),
     (dict(stop=""), "stop cannot contain an empty string."),
     (dict(stop="x", detokenize=False),
@@ -199,3 +199,10 @@ def test_valid_types():
     assert SamplingParams(stop=("a",), stop_token_ids=(3, 3, 4)).stop_token_ids == [3, 4]
     assert SamplingParams(logprobs=True, prompt_logprobs=0).logprobs == 1
     assert SamplingParams(logprobs=False, prompt_logprobs=False).logprobs == 0     # as vLLM: 0
+    # numpy scalars and arrays, sets (what scripts pass): Python numbers and lists afterwards.
+    import numpy as np
+    p = SamplingParams(max_tokens=np.int64(5), temperature=np.float32(0.5), seed=np.int64(3), n=np.int32(2),
+                       top_k=np.int64(4), stop_token_ids=np.array([3, 4]), stop={"a"})
+    assert (p.max_tokens, p.seed, p.n, p.top_k, p.stop_token_ids, p.stop) == (5, 3, 2, 4, [3, 4], ["a"])
+    assert all(type(v) is int for v in (p.max_tokens, p.seed, p.n, p.top_k, *p.stop_token_ids))
+    assert type(p.temperature) is float and p.temperature == 0.5
