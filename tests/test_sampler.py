@@ -11,11 +11,11 @@ from transformers.generation.logits_process import (
 from nanovllm.layers.sampler import Sampler, apply_penalties, apply_temperature_and_filters
 from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow
 from nanovllm.sampling_params import SamplingParams
+from tests.conftest import KERNEL_DEVICE as KERNEL_DEVICE_NAME
 
 V = 64
 CPU = torch.device("cpu")
-# Where Sampler(fused=True) runs its Triton kernels: on CUDA when there is a GPU, else in the interpreter.
-KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+KERNEL_DEVICE = torch.device(KERNEL_DEVICE_NAME)   # where Sampler(fused=True) runs its Triton kernels
 NO_IDS = torch.empty(1, 0, dtype=torch.long)  # HF warpers ignore input_ids
 
 
@@ -271,7 +271,7 @@ def test_fused_sampler_temperature_batch():
     original = logits.clone()
     tokens = Sampler(fused=True)(logits, meta_of(rows, vocab, KERNEL_DEVICE)).sampled_token_ids.cpu()
     assert torch.equal(logits, original), "the caller's logits must not change"
-    logits, meta = logits.cpu(), meta_of(rows, vocab)
+    logits = logits.cpu()
     assert tokens[0] == apply_penalties(logits[:1].float(), meta_of(rows[:1], vocab)).argmax()
     assert tokens[0] != base.argmax()
     assert tv_distance(tokens[1:], (base / 0.6).softmax(-1)) < 0.06

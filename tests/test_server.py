@@ -10,7 +10,9 @@ import openai
 import pytest
 
 from nanovllm import SamplingParams
-from tests.server_helpers import CHAT, MODEL, PROMPTS, client, engine, greedy, llm, same_text, url  # noqa: F401
+from nanovllm.entrypoints.openai_server import build_app
+from tests.server_helpers import (CHAT, MODEL, PROMPTS, client, engine, greedy, llm,  # noqa: F401
+                                  same_text, serving, url)
 
 def test_health_and_models(url, client):
     assert httpx.get(f"{url}/health").status_code == 200
@@ -122,6 +124,11 @@ def test_echo_and_prompt_logprobs(client, llm):
                                      extra_body={"prompt_logprobs": 1})
     got = resp.choices[0].model_extra["prompt_logprobs"]
     assert got[0] is None and len(got) == n_prompt
+    assert all(c.model_extra["prompt_logprobs"] is None for c in
+               client.completions.create(model=MODEL, prompt=prompt, max_tokens=2).choices)     # not asked
+    chunks = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, stream=True,
+                                       extra_body={"prompt_logprobs": 0})      # 0 is allowed with stream
+    assert len(list(chunks)) >= 1
     for entry, want_entry in zip(got[1:], expected.prompt_logprobs[1:]):
         assert {int(t): v["rank"] for t, v in entry.items()} == {t: lp.rank for t, lp in want_entry.items()}
         assert [v["logprob"] for v in entry.values()] == pytest.approx([lp.logprob for lp in want_entry.values()],
@@ -150,12 +157,25 @@ def test_vllm_extra_sampling_fields_reach_the_engine(client, llm):
     assert resp.choices[0].text == greedy_out.text[:greedy_out.text.index(stop) + len(stop)]
 
 
-def test_chat_top_logprobs_0_and_tools_shown_to_the_template(client):
+TOOLS_TEMPLATE = ("{% for t in tools or [] %}[{{ t['function']['name'] }}]{% endfor %}"
+                  "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+
+
+def test_chat_top_logprobs_0_and_tools_shown_to_the_template(client, engine):
     resp = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, top_logprobs=0)
     assert resp.choices[0].logprobs is None
-    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
-    resp = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, tools=tools, tool_choice="none")
-    assert resp.usage.completion_tokens == 2
+    tools = [{"type": "function", "function": {"name": "get_time_of_day", "parameters": {"type": "object"}}}]
+    with serving(build_app(engine, [MODEL], chat_template=TOOLS_TEMPLATE)) as url:
+        tool_client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+        def prompt_tokens(**kwargs) -> int:
+            resp = tool_client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, **kwargs)
+            return resp.usage.prompt_tokens
+        plain = prompt_tokens()
+        shown = prompt_tokens(tools=tools, tool_choice="none")
+        assert shown > plain                       # the template rendered the tool's name
+        # Tools given through chat_template_kwargs (as vLLM allows) render the same.
+        assert prompt_tokens(extra_body={"chat_template_kwargs": {"tools": tools}}) == shown
 
 
 def test_concurrent_streaming_clients_share_batches(url, engine, llm):

@@ -1,11 +1,13 @@
 """The server's errors (OpenAI's JSON, each with its status and field), the API key, clients
 that leave before their answer, and the serving benchmark against a running server."""
 import argparse
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import openai
@@ -33,6 +35,27 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(url, engine, client):
     assert stats.num_steps - start < 200, "the disconnected request ran to the end"
     assert stats.num_free_blocks == stats.num_blocks
     assert client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2).choices[0].text is not None
+
+
+def test_client_leaving_while_its_prompts_are_being_added_aborts_them(url, engine, monkeypatch):
+    """Of a request's two prompts the first is accepted, the second's add is still pending
+    when the client leaves: both are aborted (none runs on, holding its blocks)."""
+    add_request = engine.add_request
+
+    async def slow_second_add(request_id, prompt, params):
+        if request_id.endswith("-1"):
+            await asyncio.sleep(0.5)
+        return await add_request(request_id, prompt, params)
+
+    monkeypatch.setattr(engine, "add_request", slow_second_add)
+    body = {"model": MODEL, "prompt": PROMPTS[:2], "max_tokens": 230, "ignore_eos": True}
+    start = engine.stats().num_steps
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=0.05)
+    time.sleep(0.5)                                 # the second add's time is over
+    stats = wait_idle(engine)
+    assert stats.num_steps - start < 200, "the accepted prompt ran on after its client left"
+    assert stats.num_free_blocks == stats.num_blocks
 
 
 def test_client_leaving_a_non_streamed_request_aborts_it(url, engine):
@@ -79,6 +102,7 @@ def test_errors_are_openai_json_and_the_server_still_serves(url, engine, client,
 @pytest.mark.parametrize("extra, param", [
     ({"temperature": 3}, "temperature"),
     ({"max_completion_tokens": 1000}, "max_completion_tokens"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"max_tokens": 1000}, "max_tokens"),
     ({"top_logprobs": 2}, "top_logprobs"),                                  # without logprobs
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
@@ -93,8 +117,13 @@ def test_non_json_unknown_paths_and_methods_get_openai_errors(url, client):
     resp = httpx.post(f"{url}/v1/completions", content='{"model": "tiny", "prompt": "hi"}',
                       headers={"Content-Type": "text/plain"}, timeout=30)
     assert resp.status_code == 415 and "application/json" in resp.json()["error"]["message"]
+    for content_type in ("Application/JSON", "application/vnd.api+json"):      # JSON: the field is named
+        resp = httpx.post(f"{url}/v1/completions", content='{"model": "tiny"}', timeout=30,
+                          headers={"Content-Type": content_type})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt"
     for resp, status in ((httpx.get(f"{url}/v1/nothing"), 404), (httpx.get(f"{url}/v1/completions"), 405)):
         assert resp.status_code == status and set(resp.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(f"{url}/v1/completions").headers["allow"] == "POST"
     assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
 
@@ -108,7 +137,7 @@ def test_errors_through_the_openai_client(client):
         client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1000)
 
 
-def test_api_key_and_the_serving_benchmark(engine, tmp_path):
+def test_api_key(engine):
     with serving(build_app(engine, [MODEL], api_key="secret")) as url:
         for headers in (None, {"Authorization": "Bearer wrong"}):
             error = raw_error(url, 401, {"model": MODEL, "prompt": "hi"}, headers)
@@ -118,7 +147,11 @@ def test_api_key_and_the_serving_benchmark(engine, tmp_path):
         good = openai.OpenAI(base_url=f"{url}/v1", api_key="secret", max_retries=0)
         assert good.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
         assert httpx.get(f"{url}/health").status_code == 200      # health needs no key
-        # The serving benchmark, against this server (with its key), on a small workload.
+
+
+def test_the_serving_benchmark_against_a_server_with_a_key(engine, tmp_path):
+    """benchmarks/bench_serve.py on a small workload: every request answered, every token counted."""
+    with serving(build_app(engine, [MODEL], api_key="secret")) as url:
         out = str(tmp_path / "bench_serve.jsonl")
         workload = ["--num-seqs", "6", "--min-input", "4", "--max-input", "12", "--min-output", "3",
                     "--max-output", "9", "--max-token-id", "100"]

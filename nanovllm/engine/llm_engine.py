@@ -208,8 +208,7 @@ class LLMEngine:
     def _launch(self, batch: ScheduledBatch, after=None):
         self.num_steps += 1
         self.last_step = (batch.is_prefill, batch.num_tokens)
-        eos_ids = self.extra_eos_ids if self.eos_token_id is None else {self.eos_token_id, *self.extra_eos_ids}
-        return self.runner.launch(batch, eos_ids, after)
+        return self.runner.launch(batch, self.eos_ids, after)
 
     def _finish(self, launched) -> list[Request]:
         """Read a step's results back and process them; returns the requests with an output to make."""
@@ -256,6 +255,11 @@ class LLMEngine:
             elif request.params.output_kind != RequestOutputKind.FINAL_ONLY:
                 touched[seq.request_id] = request
         return list(touched.values())
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """Every EOS id of the model (min_tokens bans them all)."""
+        return self.extra_eos_ids if self.eos_token_id is None else {self.eos_token_id, *self.extra_eos_ids}
 
     def _check_stop(self, seq: Sequence) -> tuple[str | None, int | None]:
         """Token stop conditions, in vLLM's order."""

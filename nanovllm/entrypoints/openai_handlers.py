@@ -61,21 +61,29 @@ class OpenAIHandlers:
         try:
             return body.to_sampling_params()
         except ValueError as e:
-            raise OpenAIError(str(e), param=getattr(e, "parameter", None)) from None
+            param = getattr(e, "parameter", None)
+            if param == "max_tokens":
+                param = body.max_tokens_param       # chat's max_completion_tokens, if it was that
+            raise OpenAIError(str(e), param=param) from None
 
     async def _add(self, request_id: str, prompts: list[dict], params: SamplingParams) -> list[RequestStream]:
-        """Queue one engine request per prompt (all in the same step); all or none."""
-        added = await asyncio.gather(*(self.engine.add_request(f"{request_id}-{i}", prompt, params)
-                                       for i, prompt in enumerate(prompts)), return_exceptions=True)
-        errors = [e for e in added if isinstance(e, BaseException)]
+        """Queue one engine request per prompt (all in the same step); all or none: if one is
+        refused, or the client leaves meanwhile (this is cancelled), the accepted ones are
+        aborted."""
+        adds = [asyncio.ensure_future(self.engine.add_request(f"{request_id}-{i}", prompt, params))
+                for i, prompt in enumerate(prompts)]
+        try:
+            await asyncio.wait(adds)
+        except asyncio.CancelledError:
+            _abandon(adds)
+            raise
+        errors = [add.exception() for add in adds if add.exception() is not None]
         if errors:
-            for stream in added:
-                if isinstance(stream, RequestStream):
-                    stream.close()
+            _abandon(adds)
             if isinstance(errors[0], ValueError):
                 raise OpenAIError(str(errors[0]), param=getattr(errors[0], "parameter", None)) from None
             raise errors[0]
-        return added
+        return [add.result() for add in adds]
 
     @staticmethod
     async def _finals(streams: list[RequestStream]) -> list[RequestOutput]:
@@ -168,9 +176,8 @@ class OpenAIHandlers:
                 if body.logprobs is not None:
                     logprobs = self._completion_logprobs(body, out, c, 0, first=True)
                 choices.append({"index": i * body.n + c.index, "text": text, "logprobs": logprobs,
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-                if body.prompt_logprobs is not None:
-                    choices[-1]["prompt_logprobs"] = _prompt_logprobs_json(out.prompt_logprobs)
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                                "prompt_logprobs": _prompt_logprobs_json(out.prompt_logprobs)})
                 completion_tokens += len(c.token_ids)
         prompt_tokens = sum(len(x["prompt_token_ids"]) for x in inputs)
         return {**head, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
@@ -229,11 +236,11 @@ class OpenAIHandlers:
         model = self._check_model(body.model)
         params = self._params(body)
         try:
-            text = self.tokenizer.apply_chat_template(
-                [m.to_template() for m in body.messages], tokenize=False, chat_template=self.chat_template,
-                add_generation_prompt=body.add_generation_prompt,
-                continue_final_message=body.continue_final_message, tools=body.tools,
-                **(body.chat_template_kwargs or {}))
+            options = {"add_generation_prompt": body.add_generation_prompt, "tools": body.tools,
+                       "continue_final_message": body.continue_final_message,
+                       **(body.chat_template_kwargs or {})}           # these win, as in vLLM
+            text = self.tokenizer.apply_chat_template([m.to_template() for m in body.messages], tokenize=False,
+                                                      chat_template=self.chat_template, **options)
         except Exception as e:      # a template error (jinja) or no template at all
             raise OpenAIError(f"Could not apply the chat template: {e}", param="messages") from None
         # The template holds the special tokens already: do not add them again (as LLM.chat).
@@ -286,6 +293,16 @@ class OpenAIHandlers:
         k = body.top_logprobs or 0
         return {"content": [{**item(entry[t]), "top_logprobs": [item(lp) for lp in _ranked(entry)[:k]]}
                             for t, entry in zip(c.token_ids, c.logprobs or [])]}
+
+
+def _abandon(adds: list[asyncio.Future]) -> None:
+    """Abort the requests of these add_request tasks: a pending add is cancelled (it then
+    closes its own stream), an accepted one's stream is closed."""
+    for add in adds:
+        if not add.done():
+            add.cancel()
+        elif not add.cancelled() and add.exception() is None:
+            add.result().close()
 
 
 def _ranked(entry: dict[int, Logprob]) -> list[Logprob]:

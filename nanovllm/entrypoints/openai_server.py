@@ -46,8 +46,9 @@ def build_app(engine: AsyncLLM, served_model_names: list[str] | None = None, api
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, e: RequestValidationError):
-        # FastAPI answers 422; OpenAI (and vLLM) answer 400. Malformed JSON lands here too.
-        if request.headers.get("content-type", "application/json").split(";")[0].strip() != "application/json":
+        # FastAPI answers 422; OpenAI (and vLLM) answer 400. Malformed JSON lands here too, and
+        # so does a body FastAPI did not read as JSON because of its content type: 415 then.
+        if not _is_json(request.headers.get("content-type", "application/json")):
             return _error_response(OpenAIError("Unsupported Media Type: Only 'application/json' is allowed",
                                                415, code="unsupported_media_type"))
         messages, params = [], []
@@ -61,7 +62,9 @@ def build_app(engine: AsyncLLM, served_model_names: list[str] | None = None, api
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, e: HTTPException):      # an unknown path or method
-        return _error_response(OpenAIError(str(e.detail), e.status_code, code=_code(e.status_code)))
+        response = _error_response(OpenAIError(str(e.detail), e.status_code, code=_code(e.status_code)))
+        response.headers.update(e.headers or {})            # e.g. 405's Allow
+        return response
 
     @app.exception_handler(Exception)
     async def on_internal_error(request: Request, e: Exception):
@@ -115,6 +118,12 @@ async def _disconnected(request: Request) -> None:
     from the server is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _is_json(content_type: str) -> bool:
+    """application/json, or a +json type (what FastAPI parses as JSON)."""
+    media_type = content_type.split(";")[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
 
 
 def _code(status: int) -> str | None:

@@ -56,7 +56,13 @@ class _SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
 
-    def _check_supported(self) -> None:
+    @property
+    def max_tokens_param(self) -> str:
+        """The field that set the output length (for error messages)."""
+        return "max_tokens"
+
+    def check_fields(self) -> None:
+        """The checks of fields SamplingParams does not see (OpenAIError)."""
         if self.logit_bias:
             raise OpenAIError("logit_bias is not supported", param="logit_bias")
         if self.response_format and self.response_format.get("type", "text") != "text":
@@ -64,17 +70,12 @@ class _SamplingRequest(BaseModel):
                               "(no guided decoding): only 'text'", param="response_format")
         if self.stream_options is not None and not self.stream:
             raise OpenAIError("Stream options can only be defined when `stream=True`.", param="stream_options")
-        if self.stream and self.prompt_logprobs is not None:
+        if self.stream and self.prompt_logprobs:      # 0 (the prompt's own tokens) is allowed, as vLLM
             raise OpenAIError("`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs")
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                         prompt_logprobs: int | None = None) -> SamplingParams:
-        """Raises ValueError (SamplingParams' checks) for out-of-range values, OpenAIError for
-        fields it does not support."""
-        self._check_supported()
-        if self.prompt_logprobs is not None:
-            prompt_logprobs = self.prompt_logprobs
-
+                         prompt_logprobs: int | None) -> SamplingParams:
+        """Raises ValueError (SamplingParams' checks) for out-of-range values."""
         def default(value, fallback):
             return fallback if value is None else value
         return SamplingParams(
@@ -109,12 +110,15 @@ class CompletionRequest(_SamplingRequest):
         return self.echo and self.max_tokens == 0
 
     def to_sampling_params(self) -> SamplingParams:
+        self.check_fields()
         if self.suffix:
             raise OpenAIError("suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise OpenAIError(f"best_of is not supported (got {self.best_of}, n={self.n})", param="best_of")
         # With echo, the prompt's logprobs are reported too (its first token has none).
-        prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
+        prompt_logprobs = self.prompt_logprobs
+        if prompt_logprobs is None and self.echo:
+            prompt_logprobs = self.logprobs
         # The engine always makes at least one token: echo_only discards it.
         max_tokens = 1 if self.echo_only else self.max_tokens
         return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs)
@@ -152,10 +156,10 @@ class ChatCompletionRequest(_SamplingRequest):
 
     @property
     def max_tokens_param(self) -> str:
-        """The field the client set the output length with (for error messages)."""
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def to_sampling_params(self) -> SamplingParams:
+        self.check_fields()
         if self.top_logprobs and not self.logprobs:
             raise OpenAIError("when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs")
         if self.tools and self.tool_choice != "none":
@@ -164,4 +168,5 @@ class ChatCompletionRequest(_SamplingRequest):
             raise OpenAIError("tool calling is not supported: pass tool_choice 'none' to only show the "
                               "tools to the model", param="tool_choice")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None,
+                                     self.prompt_logprobs)
