@@ -43,15 +43,19 @@ def fixed_logits(batch, vocab_size=V, seed=0, scale=3.0):
     return torch.randn(batch, vocab_size, generator=torch.Generator().manual_seed(seed)) * scale
 
 
-def hf_chain(logits_row, p: SamplingParams):
-    """transformers' warpers in generate()'s order: temperature, top-k, top-p, min-p."""
+def hf_chain(logits_row, p: SamplingParams, min_p_last: bool = False):
+    """transformers' warpers in vLLM V1's order: temperature, min-p, top-k, top-p (each warper
+    works on whatever the one before left, so they compose in any order). `min_p_last`:
+    generate()'s own order, min-p after top-p, which the sampler used to follow."""
     x = logits_row[None].clone()
     x = TemperatureLogitsWarper(p.temperature)(NO_IDS, x)
+    if p.min_p > 0.0 and not min_p_last:
+        x = MinPLogitsWarper(p.min_p)(NO_IDS, x)
     if p.top_k > 0:
         x = TopKLogitsWarper(p.top_k)(NO_IDS, x)
     if p.top_p < 1.0:
         x = TopPLogitsWarper(p.top_p)(NO_IDS, x)
-    if p.min_p > 0.0:
+    if p.min_p > 0.0 and min_p_last:
         x = MinPLogitsWarper(p.min_p)(NO_IDS, x)
     return x[0]
 

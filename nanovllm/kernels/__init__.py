@@ -5,7 +5,7 @@
     paged_decode_attention   one query token per sequence, split-KV       (decode_attention.py)
     gumbel_sample            one token per row from softmax(logits / T)  (gumbel_sample.py)
     greedy_sample            torch.argmax over rows, split over chunks    (gumbel_sample.py)
-    sampling_thresholds      top-k / top-p / min-p cut-offs, no sorting  (sampling_filters.py)
+    sampling_thresholds      min-p / top-k / top-p cut-offs, no sorting  (sampling_filters.py)
     apply_penalties          repetition/frequency/presence, one pass     (penalties.py)
     logprobs_and_top_k       a row's logsumexp, a token's rank, the top k (logprobs.py)
     logsumexp_and_rank       the same without the top k                   (logprobs.py)

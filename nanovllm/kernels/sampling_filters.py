@@ -1,14 +1,18 @@
-"""Triton kernel: each row's top-k / top-p / min-p cut-off, found without sorting.
+"""Triton kernel: each row's min-p / top-k / top-p cut-off, found without sorting.
 
-The filters all keep the tokens whose logit is at least some threshold (ties with it kept):
-  top-k  the k-th largest logit;
-  top-p  (after top-k) the smallest logit v such that the tokens strictly more likely than v
-         hold less than top_p of the (top-k) probability mass, i.e. the nucleus;
-  min-p  max_logit + T * log(min_p) (p_i >= min_p * p_max, in logit space).
-The torch reference sorts (layers/sampler.py: `apply_top_k_top_p`, `apply_min_p`). Here the
+The filters all keep the tokens whose logit is at least some threshold (ties with it kept),
+in vLLM V1's order:
+  min-p  max_logit + T * log(min_p) (p_i >= min_p * p_max, in logit space);
+  top-k  the k-th largest logit (min-p and top-k commute: the higher threshold wins);
+  top-p  (after min-p and top-k) the smallest logit v such that the tokens strictly more
+         likely than v hold less than top_p of the mass of the tokens min-p and top-k keep,
+         i.e. the nucleus of the distribution renormalised over them.
+The torch reference sorts (layers/sampler.py: `apply_min_p`, `apply_top_k_top_p`). Here the
 logits' bit patterns are mapped to integer keys in the same order (16 bits for bf16/fp16
 logits, 32 for fp32), and each threshold is the largest key u such that the tokens with key
->= u still number at least k (top-k) or still hold at least top_p of the mass (top-p).
+>= u still number at least k (top-k) or still hold at least top_p of the mass (top-p); min-p's
+float32 threshold becomes the smallest key whose logit reaches it, and top-p's mass and search
+start from the base cut, the higher of the min-p and top-k keys.
 
 One program per row. Its first pass over the row keeps, for each of its BLOCK lanes (token
 t is in lane t % BLOCK), the lane's 4 largest keys and, for top-p, the lane's softmax mass
@@ -69,6 +73,17 @@ def _as_float32_key(key, dtype: tl.constexpr, KEY_BITS: tl.constexpr):
         return order_key(_key_value(key, dtype, KEY_BITS))
     else:
         return key
+
+
+@triton.jit
+def _min_p_key(threshold, dtype: tl.constexpr, KEY_BITS: tl.constexpr):
+    """The smallest _row_key whose logit is >= `threshold` (a float32): min-p keeps exactly
+    the tokens at or above it. Rounding the threshold to the logits' dtype may land one key
+    below it (then step up) or, for a threshold of 0, on +0.0 while -0.0 (the key below, the
+    same value) also reaches it (then step down); any rounding within one step is fixed."""
+    key = _row_key(threshold.to(dtype), KEY_BITS)
+    key = tl.where(_key_value(key, dtype, KEY_BITS) < threshold, key + 1, key)
+    return tl.where(_key_value(key - 1, dtype, KEY_BITS) >= threshold, key - 1, key)
 
 
 @triton.jit
@@ -152,6 +167,10 @@ def _mass_at_or_above(row_ptr, vocab_size, floor, top, inv_t, KEY_BITS: tl.const
 def _thresholds_kernel(logits_ptr, stride_row, vocab_size, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
                        out_ptr, KEEP: tl.constexpr, MASS: tl.constexpr, KEY_BITS: tl.constexpr,
                        BLOCK: tl.constexpr):
+    """One row's cut-off as a float32 key, the filters in vLLM's order: min-p's key (from
+    the row's maximum), top-k's (from the kept keys, or search passes), then top-p's, whose
+    goal is top_p times the mass at or above the base cut max(min-p key, top-k key) and whose
+    search starts there. KEEP: some row uses top-k or top-p; MASS: some row uses top-p."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     dtype: tl.constexpr = logits_ptr.dtype.element_ty
@@ -185,6 +204,10 @@ def _thresholds_kernel(logits_ptr, stride_row, vocab_size, temperature_ptr, top_
     top = tl.max(lane_max, axis=0)
 
     result = tl.full([], _KEY_MIN32, tl.int32)
+    min_p_key = no_key
+    if min_p > 0.0:                              # min-p: keep x >= top + T * log(min_p)
+        min_p_key = _min_p_key(top + tl.log(min_p) / inv_t, dtype, KEY_BITS)
+        result = _as_float32_key(min_p_key, dtype, KEY_BITS)
     if KEEP:
         top_key = tl.max(k1, axis=0)
         if MASS:
@@ -199,30 +222,29 @@ def _thresholds_kernel(logits_ptr, stride_row, vocab_size, temperature_ptr, top_
             key_k = _search_row(row_ptr, vocab_size, floor, ceiling, goal, top, inv_t, False, KEY_BITS, BLOCK)
             result = tl.maximum(result, _as_float32_key(key_k, dtype, KEY_BITS))
         if MASS:
-            if p < 1.0:                          # top-p among the top-k
+            if p < 1.0:                          # top-p among what min-p and top-k keep
                 w1 = _kept_weight(k1, top, inv_t, dtype, KEY_BITS)
                 w2 = _kept_weight(k2, top, inv_t, dtype, KEY_BITS)
                 w3 = _kept_weight(k3, top, inv_t, dtype, KEY_BITS)
                 w4 = _kept_weight(k4, top, inv_t, dtype, KEY_BITS)
                 total = tl.sum(lane_mass, axis=0)
                 missed = tl.maximum(lane_mass - w1 - w2 - w3 - w4, 0.0)         # mass not kept
-                if key_k == no_key:
+                base = tl.maximum(key_k, min_p_key)  # = key_k without min-p: the same path as before
+                if base == no_key:
                     mass = total
-                elif tl.max(k4, axis=0) < key_k:     # every token >= key_k was kept (k4s are below it)
-                    mass = tl.sum(tl.where(k1 >= key_k, w1, 0.0) + tl.where(k2 >= key_k, w2, 0.0)
-                                  + tl.where(k3 >= key_k, w3, 0.0), axis=0)
+                elif tl.max(k4, axis=0) < base:      # every token >= base was kept (k4s are below it)
+                    mass = tl.sum(tl.where(k1 >= base, w1, 0.0) + tl.where(k2 >= base, w2, 0.0)
+                                  + tl.where(k3 >= base, w3, 0.0), axis=0)
                 else:
-                    mass = _mass_at_or_above(row_ptr, vocab_size, key_k, top, inv_t, KEY_BITS, BLOCK)
+                    mass = _mass_at_or_above(row_ptr, vocab_size, base, top, inv_t, KEY_BITS, BLOCK)
                 goal = p * mass
                 # The bounds come from sums in another order than the passes': a margin far
                 # above float32 rounding keeps them on the right side of the goal.
                 margin = 1e-5 * total
-                floor = _search_kept(k1, k2, k3, k4, w1, w2, w3, w4, goal + margin, key_k, top_key)
+                floor = _search_kept(k1, k2, k3, k4, w1, w2, w3, w4, goal + margin, base, top_key)
                 ceiling = _search_kept(k1, k2, k3, k4, w1, w2, w3, w4 + missed, goal - margin, floor, top_key)
                 key_p = _search_row(row_ptr, vocab_size, floor, ceiling, goal, top, inv_t, True, KEY_BITS, BLOCK)
                 result = tl.maximum(result, _as_float32_key(key_p, dtype, KEY_BITS))
-    if min_p > 0.0:
-        result = tl.maximum(result, order_key(top + tl.log(min_p) / inv_t))
     tl.store(out_ptr + row, result)
 
 

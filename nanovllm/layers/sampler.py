@@ -9,13 +9,15 @@ The order follows vLLM V1:
   3. penalties: repetition (HF style, over prompt + output tokens), then frequency and
      presence (OpenAI style, over output tokens);
   4. greedy rows take the argmax here; random rows continue with
-  5. temperature, top-k, top-p (keeps at least one token), min-p, softmax,
+  5. temperature, min-p, top-k, top-p (over what min-p and top-k keep; at least one token),
+     softmax (vLLM V1's order: min-p is one of its "argmax-invariant" logits processors, run
+     before its top-k/top-p sampler; transformers runs min-p last);
   6. the exponential race: argmax(probs / E) with E ~ Exp(1) i.i.d., which draws token i
      with probability probs[i] without a cumulative sum or a host sync.
      Seeded rows draw E from their own generator, so their tokens do not depend on the
      other rows in the batch.
 On CUDA (`Sampler(fused=True)`), steps 5-6 run as two Triton kernels instead: each row's
-top-k/top-p/min-p threshold found without sorting, then the Gumbel-max draw among the tokens
+min-p/top-k/top-p threshold found without sorting, then the Gumbel-max draw among the tokens
 above it (the same distribution; kernels/); an all-greedy batch takes a split-row argmax
 kernel, and logprobs one pass for the logsumexp, ranks and top k. There, seeded rows draw from Philox streams keyed
 by per-row seeds the engine derives from the request's seed and the token's position.
@@ -78,8 +80,8 @@ class SamplerOutput:
 
 
 class Sampler(torch.nn.Module):
-    """`fused=True` (the CUDA default) draws the tokens with Triton kernels: the top-k/top-p/
-    min-p cut-offs found without sorting (kernels/sampling_filters.py), then one Gumbel-max pass
+    """`fused=True` (the CUDA default) draws the tokens with Triton kernels: the min-p/top-k/
+    top-p cut-offs found without sorting (kernels/sampling_filters.py), then one Gumbel-max pass
     (kernels/gumbel_sample.py). The CPU takes the torch steps below, which are also the kernels'
     reference, and so does a batch with seeded rows unless the caller gives `row_seeds`."""
 
@@ -146,21 +148,24 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
 
 
 def apply_temperature_and_filters(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """The random-sampling steps, in order: temperature, top-k, top-p, min-p. (As in
-    transformers; vLLM main applies min-p before top-k/top-p, which only matters when a
-    request combines min-p with top-p.)"""
+    """The random-sampling steps, in vLLM V1's order: temperature, min-p, top-k, top-p.
+    Min-p and top-k both keep the tokens at or above a logit, so their order does not
+    matter; top-p does see them: its nucleus is taken over the distribution renormalised to
+    the tokens they keep. (transformers runs min-p last, after top-p: a request combining
+    min-p with top-p can keep more tokens there.)"""
     logits = logits / meta.temperature[:, None]
-    if meta.top_k is not None or meta.top_p is not None:
-        logits = apply_top_k_top_p(logits, meta)
     if meta.min_p is not None:
         logits = apply_min_p(logits, meta.min_p)
+    if meta.top_k is not None or meta.top_p is not None:
+        logits = apply_top_k_top_p(logits, meta)
     return logits
 
 
 def apply_top_k_top_p(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     """Top-k keeps each row's k largest logits; top-p (the nucleus) then keeps the most likely
     tokens until their probability reaches top_p, at least one. Both come down to a per-row
-    threshold logit: tokens below it get -inf (ties with it are kept)."""
+    threshold logit: tokens below it get -inf (ties with it are kept). Logits already -inf
+    (min-p's, min_tokens') stay out: top-p's softmax renormalises over the tokens left."""
     neg_inf = float("-inf")
     if meta.top_k is not None:
         values = logits.topk(meta.max_top_k, dim=-1).values                # [B, max_k], descending
@@ -170,7 +175,8 @@ def apply_top_k_top_p(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Ten
     if meta.top_p is not None:
         if meta.top_k is not None and meta.top_p_within_top_k:
             # Every top-p row also has a top-k: its nucleus lies within its top-k values, so
-            # there is no need to sort the whole vocabulary.
+            # there is no need to sort the whole vocabulary. (`values` came from the logits
+            # min-p already masked: its -inf stay -inf.)
             values = values.masked_fill(values < kth, neg_inf)
         else:
             values = logits.sort(dim=-1, descending=True).values

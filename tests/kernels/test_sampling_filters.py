@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nanovllm.kernels import triton_available
-from nanovllm.layers.sampler import apply_min_p, apply_top_k_top_p
+from nanovllm.layers.sampler import apply_min_p, apply_temperature_and_filters, apply_top_k_top_p
 from nanovllm.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -19,17 +19,12 @@ def order_key(x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_kept(logits, temperature, top_k, top_p, min_p):
-    """The torch sampler's filters (temperature, top-k, top-p, min-p) -> kept mask."""
+    """The torch sampler's filters (temperature, min-p, top-k, top-p) -> kept mask."""
     from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow
     rows = [SamplingRow(SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m), [], [], None)
             for t, k, p, m in zip(temperature, top_k, top_p, min_p)]
     meta = SamplingMetadata.build(rows, logits.shape[1], torch.device("cpu"))
-    x = logits / meta.temperature[:, None]
-    if meta.top_k is not None or meta.top_p is not None:
-        x = apply_top_k_top_p(x, meta)
-    if meta.min_p is not None:
-        x = apply_min_p(x, meta.min_p)
-    return torch.isfinite(x), meta
+    return torch.isfinite(apply_temperature_and_filters(logits, meta)), meta
 
 
 CASES = [  # temperature, top_k, top_p, min_p
@@ -95,6 +90,95 @@ def test_each_filter_alone(lanes, monkeypatch):
                                    None if min_p is None else meta.min_p.to(DEVICE)).cpu()
         ours = order_key(logits) >= keys[:, None]
         assert torch.equal(ours, kept), (top_k, top_p, min_p, ours.sum(-1), kept.sum(-1))
+
+
+def thresholds(logits, meta):
+    """sampling_thresholds on DEVICE for the rows of `meta` (its filters no row uses: None)."""
+    from nanovllm.kernels import sampling_thresholds
+    top_k, top_p, min_p = (None if t is None else t.to(DEVICE) for t in (meta.top_k, meta.top_p, meta.min_p))
+    return sampling_thresholds(logits.to(DEVICE), meta.temperature.to(DEVICE), top_k, top_p, min_p).cpu()
+
+
+def head_and_tail(vocab, dtype):
+    """Two rows: a head of 5 (row 0) or 120 (row 1) tokens with logits 2.0 down to 0.0, over a
+    tail around -2.5 that min-p mostly removes but that holds 78% (row 0) or 11% (row 1) of
+    the probability."""
+    gen = torch.Generator().manual_seed(7)
+    rows = []
+    for head in (5, 120):
+        row = torch.randn(vocab, generator=gen) * 0.3 - 2.5
+        row[torch.randperm(vocab, generator=gen)[:head]] = torch.linspace(2.0, 0.0, head)
+        rows.append(row)
+    return torch.stack(rows).to(dtype)
+
+
+# temperature, top_k, top_p, min_p, head_and_tail row, whether vLLM's order (top-p over what
+# min-p and top-k keep) keeps other tokens than transformers' (min-p after top-p)
+ORDER_CASES = [
+    (1.0, 0, 0.8, 0.1, 0, True),        # 3 kept, not 5: top-p's mass from the kept keys alone
+    (1.0, 0, 0.8, 0.02, 1, True),       # 72, not 91: ~9 tokens >= the cut per lane at 16 lanes
+    (0.9, 300, 0.8, 0.02, 1, True),     # min-p's cut above top-k's
+    (1.0, 50, 0.8, 0.02, 1, False),     # top-k's cut above min-p's: the order does not matter
+    (1.0, 3, 0.9, 0.2, 0, False),
+    (0.8, 10, 0.7, 0.1, 0, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lanes", [16, 2048])
+def test_top_p_takes_the_mass_min_p_and_top_k_keep(dtype, lanes, monkeypatch):
+    """vLLM's order: top-p's nucleus is of the distribution renormalised over the tokens
+    min-p and top-k keep. With 16 lanes, row 1 has more than 4 such tokens in some lane, so
+    the kernel takes their mass from an extra pass; row 0 has at most 3 in every lane, and
+    their mass comes from the kept keys."""
+    from nanovllm.kernels import sampling_filters
+    monkeypatch.setattr(sampling_filters, "BLOCK", lanes)
+    vocab = 700
+    table = head_and_tail(vocab, dtype)
+    logits = table[[c[4] for c in ORDER_CASES]]
+    t, k, p, m = ([c[i] for c in ORDER_CASES] for i in range(4))
+    kept, meta = reference_kept(logits.float(), t, k, p, m)
+    # transformers' order: top-k, top-p over the whole row, then min-p
+    x = logits.float() / meta.temperature[:, None]
+    transformers_kept = torch.isfinite(apply_min_p(apply_top_k_top_p(x, meta), meta.min_p))
+    base, _ = reference_kept(logits.float(), t, k, [1.0] * len(t), m)     # min-p and top-k only
+    per_lane = [int(torch.bincount(row.nonzero()[:, 0] % 16, minlength=16).max()) for row in base]
+    assert max(per_lane[i] for i, c in enumerate(ORDER_CASES) if c[4] == 0) <= 3
+    assert min(per_lane[i] for i, c in enumerate(ORDER_CASES) if c[4] == 1) >= 4
+    ours = order_key(logits) >= thresholds(logits, meta)[:, None]
+    for row, case in enumerate(ORDER_CASES):
+        assert torch.equal(ours[row], kept[row]), (case, int(ours[row].sum()), int(kept[row].sum()))
+        assert torch.equal(kept[row], transformers_kept[row]) != case[5], case
+
+
+def test_min_p_cut_on_16_bit_keys(monkeypatch):
+    """Min-p's float32 cut as a 16-bit key: of two neighbouring float16 values around the cut,
+    the one above it is kept and the one below is not, whichever of them the cut rounds to;
+    with min-p alone, and as top-p's base. min_p 1.0 at a maximum of 0: +0.0 and -0.0 are
+    both at the cut, and both kept."""
+    from nanovllm.kernels import sampling_filters
+    spacing = 2.0 ** -9                                   # between float16 values in [-4, -2)
+    low = -2.30078125                                     # a float16 value; low + spacing is too
+    rows, params = [], []
+    for fraction, temperature in [(0.3, 1.0), (0.7, 1.0), (0.3, 0.5), (0.7, 0.5)]:
+        cut = low + fraction * spacing                    # nearest float16: low (0.3), low + spacing (0.7)
+        row = torch.full((40,), -10.0)
+        row[[3, 17, 21, 30]] = torch.tensor([0.0, -0.5, low, low + spacing])
+        rows.append(row)
+        params.append((temperature, float(torch.tensor(cut / temperature).exp())))
+    zeros = torch.full((40,), -10.0)
+    zeros[[5, 9]] = torch.tensor([0.0, -0.0])
+    rows.append(zeros)
+    params.append((1.0, 1.0))
+    logits = torch.stack(rows).to(torch.float16)
+    t, m = [p[0] for p in params], [p[1] for p in params]
+    for lanes in (16, 2048):
+        monkeypatch.setattr(sampling_filters, "BLOCK", lanes)
+        for top_p in (1.0, 0.999):
+            kept, meta = reference_kept(logits.float(), t, [0] * len(t), [top_p] * len(t), m)
+            assert kept.sum(-1).tolist() == [3, 3, 3, 3, 2]      # low is out, low + spacing in
+            ours = order_key(logits) >= thresholds(logits, meta)[:, None]
+            assert torch.equal(ours, kept), (lanes, top_p, ours.sum(-1), kept.sum(-1))
 
 
 def _on_top_p_knife_edge(row, case, differ) -> bool:
