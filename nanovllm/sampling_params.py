@@ -160,12 +160,12 @@ class SamplingParams:
                 raise ValidationError(f"{name} must be a number, got {value!r}.", name, value)
             if not isinstance(value, (int, float)):
                 setattr(self, name, float(value))
-        # stop and stop_token_ids: any collection (vLLM takes list() of them), of the right items.
+        # stop and stop_token_ids: any collection (vLLM takes list() of them, as __post_init__
+        # does), of the right items.
         stop = self.stop
         if stop is not None and not isinstance(stop, str):
             if not _is_collection(stop) or not all(isinstance(x, str) for x in stop):
                 raise ValidationError(f"stop must be a string or a list of strings, got {stop!r}.", "stop", stop)
-            self.stop = list(stop)
         ids = self.stop_token_ids
         if ids is not None:
             if not _is_collection(ids) or not all(_is_int(t) for t in ids):
