@@ -12,9 +12,13 @@ Choices where vLLM versions differ:
   vocabulary") is therefore rejected too, with the same "greater than max allowed" message.
 - Types are checked too (vLLM's struct does not check them when built): integers (not bools;
   numpy's count) for the counts, the seed and the stop token ids, real numbers for the float
-  fields, strings for `stop`; numpy scalars become Python numbers. A wrong type is a
+  fields, strings for `stop`, bools (Python's or numpy's) for the flags, a RequestOutputKind
+  (or its int value) for `output_kind`; numpy scalars become Python numbers. A wrong type is a
   ValueError naming the parameter, not a crash inside a later step. Stop token ids outside
   the model's vocabulary are refused when the request is added.
+- The sampler computes in float32, so the float fields are also checked as float32 holds
+  them: a top_p of 1e-300 is 0 there and is refused like 0 (vLLM accepts it), and so is a
+  repetition_penalty that float32 rounds to 0 or to infinity.
 """
 import copy
 import enum
@@ -25,6 +29,8 @@ import operator
 import os
 from collections.abc import Collection
 from dataclasses import dataclass
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +56,38 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _is_bool(value) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+def _is_finite(value) -> bool:
+    """math.isfinite, also for ints too large for a float."""
+    return value == value and abs(value) != math.inf
+
+
+def _float32(value) -> float:
+    """`value` as the sampler holds it: rounded to float32, where tiny values become 0 and
+    values beyond its range (about 3.4e38) infinite."""
+    try:
+        value = float(value)
+    except OverflowError:           # an int too large for a float64 too
+        return math.inf if value > 0 else -math.inf
+    with np.errstate(over="ignore"):
+        return float(np.float32(value))
+
+
 def _is_collection(value) -> bool:
     """A list, tuple, set, numpy array ...: something to take list() of (not a string or a
     lone number)."""
     return isinstance(value, Collection) and not isinstance(value, (str, bytes))
+
+
+def _in_float32(value) -> str:
+    """For an error message: a note where float32 makes a nonzero finite `value` 0 or infinite."""
+    rounded = _float32(value)
+    if value == 0 or not _is_finite(value) or (rounded != 0 and math.isfinite(rounded)):
+        return ""
+    return f" The sampler computes in float32, where it is {rounded}."
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -160,6 +194,19 @@ class SamplingParams:
                 raise ValidationError(f"{name} must be a number, got {value!r}.", name, value)
             if not isinstance(value, (int, float)):
                 setattr(self, name, float(value))
+        for name in ("ignore_eos", "detokenize", "skip_special_tokens", "spaces_between_special_tokens",
+                     "include_stop_str_in_output"):
+            value = getattr(self, name)
+            if not _is_bool(value):
+                raise ValidationError(f"{name} must be a boolean, got {value!r}.", name, value)
+            setattr(self, name, bool(value))
+        kind = self.output_kind
+        if not isinstance(kind, RequestOutputKind):
+            if not _is_int(kind) or kind not in set(RequestOutputKind):
+                names = ", ".join(f"{k.name} ({k.value})" for k in RequestOutputKind)
+                raise ValidationError(f"output_kind must be a RequestOutputKind: {names}; got {kind!r}.",
+                                      "output_kind", kind)
+            self.output_kind = RequestOutputKind(operator.index(kind))
         # stop and stop_token_ids: any collection (vLLM takes list() of them, as __post_init__
         # does), of the right items.
         stop = self.stop
@@ -183,11 +230,14 @@ class SamplingParams:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
-        if not math.isfinite(self.repetition_penalty):
-            raise ValueError(f"repetition_penalty must be a finite number, got {self.repetition_penalty}.")
-        if self.repetition_penalty <= 0.0:
-            raise ValueError(f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
-        if not math.isfinite(self.temperature):
+        repetition_penalty = _float32(self.repetition_penalty)
+        if not math.isfinite(repetition_penalty):
+            raise ValueError(f"repetition_penalty must be a finite number, got {self.repetition_penalty}."
+                             + _in_float32(self.repetition_penalty))
+        if repetition_penalty <= 0.0:
+            raise ValueError(f"repetition_penalty must be greater than zero, got {self.repetition_penalty}."
+                             + _in_float32(self.repetition_penalty))
+        if not _is_finite(self.temperature):
             raise ValidationError(f"temperature must be a finite number, got {self.temperature}.",
                                   "temperature", self.temperature)
         if self.temperature < 0.0:
@@ -196,8 +246,9 @@ class SamplingParams:
         if self.temperature > 2.0:
             raise ValidationError(f"temperature must be in [0, 2], got {self.temperature}.",
                                   "temperature", self.temperature)
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValidationError(f"top_p must be in (0, 1], got {self.top_p}.", "top_p", self.top_p)
+        if not (0.0 < self.top_p <= 1.0 and _float32(self.top_p) > 0.0):
+            raise ValidationError(f"top_p must be in (0, 1], got {self.top_p}." + _in_float32(self.top_p),
+                                  "top_p", self.top_p)
         if self.top_k < -1:
             raise ValueError(f"top_k must be 0 (disable), or at least 1, got {self.top_k}.")
         if self.seed is not None and not _MIN_SEED <= self.seed <= _MAX_SEED:

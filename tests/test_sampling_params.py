@@ -104,6 +104,20 @@ WRONG_TYPES = [
     (dict(stop_token_ids=5), "stop_token_ids must be a list of integers, got 5.", 5),
     (dict(stop_token_ids="12"), "stop_token_ids must be a list of integers, got '12'.", "12"),
     (dict(stop_token_ids=[1, True]), "stop_token_ids must be a list of integers, got [1, True].", [1, True]),
+    # The flags: a truthy string would have passed, and failed inside the detokenizer's step.
+    (dict(skip_special_tokens="no"), "skip_special_tokens must be a boolean, got 'no'.", "no"),
+    (dict(ignore_eos="yes"), "ignore_eos must be a boolean, got 'yes'.", "yes"),
+    (dict(detokenize=1), "detokenize must be a boolean, got 1.", 1),
+    (dict(spaces_between_special_tokens=None), "spaces_between_special_tokens must be a boolean, got None.", None),
+    (dict(include_stop_str_in_output="false"), "include_stop_str_in_output must be a boolean, got 'false'.",
+     "false"),
+    (dict(output_kind=99), "output_kind must be a RequestOutputKind: CUMULATIVE (0), DELTA (1), FINAL_ONLY (2); "
+                           "got 99.", 99),
+    (dict(output_kind="DELTA"), "output_kind must be a RequestOutputKind: CUMULATIVE (0), DELTA (1), "
+                                "FINAL_ONLY (2); got 'DELTA'.", "DELTA"),
+    (dict(output_kind=True), "output_kind must be a RequestOutputKind: CUMULATIVE (0), DELTA (1), "
+                             "FINAL_ONLY (2); got True.", True),
+    (dict(seed="abc"), "seed must be an integer, got 'abc'.", "abc"),
 ]
 
 # (kwargs, exact message start): every invalid value raises a ValueError naming the parameter
@@ -152,6 +166,18 @@ INVALID = [
      "stop strings are only supported when detokenize is True. Set detokenize=True to use stop."),
     (dict(seed=2**70), "seed must be in [-9223372036854775808, 9223372036854775807], got 1180591620717411303424."),
     (dict(seed=-2**63 - 1), "seed must be in [-9223372036854775808, 9223372036854775807], got -9223372036854775809."),
+    # Checked as the sampler's float32 holds them: these are 0 or infinite there.
+    (dict(top_p=1e-300), "top_p must be in (0, 1], got 1e-300. The sampler computes in float32, where it is 0.0."),
+    (dict(top_p=1e-46), "top_p must be in (0, 1], got 1e-46. The sampler computes in float32, where it is 0.0."),
+    (dict(top_p=1.00000001), "top_p must be in (0, 1], got 1.00000001."),
+    (dict(repetition_penalty=1e-50),
+     "repetition_penalty must be greater than zero, got 1e-50. The sampler computes in float32, where it is 0.0."),
+    (dict(repetition_penalty=1e39),
+     "repetition_penalty must be a finite number, got 1e+39. The sampler computes in float32, where it is inf."),
+    # ints beyond a float64 (they raised OverflowError)
+    (dict(repetition_penalty=10**400), "repetition_penalty must be a finite number, got 1000"),
+    (dict(temperature=10**400), "temperature must be in [0, 2], got 1000"),
+    (dict(top_p=-10**400), "top_p must be in (0, 1], got -1000"),
 ] + [(kwargs, message) for kwargs, message, _ in WRONG_TYPES]
 
 
@@ -206,3 +232,23 @@ def test_valid_types():
     assert (p.max_tokens, p.seed, p.n, p.top_k, p.stop_token_ids, p.stop) == (5, 3, 2, 4, [3, 4], ["a"])
     assert all(type(v) is int for v in (p.max_tokens, p.seed, p.n, p.top_k, *p.stop_token_ids))
     assert type(p.temperature) is float and p.temperature == 0.5
+
+
+def test_smallest_float32_values_are_valid():
+    # the smallest positive float32 (a subnormal) is still > 0 where the sampler computes
+    p = SamplingParams(top_p=1.5e-45, repetition_penalty=1.5e-45, min_p=1e-300)
+    assert (p.top_p, p.repetition_penalty, p.min_p) == (1.5e-45, 1.5e-45, 1e-300)
+    assert SamplingParams(repetition_penalty=3.4e38).repetition_penalty == 3.4e38
+
+
+def test_flags_and_output_kind_normalised():
+    import numpy as np
+    p = SamplingParams(ignore_eos=np.bool_(True), detokenize=np.True_, skip_special_tokens=False,
+                       output_kind=1)
+    assert p.ignore_eos is True and p.detokenize is True and p.skip_special_tokens is False
+    assert p.output_kind is RequestOutputKind.DELTA
+    assert SamplingParams(output_kind=np.int64(2)).output_kind is RequestOutputKind.FINAL_ONLY
+    # what LLM.generate does to a caller's params: validated again, unchanged
+    import dataclasses
+    q = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+    assert q.ignore_eos is True and q.output_kind is RequestOutputKind.FINAL_ONLY
