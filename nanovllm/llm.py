@@ -65,19 +65,16 @@ class LLM:
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine, done = self.llm_engine, {}
         bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
-        tokens, seconds = [0, 0], [1e-9, 1e-9]       # [decode, prefill] totals of this call
+        start, input_tokens, output_tokens = time.perf_counter(), 0, 0
         while engine.has_unfinished_requests():
-            start, launched = time.perf_counter(), engine.num_steps
-            outputs = engine.step()
-            if engine.num_steps > launched:        # not just the last pipelined step read back
-                is_prefill, num_tokens = engine.last_step
-                tokens[is_prefill] += num_tokens
-                seconds[is_prefill] += time.perf_counter() - start
-            bar.set_postfix(prefill=f"{tokens[1] / seconds[1]:.0f} tok/s",
-                            decode=f"{tokens[0] / seconds[0]:.0f} tok/s", refresh=False)
-            for out in outputs:
+            for out in engine.step():
                 if out.finished:
                     done[out.request_id] = out
+                    input_tokens += len(out.prompt_token_ids)
+                    output_tokens += sum(len(c.token_ids) for c in out.outputs)
+                    elapsed = time.perf_counter() - start
+                    bar.set_postfix_str(f"est. speed input: {input_tokens / elapsed:.0f} toks/s, "
+                                        f"output: {output_tokens / elapsed:.0f} toks/s", refresh=False)
                     bar.update(1)
         bar.close()
         return [done[i] for i in ids]

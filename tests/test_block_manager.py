@@ -42,8 +42,8 @@ def test_random_workload_keeps_invariants(ops, block_size, caching):
         elif op == "grow" and live:
             seq = live[pick % len(live)]
             seq.append_token(tokens[0])
-            if bm.can_append(seq):
-                bm.append_slot(seq)
+            if bm.can_append(seq, seq.num_tokens):
+                bm.append_slot(seq, seq.num_tokens)
                 bm.cache_computed_blocks(seq, seq.num_tokens)
             else:
                 seq.token_ids.pop()

@@ -1,9 +1,10 @@
-"""engine/inputs.py: the lean decode path lays out exactly what the general path does."""
+"""engine/inputs.py: a mixed batch (decodes, prompt chunks, tokens still on the device) is laid
+out exactly as a plain per-token loop says, and its logits rows are planned once."""
 import random
 
 import torch
 
-from nanovllm.engine.inputs import prepare_inputs
+from nanovllm.engine.inputs import plan_logits_rows, prepare_inputs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
@@ -11,43 +12,74 @@ from nanovllm.sampling_params import SamplingParams
 CPU = torch.device("cpu")
 
 
-def decoding_sequences(rng, count, block_size):
-    seqs = []
+def random_batch(rng, count, block_size):
+    """Sequences with random prompts and outputs, each computing a random span: a decode, the
+    next chunk of its prompt, or (from_device) the token the step before is still sampling."""
+    batch = ScheduledBatch([], [], [], [], [])
     for i in range(count):
-        seq = Sequence(str(i), 0, [rng.randrange(100) for _ in range(rng.randint(1, 60))], SamplingParams())
-        for _ in range(rng.randint(0, 20)):
-            seq.append_token(rng.randrange(100))
-        seq.num_computed_tokens = seq.num_tokens - 1           # the newest token is the input
-        blocks = -(-seq.num_tokens // block_size)
-        seq.block_table = rng.sample(range(1000), blocks)
-        seqs.append(seq)
-    return seqs
+        params = SamplingParams(prompt_logprobs=1 if rng.random() < 0.3 else None)
+        seq = Sequence(str(i), 0, [rng.randrange(100) for _ in range(rng.randint(1, 60))], params)
+        kind = rng.choice(["decode", "chunk", "from_device"])
+        if kind != "chunk":
+            for _ in range(rng.randint(0, 20)):
+                seq.append_token(rng.randrange(100))
+        if kind == "decode":
+            start, n = seq.num_tokens - 1, 1
+        elif kind == "chunk":
+            start = rng.randrange(seq.num_tokens)
+            n = rng.randint(1, seq.num_tokens - start)
+        else:
+            start, n = seq.num_tokens, 1
+        seq.block_table = rng.sample(range(1000), -(-(start + n) // block_size))
+        batch.seqs.append(seq)
+        batch.starts.append(start)
+        batch.num_new_tokens.append(n)
+        batch.samples.append(start + n >= seq.num_tokens)
+        batch.from_device.append(kind == "from_device")
+    return batch
 
 
-def test_decode_path_matches_the_general_path():
+def test_layout_matches_a_per_token_loop():
     rng = random.Random(0)
     for block_size in (1, 16):
-        seqs = decoding_sequences(rng, 9, block_size)
-        ones = [1] * len(seqs)
-        decode = prepare_inputs(ScheduledBatch(seqs, ones, is_prefill=False), block_size, CPU)
-        general = prepare_inputs(ScheduledBatch(seqs, ones, is_prefill=True), block_size, CPU)
-        for name in ("input_ids", "positions", "logits_indices"):
-            assert torch.equal(getattr(decode, name), getattr(general, name)), name
-        for name in ("slot_mapping", "cu_seqlens_q", "seq_lens", "block_tables"):
-            assert torch.equal(getattr(decode.meta, name), getattr(general.meta, name)), name
-        assert decode.meta.is_decode and decode.meta.max_seqlen_q == 1
-        assert decode.meta.max_seqlen_k == general.meta.max_seqlen_k
+        for _ in range(5):
+            batch = random_batch(rng, 9, block_size)
+            rows = plan_logits_rows(batch)
+            inputs = prepare_inputs(batch, block_size, CPU, rows.indices)
+            ids, positions, slots, cu, logits_rows, sample_rows = [], [], [0], [0], [], []
+            slots = []
+            for i, (seq, start, n) in enumerate(zip(batch.seqs, batch.starts, batch.num_new_tokens)):
+                for p in range(start, start + n):
+                    ids.append(seq.token_ids[p] if p < seq.num_tokens else 0)
+                    positions.append(p)
+                    slots.append(seq.block_table[p // block_size] * block_size + p % block_size)
+                offset = cu[-1]
+                if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
+                    assert rows.prompt_rows[i] == (len(logits_rows), n - batch.samples[i])
+                    logits_rows += range(offset, offset + n - batch.samples[i])
+                if batch.samples[i]:
+                    sample_rows.append(len(logits_rows))
+                    logits_rows.append(offset + n - 1)
+                cu.append(offset + n)
+            assert inputs.input_ids.tolist() == ids
+            assert inputs.positions.tolist() == positions
+            assert inputs.meta.slot_mapping.tolist() == slots
+            assert inputs.meta.cu_seqlens_q.tolist() == cu
+            assert inputs.meta.seq_lens.tolist() == [s + n for s, n in zip(batch.starts, batch.num_new_tokens)]
+            for table, seq in zip(inputs.meta.block_tables.tolist(), batch.seqs):
+                assert table[:len(seq.block_table)] == seq.block_table
+            assert inputs.logits_indices.tolist() == logits_rows == rows.indices
+            assert (rows.sample_rows or list(range(len(logits_rows)))) == sample_rows
+            assert inputs.meta.max_seqlen_q == max(batch.num_new_tokens)
+            assert inputs.meta.is_decode == (len(batch.seqs) == sum(batch.num_new_tokens) and all(batch.samples))
 
 
-def test_a_step_launched_ahead_computes_the_next_position():
-    seqs = decoding_sequences(random.Random(1), 5, 16)
-    for seq in seqs:                          # room for the token being sampled
-        if seq.num_tokens + 1 > len(seq.block_table) * 16:
-            seq.block_table.append(999)
-    ahead_ids = torch.arange(5) + 500         # the pending tokens, still on the device
-    ahead = prepare_inputs(ScheduledBatch(seqs, [1] * 5, is_prefill=False), 16, CPU, ahead_ids)
-    assert torch.equal(ahead.input_ids, ahead_ids)
-    assert ahead.positions.tolist() == [seq.num_tokens for seq in seqs]
-    assert ahead.meta.seq_lens.tolist() == [seq.num_tokens + 1 for seq in seqs]
-    assert ahead.meta.slot_mapping.tolist() == [
-        seq.block_table[seq.num_tokens // 16] * 16 + seq.num_tokens % 16 for seq in seqs]
+def test_a_decode_batch_samples_every_row_in_order():
+    rng = random.Random(1)
+    batch = random_batch(rng, 40, 16)
+    keep = [i for i, n in enumerate(batch.num_new_tokens) if n == 1 and batch.samples[i]]
+    decode = ScheduledBatch(*([getattr(batch, f)[i] for i in keep]
+                              for f in ("seqs", "starts", "num_new_tokens", "samples", "from_device")))
+    assert decode.is_decode
+    rows = plan_logits_rows(decode)
+    assert rows.indices == list(range(len(keep))) and rows.sample_rows is None and rows.prompt_rows == {}

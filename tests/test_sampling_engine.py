@@ -212,23 +212,23 @@ def test_penalties_end_to_end(tiny_qwen3, hf_model, options, fused):
         assert llm.llm_engine.scheduler.num_preemptions > 0
 
 
-def test_penalties_keep_decode_pipelined_but_min_tokens_does_not(llm, monkeypatch):
-    """Penalties count tokens on the device, in step order, so the next decode step can be
-    launched before this one's tokens are read back; min_tokens needs the count on the host."""
+def test_penalties_and_min_tokens_keep_steps_pipelined(llm, monkeypatch):
+    """Penalties count tokens on the device, in step order, and min_tokens counts the token in
+    flight, so the next step is launched before this one's tokens are read back."""
     scheduler = llm.llm_engine.scheduler
-    launched_ahead, schedule_ahead = [], scheduler.schedule_ahead
+    launched_ahead, schedule = [], scheduler.schedule
 
-    def spy(batch):
-        ahead = schedule_ahead(batch)
-        launched_ahead.append(ahead is not None)
-        return ahead
+    def spy(overlapping=False):
+        batch = schedule(overlapping)
+        if overlapping:
+            launched_ahead.append(batch is not None)
+        return batch
 
-    monkeypatch.setattr(scheduler, "schedule_ahead", spy)
-    greedy(llm, PROMPTS[:2], max_tokens=12, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.5)
-    assert sum(launched_ahead) >= 8
-    launched_ahead.clear()
-    greedy(llm, PROMPTS[:2], max_tokens=12, ignore_eos=True, min_tokens=4)
-    assert launched_ahead and not any(launched_ahead)
+    monkeypatch.setattr(scheduler, "schedule", spy)
+    for extra in (dict(repetition_penalty=1.3, frequency_penalty=0.5), dict(min_tokens=4)):
+        launched_ahead.clear()
+        greedy(llm, PROMPTS[:2], max_tokens=12, ignore_eos=True, **extra)
+        assert sum(launched_ahead) >= 10, extra
 
 
 def test_seeded_row_seed_is_a_function_of_the_token_position(fused_llm):
@@ -240,23 +240,23 @@ def test_seeded_row_seed_is_a_function_of_the_token_position(fused_llm):
     from nanovllm.engine.sequence import Sequence
     runner = fused_llm.llm_engine.runner
 
-    def seed_of(seq, n, ahead, is_prefill=False):
-        return int(runner._row_seeds(ScheduledBatch([seq], [n], is_prefill, [True]), ahead)[0])
+    def seed_of(seq, start, n):
+        from_device = start == seq.num_tokens
+        return int(runner._row_seeds(ScheduledBatch([seq], [start], [n], [True], [from_device]))[0])
 
     seq = Sequence("r", 0, list(range(10)), SamplingParams(seed=7))
-    draws_10 = seed_of(seq, 10, False, is_prefill=True)         # the prompt's last chunk
-    seq.num_computed_tokens = 10
+    draws_10 = seed_of(seq, 0, 10)                              # the prompt's last chunk
+    draws_11_ahead = seed_of(seq, 10, 1)                        # launched before token 10 is read back
     seq.append_token(3)                                         # read back: token 10
-    draws_11 = seed_of(seq, 1, False)                           # a decode step, launched
-    draws_12_ahead = seed_of(seq, 1, True)                      # the next one, launched before 11 is read
-    seq.num_computed_tokens = 11
+    assert seed_of(seq, 10, 1) == draws_11_ahead                # token 11's seed, launched either way
+    draws_12_ahead = seed_of(seq, 11, 1)
     seq.append_token(4)                                         # now read back: token 11
-    assert seed_of(seq, 1, False) == draws_12_ahead             # token 12's seed, launched either way
-    assert len({draws_10, draws_11, draws_12_ahead}) == 3
+    assert seed_of(seq, 11, 1) == draws_12_ahead
+    assert len({draws_10, draws_11_ahead, draws_12_ahead}) == 3
     sibling = Sequence("r", 1, list(range(10)), SamplingParams(seed=7))     # completion 1 of n
-    assert seed_of(sibling, 10, False, is_prefill=True) != draws_10
+    assert seed_of(sibling, 0, 10) != draws_10
     unseeded = Sequence("u", 0, list(range(10)), SamplingParams())
-    assert seed_of(unseeded, 10, False, True) != seed_of(unseeded, 10, False, True)
+    assert seed_of(unseeded, 0, 10) != seed_of(unseeded, 0, 10)
 
 
 def test_fused_logprobs_equal_the_torch_ones(llm, fused_llm):

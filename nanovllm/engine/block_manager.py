@@ -136,11 +136,11 @@ class BlockManager:
         seq.num_computed_tokens = 0
         seq.num_blocks_seen = 0
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Is there room for seq's newest token (a new block if it starts one)?"""
-        return len(seq.block_table) >= self.blocks_needed(seq.num_tokens) or self.num_free_blocks > 0
+    def can_append(self, seq: Sequence, num_tokens: int) -> bool:
+        """Are there blocks for seq to hold `num_tokens` tokens?"""
+        return self.blocks_needed(num_tokens) - len(seq.block_table) <= self.num_free_blocks
 
-    def append_slot(self, seq: Sequence, num_tokens: int | None = None) -> None:
-        """Make room for seq's newest token (or for `num_tokens` tokens)."""
-        if len(seq.block_table) < self.blocks_needed(num_tokens or seq.num_tokens):
+    def append_slot(self, seq: Sequence, num_tokens: int) -> None:
+        """Give seq the blocks it lacks to hold `num_tokens` tokens."""
+        while len(seq.block_table) < self.blocks_needed(num_tokens):
             seq.block_table.append(self._take_free_block().block_id)

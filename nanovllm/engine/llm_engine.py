@@ -56,8 +56,8 @@ class LLMEngine:
         self.token_texts = TokenTexts(self.tokenizer)   # for logprobs' decoded_token
         self.eos_token_id, self.extra_eos_ids = _eos_ids(self.tokenizer, config.hf_config)
         self.num_steps = 0
-        self.last_step = (False, 0)          # (was it a prefill, tokens computed), for progress bars
-        self.in_flight = None                # a decode step launched but not yet read back
+        self.last_step: ScheduledBatch | None = None    # the step launched last (progress bars, benchmarks)
+        self.in_flight = None                # a step launched but not yet read back
         self.unreported: dict[str, Request] = {}   # advanced since their last output (see step's `wanted`)
 
     @classmethod
@@ -171,30 +171,24 @@ class LLMEngine:
 
     # -- one step -------------------------------------------------------------------------
     def step(self, wanted: Callable[[str], bool] | None = None) -> list[RequestOutput]:
-        """Run one batch; return the outputs of the requests it advanced (per output_kind).
+        """Run one step; return the outputs of the requests it advanced (per output_kind).
         `wanted(request_id)` (a server's hand-over schedule): whose other outputs to make
         now; first and final outputs are always made. An output not wanted waits, and the
         next one then covers every step since (DELTA: all the new tokens and text), so a
         streamed request's text is decoded a few times a second instead of at every step.
 
-        Decode steps are pipelined: while step N is on the device, step N+1 is scheduled and
-        launched with N's sampled tokens as its inputs (read on the device), and only then are
-        N's tokens read back and processed. The host's work thus overlaps the device's.
+        Host and device overlap: the step launched by the previous call is still on the
+        device when this one schedules and launches the next, reading its sampled tokens on
+        the device; only then are the previous step's tokens read back and processed.
         """
         pending, self.in_flight = self.in_flight, None
         if pending is not None:
-            ahead = self.scheduler.schedule_ahead(pending.batch)
-            if ahead is not None:
-                self.in_flight = self._launch(ahead, after=pending)
-        touched = self._finish(pending) if pending is not None else []
-        if self.in_flight is None:
-            batch = self.scheduler.schedule()
-            if batch is not None:
-                launched = self._launch(batch)
-                if batch.is_prefill:
-                    touched += self._finish(launched)
-                else:
-                    self.in_flight = launched
+            self.in_flight = self._launch(self.scheduler.schedule(overlapping=True), after=pending)
+            touched = self._finish(pending)
+        else:
+            touched = []
+        if self.in_flight is None:        # nothing could be launched ahead: schedule with every token known
+            self.in_flight = self._launch(self.scheduler.schedule())
         for request in touched:
             self.unreported[request.request_id] = request
         if wanted is None:
@@ -205,9 +199,11 @@ class LLMEngine:
                 del self.unreported[request.request_id]
         return [out for out in (self._make_output(r) for r in due) if out is not None]
 
-    def _launch(self, batch: ScheduledBatch, after=None):
+    def _launch(self, batch: ScheduledBatch | None, after=None):
+        if batch is None:
+            return None
         self.num_steps += 1
-        self.last_step = (batch.is_prefill, batch.num_tokens)
+        self.last_step = batch
         return self.runner.launch(batch, self.eos_ids, after)
 
     def _finish(self, launched) -> list[Request]:
@@ -229,7 +225,7 @@ class LLMEngine:
                 continue
             request = self.requests[seq.request_id]
             if i in result.prompt_logprobs:
-                chunk_start = seq.num_computed_tokens - batch.num_new_tokens[i]
+                chunk_start = batch.starts[i]
                 # After a preemption the prompt is recomputed: keep the logprobs gathered the first time.
                 if chunk_start + 1 == len(request.prompt_logprobs):
                     prompt_rows = LogprobRows(result.prompt_logprobs[i], self.token_texts)

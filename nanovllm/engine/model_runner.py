@@ -15,7 +15,8 @@ import torch
 
 from nanovllm.config import EngineConfig
 from nanovllm.distributed import min_over_ranks, tp_rank, tp_size
-from nanovllm.engine.inputs import ModelInputs, prepare_inputs, to_tensors, wants_prompt_logprobs
+from nanovllm.engine.inputs import LogitsRows, ModelInputs, block_table_array, plan_logits_rows, prepare_inputs, \
+    to_tensors
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.token_histograms import TokenHistograms
 from nanovllm.kernels import triton_available
@@ -75,10 +76,11 @@ class ModelRunner:
         self.graphs = None
         self.num_blocks = self._allocate_kv_cache()
         if config.device == "cuda" and not config.enforce_eager:
-            from nanovllm.engine.cuda_graphs import DecodeGraphs
+            from nanovllm.engine.cuda_graphs import StepGraphs
             start = time.perf_counter()
-            self.graphs = DecodeGraphs(self, max_batch_size=min(config.max_num_seqs, 512))
-            logger.info("captured %d CUDA graphs for decode in %.1f s", len(self.graphs.graphs),
+            self.graphs = StepGraphs(self)
+            logger.info("captured %d CUDA graphs (%d decode batch sizes, %d mixed-step token counts) in %.1f s",
+                        self.graphs.num_graphs, len(self.graphs.decode), len(self.graphs.mixed),
                         time.perf_counter() - start)
 
     # -- KV cache ---------------------------------------------------------------------
@@ -130,7 +132,7 @@ class ModelRunner:
             input_ids=[0] * (seq_len * num_seqs), positions=list(range(seq_len)) * num_seqs,
             slots=[s * per_seq * self.block_size + p for s in range(num_seqs) for p in range(seq_len)],
             cu_q=[i * seq_len for i in range(num_seqs + 1)], seq_lens=[seq_len] * num_seqs,
-            block_tables=[list(range(s * per_seq, (s + 1) * per_seq)) for s in range(num_seqs)],
+            tables=block_table_array([list(range(s * per_seq, (s + 1) * per_seq)) for s in range(num_seqs)]),
             max_q=seq_len, is_decode=False, logits_indices=[(i + 1) * seq_len - 1 for i in range(num_seqs)],
             device=self.device)
         logits = self.execute(inputs)
@@ -157,19 +159,31 @@ class ModelRunner:
     # that time to launch the next decode step before it resolves this one.
     def launch(self, batch: ScheduledBatch, eos_ids: Collection[int], after: "Launched | None" = None,
                ) -> "Launched":
-        """Queue batch's forward pass and sampling. With `after` (a decode step not resolved yet),
-        batch is the next decode step of (some of) its sequences: their input token is the one
-        `after` samples, read on the device, and their positions are one further on.
-        `eos_ids`: the model's EOS ids, which min_tokens bans (unless ignore_eos)."""
-        input_ids = None
-        if after is not None:
-            index = {id(seq): i for i, seq in enumerate(after.batch.seqs)}
-            rows = to_device(torch.tensor([index[id(seq)] for seq in batch.seqs]), self.device)
-            input_ids = after.sampled_on_device.index_select(0, rows)
-        inputs = self.prepare(batch, input_ids)
+        """Queue batch's forward pass and sampling. `after`: the step still in flight before this
+        one; sequences whose first input is its sampled token (`batch.from_device`) read it on
+        the device. `eos_ids`: the model's EOS ids, which min_tokens bans (unless ignore_eos)."""
+        rows = plan_logits_rows(batch)
+        inputs = self.prepare(batch, rows.indices)
+        if after is not None and any(batch.from_device):
+            self._inputs_from_device(batch, inputs, after)
         with torch.inference_mode():
             logits = self.execute(inputs)
-            return self.sample(batch, logits, eos_ids, ahead=after is not None)
+            return self.sample(batch, rows, logits, eos_ids)
+
+    def _inputs_from_device(self, batch: ScheduledBatch, inputs: ModelInputs, after: "Launched") -> None:
+        sample_row = {id(seq): i for i, seq in enumerate(s for s, samples in zip(after.batch.seqs, after.batch.samples)
+                                                         if samples)}
+        offsets, rows, offset = [], [], 0
+        for seq, n, from_device in zip(batch.seqs, batch.num_new_tokens, batch.from_device):
+            if from_device:
+                offsets.append(offset)
+                rows.append(sample_row[id(seq)])
+            offset += n
+        if rows == offsets == list(range(inputs.input_ids.shape[0])):
+            inputs.input_ids = after.sampled_on_device[:len(rows)]     # a decode batch in the same order
+            return
+        index = to_device(torch.tensor(offsets + rows), self.device)
+        inputs.input_ids.index_copy_(0, index[:len(offsets)], after.sampled_on_device.index_select(0, index[len(offsets):]))
 
     def resolve(self, launched: "Launched") -> StepResult:
         """Wait for a launched step; the sampled token of each sequence (None mid-prompt)."""
@@ -180,47 +194,35 @@ class ModelRunner:
         sampled = [next(tokens) if samples else None for samples in launched.batch.samples]
         return StepResult(sampled, launched.sample_logprobs, launched.prompt_logprobs)
 
-    def prepare(self, batch: ScheduledBatch, input_ids: torch.Tensor | None = None) -> ModelInputs:
-        return prepare_inputs(batch, self.block_size, self.device, input_ids)
+    def prepare(self, batch: ScheduledBatch, logits_indices: list[int]) -> ModelInputs:
+        return prepare_inputs(batch, self.block_size, self.device, logits_indices)
 
     @torch.inference_mode()
     def execute(self, inputs: ModelInputs) -> torch.Tensor | None:
         """Forward pass -> logits [N, vocab] for `inputs.logits_indices` (None off rank 0)."""
-        if self.graphs is not None and inputs.meta.is_decode and self.graphs.fits(inputs):
+        if self.graphs is not None and self.graphs.fits(inputs):
             hidden = self.graphs.replay(inputs)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
     @torch.inference_mode()
-    def sample(self, batch: ScheduledBatch, logits: torch.Tensor, eos_ids: Collection[int],
-               ahead: bool = False) -> "Launched":
-        """Queue the choice of the next token of every sequence that finished its prompt (or
-        decodes), and the logprobs that were asked for. Nothing is read back here. `ahead`:
-        the batch was launched before the step it follows was read back (see launch)."""
-        rows, prompt_rows, seqs = None, {}, batch.seqs    # decode: every sequence samples
-        if batch.is_prefill:
-            rows, row = [], 0
-            for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-                if wants_prompt_logprobs(seq, seq.num_computed_tokens):
-                    count = n - batch.samples[i]
-                    prompt_rows[i] = (row, count)
-                    row += count
-                if batch.samples[i]:
-                    rows.append(row)
-                    row += 1
-            seqs = [seq for seq, samples in zip(batch.seqs, batch.samples) if samples]
-        sample_logits = logits[rows] if rows is not None and len(rows) != logits.shape[0] else logits
+    def sample(self, batch: ScheduledBatch, rows: LogitsRows, logits: torch.Tensor, eos_ids: Collection[int],
+               ) -> "Launched":
+        """Queue the choice of the next token of every sequence whose span ends at its newest
+        token, and the logprobs that were asked for. Nothing is read back here."""
+        seqs = [seq for seq, samples in zip(batch.seqs, batch.samples) if samples]
+        sample_logits = logits if rows.sample_rows is None else logits[rows.sample_rows]
         meta, histogram_rows = self._sampling_metadata(seqs, eos_ids)
-        row_seeds = self._row_seeds(batch, ahead) if meta.generators and self.sampler.fused else None
+        row_seeds = self._row_seeds(batch) if meta.generators and self.sampler.fused else None
         out: SamplerOutput = self.sampler(sample_logits, meta, row_seeds)
         if histogram_rows is not None:
             self.histograms.record(histogram_rows, out.sampled_token_ids)
         prompt_logprobs = {}
-        for i, (start, count) in prompt_rows.items():
-            seq, first = batch.seqs[i], batch.seqs[i].num_computed_tokens
+        for i, (first_row, count) in rows.prompt_rows.items():
+            seq, first = batch.seqs[i], batch.starts[i]
             targets = to_device(torch.tensor(seq.token_ids[first + 1:first + 1 + count]), logits.device)
-            prompt_logprobs[i] = gather_logprobs(logits[start:start + count], targets,
+            prompt_logprobs[i] = gather_logprobs(logits[first_row:first_row + count], targets,
                                                  seq.params.prompt_logprobs, self.sampler.fused)
         # Start copying the results to the host now. Reading them later waits for this step
         # only, not for a step launched after it (a plain .tolist() would wait for everything).
@@ -242,25 +244,32 @@ class ModelRunner:
             histogram_rows = self.histograms.gather(seqs)
             token_counts = (self.histograms.output_counts, self.histograms.prompt_mask, histogram_rows)
         meta = SamplingMetadata.build(
-            [SamplingRow.of(s.params, s.token_ids, s.num_prompt_tokens, s.generator, eos_ids,
+            [SamplingRow.of(s.params, _known_tokens(s), s.num_prompt_tokens, s.generator, eos_ids,
                             counts_kept=histogram_rows is not None) for s in seqs],
             self.vocab_size, self.device, token_counts)
         reusable = not any(s.params.min_tokens for s in seqs)
         self._cached_meta = (key if reusable else None, meta, histogram_rows)
         return meta, histogram_rows
 
-    def _row_seeds(self, batch: ScheduledBatch, ahead: bool) -> torch.Tensor:
+    def _row_seeds(self, batch: ScheduledBatch) -> torch.Tensor:
         """This step's seed for each sampling row of the fused sampler. A seeded request's is a
         function of its seed, its completion index and the position of the token being drawn,
         so its tokens depend on nothing else (batch, schedule, preemption); the other rows get
         fresh draws from torch's global generator."""
         base, seeds = int(torch.randint(0, 2**62, ())), []
-        for seq, n, samples in zip(batch.seqs, batch.num_new_tokens, batch.samples):
+        for seq, start, n, samples in zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples):
             if samples:
                 seed = seq.params.seed
-                position = seq.num_computed_tokens + n + ahead      # index of the token drawn
-                seeds.append(base + len(seeds) if seed is None else _stream_seed(seed + seq.index, position))
+                seeds.append(base + len(seeds) if seed is None else _stream_seed(seed + seq.index, start + n))
         return to_device(torch.tensor(seeds, dtype=torch.int64), self.device)
+
+
+def _known_tokens(seq) -> list[int]:
+    """seq's tokens before the one this step draws. min_tokens counts them: a token of the step
+    before, still in flight (seq.num_in_flight is then 2), counts too (its value does not matter)."""
+    if seq.num_in_flight > 1 and seq.params.min_tokens:
+        return seq.token_ids + [-1] * (seq.num_in_flight - 1)
+    return seq.token_ids
 
 
 def _stream_seed(seed: int, position: int) -> int:

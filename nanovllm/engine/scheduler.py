@@ -1,15 +1,20 @@
 """Continuous batching: each step, decide which sequences run and how many tokens each computes.
 
-Policy (nano-vllm's, plus chunking):
-- Prefill first. Waiting sequences are taken in order while the step's token budget
-  (`max_num_batched_tokens`) and `max_num_seqs` allow. A prompt longer than the remaining
-  budget is cut (chunked prefill): its first chunk runs now, the rest in the next steps.
-- Otherwise decode: every running sequence computes its newest token. When a sequence's
-  new token needs a block and none is free, the most recently admitted running sequence
-  is preempted: its blocks are freed and it goes back to the front of the queue, to be
-  recomputed (prompt + the tokens it had generated) when there is room again.
-A step is therefore all-prefill or all-decode; decode steps have exactly one token per
-sequence, which is what CUDA graphs replay.
+Policy (vLLM V1's): there is one kind of step. Every running sequence gets its next tokens
+first: one for a sequence that is decoding, the next chunk of its prompt for one whose prompt
+is not fully computed yet. What is left of the step's token budget (`max_num_batched_tokens`)
+then admits waiting sequences, in order, while `max_num_seqs` allows and blocks can be
+allocated; the last one admitted may get only the first chunk of its prompt (chunked
+prefill). So a prompt that joins never stalls the decodes: they run in the same forward pass.
+When a running sequence's next token needs a block and none is free, the most recently
+admitted running sequence is preempted: its blocks are freed and it goes back to the front of
+the queue, to be recomputed (prompt + the tokens it had generated) when there is room again.
+
+A step may be scheduled while the previous one is still on the device (the engine overlaps
+the two): a sequence whose sampled token is not read back yet (`seq.num_in_flight`) then
+computes that token, which the step reads on the device. Such a step never preempts (the
+caller reads the step in flight back first instead) and leaves out sequences that the token
+in flight ends by length; one that it ends by EOS or a stop string computes a token in vain.
 """
 from collections import deque
 from dataclasses import dataclass
@@ -21,21 +26,22 @@ from nanovllm.engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
+    """One step: for each sequence, the span of positions it computes. Decided when
+    scheduled, since the sequences move on while the step is in flight."""
     seqs: list[Sequence]
-    num_new_tokens: list[int]     # tokens each sequence computes this step
-    is_prefill: bool
-    # Per sequence: does this step give it a new token (is its chunk the last of its prompt)?
-    # Decided when scheduled, since the sequences move on while the step is in flight.
-    samples: list[bool] | None = None
-
-    def __post_init__(self):
-        if self.samples is None:
-            self.samples = [seq.num_computed_tokens + n == seq.num_tokens
-                            for seq, n in zip(self.seqs, self.num_new_tokens)]
+    starts: list[int]             # first position each sequence computes
+    num_new_tokens: list[int]     # how many positions
+    samples: list[bool]           # does the span end at its newest token (so a token is sampled)?
+    from_device: list[bool]       # is its first input the previous step's sample, still on the device?
 
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence computes exactly one token and samples: what decode graphs replay."""
+        return len(self.seqs) == self.num_tokens and all(self.samples)
 
 
 class Scheduler:
@@ -45,7 +51,6 @@ class Scheduler:
         self.max_model_len = config.max_model_len
         self.chunked_prefill = config.enable_chunked_prefill
         self.block_manager = block_manager
-        self.block_size = config.block_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -53,70 +58,72 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> ScheduledBatch | None:
-        return self._schedule_prefill() or self._schedule_decode()
-
-    def _schedule_prefill(self) -> ScheduledBatch | None:
-        seqs, counts, budget = [], [], self.max_num_batched_tokens
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if not seq.block_table and not self.block_manager.allocate(seq):
-                break                             # no room yet: wait for running ones to finish
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if n < seq.num_tokens - seq.num_computed_tokens and not self.chunked_prefill and seqs:
-                break                             # no chunking: the whole prompt goes next step
-            self.block_manager.cache_computed_blocks(seq, seq.num_computed_tokens + n)
-            seqs.append(seq)
-            counts.append(n)
-            budget -= n
-            if seq.num_computed_tokens + n < seq.num_tokens:
-                break                             # a partial chunk: the rest comes next step
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-        return ScheduledBatch(seqs, counts, is_prefill=True) if seqs else None
-
-    def _schedule_decode(self) -> ScheduledBatch | None:
-        scheduled = []
+    def schedule(self, overlapping: bool = False) -> ScheduledBatch | None:
+        """The next step, or None when nothing can run. `overlapping`: the previous step is
+        still in flight; returns None rather than preempt (see the module's notes)."""
+        if overlapping and not self._running_fits_without_preemption():
+            return None
+        batch = ScheduledBatch([], [], [], [], [])
+        budget = self.max_num_batched_tokens
         for seq in list(self.running):
             if seq.status != SequenceStatus.RUNNING:
                 continue                          # preempted earlier in this loop
-            while not self.block_manager.can_append(seq):
+            n = self._span(seq, budget)
+            if n == 0:
+                continue
+            while not self.block_manager.can_append(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
                     break
             else:
-                self.block_manager.append_slot(seq)
-                scheduled.append(seq)
-        return ScheduledBatch(scheduled, [1] * len(scheduled), False, [True] * len(scheduled)) if scheduled else None
+                self.block_manager.append_slot(seq, seq.num_computed_tokens + n)
+                self._add(batch, seq, n)
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.block_manager.allocate(seq):
+                break                             # no room yet: wait for running ones to finish
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n < seq.num_tokens - seq.num_computed_tokens and not self.chunked_prefill:
+                self.block_manager.free_blocks(seq)
+                break                             # no chunking: the whole prompt goes in a later step
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self._add(batch, seq, n)
+            budget -= n
+        return batch if batch.seqs else None
 
-    def schedule_ahead(self, launched: ScheduledBatch) -> ScheduledBatch | None:
-        """The next decode step of a decode step still on the device, scheduled before its
-        tokens are known (each sequence will then have one token more). Only when nothing
-        could change the plan: no prompt is waiting, no sequence needs its new token counted
-        on the host to be sampled (min_tokens; penalties count on the device, in step order),
-        and blocks suffice without preemption. Sequences
-        that the pending token finishes by length are left out; one that stops on EOS or a
-        stop string computes one token in vain, which is dropped."""
-        if self.waiting:
-            return None
-        seqs, growing = [], []        # growing: those whose next token starts a new block
-        for seq in launched.seqs:
-            if seq.status != SequenceStatus.RUNNING:
-                continue
-            if seq.params.min_tokens:
-                return None
-            num_tokens = len(seq.token_ids) + 1      # with the token being sampled
-            if num_tokens - seq.num_prompt_tokens < seq.params.max_tokens and num_tokens < self.max_model_len:
-                seqs.append(seq)
-                if num_tokens > len(seq.block_table) * self.block_size:
-                    growing.append(seq)
-        if not seqs or len(growing) > self.block_manager.num_free_blocks:
-            return None
-        for seq in growing:
-            self.block_manager.append_slot(seq, len(seq.token_ids) + 1)
-        return ScheduledBatch(seqs, [1] * len(seqs), False, [True] * len(seqs))
+    def _span(self, seq: Sequence, budget: int) -> int:
+        """How many tokens a running sequence computes next: the rest of what is known of it
+        (its token in flight included), within the budget; 0 when the token in flight is its last."""
+        known = seq.num_tokens + seq.num_in_flight
+        if seq.num_in_flight and (known - seq.num_prompt_tokens >= seq.params.max_tokens
+                                  or known >= self.max_model_len):
+            return 0
+        return max(0, min(known - seq.num_computed_tokens, budget))
+
+    def _running_fits_without_preemption(self) -> bool:
+        needed, budget = 0, self.max_num_batched_tokens
+        for seq in self.running:
+            n = self._span(seq, budget)
+            needed += max(0, self.block_manager.blocks_needed(seq.num_computed_tokens + n) - len(seq.block_table))
+            budget -= n
+        return needed <= self.block_manager.num_free_blocks
+
+    def _add(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        # Full blocks of known tokens are offered to the prefix cache now: this step writes
+        # their keys/values before any later step can read them.
+        self.block_manager.cache_computed_blocks(seq, min(end, seq.num_tokens))
+        batch.seqs.append(seq)
+        batch.starts.append(start)
+        batch.num_new_tokens.append(n)
+        batch.samples.append(end == seq.num_tokens + seq.num_in_flight)
+        batch.from_device.append(start == seq.num_tokens)      # the token in flight is its input
+        seq.num_computed_tokens = end
+        seq.num_in_flight += batch.samples[-1]
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -126,16 +133,14 @@ class Scheduler:
         self.num_preemptions += 1
 
     def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
-        """Record a finished step: advance computed counts and append sampled tokens
-        (`sampled[i]` is None for a sequence whose prefill chunk was not its last)."""
-        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
-            if seq.is_finished:
-                continue                          # it stopped while this step was in flight
-            seq.num_computed_tokens += n
-            if token is not None:
-                seq.append_token(token)
-            if not batch.is_prefill:              # prefill blocks were offered when scheduled
-                self.block_manager.cache_computed_blocks(seq, seq.num_computed_tokens)
+        """Record a step read back: append the sampled tokens (`sampled[i]` is None for a
+        sequence whose span was not its last prompt chunk)."""
+        for seq, token in zip(batch.seqs, sampled):
+            if token is None or seq.is_finished:
+                continue                          # mid-prompt, or it stopped while this step was in flight
+            seq.append_token(token)
+            seq.num_in_flight -= 1
+            self.block_manager.cache_computed_blocks(seq, min(seq.num_computed_tokens, seq.num_tokens))
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         """End a sequence (stopped, out of length, or aborted) and free its blocks."""
@@ -145,4 +150,5 @@ class Scheduler:
         elif seq.status == SequenceStatus.WAITING:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
+        seq.num_in_flight = 0
         self.block_manager.free_blocks(seq)

@@ -14,7 +14,7 @@ from nanovllm.sampling_params import SamplingParams
 
 class SequenceStatus(Enum):
     WAITING = auto()     # prompt (or, after preemption, prompt + output) not fully computed yet
-    RUNNING = auto()     # decoding: one new token per step
+    RUNNING = auto()     # admitted: computing its prompt in chunks, then one new token per step
     FINISHED = auto()
 
 
@@ -34,6 +34,9 @@ class Sequence:
         # Tokens whose keys/values are in the KV cache. Chunked prefill advances it chunk
         # by chunk; preemption resets it to 0 (the KV is recomputed later).
         self.num_computed_tokens = 0
+        # Tokens sampled by steps still on the device, not yet appended to token_ids (0 or 1;
+        # 2 for a moment while the engine overlaps two steps).
+        self.num_in_flight = 0
         self.num_cached_tokens = 0              # prompt tokens found in the prefix cache
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []       # chained hashes of the full blocks so far
