@@ -39,8 +39,8 @@ def decode_step_ms(engine, prompts: list[list[int]], kwargs: dict, profile: bool
     engine.last_step = None
     for request_id, prompt in zip(ids, prompts):
         engine.add_request(request_id, prompt, params)
-    while engine.last_step is None or engine.last_step[0] or engine.last_step[1] < len(prompts):
-        engine.step()                           # prefill, until a decode step runs every sequence
+    while engine.last_step is None or not engine.last_step.is_decode or len(engine.last_step.seqs) < len(prompts):
+        engine.step()                           # prompts, until a decode step runs every sequence
     for _ in range(WARMUP):
         engine.step()
     if torch.cuda.is_available():

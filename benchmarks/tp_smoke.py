@@ -50,9 +50,9 @@ def main() -> None:
         t = time.perf_counter()
         engine.step()
         last_progress[0] = time.monotonic()
-        is_prefill, num_tokens = engine.last_step
+        batch = engine.last_step
         if step < 5 or step % 10 == 0:
-            print(f"step {step}: {'prefill' if is_prefill else 'decode'} of {num_tokens} tokens, "
+            print(f"step {step}: {'decode' if batch.is_decode else 'mixed'} of {batch.num_tokens} tokens, "
                   f"{1000 * (time.perf_counter() - t):.1f} ms", flush=True)
         step += 1
     print(f"done: {step} steps", flush=True)
