@@ -70,16 +70,27 @@ def test_client_leaving_a_non_streamed_request_aborts_it(url, engine):
 
 @pytest.mark.parametrize("body, status, param", [
     ({"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature"),        # SamplingParams
-    ({"model": MODEL, "prompt": "hi", "temperature": 0, "n": 2}, 400, None),          # greedy with n > 1
+    ({"model": MODEL, "prompt": "hi", "temperature": 0, "n": 2}, 400, "n"),           # greedy with n > 1
+    ({"model": MODEL, "prompt": "hi", "n": 0}, 400, "n"),
+    ({"model": MODEL, "prompt": "hi", "top_k": -5}, 400, "top_k"),
+    ({"model": MODEL, "prompt": "hi", "min_p": 2}, 400, "min_p"),
+    ({"model": MODEL, "prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty"),
+    ({"model": MODEL, "prompt": "hi", "min_tokens": 20, "max_tokens": 4}, 400, "min_tokens"),
+    ({"model": MODEL, "prompt": "hi", "logprobs": 100}, 400, "logprobs"),              # above the maximum
+    ({"model": MODEL, "prompt": "hi", "prompt_logprobs": 100}, 400, "prompt_logprobs"),
+    ({"model": MODEL, "prompt": "hi", "stop": ["a", ""]}, 400, "stop"),
     ({"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": [5] * 300}, 400, "max_tokens"),                       # prompt too long
     ({"model": MODEL, "prompt": "hi", "max_tokens": 255}, 400, "max_tokens"),         # prompt + output too long
-    ({"model": MODEL, "prompt": [[1, 2, 100000]]}, 400, None),                        # not in the vocabulary
-    ({"model": MODEL, "prompt": [[1, 2, 3], [4, 100000]]}, 400, None),                # one bad prompt of two
+    ({"model": MODEL, "prompt": [[1, 2, 100000]]}, 400, "prompt"),                    # not in the vocabulary
+    ({"model": MODEL, "prompt": [[1, 2, 3], [4, 100000]]}, 400, "prompt"),            # one bad prompt of two
     ({"model": MODEL, "prompt": []}, 400, "prompt"),
     ({"model": MODEL}, 400, "prompt"),                                                # missing field
     ({"model": MODEL, "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),      # wrong type
+    ({"model": MODEL, "prompt": 5}, 400, "prompt"),             # no union branch fits: not "prompt.str"
+    ({"model": MODEL, "prompt": [[1, "a"]]}, 400, "prompt[0][1]"),
+    ({"model": MODEL, "prompt": "hi", "stop": ["a", 5]}, 400, "stop[1]"),
     ('{"model": "tiny", "prompt": ', 400, None),                                      # malformed JSON
     ({"model": "gpt-4", "prompt": "hi"}, 404, "model"),                               # unknown model
     ({"model": MODEL, "prompt": "hi", "seed": 2**70}, 400, "seed"),                   # beyond torch's seeds

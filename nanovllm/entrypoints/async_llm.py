@@ -12,14 +12,20 @@ it. A rejected add (a ValueError from validation) is answered on that request's 
 so a bad request never disturbs the running ones. A consumer that stops iterating (it
 breaks, is cancelled, or its HTTP client went away) aborts its request: the engine frees its
 KV blocks before its next step.
+
+If the engine fails (a step raises, or its process dies), every pending request ends with
+`EngineDeadError` (a one-line message; the traceback is logged once, here) and the callbacks
+given to `on_stopped` run: `nanovllm serve` exits then, so that a supervisor restarts it.
 """
 import asyncio
 import concurrent.futures
 import itertools
 import logging
 import threading
+import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from nanovllm.entrypoints.engine_process import ABORTED, EngineProcess, EngineStats
 from nanovllm.outputs import RequestOutput, fold_outputs
@@ -30,6 +36,16 @@ logger = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     """The engine process has stopped (shut down, failed, or was killed)."""
+
+
+@dataclass
+class RequestRecord:
+    """A request that has ended, for metrics (times are time.monotonic())."""
+    arrival: float                  # add_request was called
+    first_token: float | None       # its first token was made (None: none was)
+    finished: float | None          # its final output arrived (None: aborted, or the engine failed)
+    prompt_tokens: int
+    output_tokens: list[int]        # per choice
 
 
 class RequestStream:
@@ -49,6 +65,9 @@ class RequestStream:
         self._items: deque = deque()
         self._waiter: asyncio.Future | None = None
         self._prompt: tuple | None = None      # prompt, its ids and logprobs, from the first output
+        self.arrival = time.monotonic()
+        self._output_tokens: dict[int, int] = {}    # per choice, so far
+        self._recorded = False
 
     def _put(self, item) -> None:
         """Called in the event loop's thread."""
@@ -58,6 +77,7 @@ class RequestStream:
                 self._prompt = item.prompt, item.prompt_token_ids, item.prompt_logprobs
             else:
                 item.prompt, item.prompt_token_ids, item.prompt_logprobs = self._prompt
+            self._count(item)
         last = self._items[-1] if self._items else None
         if isinstance(item, RequestOutput) and isinstance(last, RequestOutput):
             self._items[-1] = fold_outputs(last, item, self.delta)
@@ -76,6 +96,22 @@ class RequestStream:
             raise item
         return item
 
+    def _count(self, output: RequestOutput) -> None:
+        """Tokens per choice (before outputs are folded); the record once it is final."""
+        for c in output.outputs:
+            done = self._output_tokens.get(c.index, 0) if self.delta else 0
+            self._output_tokens[c.index] = done + len(c.token_ids)
+        if output.finished:
+            first = getattr(output.metrics, "first_token", None)
+            self._record(first, time.monotonic())
+
+    def _record(self, first_token: float | None, finished: float | None) -> None:
+        if not self._recorded:
+            self._recorded = True
+            prompt_tokens = len(self._prompt[1] or ()) if self._prompt else 0
+            self.owner._report(RequestRecord(self.arrival, first_token, finished, prompt_tokens,
+                                             [self._output_tokens[i] for i in sorted(self._output_tokens)]))
+
     def __aiter__(self) -> "RequestStream":
         return self
 
@@ -93,6 +129,7 @@ class RequestStream:
         """Leave the stream: the request is aborted, and its id is free for reuse at once."""
         if not self.finished:
             self.finished = True
+            self._record(None, None)
             self.owner._forget(self)
             self.owner._post(("abort", self.key))
 
@@ -109,7 +146,10 @@ class AsyncLLM:
         self._tokens = itertools.count()
         self._lock = threading.Lock()
         self._stopping = False
-        self.error: str | None = None       # the engine's failure, if it stopped on one
+        self.error: str | None = None       # the engine's failure (one line), if it stopped on one
+        self._ended = False                 # the engine process said "stopped" (or died)
+        self._stop_callbacks: list[Callable[[str | None], None]] = []
+        self._request_listeners: list[Callable[[RequestRecord], None]] = []
         self._process = EngineProcess(model, engine_kwargs, stream_interval_per_request, self._on_message)
         self.config = self._process.config  # the engine's EngineConfig
 
@@ -181,6 +221,19 @@ class AsyncLLM:
             with self._lock:
                 self._stats.pop(token, None)
 
+    def on_stopped(self, callback: Callable[[str | None], None]) -> None:
+        """Call `callback(error)` when the engine stops: error is None after shutdown(), else
+        the one-line failure. Runs in a background thread (at once if it has stopped)."""
+        with self._lock:
+            if not self._ended:
+                self._stop_callbacks.append(callback)
+                return
+        callback(self.error)
+
+    def add_request_listener(self, listener: Callable[[RequestRecord], None]) -> None:
+        """Call `listener(record)` in the event loop's thread as each request ends (metrics)."""
+        self._request_listeners.append(listener)
+
     async def shutdown(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.shutdown_sync)
 
@@ -203,6 +256,13 @@ class AsyncLLM:
     def _dead(self) -> "EngineDeadError":
         return EngineDeadError("The engine has stopped" + (f": {self.error}" if self.error else ""))
 
+    def _report(self, record: RequestRecord) -> None:
+        for listener in self._request_listeners:
+            try:
+                listener(record)
+            except Exception:
+                logger.exception("a request listener failed")
+
     def _on_message(self, message: tuple) -> None:
         """The engine process's messages, in the reader thread."""
         kind = message[0]
@@ -214,16 +274,21 @@ class AsyncLLM:
             if future is not None:
                 future.set_result(message[2])
         elif kind == "stopped":
-            if message[1]:
-                logger.error("The engine process failed:\n%s", message[1])
+            failure = message[1]
+            if failure is not None:             # the one place the cause is logged
+                summary, trace = failure
+                logger.error("The engine failed: %s%s", summary, f"\n{trace}" if trace else "")
             with self._lock:
-                self.error, self._stopping = message[1], True
+                self.error, self._stopping, self._ended = failure and failure[0], True, True
                 keys, waiters = list(self._streams), list(self._stats.values())
+                callbacks, self._stop_callbacks = self._stop_callbacks, []
                 self._stats.clear()
             dead = self._dead()
             for future in waiters:
                 future.set_exception(dead)
             self._deliver([(key, dead, True) for key in keys])
+            for callback in callbacks:
+                callback(self.error)
 
     def _deliver(self, items: list[tuple[str, object, bool]]) -> None:
         """Hand (key, item, is_last) to the streams: one wake-up per event loop."""

@@ -14,7 +14,8 @@ The two sides talk over one pipe (multiprocessing.Pipe: pickled tuples):
                       ("outputs", [(request_id, item, last), ...])     item: a RequestOutput,
                                                                        ACCEPTED, ABORTED or an error
                       ("stats", token, EngineStats)
-                      ("stopped", None or the failure's traceback)     last
+                      ("stopped", None or (summary, traceback))        last: None after
+                                                                       "shutdown", else why it failed
 
 The engine process's loop:
 
@@ -28,7 +29,9 @@ It ends on "shutdown", on a failure, or when the pipe closes (the front process 
 """
 import logging
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.util
+import os
 from multiprocessing.reduction import ForkingPickler
 import pickle
 import queue
@@ -55,6 +58,17 @@ class EngineStats:
     num_free_blocks: int
     num_blocks: int
     loop_iterations: int            # turns of the loop (it does not turn while idle)
+    num_running: int = 0            # sequences in the running batch (vLLM: vllm:num_requests_running)
+    num_waiting: int = 0            # sequences waiting for their (next) prefill
+    num_preemptions: int = 0        # since the start
+
+
+@dataclass
+class RequestTimes:
+    """When a request's first token was made and when it finished (time.monotonic(), one
+    clock for every process of the machine), sent with its final output as `metrics`."""
+    first_token: float | None
+    finished: float
 
 
 class HandOver:
@@ -118,13 +132,14 @@ class EngineLoop:
     def __init__(self, engine, conn, stream_interval_per_request: float):
         self.engine, self.conn = engine, conn
         self.hand_over = HandOver(stream_interval_per_request)
+        self.clock = FirstTokenClock()
         self.loop_iterations = 0
         # Where the time goes (logged at the end; compare "ms per launched step" with the
         # "ms each" of an offline bench.py run to see what serving adds to a step).
         self.seconds_in_steps = self.seconds_sending = 0.0
 
     def run(self) -> None:
-        failure = None
+        failure = None              # (one-line summary, traceback): the front logs it, once
         try:
             while self._take_commands(block=not self.engine.has_unfinished_requests()):
                 self.loop_iterations += 1
@@ -133,15 +148,15 @@ class EngineLoop:
                 start = time.perf_counter()
                 outputs = self.engine.step(self.hand_over.wanted(self.engine.get_num_unfinished_requests()))
                 stepped = time.perf_counter()
+                self.clock.after_step(self.engine, outputs)
                 if outputs:
                     self.conn.send(("outputs", self.hand_over.items(outputs)))
                 self.seconds_in_steps += stepped - start
                 self.seconds_sending += time.perf_counter() - stepped
         except (EOFError, BrokenPipeError):
             pass                                # the front process is gone
-        except BaseException:
-            failure = traceback.format_exc()
-            logger.error("The engine loop failed:\n%s", failure)
+        except BaseException as e:
+            failure = (summarize(e), traceback.format_exc())
         launched = max(1, self.engine.num_steps)
         logger.info("engine loop: %d steps launched, %.2f s in step() (%.2f ms per launched step), %.2f s "
                     "sending outputs", self.engine.num_steps, self.seconds_in_steps,
@@ -149,7 +164,8 @@ class EngineLoop:
         try:
             self.conn.send(("stopped", failure))
         except OSError:
-            pass
+            if failure is not None:             # nobody else can log it
+                logger.error("The engine loop failed:\n%s", failure[1])
 
     def _take_commands(self, block: bool) -> bool:
         """Apply the commands waiting on the pipe (first waiting for one if `block`); answer
@@ -167,10 +183,12 @@ class EngineLoop:
                 except Exception as e:          # rejected: tell only that caller
                     replies.append((request_id, sendable(e), True))
                 else:
+                    self.clock.add(request_id)
                     replies.append((request_id, ACCEPTED, False))
             elif kind == "abort":
                 self.engine.abort_request([command[1]])
                 self.hand_over.drop(command[1])
+                self.clock.drop(command[1])
                 replies.append((command[1], ABORTED, True))
             elif kind == "stats":
                 self._flush(replies)
@@ -187,9 +205,54 @@ class EngineLoop:
             replies.clear()
 
     def stats(self) -> EngineStats:
-        bm = self.engine.block_manager
+        bm, scheduler = self.engine.block_manager, self.engine.scheduler
         return EngineStats(self.engine.num_steps, self.engine.get_num_unfinished_requests(),
-                           bm.num_free_blocks, bm.num_blocks, self.loop_iterations)
+                           bm.num_free_blocks, bm.num_blocks, self.loop_iterations,
+                           len(scheduler.running), len(scheduler.waiting), scheduler.num_preemptions)
+
+
+class FirstTokenClock:
+    """When each request's first token was made, for the time-to-first-token metric. A
+    request's first output would tell, but a FINAL_ONLY request (the server's non-streamed
+    ones) has none before its last; so after each step the requests still waiting for their
+    first token are looked up in the engine (usually a handful: the newly added ones)."""
+
+    def __init__(self):
+        self.waiting: set[str] = set()              # added, no token yet
+        self.first_token: dict[str, float] = {}
+
+    def add(self, request_id: str) -> None:
+        self.waiting.add(request_id)
+
+    def drop(self, request_id: str) -> None:
+        self.waiting.discard(request_id)
+        self.first_token.pop(request_id, None)
+
+    def after_step(self, engine, outputs: list[RequestOutput]) -> None:
+        if self.waiting:
+            now = time.monotonic()
+            for request_id in [r for r in self.waiting if _first_token_made(engine, r)]:
+                self.waiting.discard(request_id)
+                self.first_token[request_id] = now
+        for output in outputs:
+            if output.finished:
+                first = self.first_token.pop(output.request_id, None)
+                self.waiting.discard(output.request_id)
+                output.metrics = RequestTimes(first, time.monotonic())
+
+
+def _first_token_made(engine, request_id: str) -> bool:
+    """Has the engine made a token for this request yet? (Reads LLMEngine.requests and its
+    sequences: the one place this file looks past the engine's public methods.)"""
+    request = engine.requests.get(request_id)
+    return request is None or any(seq.num_output_tokens for seq in request.seqs)
+
+
+def summarize(error: BaseException, limit: int = 300) -> str:
+    """One line for a client or a log: the error's type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def sendable(error: BaseException) -> BaseException:
@@ -204,12 +267,16 @@ def sendable(error: BaseException) -> BaseException:
 def run_engine(conn, model: str, engine_kwargs: dict, stream_interval_per_request: float) -> None:
     """The engine process's main function."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the front's to handle (the whole group gets it)
+    loaded = threading.Event()
+    _exit_if_orphaned_before(loaded)
     from nanovllm.engine.llm_engine import LLMEngine
     try:
         engine = LLMEngine.from_kwargs(model, **engine_kwargs)
     except BaseException as e:
         conn.send(("failed", sendable(e)))
         return
+    finally:
+        loaded.set()
     try:
         conn.send(("ready", engine.config))
         EngineLoop(engine, conn, stream_interval_per_request).run()
@@ -217,6 +284,21 @@ def run_engine(conn, model: str, engine_kwargs: dict, stream_interval_per_reques
         pass                                        # the front went away while the model loaded
     finally:
         engine.shutdown()
+
+
+def _exit_if_orphaned_before(loaded: threading.Event) -> None:
+    """While the model loads (which can take minutes), the pipe is not read: if the front
+    dies meanwhile (killed, or a signal's default action), end this process at once instead
+    of loading on as an orphan. (Tensor-parallel workers end with their parent.) Once loaded,
+    the loop sees the pipe close and stops in order."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        if multiprocessing.connection.wait([parent.sentinel]) and not loaded.is_set():
+            os._exit(1)
+    threading.Thread(target=watch, name="nanovllm-front-watch", daemon=True).start()
 
 
 class EngineProcess:
@@ -241,6 +323,9 @@ class EngineProcess:
                 f"The engine process exited while starting (exit code {self.proc.exitcode}); its error is "
                 f"printed above. If it failed importing your script: the process is spawned and imports "
                 f"the main module, so build AsyncLLM under `if __name__ == \"__main__\":`") from None
+        except BaseException:                   # Ctrl-C, a SIGTERM turned exception: stop loading now
+            _end_now(self.proc)
+            raise
         if kind == "failed":
             self.proc.join()
             raise payload
@@ -284,10 +369,21 @@ class EngineProcess:
                 message = self.conn.recv()
             except (EOFError, OSError):
                 self.proc.join(timeout=5)
-                message = ("stopped", f"The engine process exited unexpectedly (exit code {self.proc.exitcode})")
+                code = self.proc.exitcode
+                how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                message = ("stopped", (f"The engine process exited unexpectedly ({how})", None))
             on_message(message)
             if message[0] == "stopped":
                 return
+
+
+def _end_now(proc) -> None:
+    """Stop the engine process without waiting for it to load (SIGTERM, then SIGKILL)."""
+    proc.terminate()
+    proc.join(timeout=5)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
 
 
 def _stop_process(proc, outbox: queue.SimpleQueue, grace_s: float = 30.0) -> None:

@@ -3,11 +3,17 @@
 Every request becomes one engine request per prompt (each fanning out to `n` choices), added
 to the shared `AsyncLLM`, so concurrent clients are batched together step by step. Prompts are
 tokenized here, with the server's own tokenizer (the engine's lives in its process), so the
-context-length check can answer 400 before anything is queued. Streams use DELTA outputs;
-non-streamed requests use FINAL_ONLY. Closing a stream early (the client went away: Starlette
-cancels the response) aborts its requests, which frees their KV blocks at the next step.
+context-length check can answer 400 before anything is queued. Tokenizing and chat templating
+run in a worker thread (the tokenizer releases the GIL for batch calls): a multi-megabyte
+prompt takes seconds, and on the event loop it would stall every other client's stream.
+Streams use DELTA outputs; non-streamed requests use FINAL_ONLY. A streamed choice sends
+nothing until it has text (a token that ends inside a multi-byte character waits for the next),
+and chat sends each choice's role with its first text, as vLLM does. Closing a stream early
+(the client went away: Starlette cancels the response) aborts its requests, which frees their
+KV blocks at the next step. /tokenize and /detokenize are answered here too.
 """
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -17,8 +23,11 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
-from nanovllm.entrypoints.async_llm import AsyncLLM, RequestStream
-from nanovllm.entrypoints.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from nanovllm.entrypoints.async_llm import AsyncLLM, EngineDeadError, RequestStream
+from nanovllm.entrypoints.engine_process import summarize
+from nanovllm.entrypoints.errors import sampling_param
+from nanovllm.entrypoints.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest,
+                                           DetokenizeRequest, OpenAIError, TokenizeRequest)
 from nanovllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
@@ -41,6 +50,37 @@ class OpenAIHandlers:
                  chat_template: str | None):
         self.engine, self.names, self.tokenizer = engine, names, tokenizer
         self.max_model_len, self.chat_template = max_model_len, chat_template
+        # One thread: calls into one tokenizer are not made concurrently (as vLLM's server).
+        self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nanovllm-tokenizer")
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
+
+    def _encode(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Token ids of each text. (The batch call: the one that releases the GIL.)"""
+        return list(self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]) if texts else []
+
+    def _render_chat(self, messages: list[ChatMessage], options: dict) -> str:
+        """The chat template applied to `messages` (a 400 naming what it could not render)."""
+        for i, m in enumerate(messages):
+            if m.content is None and not (m.role == "assistant" and getattr(m, "tool_calls", None)):
+                raise OpenAIError(f"messages[{i}].content is required for a {m.role!r} message",
+                                  param=f"messages[{i}].content")
+        try:
+            return self.tokenizer.apply_chat_template([m.to_template() for m in messages], tokenize=False,
+                                                      chat_template=self.chat_template, **options)
+        except Exception as e:      # a template error (jinja) or no template at all
+            raise OpenAIError(f"Could not apply the chat template: {summarize(e)}", param="messages") from None
+
+    def _chat_prompt(self, body) -> tuple[str, list[int]]:
+        """Chat messages rendered and tokenized (in the tokenizer thread)."""
+        options = {"add_generation_prompt": body.add_generation_prompt, "tools": body.tools,
+                   "continue_final_message": body.continue_final_message,
+                   **(body.chat_template_kwargs or {})}           # these win, as in vLLM
+        text = self._render_chat(body.messages, options)
+        # The template holds the special tokens already: do not add them again (as LLM.chat).
+        add_special_tokens = getattr(body, "add_special_tokens", None) or False
+        return text, self._encode([text], add_special_tokens)[0]
 
     # -- shared steps --------------------------------------------------------------------
     def _check_model(self, model: str | None) -> str:
@@ -61,12 +101,10 @@ class OpenAIHandlers:
         try:
             return body.to_sampling_params()
         except ValueError as e:
-            param = getattr(e, "parameter", None)
-            if param == "max_tokens":
-                param = body.max_tokens_param       # chat's max_completion_tokens, if it was that
-            raise OpenAIError(str(e), param=param) from None
+            raise OpenAIError(str(e), param=_request_field(body, sampling_param(e))) from None
 
-    async def _add(self, request_id: str, prompts: list[dict], params: SamplingParams) -> list[RequestStream]:
+    async def _add(self, request_id: str, prompts: list[dict], params: SamplingParams,
+                   prompt_field: str) -> list[RequestStream]:
         """Queue one engine request per prompt (all in the same step); all or none: if one is
         refused, or the client leaves meanwhile (this is cancelled), the accepted ones are
         aborted."""
@@ -80,8 +118,9 @@ class OpenAIHandlers:
         errors = [add.exception() for add in adds if add.exception() is not None]
         if errors:
             _abandon(adds)
-            if isinstance(errors[0], ValueError):
-                raise OpenAIError(str(errors[0]), param=getattr(errors[0], "parameter", None)) from None
+            if isinstance(errors[0], ValueError):       # the engine refused it: the prompt, unless it names a field
+                named = getattr(errors[0], "parameter", None)
+                raise OpenAIError(str(errors[0]), param=named or prompt_field) from None
             raise errors[0]
         return [add.result() for add in adds]
 
@@ -137,13 +176,15 @@ class OpenAIHandlers:
                 stream.close()
 
     async def _events(self, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
-        """SSE lines; an engine failure mid-stream is sent as an error event."""
+        """SSE lines; an engine failure mid-stream is sent as an error event (one line: the
+        traceback goes to the log, once)."""
         try:
             async for chunk in chunks:
                 yield _sse(chunk)
         except Exception as e:
-            logger.exception("stream failed")
-            yield _sse(OpenAIError(str(e), 500, "internal_server_error").to_dict())
+            if not isinstance(e, EngineDeadError):      # (the engine's failure was logged when it stopped)
+                logger.exception("stream failed")
+            yield _sse(OpenAIError(summarize(e), 500, "internal_server_error").to_dict())
         yield "data: [DONE]\n\n"
 
     # -- /v1/completions ---------------------------------------------------------------------
@@ -155,13 +196,14 @@ class OpenAIHandlers:
             prompts = [prompts]
         if not prompts:
             raise OpenAIError("prompt must not be empty", param="prompt")
+        encoded = iter(await self._off_loop(self._encode, [p for p in prompts if isinstance(p, str)]))
         inputs = []
         for p in prompts:
-            ids = self.tokenizer.encode(p) if isinstance(p, str) else p
+            ids = next(encoded) if isinstance(p, str) else p
             self._check_length(ids, body.max_tokens)
             inputs.append({"prompt": p if isinstance(p, str) else None, "prompt_token_ids": ids})
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        streams = await self._add(request_id, inputs, params)
+        streams = await self._add(request_id, inputs, params, "prompt")
         head = {"id": request_id, "object": "text_completion", "created": created, "model": model}
         if body.stream:
             chunks = self._completion_chunks(body, head, inputs, streams)
@@ -185,15 +227,15 @@ class OpenAIHandlers:
     async def _completion_chunks(self, body: CompletionRequest, head: dict, inputs: list[dict],
                                  streams: list[RequestStream]) -> AsyncIterator[dict]:
         sent: dict[int, int] = {}     # choice index -> characters sent (for logprobs' text_offset)
-        done, completion_tokens = set(), 0
+        done, completion_tokens, held = set(), 0, HeldBack()
         async for i, out in self._merged(streams):
             for c in out.outputs:
                 c = _nothing_generated(c) if body.echo_only else c
                 index = i * body.n + c.index
                 completion_tokens += len(c.token_ids)
-                if index in done or not (c.token_ids or c.finish_reason):
-                    continue      # nothing new for this choice (another choice of the prompt advanced)
                 first = index not in sent
+                if index in done or (c := held.ready(index, c, text_already=body.echo and first)) is None:
+                    continue      # nothing to send for this choice yet
                 text = (self._prompt_text(inputs[i]) if body.echo and first else "") + c.text
                 logprobs = None
                 if body.logprobs is not None:
@@ -235,19 +277,10 @@ class OpenAIHandlers:
     async def chat_completions(self, body: ChatCompletionRequest):
         model = self._check_model(body.model)
         params = self._params(body)
-        try:
-            options = {"add_generation_prompt": body.add_generation_prompt, "tools": body.tools,
-                       "continue_final_message": body.continue_final_message,
-                       **(body.chat_template_kwargs or {})}           # these win, as in vLLM
-            text = self.tokenizer.apply_chat_template([m.to_template() for m in body.messages], tokenize=False,
-                                                      chat_template=self.chat_template, **options)
-        except Exception as e:      # a template error (jinja) or no template at all
-            raise OpenAIError(f"Could not apply the chat template: {e}", param="messages") from None
-        # The template holds the special tokens already: do not add them again (as LLM.chat).
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        text, ids = await self._off_loop(self._chat_prompt, body)
         self._check_length(ids, params.max_tokens, body.max_tokens_param)
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        streams = await self._add(request_id, [{"prompt": text, "prompt_token_ids": ids}], params)
+        streams = await self._add(request_id, [{"prompt": text, "prompt_token_ids": ids}], params, "messages")
         head = {"id": request_id, "object": "chat.completion", "created": created, "model": model}
         if body.stream:
             head["object"] = "chat.completion.chunk"
@@ -265,22 +298,48 @@ class OpenAIHandlers:
 
     async def _chat_chunks(self, body: ChatCompletionRequest, head: dict, prompt_tokens: int,
                            stream: RequestStream) -> AsyncIterator[dict]:
-        for i in range(body.n):
-            yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}]}
-        done, completion_tokens = set(), 0
+        done, started, completion_tokens, held = set(), set(), 0, HeldBack()
         async for _, out in self._merged([stream]):
             for c in out.outputs:
                 completion_tokens += len(c.token_ids)
-                if c.index in done or not (c.token_ids or c.finish_reason):
+                if c.index in done or (c := held.ready(c.index, c)) is None:
                     continue
                 if c.finish_reason:
                     done.add(c.index)
-                yield {**head, "choices": [{"index": c.index, "delta": {"content": c.text},
+                delta = {"content": c.text}
+                if c.index not in started:              # the role goes with the first text
+                    started.add(c.index)
+                    delta = {"role": "assistant", **delta}
+                yield {**head, "choices": [{"index": c.index, "delta": delta,
                                             "logprobs": self._chat_logprobs(body, c),
                                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
         if body.include_usage:
             yield {**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
+
+    # -- /tokenize, /detokenize (vLLM's) ----------------------------------------------------
+    async def tokenize(self, body: TokenizeRequest) -> dict:
+        self._check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise OpenAIError("Give either `prompt` or `messages`", param="prompt" if body.prompt is None else "messages")
+        if body.messages is not None:
+            if not body.messages:
+                raise OpenAIError("messages must not be empty", param="messages")
+            _, ids = await self._off_loop(self._chat_prompt, body)
+        else:
+            add = True if body.add_special_tokens is None else body.add_special_tokens
+            (ids,) = await self._off_loop(self._encode, [body.prompt], add)
+        ids = list(ids)
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict:
+        self._check_model(body.model)
+        vocab_size = len(self.tokenizer)
+        bad = next((t for t in body.tokens if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise OpenAIError(f"Token id {bad} is out of the tokenizer's vocabulary ({vocab_size} tokens)",
+                              param="tokens")
+        return {"prompt": await self._off_loop(self.tokenizer.decode, body.tokens)}
 
     @staticmethod
     def _chat_logprobs(body: ChatCompletionRequest, c: CompletionOutput) -> dict | None:
@@ -293,6 +352,41 @@ class OpenAIHandlers:
         k = body.top_logprobs or 0
         return {"content": [{**item(entry[t]), "top_logprobs": [item(lp) for lp in _ranked(entry)[:k]]}
                             for t, entry in zip(c.token_ids, c.logprobs or [])]}
+
+
+class HeldBack:
+    """A streamed choice's tokens that spell no text yet (they end inside a multi-byte
+    character): sent with the choice's next text, or with its finish."""
+
+    def __init__(self):
+        self.held: dict[int, CompletionOutput] = {}
+
+    def ready(self, index: int, c: CompletionOutput, text_already: bool = False) -> CompletionOutput | None:
+        """What to send for choice `index` now that `c` came (None: nothing yet)."""
+        if index in self.held:
+            c = _joined(self.held.pop(index), c)
+        if c.text or c.finish_reason or text_already:
+            return c
+        if c.token_ids:
+            self.held[index] = c
+        return None
+
+
+def _joined(older: CompletionOutput, newer: CompletionOutput) -> CompletionOutput:
+    """Two DELTA outputs of one choice as one."""
+    logprobs = older.logprobs + newer.logprobs if older.logprobs is not None and newer.logprobs is not None \
+        else newer.logprobs
+    return dataclasses.replace(newer, text=older.text + newer.text, token_ids=older.token_ids + newer.token_ids,
+                               logprobs=logprobs)
+
+
+def _request_field(body, name: str | None) -> str | None:
+    """The request's field for a SamplingParams parameter (chat names them differently)."""
+    if name == "max_tokens":
+        return body.max_tokens_param            # chat's max_completion_tokens, if it was that
+    if name == "logprobs" and isinstance(body, ChatCompletionRequest):
+        return "top_logprobs"
+    return name
 
 
 def _abandon(adds: list[asyncio.Future]) -> None:

@@ -1,80 +1,103 @@
 """An OpenAI-compatible HTTP server: `nanovllm serve MODEL` (FastAPI + uvicorn).
 
-    GET  /health, /v1/models
+    GET  /health, /v1/models, /metrics
     POST /v1/completions, /v1/chat/completions   (stream=true: server-sent events)
+    POST /tokenize, /detokenize
 
-This module wires the app: routes, the optional API key, errors as OpenAI's JSON, and
-clients that leave before their answer. The requests themselves are answered by
-`openai_handlers.OpenAIHandlers`.
+This module wires the app: routes, the optional API key, the request-size limit, errors as
+OpenAI's JSON, clients that leave before their answer, and the server's life: it exits (code
+1) when its engine fails, and a signal at any moment, model loading included, ends it and
+its engine process. The requests themselves are answered by `openai_handlers.OpenAIHandlers`.
 """
 import asyncio
 import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
-from nanovllm.config import EngineConfig, default_max_num_batched_tokens, resolve_device
-from nanovllm.entrypoints.async_llm import AsyncLLM
+from nanovllm.entrypoints.async_llm import AsyncLLM, EngineDeadError
+from nanovllm.entrypoints.engine_process import summarize
+from nanovllm.entrypoints.errors import ErrorResponse, check_encodable, deepest_field, validation_error_field
+from nanovllm.entrypoints.metrics import CONTENT_TYPE, ServingMetrics
 from nanovllm.entrypoints.openai_handlers import OpenAIHandlers
-from nanovllm.entrypoints.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
-from nanovllm.tokenizer import load_tokenizer
+from nanovllm.entrypoints.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                           OpenAIError, TokenizeRequest)
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
+SHUTDOWN_GRACE_S = 3.0          # how long open requests may run on once the server is told to stop
+
 
 def build_app(engine: AsyncLLM, served_model_names: list[str] | None = None, api_key: str | None = None,
-              chat_template: str | None = None, lifespan=None) -> FastAPI:
+              chat_template: str | None = None, lifespan=None,
+              max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The FastAPI app serving `engine` under the first of `served_model_names` (default: the
-    model path). `lifespan`: FastAPI's, e.g. to shut the engine down with the server."""
+    model path). `lifespan`: FastAPI's, e.g. to shut the engine down with the server.
+    `max_request_bytes`: larger bodies get a 413 (None: no limit)."""
+    from nanovllm.tokenizer import load_tokenizer
     config = engine.config
     names = served_model_names or [config.model]
     server = OpenAIHandlers(engine, names, load_tokenizer(config), config.max_model_len, chat_template)
+    metrics = ServingMetrics(names[0])
+    engine.add_request_listener(metrics.observe)
     app = FastAPI(title="nanovllm OpenAI-compatible server", lifespan=lifespan)
-    app.state.server = server
+    app.state.server, app.state.metrics = server, metrics
 
     if api_key is not None:
         app.add_middleware(_APIKeyMiddleware, api_key=api_key)
+    if max_request_bytes is not None:
+        app.add_middleware(_RequestSizeLimit, max_bytes=max_request_bytes)
 
     @app.exception_handler(OpenAIError)
     async def on_openai_error(request: Request, e: OpenAIError):
-        return _error_response(e)
+        return ErrorResponse(e)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, e: RequestValidationError):
         # FastAPI answers 422; OpenAI (and vLLM) answer 400. Malformed JSON lands here too, and
         # so does a body FastAPI did not read as JSON because of its content type: 415 then.
         if not _is_json(request.headers.get("content-type", "application/json")):
-            return _error_response(OpenAIError("Unsupported Media Type: Only 'application/json' is allowed",
-                                               415, code="unsupported_media_type"))
+            return ErrorResponse(OpenAIError("Unsupported Media Type: Only 'application/json' is allowed",
+                                             415, code="unsupported_media_type"))
         messages, params = [], []
         for err in e.errors():
-            loc = [str(x) for x in err.get("loc", ()) if x != "body" and not isinstance(x, int)]
-            params.append(".".join(loc) or None)
+            params.append(validation_error_field(tuple(err.get("loc", ())), e.body, err.get("type") == "missing"))
             detail = err.get("ctx", {}).get("error") if err.get("type") == "json_invalid" else None
             messages.append(f"{params[-1] or 'body'}: {err.get('msg')}" + (f" ({detail})" if detail else ""))
-        param = next(filter(None, params), None)
-        return _error_response(OpenAIError("; ".join(messages) or "Invalid request", param=param))
+        return ErrorResponse(OpenAIError("; ".join(dict.fromkeys(messages)) or "Invalid request",
+                                         param=deepest_field(params)))
+
+    @app.exception_handler(UnicodeDecodeError)
+    async def on_undecodable_body(request: Request, e: UnicodeDecodeError):
+        return ErrorResponse(OpenAIError(f"The request body is not valid UTF-8: {e.reason} at byte {e.start}"))
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, e: HTTPException):      # an unknown path or method
-        response = _error_response(OpenAIError(str(e.detail), e.status_code, code=_code(e.status_code)))
+        response = ErrorResponse(OpenAIError(str(e.detail), e.status_code, code=_code(e.status_code)))
         response.headers.update(e.headers or {})            # e.g. 405's Allow
         return response
 
     @app.exception_handler(Exception)
     async def on_internal_error(request: Request, e: Exception):
-        logger.exception("request failed")
-        return _error_response(OpenAIError(f"{type(e).__name__}: {e}", 500, "internal_server_error"))
+        # The client gets one line; the traceback goes to the log (an engine failure's was
+        # logged once already, when the engine stopped).
+        if not isinstance(e, EngineDeadError):
+            logger.exception("request failed")
+        return ErrorResponse(OpenAIError(summarize(e), 500, "internal_server_error"))
 
     @app.get("/health")
     async def health():
         if not engine.is_running:
-            return _error_response(OpenAIError("The engine is not running.", 500, "internal_server_error"))
+            message = "The engine is not running" + (f": {engine.error}" if engine.error else ".")
+            return ErrorResponse(OpenAIError(message, 503, "service_unavailable"))
         return Response(status_code=200)
 
     @app.get("/v1/models")
@@ -84,13 +107,33 @@ def build_app(engine: AsyncLLM, served_model_names: list[str] | None = None, api
             {"id": name, "object": "model", "created": created, "owned_by": "nanovllm", "root": config.model,
              "max_model_len": config.max_model_len} for name in names]}
 
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        try:
+            stats = await asyncio.get_running_loop().run_in_executor(None, engine.stats)
+        except EngineDeadError:
+            stats = None
+        return Response(metrics.render(stats), media_type=CONTENT_TYPE)
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        check_encodable(await request.json())
         return await _unless_client_leaves(request, server.completions(body))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_encodable(await request.json())
         return await _unless_client_leaves(request, server.chat_completions(body))
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, request: Request):
+        check_encodable(await request.json())
+        return await server.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request):
+        check_encodable(await request.json())
+        return await server.detokenize(body)
 
     return app
 
@@ -141,12 +184,39 @@ class _APIKeyMiddleware:
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
             if dict(scope["headers"]).get(b"authorization") != self.expected:
                 error = OpenAIError("Incorrect or missing API key.", 401, code="invalid_api_key")
-                return await _error_response(error)(scope, receive, send)
+                return await ErrorResponse(error)(scope, receive, send)
         await self.app(scope, receive, send)
 
 
-def _error_response(e: OpenAIError) -> JSONResponse:
-    return JSONResponse(e.to_dict(), status_code=e.status_code)
+class _RequestSizeLimit:
+    """413 for a body over `max_bytes`: at once when its Content-Length says so, else as soon
+    as that much has arrived (the app reads the body through the counting `receive`, and the
+    OpenAIError it raises there becomes the answer)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> OpenAIError:
+        return OpenAIError(f"The request body is larger than the server's limit of {self.max_bytes} bytes "
+                           f"(--max-request-bytes)", 413, code="request_too_large")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await ErrorResponse(self._too_large())(scope, receive, send)
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_large()
+            return message
+        await self.app(scope, counting_receive, send)
 
 
 def load_chat_template(value: str | None) -> str | None:
@@ -157,26 +227,74 @@ def load_chat_template(value: str | None) -> str | None:
     return value
 
 
+class _Signalled(BaseException):
+    """A SIGTERM while the server starts (before uvicorn handles signals)."""
+
+
+def _raise_signalled(signum, frame):
+    raise _Signalled(signum)
+
+
 def run_server(model: str, host: str | None = None, port: int = 8000, api_key: str | None = None,
                served_model_name: list[str] | None = None, chat_template: str | None = None,
-               log_level: str = "info", **engine_kwargs) -> None:
-    """Load the model, then serve it until interrupted (what `nanovllm serve` runs)."""
+               log_level: str = "info", max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES,
+               **engine_kwargs) -> None:
+    """Load the model, then serve it until a signal, or until the engine fails: then it
+    raises SystemExit(1) within a few seconds (what `nanovllm serve` runs)."""
     import uvicorn
+    from nanovllm.config import EngineConfig, default_max_num_batched_tokens, resolve_device
     if engine_kwargs.get("max_num_batched_tokens") is None and engine_kwargs.get("enable_chunked_prefill", True):
         device = resolve_device(engine_kwargs.get("device", "auto"))     # vllm serve's smaller budget
         max_num_seqs = engine_kwargs.get("max_num_seqs") or EngineConfig.max_num_seqs
         engine_kwargs["max_num_batched_tokens"] = default_max_num_batched_tokens(device, max_num_seqs, server=True)
-    engine = AsyncLLM(model, **engine_kwargs)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        # The engine stops with the server, whatever stopped it: uvicorn ends the process with
-        # the SIGTERM it caught once the server has shut down, so code after run() never runs.
-        yield
-        await engine.shutdown()
-
+    # Until uvicorn takes over the signals, a SIGTERM becomes an exception, so that loading
+    # stops and the engine process is ended (Ctrl-C's KeyboardInterrupt does the same).
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        previous = signal.signal(signal.SIGTERM, _raise_signalled)
+    engine = None
     try:
-        app = build_app(engine, served_model_name, api_key, load_chat_template(chat_template), lifespan)
-        uvicorn.run(app, host=host or "0.0.0.0", port=port, log_level=log_level)
+        engine = AsyncLLM(model, **engine_kwargs)
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            # The engine stops with the server, whatever stopped it: uvicorn ends the process
+            # with the signal it caught once the server has shut down, so code after run()
+            # may never run.
+            yield
+            await engine.shutdown()
+
+        app = build_app(engine, served_model_name, api_key, load_chat_template(chat_template), lifespan,
+                        max_request_bytes)
+        server = uvicorn.Server(uvicorn.Config(app, host=host or "0.0.0.0", port=port, log_level=log_level,
+                                               timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+
+        def on_engine_stopped(error: str | None) -> None:
+            if error is not None:
+                logger.error("The engine has stopped (%s): shutting the server down", error)
+                server.should_exit = True           # uvicorn's loop checks it every 0.1 s
+        engine.on_stopped(on_engine_stopped)
+    except BaseException as e:
+        if engine is not None:
+            engine.shutdown_sync()
+        if isinstance(e, _Signalled):
+            _die_by(e.args[0])
+        raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    try:
+        server.run()
     finally:
         engine.shutdown_sync()
+    if engine.error is not None:
+        raise SystemExit(1)
+
+
+def _die_by(signum: int) -> None:
+    """End the process by `signum`'s default action (as uvicorn does after a signal), so the
+    parent sees how it ended."""
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
+    raise SystemExit(128 + signum)      # (not reached for SIGTERM)
