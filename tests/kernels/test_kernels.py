@@ -126,6 +126,26 @@ def test_paged_prefill_attention(case, dtype):
     assert rel_err(out, reference(batch, scale)) < tolerance(dtype)
 
 
+def test_mixed_batch_as_a_cuda_graph_pads_it():
+    """A mixed step as StepGraphs replays it: decodes and prompt chunks over cached prefixes,
+    two sequences sharing their first blocks (a prefix-cache hit), then padding sequences with
+    no query tokens and padding tokens past the last sequence, with the query tile sized for
+    the padded token count. The real rows equal the reference."""
+    from nanovllm.kernels import paged_prefill_attention
+    seq_lens, q_lens = [40, 40, 33, 9, 1], [1, 20, 1, 9, 1]
+    batch = make_paged_batch(seq_lens, q_lens, 4, 2, 16, 8, torch.float16)
+    batch["block_tables"][1, :4] = batch["block_tables"][0, :4]     # 32 shared prefix tokens
+    real_tokens, pad_tokens, pad_seqs = sum(q_lens), 13, 3
+    q = torch.cat([batch["q"], torch.randn(pad_tokens, 4, 16, device=DEVICE).half()])
+    cu = torch.cat([batch["cu_seqlens_q"], torch.full((pad_seqs,), real_tokens, dtype=torch.int32, device=DEVICE)])
+    lens = torch.cat([batch["seq_lens"], torch.zeros(pad_seqs, dtype=torch.int32, device=DEVICE)])
+    tables = torch.cat([batch["block_tables"], batch["block_tables"][:pad_seqs]])
+    out = torch.full_like(q, float("nan"))
+    paged_prefill_attention(q, batch["k_cache"], batch["v_cache"], cu, lens, tables, max_seqlen_q=q.shape[0],
+                            scale=0.25, out=out)
+    assert rel_err(out[:real_tokens], reference(batch, 0.25)) < tolerance(torch.float16)
+
+
 def test_paged_prefill_small_tiles_and_bf16_cache():
     """Tiles smaller than a cache block and larger than one, and an fp32 query over a bf16
     cache (the kernel converts each K/V tile to the query's dtype right after loading)."""
