@@ -65,7 +65,8 @@ class StepGraphs:
             self.mixed[size] = self._capture(("mixed", size), size, self._mixed_meta(size))
         for size in sorted(self.decode, reverse=True):
             self.decode[size] = self._capture(("decode", size), size, self._decode_meta(size))
-        torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     @property
     def num_graphs(self) -> int:

@@ -1,0 +1,41 @@
+"""engine/cuda_graphs.py's bookkeeping without a GPU: StepGraphs with a stand-in for the CUDA graph
+(it reruns the captured forward pass on the same buffers) on the Triton kernels' interpreter.
+Decode and mixed steps copied into padded buffers must give transformers' greedy tokens."""
+import pytest
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.engine import cuda_graphs
+from nanovllm.kernels import triton_available
+from tests.conftest import KERNEL_DEVICE, hf_greedy, random_prompts
+
+pytestmark = pytest.mark.skipif(not triton_available() or KERNEL_DEVICE != "cpu",
+                                reason="the interpreter stand-in runs on a CPU machine with triton")
+
+
+class ReplayedEagerly(cuda_graphs.StepGraphs):
+    """Captures by remembering the forward pass; a replay reruns it into the captured output."""
+    replays: list = []
+
+    def _capture(self, key, num_tokens, meta):
+        ids, positions = self.input_ids[:num_tokens], self.positions[:num_tokens]
+        self.outputs[key] = self.model(ids, positions, meta)
+        graphs = self
+
+        class Graph:
+            def replay(self):
+                graphs.replays.append(key)
+                graphs.outputs[key].copy_(graphs.model(ids, positions, meta))
+        return Graph()
+
+
+def test_padded_decode_and_mixed_steps_keep_greedy_tokens(tiny_qwen3):
+    llm = LLM(tiny_qwen3, device="cpu", dtype="float32", attention_backend="triton", block_size=16,
+              max_num_batched_tokens=40, max_num_seqs=3, enforce_eager=True)
+    runner = llm.llm_engine.runner
+    runner.graphs = ReplayedEagerly(runner)
+    assert list(runner.graphs.mixed) == [16, 32, 40] and list(runner.graphs.decode) == [1, 2, 3]
+    prompts = random_prompts(4, 5, 50, seed=11)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(tiny_qwen3, prompts, 6, ignore_eos=True)
+    kinds = {key[0] for key in ReplayedEagerly.replays}
+    assert kinds == {"decode", "mixed"}     # both families replayed, padding included (3 of 3 rows, 40 tokens)
