@@ -296,3 +296,58 @@ class SamplingParams:
 
     def clone(self) -> "SamplingParams":
         return copy.deepcopy(self)
+
+
+@dataclass
+class BeamSearchParams:
+    """How `LLM.beam_search` searches (vLLM's fields and defaults; see nanovllm/beam_search.py).
+    Each beam asks the engine for the logprobs of its best 2 x beam_width continuations, so
+    beam_width is at most max_logprobs / 2 (vLLM refuses more through the same limit, later)."""
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        self.beam_width = self._at_least_one("beam_width")
+        self.max_tokens = self._at_least_one("max_tokens")
+        if self.beam_width > max_logprobs // 2:
+            raise ValidationError(
+                f"beam_width must be at most {max_logprobs // 2}, got {self.beam_width}: each beam asks for the "
+                f"logprobs of its best 2 x beam_width continuations, and at most {max_logprobs} are served.",
+                "beam_width", self.beam_width)
+        self.ignore_eos = self._flag("ignore_eos")
+        self.include_stop_str_in_output = self._flag("include_stop_str_in_output")
+        self.temperature = self._finite("temperature")
+        self.length_penalty = self._finite("length_penalty")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValidationError(f"temperature must be in [0, 2], got {self.temperature}.",
+                                  "temperature", self.temperature)
+
+    def _at_least_one(self, name: str) -> int:
+        value = getattr(self, name)
+        if not _is_int(value):
+            raise ValidationError(f"{name} must be an integer, got {value!r}.", name, value)
+        if value < 1:
+            raise ValidationError(f"{name} must be at least 1, got {value}.", name, value)
+        return operator.index(value)
+
+    def _flag(self, name: str) -> bool:
+        value = getattr(self, name)
+        if not _is_bool(value):
+            raise ValidationError(f"{name} must be a boolean, got {value!r}.", name, value)
+        return bool(value)
+
+    def _finite(self, name: str) -> float:
+        value = getattr(self, name)
+        if not _is_number(value):
+            raise ValidationError(f"{name} must be a number, got {value!r}.", name, value)
+        try:
+            number = float(value)
+        except OverflowError:               # an int beyond a float64
+            number = math.inf
+        if not math.isfinite(number):
+            raise ValidationError(f"{name} must be a finite number, got {value!r}.", name, value)
+        return number
