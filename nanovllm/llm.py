@@ -79,6 +79,15 @@ class LLM:
         bar.close()
         return [done[i] for i in ids]
 
+    def beam_search(self, prompts, params, lora_request=None, use_tqdm: bool = False,
+                    concurrency_limit: int | None = None) -> list:
+        """vLLM's beam search (nanovllm/beam_search.py): one BeamSearchOutput per prompt, in input
+        order; `prompts` in generate's forms, `params` a BeamSearchParams."""
+        from nanovllm.beam_search import beam_search
+        if lora_request is not None:
+            raise ValueError("lora_request is not supported: nanovllm has no LoRA adapters.")
+        return beam_search(self, _as_prompt_list(prompts), params, use_tqdm, concurrency_limit)
+
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True, chat_template: str | None = None,
              continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:

@@ -1,0 +1,158 @@
+"""Beam search: vLLM's `LLM.beam_search`, built on the engine's ordinary requests.
+
+    outputs = llm.beam_search(["The capital of France is"], BeamSearchParams(beam_width=4, max_tokens=16))
+    best = outputs[0].sequences[0]      # .tokens, .text, .cum_logprob, .logprobs, .finish_reason
+
+Each step, every live beam is one request: its tokens so far as a token-id prompt, max_tokens=1,
+logprobs=2 x beam_width. Nothing is copied between beams: the prefix cache lets the beams of one
+prompt share the KV blocks of the prompt and of their common prefix (reference counted), so a
+step computes only each beam's last, partly filled block.
+
+The rules (vLLM's):
+- each live beam proposes the continuations of its logprobs entry: its best 2 x beam_width
+  tokens (plus the sampled token, when a temperature above 0 drew another one);
+- a proposal that ends in an EOS id is completed (finish_reason "stop", stop_reason the id), unless
+  ignore_eos; of the others, the best beam_width by cumulative logprob live on;
+- after max_tokens steps (or at max_model_len) the live beams are completed too (finish_reason
+  "length"), and the best beam_width of all completed beams by `get_beam_search_score` are
+  returned, best first. Completed beams are never pruned before that final ranking.
+
+Where nanovllm differs from vLLM, and why:
+- every EOS id of the model completes a beam (generate stops on them all); vLLM watches the
+  tokenizer's EOS alone;
+- the score leaves out a final EOS only for a beam it completed: with ignore_eos an EOS is an
+  ordinary token (vLLM also shortens such a beam by one, and so ranks it a little differently);
+- `text` is the decoded tokens, prompt included (as vLLM's `LLM.beam_search`), without the
+  completing EOS's text unless include_stop_str_in_output (as vLLM's server, which honours that
+  field; its offline call ignores it and keeps the EOS's text).
+"""
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from nanovllm.outputs import Logprob
+from nanovllm.sampling_params import BeamSearchParams, SamplingParams
+
+
+@dataclass
+class BeamSearchSequence:
+    tokens: list[int]                       # the prompt's, then the generated ones (a completing EOS too)
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)   # per generated token: its step's proposals
+    cum_logprob: float = 0.0                # of the generated tokens
+    text: str | None = None                 # set on the returned sequences
+    finish_reason: str | None = None        # "stop" (an EOS) or "length"
+    stop_reason: int | None = None          # the EOS id that completed the beam
+
+
+@dataclass
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]     # at most beam_width, best first
+
+
+def get_beam_search_score(tokens: list[int], cumulative_logprob: float, eos_token_id: int | Collection[int] | None,
+                          length_penalty: float = 1.0) -> float:
+    """vLLM's ranking score: the cumulative logprob over the sequence's length (prompt included,
+    a final EOS not) to the power length_penalty."""
+    eos_ids = eos_token_id if isinstance(eos_token_id, Collection) else {eos_token_id}
+    length = len(tokens) - (tokens[-1] in eos_ids)
+    return cumulative_logprob / length ** length_penalty
+
+
+class _Search:
+    """One prompt's beams: the live ones and the completed ones."""
+
+    def __init__(self, prompt_token_ids: list[int], num_steps: int, params: BeamSearchParams, eos_ids: set[int]):
+        self.beams = [BeamSearchSequence(list(prompt_token_ids))]
+        self.completed: list[BeamSearchSequence] = []
+        self.steps_left = num_steps
+        self.params, self.eos_ids = params, eos_ids
+
+    def advance(self, entries: list[dict[int, Logprob]]) -> None:
+        """One step: `entries[i]` holds the logprobs of live beam i's proposals."""
+        proposals = []                      # (cumulative logprob, parent beam, token, the parent's entry)
+        for beam, entry in zip(self.beams, entries):
+            for token, logprob in entry.items():
+                cum_logprob = beam.cum_logprob + logprob.logprob
+                if token in self.eos_ids:
+                    self.completed.append(BeamSearchSequence(
+                        beam.tokens + [token], beam.logprobs + [entry], cum_logprob, finish_reason="stop",
+                        stop_reason=token))
+                else:
+                    proposals.append((cum_logprob, beam, token, entry))
+        proposals.sort(key=lambda p: p[0], reverse=True)    # stable: ties keep beam, then rank, order
+        self.beams = [BeamSearchSequence(beam.tokens + [token], beam.logprobs + [entry], cum_logprob)
+                      for cum_logprob, beam, token, entry in proposals[:self.params.beam_width]]
+        self.steps_left -= 1
+        if self.steps_left == 0:
+            for beam in self.beams:
+                beam.finish_reason = "length"
+            self.completed += self.beams
+            self.beams = []
+
+    def best(self, tokenizer) -> BeamSearchOutput:
+        p = self.params
+
+        def score(beam: BeamSearchSequence) -> float:
+            # The EOS ids are those that completed beams: with ignore_eos, none.
+            return get_beam_search_score(beam.tokens, beam.cum_logprob,
+                                         {beam.stop_reason} if beam.finish_reason == "stop" else set(),
+                                         p.length_penalty)
+
+        best = sorted(self.completed, key=score, reverse=True)[:p.beam_width]
+        known = len(tokenizer)              # ids beyond the tokenizer's vocabulary decode to ""
+        for beam in best:
+            ids = beam.tokens[:-1] if beam.finish_reason == "stop" and not p.include_stop_str_in_output else beam.tokens
+            beam.text = tokenizer.decode([t for t in ids if t < known])
+        return BeamSearchOutput(best)
+
+
+def beam_search(llm, prompts: list, params: BeamSearchParams, use_tqdm: bool = False,
+                concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
+    """`llm`'s beam search over `prompts` (a list in any of generate's prompt forms); one
+    BeamSearchOutput per prompt, in input order. `concurrency_limit`: how many prompts are
+    searched at once (all by default)."""
+    if not isinstance(params, BeamSearchParams):
+        raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+    if concurrency_limit is not None and (isinstance(concurrency_limit, bool) or not isinstance(concurrency_limit, int)
+                                          or concurrency_limit < 1):
+        raise ValueError(f"concurrency_limit must be a positive integer or None, got {concurrency_limit!r}")
+    if not prompts:
+        return []
+    # The engine's logprobs are of the raw distribution; the temperature only decides which token
+    # is sampled, which joins the proposals when it is not among the best 2 x beam_width.
+    step_params = SamplingParams(max_tokens=1, logprobs=2 * params.beam_width, temperature=params.temperature,
+                                 detokenize=False)
+    chunk = concurrency_limit or len(prompts)
+    bar = tqdm(total=params.max_tokens * -(-len(prompts) // chunk), desc="Beam search", unit="step",
+               dynamic_ncols=True, disable=not use_tqdm)
+    outputs = []
+    for start in range(0, len(prompts), chunk):
+        outputs += _search(llm, prompts[start:start + chunk], params, step_params, bar)
+    bar.close()
+    return outputs
+
+
+def _search(llm, prompts: list, params: BeamSearchParams, step_params: SamplingParams, bar) -> list[BeamSearchOutput]:
+    engine = llm.llm_engine
+    eos_ids = set() if params.ignore_eos else set(engine.eos_ids)
+    max_model_len = engine.config.max_model_len
+    # The first step runs the prompts as given, so they are tokenized and checked exactly as
+    # generate does; each later step gives every live beam's tokens, in the searches' order.
+    results = llm.generate(prompts, step_params, use_tqdm=False)
+    searches = []
+    for out in results:
+        num_steps = min(params.max_tokens, max(1, max_model_len - len(out.prompt_token_ids)))
+        searches.append(_Search(out.prompt_token_ids, num_steps, params, eos_ids))
+    live = searches
+    while live:
+        bar.update(1)
+        result = iter(results)
+        for search in live:
+            search.advance([next(result).outputs[0].logprobs[0] for _ in search.beams])
+        live = [search for search in live if search.beams]
+        if live:
+            prompts = [{"prompt_token_ids": beam.tokens} for search in live for beam in search.beams]
+            results = llm.generate(prompts, step_params, use_tqdm=False)
+    tokenizer = llm.get_tokenizer()
+    return [search.best(tokenizer) for search in searches]
