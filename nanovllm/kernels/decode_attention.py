@@ -14,6 +14,8 @@ two FLOPs per byte, so it is bound by memory bandwidth. The design follows from 
   merge kernel combines the splits. With one split the first kernel writes the output itself.
 * The KV walk is independent of the cache block size: each tile of BLOCK_N tokens looks up
   the physical block of every token in the block table.
+* Sliding window (`window=W`): only the last W keys are split and read, from the tile that
+  holds the oldest of them; keys before it in that tile are masked.
 """
 import functools
 
@@ -32,11 +34,11 @@ MAX_SPLITS = 64
 
 # The block table's width changes from step to step outside CUDA graphs: do not compile a
 # variant per width class (Triton specialises ints equal to 1 or divisible by 16).
-@triton.jit(do_not_specialize=["stride_bt_b"])
+@triton.jit(do_not_specialize=["stride_bt_b", "window"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr,
     part_out_ptr, part_lse_ptr, out_ptr,
-    scale_log2,
+    scale_log2, window,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -46,17 +48,21 @@ def _decode_split_kernel(
     stride_ob, stride_oh, stride_od,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DIRECT: tl.constexpr, IEEE: tl.constexpr,
+    DIRECT: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + seq)
+    first_key = seq_len * 0                # the oldest key the query sees
+    if SLIDING:
+        first_key = tl.maximum(seq_len - window, 0)
+    walk_start = first_key // BLOCK_N * BLOCK_N
     # Segment of this split: a whole number of tiles, computed on the device.
-    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    num_tiles = tl.cdiv(seq_len - walk_start, BLOCK_N)
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    start = split * tiles_per_split * BLOCK_N
+    start = walk_start + split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
 
     g = tl.arange(0, BLOCK_G)
@@ -76,7 +82,7 @@ def _decode_split_kernel(
     v_head = v_cache_ptr + kv_head * stride_vh + d[None, :] * stride_vd
     for tile_start in range(start, end, BLOCK_N):
         n = tile_start + tl.arange(0, BLOCK_N)
-        n_mask = n < end
+        n_mask = (n < end) & (n >= first_key)
         if BLOCK_SIZE >= BLOCK_N:
             # the tile lies inside one cache block (tile_start is a multiple of BLOCK_N)
             block = tl.load(bt_row + (tile_start // BLOCK_SIZE) * stride_bt_i).to(tl.int64)
@@ -157,12 +163,13 @@ def default_num_splits(batch_size: int, num_kv_heads: int, device: torch.device)
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
-                           *, config: dict | None = None) -> torch.Tensor:
+                           *, window: int | None = None, config: dict | None = None) -> torch.Tensor:
     """Attention of one new query token per sequence over its paged KV cache.
 
     q [B, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D]; seq_lens [B] (cached
     tokens, the new one included; 0 gives a zero output); block_tables [B, max_blocks].
-    Returns out [B, Hq, D] in q's dtype. `config` overrides DEFAULT_CONFIG (for tuning).
+    Returns out [B, Hq, D] in q's dtype. `window`: attend to the last `window` keys only
+    (None: all). `config` overrides DEFAULT_CONFIG (for tuning).
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -170,6 +177,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"{num_heads} query heads is not a multiple of {num_kv_heads} KV heads")
     if k_cache.shape[3] != head_dim or v_cache.shape != k_cache.shape:
         raise ValueError(f"caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not fit q {tuple(q.shape)}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive number of keys or None, got {window}")
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -193,12 +202,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, part_out, part_lse, out,
-        scale * LOG2E,
+        scale * LOG2E, window or 0,
         *q.stride(), *k_cache.stride()[:4], *v_cache.stride()[:4], *block_tables.stride(),
         *p_strides, *l_strides, *out.stride(),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"], NUM_SPLITS=num_splits,
-        DIRECT=direct, IEEE=q.dtype == torch.float32,
+        DIRECT=direct, SLIDING=window is not None, IEEE=q.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:

@@ -17,6 +17,9 @@ the new tokens' K/V were stored by store_kv_cache before this runs. Semantics: r
   the tile: those KV tiles run without a mask; only the last few tiles apply the causal mask.
 * The KV walk goes in tiles of BLOCK_N tokens, independent of the cache block size: each
   token's physical block comes from the block table.
+* Sliding window (`window=W`): row at position p sees keys p - W + 1 .. p only. The walk
+  starts at the tile holding the first row's oldest visible key; tiles that some row sees
+  only in part (at the window's lower edge, as at the causal edge) run with both masks.
 * Online softmax in base 2, fp32 accumulators.
 """
 import torch
@@ -47,9 +50,9 @@ def _find_sequence(cu_seqlens_ptr, num_seqs, tile_id, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _attend_kv_tile(acc, l_i, m_i, q, k_head, v_head, bt_row, kv_start, q_pos, scale_log2,
-                    stride_bt_i, stride_kb, stride_ks, stride_vb, stride_vs, d_mask,
+                    stride_bt_i, stride_kb, stride_ks, stride_vb, stride_vs, d_mask, window,
                     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                    IEEE: tl.constexpr):
+                    SLIDING: tl.constexpr, IEEE: tl.constexpr):
     """Online-softmax update of one tile of BLOCK_N keys starting at kv_start."""
     n = kv_start + tl.arange(0, BLOCK_N)
     slot = n % BLOCK_SIZE
@@ -71,16 +74,19 @@ def _attend_kv_tile(acc, l_i, m_i, q, k_head, v_head, bt_row, kv_start, q_pos, s
 
     s = tile_scores(q, k, scale_log2, IEEE)
     if MASKED:
-        s = tl.where(n[None, :] <= q_pos[:, None], s, float("-inf"))
+        visible = n[None, :] <= q_pos[:, None]
+        if SLIDING:
+            visible &= n[None, :] > q_pos[:, None] - window
+        s = tl.where(visible, s, float("-inf"))
     return online_softmax_update(acc, l_i, m_i, s, v, q, IEEE)
 
 
 # The batch size and the block table's width change from step to step: specialising on them
 # (Triton does for ints equal to 1 or divisible by 16) would compile new variants mid-run.
-@triton.jit(do_not_specialize=["num_seqs", "stride_bt_b"])
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt_b", "window"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, seq_lens_ptr, block_tables_ptr, out_ptr,
-    num_seqs, scale_log2,
+    num_seqs, scale_log2, window,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -88,7 +94,7 @@ def _prefill_kernel(
     stride_ot, stride_oh, stride_od,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr,
 ):
     # heaviest tiles (last in their sequence: the most keys) first, for a shorter tail
     tile_id = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -116,24 +122,41 @@ def _prefill_kernel(
     # position of each row's token; padding rows get the last real one so they stay in bounds
     q_pos = ctx + tl.minimum(tok, q_len - 1)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    if SLIDING:
+        # a finite start: a row whose window begins past a whole tile sees only masked keys
+        # there, and exp2(-inf - -inf) would be NaN
+        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_b
     k_head = k_cache_ptr + kv_head * stride_kh + d[None, :] * stride_kd
     v_head = v_cache_ptr + kv_head * stride_vh + d[None, :] * stride_vd
-    # Keys [0, ctx + q_start + 1) are visible to every row: whole tiles of them need no mask.
+    # Keys [0, ctx + q_start + 1) are visible to every row (causally): whole tiles of them need
+    # no causal mask. With a window, keys from the last row's oldest visible key on are inside
+    # every row's window: tiles before that need the window mask.
     unmasked_end = (ctx + q_start + 1) // BLOCK_N * BLOCK_N
     kv_end = ctx + tl.minimum(q_start + BLOCK_Q, q_len)
-    for kv_start in range(0, unmasked_end, BLOCK_N):
+    kv_begin = unmasked_end * 0
+    full_begin = kv_begin
+    if SLIDING:
+        kv_begin = tl.maximum(ctx + q_start - window + 1, 0) // BLOCK_N * BLOCK_N
+        last_oldest = tl.maximum(kv_end - window, 0)     # the last row's oldest visible key
+        full_begin = tl.minimum(tl.cdiv(last_oldest, BLOCK_N) * BLOCK_N, unmasked_end)
+    for kv_start in range(kv_begin, full_begin, BLOCK_N):
         acc, l_i, m_i = _attend_kv_tile(acc, l_i, m_i, q, k_head, v_head, bt_row, kv_start, q_pos,
                                         scale_log2, stride_bt_i, stride_kb, stride_ks, stride_vb,
-                                        stride_vs, d_mask, BLOCK_SIZE, BLOCK_N, False, IEEE)
-    for kv_start in range(unmasked_end, kv_end, BLOCK_N):
+                                        stride_vs, d_mask, window, BLOCK_SIZE, BLOCK_N, True, SLIDING, IEEE)
+    for kv_start in range(full_begin, unmasked_end, BLOCK_N):
         acc, l_i, m_i = _attend_kv_tile(acc, l_i, m_i, q, k_head, v_head, bt_row, kv_start, q_pos,
                                         scale_log2, stride_bt_i, stride_kb, stride_ks, stride_vb,
-                                        stride_vs, d_mask, BLOCK_SIZE, BLOCK_N, True, IEEE)
+                                        stride_vs, d_mask, window, BLOCK_SIZE, BLOCK_N, False, SLIDING, IEEE)
+    for kv_start in range(tl.maximum(unmasked_end, full_begin), kv_end, BLOCK_N):
+        acc, l_i, m_i = _attend_kv_tile(acc, l_i, m_i, q, k_head, v_head, bt_row, kv_start, q_pos,
+                                        scale_log2, stride_bt_i, stride_kb, stride_ks, stride_vb,
+                                        stride_vs, d_mask, window, BLOCK_SIZE, BLOCK_N, True, SLIDING, IEEE)
 
     o = acc / l_i[:, None]
     o_rows = (q_begin + tok).to(tl.int64) * stride_ot + head * stride_oh
@@ -144,15 +167,16 @@ def _prefill_kernel(
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                             block_tables: torch.Tensor, max_seqlen_q: int, scale: float,
-                            out: torch.Tensor | None = None, *, config: dict | None = None
-                            ) -> torch.Tensor:
+                            out: torch.Tensor | None = None, *, window: int | None = None,
+                            config: dict | None = None) -> torch.Tensor:
     """Causal attention of q [num_tokens, Hq, D] (the new tokens of each sequence, packed as
     cu_seqlens_q [num_seqs + 1] says) over the paged cache [num_blocks, block_size, Hkv, D];
     seq_lens [num_seqs] counts each sequence's cached tokens, the new ones included.
 
     `max_seqlen_q` (a host int, the longest q_len) only shrinks the query tile for batches
     of short queries; it is never read from the device. Returns [num_tokens, Hq, D] in
-    q's dtype. `config` overrides DEFAULT_CONFIG (for tuning).
+    q's dtype. `window`: sliding-window attention over the last `window` keys (None: all).
+    `config` overrides DEFAULT_CONFIG (for tuning).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -163,6 +187,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise ValueError(f"caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not fit q {tuple(q.shape)}")
     if cu_seqlens_q.shape[0] != num_seqs + 1:
         raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries for {num_seqs} sequences")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive number of keys or None, got {window}")
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -178,11 +204,11 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     _prefill_kernel[(num_tiles, num_kv_heads)](
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out,
-        num_seqs, scale * LOG2E,
+        num_seqs, scale * LOG2E, window or 0,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q, BLOCK_M=block_q * block_g,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"], IEEE=q.dtype == torch.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"], SLIDING=window is not None,
+        IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

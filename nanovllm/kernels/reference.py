@@ -13,6 +13,9 @@ the new ones included, so its first `seq_lens[b] - q_len_b` tokens were cached e
 (a prefix-cache hit, an earlier prefill chunk, or the decoded tokens so far). Query token j
 of sequence b sits at position `seq_lens[b] - q_len_b + j` and attends to keys 0..that position.
 Decode is the special case q_len_b == 1.
+
+Sliding-window attention (`window=W`, Mistral, Gemma 3's local layers): the query at position p
+sees only the last W keys, positions p - W + 1 .. p (transformers' and vLLM's convention).
 """
 import torch
 import torch.nn.functional as F
@@ -37,12 +40,14 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-                              block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+                              block_tables: torch.Tensor, scale: float, window: int | None = None
+                              ) -> torch.Tensor:
     """Causal attention of q [num_tokens, num_heads, head_dim] over the paged cache.
 
     Handles prefill, prefill with a cached prefix, chunked prefill and decode alike,
     one sequence at a time. Grouped-query attention: query head h reads KV head
-    h // (num_heads // num_kv_heads). Returns [num_tokens, num_heads, head_dim].
+    h // (num_heads // num_kv_heads). `window`: see the module docstring (None: every key).
+    Returns [num_tokens, num_heads, head_dim].
     """
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     out = torch.empty_like(q)
@@ -58,7 +63,10 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         q_len = q_end - q_start
         # Key i is visible to query j when i <= (total - q_len) + j.
         q_pos = torch.arange(total - q_len, total, device=q.device)[:, None]
-        mask = torch.arange(total, device=q.device)[None, :] <= q_pos   # [q_len, total]
+        key_pos = torch.arange(total, device=q.device)[None, :]
+        mask = key_pos <= q_pos                                          # [q_len, total]
+        if window is not None:
+            mask &= key_pos > q_pos - window
         o = F.scaled_dot_product_attention(
             q[q_start:q_end].transpose(0, 1).float(), k.transpose(0, 1).float(),
             v.transpose(0, 1).float(), attn_mask=mask, scale=scale)
@@ -68,7 +76,7 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                      seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                                     scale: float) -> torch.Tensor:
+                                     scale: float, window: int | None = None) -> torch.Tensor:
     """Decode (one query token per sequence), all sequences at once: the caches are gathered
     into a padded [batch, longest, ...] tensor and masked. Same result as
     `paged_attention_reference` with cu_seqlens_q = arange(batch + 1); far fewer ops."""
@@ -77,7 +85,10 @@ def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_c
     blocks = block_tables[:, :-(-longest // block_size)].long()
     k = k_cache[blocks].flatten(1, 2)[:, :longest]            # [batch, longest, Hkv, D]
     v = v_cache[blocks].flatten(1, 2)[:, :longest]
-    mask = torch.arange(longest, device=q.device)[None, :] < seq_lens[:, None]
+    key_pos = torch.arange(longest, device=q.device)[None, :]
+    mask = key_pos < seq_lens[:, None]
+    if window is not None:
+        mask &= key_pos >= seq_lens[:, None] - window
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(),
         attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)   # [batch, Hq, 1, D]
