@@ -12,6 +12,8 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.fl
 LOAD_FORMATS = ("auto", "dummy")
 DEVICES = ("auto", "cuda", "cpu")
 ATTENTION_BACKENDS = ("auto", "triton", "flash_attn", "torch")
+# How data-parallel replicas run (nanovllm/data_parallel.py): local processes, or Ray actors.
+EXECUTOR_BACKENDS = (None, "mp", "ray")
 # Without a GPU to measure, the CPU KV cache gets a fixed budget (vLLM's CPU backend does the same
 # through VLLM_CPU_KVCACHE_SPACE); NANOVLLM_CPU_KVCACHE_GIB overrides it.
 DEFAULT_CPU_KV_CACHE_GIB = 1.0
@@ -29,6 +31,8 @@ class EngineConfig:
     dtype: str = "auto"
     seed: int = 0
     tensor_parallel_size: int = 1
+    data_parallel_size: int = 1                     # engine replicas (nanovllm/data_parallel.py)
+    distributed_executor_backend: str | None = None  # where replicas run: "mp" (default) or "ray"
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
     max_num_seqs: int = 256
@@ -92,7 +96,10 @@ class EngineConfig:
             if getattr(self, name) != supported:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported by nanovllm "
                                  f"(only {supported!r}); GGUF files are dequantized at load instead.")
-        for name in ("tensor_parallel_size", "max_num_seqs"):
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of {list(EXECUTOR_BACKENDS)}, "
+                             f"got {self.distributed_executor_backend!r}.")
+        for name in ("tensor_parallel_size", "data_parallel_size", "max_num_seqs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
         for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override"):

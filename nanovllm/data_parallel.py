@@ -1,0 +1,472 @@
+"""DataParallelEngine: N engine replicas behind one engine's surface.
+
+    llm = LLM(model, data_parallel_size=2)                                   # local processes
+    llm = LLM(model, data_parallel_size=2, distributed_executor_backend="ray")  # Ray actors
+
+`LLM.generate` drives an engine through add_request / step / abort_request /
+has_unfinished_requests; this class has the same four, so generate, chat and the progress
+bar are unchanged. Each replica is a whole LLMEngine (with its own tensor-parallel ranks)
+in another process: a local one ("mp", this file) or a Ray actor (nanovllm/ray.py).
+
+The driver (this process) and a replica talk in rounds, one call in flight per replica:
+
+    driver -> replica   run(adds, aborts)      the requests assigned since the last round
+    replica -> driver   Round                  outputs made, requests refused, steps taken
+
+A round applies the aborts and adds, then steps the engine for about ROUND_SECONDS (or
+until it has nothing left), so a call costs the replica ~1% of its time however short its
+steps are. When a round comes back the next one is sent at once.
+
+Balancing: a new request goes to the replica with the fewest expected tokens outstanding
+(prompt + max_tokens per sequence); the prompt is tokenized here to count them.
+
+Failures: a replica whose process or actor dies has its unfinished requests re-run on the
+others (greedy outputs are unchanged: a request's tokens do not depend on its neighbours);
+with none left the call raises, naming the replica. An engine that raises inside a live
+replica is a bug, not a lost machine: the error is raised to the caller.
+"""
+import logging
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.util
+import os
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.ctrl_c import sigint_ignored
+from nanovllm.entrypoints.engine_process import sendable, summarize
+from nanovllm.outputs import RequestOutput
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+ROUND_SECONDS = 0.1     # how long a replica steps before reporting back
+# The arguments that configure the replicas as a group; each replica is a plain engine.
+_GROUP_ARGS = ("data_parallel_size", "distributed_executor_backend")
+
+
+@dataclass
+class Round:
+    """A replica's answer to run()."""
+    outputs: list[RequestOutput]
+    refused: list[tuple[str, BaseException]]     # (request_id, the engine's error) for adds it refused
+    failure: tuple[str, str] | None              # (one line, traceback) if its engine raised
+    num_steps: int
+
+
+class ReplicaLost(Exception):
+    """A replica's process or actor is gone (the transport failed, not the engine)."""
+
+
+# -- inside a replica ------------------------------------------------------------------------
+class ReplicaWorker:
+    """Runs in the replica's process (or as the Ray actor): one LLMEngine, driven in rounds."""
+
+    def __init__(self, model: str, engine_kwargs: dict, cpu_threads: int | None):
+        import torch
+        if cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        from nanovllm.engine.llm_engine import LLMEngine
+        self.engine = LLMEngine.from_kwargs(model, **engine_kwargs)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, adds: list, aborts: list[str], seconds: float = ROUND_SECONDS) -> Round:
+        engine, refused = self.engine, []
+        engine.abort_request(aborts)
+        for request_id, prompt, params in adds:
+            try:
+                engine.add_request(request_id, prompt, params)
+            except Exception as e:
+                refused.append((request_id, sendable(e)))
+        outputs, failure, steps_before = [], None, engine.num_steps
+        deadline = time.monotonic() + seconds
+        try:
+            while engine.has_unfinished_requests():
+                outputs += engine.step()
+                if time.monotonic() >= deadline:
+                    break
+        except Exception as e:
+            failure = (summarize(e), traceback.format_exc())
+        return Round(outputs, refused, failure, engine.num_steps - steps_before)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+# -- the driver's handle on a replica ----------------------------------------------------------
+class Replica:
+    """One replica as the driver sees it: what it was given, and its transport (a subclass:
+    ProcessReplica here, RayReplica in nanovllm/ray.py)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.pid: int | None = None
+        self.request_ids: dict[str, None] = {}   # unfinished requests given to it, in order
+        self.load = 0                            # their expected tokens
+        self.adds: list = []                     # (request_id, prompt, params) for its next round
+        self.aborts: list[str] = []
+        self.busy = False                        # a round is in flight
+        self.num_finished = 0                    # requests it has completed (how the work was split)
+
+    @property
+    def name(self) -> str:
+        return f"data-parallel replica {self.rank} (pid {self.pid})"
+
+    def has_work(self) -> bool:
+        return bool(self.request_ids or self.aborts)
+
+    def submit(self, seconds: float) -> None:
+        """Start a round with what is queued. Raises ReplicaLost."""
+        adds, aborts, self.adds, self.aborts = self.adds, self.aborts, [], []
+        self.busy = True
+        self._send(adds, aborts, seconds)
+
+    # The transport, per backend:
+    def _send(self, adds: list, aborts: list[str], seconds: float) -> None: raise NotImplementedError
+    def receive(self) -> Round: raise NotImplementedError                  # raises ReplicaLost
+    def shutdown(self) -> None: raise NotImplementedError
+
+    @staticmethod
+    def wait(replicas: list["Replica"]) -> list["Replica"]:
+        """Block until some of the busy `replicas` have answered (or died); return those."""
+        raise NotImplementedError
+
+
+class DataParallelEngine:
+    def __init__(self, config: EngineConfig, replicas: list[Replica]):
+        self.config = config                     # the driver's view (tokenizer, max_model_len)
+        self.tokenizer = load_tokenizer(config)
+        self.replicas = replicas                 # the live ones
+        self.owner: dict[str, Replica] = {}      # unfinished request -> the replica running it
+        self.requests: dict[str, tuple] = {}     # request_id -> (prompt, params, cost), to re-run
+        self.num_steps = 0                       # over all replicas
+        self.round_seconds = ROUND_SECONDS
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> "DataParallelEngine":
+        backend = kwargs.get("distributed_executor_backend") or "mp"
+        driver_kwargs = dict(kwargs)
+        if backend == "ray" and kwargs.get("device") == "cuda":
+            # The driver of a Ray cluster may have no GPU: it only tokenizes.
+            import torch
+            driver_kwargs["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        config = EngineConfig.from_kwargs(model, **driver_kwargs)
+        replica_kwargs = {k: v for k, v in kwargs.items() if k not in _GROUP_ARGS}
+        if backend == "ray":
+            from nanovllm.ray import start_ray_replicas
+            replicas = start_ray_replicas(model, replica_kwargs, config)
+        else:
+            replicas = start_process_replicas(model, replica_kwargs, config)
+        return cls(config, replicas)
+
+    # -- requests -----------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> str:
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a string, got {type(request_id)}")
+        if request_id in self.owner:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        prompt, num_prompt_tokens = self._tokenized(prompt)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.config.max_model_len
+        self.requests[request_id] = (prompt, params, num_prompt_tokens + params.n * max_tokens)
+        self._assign(request_id)
+        return request_id
+
+    def _tokenized(self, prompt) -> tuple[object, int]:
+        """The prompt with its token ids (tokenized once, here, to count them), and their number.
+        A prompt of another shape goes on as it is; its replica's engine refuses it by name."""
+        if isinstance(prompt, dict) and "prompt_token_ids" not in prompt and isinstance(prompt.get("prompt"), str):
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+            return {"prompt": prompt, "prompt_token_ids": token_ids}, len(token_ids)
+        if isinstance(prompt, dict) and isinstance(prompt.get("prompt_token_ids"), (list, tuple)):
+            return prompt, len(prompt["prompt_token_ids"])
+        if isinstance(prompt, (list, tuple)):
+            return prompt, len(prompt)
+        return prompt, 0
+
+    def _assign(self, request_id: str) -> None:
+        if not self.replicas:
+            raise RuntimeError("No data-parallel replica is left: every one has died (see the errors above).")
+        prompt, params, cost = self.requests[request_id]
+        replica = min(self.replicas, key=lambda r: (r.load, r.rank))
+        replica.adds.append((request_id, prompt, params))
+        replica.request_ids[request_id] = None
+        replica.load += cost
+        self.owner[request_id] = replica
+
+    def _forget(self, request_id: str) -> None:
+        replica = self.owner.pop(request_id)
+        del replica.request_ids[request_id]
+        replica.load -= self.requests.pop(request_id)[2]
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            replica = self.owner.get(request_id)
+            if replica is None:
+                continue
+            self._forget(request_id)
+            queued = [add for add in replica.adds if add[0] == request_id]
+            if queued:                           # not sent yet: just drop it
+                replica.adds.remove(queued[0])
+            else:
+                replica.aborts.append(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.owner)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.owner)
+
+    # -- one step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Start a round on every idle replica with work, wait for some round to come back,
+        and return its outputs."""
+        for replica in list(self.replicas):
+            if not replica.busy and replica.has_work():
+                self._submit(replica)
+        busy = [r for r in self.replicas if r.busy]
+        if not busy:
+            return []
+        outputs, errors = [], []
+        for replica in type(busy[0]).wait(busy):
+            outputs += self._collect(replica, errors)
+        if errors:
+            raise errors[0]
+        return outputs
+
+    def _submit(self, replica: Replica) -> None:
+        try:
+            replica.submit(self.round_seconds)
+        except ReplicaLost as lost:
+            self._lose(replica, str(lost))
+
+    def _collect(self, replica: Replica, errors: list) -> list[RequestOutput]:
+        replica.busy = False
+        try:
+            answer = replica.receive()
+        except ReplicaLost as lost:
+            self._lose(replica, str(lost))
+            return []
+        self.num_steps += answer.num_steps
+        if answer.failure is not None:
+            summary, trace = answer.failure
+            logger.error("%s failed:\n%s", replica.name, trace)
+            for request_id in list(replica.request_ids):
+                self._forget(request_id)
+            self._retire(replica)
+            errors.append(RuntimeError(f"{replica.name} failed: {summary}"))
+            return []
+        for request_id, error in answer.refused:
+            if self.owner.get(request_id) is replica:
+                self._forget(request_id)
+                errors.append(error)
+        # Outputs of requests aborted since the round began are dropped.
+        outputs = [out for out in answer.outputs if self.owner.get(out.request_id) is replica]
+        for out in outputs:
+            if out.finished:
+                self._forget(out.request_id)
+                replica.num_finished += 1
+        if replica.has_work():                   # the next round now: the replica need not wait for the caller
+            self._submit(replica)
+        return outputs
+
+    def _lose(self, replica: Replica, why: str) -> None:
+        """A replica died: give its unfinished requests to the others, in their order."""
+        orphans = list(replica.request_ids)
+        for request_id in orphans:
+            del self.owner[request_id]
+        self._retire(replica)
+        if not self.replicas:
+            for request_id in orphans:
+                del self.requests[request_id]
+            raise RuntimeError(f"{replica.name} died ({why}) and no replica is left to run its "
+                               f"{len(orphans)} unfinished request(s).")
+        logger.warning("%s died (%s); re-running its %d unfinished request(s) on the other %d replica(s)",
+                       replica.name, why, len(orphans), len(self.replicas))
+        for request_id in orphans:
+            self._assign(request_id)
+
+    def _retire(self, replica: Replica) -> None:
+        self.replicas.remove(replica)
+        replica.busy = False
+        replica.request_ids, replica.adds, replica.aborts, replica.load = {}, [], [], 0
+        try:
+            replica.shutdown()
+        except Exception:                        # it is gone already; nothing to stop
+            logger.debug("shutting down %s", replica.name, exc_info=True)
+
+    def shutdown(self) -> None:
+        for replica in self.replicas:
+            replica.shutdown()
+        self.replicas = []
+
+
+# -- replicas as local processes ("mp") ---------------------------------------------------------
+def start_process_replicas(model: str, engine_kwargs: dict, config: EngineConfig) -> list[Replica]:
+    """One process per replica: on a GPU machine each gets its own tensor_parallel_size GPUs,
+    on the CPU each gets cores / N threads (N engines each running every core would contend)."""
+    n, tp = config.data_parallel_size, config.tensor_parallel_size
+    gpus, threads = [None] * n, None
+    if config.device == "cuda":
+        visible = _visible_gpus()
+        if n * tp > len(visible):
+            raise ValueError(f"data_parallel_size={n} with tensor_parallel_size={tp} needs {n * tp} GPUs; "
+                             f"this machine has {len(visible)}.")
+        gpus = [",".join(visible[rank * tp:(rank + 1) * tp]) for rank in range(n)]
+    else:
+        threads = max(1, available_cores() // n)
+    replicas = []
+    try:
+        for rank in range(n):
+            kwargs = dict(engine_kwargs, device=config.device, seed=config.seed + rank)
+            replicas.append(ProcessReplica(rank, model, kwargs, threads, gpus[rank]))
+        for replica in replicas:            # they load at the same time
+            replica.wait_ready()
+    except BaseException:
+        for replica in replicas:
+            replica.shutdown()
+        raise
+    return replicas
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _visible_gpus() -> list[str]:
+    import torch
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()][:torch.cuda.device_count()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+class ProcessReplica(Replica):
+    """A replica in a local process, spoken to over a pipe: (adds, aborts) in, a Round out;
+    None asks it to leave."""
+
+    def __init__(self, rank: int, model: str, engine_kwargs: dict, cpu_threads: int | None, gpus: str | None):
+        super().__init__(rank)
+        ctx = multiprocessing.get_context("spawn")      # CUDA cannot be used in a forked child
+        self.conn, theirs = ctx.Pipe()
+        # Not a daemon: with tensor parallelism it starts processes of its own. It leaves when
+        # the pipe closes, so it does not outlive this process.
+        self.proc = ctx.Process(target=_replica_main, name=f"nanovllm-replica-{rank}",
+                                args=(theirs, model, engine_kwargs, cpu_threads))
+        # Its GPUs are set in its environment from the start, before anything there can touch CUDA.
+        with sigint_ignored(), _environment("CUDA_VISIBLE_DEVICES", gpus):
+            self.proc.start()
+        theirs.close()
+        # Runs at shutdown(), or at interpreter exit before multiprocessing joins its children
+        # (which would wait for this one forever).
+        self._stop = multiprocessing.util.Finalize(self, _stop_replica, args=(self.proc, self.conn),
+                                                   exitpriority=10)
+
+    def wait_ready(self) -> None:
+        try:
+            kind, payload = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(
+                f"data-parallel replica {self.rank} exited while starting ({self._how_it_ended()}); its error is "
+                f"printed above. If it failed importing your script: replicas are spawned and import the main "
+                f"module, so build the LLM under `if __name__ == \"__main__\":`") from None
+        if kind == "failed":
+            raise payload
+        self.pid = payload
+
+    def _send(self, adds: list, aborts: list[str], seconds: float) -> None:
+        try:
+            self.conn.send((adds, aborts, seconds))
+        except OSError:
+            raise ReplicaLost(self._how_it_ended()) from None
+
+    def receive(self) -> Round:
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            raise ReplicaLost(self._how_it_ended()) from None
+
+    @staticmethod
+    def wait(replicas: list["ProcessReplica"]) -> list["ProcessReplica"]:
+        ready = multiprocessing.connection.wait([r.conn for r in replicas])   # a dead one reads as EOF
+        return [r for r in replicas if r.conn in ready]
+
+    def shutdown(self) -> None:
+        self._stop()
+
+    def _how_it_ended(self) -> str:
+        self.proc.join(timeout=5)
+        code = self.proc.exitcode
+        return f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+
+
+class _environment:
+    """Set one environment variable for the block (None: leave it as it is)."""
+
+    def __init__(self, name: str, value: str | None):
+        self.name, self.value = name, value
+
+    def __enter__(self):
+        self.old = os.environ.get(self.name)
+        if self.value is not None:
+            os.environ[self.name] = self.value
+
+    def __exit__(self, *exc):
+        if self.value is None:
+            return
+        if self.old is None:
+            os.environ.pop(self.name, None)
+        else:
+            os.environ[self.name] = self.old
+
+
+def _replica_main(conn, model: str, engine_kwargs: dict, cpu_threads: int | None) -> None:
+    """A replica process's life: load the engine, then answer rounds until None or EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the driver's to handle
+    try:
+        worker = ReplicaWorker(model, engine_kwargs, cpu_threads)
+    except BaseException as e:
+        conn.send(("failed", sendable(e)))
+        return
+    try:
+        conn.send(("ready", os.getpid()))
+        while (command := conn.recv()) is not None:
+            conn.send(worker.run(*command))
+    except (EOFError, OSError):
+        pass                                        # the driver is gone
+    finally:
+        worker.shutdown()
+
+
+def _stop_replica(proc, conn, grace_s: float = 30.0) -> None:
+    """Ask a replica process to leave (it shuts its engine down), reading any round still in
+    flight so that its answer cannot block it; then make sure it has left."""
+    try:
+        conn.send(None)
+    except OSError:
+        pass
+    deadline = time.monotonic() + grace_s
+    while proc.is_alive() and time.monotonic() < deadline:
+        try:
+            if conn.poll(0.1):
+                conn.recv()
+        except (EOFError, OSError):
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+    if proc.exitcode is None:
+        logger.warning("%s did not stop in %.0f s; terminating it", proc.name, grace_s)
+        proc.terminate()
+        proc.join(timeout=5)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+    conn.close()
