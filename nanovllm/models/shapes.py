@@ -29,6 +29,12 @@ SHAPES: dict[str, dict] = {
         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192},
         tie_word_embeddings=True, torch_dtype="bfloat16", bos_token_id=128000, eos_token_id=128009),
+    # HuggingFaceTB/SmolLM2-135M-Instruct (the demo model): bench.py's CPU preset
+    "smollm2-135m": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=576, intermediate_size=1536,
+        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+        max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2),
 }
 
 
