@@ -129,7 +129,7 @@ class RayReplica(Replica):
         return [r for r in replicas if r.ref in ready]
 
     def shutdown(self) -> None:
-        if self.stopped:
+        if self.stopped or not self.ray.is_initialized():      # Ray gone (interpreter exit): so are its actors
             return
         self.stopped = True
         try:                               # let the engine stop its own processes, then end the actor
