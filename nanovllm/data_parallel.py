@@ -10,8 +10,8 @@ in another process: a local one ("mp", this file) or a Ray actor (nanovllm/ray.p
 
 The driver (this process) and a replica talk in rounds, one call in flight per replica:
 
-    driver -> replica   run(adds, aborts)      the requests assigned since the last round
-    replica -> driver   Round                  outputs made, requests refused, steps taken
+    driver -> replica   run(adds, aborts, seconds)   the requests given and aborted since the last round
+    replica -> driver   Round                        outputs made, requests refused, steps taken
 
 A round applies the aborts and adds, then steps the engine for about ROUND_SECONDS (or
 until it has nothing left), so a call costs the replica ~1% of its time however short its
@@ -109,7 +109,7 @@ class Replica:
         self.pid: int | None = None
         self.request_ids: dict[str, None] = {}   # unfinished requests given to it, in order
         self.load = 0                            # their expected tokens
-        self.adds: list = []                     # (request_id, prompt, params) for its next round
+        self.adds: dict[str, tuple] = {}         # request_id -> (prompt, params), for its next round
         self.aborts: list[str] = []
         self.busy = False                        # a round is in flight
         self.num_finished = 0                    # requests it has completed (how the work was split)
@@ -123,7 +123,8 @@ class Replica:
 
     def submit(self, seconds: float) -> None:
         """Start a round with what is queued. Raises ReplicaLost."""
-        adds, aborts, self.adds, self.aborts = self.adds, self.aborts, [], []
+        adds = [(request_id, prompt, params) for request_id, (prompt, params) in self.adds.items()]
+        aborts, self.adds, self.aborts = self.aborts, {}, []
         self.busy = True
         self._send(adds, aborts, seconds)
 
@@ -174,8 +175,12 @@ class DataParallelEngine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if not self.replicas:
+            raise RuntimeError("No data-parallel replica is left: every one has died (see the errors above).")
         prompt, num_prompt_tokens = self._tokenized(prompt)
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.config.max_model_len
+        max_tokens = params.max_tokens
+        if max_tokens is None:                   # the engine's default: up to max_model_len
+            max_tokens = max(0, self.config.max_model_len - num_prompt_tokens)
         self.requests[request_id] = (prompt, params, num_prompt_tokens + params.n * max_tokens)
         self._assign(request_id)
         return request_id
@@ -195,11 +200,10 @@ class DataParallelEngine:
         return prompt, 0
 
     def _assign(self, request_id: str) -> None:
-        if not self.replicas:
-            raise RuntimeError("No data-parallel replica is left: every one has died (see the errors above).")
+        """Give a request to the replica with the fewest expected tokens outstanding."""
         prompt, params, cost = self.requests[request_id]
         replica = min(self.replicas, key=lambda r: (r.load, r.rank))
-        replica.adds.append((request_id, prompt, params))
+        replica.adds[request_id] = (prompt, params)
         replica.request_ids[request_id] = None
         replica.load += cost
         self.owner[request_id] = replica
@@ -215,10 +219,7 @@ class DataParallelEngine:
             if replica is None:
                 continue
             self._forget(request_id)
-            queued = [add for add in replica.adds if add[0] == request_id]
-            if queued:                           # not sent yet: just drop it
-                replica.adds.remove(queued[0])
-            else:
+            if replica.adds.pop(request_id, None) is None:     # sent already: abort it there
                 replica.aborts.append(request_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -299,7 +300,7 @@ class DataParallelEngine:
     def _retire(self, replica: Replica) -> None:
         self.replicas.remove(replica)
         replica.busy = False
-        replica.request_ids, replica.adds, replica.aborts, replica.load = {}, [], [], 0
+        replica.request_ids, replica.adds, replica.aborts, replica.load = {}, {}, [], 0
         try:
             replica.shutdown()
         except Exception:                        # it is gone already; nothing to stop

@@ -123,6 +123,23 @@ def test_refused_request_raises_the_engines_error(replicated, reference):
         token_ids(reference.generate(TEXT_PROMPTS, GREEDY, use_tqdm=False))
 
 
+def test_aborted_requests_leave_no_output(replicated, reference):
+    """Aborting a request not yet sent to its replica, and requests running there."""
+    engine = replicated.get("mp").llm_engine
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for i, prompt in enumerate(TEXT_PROMPTS):
+        engine.add_request(f"abort-{i}", prompt, params)
+    engine.abort_request("abort-0")                  # still queued here
+    finished = {out.request_id: out for out in engine.step() if out.finished}
+    engine.abort_request(["abort-1", "abort-2"])     # on their replicas by now
+    while engine.has_unfinished_requests():
+        finished.update((out.request_id, out) for out in engine.step() if out.finished)
+    assert sorted(finished) == ["abort-3", "abort-4", "abort-5"]
+    expected = reference.generate(TEXT_PROMPTS[3:], params, use_tqdm=False)
+    assert [finished[f"abort-{i}"].outputs[0].token_ids for i in (3, 4, 5)] == token_ids(expected)
+    assert all(not replica.request_ids and not replica.adds for replica in engine.replicas)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_replica_killed_mid_run_loses_no_request(replicated, reference, backend):
     llm = replicated.take(backend)
