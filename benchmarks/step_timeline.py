@@ -44,11 +44,18 @@ class Step:
 def engine_counters(engine) -> tuple[int, int, int, float]:
     """(steps launched so far, prefill tokens and decode tokens of the last launched step, seconds
     spent waiting for the device so far). The one place this script reads the engine's internals:
-    LLMEngine.num_steps, LLMEngine.last_step ((is it a prefill, tokens computed)) and
-    runner.seconds_waiting."""
-    is_prefill, num_tokens = engine.last_step
-    return (engine.num_steps, num_tokens if is_prefill else 0, 0 if is_prefill else num_tokens,
-            engine.runner.seconds_waiting)
+    LLMEngine.num_steps, LLMEngine.last_step and runner.seconds_waiting."""
+    last = engine.last_step
+    if last is None:                                   # nothing launched yet
+        prefill = decode = 0
+    elif isinstance(last, tuple):                      # (is it a prefill, tokens): a step of one kind
+        prefill, decode = (last[1], 0) if last[0] else (0, last[1])
+    else:                                              # a ScheduledBatch: a span per sequence
+        # A decode computes one token past the prompt; longer spans are prompt chunks (or recompute).
+        decode = sum(n == 1 and start >= seq.num_prompt_tokens
+                     for seq, start, n in zip(last.seqs, last.starts, last.num_new_tokens))
+        prefill = last.num_tokens - decode
+    return engine.num_steps, prefill, decode, engine.runner.seconds_waiting
 
 
 def run_steps(engine, profiler: cProfile.Profile | None = None) -> list[Step]:

@@ -133,7 +133,7 @@ def test_cpu_preset_finishes(tmp_path):
 
 def test_step_timeline_records_each_step_and_plots(tiny_qwen3, tmp_path):
     timeline = _load("benchmarks/step_timeline.py")
-    llm = LLM(tiny_qwen3, device="cpu", max_num_seqs=2)
+    llm = LLM(tiny_qwen3, device="cpu", max_num_seqs=2, enforce_eager=True)
     engine = llm.llm_engine
     prompts, max_tokens = [[5] * 20, [6] * 30, [7] * 40], [3, 6, 9]
     for i, (prompt, n) in enumerate(zip(prompts, max_tokens)):
