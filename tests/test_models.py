@@ -18,6 +18,8 @@ SHAPES = {
                                                         "factor": 2.0}}),
     "qwen2-biases": ("qwen2", {}),
     "mistral": ("mistral", {"sliding_window": None}),
+    # every layer attends to its last 8 keys only; the prompts are far longer
+    "mistral-sliding-window": ("mistral", {"sliding_window": 8}),
 }
 
 

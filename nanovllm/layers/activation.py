@@ -1,3 +1,6 @@
+"""MLP activations. The gated ones take gate and up fused in one tensor [..., 2 * I] and
+return act(gate) * up [..., I]; `gated_activation(name)` and `activation(name)` map a
+checkpoint's `hidden_act` to the module."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,3 +19,46 @@ class SiluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(x)
+
+
+class GeluAndMul(nn.Module):
+    """gelu(gate) * up (Gemma): exact, or with the tanh approximation ("gelu_pytorch_tanh")."""
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate=self.approximate) * up
+
+
+class Gelu(nn.Module):
+    """The plain (ungated) MLP's activation (GPT-NeoX)."""
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate=self.approximate)
+
+
+# hidden_act names as transformers spells them -> how gelu is computed
+_GELUS = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
+
+
+def gated_activation(name: str) -> nn.Module:
+    if name in ("silu", "swish"):
+        return SiluAndMul()
+    if name in _GELUS:
+        return GeluAndMul(_GELUS[name])
+    raise ValueError(f"hidden_act {name!r} is not supported (supported: silu, {', '.join(_GELUS)}).")
+
+
+def activation(name: str) -> nn.Module:
+    if name in _GELUS:
+        return Gelu(_GELUS[name])
+    if name in ("silu", "swish"):
+        return nn.SiLU()
+    raise ValueError(f"hidden_act {name!r} is not supported (supported: silu, {', '.join(_GELUS)}).")

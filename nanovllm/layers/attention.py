@@ -3,7 +3,9 @@
 Every step, each layer first writes the new tokens' keys and values into the paged KV
 cache, then attends from the new queries over the cache. Prefill, prefill with a cached
 prefix, chunked prefill and decode are one computation, described by `AttentionMetadata`
-(see `nanovllm/kernels/reference.py` for the exact semantics).
+(see `nanovllm/kernels/reference.py` for the exact semantics). A layer with a sliding window
+(`Attention(..., sliding_window=W)`) lets each query see only the last W keys; it is a property
+of the layer, not of the step, so every backend gets it with the layer's call.
 """
 import logging
 from dataclasses import dataclass
@@ -35,11 +37,12 @@ class TorchBackend:
     def store(self, k, v, k_cache, v_cache, meta: AttentionMetadata):
         store_kv_cache_reference(k, v, k_cache, v_cache, meta.slot_mapping)
 
-    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None):
         if meta.is_decode:
-            return paged_decode_attention_reference(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale)
+            return paged_decode_attention_reference(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale,
+                                                    window=window)
         return paged_attention_reference(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
-                                         meta.block_tables, scale)
+                                         meta.block_tables, scale, window=window)
 
 
 class TritonBackend:
@@ -53,11 +56,12 @@ class TritonBackend:
     def store(self, k, v, k_cache, v_cache, meta: AttentionMetadata):
         self.k.store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
 
-    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None):
         if meta.is_decode:
-            return self.k.paged_decode_attention(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale)
+            return self.k.paged_decode_attention(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale,
+                                                 window=window)
         return self.k.paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
-                                              meta.block_tables, meta.max_seqlen_q, scale)
+                                              meta.block_tables, meta.max_seqlen_q, scale, window=window)
 
 
 class FlashAttnBackend:
@@ -73,18 +77,20 @@ class FlashAttnBackend:
     def store(self, k, v, k_cache, v_cache, meta: AttentionMetadata):
         self.store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
 
-    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None):
+        # flash-attn's window counts the keys left of the query's own: W - 1 of them
+        sliding = {} if window is None else {"window_size": (window - 1, 0)}
         if meta.is_decode:
             return self.fa.flash_attn_with_kvcache(
                 q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.seq_lens, block_table=meta.block_tables,
-                softmax_scale=scale, causal=True).squeeze(1)
+                softmax_scale=scale, causal=True, **sliding).squeeze(1)
         cu_seqlens_k = torch.nn.functional.pad(meta.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
         # causal=True aligns the mask to the bottom right: query j of a sequence with a cached
         # prefix sees the prefix and the new tokens up to itself, as in our reference.
         return self.fa.flash_attn_varlen_func(
             q, k_cache, v_cache, cu_seqlens_q=meta.cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
             max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_k, softmax_scale=scale,
-            causal=True, block_table=meta.block_tables)
+            causal=True, block_table=meta.block_tables, **sliding)
 
 
 def flash_attn_available() -> bool:
@@ -125,17 +131,22 @@ class Attention(nn.Module):
     """Stores the new K/V in this layer's cache slice and attends over the cache.
 
     `k_cache`/`v_cache` ([num_blocks, block_size, num_kv_heads, head_dim]) and `backend`
-    are attached by the ModelRunner once it has sized the cache.
+    are attached by the ModelRunner once it has sized the cache. `sliding_window`: this layer's
+    queries see only the last `sliding_window` keys (None: all of them).
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None):
         super().__init__()
+        if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+            raise ValueError(f"sliding_window must be a positive integer or None, got {sliding_window!r}.")
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.sliding_window = sliding_window
         self.k_cache = self.v_cache = torch.empty(0)
         self.backend = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """q [T, num_heads, head_dim], k/v [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim]."""
         self.backend.store(k, v, self.k_cache, self.v_cache, meta)
-        out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale)
+        out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
         return out.flatten(1)

@@ -30,6 +30,13 @@ class _Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class ReplicatedLinear(_Linear):
+    """A linear every rank holds whole (e.g. the MoE router)."""
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
+        param.data.copy_(loaded)
+
+
 class ColumnParallelLinear(_Linear):
     """y = x W^T + b with W's rows (output features) split evenly across ranks."""
 
@@ -45,13 +52,19 @@ class ColumnParallelLinear(_Linear):
 class MergedColumnParallelLinear(_Linear):
     """Several column-parallel linears of the same input fused into one matmul
     (e.g. the MLP's gate and up projections). Checkpoint tensor `shard_id` (0, 1, ...)
-    fills the `shard_id`-th slice of each rank's fused weight."""
+    fills the `shard_id`-th slice of each rank's fused weight; shard_id None is a checkpoint
+    tensor already fused the same way (Phi-3's gate_up_proj)."""
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
+        self.output_sizes = output_sizes
         self.local_sizes = [size // tp_size() for size in output_sizes]
         super().__init__(in_features, sum(self.local_sizes), bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int):
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None):
+        if shard_id is None:
+            for i, part in enumerate(loaded.split(self.output_sizes, dim=0)):
+                self.weight_loader(param, part, i)
+            return
         offset = sum(self.local_sizes[:shard_id])
         target = param.data.narrow(0, offset, self.local_sizes[shard_id])
         target.copy_(loaded.chunk(tp_size(), dim=0)[tp_rank()])
@@ -69,13 +82,21 @@ class QKVParallelLinear(_Linear):
                  bias: bool = False):
         tp = tp_size()
         self.head_dim = head_dim
+        self.total_num_heads, self.total_num_kv_heads = num_heads, num_kv_heads
         self.num_heads = num_heads // tp
         self.num_kv_heads = max(1, num_kv_heads // tp)
         self.kv_replicas = max(1, tp // num_kv_heads)    # ranks sharing one KV head
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         super().__init__(hidden_size, out, bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str):
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None):
+        """shard_id "q", "k" or "v": that projection's full checkpoint tensor; None: the three
+        already fused in that order (Phi-3's qkv_proj)."""
+        if shard_id is None:
+            sizes = [self.total_num_heads * self.head_dim] + [self.total_num_kv_heads * self.head_dim] * 2
+            for part, sid in zip(loaded.split(sizes, dim=0), "qkv"):
+                self.weight_loader(param, part, sid)
+            return
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if shard_id == "q":
             offset, size, index = 0, q_size, tp_rank()

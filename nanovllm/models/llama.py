@@ -1,13 +1,15 @@
-"""The Llama architecture, which Qwen2, Qwen3 and Mistral extend with small changes.
+"""The Llama architecture, which Qwen2, Qwen3, Qwen3-MoE, Mistral and Phi-3 extend with small
+changes (and whose attention and MLP Gemma 3 reuses).
 
 A pre-norm decoder: token embedding, N x (RMSNorm -> attention -> add, RMSNorm -> gated
 MLP -> add), a final RMSNorm and the LM head. The attention projects q, k and v in one
-fused matmul, rotates q and k by position (RoPE), and attends over the paged KV cache.
+fused matmul, rotates q and k by position (RoPE), and attends over the paged KV cache,
+through all of it or, in a sliding-window layer, through its last `sliding_window` keys.
 """
 import torch
 from torch import nn
 
-from nanovllm.layers.activation import SiluAndMul
+from nanovllm.layers.activation import gated_activation
 from nanovllm.layers.attention import Attention, AttentionMetadata
 from nanovllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
@@ -19,9 +21,32 @@ def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def sliding_windows(config, max_model_len: int | None = None) -> list[int | None]:
+    """Per layer, how many keys a query sees (None: all of them).
+
+    transformers 5 lists each layer's kind in `layer_types` (Qwen2/Qwen3 with use_sliding_window,
+    Gemma 3); otherwise a `sliding_window` applies to every layer (Mistral, Phi-3, Qwen3-MoE),
+    or, in transformers 4.x Qwen2/Qwen3 configs, to the layers from `max_window_layers` on.
+    A window no shorter than max_model_len never hides a key: those layers attend fully.
+    """
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return [None] * n
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        first = getattr(config, "max_window_layers", 0)
+        layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    if max_model_len is not None and window >= max_model_len:
+        window = None
+    return [window if kind == "sliding_attention" else None for kind in layer_types]
+
+
 class LlamaAttention(nn.Module):
-    # What the families change: biases on q/k/v and on o, and Qwen3's per-head q/k norm.
-    def __init__(self, config, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+    # What the families change: biases on q/k/v and on o, a per-head q/k norm (Qwen3, Gemma 3),
+    # the score scale (Gemma 3) and, per layer, the sliding window and the RoPE table.
+    def __init__(self, config, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool,
+                 sliding_window: int | None = None, scale: float | None = None, norm: type[nn.Module] = RMSNorm):
         super().__init__()
         head_dim = head_dim_of(config)
         heads = config.num_attention_heads
@@ -31,11 +56,12 @@ class LlamaAttention(nn.Module):
         self.head_dim = head_dim
         self.o_proj = RowParallelLinear(heads * head_dim, config.hidden_size, bias=o_bias)
         if qk_norm:
-            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
+            self.q_norm = norm(head_dim, config.rms_norm_eps)
+            self.k_norm = norm(head_dim, config.rms_norm_eps)
         self.qk_norm = qk_norm
         self.rotary = rotary
-        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, scale=head_dim ** -0.5)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim,
+                              scale=head_dim ** -0.5 if scale is None else scale, sliding_window=sliding_window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -51,11 +77,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, bias: bool):
+    """down(act(gate(x)) * up(x)); act is the config's hidden_act (silu; Gemma's gelu-tanh)."""
+
+    def __init__(self, config, bias: bool = False, intermediate_size: int | None = None):
         super().__init__()
-        inter = config.intermediate_size
+        inter = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=bias)
-        self.act = SiluAndMul()
+        act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None) or "silu"
+        self.act = gated_activation(act)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,12 +92,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, rotary: RotaryEmbedding, **attention_options):
+    def __init__(self, config, attention: LlamaAttention, mlp: nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, rotary, **attention_options)
+        self.self_attn = attention
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config, bias=getattr(config, "mlp_bias", False))
+        self.mlp = mlp
 
     def forward(self, positions, hidden, residual, meta):
         # The residual stream is carried separately so each RMSNorm can add it in the same call.
@@ -82,13 +111,16 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, **attention_options):
+    def __init__(self, config, attention_options: dict, make_mlp, max_model_len: int | None = None):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # One cos/sin table shared by every layer.
-        rotary = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings, config)
+        rotary = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings, config,
+                                 max_model_len=max_model_len)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary, **attention_options) for _ in range(config.num_hidden_layers))
+            LlamaDecoderLayer(config, LlamaAttention(config, rotary, sliding_window=window, **attention_options),
+                              make_mlp(config, i))
+            for i, window in enumerate(sliding_windows(config, max_model_len)))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions, meta):
@@ -105,9 +137,9 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config):
+    def __init__(self, config, max_model_len: int | None = None):
         super().__init__()
-        self.model = LlamaModel(config, **self.attention_options(config))
+        self.model = LlamaModel(config, self.attention_options(config), self.make_mlp, max_model_len)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -116,6 +148,10 @@ class LlamaForCausalLM(nn.Module):
     def attention_options(config) -> dict:
         bias = getattr(config, "attention_bias", False)
         return dict(qkv_bias=bias, o_bias=bias, qk_norm=False)
+
+    @staticmethod
+    def make_mlp(config, layer_index: int) -> nn.Module:
+        return LlamaMLP(config, bias=getattr(config, "mlp_bias", False))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Token ids and positions [T] -> final hidden states [T, hidden]."""

@@ -1,4 +1,5 @@
-"""Qwen2 / Qwen2.5: the Llama architecture with biases on the q, k and v projections."""
+"""Qwen2 / Qwen2.5: the Llama architecture with biases on the q, k and v projections (and,
+with use_sliding_window, sliding-window attention from layer max_window_layers on)."""
 from nanovllm.models.llama import LlamaForCausalLM
 
 
