@@ -35,6 +35,28 @@ SHAPES: dict[str, dict] = {
         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
         max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
         torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2),
+    # Qwen/Qwen3-30B-A3B: 128 experts, 8 active per token (3.3B of 30.5B parameters active)
+    "qwen3-30b-a3b": dict(
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144,
+        moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], num_hidden_layers=48, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
+        sliding_window=None, torch_dtype="bfloat16", bos_token_id=151643, eos_token_id=151645),
+    # google/gemma-3-1b-it: 5 local layers (window 512) to each global one
+    "gemma-3-1b": dict(
+        architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", hidden_size=1152, intermediate_size=6912,
+        num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
+        max_position_embeddings=32768, query_pre_attn_scalar=256, sliding_window=512, sliding_window_pattern=6,
+        rope_theta=1000000.0, rope_local_base_freq=10000.0, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True, torch_dtype="bfloat16", bos_token_id=2, eos_token_id=[1, 106]),
+    # microsoft/Phi-3-mini-4k-instruct: every layer with a 2,047-token window
+    "phi-3-mini-4k": dict(
+        architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_size=3072, intermediate_size=8192,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
+        max_position_embeddings=4096, original_max_position_embeddings=4096, rope_theta=10000.0,
+        sliding_window=2047, rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False,
+        torch_dtype="bfloat16", bos_token_id=1, eos_token_id=32000),
 }
 
 
