@@ -98,21 +98,68 @@ def test_tensor_parallel_matches_one_rank(name, checkpoint_factory):
     assert [o.outputs[0].token_ids for o in two] == [o.outputs[0].token_ids for o in one]
 
 
-def test_triton_kernels_in_the_engine(checkpoint_factory, monkeypatch):
-    """Gemma 3's local layers through the Triton attention kernels with their window, and the
-    MoE through the fused MoE kernel (on a CPU engine the MoE layer would take the torch loop:
-    it is made to take the kernel). In Triton's interpreter here, on the GPU when there is one."""
+def test_triton_attention_kernels_with_a_window(checkpoint_factory):
+    """Gemma 3's local layers through the Triton attention kernels (prefill and decode) with
+    their window: in Triton's interpreter here, on the GPU when there is one. (The fused MoE
+    kernel is checked against the loop the CPU engine runs in tests/kernels/test_fused_moe.py.)"""
     from nanovllm.kernels import triton_available
-    from nanovllm.models import qwen3_moe
     from tests.conftest import KERNEL_DEVICE
     if not triton_available():
         pytest.skip("triton is not installed")
-    monkeypatch.setattr(qwen3_moe, "use_kernels", lambda x: True)
-    for name in ("gemma3", "qwen3-moe-top2-norm"):
-        model_type, overrides, _, _ = FAMILIES[name]
-        path = checkpoint_factory(model_type, **overrides)
-        prompts = random_prompts(2, 12, 20, seed=6)      # longer than the window of 8
-        llm = LLM(path, device=KERNEL_DEVICE, dtype="float32", attention_backend="triton", block_size=16,
-                  max_num_seqs=4, enforce_eager=True)
-        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts, 3, ignore_eos=True), name
+    model_type, overrides, _, _ = FAMILIES["gemma3"]
+    path = checkpoint_factory(model_type, **overrides)
+    prompts = random_prompts(2, 12, 20, seed=6)      # longer than the window of 8
+    llm = LLM(path, device=KERNEL_DEVICE, dtype="float32", attention_backend="triton", block_size=16,
+              max_num_seqs=4, enforce_eager=True)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts, 3, ignore_eos=True)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_fused_checkpoint_tensors_load_each_ranks_slice(rank, monkeypatch):
+    """As rank `rank` of 2: Phi-3's fused qkv_proj and gate_up_proj, GPT-NeoX's per-head
+    interleaved query_key_value and Qwen3-MoE's per-expert projections each land as the
+    separately stored tensors would (q/k/v heads and intermediate rows of this rank)."""
+    from nanovllm.layers import linear
+    from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
+    from nanovllm.models import qwen3_moe
+    from nanovllm.models.gpt_neox import InterleavedQKVLinear
+    for module in (linear, qwen3_moe):
+        monkeypatch.setattr(module, "tp_size", lambda: 2)
+        monkeypatch.setattr(module, "tp_rank", lambda: rank)
+    hidden, head_dim = 6, 2
+    q, k, v = torch.randn(4 * head_dim, hidden), torch.randn(2 * head_dim, hidden), torch.randn(2 * head_dim, hidden)
+
+    def rows(t, parts):           # this rank's slice of t's rows
+        return t.chunk(parts)[rank]
+
+    separate = QKVParallelLinear(hidden, head_dim, 4, 2)
+    for part, sid in zip((q, k, v), "qkv"):
+        separate.weight.weight_loader(separate.weight, part, sid)
+    assert torch.equal(separate.weight, torch.cat([rows(q, 2), rows(k, 2), rows(v, 2)]))
+    fused = QKVParallelLinear(hidden, head_dim, 4, 2)
+    fused.weight.weight_loader(fused.weight, torch.cat([q, k, v]))                    # Phi-3
+    assert torch.equal(fused.weight, separate.weight)
+
+    mha_k, mha_v = torch.randn(4 * head_dim, hidden), torch.randn(4 * head_dim, hidden)
+    per_head = torch.stack([t.view(4, head_dim, hidden) for t in (q, mha_k, mha_v)], dim=1)   # [heads, 3, D, H]
+    neox = InterleavedQKVLinear(hidden, head_dim, 4, 4, bias=True)
+    neox.weight.weight_loader(neox.weight, per_head.reshape(-1, hidden))
+    assert torch.equal(neox.weight, torch.cat([rows(q, 2), rows(mha_k, 2), rows(mha_v, 2)]))
+    neox.bias.weight_loader(neox.bias, torch.arange(24.0).view(4, 3, 2).flatten())
+    heads = [2 * rank, 2 * rank + 1]
+    expected_bias = [6 * h + 2 * which + d for which in range(3) for h in heads for d in range(2)]
+    assert neox.bias.tolist() == expected_bias
+
+    gate, up = torch.randn(8, hidden), torch.randn(8, hidden)
+    mlp = MergedColumnParallelLinear(hidden, [8, 8])
+    mlp.weight.weight_loader(mlp.weight, torch.cat([gate, up]))                       # Phi-3
+    assert torch.equal(mlp.weight, torch.cat([rows(gate, 2), rows(up, 2)]))
+
+    experts = qwen3_moe.FusedMoE(num_experts=3, hidden_size=hidden, intermediate_size=8)
+    down = torch.randn(hidden, 8)
+    experts.gate_up_proj.weight.weight_loader(experts.gate_up_proj.weight, gate, (2, 0))
+    experts.gate_up_proj.weight.weight_loader(experts.gate_up_proj.weight, up, (2, 1))
+    experts.down_proj.weight.weight_loader(experts.down_proj.weight, down, (2, None))
+    assert torch.equal(experts.gate_up_proj.weight[2], torch.cat([rows(gate, 2), rows(up, 2)]))
+    assert torch.equal(experts.down_proj.weight[2], down.chunk(2, dim=1)[rank])

@@ -73,7 +73,8 @@ class Gemma3Model(nn.Module):
     def __init__(self, config, max_model_len: int | None = None):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.embed_scale = config.hidden_size ** 0.5
+        # sqrt(hidden) in the model's dtype (the model is built under it), as the checkpoint was trained
+        self.register_buffer("embed_scale", torch.tensor(config.hidden_size ** 0.5), persistent=False)
         head_dim = head_dim_of(config)
         rotary = {kind: RotaryEmbedding(head_dim, config.max_position_embeddings, config,
                                         params=rope_parameters(config, kind), max_model_len=max_model_len)
@@ -91,10 +92,7 @@ class Gemma3Model(nn.Module):
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions, meta):
-        hidden = self.embed_tokens(input_ids)
-        # the scale rounded to the weights' dtype first, as the checkpoint was trained
-        hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
-        residual = None
+        hidden, residual = self.embed_tokens(input_ids) * self.embed_scale, None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, meta)
         return self.norm(hidden, residual)[0]
