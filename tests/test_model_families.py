@@ -61,6 +61,20 @@ def test_greedy_parity_with_transformers(name, checkpoint_factory):
     assert [o.outputs[0].token_ids for o in outputs] == expected
 
 
+def test_sliding_window_across_prompt_chunks_and_cached_prefixes(checkpoint_factory):
+    """A window of 8 when prompts arrive in chunks of at most 16 tokens and share cached prefix
+    blocks: each chunk's queries see the window's keys from earlier chunks and other requests."""
+    path = checkpoint_factory("mistral", sliding_window=8)
+    stem = random_prompts(1, 40, 40, seed=7)[0]
+    prompts = [stem + tail for tail in random_prompts(3, 5, 30, seed=8)]
+    expected = hf_greedy(path, prompts, max_new_tokens=8, ignore_eos=True)
+    llm = LLM(path, device="cpu", block_size=8, max_num_batched_tokens=16, max_num_seqs=2)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts[:1], params, use_tqdm=False)] == expected[:1]
+    outputs = llm.generate(prompts, params, use_tqdm=False)      # the stem's blocks now come from the cache
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+
+
 def test_gemma3_logits_are_soft_capped(checkpoint_factory):
     """Greedy tokens cannot show the cap (tanh keeps the order); logprobs can."""
     from transformers import AutoModelForCausalLM
