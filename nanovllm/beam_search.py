@@ -135,7 +135,7 @@ def beam_search(llm, prompts: list, params: BeamSearchParams, use_tqdm: bool = F
 
 def _search(llm, prompts: list, params: BeamSearchParams, step_params: SamplingParams, bar) -> list[BeamSearchOutput]:
     engine = llm.llm_engine
-    eos_ids = set() if params.ignore_eos else set(engine.eos_ids)
+    eos_ids = set() if params.ignore_eos else _eos_ids(llm)
     max_model_len = engine.config.max_model_len
     # The first step runs the prompts as given, so they are tokenized and checked exactly as
     # generate does; each later step gives every live beam's tokens, in the searches' order.
@@ -156,3 +156,14 @@ def _search(llm, prompts: list, params: BeamSearchParams, step_params: SamplingP
             results = llm.generate(prompts, step_params, use_tqdm=False)
     tokenizer = llm.get_tokenizer()
     return [search.best(tokenizer) for search in searches]
+
+
+def _eos_ids(llm) -> set[int]:
+    """The ids that complete a beam: every EOS id of the model, as generate stops on them (an
+    engine that does not list them, such as data-parallel replicas behind one front: the
+    tokenizer's EOS, as vLLM)."""
+    eos_ids = getattr(llm.llm_engine, "eos_ids", None)
+    if eos_ids is not None:
+        return set(eos_ids)
+    eos = llm.get_tokenizer().eos_token_id
+    return set() if eos is None else {eos}
