@@ -6,18 +6,20 @@
 
 Layer i is sparse when i is not in `mlp_only_layers` and (i + 1) % decoder_sparse_step == 0;
 the others keep a dense MLP. All experts of a layer run as one fused MoE (two grouped GEMMs,
-kernels/fused_moe.py) on CUDA, and as a loop over experts elsewhere. With tensor parallelism
-every rank holds every expert, with a slice of each one's intermediate dimension (as the dense
-MLP is split): gate/up split by rows, down by columns, the partial outputs summed across ranks.
+kernels/fused_moe.py) on CUDA, and as a loop over experts (its reference) elsewhere. With
+tensor parallelism every rank holds every expert, with a slice of each one's intermediate
+dimension (as the dense MLP is split): gate/up split by rows, down by columns, the partial
+outputs summed across ranks.
 """
 import torch
 from torch import nn
 
 from nanovllm.distributed import all_reduce, tp_rank, tp_size
 from nanovllm.kernels.reference import fused_moe_reference
-from nanovllm.layers.fusion import use_kernels
+from nanovllm.kernels import triton_available
 from nanovllm.layers.linear import ReplicatedLinear
-from nanovllm.models.llama import LlamaForCausalLM, LlamaMLP
+from nanovllm.models.llama import LlamaMLP
+from nanovllm.models.qwen3 import Qwen3ForCausalLM
 
 
 def num_experts_of(config) -> int:
@@ -65,7 +67,9 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         w13, w2 = self.gate_up_proj.weight, self.down_proj.weight
-        if use_kernels(x):
+        # On CUDA always the kernel (also with NANOVLLM_FUSED_KERNELS=0): the loop over experts
+        # reads the routing on the host, which a captured CUDA graph cannot do.
+        if x.is_cuda and triton_available():
             from nanovllm.kernels.fused_moe import fused_moe
             out = fused_moe(x, w13, w2, topk_weights, topk_ids)
         else:
@@ -90,7 +94,7 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
         return self.experts(x, topk_weights.to(x.dtype), topk_ids)
 
 
-class Qwen3MoeForCausalLM(LlamaForCausalLM):
+class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
     def __init__(self, config, max_model_len: int | None = None):
         super().__init__(config, max_model_len)
         # Checkpoint tensors experts.<e>.gate_proj / up_proj / down_proj load into expert e's
@@ -101,7 +105,7 @@ class Qwen3MoeForCausalLM(LlamaForCausalLM):
             experts[f"experts.{e}.gate_proj"] = ("experts.gate_up_proj", (e, 0))
             experts[f"experts.{e}.up_proj"] = ("experts.gate_up_proj", (e, 1))
             experts[f"experts.{e}.down_proj"] = ("experts.down_proj", (e, None))
-        self.packed_modules_mapping = {**experts, **LlamaForCausalLM.packed_modules_mapping}
+        self.packed_modules_mapping = {**experts, **Qwen3ForCausalLM.packed_modules_mapping}
 
     @staticmethod
     def check_supported(config) -> None:
@@ -110,11 +114,6 @@ class Qwen3MoeForCausalLM(LlamaForCausalLM):
         if num_experts_of(config) and config.num_experts_per_tok > num_experts_of(config):
             raise ValueError(f"num_experts_per_tok={config.num_experts_per_tok} is more than the "
                              f"{num_experts_of(config)} experts.")
-
-    @staticmethod
-    def attention_options(config) -> dict:
-        bias = getattr(config, "attention_bias", False)
-        return dict(qkv_bias=bias, o_bias=bias, qk_norm=True)
 
     @staticmethod
     def make_mlp(config, layer_index: int) -> nn.Module:
