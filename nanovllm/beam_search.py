@@ -6,7 +6,7 @@
 Each step, every live beam is one request: its tokens so far as a token-id prompt, max_tokens=1,
 logprobs=2 x beam_width. Nothing is copied between beams: the prefix cache lets the beams of one
 prompt share the KV blocks of the prompt and of their common prefix (reference counted), so a
-step computes only each beam's last, partly filled block.
+step computes at most a block of tokens per beam, those after its last full block.
 
 The rules (vLLM's):
 - each live beam proposes the continuations of its logprobs entry: its best 2 x beam_width
@@ -66,7 +66,7 @@ class _Search:
         self.beams = [BeamSearchSequence(list(prompt_token_ids))]
         self.completed: list[BeamSearchSequence] = []
         self.steps_left = num_steps
-        self.params, self.eos_ids = params, eos_ids
+        self.params, self.eos_ids = params, eos_ids     # eos_ids: empty with ignore_eos
 
     def advance(self, entries: list[dict[int, Logprob]]) -> None:
         """One step: `entries[i]` holds the logprobs of live beam i's proposals."""
@@ -107,6 +107,57 @@ class _Search:
         return BeamSearchOutput(best)
 
 
+class BeamSearch:
+    """A search over several prompts, driven by whoever runs the requests (`beam_search` below
+    through `LLM.generate`; a server could through its async engine):
+
+        search = BeamSearch(prompts, params, eos_ids, max_model_len)
+        while not search.done:
+            search.advance(run(search.next_prompts(), search.step_params))   # RequestOutputs, in order
+        outputs = search.outputs(tokenizer)
+
+    The first step runs the prompts as given (so they are tokenized and checked as generate
+    does); each later step, every live beam's tokens as a token-id prompt."""
+
+    def __init__(self, prompts: list, params: BeamSearchParams, eos_ids: set[int], max_model_len: int):
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        self.params, self.max_model_len = params, max_model_len
+        self.eos_ids = set() if params.ignore_eos else set(eos_ids)
+        # The engine's logprobs are of the raw distribution; the temperature only decides which
+        # token is sampled, which joins the proposals when it is not among the best 2 x beam_width.
+        self.step_params = SamplingParams(max_tokens=1, logprobs=2 * params.beam_width,
+                                          temperature=params.temperature, detokenize=False)
+        self.prompts = list(prompts)
+        self.searches: list[_Search] | None = None      # one per prompt, once the first step has run
+
+    @property
+    def done(self) -> bool:
+        return not self.prompts if self.searches is None else not any(s.beams for s in self.searches)
+
+    def next_prompts(self) -> list:
+        if self.searches is None:
+            return self.prompts
+        return [{"prompt_token_ids": beam.tokens} for search in self.searches for beam in search.beams]
+
+    def advance(self, results: list) -> None:
+        """The RequestOutputs of next_prompts(), in the same order."""
+        if self.searches is None:
+            self.searches = [_Search(out.prompt_token_ids, self._num_steps(out.prompt_token_ids), self.params,
+                                     self.eos_ids) for out in results]
+        result = iter(results)
+        for search in self.searches:
+            if search.beams:
+                search.advance([next(result).outputs[0].logprobs[0] for _ in search.beams])
+
+    def _num_steps(self, prompt_token_ids: list[int]) -> int:
+        # A beam stops at max_model_len tokens (a prompt of that length still gets one, as in generate).
+        return min(self.params.max_tokens, max(1, self.max_model_len - len(prompt_token_ids)))
+
+    def outputs(self, tokenizer) -> list[BeamSearchOutput]:
+        return [search.best(tokenizer) for search in self.searches or []]
+
+
 def beam_search(llm, prompts: list, params: BeamSearchParams, use_tqdm: bool = False,
                 concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
     """`llm`'s beam search over `prompts` (a list in any of generate's prompt forms); one
@@ -117,45 +168,19 @@ def beam_search(llm, prompts: list, params: BeamSearchParams, use_tqdm: bool = F
     if concurrency_limit is not None and (isinstance(concurrency_limit, bool) or not isinstance(concurrency_limit, int)
                                           or concurrency_limit < 1):
         raise ValueError(f"concurrency_limit must be a positive integer or None, got {concurrency_limit!r}")
-    if not prompts:
-        return []
-    # The engine's logprobs are of the raw distribution; the temperature only decides which token
-    # is sampled, which joins the proposals when it is not among the best 2 x beam_width.
-    step_params = SamplingParams(max_tokens=1, logprobs=2 * params.beam_width, temperature=params.temperature,
-                                 detokenize=False)
-    chunk = concurrency_limit or len(prompts)
+    chunk = concurrency_limit or max(1, len(prompts))
+    eos_ids, max_model_len, tokenizer = _eos_ids(llm), llm.llm_engine.config.max_model_len, llm.get_tokenizer()
     bar = tqdm(total=params.max_tokens * -(-len(prompts) // chunk), desc="Beam search", unit="step",
                dynamic_ncols=True, disable=not use_tqdm)
     outputs = []
     for start in range(0, len(prompts), chunk):
-        outputs += _search(llm, prompts[start:start + chunk], params, step_params, bar)
+        search = BeamSearch(prompts[start:start + chunk], params, eos_ids, max_model_len)
+        while not search.done:
+            search.advance(llm.generate(search.next_prompts(), search.step_params, use_tqdm=False))
+            bar.update(1)
+        outputs += search.outputs(tokenizer)
     bar.close()
     return outputs
-
-
-def _search(llm, prompts: list, params: BeamSearchParams, step_params: SamplingParams, bar) -> list[BeamSearchOutput]:
-    engine = llm.llm_engine
-    eos_ids = set() if params.ignore_eos else _eos_ids(llm)
-    max_model_len = engine.config.max_model_len
-    # The first step runs the prompts as given, so they are tokenized and checked exactly as
-    # generate does; each later step gives every live beam's tokens, in the searches' order.
-    results = llm.generate(prompts, step_params, use_tqdm=False)
-    searches = []
-    for out in results:
-        num_steps = min(params.max_tokens, max(1, max_model_len - len(out.prompt_token_ids)))
-        searches.append(_Search(out.prompt_token_ids, num_steps, params, eos_ids))
-    live = searches
-    while live:
-        bar.update(1)
-        result = iter(results)
-        for search in live:
-            search.advance([next(result).outputs[0].logprobs[0] for _ in search.beams])
-        live = [search for search in live if search.beams]
-        if live:
-            prompts = [{"prompt_token_ids": beam.tokens} for search in live for beam in search.beams]
-            results = llm.generate(prompts, step_params, use_tqdm=False)
-    tokenizer = llm.get_tokenizer()
-    return [search.best(tokenizer) for search in searches]
 
 
 def _eos_ids(llm) -> set[int]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.beam_search import BeamSearchOutput, get_beam_search_score
+from nanovllm.beam_search import BeamSearch, BeamSearchOutput, get_beam_search_score
 from nanovllm.sampling_params import BeamSearchParams
 from tests.conftest import random_prompts
 
@@ -277,6 +277,22 @@ def test_concurrency_limit_and_order(llm):
     assert [[s.tokens for s in o.sequences] for o in together] == [[s.tokens for s in o.sequences] for o in one_by_one]
     assert [o.sequences[0].tokens[:len(p)] for o, p in zip(together, prompts)] == prompts
     assert llm.beam_search([], params) == []
+
+
+def test_driven_one_request_at_a_time(llm):
+    """BeamSearch, driven as a server would drive it (each request on its own), searches as
+    LLM.beam_search does."""
+    prompts = random_prompts(2, 4, 12, seed=5)
+    params = BeamSearchParams(beam_width=2, max_tokens=3, ignore_eos=True)
+    search = BeamSearch(prompts, params, llm.llm_engine.eos_ids, llm.llm_engine.config.max_model_len)
+    steps = 0
+    while not search.done:
+        search.advance([llm.generate(p, search.step_params, use_tqdm=False)[0] for p in search.next_prompts()])
+        steps += 1
+    assert steps == 3
+    driven = search.outputs(llm.get_tokenizer())
+    assert [[(s.tokens, s.text) for s in o.sequences] for o in driven] == \
+           [[(s.tokens, s.text) for s in o.sequences] for o in llm.beam_search(prompts, params)]
 
 
 def test_stops_at_max_model_len(tiny_qwen3):
