@@ -12,7 +12,7 @@ import pytest
 from nanovllm import LLM, SamplingParams
 from nanovllm.ray import LLMPredictor
 
-from conftest import random_prompts
+from tests.conftest import random_prompts
 
 BACKENDS = ["mp", "ray"]
 ENGINE_ARGS = dict(enforce_eager=True, max_num_seqs=16)
