@@ -33,6 +33,91 @@ def test_server_step_budget_default(tiny_qwen3, monkeypatch, max_num_seqs, expec
     assert built.value.args[0].max_num_batched_tokens == expected
 
 
+SCRIPT = os.path.join(sysconfig.get_path("scripts"), "nanovllm")
+
+
+def free_port() -> int:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+def children_of(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def engine_process_of(pid: int, timeout: float = 60) -> int:
+    """The pid of a server's engine process (a spawned child), once it exists."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in children_of(pid):
+            try:
+                with open(f"/proc/{child}/cmdline") as f:
+                    if "spawn_main" in f.read():
+                        return child
+            except FileNotFoundError:
+                pass
+        time.sleep(0.02)
+    raise AssertionError("no engine process started")
+
+
+def wait_healthy(server: subprocess.Popen, base: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+        try:
+            if httpx.get(f"{base}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
+def resident_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.fixture(scope="module")
+def slow_to_load(tmp_path_factory) -> str:
+    """Qwen3-0.6B's shape with random weights: making its 1.2 GB of weights on a CPU takes
+    seconds, time enough to signal the server while it loads."""
+    from nanovllm.models.shapes import shape_checkpoint_dir
+    return shape_checkpoint_dir("qwen3-0.6b", root=str(tmp_path_factory.mktemp("shapes")))
+
+
+@pytest.mark.parametrize("signum, send", [(signal.SIGINT, os.killpg), (signal.SIGTERM, os.kill)])
+def test_a_signal_while_the_model_loads_ends_the_server_and_its_engine(slow_to_load, signum, send):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or SIGTERM to the
+    server's process alone (`kill PID`, `docker stop`) while the engine process loads the
+    model: the server exits within seconds and no process of it is left (it used to hang on
+    Ctrl-C, and leave the engine process loading on as an orphan on SIGTERM)."""
+    server = subprocess.Popen([SCRIPT, "serve", slow_to_load, "--load-format", "dummy", "--dtype", "bfloat16",
+                               "--device", "cpu", "--port", str(free_port()), "--host", "127.0.0.1",
+                               "--max-model-len", "256", "--num-gpu-blocks-override", "16"],
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        engine = engine_process_of(server.pid)
+        deadline = time.monotonic() + 60
+        while resident_bytes(engine) < 700 * 2**20:   # its imports take ~400 MB: then the weights come
+            assert server.poll() is None and time.monotonic() < deadline, "the engine did not start loading"
+            time.sleep(0.05)
+        others = children_of(server.pid)
+        send(server.pid, signum)
+        start = time.monotonic()
+        _, err = server.communicate(timeout=15)
+        took = time.monotonic() - start
+        assert took < 10, f"the server took {took:.1f} s to exit\n{err}"
+        assert server.returncode in (130, -signal.SIGTERM), f"exit code {server.returncode}\n{err}"
+        assert wait_gone([engine, *others], 5) == [], "a process of the server was left running"
+        assert "Traceback" not in err, err
+    finally:
+        server.kill()
+        server.wait()
+
+
 def test_nanovllm_serve_flags_and_sigterm(tiny_qwen3, tmp_path):
     """The `nanovllm` console script with vllm serve's flags (API key, served names, a chat
     template file); a process manager's SIGTERM stops it: the engine process leaves in order

@@ -27,6 +27,7 @@ The engine process's loop:
 
 It ends on "shutdown", on a failure, or when the pipe closes (the front process is gone).
 """
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -41,7 +42,6 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from nanovllm.engine.ctrl_c import sigint_ignored
 from nanovllm.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -267,6 +267,7 @@ def sendable(error: BaseException) -> BaseException:
 def run_engine(conn, model: str, engine_kwargs: dict, stream_interval_per_request: float) -> None:
     """The engine process's main function."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the front's to handle (the whole group gets it)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})     # (blocked since its start: _sigint_blocked)
     loaded = threading.Event()
     _exit_if_orphaned_before(loaded)
     from nanovllm.engine.llm_engine import LLMEngine
@@ -284,6 +285,19 @@ def run_engine(conn, model: str, engine_kwargs: dict, stream_interval_per_reques
         pass                                        # the front went away while the model loaded
     finally:
         engine.shutdown()
+
+
+@contextlib.contextmanager
+def _sigint_blocked():
+    """Start a child with SIGINT blocked: a Ctrl-C (which reaches the whole process group)
+    does not interrupt it while it imports, before it ignores SIGINT itself (the mask is
+    inherited through exec). Blocked, not ignored, here: a Ctrl-C meanwhile stays pending for
+    this thread and raises KeyboardInterrupt as soon as the block ends, instead of being lost."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _exit_if_orphaned_before(loaded: threading.Event) -> None:
@@ -312,10 +326,10 @@ class EngineProcess:
         # when the pipe closes, so it does not outlive this process.
         self.proc = ctx.Process(target=run_engine, name="nanovllm-engine",
                                 args=(theirs, model, engine_kwargs, stream_interval_per_request))
-        with sigint_ignored():                  # Ctrl-C is the front's to handle
-            self.proc.start()
-        theirs.close()
         try:
+            with _sigint_blocked():
+                self.proc.start()
+            theirs.close()
             kind, payload = self.conn.recv()    # loading the model can take a while
         except EOFError:
             self.proc.join()
@@ -379,6 +393,8 @@ class EngineProcess:
 
 def _end_now(proc) -> None:
     """Stop the engine process without waiting for it to load (SIGTERM, then SIGKILL)."""
+    if proc.pid is None:                        # it was not started
+        return
     proc.terminate()
     proc.join(timeout=5)
     if proc.exitcode is None:

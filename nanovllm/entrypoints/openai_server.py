@@ -272,7 +272,7 @@ def run_server(model: str, host: str | None = None, port: int = 8000, api_key: s
 
         def on_engine_stopped(error: str | None) -> None:
             if error is not None:
-                logger.error("The engine has stopped (%s): shutting the server down", error)
+                logger.error("The engine has stopped: shutting the server down (exit code 1)")
                 server.should_exit = True           # uvicorn's loop checks it every 0.1 s
         engine.on_stopped(on_engine_stopped)
     except BaseException as e:
