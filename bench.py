@@ -138,7 +138,7 @@ def run_hf(model_dir: str, w: Workload, args) -> tuple[int, float]:
 def shapes_table() -> str:
     lines = ["model shapes (--shape; random weights of that shape):"]
     for name, s in SHAPES.items():
-        lines.append(f"  {name:<14} {s['architectures'][0]:<18} {s['num_hidden_layers']} layers, hidden {s['hidden_size']}, "
+        lines.append(f"  {name:<14} {s['architectures'][0]:<20} {s['num_hidden_layers']} layers, hidden {s['hidden_size']}, "
                      f"{s['num_attention_heads']}/{s['num_key_value_heads']} query/KV heads, vocab {s['vocab_size']}")
     lines.append(f"  default: {GPU_SHAPE} on a GPU, {CPU_SHAPE} with the CPU preset")
     return "\n".join(lines)
@@ -163,10 +163,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--bandwidth", type=float, default=None,
                    help="memory bytes/s for the floor (default: the GPU's, if known: " +
-                        ", ".join(f"{k} {v[0]:.1e}" for k, v in KNOWN_GPUS.items()) + ")")
+                        ", ".join(f"{k} {v[0] / 1e12:.1f}e12" for k, v in KNOWN_GPUS.items()) + ")")
     p.add_argument("--flops", type=float, default=None,
                    help="bf16 FLOP/s for the floor (default: the GPU's, if known: " +
-                        ", ".join(f"{k} {v[1]:.0e}" for k, v in KNOWN_GPUS.items()) + ")")
+                        ", ".join(f"{k} {v[1] / 1e12:.0f}e12" for k, v in KNOWN_GPUS.items()) + ")")
     p.add_argument("--hf-time-limit", type=float, default=120.0)
     p.add_argument("--json", help="append the results as JSON lines to this file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
