@@ -14,6 +14,8 @@ DEVICES = ("auto", "cuda", "cpu")
 ATTENTION_BACKENDS = ("auto", "triton", "flash_attn", "torch")
 # How data-parallel replicas run (nanovllm/data_parallel.py): local processes, or Ray actors.
 EXECUTOR_BACKENDS = (None, "mp", "ray")
+# KV cache dtypes (vLLM's names): "auto" is the model's dtype; the fp8 ones store float8 e4m3.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 # Without a GPU to measure, the CPU KV cache gets a fixed budget (vLLM's CPU backend does the same
 # through VLLM_CPU_KVCACHE_SPACE); NANOVLLM_CPU_KVCACHE_GIB overrides it.
 DEFAULT_CPU_KV_CACHE_GIB = 1.0
@@ -50,18 +52,20 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     # Accepted so that vLLM scripts run unchanged; only the values nanovllm implements are allowed.
     tokenizer_mode: str = "auto"
-    kv_cache_dtype: str = "auto"
-    quantization: str | None = None
+    kv_cache_dtype: str = "auto"              # "fp8" / "fp8_e4m3": K and V stored as float8 e4m3
+    calculate_kv_scales: bool = False         # fp8 KV cache: scales from the first batch (else 1.0)
+    quantization: str | None = None           # None: the checkpoint's own (GPTQ, AWQ, FP8, GGUF); "fp8"
     disable_log_stats: bool = True
     swap_space: float = 4
     # Filled in by __post_init__ from the checkpoint:
     hf_config: object = field(default=None, repr=False)
     model_dir: str = field(default="", repr=False)
     torch_dtype: torch.dtype = field(default=torch.float32, repr=False)
+    quant_config: object = field(default=None, repr=False)     # nanovllm.quantization.QuantConfig or None
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
-        known = {f.name for f in fields(cls) if f.name not in ("hf_config", "model_dir", "torch_dtype")}
+        known = {f.name for f in fields(cls) if f.name not in ("hf_config", "model_dir", "torch_dtype", "quant_config")}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise UnknownArgumentError(
@@ -92,10 +96,16 @@ class EngineConfig:
         if not (isinstance(self.block_size, int) and 1 <= self.block_size <= 256
                 and self.block_size & (self.block_size - 1) == 0):
             raise ValueError(f"block_size must be a power of two from 1 to 256, got {self.block_size}.")
-        for name, supported in (("tokenizer_mode", "auto"), ("kv_cache_dtype", "auto"), ("quantization", None)):
-            if getattr(self, name) != supported:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not supported by nanovllm "
-                                 f"(only {supported!r}); GGUF files are dequantized at load instead.")
+        if self.tokenizer_mode != "auto":
+            raise ValueError(f"tokenizer_mode={self.tokenizer_mode!r} is not supported by nanovllm (only 'auto').")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}.")
+        if not isinstance(self.calculate_kv_scales, bool):
+            raise ValueError(f"calculate_kv_scales must be a bool, got {self.calculate_kv_scales!r}.")
+        from nanovllm.quantization import SUPPORTED_QUANTIZATION
+        if self.quantization not in (None, *SUPPORTED_QUANTIZATION):
+            raise ValueError(f"quantization={self.quantization!r} is not supported. Supported: "
+                             f"{', '.join(SUPPORTED_QUANTIZATION)} (or None: the checkpoint's own format).")
         if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
             raise ValueError(f"distributed_executor_backend must be one of {list(EXECUTOR_BACKENDS)}, "
                              f"got {self.distributed_executor_backend!r}.")
@@ -128,6 +138,7 @@ class EngineConfig:
                              f"max_num_seqs ({self.max_num_seqs}): every running sequence needs a token per step.")
         from nanovllm.models.registry import model_class
         model_class(cfg, self.max_model_len)      # an unsupported architecture fails here, early
+        self._check_quantization()
         heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         tp = self.tensor_parallel_size
         if heads % tp:
@@ -139,6 +150,17 @@ class EngineConfig:
         if self.device == "cuda" and tp > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size={tp} is larger than the number of GPUs "
                              f"({torch.cuda.device_count()}).")
+
+    def _check_quantization(self):
+        from nanovllm.quantization import resolve_quant_config
+        self.quant_config = resolve_quant_config(self.quantization, self.hf_config)
+        fp8 = [what for what, used in (
+            ("quantization='fp8'", self.quant_config is not None and self.quant_config.method == "fp8"),
+            (f"kv_cache_dtype={self.kv_cache_dtype!r}", self.kv_cache_dtype != "auto")) if used]
+        if fp8 and self.device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+            major, minor = torch.cuda.get_device_capability()
+            raise ValueError(f"{' and '.join(fp8)} need a GPU with FP8 (compute capability 8.9 or newer: Ada, "
+                             f"Hopper, Blackwell); this {torch.cuda.get_device_name()} is {major}.{minor}.")
 
     @property
     def cpu_kv_cache_bytes(self) -> int:

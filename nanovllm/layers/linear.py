@@ -26,8 +26,17 @@ class _Linear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    # Set (by nanovllm/quantization) on a layer whose weight the checkpoint keeps quantized: it then
+    # holds that format's tensors instead of `weight`, and quant_method.apply does its matmul.
+    quant_method = None
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x, bias)
+        return F.linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class ReplicatedLinear(_Linear):
@@ -122,5 +131,5 @@ class RowParallelLinear(_Linear):
             param.data.copy_(loaded.chunk(tp_size(), dim=1)[tp_rank()])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight))
+        y = all_reduce(self.matmul(x))
         return y + self.bias if self.bias is not None else y

@@ -7,6 +7,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from nanovllm.quantization.install import checkpoint_quant_config, finish_quantized_linears, quantize_linears
+
 
 def resolve_model_dir(model: str, gguf_file: str | None = None, revision: str | None = None) -> str:
     """A local directory (used as is), a GGUF file (converted once to a cached Hugging Face
@@ -43,16 +45,24 @@ def _one_line(message: str, limit: int = 300) -> str:
     return message if len(message) <= limit else message[:limit - 3] + "..."
 
 
-def load_weights(model: nn.Module, model_dir: str) -> None:
+def load_weights(model: nn.Module, model_dir: str, quantization: str | None = None) -> None:
     """Copy every tensor of the checkpoint's *.safetensors into its parameter.
 
     A tensor whose module is fused here (q/k/v -> qkv_proj, gate/up -> gate_up_proj) goes
     through that parameter's `weight_loader` with its shard id; each loader keeps only this
-    rank's slice.
+    rank's slice. The linears a quantized checkpoint (or `quantization`, LLM's argument) keeps
+    quantized get their quantized tensors first (nanovllm/quantization/install.py).
     """
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
         raise OSError(f"No *.safetensors weights in {model_dir!r}.")
+    quant = checkpoint_quant_config(model_dir, quantization)
+    if quant is not None:
+        names = []
+        for path in files:
+            with safe_open(path, "pt", device="cpu") as f:
+                names.extend(f.keys())
+        quantize_linears(model, quant, names)
     packed = getattr(model, "packed_modules_mapping", {})
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = set()
@@ -70,7 +80,9 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
                     raise ValueError(f"Checkpoint tensor {name!r} has no place in {type(model).__name__}.")
                 param = params[target]
                 loader = getattr(param, "weight_loader", None)
-                tensor = f.get_tensor(name).to(param.dtype)
+                tensor = f.get_tensor(name)
+                if not getattr(param, "raw_checkpoint_tensor", False):   # quantized: the loader converts
+                    tensor = tensor.to(param.dtype)
                 if loader is None:
                     param.data.copy_(tensor)
                 elif shard_id is None:
@@ -78,10 +90,12 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
                 else:
                     loader(param, tensor, shard_id)
                 loaded.add(target)
-    missing = {n for n, p in model.named_parameters() if n not in loaded}
+    missing = {n for n, p in model.named_parameters()
+               if n not in loaded and not getattr(p, "optional_in_checkpoint", False)}
     tied = {n for n in missing if n == "lm_head.weight"}
     if missing - tied:
         raise ValueError(f"Checkpoint {model_dir!r} lacks weights for: {sorted(missing - tied)[:8]}")
+    finish_quantized_linears(model)
 
 
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:

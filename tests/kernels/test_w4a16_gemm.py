@@ -1,0 +1,93 @@
+"""The W4A16 GEMM (Triton, in the CPU interpreter) against the torch reference: dequantize, then matmul."""
+import pytest
+import torch
+
+from nanovllm.kernels import triton_available
+from nanovllm.quantization.int_linear import dequantize
+from nanovllm.quantization.packing import pack_int32
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton (GPU or TRITON_INTERPRET=1)")
+
+
+def random_quantized(n: int, k: int, bits: int, group_size: int, act_order: bool, dtype, seed: int = 0):
+    """Random quantized tensors in nanovllm's layout; with act_order, g_idx assigns groups in a shuffled
+    order of the input features (as GPTQ's desc_act)."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = k // group_size
+    q = torch.randint(0, 2 ** bits, (n, k), generator=gen)
+    scales = (torch.rand(n, groups, generator=gen) * 0.02 + 0.005).to(dtype)
+    mins = (torch.randn(n, groups, generator=gen) * 0.05).to(dtype)
+    g_idx = None
+    if act_order:
+        g_idx = torch.empty(k, dtype=torch.int32)
+        g_idx[torch.randperm(k, generator=gen)] = (torch.arange(k) // group_size).to(torch.int32)
+    return pack_int32(q, bits, dim=1), scales, mins, g_idx
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group_size,act_order", [(32, False), (32, True), (128, False), (128, True)])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_w4a16_gemm_matches_dequantize_then_matmul(dtype, group_size, act_order, rows):
+    from nanovllm.kernels.w4a16_gemm import w4a16_gemm
+    n, k = 80, 256
+    qweight, scales, mins, g_idx = random_quantized(n, k, 4, group_size, act_order, dtype, seed=rows)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    w = dequantize(qweight, scales, mins, 4, group_size, g_idx)
+    expected = (x.float() @ w.float().t())
+    for split_k in (1, 2, None):
+        out = w4a16_gemm(x, qweight, scales, mins, 4, group_size, g_idx, split_k=split_k)
+        assert out.dtype == dtype and out.shape == (rows, n)
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        else:   # float16 products, float32 sums: within a few float16 roundings of the exact value
+            torch.testing.assert_close(out.float(), expected, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 8])
+def test_w8a16_and_odd_groups(group_size):
+    """8-bit weights; and groups smaller than a K step, which go through the g_idx look-up."""
+    from nanovllm.kernels.w4a16_gemm import w4a16_gemm
+    n, k = 48, 128
+    for bits in (8, 4):
+        qweight, scales, mins, g_idx = random_quantized(n, k, bits, group_size, False, torch.float32)
+        x = torch.randn(3, k)
+        expected = x @ dequantize(qweight, scales, mins, bits, group_size).t()
+        torch.testing.assert_close(w4a16_gemm(x, qweight, scales, mins, bits, group_size), expected,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_w4a16_gemm_rejects_mismatched_shapes():
+    from nanovllm.kernels.w4a16_gemm import w4a16_gemm
+    qweight, scales, mins, _ = random_quantized(32, 64, 4, 32, False, torch.float32)
+    with pytest.raises(ValueError, match="features"):
+        w4a16_gemm(torch.randn(2, 96), qweight, scales, mins, 4, 32)
+    with pytest.raises(ValueError, match="bits"):
+        w4a16_gemm(torch.randn(2, 64), qweight, scales, mins, 3, 32)
+
+
+def _launch_w4a16_variants():
+    from nanovllm.kernels.w4a16_gemm import w4a16_gemm
+    for bits, group_size, act_order, rows in ((4, 128, False, 1), (4, 32, True, 40), (8, 64, False, 80)):
+        qweight, scales, mins, g_idx = random_quantized(64, 256, bits, group_size, act_order, torch.float16)
+        w4a16_gemm(torch.randn(rows, 256, dtype=torch.float16), qweight, scales, mins, bits, group_size, g_idx)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the compiler from the CPU interpreter's recordings")
+def test_w4a16_gemm_compiles_for_sm90(monkeypatch):
+    """The kernel's launches (float16 and bfloat16, 4 and 8 bits, split-K, g_idx) compile for Hopper."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.kernels import test_compile_for_gpu as compile_check
+    monkeypatch.setattr(compile_check, "_launch_all_kernels", _launch_w4a16_variants)
+    launches = compile_check._record_launches(monkeypatch)
+    assert {launch["name"] for launch in launches} == {"_w4a16_kernel"} and len(launches) == 6
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", compile_check._COMPILE], input=json.dumps(launches), env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    assert "FAILED" not in done.stdout, done.stdout

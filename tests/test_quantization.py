@@ -1,0 +1,156 @@
+"""GPTQ and AWQ checkpoints: tiny Llama and Qwen2 models written in each format by this file's own
+packer (from the formats' published layouts), generating the tokens transformers generates with
+the same model's dequantized weights in float32.
+
+The packer quantizes each decoder linear of a random checkpoint (asymmetric, per group of input
+features; with desc_act, groups follow a random act-order), writes the packed checkpoint, and
+writes the dequantized weights as an ordinary float32 checkpoint for transformers.
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.demo_model import build_tiny_checkpoint
+from tests.conftest import hf_greedy, random_prompts
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+AWQ_SLOT_COLUMN = (0, 2, 4, 6, 1, 3, 5, 7)     # AWQ GEMM: slot i of a word holds column AWQ_SLOT_COLUMN[i]
+
+
+def quantize_groups(w: np.ndarray, bits: int, group_size: int, act_order: np.ndarray | None):
+    """Asymmetric min/max quantization of w [N, K] per output row and group of input features.
+    Returns (q [N, K], zeros [G, N], scales [G, N] as float16 values, g_idx [K]): the groups are
+    runs of `group_size` features in act_order (K features as one group for -1)."""
+    n, k = w.shape
+    group_size = k if group_size == -1 else group_size
+    order = np.arange(k) if act_order is None else act_order
+    g_idx = np.empty(k, dtype=np.int32)
+    g_idx[order] = np.arange(k) // group_size
+    top = 2 ** bits - 1
+    q = np.zeros((n, k), dtype=np.int64)
+    zeros = np.zeros((k // group_size, n), dtype=np.int64)
+    scales = np.zeros((k // group_size, n), dtype=np.float32)
+    for g in range(k // group_size):
+        cols = np.where(g_idx == g)[0]
+        lo, hi = w[:, cols].min(1), w[:, cols].max(1)
+        s = np.float16((hi - lo) / top).astype(np.float32)      # checkpoints store float16 scales
+        z = np.clip(np.round(-lo / s), 0, top)
+        q[:, cols] = np.clip(np.round(w[:, cols] / s[:, None] + z[:, None]), 0, top)
+        zeros[g], scales[g] = z, s
+    return q, zeros, scales, g_idx
+
+
+def dequantized(q, zeros, scales, g_idx) -> np.ndarray:
+    return ((q - zeros[g_idx].T) * scales[g_idx].T).astype(np.float32)
+
+
+def pack_words(values: np.ndarray, bits: int, axis: int, slot_to_index=None) -> np.ndarray:
+    """Pack along `axis`, 32 // bits values per int32, slot i in bits [bits*i, bits*(i+1)) holding
+    value slot_to_index[i] of its run (in order when None)."""
+    per = 32 // bits
+    values = np.moveaxis(values, axis, 0).astype(np.uint64)
+    words = np.zeros((values.shape[0] // per, *values.shape[1:]), dtype=np.uint64)
+    for w in range(words.shape[0]):
+        for slot in range(per):
+            index = slot if slot_to_index is None else slot_to_index[slot]
+            words[w] |= values[w * per + index] << np.uint64(bits * slot)
+    return np.moveaxis(words.astype(np.uint32).view(np.int32), 0, axis)
+
+
+def gptq_tensors(q, zeros, scales, g_idx, bits: int, v1: bool = True) -> dict[str, np.ndarray]:
+    """AutoGPTQ's layout: qweight [K/p, N] packed along K, qzeros [G, N/p] packed along N
+    (v1: zero - 1), scales [G, N] float16, g_idx [K] int32."""
+    return {"qweight": pack_words(q.T, bits, axis=0),
+            "qzeros": pack_words(zeros - 1 if v1 else zeros, bits, axis=1),
+            "scales": scales.astype(np.float16), "g_idx": g_idx}
+
+
+def awq_tensors(q, zeros, scales) -> dict[str, np.ndarray]:
+    """AutoAWQ's GEMM layout: qweight [K, N/8] and qzeros [G, N/8] packed along N in the interleaved
+    slot order, scales [G, N] float16."""
+    return {"qweight": pack_words(q.T, 4, axis=1, slot_to_index=AWQ_SLOT_COLUMN),
+            "qzeros": pack_words(zeros, 4, axis=1, slot_to_index=AWQ_SLOT_COLUMN),
+            "scales": scales.astype(np.float16)}
+
+
+def write_quantized(src: str, dst: str, ref: str, method: str, bits: int = 4, group_size: int = 32,
+                    desc_act: bool = False, seed: int = 0) -> None:
+    """Quantize the checkpoint in `src` into `dst` (GPTQ or AWQ) and its dequantized weights into `ref`."""
+    rng = np.random.default_rng(seed)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    packed, dense = {}, {}
+    act_orders: dict[tuple[str, int], np.ndarray] = {}
+    for name, t in tensors.items():
+        module, _, kind = name.rpartition(".")
+        proj = module.rpartition(".")[2]
+        if kind != "weight" or proj not in LINEARS:
+            packed[name] = dense[name] = t
+            continue
+        w = t.float().numpy()
+        order = None
+        if desc_act:    # q/k/v and gate/up read the same input: GPTQ gives them one act-order
+            shared = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(proj, proj)
+            key = (module.rpartition(".")[0], shared)
+            order = act_orders.setdefault(key, rng.permutation(w.shape[1]))
+        q, zeros, scales, g_idx = quantize_groups(w, bits, group_size, order)
+        dense[name] = torch.from_numpy(dequantized(q, zeros, scales, g_idx))
+        parts = gptq_tensors(q, zeros, scales, g_idx, bits) if method == "gptq" else awq_tensors(q, zeros, scales)
+        for kind_name, value in parts.items():
+            packed[f"{module}.{kind_name}"] = torch.from_numpy(np.ascontiguousarray(value))
+    for path, weights in ((dst, packed), (ref, dense)):
+        shutil.copytree(src, path, ignore=shutil.ignore_patterns("*.safetensors"))
+        save_file(weights, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(dst, "config.json")) as f:
+        config = json.load(f)
+    if method == "gptq":
+        config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group_size,
+                                         "desc_act": desc_act, "sym": False, "checkpoint_format": "gptq"}
+    else:
+        config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group_size,
+                                         "zero_point": True, "version": "gemm"}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+@pytest.fixture(scope="module")
+def float_checkpoints(tmp_path_factory):
+    made = {}
+
+    def get(model_type: str) -> str:
+        if model_type not in made:
+            made[model_type] = build_tiny_checkpoint(str(tmp_path_factory.mktemp(model_type)), model_type=model_type)
+        return made[model_type]
+    return get
+
+
+CASES = [  # (model type, method, bits, group size, desc_act)
+    ("llama", "gptq", 4, 32, False),
+    ("llama", "gptq", 4, 64, True),
+    ("qwen2", "gptq", 4, -1, False),
+    ("qwen2", "gptq", 8, 32, True),
+    ("llama", "awq", 4, 32, False),
+    ("qwen2", "awq", 4, 64, False),
+]
+
+
+@pytest.mark.parametrize("model_type,method,bits,group_size,desc_act", CASES)
+def test_quantized_checkpoint_generates_like_its_dequantized_weights(
+        float_checkpoints, tmp_path, model_type, method, bits, group_size, desc_act):
+    src = float_checkpoints(model_type)
+    dst, ref = str(tmp_path / method), str(tmp_path / "dequantized")
+    write_quantized(src, dst, ref, method, bits, group_size, desc_act)
+    prompts = random_prompts(3, 4, 40, seed=3)
+    llm = LLM(dst, device="cpu", dtype="float32", enforce_eager=True)
+    layer = llm.llm_engine.runner.model.model.layers[0]
+    qkv, down = layer.self_attn.qkv_proj, layer.mlp.down_proj
+    assert qkv.qweight.dtype == torch.int32 and not hasattr(qkv, "weight")      # kept packed
+    # act-order: down_proj's 128 input features in several groups are permuted to make them contiguous
+    assert (down.input_perm is not None) == (desc_act and group_size not in (-1, 128))
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(ref, prompts, 12)
