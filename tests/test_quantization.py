@@ -154,3 +154,74 @@ def test_quantized_checkpoint_generates_like_its_dequantized_weights(
     assert (down.input_perm is not None) == (desc_act and group_size not in (-1, 128))
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(ref, prompts, 12)
+
+
+def _write(float_checkpoints, tmp_path, model_type="llama", method="gptq", **kwargs) -> tuple[str, str]:
+    dst, ref = str(tmp_path / method), str(tmp_path / "dequantized")
+    write_quantized(float_checkpoints(model_type), dst, ref, method, **kwargs)
+    return dst, ref
+
+
+def test_quantized_layers_through_the_kernel_equal_the_reference(float_checkpoints, tmp_path, monkeypatch):
+    """The W4A16 kernel (interpreter) on the layers as loaded (act-order permuted, fused, biased)
+    gives the dequantize-then-matmul result."""
+    from nanovllm.kernels import triton_available
+    from nanovllm.layers.linear import _Linear
+    from nanovllm.quantization import int_linear
+    if not triton_available():
+        pytest.skip("needs triton (GPU or TRITON_INTERPRET=1)")
+    dst, _ = _write(float_checkpoints, tmp_path, "qwen2", group_size=32, desc_act=True)
+    model = LLM(dst, device="cpu", dtype="float32", enforce_eager=True).llm_engine.runner.model
+    layers = [m for m in model.model.layers[0].modules() if isinstance(m, _Linear)]
+    assert len(layers) == 4 and any(m.input_perm is not None for m in layers)
+    for layer in layers:
+        x = torch.randn(3, layer.qweight.shape[1] * 8)
+        expected = layer(x)
+        monkeypatch.setattr(int_linear, "use_kernel", lambda x: True)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+        monkeypatch.setattr(int_linear, "use_kernel", lambda x: False)
+
+
+def test_tensor_parallel_gptq_act_order(float_checkpoints, tmp_path):
+    """TP=2: column-parallel layers split their rows; row-parallel ones their input features, whose
+    act-order groups then stay scattered (every group's scales kept, looked up by g_idx)."""
+    dst, ref = _write(float_checkpoints, tmp_path, "llama", group_size=32, desc_act=True)
+    prompts = random_prompts(2, 4, 30, seed=5)
+    llm = LLM(dst, device="cpu", dtype="float32", tensor_parallel_size=2, enforce_eager=True)
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)
+        o_proj = llm.llm_engine.runner.model.model.layers[0].self_attn.o_proj
+        assert o_proj.g_idx is not None and o_proj.scales.shape[1] == 2     # both groups on each rank
+    finally:
+        llm.llm_engine.shutdown()
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(ref, prompts, 10)
+
+
+def _llm_error(path: str, **kwargs) -> str:
+    with pytest.raises(ValueError) as info:
+        LLM(path, device="cpu", dtype="float32", enforce_eager=True, **kwargs)
+    return str(info.value)
+
+
+def test_errors_name_what_is_supported(float_checkpoints, tmp_path):
+    plain = float_checkpoints("llama")
+    assert "Supported: fp8, gptq, awq, gguf" in _llm_error(plain, quantization="bitsandbytes")
+    assert "needs a AWQ checkpoint" in _llm_error(plain, quantization="awq")
+    assert "kv_cache_dtype must be one of ['auto', 'fp8', 'fp8_e4m3']" in _llm_error(plain, kv_cache_dtype="int8")
+    gptq, _ = _write(float_checkpoints, tmp_path / "a", group_size=32)
+    assert "does not match the checkpoint, which is quantized with 'gptq'" in _llm_error(gptq, quantization="awq")
+    for change, expected in ((dict(quant_method="bitsandbytes"), "Supported checkpoint formats: gptq, awq, fp8, gguf"),
+                             # 128 cannot split the tiny model's 64 input features
+                             (dict(group_size=128), "group_size 128 does not divide the 64 input features of "
+                                                    "model.layers.0.mlp.gate_up_proj; supported: a group size"),
+                             (dict(bits=3), "bits=3 are not supported"),
+                             (dict(checkpoint_format="marlin"), "checkpoint_format 'marlin' is not supported")):
+        with open(os.path.join(gptq, "config.json")) as f:
+            config = json.load(f)
+        config["quantization_config"].update(change)
+        with open(os.path.join(gptq, "config.json"), "w") as f:
+            json.dump(config, f)
+        assert expected in _llm_error(gptq)
+        config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False}
+        with open(os.path.join(gptq, "config.json"), "w") as f:
+            json.dump(config, f)

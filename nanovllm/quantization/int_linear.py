@@ -42,6 +42,11 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, 
     return w.to(scales.dtype)
 
 
+def use_kernel(x: torch.Tensor) -> bool:
+    """The Triton kernel on CUDA; the torch reference elsewhere (tests point this at the interpreter)."""
+    return x.is_cuda
+
+
 class IntWeightMethod:
     """Makes a linear layer hold `cfg.bits`-bit weights and multiplies with them (the layer's
     `quant_method`). One instance serves every layer of a model; per-layer state lives on the layer."""
@@ -160,7 +165,7 @@ class IntWeightMethod:
         x = x.reshape(-1, in_features)
         if layer.input_perm is not None:
             x = x.index_select(1, layer.input_perm)
-        if x.is_cuda:
+        if use_kernel(x):
             from nanovllm.kernels.w4a16_gemm import w4a16_gemm
             y = w4a16_gemm(x, layer.qweight, layer.scales, layer.mins, self.cfg.bits, layer.group_size, layer.g_idx)
         else:
