@@ -7,6 +7,7 @@ rank 0 prepared; only rank 0 prepares and samples.
 """
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -75,6 +76,10 @@ class ModelRunner:
 
         self.graphs = None
         self.num_blocks = self._allocate_kv_cache()
+        if config.device == "cpu" and not config.enforce_eager and os.environ.get("NANOVLLM_CPU_COMPILE", "1") != "0":
+            from nanovllm.engine.cpu_compile import CompiledSteps
+            from nanovllm.gguf import cache_root
+            self.graphs = CompiledSteps(self, cache_root())
         if config.device == "cuda" and not config.enforce_eager:
             from nanovllm.engine.cuda_graphs import StepGraphs
             start = time.perf_counter()
