@@ -340,3 +340,59 @@ def test_min_tokens_masks_eos_and_stop_ids(fused):
                      (3, eos), (3, extra), (3, stop_a), (3, stop_b)}
     # logprobs stay those of the raw logits: EOS is still the top token
     assert out.logprobs.top_ids[0, 0] == eos
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_top_p_below_float32_keeps_the_top_token(fused):
+    """A top_p that float32 rounds to 0 (SamplingParams refuses it, but the sampler must not
+    rely on that) or to its smallest value keeps only the most likely token: the torch
+    filter indexed position -1 there."""
+    logits = fixed_logits(3, seed=21)
+    rows = [row(top_p=0.5) for _ in range(3)]
+    meta = meta_of(rows, device=KERNEL_DEVICE if fused else CPU)
+    meta.top_p = torch.tensor([0.0, 1e-300, 1e-45], device=meta.top_p.device)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        tokens = Sampler(fused)(logits.to(meta.top_p.device), meta).sampled_token_ids.cpu()
+        assert torch.equal(tokens, logits.argmax(-1))
+
+
+# The interpreter (numpy) reports the float32 overflow that the penalties kernel then saturates.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("rep", [1e-45, 3.4e38])
+def test_extreme_repetition_penalty_saturates(rep):
+    """A repetition penalty at float32's extremes pushes seen logits past float32's range:
+    they saturate at +-LOGIT_LIMIT (finite after the temperature too), keeping their order,
+    and the sampler still draws a token the filters keep."""
+    from nanovllm.layers.sampler import LOGIT_LIMIT
+    logits = torch.tensor([[3.0, -2.0, 1.0, -5.0, 0.5, float("-inf")]])
+    r = row(prompt=[0, 1, 5], output=[2, 3], repetition_penalty=rep, temperature=0.01, top_p=0.9, min_p=0.1)
+    meta = meta_of([r], vocab_size=6)
+    penalised = apply_penalties(logits, meta)
+    assert penalised[0, 5] == float("-inf")                       # banned stays banned
+    assert torch.isfinite(penalised[0, :5]).all()
+    assert penalised.abs()[0, :5].max() <= LOGIT_LIMIT
+    assert torch.isfinite(penalised[0, :5] / 0.01).all()
+    if rep < 1:
+        assert penalised[0, 0] == LOGIT_LIMIT and penalised[0, 2] == LOGIT_LIMIT       # seen, positive
+        assert penalised[0, 1] < 0 and penalised[0, 3] < 0
+    else:
+        assert penalised[0, 1] == -LOGIT_LIMIT and penalised[0, 3] == -LOGIT_LIMIT     # seen, negative
+    filtered = apply_temperature_and_filters(penalised, meta)
+    assert torch.isfinite(filtered[0, penalised[0].argmax()])     # the top token is kept
+    for fused in (False, True):
+        out = sample(fused, logits, [r], vocab_size=6).sampled_token_ids
+        assert torch.isfinite(filtered[0, out[0]]), (fused, out)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_row_with_every_token_banned_still_samples(fused):
+    """min_tokens with every id a stop id leaves nothing: the step must not fail (a hostile
+    request must not stop the engine), and the token is still in the vocabulary."""
+    vocab = 16
+    logits = fixed_logits(3, vocab_size=vocab, seed=4)
+    rows = [row(min_tokens=2, stop_token_ids=list(range(vocab)), **kw)
+            for kw in (dict(temperature=0.0), dict(top_p=0.5, top_k=3, min_p=0.1), dict(logprobs=2))]
+    out = sample(fused, logits, rows, vocab_size=vocab)
+    assert ((out.sampled_token_ids >= 0) & (out.sampled_token_ids < vocab)).all()
+    assert (out.logprobs.top_ids < vocab).all()

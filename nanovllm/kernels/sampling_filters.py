@@ -202,6 +202,9 @@ def _thresholds_kernel(logits_ptr, stride_row, vocab_size, temperature_ptr, top_
             k2 = tl.maximum(k2, tl.minimum(k1, key))
             k1 = tl.maximum(k1, key)
     top = tl.max(lane_max, axis=0)
+    # Masses are weighed relative to the top logit; a row of -inf only (min_tokens may ban
+    # every token) has none, weighed from 0 rather than through -inf - -inf = NaN.
+    mass_ref = tl.where(top == float("-inf"), 0.0, top)
 
     result = tl.full([], _KEY_MIN32, tl.int32)
     min_p_key = no_key
@@ -211,7 +214,7 @@ def _thresholds_kernel(logits_ptr, stride_row, vocab_size, temperature_ptr, top_
     if KEEP:
         top_key = tl.max(k1, axis=0)
         if MASS:
-            lane_mass = tl.where(lane_max == float("-inf"), 0.0, lane_sum * tl.exp((lane_max - top) * inv_t))
+            lane_mass = tl.where(lane_max == float("-inf"), 0.0, lane_sum * tl.exp((lane_max - mass_ref) * inv_t))
         key_k = no_key
         if (k > 0) & (k < vocab_size):           # top-k: the k-th largest key
             lanes = tl.arange(0, BLOCK)
@@ -219,14 +222,14 @@ def _thresholds_kernel(logits_ptr, stride_row, vocab_size, temperature_ptr, top_
             goal = k.to(tl.float32)
             floor = _search_kept(k1, k2, k3, k4, 1.0, 1.0, 1.0, 1.0, goal, no_key, top_key)
             ceiling = _search_kept(k1, k2, k3, k4, 1.0, 1.0, 1.0, 1.0 + missed, goal, floor, top_key)
-            key_k = _search_row(row_ptr, vocab_size, floor, ceiling, goal, top, inv_t, False, KEY_BITS, BLOCK)
+            key_k = _search_row(row_ptr, vocab_size, floor, ceiling, goal, mass_ref, inv_t, False, KEY_BITS, BLOCK)
             result = tl.maximum(result, _as_float32_key(key_k, dtype, KEY_BITS))
         if MASS:
             if p < 1.0:                          # top-p among what min-p and top-k keep
-                w1 = _kept_weight(k1, top, inv_t, dtype, KEY_BITS)
-                w2 = _kept_weight(k2, top, inv_t, dtype, KEY_BITS)
-                w3 = _kept_weight(k3, top, inv_t, dtype, KEY_BITS)
-                w4 = _kept_weight(k4, top, inv_t, dtype, KEY_BITS)
+                w1 = _kept_weight(k1, mass_ref, inv_t, dtype, KEY_BITS)
+                w2 = _kept_weight(k2, mass_ref, inv_t, dtype, KEY_BITS)
+                w3 = _kept_weight(k3, mass_ref, inv_t, dtype, KEY_BITS)
+                w4 = _kept_weight(k4, mass_ref, inv_t, dtype, KEY_BITS)
                 total = tl.sum(lane_mass, axis=0)
                 missed = tl.maximum(lane_mass - w1 - w2 - w3 - w4, 0.0)         # mass not kept
                 base = tl.maximum(key_k, min_p_key)  # = key_k without min-p: the same path as before
@@ -236,14 +239,14 @@ def _thresholds_kernel(logits_ptr, stride_row, vocab_size, temperature_ptr, top_
                     mass = tl.sum(tl.where(k1 >= base, w1, 0.0) + tl.where(k2 >= base, w2, 0.0)
                                   + tl.where(k3 >= base, w3, 0.0), axis=0)
                 else:
-                    mass = _mass_at_or_above(row_ptr, vocab_size, base, top, inv_t, KEY_BITS, BLOCK)
+                    mass = _mass_at_or_above(row_ptr, vocab_size, base, mass_ref, inv_t, KEY_BITS, BLOCK)
                 goal = p * mass
                 # The bounds come from sums in another order than the passes': a margin far
                 # above float32 rounding keeps them on the right side of the goal.
                 margin = 1e-5 * total
                 floor = _search_kept(k1, k2, k3, k4, w1, w2, w3, w4, goal + margin, base, top_key)
                 ceiling = _search_kept(k1, k2, k3, k4, w1, w2, w3, w4 + missed, goal - margin, floor, top_key)
-                key_p = _search_row(row_ptr, vocab_size, floor, ceiling, goal, top, inv_t, True, KEY_BITS, BLOCK)
+                key_p = _search_row(row_ptr, vocab_size, floor, ceiling, goal, mass_ref, inv_t, True, KEY_BITS, BLOCK)
                 result = tl.maximum(result, _as_float32_key(key_p, dtype, KEY_BITS))
     tl.store(out_ptr + row, result)
 

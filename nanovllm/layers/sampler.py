@@ -7,7 +7,8 @@ The order follows vLLM V1:
   2. min_tokens: EOS, the model's further EOS ids and stop_token_ids get -inf until the row
      has min_tokens outputs (the EOS ids not with ignore_eos, where they do not stop);
   3. penalties: repetition (HF style, over prompt + output tokens), then frequency and
-     presence (OpenAI style, over output tokens);
+     presence (OpenAI style, over output tokens); a penalised logit saturates at
+     +-LOGIT_LIMIT instead of overflowing (a repetition penalty of 1e-45 is valid);
   4. greedy rows take the argmax here; random rows continue with
   5. temperature, min-p, top-k, top-p (over what min-p and top-k keep; at least one token),
      softmax (vLLM V1's order: min-p is one of its "argmax-invariant" logits processors, run
@@ -21,6 +22,9 @@ min-p/top-k/top-p threshold found without sorting, then the Gumbel-max draw amon
 above it (the same distribution; kernels/); an all-greedy batch takes a split-row argmax
 kernel, and logprobs one pass for the logsumexp, ranks and top k. There, seeded rows draw from Philox streams keyed
 by per-row seeds the engine derives from the request's seed and the token's position.
+
+Every SamplingParams that validation accepts works here: the cut-offs always keep at least
+the most likely token (ties with it too), and logits stay finite where they were.
 
 Everything is vectorised over the batch; a step that no row uses is skipped, and an
 all-greedy batch never computes a softmax. Nothing in `Sampler.forward` reads a tensor
@@ -73,6 +77,12 @@ def gather_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int, fused
 _FUSED_MAX_TOP_K = 32
 
 
+# Penalised logits saturate here. Later steps divide by the temperature (>= 0.01, so x 100)
+# and subtract two logits (x 2): from 2^120 that stays below float32's maximum (~2^128), so
+# no +-inf, and no inf - inf = NaN, can reach the cut-offs or the draw.
+LOGIT_LIMIT = 2.0 ** 120
+
+
 @dataclass
 class SamplerOutput:
     sampled_token_ids: torch.Tensor        # [B] int64
@@ -106,7 +116,7 @@ class Sampler(torch.nn.Module):
             if self.fused:
                 logits = kernels.apply_penalties(logits.contiguous(), meta.output_counts, meta.prompt_mask,
                                                  meta.repetition_penalty, meta.frequency_penalty,
-                                                 meta.presence_penalty, meta.count_rows)
+                                                 meta.presence_penalty, meta.count_rows, limit=LOGIT_LIMIT)
             else:
                 logits = apply_penalties(logits, meta)
 
@@ -135,16 +145,18 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
     counts, prompt_mask = meta.output_counts, meta.prompt_mask
     if meta.count_rows is not None:
         counts, prompt_mask = counts[meta.count_rows], prompt_mask[meta.count_rows]
+    penalised = logits
     if meta.repetition_penalty is not None:
         # Repetition (HF): a seen token's logit moves toward "less likely" whatever its sign.
         seen = prompt_mask | (counts > 0)
         rep = torch.where(seen, meta.repetition_penalty[:, None], 1.0)
-        logits = torch.where(logits > 0, logits / rep, logits * rep)
+        penalised = torch.where(penalised > 0, penalised / rep, penalised * rep)
     if meta.frequency_penalty is not None:
         # Frequency and presence (OpenAI): subtract per occurrence, and once if present.
-        logits = logits - meta.frequency_penalty[:, None] * counts
-        logits = logits - meta.presence_penalty[:, None] * (counts > 0)
-    return logits
+        penalised = penalised - meta.frequency_penalty[:, None] * counts
+        penalised = penalised - meta.presence_penalty[:, None] * (counts > 0)
+    # Saturate rather than overflow (a banned token's -inf stays -inf).
+    return torch.where(logits == float("-inf"), logits, penalised.clamp(-LOGIT_LIMIT, LOGIT_LIMIT))
 
 
 def apply_temperature_and_filters(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -182,7 +194,9 @@ def apply_top_k_top_p(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Ten
             values = logits.sort(dim=-1, descending=True).values
         probs = values.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs                  # of the more likely tokens
-        num_kept = (mass_before < meta.top_p[:, None]).sum(dim=-1, keepdim=True)   # >= 1
+        # At least the top token, whatever top_p (even 0) and even where the row is all -inf
+        # (its softmax then NaN).
+        num_kept = (mass_before < meta.top_p[:, None]).sum(dim=-1, keepdim=True).clamp(min=1)
         threshold = values.gather(-1, num_kept - 1)
         threshold = threshold.masked_fill((meta.top_p >= 1.0)[:, None], neg_inf)  # top_p = 1: off
         logits = logits.masked_fill(logits < threshold, neg_inf)

@@ -66,3 +66,28 @@ def test_penalties_kernel_reads_table_rows():
     gathered.repetition_penalty, gathered.frequency_penalty = penalty, penalty - 1.0
     gathered.presence_penalty = penalty - 1.0
     torch.testing.assert_close(apply_penalties(logits, gathered), expected)
+
+
+# The interpreter (numpy) reports the float32 overflow that the kernel then saturates.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_penalties_saturate_at_the_limit_as_torch():
+    """Repetition penalties at float32's extremes push seen logits past its range: kernel and
+    torch both stop at +-LOGIT_LIMIT, and a banned token's -inf stays -inf."""
+    from nanovllm import kernels
+    from nanovllm.layers.sampler import LOGIT_LIMIT
+    vocab = 12
+    logits = torch.tensor([3.0, -2.0, 0.0, -5.0, 1e30, -1e30, float("-inf"), 2.0, -1.0, 4.0, -3.0, 0.5])
+    logits = logits.expand(2, -1).contiguous()
+    rows = [SamplingRow.of(SamplingParams(repetition_penalty=r, frequency_penalty=2.0), list(range(vocab)), 8, None)
+            for r in (1e-45, 3.4e38)]
+    meta = SamplingMetadata.build(rows, vocab, torch.device("cpu"))
+    expected = apply_penalties(logits, meta)
+    move = (lambda t: t.to(DEVICE))
+    ours = kernels.apply_penalties(logits.to(DEVICE), move(meta.output_counts), move(meta.prompt_mask),
+                                   move(meta.repetition_penalty), move(meta.frequency_penalty),
+                                   move(meta.presence_penalty), limit=LOGIT_LIMIT).cpu()
+    assert torch.equal(ours, expected)
+    assert (expected[:, 6] == float("-inf")).all()
+    finite = torch.cat([expected[:, :6], expected[:, 7:]], dim=1)
+    assert torch.isfinite(finite).all() and finite.abs().max() == LOGIT_LIMIT
+    assert expected[0, 0] == LOGIT_LIMIT and expected[1, 1] == -LOGIT_LIMIT

@@ -211,3 +211,38 @@ def test_sampling_draws_only_kept_tokens_in_proportion():
     freq = torch.bincount(tokens, minlength=24).float() / draws
     assert 0.5 * (freq - expected).abs().sum() < 0.07
     assert int(kept[0].sum()) > 2                      # the test has something to get wrong
+
+
+def test_extreme_settings_keep_the_top_token():
+    """Whatever the settings, the cut-off keeps the most likely token (and its ties), as the
+    torch filters do: top_p 0 or float32's smallest, min_p 1, top_k 1, together, over logits
+    at the sampler's saturation limit and over a row that min_tokens banned entirely (which
+    keeps everything: there is no top token to prefer)."""
+    from nanovllm.layers.sampler import LOGIT_LIMIT
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(50, generator=gen) * 3
+    base[[7, 30]] = base.max() + 1                           # a tie at the top
+    saturated = torch.where(base > 0, LOGIT_LIMIT, -LOGIT_LIMIT)
+    saturated[[7, 30]] = LOGIT_LIMIT
+    saturated[3] = float("-inf")
+    banned = torch.full((50,), float("-inf"))
+    settings = [  # temperature, top_k, top_p, min_p
+        (1.0, 0, 0.0, 0.0), (0.01, 0, 1e-45, 0.0), (2.0, 0, 0.0, 1.0), (1.0, 1, 1e-45, 1.0),
+        (0.01, 1, 1.0, 0.0), (0.01, 0, 1.0, 1.0), (0.5, 3, 1e-45, 1e-45),
+    ]
+    for row in (base, saturated, banned):
+        logits = row.expand(len(settings), -1).contiguous()
+        t, k, p, m = (torch.tensor([s[i] for s in settings]) for i in range(4))
+        keys = sampling_thresholds_of(logits, t, k.long(), p, m)
+        kept = order_key(logits) >= keys[:, None]
+        if torch.isfinite(row).any():
+            top = row == row.max()
+            assert torch.equal(kept, top.expand_as(kept)), (kept.sum(-1), top.sum())
+        else:
+            assert kept.all()
+
+
+def sampling_thresholds_of(logits, temperature, top_k, top_p, min_p):
+    from nanovllm.kernels import sampling_thresholds
+    return sampling_thresholds(logits.to(DEVICE), temperature.to(DEVICE), top_k.to(DEVICE), top_p.to(DEVICE),
+                               min_p.to(DEVICE)).cpu()
