@@ -71,8 +71,10 @@ def _logprobs_kernel(logits_ptr, stride_row, token_ptr, vocab_size, k, floor_ptr
     out = row * num_chunks + chunk
 
     top = tl.max(x, axis=0)
-    safe = tl.where(top == float("-inf"), 0.0, top)             # a chunk of -inf only: sum 0, log -inf
-    tl.store(lse_ptr + out, safe + tl.log(tl.sum(tl.exp(x - safe), axis=0)))
+    safe = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.sum(tl.exp(x - safe), axis=0)
+    # A chunk of -inf only sums to 0: its logsumexp is -inf (without taking log(0)).
+    tl.store(lse_ptr + out, tl.where(total > 0, safe + tl.log(tl.maximum(total, 1e-30)), float("-inf")))
     chosen = tl.load(row_ptr + tl.load(token_ptr + row)).to(tl.float32)
     at_least_chosen = in_vocab & (x >= chosen)
     key = order_key(x)

@@ -147,3 +147,21 @@ def test_floor_is_a_close_lower_bound_on_the_kth_largest(monkeypatch):
         assert (floors <= kth).all(), k
         at_or_above = (keys >= floors[:, None]).sum(-1)
         assert at_or_above[0] <= k + 4 and at_or_above[1] == k, (k, at_or_above)      # spread: near exact
+
+
+def test_a_chunk_of_only_masked_tokens_warns_nothing(monkeypatch):
+    """A chunk whose logits are all -inf has logsumexp -inf, found without taking log(0) (which
+    Triton's interpreter reported as a RuntimeWarning for every such chunk)."""
+    import warnings
+
+    from nanovllm.kernels import logprobs, logsumexp_and_rank
+    monkeypatch.setattr(logprobs, "CHUNK", 16)
+    logits = torch.randn(2, 48)
+    logits[0, 16:32] = float("-inf")          # the middle chunk of row 0
+    logits[1, :] = float("-inf")
+    logits[1, 40] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        lse, rank = logsumexp_and_rank(logits.to(DEVICE), torch.tensor([3, 40]).to(DEVICE))
+    torch.testing.assert_close(lse.cpu(), torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
+    assert rank.tolist() == [int((logits[0] >= logits[0, 3]).sum()), 1]
