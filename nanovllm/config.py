@@ -2,6 +2,8 @@
 
 Argument names and defaults follow vLLM's `LLM(...)` / `EngineArgs` where they apply.
 """
+import math
+import numbers
 import os
 from dataclasses import dataclass, field, fields
 
@@ -16,9 +18,10 @@ ATTENTION_BACKENDS = ("auto", "triton", "flash_attn", "torch")
 EXECUTOR_BACKENDS = (None, "mp", "ray")
 # KV cache dtypes (vLLM's names): "auto" is the model's dtype; the fp8 ones store float8 e4m3.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
-# Without a GPU to measure, the CPU KV cache gets a fixed budget (vLLM's CPU backend does the same
-# through VLLM_CPU_KVCACHE_SPACE); NANOVLLM_CPU_KVCACHE_GIB overrides it.
-DEFAULT_CPU_KV_CACHE_GIB = 1.0
+# On a CPU the KV cache is sized to what max_num_seqs sequences of max_model_len tokens need,
+# within half the memory available (its pages are only taken as they are written);
+# NANOVLLM_CPU_KVCACHE_GIB caps it instead (as vLLM's VLLM_CPU_KVCACHE_SPACE).
+CPU_KV_CACHE_SHARE_OF_AVAILABLE = 0.5
 
 
 class UnknownArgumentError(TypeError, ValueError):
@@ -91,8 +94,13 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {list(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}.")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        if not (_is_real(self.gpu_memory_utilization) and 0 < self.gpu_memory_utilization <= 1):
+            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {self.gpu_memory_utilization!r}.")
+        if self.seed is None:                   # as vLLM V1: no seed is seed 0
+            self.seed = 0
+        if not (_is_int(self.seed) and -2**63 <= self.seed < 2**64):     # what torch.manual_seed takes
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}.")
+        cpu_kv_cache_gib()                      # a bad NANOVLLM_CPU_KVCACHE_GIB fails now, not after loading
         if not (isinstance(self.block_size, int) and 1 <= self.block_size <= 256
                 and self.block_size & (self.block_size - 1) == 0):
             raise ValueError(f"block_size must be a power of two from 1 to 256, got {self.block_size}.")
@@ -164,7 +172,44 @@ class EngineConfig:
 
     @property
     def cpu_kv_cache_bytes(self) -> int:
-        return int(float(os.environ.get("NANOVLLM_CPU_KVCACHE_GIB", DEFAULT_CPU_KV_CACHE_GIB)) * 2**30)
+        """The most the CPU KV cache may take: NANOVLLM_CPU_KVCACHE_GIB, else half the available memory."""
+        gib = cpu_kv_cache_gib()
+        return int(gib * 2**30) if gib is not None else int(available_memory_bytes() * CPU_KV_CACHE_SHARE_OF_AVAILABLE)
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable on Linux; elsewhere total physical memory, as os.sysconf tells it."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def cpu_kv_cache_gib() -> float | None:
+    """The CPU KV cache's cap in GiB: NANOVLLM_CPU_KVCACHE_GIB where set (and not empty), else None."""
+    text = os.environ.get("NANOVLLM_CPU_KVCACHE_GIB", "").strip()
+    if not text:
+        return None
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = math.nan
+    if not (math.isfinite(gib) and gib > 0):
+        raise ValueError(f"NANOVLLM_CPU_KVCACHE_GIB must be a positive number of GiB (the KV cache's size "
+                         f"on a CPU; unset: sized to need, within half the available memory), got {text!r}.")
+    return gib
 
 
 def default_max_num_batched_tokens(device: str, max_num_seqs: int, server: bool = False) -> int:
@@ -191,10 +236,31 @@ def load_hf_config(model_dir: str, trust_remote_code: bool = False):
 
 
 def resolve_dtype(dtype: str, hf_config, device: str) -> torch.dtype:
-    """"auto" is the checkpoint's dtype (`dtype` in transformers 5, `torch_dtype` in 4.x)."""
+    """"auto" is the checkpoint's dtype (`dtype` in transformers 5, `torch_dtype` in 4.x). On a
+    CPU, a 16-bit or quantized checkpoint (GGUF's included) runs in bfloat16 where the CPU has
+    bf16 instructions, else in float32 (docs/cpu.md); a float32 checkpoint stays float32."""
     if dtype != "auto":
         return _DTYPES[dtype]
     saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32"
     if isinstance(saved, str):
         saved = _DTYPES.get(saved, torch.float32)
+    quantized = getattr(hf_config, "quantization_config", None) or getattr(hf_config, "gguf_quantized", False)
+    if device == "cpu" and (saved != torch.float32 or quantized):
+        return torch.bfloat16 if cpu_has_bf16_instructions() else torch.float32
     return saved
+
+
+def cpu_has_bf16_instructions() -> bool:
+    """AVX512-BF16 or AMX on x86 (Linux's /proc/cpuinfo flags), BF16 on Arm (Linux, macOS)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = {word for line in f if line.startswith(("flags", "Features")) for word in line.split()}
+        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    except OSError:
+        pass
+    import platform
+    import subprocess
+    if platform.system() == "Darwin":
+        out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True)
+        return out.stdout.strip() == "1"
+    return False

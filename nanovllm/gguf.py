@@ -7,8 +7,9 @@ through transformers' own GGUF support, into such a directory in a cache:
     <cache>/gguf/<stem>-<key>/{config.json, tokenizer files, model.safetensors}
 
 `key` changes when the file's size or mtime does, so a replaced file is converted again.
-The weights are dequantized (by the `gguf` package, via transformers): the engine then runs them
-in an ordinary floating-point dtype; quantized kernels are out of scope.
+The weights are dequantized (by the `gguf` package, via transformers), except, for the engine
+(`keep_quantized=True`), linear weights in Q4_0, Q4_1 or Q8_0: those are written in nanovllm's
+quantized layout (nanovllm/quantization/gguf_format.py) and stay 4 or 8 bits in memory.
 """
 import hashlib
 import logging
@@ -22,7 +23,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 # Bump when the layout of a converted directory changes, so old caches are not reused.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2      # 2: config.json records gguf_quantized
 _HALF_TYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
 
 
@@ -32,16 +33,19 @@ def cache_root(cache_dir: str | None = None) -> str:
     return cache_dir or default_root()
 
 
-def converted_dir(gguf_path: str, cache_dir: str | None = None) -> str:
-    """Where `gguf_path` is (or would be) converted to. Only stats the file, so it is cheap."""
+def converted_dir(gguf_path: str, cache_dir: str | None = None, keep_quantized: bool = False) -> str:
+    """Where `gguf_path` is (or would be) converted to. Only stats the file, so it is cheap (with
+    keep_quantized, also reads its tensor table: a file with nothing to keep converts as without)."""
     st = os.stat(gguf_path)
-    key = hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}:{_FORMAT_VERSION}".encode()).hexdigest()[:12]
+    kept = f":kept{_kept_bits(gguf_path)}" if keep_quantized and _kept_bits(gguf_path) else ""
+    key = hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}:{_FORMAT_VERSION}{kept}".encode()).hexdigest()[:12]
     stem = os.path.splitext(os.path.basename(gguf_path))[0]
     return os.path.join(cache_root(cache_dir), "gguf", f"{stem}-{key}")
 
 
-def gguf_to_hf_dir(gguf_path: str, cache_dir: str | None = None) -> str:
+def gguf_to_hf_dir(gguf_path: str, cache_dir: str | None = None, keep_quantized: bool = False) -> str:
     """Convert `gguf_path` to a Hugging Face directory (cached) and return that directory.
+    keep_quantized: linear weights in Q4_0 / Q4_1 / Q8_0 stay so (a directory only nanovllm loads).
 
     Raises ValueError for tensor types the `gguf` package cannot dequantize and for architectures
     transformers' GGUF support does not know, naming what is supported.
@@ -49,7 +53,7 @@ def gguf_to_hf_dir(gguf_path: str, cache_dir: str | None = None) -> str:
     gguf_path = os.path.abspath(gguf_path)
     if not os.path.isfile(gguf_path):
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
-    out = converted_dir(gguf_path, cache_dir)
+    out = converted_dir(gguf_path, cache_dir, keep_quantized)
     # The directory only appears by rename once complete, so its existence means a full conversion.
     if os.path.isdir(out):
         return out
@@ -61,7 +65,7 @@ def gguf_to_hf_dir(gguf_path: str, cache_dir: str | None = None) -> str:
     logger.info("Converting %s to a Hugging Face checkpoint in %s (once per file)",
                 os.path.basename(gguf_path), out)
     try:
-        _convert(gguf_path, tmp)
+        _convert(gguf_path, tmp, keep_quantized)
         try:
             os.rename(tmp, out)
         except OSError:
@@ -79,7 +83,7 @@ def _stage(number: int, what: str) -> None:
     logger.info("GGUF conversion [%d/4]: %s", number, what)
 
 
-def _convert(gguf_path: str, out: str) -> None:
+def _convert(gguf_path: str, out: str, keep_quantized: bool = False) -> None:
     """Write config.json, the tokenizer and model.safetensors for `gguf_path` into `out`."""
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -120,12 +124,25 @@ def _convert(gguf_path: str, out: str) -> None:
     # The engine picks its model class from `architectures`, which GGUF metadata does not state.
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     config.dtype = dtype
+    # Quantized weights were widened to float32 only to be exact: an engine on a CPU may run them in bfloat16.
+    config.gguf_quantized = any(kind not in ("F32", "F16", "BF16") for kind in tensor_types)
+    if keep_quantized:
+        from nanovllm.quantization.gguf_format import keep_linears_quantized
+        if (quantization_config := keep_linears_quantized(gguf_path, config, meta_model, tensors)) is not None:
+            config.quantization_config = quantization_config
     config.save_pretrained(out)
     _stage(3, "the tokenizer and its chat template")
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)  # with its chat template
     _stage(4, f"writing model.safetensors ({sum(t.nbytes for t in tensors.values()) / 2**20:.0f} MiB)")
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "model.safetensors"),
               metadata={"format": "pt", "source": os.path.basename(gguf_path)})
+
+
+def _kept_bits(gguf_path: str) -> int | None:
+    from gguf import GGUFReader
+
+    from nanovllm.quantization.gguf_format import kept_bits
+    return kept_bits(GGUFReader(gguf_path))
 
 
 def _check_tensor_types(gguf_path: str) -> tuple[str, dict[str, int]]:
@@ -192,14 +209,14 @@ def resolve_gguf(model: str, gguf_file: str | None = None) -> str | None:
     config.json it is a Hugging Face directory, which wins; with several .gguf files, ValueError).
     """
     if model.endswith(".gguf") and not os.path.isdir(model):
-        return gguf_to_hf_dir(model)
+        return gguf_to_hf_dir(model, keep_quantized=True)
     if not os.path.isdir(model):
         return None
     if gguf_file is not None:
-        return gguf_to_hf_dir(os.path.join(model, gguf_file))
+        return gguf_to_hf_dir(os.path.join(model, gguf_file), keep_quantized=True)
     if os.path.exists(os.path.join(model, "config.json")):
         return None
     found = sorted(f for f in os.listdir(model) if f.endswith(".gguf"))
     if len(found) > 1:  # which one is meant? (None here would only fail later, on a missing config.json)
         raise ValueError(f"{model} holds several GGUF files ({', '.join(found)}); pass gguf_file= to pick one.")
-    return gguf_to_hf_dir(os.path.join(model, found[0])) if found else None
+    return gguf_to_hf_dir(os.path.join(model, found[0]), keep_quantized=True) if found else None

@@ -7,11 +7,13 @@ rank 0 prepared; only rank 0 prepares and samples.
 """
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from nanovllm.config import EngineConfig
@@ -105,6 +107,13 @@ class ModelRunner:
             num_blocks = min(useful, self._profile_num_blocks())
         else:
             num_blocks = min(useful, cfg.cpu_kv_cache_bytes // self.block_bytes)
+            one_sequence = -(-cfg.max_model_len // self.block_size)
+            if num_blocks < one_sequence:
+                raise ValueError(
+                    f"The CPU KV cache may take {cfg.cpu_kv_cache_bytes / 2**30:.2f} GiB (NANOVLLM_CPU_KVCACHE_GIB, "
+                    f"else half the available memory), less than one sequence of max_model_len="
+                    f"{cfg.max_model_len} tokens needs ({one_sequence * self.block_bytes / 2**30:.2f} GiB): "
+                    f"lower max_model_len or free memory.")
         num_blocks = min_over_ranks(num_blocks, self.device)    # every rank must hold the same blocks
         if num_blocks < 1:
             raise ValueError("No memory is left for the KV cache: raise gpu_memory_utilization "
@@ -118,7 +127,13 @@ class ModelRunner:
     def _bind_cache(self, num_blocks: int) -> None:
         layer = self.attention_layers[0]
         shape = (2, len(self.attention_layers), num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.device.type == "cpu":
+            # numpy's zeros come from calloc: the pages are mapped as zeros and only taken when
+            # written, so the memory used follows the tokens cached, not the cache's size.
+            nbytes = math.prod(shape) * self.dtype.itemsize
+            self.kv_cache = torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(self.dtype).view(shape)
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.attention_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
