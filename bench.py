@@ -6,7 +6,8 @@ What runs where:
                   with ignore_eos the throughput does not depend on the weights).
   without one     the CPU preset: the same kind of workload scaled down (nano: 16 requests,
                   64-256 prompt and 32-128 output tokens), max_num_seqs 16, on the SmolLM2-135M
-                  shape; about 30 s on a 2-core CPU. --preset full runs the GPU's sizes anyway.
+                  shape; the timed run takes about 17 s on a 2-core CPU. --preset full runs
+                  the GPU's sizes anyway.
 
 The floor (the fastest the workload can run: decode reading weights and KV cache at the memory
 bandwidth, prefill computing at the matmul peak) is printed on a GPU bench.py knows (H100, H200)
