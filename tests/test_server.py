@@ -4,6 +4,8 @@ batching of concurrent clients. Errors and disconnects: test_server_errors.py; t
 `nanovllm serve` command: test_server_cli.py."""
 import asyncio
 import json
+import threading
+import time
 
 import httpx
 import openai
@@ -214,3 +216,79 @@ def test_sse_wire_format(url):
     chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
     assert {c["object"] for c in chunks} == {"text_completion"} and len({c["id"] for c in chunks}) == 1
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def sse_chunks(url: str, path: str, body: dict) -> list[tuple[float, dict]]:
+    """(arrival time, chunk) of a streamed answer."""
+    chunks = []
+    with httpx.stream("POST", f"{url}{path}", json={**body, "stream": True}, timeout=30) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append((time.monotonic(), json.loads(line[len("data: "):])))
+    return chunks
+
+
+def test_streams_send_no_empty_text(url):
+    """A token that ends inside a multi-byte character (or that the tokenizer cannot spell:
+    the tiny model's vocabulary is larger than its tokenizer's) makes no text yet: nothing is
+    sent until there is some, as vLLM. The text and the token count still add up."""
+    for seed in range(2):
+        body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 40, "temperature": 1.0, "seed": seed,
+                "ignore_eos": True, "logprobs": 0, "stream_options": {"include_usage": True}}
+        whole = httpx.post(f"{url}/v1/completions", json=body | {"stream_options": None}, timeout=30).json()
+        chunks = [c for _, c in sse_chunks(url, "/v1/completions", body)]
+        choices = [c["choices"][0] for c in chunks if c["choices"]]
+        assert all(c["text"] or c["finish_reason"] for c in choices), "a chunk without text"
+        assert "".join(c["text"] for c in choices) == whole["choices"][0]["text"]
+        assert sum(len(c["logprobs"]["tokens"]) for c in choices) == 40 == chunks[-1]["usage"]["completion_tokens"]
+        messages = [{"role": "user", "content": PROMPTS[seed]}]
+        chat_body = {**body, "messages": messages, "logprobs": True}
+        chat = [c for _, c in sse_chunks(url, "/v1/chat/completions", chat_body)]
+        deltas = [c["choices"][0] for c in chat if c["choices"]]
+        assert all(d["delta"]["content"] or d["finish_reason"] for d in deltas), "a chat chunk without text"
+        assert sum(len(d["logprobs"]["content"]) for d in deltas) == 40 == chat[-1]["usage"]["completion_tokens"]
+
+
+def test_streamed_chat_sends_the_role_with_the_first_token(url):
+    """The first chunk with choices goes out once a token exists, with it (as vLLM): a role
+    chunk sent before (as before) made clients measure a time to first token of ~0."""
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 8, "temperature": 0, "logprobs": True, "n": 1}
+    chunks = [c for _, c in sse_chunks(url, "/v1/chat/completions", body)]
+    first = next(c for c in chunks if c["choices"])["choices"][0]
+    assert first["delta"]["role"] == "assistant"
+    assert first["delta"]["content"] and first["logprobs"]["content"], "the first chunk carries no token"
+    assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:] if c["choices"])
+    # With n > 1, each choice's first chunk carries its role, and its first token.
+    body = {**body, "n": 3, "temperature": 1.0, "seed": 5}
+    chunks = [c["choices"][0] for _, c in sse_chunks(url, "/v1/chat/completions", body)]
+    for index in range(3):
+        own = [c for c in chunks if c["index"] == index]
+        assert own[0]["delta"]["role"] == "assistant" and own[0]["logprobs"]["content"]
+
+
+def test_a_huge_prompt_does_not_stall_other_streams(url, client):
+    """A multi-megabyte prompt is tokenized off the event loop: while it is (seconds), another
+    client's stream keeps coming. (Tokenized on the loop, every stream stalled meanwhile.)"""
+    huge = "The capital of France is Paris. " * 100_000        # 3.2 MB, ~1M tokens
+    answer = {}
+
+    def send_huge():
+        start = time.monotonic()
+        answer["response"] = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": huge},
+                                        timeout=120)
+        answer["seconds"] = time.monotonic() - start
+    sender = threading.Thread(target=send_huge)
+    arrivals = []
+    body = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 200, "ignore_eos": True}
+    sender.start()
+    while sender.is_alive() or not arrivals:            # streams back to back, until the huge one is answered
+        arrivals.append(time.monotonic())               # (the wait for a stream's first chunk counts too)
+        arrivals += [t for t, _ in sse_chunks(url, "/v1/completions", body)]
+    sender.join()
+    assert answer["response"].status_code == 400 and answer["response"].json()["error"]["param"] == "max_tokens"
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert answer["seconds"] > 1.0, "the prompt was too quick to tell"
+    # (Relative to the tokenizing time: on a busy machine everything is slower. On the loop,
+    # one gap was as long as the whole tokenizing.)
+    assert max(gaps) < answer["seconds"] / 4, f"a stream stalled {max(gaps):.2f} s of {answer['seconds']:.2f} s"
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2

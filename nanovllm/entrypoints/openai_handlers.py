@@ -34,6 +34,9 @@ from nanovllm.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+OFF_LOOP_CHARS = 20_000     # text at least this long is tokenized in the tokenizer thread
+
+
 def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -53,12 +56,20 @@ class OpenAIHandlers:
         # One thread: calls into one tokenizer are not made concurrently (as vLLM's server).
         self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nanovllm-tokenizer")
 
-    async def _off_loop(self, fn, *args):
+    async def _off_loop(self, size: int, fn, *args):
+        """fn(*args), in the tokenizer thread if `size` (characters of text) is large: a small
+        prompt takes well under a millisecond, and waiting behind a large one in the thread
+        would only delay it."""
+        if size < OFF_LOOP_CHARS:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
 
     def _encode(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         """Token ids of each text. (The batch call: the one that releases the GIL.)"""
-        return list(self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]) if texts else []
+        if not texts:
+            return []
+        return list(self.tokenizer(texts, add_special_tokens=add_special_tokens, return_attention_mask=False,
+                                   return_token_type_ids=False)["input_ids"])
 
     def _render_chat(self, messages: list[ChatMessage], options: dict) -> str:
         """The chat template applied to `messages` (a 400 naming what it could not render)."""
@@ -196,7 +207,8 @@ class OpenAIHandlers:
             prompts = [prompts]
         if not prompts:
             raise OpenAIError("prompt must not be empty", param="prompt")
-        encoded = iter(await self._off_loop(self._encode, [p for p in prompts if isinstance(p, str)]))
+        texts = [p for p in prompts if isinstance(p, str)]
+        encoded = iter(await self._off_loop(sum(map(len, texts)), self._encode, texts))
         inputs = []
         for p in prompts:
             ids = next(encoded) if isinstance(p, str) else p
@@ -277,7 +289,7 @@ class OpenAIHandlers:
     async def chat_completions(self, body: ChatCompletionRequest):
         model = self._check_model(body.model)
         params = self._params(body)
-        text, ids = await self._off_loop(self._chat_prompt, body)
+        text, ids = await self._off_loop(_chat_size(body.messages), self._chat_prompt, body)
         self._check_length(ids, params.max_tokens, body.max_tokens_param)
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         streams = await self._add(request_id, [{"prompt": text, "prompt_token_ids": ids}], params, "messages")
@@ -324,10 +336,10 @@ class OpenAIHandlers:
         if body.messages is not None:
             if not body.messages:
                 raise OpenAIError("messages must not be empty", param="messages")
-            _, ids = await self._off_loop(self._chat_prompt, body)
+            _, ids = await self._off_loop(_chat_size(body.messages), self._chat_prompt, body)
         else:
             add = True if body.add_special_tokens is None else body.add_special_tokens
-            (ids,) = await self._off_loop(self._encode, [body.prompt], add)
+            (ids,) = await self._off_loop(len(body.prompt), self._encode, [body.prompt], add)
         ids = list(ids)
         strs = self.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
@@ -339,7 +351,7 @@ class OpenAIHandlers:
         if bad is not None:
             raise OpenAIError(f"Token id {bad} is out of the tokenizer's vocabulary ({vocab_size} tokens)",
                               param="tokens")
-        return {"prompt": await self._off_loop(self.tokenizer.decode, body.tokens)}
+        return {"prompt": await self._off_loop(len(body.tokens), self.tokenizer.decode, body.tokens)}
 
     @staticmethod
     def _chat_logprobs(body: ChatCompletionRequest, c: CompletionOutput) -> dict | None:
@@ -378,6 +390,11 @@ def _joined(older: CompletionOutput, newer: CompletionOutput) -> CompletionOutpu
         else newer.logprobs
     return dataclasses.replace(newer, text=older.text + newer.text, token_ids=older.token_ids + newer.token_ids,
                                logprobs=logprobs)
+
+
+def _chat_size(messages: list[ChatMessage]) -> int:
+    return sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content or ())
+               for m in messages)
 
 
 def _request_field(body, name: str | None) -> str | None:
