@@ -75,7 +75,7 @@ def same_text(streamed: str, whole: str) -> bool:
 
 
 def raw_error(url: str, status: int, body, headers=None, path: str = "/v1/completions") -> dict:
-    kwargs = {"content": body} if isinstance(body, str) else {"json": body}
+    kwargs = {"content": body} if isinstance(body, (str, bytes)) else {"json": body}
     resp = httpx.post(f"{url}{path}", headers=headers, timeout=30, **kwargs)
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]

@@ -176,3 +176,70 @@ def test_the_serving_benchmark_against_a_server_with_a_key(engine, tmp_path):
         assert result["num_requests"] == 6
         assert result["output_tokens"] == sum(make_workload(parser.parse_args(workload)).output_lens)
         assert result["ttft_ms_p50"] > 0 and result["tpot_ms_p50"] > 0
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"model": MODEL, "prompt": "a\ud800b"}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["fine", "\udfff"]}, "prompt[1]"),
+    ("/v1/completions", {"model": "\ud800", "prompt": "hi"}, "model"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["ok", "x\ud83d"]}, "stop[1]"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "user": "\ud800"}, "user"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [*CHAT, {"role": "user", "content": "\ud800"}]},
+     "messages[1].content"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "\ud800", "content": "hi"}]}, "messages[0].role"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "chat_template_kwargs": {"x": ["\ud800"]}},
+     "chat_template_kwargs.x[0]"),
+    ("/tokenize", {"model": MODEL, "prompt": "\ud800"}, "prompt"),
+])
+def test_a_lone_surrogate_is_a_400_naming_its_field_and_the_connection_stays_usable(url, path, body, param):
+    """JSON can carry a lone UTF-16 surrogate ("\\ud800"), which no tokenizer (nor the UTF-8
+    of an error message quoting it) can encode: it was a 500, and the client's keep-alive
+    connection was reset."""
+    with httpx.Client(base_url=url, timeout=30) as http:       # one connection for both requests
+        resp = http.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["param"] == param
+        ok = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_body_that_is_not_utf8_is_a_400(url):
+    body = b'{"model": "tiny", "prompt": "\xff\xfe"}'
+    raw_error(url, 400, body, headers={"Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize("messages, param", [
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "user"}],
+     "messages[2].content"),
+    ([{"role": "user", "content": None}], "messages[0].content"),
+    ([{"role": "user", "content": 5}], "messages[0].content"),                 # neither a string nor parts
+    ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text"),
+    ([{"content": "no role"}], "messages[0].role"),
+])
+def test_chat_message_errors_name_the_message(url, messages, param):
+    """A message without content was rendered anyway, and the template's jinja UndefinedError
+    came back naming only `messages`."""
+    error = raw_error(url, 400, {"model": MODEL, "messages": messages}, path="/v1/chat/completions")
+    assert error["param"] == param, error
+    assert "Undefined" not in error["message"]
+
+
+def test_request_size_limit(engine):
+    """Bodies over --max-request-bytes get a 413 in OpenAI's shape, whether their
+    Content-Length says so or they arrive in chunks; smaller ones are served."""
+    with serving(build_app(engine, [MODEL], max_request_bytes=2000)) as url:
+        big = {"model": MODEL, "prompt": "x" * 3000, "max_tokens": 2}
+        error = raw_error(url, 413, big)
+        assert error["code"] == "request_too_large" and "2000" in error["message"]
+
+        def chunks():                               # no Content-Length: chunked transfer encoding
+            data = json.dumps(big).encode()
+            for i in range(0, len(data), 500):
+                yield data[i:i + 500]
+        resp = httpx.post(f"{url}/v1/completions", content=chunks(), timeout=30,
+                          headers={"Content-Type": "application/json"})
+        assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large"
+        small = httpx.post(f"{url}/v1/completions", json={**big, "prompt": "x" * 100}, timeout=30)
+        assert small.status_code == 200
+    from nanovllm.__main__ import _parser
+    assert _parser().parse_args(["serve", "m"]).max_request_bytes == 16 * 2**20      # the default: 16 MiB

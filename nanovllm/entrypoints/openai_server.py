@@ -75,10 +75,6 @@ def build_app(engine: AsyncLLM, served_model_names: list[str] | None = None, api
         return ErrorResponse(OpenAIError("; ".join(dict.fromkeys(messages)) or "Invalid request",
                                          param=deepest_field(params)))
 
-    @app.exception_handler(UnicodeDecodeError)
-    async def on_undecodable_body(request: Request, e: UnicodeDecodeError):
-        return ErrorResponse(OpenAIError(f"The request body is not valid UTF-8: {e.reason} at byte {e.start}"))
-
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, e: HTTPException):      # an unknown path or method
         response = ErrorResponse(OpenAIError(str(e.detail), e.status_code, code=_code(e.status_code)))
@@ -190,33 +186,39 @@ class _APIKeyMiddleware:
 
 class _RequestSizeLimit:
     """413 for a body over `max_bytes`: at once when its Content-Length says so, else as soon
-    as that much has arrived (the app reads the body through the counting `receive`, and the
-    OpenAIError it raises there becomes the answer)."""
+    as that much has arrived. The body is read here and handed on whole (the app would read it
+    whole anyway)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
-
-    def _too_large(self) -> OpenAIError:
-        return OpenAIError(f"The request body is larger than the server's limit of {self.max_bytes} bytes "
-                           f"(--max-request-bytes)", 413, code="request_too_large")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
-            return await ErrorResponse(self._too_large())(scope, receive, send)
-        received = 0
-
-        async def counting_receive():
-            nonlocal received
+            return await self._too_large(scope, receive, send)
+        body, first = bytearray(), None
+        while first is None:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise self._too_large()
-            return message
-        await self.app(scope, counting_receive, send)
+            if message["type"] != "http.request":         # the client left: the app sees it next
+                first = message
+            else:
+                body += message.get("body", b"")
+                if len(body) > self.max_bytes:
+                    return await self._too_large(scope, receive, send)
+                if not message.get("more_body", False):
+                    first = {"type": "http.request", "body": bytes(body), "more_body": False}
+        pending = [first]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        error = OpenAIError(f"The request body is larger than the server's limit of {self.max_bytes} bytes "
+                            f"(--max-request-bytes)", 413, code="request_too_large")
+        await ErrorResponse(error)(scope, receive, send)
 
 
 def load_chat_template(value: str | None) -> str | None:
