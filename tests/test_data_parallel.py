@@ -42,9 +42,11 @@ def reference(tiny_qwen3):
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray", reason='Ray is not installed (pip install "nanovllm[ray]")')
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+    signal.signal(signal.SIGTERM, on_sigterm)     # ray.init's handler (SIGTERM -> SystemExit) outlives it
 
 
 class Replicated:
