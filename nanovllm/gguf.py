@@ -7,9 +7,10 @@ through transformers' own GGUF support, into such a directory in a cache:
     <cache>/gguf/<stem>-<key>/{config.json, tokenizer files, model.safetensors}
 
 `key` changes when the file's size or mtime does, so a replaced file is converted again.
-The weights are dequantized (by the `gguf` package, via transformers), except, for the engine
-(`keep_quantized=True`), linear weights in Q4_0, Q4_1 or Q8_0: those are written in nanovllm's
-quantized layout (nanovllm/quantization/gguf_format.py) and stay 4 or 8 bits in memory.
+The weights are dequantized (by the `gguf` package, via transformers), except, with
+`keep_quantized=True` (the engine on a GPU, or LLM(quantization="gguf")), linear weights in Q4_0,
+Q4_1 or Q8_0: those are written in nanovllm's quantized layout (nanovllm/quantization/gguf_format.py)
+and stay 4 or 8 bits in memory.
 """
 import hashlib
 import logging
@@ -65,7 +66,10 @@ def gguf_to_hf_dir(gguf_path: str, cache_dir: str | None = None, keep_quantized:
     logger.info("Converting %s to a Hugging Face checkpoint in %s (once per file)",
                 os.path.basename(gguf_path), out)
     try:
-        _convert(gguf_path, tmp, keep_quantized)
+        _convert(gguf_path, tmp)
+        if keep_quantized:
+            from nanovllm.quantization.gguf_format import keep_linears_quantized
+            keep_linears_quantized(gguf_path, tmp)
         try:
             os.rename(tmp, out)
         except OSError:
@@ -83,7 +87,7 @@ def _stage(number: int, what: str) -> None:
     logger.info("GGUF conversion [%d/4]: %s", number, what)
 
 
-def _convert(gguf_path: str, out: str, keep_quantized: bool = False) -> None:
+def _convert(gguf_path: str, out: str) -> None:
     """Write config.json, the tokenizer and model.safetensors for `gguf_path` into `out`."""
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -126,10 +130,6 @@ def _convert(gguf_path: str, out: str, keep_quantized: bool = False) -> None:
     config.dtype = dtype
     # Quantized weights were widened to float32 only to be exact: an engine on a CPU may run them in bfloat16.
     config.gguf_quantized = any(kind not in ("F32", "F16", "BF16") for kind in tensor_types)
-    if keep_quantized:
-        from nanovllm.quantization.gguf_format import keep_linears_quantized
-        if (quantization_config := keep_linears_quantized(gguf_path, config, meta_model, tensors)) is not None:
-            config.quantization_config = quantization_config
     config.save_pretrained(out)
     _stage(3, "the tokenizer and its chat template")
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)  # with its chat template
@@ -201,22 +201,23 @@ def _choose_dtype(tensor_types: dict[str, int]) -> torch.dtype:
     return torch.float32
 
 
-def resolve_gguf(model: str, gguf_file: str | None = None) -> str | None:
-    """The converted Hugging Face directory if `model` names a GGUF checkpoint, else None.
+def resolve_gguf(model: str, gguf_file: str | None = None, keep_quantized: bool = False) -> str | None:
+    """The converted Hugging Face directory if `model` names a GGUF checkpoint, else None
+    (keep_quantized: see gguf_to_hf_dir).
 
     A GGUF checkpoint is: a path ending in .gguf; a directory plus `gguf_file` (a name inside it,
     or a path); or a directory without config.json holding exactly one .gguf file (with a
     config.json it is a Hugging Face directory, which wins; with several .gguf files, ValueError).
     """
     if model.endswith(".gguf") and not os.path.isdir(model):
-        return gguf_to_hf_dir(model, keep_quantized=True)
+        return gguf_to_hf_dir(model, keep_quantized=keep_quantized)
     if not os.path.isdir(model):
         return None
     if gguf_file is not None:
-        return gguf_to_hf_dir(os.path.join(model, gguf_file), keep_quantized=True)
+        return gguf_to_hf_dir(os.path.join(model, gguf_file), keep_quantized=keep_quantized)
     if os.path.exists(os.path.join(model, "config.json")):
         return None
     found = sorted(f for f in os.listdir(model) if f.endswith(".gguf"))
     if len(found) > 1:  # which one is meant? (None here would only fail later, on a missing config.json)
         raise ValueError(f"{model} holds several GGUF files ({', '.join(found)}); pass gguf_file= to pick one.")
-    return gguf_to_hf_dir(os.path.join(model, found[0]), keep_quantized=True) if found else None
+    return gguf_to_hf_dir(os.path.join(model, found[0]), keep_quantized=keep_quantized) if found else None

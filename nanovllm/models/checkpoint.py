@@ -10,15 +10,16 @@ from torch import nn
 from nanovllm.quantization.install import checkpoint_quant_config, finish_quantized_linears, quantize_linears
 
 
-def resolve_model_dir(model: str, gguf_file: str | None = None, revision: str | None = None) -> str:
+def resolve_model_dir(model: str, gguf_file: str | None = None, revision: str | None = None,
+                      keep_quantized_gguf: bool = False) -> str:
     """A local directory (used as is), a GGUF file (converted once to a cached Hugging Face
-    directory), "demo" (the demo model, unless a local path has that name), or a Hugging Face
-    repo id (downloaded with huggingface_hub)."""
+    directory; keep_quantized_gguf: its Q4_0/Q4_1/Q8_0 linear weights stay so), "demo" (the demo
+    model, unless a local path has that name), or a Hugging Face repo id (downloaded with huggingface_hub)."""
     from nanovllm.demo_model import DEMO_MODEL, demo_model_path
     from nanovllm.gguf import resolve_gguf
     if model == DEMO_MODEL and not os.path.exists(model):
         model = demo_model_path()
-    converted = resolve_gguf(model, gguf_file)
+    converted = resolve_gguf(model, gguf_file, keep_quantized_gguf)
     if converted is not None:
         return converted
     if os.path.isdir(model):

@@ -36,10 +36,15 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, 
                g_idx: torch.Tensor | None = None) -> torch.Tensor:
     """The weight [N, K] the quantized tensors stand for, in scales' dtype (the reference of the kernel:
     the product and sum in float32, then one rounding)."""
-    q = unpack_int32(qweight, bits, dim=1)
-    groups = g_idx.long() if g_idx is not None else torch.arange(q.shape[1], device=q.device) // group_size
-    w = q.float() * scales.float()[:, groups] + mins.float()[:, groups]
-    return w.to(scales.dtype)
+    per_word = values_per_word(bits)
+    shifts = torch.arange(per_word, device=qweight.device, dtype=torch.int32) * bits
+    q = ((qweight.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(1).float()   # [N, K]
+    if g_idx is not None:
+        groups = g_idx.long()
+        return (q * scales.float()[:, groups] + mins.float()[:, groups]).to(scales.dtype)
+    n, k = q.shape
+    q = q.view(n, k // group_size, group_size)      # contiguous groups: broadcast, no gather
+    return (q * scales.float().unsqueeze(-1) + mins.float().unsqueeze(-1)).view(n, k).to(scales.dtype)
 
 
 def use_kernel(x: torch.Tensor) -> bool:
@@ -78,7 +83,9 @@ class IntWeightMethod:
         num_groups = (full_in if all_groups else in_features) // group
         device, dtype = layer.weight.device, layer.weight.dtype
         del layer.weight
-        layer.group_size, layer.all_groups, layer.split_input = group, all_groups, split_input
+        # one group over the whole input (-1) covers just this rank's slice of it
+        layer.group_size = in_features if cfg.group_size == -1 else group
+        layer.all_groups, layer.split_input = all_groups, split_input
 
         def add(param_name: str, shape, param_dtype, whole: bool = False):
             param = nn.Parameter(torch.zeros(shape, dtype=param_dtype, device=device), requires_grad=False)

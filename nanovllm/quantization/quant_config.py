@@ -37,6 +37,10 @@ def resolve_quant_config(quantization: str | None, hf_config) -> QuantConfig | N
     if checkpoint is None:
         if quantization in (None, "fp8"):
             return None if quantization is None else QuantConfig("fp8", bits=8, serialized=False)
+        if quantization == "gguf":
+            raise ValueError("quantization='gguf' keeps a GGUF file's linear weights quantized when they are all "
+                             "Q4_0, Q4_1 or Q8_0 (of one width); this model is no such GGUF file (other GGUF "
+                             "types are dequantized at load).")
         raise ValueError(f"quantization={quantization!r} needs a {quantization.upper()} checkpoint "
                          f"(a quantization_config in config.json); this one has none. On a 16-bit checkpoint "
                          f"only quantization='fp8' (weights quantized at load) is supported.")
