@@ -172,7 +172,7 @@ def test_interrupted_conversion_is_not_reused(tiny, tmp_path, monkeypatch):
 
     _, path, _ = tiny["f32"]
 
-    def crash(gguf_path: str, out: str) -> None:
+    def crash(gguf_path: str, out: str, *options) -> None:
         open(os.path.join(out, "config.json"), "w").write("{}")
         raise KeyboardInterrupt
 
