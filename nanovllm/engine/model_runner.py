@@ -28,6 +28,7 @@ from nanovllm.layers.sampler import LogprobsTensors, Sampler, SamplerOutput, gat
 from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow, to_device, uses_penalties
 from nanovllm.models.checkpoint import init_dummy_weights, load_weights
 from nanovllm.models.registry import model_class
+from nanovllm.quantization.kv_cache import attach_kv_scales, kv_cache_torch_dtype
 from nanovllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -92,9 +93,14 @@ class ModelRunner:
 
     # -- KV cache ---------------------------------------------------------------------
     @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """The model's dtype, or float8 e4m3 with kv_cache_dtype="fp8" (half the bytes of a 16-bit one)."""
+        return kv_cache_torch_dtype(self.config.kv_cache_dtype, self.dtype)
+
+    @property
     def block_bytes(self) -> int:
         layer = self.attention_layers[0]
-        per_token = 2 * len(self.attention_layers) * layer.num_kv_heads * layer.head_dim * self.dtype.itemsize
+        per_token = 2 * len(self.attention_layers) * layer.num_kv_heads * layer.head_dim * self.kv_cache_dtype.itemsize
         return per_token * self.block_size
 
     def _allocate_kv_cache(self) -> int:
@@ -119,23 +125,30 @@ class ModelRunner:
             raise ValueError("No memory is left for the KV cache: raise gpu_memory_utilization "
                              "or lower max_num_batched_tokens.")
         self._bind_cache(num_blocks)
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB): %d tokens, %.1f full-length sequences",
+        fp8 = self.kv_cache_dtype != self.dtype     # say what the float8 cache bought
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB%s): %d tokens, %.1f full-length sequences",
                     num_blocks, self.block_size, num_blocks * self.block_bytes / 2**30,
+                    f", float8 e4m3: {self.dtype.itemsize}x the tokens of {str(self.dtype)[6:]}" if fp8 else "",
                     num_blocks * self.block_size, num_blocks * self.block_size / cfg.max_model_len)
         return num_blocks
 
     def _bind_cache(self, num_blocks: int) -> None:
         layer = self.attention_layers[0]
         shape = (2, len(self.attention_layers), num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+        dtype = self.kv_cache_dtype
+        if dtype != self.dtype and self.backend.name == "flash_attn":
+            raise ValueError("kv_cache_dtype='fp8' is not supported with attention_backend='flash_attn'; "
+                             "use the 'triton' (CUDA) or 'torch' backend.")
         if self.device.type == "cpu":
             # numpy's zeros come from calloc: the pages are mapped as zeros and only taken when
             # written, so the memory used follows the tokens cached, not the cache's size.
-            nbytes = math.prod(shape) * self.dtype.itemsize
-            self.kv_cache = torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(self.dtype).view(shape)
+            nbytes = math.prod(shape) * dtype.itemsize
+            self.kv_cache = torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
         else:
-            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         for i, layer in enumerate(self.attention_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        attach_kv_scales(self.attention_layers, dtype, self.config.calculate_kv_scales, self.device)
 
     def _profile_num_blocks(self) -> int:
         """Run the largest prefill the scheduler can produce on a scratch cache, and give the

@@ -37,7 +37,7 @@ MAX_SPLITS = 64
 @triton.jit(do_not_specialize=["stride_bt_b", "window"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr,
-    part_out_ptr, part_lse_ptr, out_ptr,
+    part_out_ptr, part_lse_ptr, out_ptr, k_scale_ptr, v_scale_ptr,
     scale_log2, window,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -48,8 +48,10 @@ def _decode_split_kernel(
     stride_ob, stride_oh, stride_od,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DIRECT: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr,
+    DIRECT: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr, KV_SCALED: tl.constexpr,
 ):
+    if KV_SCALED:   # a float8 cache: the keys' scale joins the softmax's, the values' the output's
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -99,6 +101,8 @@ def _decode_split_kernel(
     empty = start >= end   # a split past the end of a short sequence (or seq_len 0)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = tl.where(empty, 0.0, acc / l_safe[:, None])
+    if KV_SCALED:
+        o = o * tl.load(v_scale_ptr)
     row_mask = g_mask[:, None] & d_mask[None, :]
     if DIRECT:
         o_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od
@@ -163,13 +167,15 @@ def default_num_splits(batch_size: int, num_kv_heads: int, device: torch.device)
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
-                           *, window: int | None = None, config: dict | None = None) -> torch.Tensor:
+                           *, window: int | None = None, config: dict | None = None,
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new query token per sequence over its paged KV cache.
 
     q [B, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D]; seq_lens [B] (cached
     tokens, the new one included; 0 gives a zero output); block_tables [B, max_blocks].
     Returns out [B, Hq, D] in q's dtype. `window`: attend to the last `window` keys only
-    (None: all). `config` overrides DEFAULT_CONFIG (for tuning).
+    (None: all). `config` overrides DEFAULT_CONFIG (for tuning). k_scale / v_scale: a float8
+    cache's scales (1-element float32 tensors, see nanovllm/quantization/kv_cache.py).
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -202,12 +208,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, part_out, part_lse, out,
-        scale * LOG2E, window or 0,
+        q if k_scale is None else k_scale, q if v_scale is None else v_scale, scale * LOG2E, window or 0,
         *q.stride(), *k_cache.stride()[:4], *v_cache.stride()[:4], *block_tables.stride(),
         *p_strides, *l_strides, *out.stride(),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"], NUM_SPLITS=num_splits,
-        DIRECT=direct, SLIDING=window is not None, IEEE=q.dtype == torch.float32,
+        DIRECT=direct, SLIDING=window is not None, IEEE=q.dtype == torch.float32, KV_SCALED=k_scale is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:

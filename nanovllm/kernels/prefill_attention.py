@@ -86,7 +86,7 @@ def _attend_kv_tile(acc, l_i, m_i, q, k_head, v_head, bt_row, kv_start, q_pos, s
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt_b", "window"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, seq_lens_ptr, block_tables_ptr, out_ptr,
-    num_seqs, scale_log2, window,
+    k_scale_ptr, v_scale_ptr, num_seqs, scale_log2, window,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -95,7 +95,10 @@ def _prefill_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr,
+    KV_SCALED: tl.constexpr,
 ):
+    if KV_SCALED:   # a float8 cache: the keys' scale joins the softmax's, the values' the output's
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
     # heaviest tiles (last in their sequence: the most keys) first, for a shorter tail
     tile_id = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -159,6 +162,8 @@ def _prefill_kernel(
                                         stride_vs, d_mask, window, BLOCK_SIZE, BLOCK_N, True, SLIDING, IEEE)
 
     o = acc / l_i[:, None]
+    if KV_SCALED:
+        o = o * tl.load(v_scale_ptr)
     o_rows = (q_begin + tok).to(tl.int64) * stride_ot + head * stride_oh
     tl.store(out_ptr + o_rows[:, None] + d[None, :] * stride_od, o.to(out_ptr.dtype.element_ty),
              mask=row_valid[:, None] & d_mask[None, :])
@@ -168,7 +173,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                             block_tables: torch.Tensor, max_seqlen_q: int, scale: float,
                             out: torch.Tensor | None = None, *, window: int | None = None,
-                            config: dict | None = None) -> torch.Tensor:
+                            config: dict | None = None, k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of q [num_tokens, Hq, D] (the new tokens of each sequence, packed as
     cu_seqlens_q [num_seqs + 1] says) over the paged cache [num_blocks, block_size, Hkv, D];
     seq_lens [num_seqs] counts each sequence's cached tokens, the new ones included.
@@ -176,7 +182,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     `max_seqlen_q` (a host int, the longest q_len) only shrinks the query tile for batches
     of short queries; it is never read from the device. Returns [num_tokens, Hq, D] in
     q's dtype. `window`: sliding-window attention over the last `window` keys (None: all).
-    `config` overrides DEFAULT_CONFIG (for tuning).
+    `config` overrides DEFAULT_CONFIG (for tuning). k_scale / v_scale: a float8 cache's scales
+    (1-element float32 tensors, see nanovllm/quantization/kv_cache.py).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -204,11 +211,12 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     _prefill_kernel[(num_tiles, num_kv_heads)](
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out,
-        num_seqs, scale * LOG2E, window or 0,
+        q if k_scale is None else k_scale, q if v_scale is None else v_scale, num_seqs, scale * LOG2E, window or 0,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q, BLOCK_M=block_q * block_g,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"], SLIDING=window is not None,
-        IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        IEEE=q.dtype == torch.float32, KV_SCALED=k_scale is not None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

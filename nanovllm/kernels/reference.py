@@ -16,18 +16,33 @@ Decode is the special case q_len_b == 1.
 
 Sliding-window attention (`window=W`, Mistral, Gemma 3's local layers): the query at position p
 sees only the last W keys, positions p - W + 1 .. p (transformers' and vLLM's convention).
+
+A float8 cache (kv_cache_dtype="fp8") holds k / k_scale and v / v_scale (per-tensor scales, see
+nanovllm/quantization/kv_cache.py): stores divide and saturate at +-448, reads multiply back.
 """
 import torch
 import torch.nn.functional as F
 
 
 def store_kv_cache_reference(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                             v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write key/value [num_tokens, num_kv_heads, head_dim] into their cache slots."""
+                             v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale=None, v_scale=None) -> None:
+    """Write key/value [num_tokens, num_kv_heads, head_dim] into their cache slots (divided by
+    k_scale / v_scale into a float8 cache)."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[keep]
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = _to_cache(key[keep], k_cache, k_scale)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = _to_cache(value[keep], v_cache, v_scale)
+
+
+def _to_cache(x: torch.Tensor, cache: torch.Tensor, scale) -> torch.Tensor:
+    if cache.dtype != torch.float8_e4m3fn:
+        return x.to(cache.dtype)
+    return (x.float() / (1.0 if scale is None else scale)).clamp(-448.0, 448.0).to(cache.dtype)
+
+
+def _from_cache(x: torch.Tensor, scale) -> torch.Tensor:
+    """Cached keys or values in float32 (a float8 cache's scaled back)."""
+    return x.float() if scale is None else x.float() * scale
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -40,8 +55,8 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-                              block_tables: torch.Tensor, scale: float, window: int | None = None
-                              ) -> torch.Tensor:
+                              block_tables: torch.Tensor, scale: float, window: int | None = None,
+                              k_scale=None, v_scale=None) -> torch.Tensor:
     """Causal attention of q [num_tokens, num_heads, head_dim] over the paged cache.
 
     Handles prefill, prefill with a cached prefix, chunked prefill and decode alike,
@@ -56,8 +71,8 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         q_start, q_end = starts[b], starts[b + 1]
         if q_end == q_start:
             continue
-        k = gather_kv(k_cache, block_tables[b], total)
-        v = gather_kv(v_cache, block_tables[b], total)
+        k = _from_cache(gather_kv(k_cache, block_tables[b], total), k_scale)
+        v = _from_cache(gather_kv(v_cache, block_tables[b], total), v_scale)
         k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)   # GQA: share each KV head
         v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
         q_len = q_end - q_start
@@ -76,15 +91,16 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                      seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                                     scale: float, window: int | None = None) -> torch.Tensor:
+                                     scale: float, window: int | None = None, k_scale=None, v_scale=None
+                                     ) -> torch.Tensor:
     """Decode (one query token per sequence), all sequences at once: the caches are gathered
     into a padded [batch, longest, ...] tensor and masked. Same result as
     `paged_attention_reference` with cu_seqlens_q = arange(batch + 1); far fewer ops."""
     batch, block_size = q.shape[0], k_cache.shape[1]
     longest = int(seq_lens.max())
     blocks = block_tables[:, :-(-longest // block_size)].long()
-    k = k_cache[blocks].flatten(1, 2)[:, :longest]            # [batch, longest, Hkv, D]
-    v = v_cache[blocks].flatten(1, 2)[:, :longest]
+    k = _from_cache(k_cache[blocks].flatten(1, 2)[:, :longest], k_scale)     # [batch, longest, Hkv, D]
+    v = _from_cache(v_cache[blocks].flatten(1, 2)[:, :longest], v_scale)
     key_pos = torch.arange(longest, device=q.device)[None, :]
     mask = key_pos < seq_lens[:, None]
     if window is not None:

@@ -15,6 +15,7 @@ from torch import nn
 
 from nanovllm.kernels.reference import paged_attention_reference, paged_decode_attention_reference, \
     store_kv_cache_reference
+from nanovllm.quantization.kv_cache import update_scales_from_first_batch
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +35,16 @@ class TorchBackend:
     """The pure-torch reference: clear, device-agnostic, used on the CPU."""
     name = "torch"
 
-    def store(self, k, v, k_cache, v_cache, meta: AttentionMetadata):
-        store_kv_cache_reference(k, v, k_cache, v_cache, meta.slot_mapping)
+    def store(self, k, v, k_cache, v_cache, meta: AttentionMetadata, **kv_scales):
+        store_kv_cache_reference(k, v, k_cache, v_cache, meta.slot_mapping, **kv_scales)
 
-    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None):
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None,
+               **kv_scales):
         if meta.is_decode:
             return paged_decode_attention_reference(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale,
-                                                    window=window)
+                                                    window=window, **kv_scales)
         return paged_attention_reference(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
-                                         meta.block_tables, scale, window=window)
+                                         meta.block_tables, scale, window=window, **kv_scales)
 
 
 class TritonBackend:
@@ -53,15 +55,17 @@ class TritonBackend:
         from nanovllm import kernels
         self.k = kernels
 
-    def store(self, k, v, k_cache, v_cache, meta: AttentionMetadata):
-        self.k.store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+    def store(self, k, v, k_cache, v_cache, meta: AttentionMetadata, **kv_scales):
+        self.k.store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, **kv_scales)
 
-    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None):
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None,
+               **kv_scales):
         if meta.is_decode:
             return self.k.paged_decode_attention(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale,
-                                                 window=window)
+                                                 window=window, **kv_scales)
         return self.k.paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
-                                              meta.block_tables, meta.max_seqlen_q, scale, window=window)
+                                              meta.block_tables, meta.max_seqlen_q, scale, window=window,
+                                              **kv_scales)
 
 
 class FlashAttnBackend:
@@ -131,8 +135,9 @@ class Attention(nn.Module):
     """Stores the new K/V in this layer's cache slice and attends over the cache.
 
     `k_cache`/`v_cache` ([num_blocks, block_size, num_kv_heads, head_dim]) and `backend`
-    are attached by the ModelRunner once it has sized the cache. `sliding_window`: this layer's
-    queries see only the last `sliding_window` keys (None: all of them).
+    are attached by the ModelRunner once it has sized the cache, with, for a float8 cache, the
+    per-tensor `k_scale`/`v_scale` (nanovllm/quantization/kv_cache.py). `sliding_window`: this
+    layer's queries see only the last `sliding_window` keys (None: all of them).
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
@@ -144,9 +149,14 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.k_cache = self.v_cache = torch.empty(0)
         self.backend = None
+        self.k_scale = self.v_scale = self.kv_scales_pending = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """q [T, num_heads, head_dim], k/v [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim]."""
-        self.backend.store(k, v, self.k_cache, self.v_cache, meta)
-        out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
+        scales = {} if self.k_scale is None else {"k_scale": self.k_scale, "v_scale": self.v_scale}
+        if self.kv_scales_pending is not None:     # calculate_kv_scales: from the first batch
+            update_scales_from_first_batch(k, v, meta.slot_mapping, self.k_scale, self.v_scale,
+                                           self.kv_scales_pending)
+        self.backend.store(k, v, self.k_cache, self.v_cache, meta, **scales)
+        out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window, **scales)
         return out.flatten(1)
