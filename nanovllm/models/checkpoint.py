@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from nanovllm.quantization import QuantConfig
 from nanovllm.quantization.install import checkpoint_quant_config, finish_quantized_linears, quantize_linears
 
 
@@ -99,12 +100,15 @@ def load_weights(model: nn.Module, model_dir: str, quantization: str | None = No
     finish_quantized_linears(model)
 
 
-def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+def init_dummy_weights(model: nn.Module, seed: int = 0, quantization: str | None = None) -> None:
     """load_format="dummy": random weights of the right shapes (benchmarks need no checkpoint).
-    Small values keep activations finite; norms stay at one."""
+    Small values keep activations finite; norms stay at one. quantization="fp8": then quantized."""
     for i, (name, p) in enumerate(model.named_parameters()):
         if "norm" in name:
             p.data.fill_(1.0)
         else:
             gen = torch.Generator(device=p.device).manual_seed(seed + i)
             p.data.uniform_(-0.02, 0.02, generator=gen)
+    if quantization == "fp8":
+        quantize_linears(model, QuantConfig("fp8", bits=8, serialized=False), [])
+        finish_quantized_linears(model)

@@ -1,0 +1,114 @@
+"""Linear layers with float8 e4m3 weights (quantization="fp8", or an FP8 checkpoint).
+
+    weight        float8_e4m3fn [N, K]
+    weight_scale  float32 [N]          w[n, k] = weight[n, k] * weight_scale[n]
+
+A 16-bit checkpoint is quantized at load, per output channel (the largest |w| of a row maps to
+448, float8 e4m3's largest value). An FP8 checkpoint (quant_method "fp8") loads as it is: its
+per-tensor scales (one per q/k/v or gate/up projection) become per-channel ones, each row
+taking its projection's. Activations are quantized on the fly, per token (row) of x, so
+y = (x8 @ weight^T) * x_scale[m] * weight_scale[n]: torch._scaled_mm does that on GPUs with FP8
+(compute capability 8.9+); elsewhere the same arithmetic runs dequantized in torch (for tests).
+A checkpoint's static activation scales (input_scale) are read and not used: dynamic per-token
+scales are at least as accurate.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanovllm.distributed import tp_size
+from nanovllm.quantization.kv_cache import FP8_DTYPE, FP8_MAX
+from nanovllm.quantization.quant_config import QuantConfig
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (float8 [M, K], float32 scales [M]) with x ~ x8 * scale[:, None], per row."""
+    scale = (x.float().abs().amax(dim=-1) / FP8_MAX).clamp(min=1e-12)
+    return (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def scaled_mm_available(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ (weight * weight_scale[:, None])^T with x quantized per row to float8."""
+    x8, x_scale = quantize_rows(x)
+    n, k = weight.shape
+    if scaled_mm_available(x.device) and n % 16 == 0 and k % 16 == 0:
+        # row-wise scaled_mm: float8 operands (the second column-major), float32 scales per
+        # row of x and per column of the result; bfloat16 is the output type it supports here
+        y = torch._scaled_mm(x8, weight.t(), scale_a=x_scale[:, None], scale_b=weight_scale[None, :],
+                             out_dtype=torch.bfloat16)
+        y = y.to(x.dtype)
+    else:
+        w = weight.float() * weight_scale[:, None]
+        y = F.linear((x8.float() * x_scale[:, None]), w).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+class Fp8WeightMethod:
+    """Float8 weights with per-channel scales for a linear layer (the layer's `quant_method`)."""
+
+    def __init__(self, cfg: QuantConfig):
+        self.cfg = cfg
+
+    def create_weights(self, layer: nn.Module, name: str) -> None:
+        if not self.cfg.serialized:     # 16-bit weights load as usual; quantized after loading
+            layer.quant_method = self
+            return
+        out_features, in_features = layer.weight.shape
+        device, loader = layer.weight.device, layer.weight_loader
+        del layer.weight
+        weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device),
+                              requires_grad=False)
+        weight.weight_loader = loader
+        layer.register_parameter("weight", weight)
+        scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32, device=device), requires_grad=False)
+        scale.raw_checkpoint_tensor = True
+        scale.weight_loader = self._scale_loader(layer, loader)
+        layer.register_parameter("weight_scale", scale)
+        ignored = nn.Parameter(torch.ones((), dtype=torch.float32, device=device), requires_grad=False)
+        ignored.optional_in_checkpoint = ignored.raw_checkpoint_tensor = True
+        ignored.weight_loader = lambda param, loaded, shard_id=None: None
+        layer.register_parameter("input_scale", ignored)
+        layer.quant_method = self
+
+    @staticmethod
+    def _scale_loader(layer: nn.Module, shard_loader):
+        def load(param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
+            loaded = loaded.float().reshape(-1)
+            if loaded.numel() == 1:         # per tensor: each row of that tensor gets it
+                loaded = loaded.expand(_checkpoint_rows(layer, shard_id)).contiguous()
+            if shard_id is None:
+                shard_loader(param, loaded)
+            else:
+                shard_loader(param, loaded, shard_id)
+        return load
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if self.cfg.serialized:
+            return
+        weight, scale = quantize_rows(layer.weight.data)
+        del layer.weight
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = fp8_linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.weight_scale, bias)
+        return y.reshape(*lead, y.shape[-1])
+
+
+def _checkpoint_rows(layer: nn.Module, shard_id) -> int:
+    """Rows of the checkpoint tensor that `shard_id` names in this layer (all ranks' rows)."""
+    from nanovllm.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear
+    if isinstance(layer, QKVParallelLinear):
+        heads = {"q": layer.total_num_heads, "k": layer.total_num_kv_heads, "v": layer.total_num_kv_heads,
+                 None: layer.total_num_heads + 2 * layer.total_num_kv_heads}[shard_id]
+        return heads * layer.head_dim
+    if isinstance(layer, MergedColumnParallelLinear):
+        return sum(layer.output_sizes) if shard_id is None else layer.output_sizes[shard_id]
+    rows = layer.weight.shape[0]
+    return rows * tp_size() if isinstance(layer, ColumnParallelLinear) else rows
