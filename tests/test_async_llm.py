@@ -229,8 +229,11 @@ def test_shutdown_fails_pending_requests(tiny_qwen3):
                 pass
         with pytest.raises(EngineDeadError):
             await collect(engine, PROMPTS[0], greedy(), "after")
+    stopped = []
+    engine.on_stopped(stopped.append)
     run(main())
     assert not engine.is_running
+    assert stopped == [None] and engine.error is None       # a shutdown is no failure
 
 
 def test_request_ids_are_free_again_at_once(engine, reference):
@@ -277,12 +280,14 @@ def test_ctrl_c_is_the_fronts_even_when_built_off_the_main_thread(tiny_qwen3, re
 
 def test_a_killed_engine_process_fails_its_requests(tiny_qwen3):
     engine = AsyncLLM(tiny_qwen3, **ENGINE_KWARGS)
+    stopped = []
+    engine.on_stopped(stopped.append)
 
     async def main():
         stream = await engine.add_request("doomed", PROMPTS[0], greedy(200, ignore_eos=True))
         await anext(stream)
         engine._process.proc.kill()
-        with pytest.raises(EngineDeadError, match="exited unexpectedly"):
+        with pytest.raises(EngineDeadError, match=r"exited unexpectedly \(killed by signal 9\)$"):
             async for _ in stream:
                 pass
         with pytest.raises(EngineDeadError):
@@ -290,6 +295,10 @@ def test_a_killed_engine_process_fails_its_requests(tiny_qwen3):
     try:
         run(main())
         assert not engine.is_running
+        assert stopped == [engine.error] and "killed by signal 9" in engine.error
+        late = []
+        engine.on_stopped(late.append)                  # once stopped: called at once
+        assert late == [engine.error]
     finally:
         engine.shutdown_sync()
 

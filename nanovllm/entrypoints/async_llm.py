@@ -283,12 +283,12 @@ class AsyncLLM:
                 keys, waiters = list(self._streams), list(self._stats.values())
                 callbacks, self._stop_callbacks = self._stop_callbacks, []
                 self._stats.clear()
+            for callback in callbacks:
+                callback(self.error)
             dead = self._dead()
             for future in waiters:
                 future.set_exception(dead)
             self._deliver([(key, dead, True) for key in keys])
-            for callback in callbacks:
-                callback(self.error)
 
     def _deliver(self, items: list[tuple[str, object, bool]]) -> None:
         """Hand (key, item, is_last) to the streams: one wake-up per event loop."""

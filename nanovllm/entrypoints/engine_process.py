@@ -43,6 +43,7 @@ import traceback
 from dataclasses import dataclass
 
 from nanovllm.outputs import RequestOutput
+from nanovllm.sampling_params import RequestOutputKind
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class EngineLoop:
                 except Exception as e:          # rejected: tell only that caller
                     replies.append((request_id, sendable(e), True))
                 else:
-                    self.clock.add(request_id)
+                    self.clock.add(request_id, params)
                     replies.append((request_id, ACCEPTED, False))
             elif kind == "abort":
                 self.engine.abort_request([command[1]])
@@ -213,32 +214,36 @@ class EngineLoop:
 
 class FirstTokenClock:
     """When each request's first token was made, for the time-to-first-token metric. A
-    request's first output would tell, but a FINAL_ONLY request (the server's non-streamed
-    ones) has none before its last; so after each step the requests still waiting for their
-    first token are looked up in the engine (usually a handful: the newly added ones)."""
+    streamed request's first output tells (it is made at its first token). A FINAL_ONLY one
+    (the server's non-streamed requests) has no output before its last, so after each step
+    those still without a token are looked up in the engine."""
 
     def __init__(self):
-        self.waiting: set[str] = set()              # added, no token yet
+        self.streamed: set[str] = set()             # added, no output yet
+        self.final_only: set[str] = set()           # added, no token yet
         self.first_token: dict[str, float] = {}
 
-    def add(self, request_id: str) -> None:
-        self.waiting.add(request_id)
+    def add(self, request_id: str, params) -> None:
+        final_only = params is not None and params.output_kind == RequestOutputKind.FINAL_ONLY
+        (self.final_only if final_only else self.streamed).add(request_id)
 
     def drop(self, request_id: str) -> None:
-        self.waiting.discard(request_id)
+        self.streamed.discard(request_id)
+        self.final_only.discard(request_id)
         self.first_token.pop(request_id, None)
 
     def after_step(self, engine, outputs: list[RequestOutput]) -> None:
-        if self.waiting:
-            now = time.monotonic()
-            for request_id in [r for r in self.waiting if _first_token_made(engine, r)]:
-                self.waiting.discard(request_id)
+        now = time.monotonic()
+        if self.final_only:
+            for request_id in [r for r in self.final_only if _first_token_made(engine, r)]:
+                self.final_only.discard(request_id)
                 self.first_token[request_id] = now
         for output in outputs:
+            if output.request_id in self.streamed:
+                self.streamed.discard(output.request_id)
+                self.first_token[output.request_id] = now
             if output.finished:
-                first = self.first_token.pop(output.request_id, None)
-                self.waiting.discard(output.request_id)
-                output.metrics = RequestTimes(first, time.monotonic())
+                output.metrics = RequestTimes(self.first_token.pop(output.request_id, None), now)
 
 
 def _first_token_made(engine, request_id: str) -> bool:
