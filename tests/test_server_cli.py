@@ -122,8 +122,9 @@ def test_a_signal_while_the_model_loads_ends_the_server_and_its_engine(slow_to_l
 
 def test_nanovllm_serve_flags_and_sigterm(tiny_qwen3, tmp_path):
     """The `nanovllm` console script with vllm serve's flags (API key, served names, a chat
-    template file); a process manager's SIGTERM stops it: the engine process leaves in order
-    (its closing log line), and nothing is left running."""
+    template file); a process manager's SIGTERM stops it while a stream is open: the stream
+    ends with an error event, the engine process leaves in order (its closing log line), and
+    nothing is left running."""
     script = os.path.join(sysconfig.get_path("scripts"), "nanovllm")
     assert os.path.exists(script), "the console script is not installed (pip install -e .)"
     template = tmp_path / "template.jinja"
@@ -157,9 +158,20 @@ def test_nanovllm_serve_flags_and_sigterm(tiny_qwen3, tmp_path):
         with open(f"/proc/{server.pid}/task/{server.pid}/children") as f:
             children = [int(pid) for pid in f.read().split()]
         assert children, "no engine process"
-        server.send_signal(signal.SIGTERM)
+        # A stream is open: it ends at once, cleanly (an error event, [DONE]), not when its
+        # 250 tokens are made, nor cut off by a timeout with a traceback in the log.
+        body = {"model": "first", "prompt": "hi", "max_tokens": 250, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", headers=key, json=body, timeout=30) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: {")
+            server.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            events = [line for line in lines if line.startswith("data: ")]
+        assert '"error"' in events[-2] and events[-1] == "data: [DONE]" and len(events) < 250, events[-2:]
         _, err = server.communicate(timeout=60)
+        assert time.monotonic() - sent < 10
         assert "engine loop:" in err, err          # logged by the engine process as it stops
+        assert "Traceback" not in err, err
         assert wait_gone(children, 10) == []
     finally:
         server.kill()

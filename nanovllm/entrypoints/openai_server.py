@@ -269,8 +269,8 @@ def run_server(model: str, host: str | None = None, port: int = 8000, api_key: s
 
         app = build_app(engine, served_model_name, api_key, load_chat_template(chat_template), lifespan,
                         max_request_bytes)
-        server = uvicorn.Server(uvicorn.Config(app, host=host or "0.0.0.0", port=port, log_level=log_level,
-                                               timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+        server = _server_class(uvicorn)(engine, uvicorn.Config(
+            app, host=host or "0.0.0.0", port=port, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
 
         def on_engine_stopped(error: str | None) -> None:
             if error is not None:
@@ -292,6 +292,22 @@ def run_server(model: str, host: str | None = None, port: int = 8000, api_key: s
         engine.shutdown_sync()
     if engine.error is not None:
         raise SystemExit(1)
+
+
+def _server_class(uvicorn):
+    class Server(uvicorn.Server):
+        """uvicorn's server, which stops the engine first when told to stop (a signal, or the
+        engine's failure): open requests then end at once (a one-line error, an error event)
+        instead of being cut off, with a traceback in the log, when the grace period is over."""
+
+        def __init__(self, engine: AsyncLLM, config):
+            super().__init__(config)
+            self.engine = engine
+
+        async def shutdown(self, *args, **kwargs):
+            await self.engine.shutdown()
+            await super().shutdown(*args, **kwargs)
+    return Server
 
 
 def _die_by(signum: int) -> None:
