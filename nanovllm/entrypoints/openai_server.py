@@ -10,13 +10,13 @@ OpenAI's JSON, clients that leave before their answer, and the server's life: it
 its engine process. The requests themselves are answered by `openai_handlers.OpenAIHandlers`.
 """
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import threading
 import time
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -33,7 +33,7 @@ from nanovllm.entrypoints.protocol import (ChatCompletionRequest, CompletionRequ
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
-SHUTDOWN_GRACE_S = 3.0          # how long open requests may run on once the server is told to stop
+SHUTDOWN_GRACE_S = 3.0          # how long a connection may stay open once the server stops (its requests end at once)
 
 
 def build_app(engine: AsyncLLM, served_model_names: list[str] | None = None, api_key: str | None = None,
@@ -243,7 +243,6 @@ def run_server(model: str, host: str | None = None, port: int = 8000, api_key: s
                **engine_kwargs) -> None:
     """Load the model, then serve it until a signal, or until the engine fails: then it
     raises SystemExit(1) within a few seconds (what `nanovllm serve` runs)."""
-    import uvicorn
     from nanovllm.config import EngineConfig, default_max_num_batched_tokens, resolve_device
     if engine_kwargs.get("max_num_batched_tokens") is None and engine_kwargs.get("enable_chunked_prefill", True):
         device = resolve_device(engine_kwargs.get("device", "auto"))     # vllm serve's smaller budget
@@ -258,19 +257,10 @@ def run_server(model: str, host: str | None = None, port: int = 8000, api_key: s
     engine = None
     try:
         engine = AsyncLLM(model, **engine_kwargs)
-
-        @contextlib.asynccontextmanager
-        async def lifespan(app):
-            # The engine stops with the server, whatever stopped it: uvicorn ends the process
-            # with the signal it caught once the server has shut down, so code after run()
-            # may never run.
-            yield
-            await engine.shutdown()
-
-        app = build_app(engine, served_model_name, api_key, load_chat_template(chat_template), lifespan,
-                        max_request_bytes)
-        server = _server_class(uvicorn)(engine, uvicorn.Config(
-            app, host=host or "0.0.0.0", port=port, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+        app = build_app(engine, served_model_name, api_key, load_chat_template(chat_template),
+                        max_request_bytes=max_request_bytes)
+        server = _Server(engine, uvicorn.Config(app, host=host or "0.0.0.0", port=port, log_level=log_level,
+                                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
 
         def on_engine_stopped(error: str | None) -> None:
             if error is not None:
@@ -294,20 +284,20 @@ def run_server(model: str, host: str | None = None, port: int = 8000, api_key: s
         raise SystemExit(1)
 
 
-def _server_class(uvicorn):
-    class Server(uvicorn.Server):
-        """uvicorn's server, which stops the engine first when told to stop (a signal, or the
-        engine's failure): open requests then end at once (a one-line error, an error event)
-        instead of being cut off, with a traceback in the log, when the grace period is over."""
+class _Server(uvicorn.Server):
+    """uvicorn's server, which stops the engine first when told to stop (a signal, or the
+    engine's failure): open requests then end at once (a one-line error, an error event)
+    instead of being cut off, with a traceback in the log, when the grace period is over.
+    (After a signal, uvicorn ends the process with it once the server has shut down: code
+    after run() may never run, so the engine must stop here.)"""
 
-        def __init__(self, engine: AsyncLLM, config):
-            super().__init__(config)
-            self.engine = engine
+    def __init__(self, engine: AsyncLLM, config: uvicorn.Config):
+        super().__init__(config)
+        self.engine = engine
 
-        async def shutdown(self, *args, **kwargs):
-            await self.engine.shutdown()
-            await super().shutdown(*args, **kwargs)
-    return Server
+    async def shutdown(self, *args, **kwargs):
+        await self.engine.shutdown()
+        await super().shutdown(*args, **kwargs)
 
 
 def _die_by(signum: int) -> None:
