@@ -3,9 +3,10 @@
 Every request becomes one engine request per prompt (each fanning out to `n` choices), added
 to the shared `AsyncLLM`, so concurrent clients are batched together step by step. Prompts are
 tokenized here, with the server's own tokenizer (the engine's lives in its process), so the
-context-length check can answer 400 before anything is queued. Tokenizing and chat templating
-run in a worker thread (the tokenizer releases the GIL for batch calls): a multi-megabyte
-prompt takes seconds, and on the event loop it would stall every other client's stream.
+context-length check can answer 400 before anything is queued. A large prompt (20,000
+characters or more) is templated and tokenized in a worker thread (the tokenizer releases the
+GIL for batch calls): a multi-megabyte prompt takes seconds, and on the event loop it would
+stall every other client's stream.
 Streams use DELTA outputs; non-streamed requests use FINAL_ONLY. A streamed choice sends
 nothing until it has text (a token that ends inside a multi-byte character waits for the next),
 and chat sends each choice's role with its first text, as vLLM does. Closing a stream early
@@ -84,7 +85,7 @@ class OpenAIHandlers:
             raise OpenAIError(f"Could not apply the chat template: {summarize(e)}", param="messages") from None
 
     def _chat_prompt(self, body) -> tuple[str, list[int]]:
-        """Chat messages rendered and tokenized (in the tokenizer thread)."""
+        """Chat messages rendered and tokenized."""
         options = {"add_generation_prompt": body.add_generation_prompt, "tools": body.tools,
                    "continue_final_message": body.continue_final_message,
                    **(body.chat_template_kwargs or {})}           # these win, as in vLLM
