@@ -15,7 +15,7 @@ from torch import nn
 
 from nanovllm.kernels.reference import paged_attention_reference, paged_decode_attention_reference, \
     store_kv_cache_reference
-from nanovllm.quantization.kv_cache import update_scales_from_first_batch
+from nanovllm.quantization.kv_cache import quantize_fp8, update_scales_from_first_batch
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +35,15 @@ class TorchBackend:
     """The pure-torch reference: clear, device-agnostic, used on the CPU."""
     name = "torch"
 
-    def store(self, k, v, k_cache, v_cache, meta: AttentionMetadata, **kv_scales):
-        store_kv_cache_reference(k, v, k_cache, v_cache, meta.slot_mapping, **kv_scales)
+    def store(self, k, v, k_cache, v_cache, meta: AttentionMetadata):
+        store_kv_cache_reference(k, v, k_cache, v_cache, meta.slot_mapping)
 
-    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None,
-               **kv_scales):
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None):
         if meta.is_decode:
             return paged_decode_attention_reference(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale,
-                                                    window=window, **kv_scales)
+                                                    window=window)
         return paged_attention_reference(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
-                                         meta.block_tables, scale, window=window, **kv_scales)
+                                         meta.block_tables, scale, window=window)
 
 
 class TritonBackend:
@@ -153,10 +152,27 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """q [T, num_heads, head_dim], k/v [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim]."""
-        scales = {} if self.k_scale is None else {"k_scale": self.k_scale, "v_scale": self.v_scale}
+        if self.k_scale is not None:
+            return self._forward_fp8(q, k, v, meta)
+        self.backend.store(k, v, self.k_cache, self.v_cache, meta)
+        out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
+        return out.flatten(1)
+
+    def _forward_fp8(self, q, k, v, meta: AttentionMetadata):
+        """A float8 cache: the Triton kernels divide by the scales when storing and multiply when
+        reading, in registers. Any other backend stores keys and values already in float8 and
+        attends with the scales around it: q * k_scale against the cached k / k_scale gives the
+        same scores, and the output is linear in v."""
         if self.kv_scales_pending is not None:     # calculate_kv_scales: from the first batch
             update_scales_from_first_batch(k, v, meta.slot_mapping, self.k_scale, self.v_scale,
                                            self.kv_scales_pending)
-        self.backend.store(k, v, self.k_cache, self.v_cache, meta, **scales)
-        out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window, **scales)
-        return out.flatten(1)
+        if self.backend.name == "triton":
+            scales = {"k_scale": self.k_scale, "v_scale": self.v_scale}
+            self.backend.store(k, v, self.k_cache, self.v_cache, meta, **scales)
+            out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window, **scales)
+            return out.flatten(1)
+        self.backend.store(quantize_fp8(k, self.k_scale), quantize_fp8(v, self.v_scale), self.k_cache, self.v_cache,
+                           meta)
+        out = self.backend.attend((q.float() * self.k_scale).to(q.dtype), self.k_cache, self.v_cache, meta,
+                                  self.scale, self.sliding_window)
+        return (out.float() * self.v_scale).to(out.dtype).flatten(1)
