@@ -12,6 +12,7 @@
     rms_norm, add_rms_norm   RMSNorm, optionally after the residual add   (rms_norm.py)
     rotary_                  RoPE on q and k in place, optional q/k norm  (rotary.py)
     silu_and_mul             the gated MLP's activation                  (silu_and_mul.py)
+    fused_moe                mixture-of-experts: two grouped GEMMs        (fused_moe.py)
     *_reference              the same in plain torch                      (reference.py)
     (the online-softmax step the two attention kernels share: online_softmax.py)
 

@@ -71,7 +71,9 @@ def load_weights(model: nn.Module, model_dir: str, quantization: str | None = No
     for path in files:
         with safe_open(path, "pt", device="cpu") as f:
             for name in f.keys():
-                if "rotary_emb.inv_freq" in name:
+                # Buffers some checkpoints carry that the model recomputes (RoPE's inverse
+                # frequencies; older Pythia files' causal-mask buffers).
+                if "rotary_emb.inv_freq" in name or name.endswith((".attention.bias", ".attention.masked_bias")):
                     continue
                 target, shard_id = name, None
                 for hf_name, (our_name, sid) in packed.items():
