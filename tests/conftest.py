@@ -11,9 +11,6 @@ import torch
 # is imported, so set it before anything can import triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# Engines on the CPU run eagerly in the tests (torch.compile would add seconds to each engine);
-# tests/test_cpu_compile.py checks the compiled path against the eager one.
-os.environ.setdefault("NANOVLLM_CPU_COMPILE", "0")
 
 from nanovllm.demo_model import build_tiny_checkpoint
 

@@ -1,8 +1,7 @@
 """Compiled decode on the CPU: what CUDA graphs are on a GPU (engine/cuda_graphs.py).
 
 An eager decode step of a small model is hundreds of tiny torch ops, each paying Python and
-dispatcher overhead, so one user's decode on a laptop CPU is bound by that overhead, not by
-reading the weights. `torch.compile` (Inductor's CPU backend) traces the model once, fuses
+dispatcher overhead, which can outweigh the arithmetic for one user's decode on a CPU. `torch.compile` (Inductor's CPU backend) traces the model once, fuses
 the element-wise ops into generated C++ loops and calls oneDNN for the matmuls. The token
 count is a dynamic dimension, so one compiled graph (and one specialised for a single token)
 serves every step, decodes and prompt chunks alike. The KV store and the paged attention stay
@@ -10,7 +9,9 @@ opaque custom ops: their work depends on the cache's contents, and they run the 
 reference as in eager mode.
 
 Inductor caches what it compiled on disk (TORCHINDUCTOR_CACHE_DIR, set under nanovllm's cache
-directory), so the compile is paid on the first run only. `enforce_eager=True` turns it off.
+directory), so the compile is paid on the first run only. It is opt-in (NANOVLLM_CPU_COMPILE=1):
+on the demo model the time went to the matmuls, not to per-op overhead, and compiling did not
+pay for itself (docs/cpu.md has the figures).
 """
 import dataclasses
 import os

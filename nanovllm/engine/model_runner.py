@@ -79,7 +79,8 @@ class ModelRunner:
 
         self.graphs = None
         self.num_blocks = self._allocate_kv_cache()
-        if config.device == "cpu" and not config.enforce_eager and os.environ.get("NANOVLLM_CPU_COMPILE", "1") != "0":
+        # Opt-in on a CPU: measured on the demo model, it did not pay for its compile (docs/cpu.md).
+        if config.device == "cpu" and not config.enforce_eager and os.environ.get("NANOVLLM_CPU_COMPILE") == "1":
             from nanovllm.engine.cpu_compile import CompiledSteps
             from nanovllm.gguf import cache_root
             self.graphs = CompiledSteps(self, cache_root())
