@@ -5,8 +5,8 @@ speed leaves the prompts out: it is (tokens of a run of 1 + N new tokens minus t
 of 1) over the difference of the two runs' times. Peak RSS is the process's (run one setting
 per process to compare settings).
 
-    python benchmarks/cpu_smollm2.py                       # defaults: dtype auto, compiled
-    python benchmarks/cpu_smollm2.py --dtype float32 --eager
+    python benchmarks/cpu_smollm2.py                       # defaults: dtype auto, eager
+    NANOVLLM_CPU_COMPILE=1 python benchmarks/cpu_smollm2.py   # through torch.compile
     python benchmarks/cpu_smollm2.py --hf                  # transformers' batched generate beside it
 """
 import argparse
@@ -44,7 +44,7 @@ def decode_tok_s(llm, prompts, new_tokens: int, repeats: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--eager", action="store_true", help="enforce_eager: no torch.compile")
+    p.add_argument("--eager", action="store_true", help="enforce_eager (no torch.compile even with NANOVLLM_CPU_COMPILE=1)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -66,7 +66,7 @@ def main() -> None:
         timed_generate(llm, prompts[:b], 4)
     ready = time.perf_counter() - start
     dtype = str(llm.llm_engine.config.torch_dtype).removeprefix("torch.")
-    mode = "eager" if args.eager else "compiled"
+    mode = "compiled" if llm.llm_engine.runner.graphs is not None else "eager"
     print(f"SmolLM2-135M-Instruct, {dtype}, {mode}, {torch.get_num_threads()} threads; "
           f"load + first runs: {ready:.1f} s")
     for b in args.batch_sizes:
