@@ -130,12 +130,10 @@ def float_checkpoints(tmp_path_factory):
 
 
 CASES = [  # (model type, method, bits, group size, desc_act)
-    ("llama", "gptq", 4, 32, False),
     ("llama", "gptq", 4, 64, True),
-    ("qwen2", "gptq", 4, -1, False),
     ("qwen2", "gptq", 8, 32, True),
+    ("qwen2", "gptq", 4, -1, False),
     ("llama", "awq", 4, 32, False),
-    ("qwen2", "awq", 4, 64, False),
 ]
 
 
@@ -241,10 +239,9 @@ def test_gguf_blocks_map_exactly_onto_scales_and_mins(qtype):
     assert torch.equal(got, torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype])))
 
 
-@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
-def test_gguf_linears_stay_quantized(tmp_path, monkeypatch, qtype):
-    """A GGUF file's Q4_0 / Q4_1 / Q8_0 linear weights load as such (scale and min exactly the
-    block's), and generate transformers' tokens on the same weights dequantized."""
+def test_gguf_linears_stay_quantized(tmp_path, monkeypatch, qtype="Q4_1"):
+    """A GGUF file's Q4_1 linear weights load as such (scale and min exactly the block's, as for
+    Q4_0 and Q8_0 above), and generate transformers' tokens on the same weights dequantized."""
     import gguf
 
     from nanovllm.gguf import gguf_to_hf_dir
@@ -278,5 +275,5 @@ def test_smollm2_at_4_bits_knows_paris():
     packed = [m for m in model.modules() if hasattr(m, "qweight")]
     assert len(packed) == 30 * 4 and all(m.qweight.dtype == torch.int32 for m in packed)
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                   SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)[0]
+                   SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
     assert "Paris" in out.outputs[0].text, out.outputs[0].text

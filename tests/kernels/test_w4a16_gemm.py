@@ -26,7 +26,7 @@ def random_quantized(n: int, k: int, bits: int, group_size: int, act_order: bool
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("group_size,act_order", [(32, False), (32, True), (128, False), (128, True)])
-@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("rows", [1, 40])
 def test_w4a16_gemm_matches_dequantize_then_matmul(dtype, group_size, act_order, rows):
     from nanovllm.kernels.w4a16_gemm import w4a16_gemm
     n, k = 80, 256
