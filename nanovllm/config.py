@@ -163,8 +163,8 @@ class EngineConfig:
                              f"({torch.cuda.device_count()}).")
 
     def _check_quantization(self):
-        from nanovllm.quantization import resolve_quant_config
-        self.quant_config = resolve_quant_config(self.quantization, self.hf_config)
+        from nanovllm.quantization.quant_config import checkpoint_quantization_config, resolve_quant_config
+        self.quant_config = resolve_quant_config(self.quantization, checkpoint_quantization_config(self.model_dir))
         fp8 = [what for what, used in (
             ("quantization='fp8'", self.quant_config is not None and self.quant_config.method == "fp8"),
             (f"kv_cache_dtype={self.kv_cache_dtype!r}", self.kv_cache_dtype != "auto")) if used]

@@ -80,8 +80,10 @@ def awq_tensors(q, zeros, scales) -> dict[str, np.ndarray]:
 
 
 def write_quantized(src: str, dst: str, ref: str, method: str, bits: int = 4, group_size: int = 32,
-                    desc_act: bool = False, seed: int = 0) -> None:
-    """Quantize the checkpoint in `src` into `dst` (GPTQ or AWQ) and its dequantized weights into `ref`."""
+                    desc_act: bool = False, seed: int = 0, old_export: bool = False) -> None:
+    """Quantize the checkpoint in `src` into `dst` (GPTQ or AWQ) and its dequantized weights into `ref`.
+    old_export: as older AutoGPTQ versions wrote them, a zero bias on every quantized linear and the
+    settings in quantize_config.json rather than in config.json."""
     rng = np.random.default_rng(seed)
     tensors = load_file(os.path.join(src, "model.safetensors"))
     packed, dense = {}, {}
@@ -103,6 +105,8 @@ def write_quantized(src: str, dst: str, ref: str, method: str, bits: int = 4, gr
         parts = gptq_tensors(q, zeros, scales, g_idx, bits) if method == "gptq" else awq_tensors(q, zeros, scales)
         for kind_name, value in parts.items():
             packed[f"{module}.{kind_name}"] = torch.from_numpy(np.ascontiguousarray(value))
+        if old_export and f"{module}.bias" not in tensors:
+            packed[f"{module}.bias"] = torch.zeros(w.shape[0], dtype=torch.float16)
     for path, weights in ((dst, packed), (ref, dense)):
         shutil.copytree(src, path, ignore=shutil.ignore_patterns("*.safetensors"))
         save_file(weights, os.path.join(path, "model.safetensors"))
@@ -114,6 +118,9 @@ def write_quantized(src: str, dst: str, ref: str, method: str, bits: int = 4, gr
     else:
         config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group_size,
                                          "zero_point": True, "version": "gemm"}
+    if old_export:
+        with open(os.path.join(dst, "quantize_config.json"), "w") as f:
+            json.dump({k: v for k, v in config.pop("quantization_config").items() if k != "quant_method"}, f)
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(config, f)
 
@@ -277,3 +284,18 @@ def test_smollm2_at_4_bits_knows_paris():
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
     assert "Paris" in out.outputs[0].text, out.outputs[0].text
+
+
+def test_older_gptq_export(float_checkpoints, tmp_path):
+    """Settings in quantize_config.json and a zero bias on every linear (a Llama has none): read and
+    skipped; a bias that is not zero has no place and is refused."""
+    dst, ref = _write(float_checkpoints, tmp_path, "llama", group_size=32, old_export=True)
+    prompts = random_prompts(2, 4, 30, seed=4)
+    llm = LLM(dst, device="cpu", dtype="float32", enforce_eager=True)
+    assert llm.llm_engine.config.quant_config.method == "gptq"
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(ref, prompts, 8)
+    tensors = load_file(os.path.join(dst, "model.safetensors"))
+    tensors["model.layers.0.mlp.down_proj.bias"][3] = 1.0
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+    assert "'model.layers.0.mlp.down_proj.bias' has no place" in _llm_error(dst)

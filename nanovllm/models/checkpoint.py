@@ -81,6 +81,8 @@ def load_weights(model: nn.Module, model_dir: str, quantization: str | None = No
                         target, shard_id = name.replace(f".{hf_name}.", f".{our_name}."), sid
                         break
                 if target not in params:
+                    if quant is not None and name.endswith(".bias") and not f.get_tensor(name).any():
+                        continue        # GPTQ/AWQ exports give every linear a bias, zeros where it had none
                     raise ValueError(f"Checkpoint tensor {name!r} has no place in {type(model).__name__}.")
                 param = params[target]
                 loader = getattr(param, "weight_loader", None)

@@ -5,21 +5,16 @@ checkpoint holds its `qweight` (an FP8 checkpoint: its `weight_scale`). A checkp
 layers in 16 bits (an MoE router, an LM head); they load as usual. `quantization="fp8"` on a 16-bit
 checkpoint quantizes every linear of the decoder layers at load.
 """
-import json
-import os
 from collections.abc import Iterable
-from types import SimpleNamespace
 
 from torch import nn
 
-from nanovllm.quantization.quant_config import QuantConfig, resolve_quant_config
+from nanovllm.quantization.quant_config import QuantConfig, checkpoint_quantization_config, resolve_quant_config
 
 
 def checkpoint_quant_config(model_dir: str, quantization: str | None = None) -> QuantConfig | None:
-    """The QuantConfig of the checkpoint in model_dir (its config.json) with LLM(quantization=...)."""
-    with open(os.path.join(model_dir, "config.json")) as f:
-        raw = json.load(f).get("quantization_config")
-    return resolve_quant_config(quantization, SimpleNamespace(quantization_config=raw))
+    """The QuantConfig of the checkpoint in model_dir with LLM(quantization=...)."""
+    return resolve_quant_config(quantization, checkpoint_quantization_config(model_dir))
 
 
 def method_for(cfg: QuantConfig):

@@ -4,6 +4,8 @@ FP8, a GGUF file kept quantized) or from `LLM(quantization="fp8")` on a 16-bit c
 Everything a checkpoint format says about its tensors is read here, once, into a `QuantConfig`;
 the loaders (gptq.py, awq.py, gguf_format.py) and the linear methods read only that.
 """
+import json
+import os
 from dataclasses import dataclass
 
 # vLLM's names for the methods nanovllm runs.
@@ -26,13 +28,27 @@ class QuantConfig:
         return self.method in ("gptq", "awq", "gguf")
 
 
-def resolve_quant_config(quantization: str | None, hf_config) -> QuantConfig | None:
-    """The QuantConfig for LLM(quantization=...) and the checkpoint's config, or None (16-bit).
-    A checkpoint's own method is used with no argument; an argument must agree with it."""
+def checkpoint_quantization_config(model_dir: str) -> dict | None:
+    """A checkpoint directory's quantization_config: config.json's, else, from older exports, AutoGPTQ's
+    quantize_config.json or AutoAWQ's quant_config.json beside it."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        raw = json.load(f).get("quantization_config")
+    if raw:
+        return raw
+    for name, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq")):
+        path = os.path.join(model_dir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return {"quant_method": method, **json.load(f)}
+    return None
+
+
+def resolve_quant_config(quantization: str | None, raw: dict | None) -> QuantConfig | None:
+    """The QuantConfig for LLM(quantization=...) and the checkpoint's quantization_config (`raw`),
+    or None (16-bit). A checkpoint's own method is used with no argument; an argument must agree."""
     if quantization is not None and quantization not in SUPPORTED_QUANTIZATION:
         raise ValueError(f"quantization={quantization!r} is not supported. Supported: "
                          f"{', '.join(SUPPORTED_QUANTIZATION)} (or None: the checkpoint's own format).")
-    raw = getattr(hf_config, "quantization_config", None)
     checkpoint = parse_checkpoint_config(raw) if raw else None
     if checkpoint is None:
         if quantization in (None, "fp8"):
