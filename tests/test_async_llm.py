@@ -321,6 +321,7 @@ _FRONT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_the_engine_process_ends_with_its_front(tiny_qwen3, tmp_path):
     """Killed outright, or leaving without shutdown(): either way no engine process is left."""
     script = tmp_path / "front.py"

@@ -160,7 +160,7 @@ def reference_beam_search(model, prompt, beam_width, steps, length_penalty):
     return completed[:beam_width]
 
 
-@pytest.mark.parametrize("beam_width, length_penalty", [(2, 1.0), (3, 0.5)])
+@pytest.mark.parametrize("beam_width, length_penalty", [(2, 1.0), pytest.param(3, 0.5, marks=pytest.mark.slow)])
 def test_pruning_case_equals_reference(vocab8, llm8, beam_width, length_penalty):
     """8 tokens, 6 steps: beams are pruned at every step and a beam proposes only its best
     2 x beam_width tokens; several prompts of different lengths in one search."""

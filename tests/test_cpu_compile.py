@@ -5,6 +5,8 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.engine.cpu_compile import CompiledSteps
 from tests.conftest import random_prompts
 
+pytestmark = pytest.mark.slow      # minutes on a 2-core CPU: run with -m slow (CI does)
+
 
 @pytest.fixture
 def compiled(monkeypatch):

@@ -14,6 +14,8 @@ from nanovllm.ray import LLMPredictor
 
 from tests.conftest import random_prompts
 
+pytestmark = pytest.mark.slow      # several engine processes and a local Ray: run with -m slow (CI does)
+
 BACKENDS = ["mp", "ray"]
 ENGINE_ARGS = dict(enforce_eager=True, max_num_seqs=16)
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -133,10 +135,12 @@ def test_aborted_requests_leave_no_output(replicated, reference):
         engine.add_request(f"abort-{i}", prompt, params)
     engine.abort_request("abort-0")                  # still queued here
     finished = {out.request_id: out for out in engine.step() if out.finished}
-    engine.abort_request(["abort-1", "abort-2"])     # on their replicas by now
+    engine.abort_request(["abort-1", "abort-2"])     # on their replicas by now (or done already:
+    before = set(finished)                           # a quiet machine finishes them in one round)
     while engine.has_unfinished_requests():
         finished.update((out.request_id, out) for out in engine.step() if out.finished)
-    assert sorted(finished) == ["abort-3", "abort-4", "abort-5"]
+    assert "abort-0" not in finished and not {"abort-1", "abort-2"} & (set(finished) - before)
+    assert {"abort-3", "abort-4", "abort-5"} <= set(finished)
     expected = reference.generate(TEXT_PROMPTS[3:], params, use_tqdm=False)
     assert [finished[f"abort-{i}"].outputs[0].token_ids for i in (3, 4, 5)] == token_ids(expected)
     assert all(not replica.request_ids and not replica.adds for replica in engine.replicas)

@@ -109,8 +109,6 @@ def test_16_bit_weights_quantized_at_load(checkpoint_factory):
             assert (layer(inputs) - exact).norm() < 0.06 * exact.norm(), name
 
 
-@pytest.mark.xfail(strict=True, reason="ModelRunner.__init__ does not pass config.quantization to load_weights "
-                                       "(nanovllm/engine/model_runner.py; one line)")
 def test_llm_quantization_fp8_on_a_16_bit_checkpoint(checkpoint_factory):
     llm = LLM(checkpoint_factory("llama"), device="cpu", dtype="float32", enforce_eager=True, quantization="fp8")
     assert all(m.weight.dtype == FP8_DTYPE for m in _linears(llm).values())

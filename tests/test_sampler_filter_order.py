@@ -47,6 +47,7 @@ def test_min_p_comes_before_top_p_as_in_vllm(within_top_k):
         assert torch.equal(torch.isinf(ours[i]), torch.isinf(transformers_order)) != differs
 
 
+@pytest.mark.slow
 def test_fused_sampler_applies_min_p_before_top_p():
     """The fused path (Triton thresholds, float16 logits) draws only from vLLM's nucleus: over
     150 draws, transformers' order would draw a token outside it with probability > 1 - 2e-7."""

@@ -90,6 +90,7 @@ def slow_to_load(tmp_path_factory) -> str:
     return shape_checkpoint_dir("qwen3-0.6b", root=str(tmp_path_factory.mktemp("shapes")))
 
 
+@pytest.mark.slow     # loads a 0.6B-parameter model twice
 @pytest.mark.parametrize("signum, send", [(signal.SIGINT, os.killpg), (signal.SIGTERM, os.kill)])
 def test_a_signal_while_the_model_loads_ends_the_server_and_its_engine(slow_to_load, signum, send):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or SIGTERM to the

@@ -110,6 +110,7 @@ def test_tp2_in_bf16_parts_from_tp1_only_at_near_ties(checkpoints):
     assert_greedy_parts_only_at_near_ties(ref, out, max_gap=0.25, max_logprob_diff=0.25)
 
 
+@pytest.mark.slow
 def test_engines_one_after_another(checkpoints, tp1_tokens):
     path = checkpoints["tied"]
     first = LLM(path, tensor_parallel_size=2, **ENGINE_ARGS)
@@ -188,6 +189,7 @@ _CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_at_once_ctrl_c_and_parent_death(checkpoints, tp1_tokens, tmp_path):
     script = tmp_path / "child.py"
     script.write_text(_CHILD)

@@ -62,9 +62,9 @@ class ModelRunner:
             self.model = cls(hf)
         torch.set_default_dtype(default_dtype)
         if config.load_format == "dummy":
-            init_dummy_weights(self.model, config.seed)
+            init_dummy_weights(self.model, config.seed, config.quantization)
         else:
-            load_weights(self.model, config.model_dir)
+            load_weights(self.model, config.model_dir, config.quantization)
         self.model.eval()
         self.sampler = Sampler(fused=config.device == "cuda" and triton_available())
         # (the batch's seq ids, its SamplingMetadata, its histogram rows): see _sampling_metadata

@@ -34,6 +34,7 @@ def test_greedy_rows_are_torch_argmax(dtype):
     assert 0 <= tokens[3] < 20000
 
 
+@pytest.mark.slow
 def test_sampled_rows_follow_softmax_over_temperature():
     gen = torch.Generator().manual_seed(1)
     row = torch.randn(12, generator=gen) * 1.5
