@@ -107,7 +107,7 @@ def test_errors_are_openai_json_and_the_server_still_serves(url, engine, client,
     assert error["param"] == param
     stats = wait_idle(engine)          # nothing was left queued: every block is free
     assert stats.num_free_blocks == stats.num_blocks
-    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2, extra_body={"ignore_eos": True}).usage.completion_tokens == 2
 
 
 @pytest.mark.parametrize("extra, param", [
@@ -135,7 +135,7 @@ def test_non_json_unknown_paths_and_methods_get_openai_errors(url, client):
     for resp, status in ((httpx.get(f"{url}/v1/nothing"), 404), (httpx.get(f"{url}/v1/completions"), 405)):
         assert resp.status_code == status and set(resp.json()["error"]) == {"message", "type", "param", "code"}
     assert httpx.get(f"{url}/v1/completions").headers["allow"] == "POST"
-    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2, extra_body={"ignore_eos": True}).usage.completion_tokens == 2
 
 
 def test_errors_through_the_openai_client(client):
@@ -156,7 +156,7 @@ def test_api_key(engine):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
         good = openai.OpenAI(base_url=f"{url}/v1", api_key="secret", max_retries=0)
-        assert good.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+        assert good.completions.create(model=MODEL, prompt="hi", max_tokens=2, extra_body={"ignore_eos": True}).usage.completion_tokens == 2
         assert httpx.get(f"{url}/health").status_code == 200      # health needs no key
 
 
