@@ -168,13 +168,8 @@ class DataParallelEngine:
 
     # -- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> str:
-        if not isinstance(request_id, str):
-            raise TypeError(f"request_id must be a string, got {type(request_id)}")
-        if request_id in self.owner:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        from nanovllm.engine.llm_engine import check_request_args
+        params = check_request_args(request_id, request_id in self.owner, params)
         if not self.replicas:
             raise RuntimeError("No data-parallel replica is left: every one has died (see the errors above).")
         prompt, num_prompt_tokens = self._tokenized(prompt)

@@ -75,13 +75,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> str:
         """Queue a request. `prompt` is a string, a list of token ids, or a dict with
         "prompt" or "prompt_token_ids" (vLLM's TextPrompt / TokensPrompt)."""
-        if not isinstance(request_id, str):
-            raise TypeError(f"request_id must be a string, got {type(request_id)}")
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        params = check_request_args(request_id, request_id in self.requests, params)
         text, token_ids = self._tokenize(prompt)
         self._validate_prompt(token_ids)
         self._validate_params(params)
@@ -298,6 +292,18 @@ class LLMEngine:
     def shutdown(self) -> None:
         if hasattr(self.runner, "shutdown"):
             self.runner.shutdown()
+
+
+def check_request_args(request_id, in_use: bool, params: SamplingParams | None) -> SamplingParams:
+    """add_request's argument checks (shared with the data-parallel engine); the params to use."""
+    if not isinstance(request_id, str):
+        raise TypeError(f"request_id must be a string, got {type(request_id)}")
+    if in_use:
+        raise ValueError(f"request_id {request_id!r} is already in use")
+    params = SamplingParams() if params is None else params
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+    return params
 
 
 def _eos_ids(tokenizer, hf_config) -> tuple[int | None, set[int]]:
