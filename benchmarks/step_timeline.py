@@ -48,8 +48,6 @@ def engine_counters(engine) -> tuple[int, int, int, float]:
     last = engine.last_step
     if last is None:                                   # nothing launched yet
         prefill = decode = 0
-    elif isinstance(last, tuple):                      # (is it a prefill, tokens): a step of one kind
-        prefill, decode = (last[1], 0) if last[0] else (0, last[1])
     else:                                              # a ScheduledBatch: a span per sequence
         # A decode computes one token past the prompt; longer spans are prompt chunks (or recompute).
         decode = sum(n == 1 and start >= seq.num_prompt_tokens

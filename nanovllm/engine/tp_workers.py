@@ -125,7 +125,7 @@ class Workers:
         self.last_words: str | None = None  # the traceback a failing worker sent
         self.closed = False
         self.process_group = False        # whether rank 0 joined the process group
-        self.graphs = None                # rank 0's DecodeGraphs: released before the group is destroyed
+        self.graphs = None                # rank 0's StepGraphs: released before the group is destroyed
         # On the CPU the ranks share the cores: N processes each running torch's full thread
         # pool oversubscribe them (OpenMP threads spin while they wait), which is ~20x slower.
         self.saved_threads = torch.get_num_threads()
