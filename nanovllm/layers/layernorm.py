@@ -46,7 +46,7 @@ class GemmaRMSNorm(RMSNorm):
 
     @staticmethod
     def weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
-        param.data.copy_(loaded.float() + 1.0)
+        param.data.copy_(loaded.to(param.dtype).float() + 1.0)   # the weight in the model's dtype, plus one
 
 
 class LayerNorm(nn.Module):

@@ -12,15 +12,15 @@ from nanovllm.quantization.install import checkpoint_quant_config, finish_quanti
 
 
 def resolve_model_dir(model: str, gguf_file: str | None = None, revision: str | None = None,
-                      keep_quantized_gguf: bool = False) -> str:
+                      keep_gguf_bits: tuple[int, ...] = ()) -> str:
     """A local directory (used as is), a GGUF file (converted once to a cached Hugging Face
-    directory; keep_quantized_gguf: its Q4_0/Q4_1/Q8_0 linear weights stay so), "demo" (the demo
+    directory; keep_gguf_bits: its Q4_0/Q4_1 (4) or Q8_0 (8) linear weights of these widths stay so), "demo" (the demo
     model, unless a local path has that name), or a Hugging Face repo id (downloaded with huggingface_hub)."""
     from nanovllm.demo_model import DEMO_MODEL, demo_model_path
     from nanovllm.gguf import resolve_gguf
     if model == DEMO_MODEL and not os.path.exists(model):
         model = demo_model_path()
-    converted = resolve_gguf(model, gguf_file, keep_quantized_gguf)
+    converted = resolve_gguf(model, gguf_file, keep_gguf_bits)
     if converted is not None:
         return converted
     if os.path.isdir(model):
@@ -68,40 +68,49 @@ def load_weights(model: nn.Module, model_dir: str, quantization: str | None = No
     packed = getattr(model, "packed_modules_mapping", {})
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = set()
-    for path in files:
-        with safe_open(path, "pt", device="cpu") as f:
-            for name in f.keys():
-                # Buffers some checkpoints carry that the model recomputes (RoPE's inverse
-                # frequencies; older Pythia files' causal-mask buffers).
-                if "rotary_emb.inv_freq" in name or name.endswith((".attention.bias", ".attention.masked_bias")):
-                    continue
-                target, shard_id = name, None
-                for hf_name, (our_name, sid) in packed.items():
-                    if f".{hf_name}." in name:
-                        target, shard_id = name.replace(f".{hf_name}.", f".{our_name}."), sid
-                        break
-                if target not in params:
-                    if quant is not None and name.endswith(".bias") and not f.get_tensor(name).any():
-                        continue        # GPTQ/AWQ exports give every linear a bias, zeros where it had none
-                    raise ValueError(f"Checkpoint tensor {name!r} has no place in {type(model).__name__}.")
-                param = params[target]
-                loader = getattr(param, "weight_loader", None)
-                tensor = f.get_tensor(name)
-                if not getattr(param, "raw_checkpoint_tensor", False):   # quantized: the loader converts
-                    tensor = tensor.to(param.dtype)
-                if loader is None:
-                    param.data.copy_(tensor)
-                elif shard_id is None:
-                    loader(param, tensor)
-                else:
-                    loader(param, tensor, shard_id)
-                loaded.add(target)
+    for name, tensor in _checkpoint_tensors(files):
+        # Buffers some checkpoints carry that the model recomputes (RoPE's inverse
+        # frequencies; older Pythia files' causal-mask buffers).
+        if "rotary_emb.inv_freq" in name or name.endswith((".attention.bias", ".attention.masked_bias")):
+            continue
+        target, shard_id = name, None
+        for hf_name, (our_name, sid) in packed.items():
+            if f".{hf_name}." in name:
+                target, shard_id = name.replace(f".{hf_name}.", f".{our_name}."), sid
+                break
+        if target not in params:
+            if quant is not None and name.endswith(".bias") and not tensor.any():
+                continue        # GPTQ/AWQ exports give every linear a bias, zeros where it had none
+            raise ValueError(f"Checkpoint tensor {name!r} has no place in {type(model).__name__}.")
+        param = params[target]
+        loader = getattr(param, "weight_loader", None)
+        # Loaders copy into the parameter, which converts the dtype: no converted copy of the
+        # whole tensor is made first (a float32 embedding is hundreds of MB).
+        if loader is None:
+            param.data.copy_(tensor)
+        elif shard_id is None:
+            loader(param, tensor)
+        else:
+            loader(param, tensor, shard_id)
+        loaded.add(target)
     missing = {n for n, p in model.named_parameters()
                if n not in loaded and not getattr(p, "optional_in_checkpoint", False)}
     tied = {n for n in missing if n == "lm_head.weight"}
     if missing - tied:
         raise ValueError(f"Checkpoint {model_dir!r} lacks weights for: {sorted(missing - tied)[:8]}")
     finish_quantized_linears(model)
+
+
+def _checkpoint_tensors(files: list[str]):
+    """(name, tensor) for every tensor of the files. A tensor is a view of its file mapped in
+    memory; each is mapped on its own, so the pages read leave this process's memory once it is
+    copied, instead of the whole file staying resident until the last tensor is loaded."""
+    for path in files:
+        with safe_open(path, "pt", device="cpu") as f:
+            names = list(f.keys())
+        for name in names:
+            with safe_open(path, "pt", device="cpu") as f:
+                yield name, f.get_tensor(name)
 
 
 def init_dummy_weights(model: nn.Module, seed: int = 0, quantization: str | None = None) -> None:

@@ -66,11 +66,10 @@ class Fp8WeightMethod:
         weight.weight_loader = loader
         layer.register_parameter("weight", weight)
         scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32, device=device), requires_grad=False)
-        scale.raw_checkpoint_tensor = True
         scale.weight_loader = self._scale_loader(layer, loader)
         layer.register_parameter("weight_scale", scale)
         ignored = nn.Parameter(torch.ones((), dtype=torch.float32, device=device), requires_grad=False)
-        ignored.optional_in_checkpoint = ignored.raw_checkpoint_tensor = True
+        ignored.optional_in_checkpoint = True
         ignored.weight_loader = lambda param, loaded, shard_id=None: None
         layer.register_parameter("input_scale", ignored)
         layer.quant_method = self

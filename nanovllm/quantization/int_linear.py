@@ -18,14 +18,16 @@ the input features (a row-parallel layer split over ranks) the groups stay scatt
 of every group are then kept and the kernel looks each feature's group up in `g_idx`.
 
 On CUDA the matmul is the W4A16 Triton kernel (kernels/w4a16_gemm.py), which unpacks and scales
-the weights in registers; elsewhere `dequantize` widens the weight and F.linear multiplies.
+the weights in registers. On the CPU, 4-bit weights whose groups torch's own int4 kernel takes are
+repacked for it once loaded (cpu_int4.py); elsewhere `dequantize` widens the weight and F.linear
+multiplies (the reference both kernels are tested against).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed import tp_rank, tp_size
-from nanovllm.quantization import awq, gguf_format, gptq
+from nanovllm.quantization import awq, cpu_int4, gguf_format, gptq
 from nanovllm.quantization.packing import pack_int32, unpack_int32, values_per_word
 from nanovllm.quantization.quant_config import QuantConfig
 
@@ -89,8 +91,6 @@ class IntWeightMethod:
 
         def add(param_name: str, shape, param_dtype, whole: bool = False):
             param = nn.Parameter(torch.zeros(shape, dtype=param_dtype, device=device), requires_grad=False)
-            # The loaders convert the checkpoint's tensor themselves (its raw dtype matters).
-            param.raw_checkpoint_tensor = True
             param.weight_loader = self._loader(layer, param_name, whole)
             layer.register_parameter(param_name, param)
 
@@ -105,10 +105,11 @@ class IntWeightMethod:
             offset = tp_rank() * in_features if split_input else 0
             g_idx = (torch.arange(in_features, device=device) + offset) // group
             param = nn.Parameter(g_idx.to(torch.int32), requires_grad=False)
-            param.raw_checkpoint_tensor = param.optional_in_checkpoint = True
+            param.optional_in_checkpoint = True
             param.weight_loader = self._g_idx_loader(layer, name)
             layer.register_parameter("g_idx", param)
         layer.register_buffer("input_perm", None)
+        layer.register_buffer("int4pack", None)      # torch's CPU int4 layout, once repacked (cpu_int4.py)
         layer.quant_method = self
 
     def _loader(self, layer: nn.Module, kind: str, whole: bool):
@@ -140,11 +141,22 @@ class IntWeightMethod:
         return load
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        """Zero points -> mins; act-order -> contiguous groups (or the g_idx look-up)."""
+        """Zero points -> mins; act-order -> contiguous groups (or the g_idx look-up); on the CPU,
+        torch's int4 layout where its kernel takes the layer."""
         if hasattr(layer, "qzeros"):
             mins = -layer.qzeros.float() * layer.scales.float()
             layer.mins = nn.Parameter(mins.to(layer.scales.dtype), requires_grad=False)
             del layer.qzeros
+        self._order_groups(layer)
+        if cpu_int4.can_repack(layer, self.cfg.bits):
+            values = unpack_int32(layer.qweight.data, self.cfg.bits, dim=1)
+            layer.int4pack, scales_and_zeros = cpu_int4.repack(values, layer.scales.data, layer.mins.data)
+            layer.register_buffer("scales_and_zeros", scales_and_zeros)
+            del layer.qweight, layer.scales, layer.mins
+
+    def _order_groups(self, layer: nn.Module) -> None:
+        """Act-order (g_idx): permute the input features so that groups are contiguous, or keep
+        g_idx for the kernel to look each feature's group up."""
         layer.__dict__.pop("_g_idx_loaded", None)
         g_idx = layer._parameters.pop("g_idx", None)
         layer.register_buffer("g_idx", None)
@@ -172,7 +184,9 @@ class IntWeightMethod:
         x = x.reshape(-1, in_features)
         if layer.input_perm is not None:
             x = x.index_select(1, layer.input_perm)
-        if use_kernel(x):
+        if layer.int4pack is not None:
+            y = cpu_int4.int4_matmul(x, layer.int4pack, layer.scales_and_zeros, layer.group_size)
+        elif use_kernel(x):
             from nanovllm.kernels.w4a16_gemm import w4a16_gemm
             y = w4a16_gemm(x, layer.qweight, layer.scales, layer.mins, self.cfg.bits, layer.group_size, layer.g_idx)
         else:
