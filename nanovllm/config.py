@@ -60,6 +60,8 @@ class EngineConfig:
     quantization: str | None = None           # None: the checkpoint's own (GPTQ, AWQ, FP8, GGUF); "fp8"
     disable_log_stats: bool = True
     swap_space: float = 4
+    # Speculative decoding (vLLM's dict; nanovllm/spec_decode/): parsed into a SpeculativeConfig.
+    speculative_config: dict | None = None
     # Filled in by __post_init__ from the checkpoint:
     hf_config: object = field(default=None, repr=False)
     model_dir: str = field(default="", repr=False)
@@ -151,6 +153,7 @@ class EngineConfig:
         from nanovllm.models.registry import model_class
         model_class(cfg, self.max_model_len)      # an unsupported architecture fails here, early
         self._check_quantization()
+        self._check_speculative()
         heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         tp = self.tensor_parallel_size
         if heads % tp:
@@ -162,6 +165,18 @@ class EngineConfig:
         if self.device == "cuda" and tp > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size={tp} is larger than the number of GPUs "
                              f"({torch.cuda.device_count()}).")
+
+    def _check_speculative(self):
+        if self.speculative_config is None:
+            return
+        from nanovllm.models.checkpoint import resolve_model_dir
+        from nanovllm.spec_decode.config import SpeculativeConfig
+        self.speculative_config = SpeculativeConfig.parse(
+            self.speculative_config, self.hf_config,
+            lambda model: load_hf_config(resolve_model_dir(model, None, None), self.trust_remote_code))
+        if self.speculative_config.method == "draft_model" and self.tensor_parallel_size > 1:
+            raise ValueError("speculative_config with a draft model needs tensor_parallel_size=1 "
+                             "(n-gram speculation works with any).")
 
     def _check_quantization(self):
         from nanovllm.quantization.quant_config import checkpoint_quantization_config, resolve_quant_config

@@ -48,6 +48,12 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.tokenizer = load_tokenizer(config)
+        # Speculative decoding (nanovllm/spec_decode/). Built before the target's runner: a
+        # draft model's memory is then already taken when the target sizes its KV cache.
+        self.speculator = None
+        if config.speculative_config is not None:
+            from nanovllm.spec_decode import Speculator
+            self.speculator = Speculator(config)
         self.runner = self._make_runner(config)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
@@ -182,7 +188,13 @@ class LLMEngine:
         else:
             touched = []
         if self.in_flight is None:        # nothing could be launched ahead: schedule with every token known
+            if self.speculator is not None:
+                self.speculator.propose(self.scheduler.running, self.eos_ids)
             self.in_flight = self._launch(self.scheduler.schedule())
+        if self.speculator is not None and self.in_flight is not None:
+            # Speculative steps do not overlap: the next proposals need this step's tokens on
+            # the host, so each step is read back before the next one is scheduled.
+            touched, self.in_flight = self._finish(self.in_flight), None
         for request in touched:
             self.unreported[request.request_id] = request
         if wanted is None:
@@ -198,13 +210,36 @@ class LLMEngine:
             return None
         self.num_steps += 1
         self.last_step = batch
+        if self.speculator is not None:
+            return self.speculator.run(self.runner, batch, self.eos_ids)     # already read back
         return self.runner.launch(batch, self.eos_ids, after)
 
     def _finish(self, launched) -> list[Request]:
         """Read a step's results back and process them; returns the requests with an output to make."""
+        if self.speculator is not None:
+            return self._finish_speculative(launched)
         result = self.runner.resolve(launched)
         self.scheduler.update(launched.batch, result.sampled)
         return self._process(launched.batch, result)
+
+    def _finish_speculative(self, verified) -> list[Request]:
+        """A speculative step gives a sequence 1 to k+1 tokens (nanovllm/spec_decode/verify.py).
+        Only the keys/values of the accepted ones are kept: the computed count stops before the
+        last new token, as after any decode (the slots of rejected proposals get overwritten).
+        The tokens are then appended and checked one round at a time, as if each came from a
+        step of its own, so a stop inside an accepted run ends the sequence there."""
+        batch, touched = verified.batch, {}
+        for seq, tokens in zip(batch.seqs, verified.tokens):
+            if tokens:
+                seq.num_computed_tokens = seq.num_tokens + len(tokens) - 1
+            seq.spec_token_ids = []
+        for j, result in enumerate(verified.rounds):
+            if j:      # the scheduler expects one token in flight per token it is given
+                for seq, token in zip(batch.seqs, result.sampled):
+                    seq.num_in_flight += token is not None and not seq.is_finished
+            self.scheduler.update(batch, result.sampled)
+            touched.update((r.request_id, r) for r in self._process(batch, result))
+        return list(touched.values())
 
     def _process(self, batch: ScheduledBatch, result: StepResult) -> list[Request]:
         """Each sequence's new token: stop checks, text, logprobs. Returns the requests that
@@ -287,7 +322,16 @@ class LLMEngine:
         request.reported = True
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
                              request.prompt_logprobs, outputs, finished,
-                             num_cached_tokens=request.seqs[0].num_cached_tokens)
+                             num_cached_tokens=request.seqs[0].num_cached_tokens,
+                             metrics=self._spec_metrics(request))
+
+    def _spec_metrics(self, request: Request):
+        """With speculative decoding, RequestOutput.metrics holds the request's proposed and
+        accepted token counts (a SpecDecodeMetrics; the engine's totals: speculator.metrics)."""
+        if self.speculator is None:
+            return None
+        from nanovllm.spec_decode import SpecDecodeMetrics
+        return SpecDecodeMetrics.total(seq.spec_metrics for seq in request.seqs)
 
     def shutdown(self) -> None:
         if hasattr(self.runner, "shutdown"):

@@ -17,7 +17,7 @@ caller reads the step in flight back first instead) and leaves out sequences tha
 in flight ends by length; one that it ends by EOS or a stop string computes a token in vain.
 """
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
@@ -33,6 +33,9 @@ class ScheduledBatch:
     num_new_tokens: list[int]     # how many positions
     samples: list[bool]           # does the span end at its newest token (so a token is sampled)?
     from_device: list[bool]       # is its first input the previous step's sample, still on the device?
+    # Speculative decoding: the proposed tokens each span ends with (inputs to verify; the
+    # span then samples at each of them and at the token before). Empty without speculation.
+    proposed: list[list[int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -68,6 +71,7 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status != SequenceStatus.RUNNING:
                 continue                          # preempted earlier in this loop
+            self._fit_proposals(seq, budget)
             n = self._span(seq, budget)
             if n == 0:
                 continue
@@ -98,11 +102,20 @@ class Scheduler:
     def _span(self, seq: Sequence, budget: int) -> int:
         """How many tokens a running sequence computes next: the rest of what is known of it
         (its token in flight included), within the budget; 0 when the token in flight is its last."""
-        known = seq.num_tokens + seq.num_in_flight
+        known = seq.num_tokens + seq.num_in_flight + len(seq.spec_token_ids)
         if seq.num_in_flight and (known - seq.num_prompt_tokens >= seq.params.max_tokens
                                   or known >= self.max_model_len):
             return 0
         return max(0, min(known - seq.num_computed_tokens, budget))
+
+    def _fit_proposals(self, seq: Sequence, budget: int) -> None:
+        """Speculative decoding: a decoding sequence's proposed tokens ride along where they fit
+        (within the token budget and the free blocks); they never cause a preemption."""
+        if not seq.spec_token_ids:
+            return
+        del seq.spec_token_ids[max(budget - 1, 0):]
+        if not self.block_manager.can_append(seq, seq.num_computed_tokens + 1 + len(seq.spec_token_ids)):
+            seq.spec_token_ids.clear()
 
     def _running_fits_without_preemption(self) -> bool:
         needed, budget = 0, self.max_num_batched_tokens
@@ -120,7 +133,8 @@ class Scheduler:
         batch.seqs.append(seq)
         batch.starts.append(start)
         batch.num_new_tokens.append(n)
-        batch.samples.append(end == seq.num_tokens + seq.num_in_flight)
+        batch.samples.append(end == seq.num_tokens + seq.num_in_flight + len(seq.spec_token_ids))
+        batch.proposed.append(list(seq.spec_token_ids))
         batch.from_device.append(start == seq.num_tokens)      # the token in flight is its input
         seq.num_computed_tokens = end
         seq.num_in_flight += batch.samples[-1]
@@ -128,6 +142,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free_blocks(seq)
+        seq.spec_token_ids = []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -38,6 +38,10 @@ class Sequence:
         # 2 for a moment while the engine overlaps two steps).
         self.num_in_flight = 0
         self.num_cached_tokens = 0              # prompt tokens found in the prefix cache
+        # Speculative decoding (nanovllm/spec_decode/): tokens proposed for the next step to
+        # verify, and the counts of proposed and accepted ones (a SpecDecodeMetrics).
+        self.spec_token_ids: list[int] = []
+        self.spec_metrics = None
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []       # chained hashes of the full blocks so far
         self.num_blocks_seen = 0                # leading blocks already offered to the prefix cache

@@ -109,17 +109,7 @@ class Sampler(torch.nn.Module):
             logits = logits.float()
         raw_logits = logits if meta.max_num_logprobs is not None else None
 
-        if meta.min_tokens_rows is not None:
-            logits = logits.index_put((meta.min_tokens_rows, meta.min_tokens_ids),
-                                      logits.new_full((), float("-inf")))
-        if meta.output_counts is not None:
-            if self.fused:
-                logits = kernels.apply_penalties(logits.contiguous(), meta.output_counts, meta.prompt_mask,
-                                                 meta.repetition_penalty, meta.frequency_penalty,
-                                                 meta.presence_penalty, meta.count_rows, limit=LOGIT_LIMIT)
-            else:
-                logits = apply_penalties(logits, meta)
-
+        logits = apply_min_tokens_and_penalties(logits, meta, self.fused)
         if meta.all_greedy:
             sampled = kernels.greedy_sample(logits.contiguous()) if fused else logits.argmax(dim=-1)
         elif fused:
@@ -139,6 +129,32 @@ class Sampler(torch.nn.Module):
         if raw_logits is not None:
             out = gather_logprobs(raw_logits, sampled, meta.max_num_logprobs, self.fused)
         return SamplerOutput(sampled, out)
+
+
+def apply_min_tokens_and_penalties(logits: torch.Tensor, meta: SamplingMetadata, fused: bool = False) -> torch.Tensor:
+    """Steps 2-3: min_tokens' bans, then the penalties (a Triton kernel when `fused`)."""
+    if meta.min_tokens_rows is not None:
+        logits = logits.index_put((meta.min_tokens_rows, meta.min_tokens_ids), logits.new_full((), float("-inf")))
+    if meta.output_counts is not None:
+        if fused:
+            logits = kernels.apply_penalties(logits.contiguous(), meta.output_counts, meta.prompt_mask,
+                                             meta.repetition_penalty, meta.frequency_penalty,
+                                             meta.presence_penalty, meta.count_rows, limit=LOGIT_LIMIT)
+        else:
+            logits = apply_penalties(logits, meta)
+    return logits
+
+
+def sampling_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """The distribution the sampler draws each row's token from, [B, V] float32: steps 2-5
+    (the torch steps), a point mass on the argmax for a greedy row. Speculative decoding's
+    rejection sampler (nanovllm/spec_decode/) needs this distribution itself, not one draw."""
+    logits = apply_min_tokens_and_penalties(logits.float(), meta)
+    greedy = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    if meta.all_greedy:
+        return greedy
+    probs = apply_temperature_and_filters(logits, meta).softmax(dim=-1)
+    return probs if meta.all_random else torch.where(meta.greedy[:, None], greedy, probs)
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

@@ -1,0 +1,106 @@
+"""One speculative step on the target model: every sequence's span (a prompt chunk, a decode,
+or its newest token followed by k proposed tokens) in ONE forward pass, logits at each
+position that samples, then per sequence the rejection sampler decides what is emitted.
+
+The result is laid out in rounds for the engine: round j holds each sequence's j-th new
+token (a `StepResult` like a plain step's), so that the engine appends and checks them one
+at a time and a stop (EOS, a stop token or string, max_tokens) inside an accepted run cuts it
+there.
+"""
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import torch
+
+from nanovllm.engine.inputs import wants_prompt_logprobs
+from nanovllm.engine.model_runner import StepResult
+from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.layers.sampler import LogprobsTensors, gather_logprobs, sampling_probs
+from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow, to_device, uses_penalties
+from nanovllm.spec_decode.rejection_sampler import greedy_accept, rejection_sample
+
+
+@dataclass
+class Verified:
+    """A speculative step, already read back."""
+    batch: ScheduledBatch
+    tokens: list[list[int]]          # per sequence of the batch: its new tokens ([] mid-prompt)
+    rounds: list[StepResult]         # round j: every sequence's j-th new token (None if it has none)
+
+
+def verify(runner, batch: ScheduledBatch, eos_ids: Collection[int], draft_probs: dict[int, torch.Tensor]
+           ) -> Verified:
+    """Run `batch` on the target model; `draft_probs[seq_id]` [k, V]: the draft model's q for
+    a sequence's proposals (absent: n-gram proposals, point masses)."""
+    proposed = batch.proposed or [[] for _ in batch.seqs]
+    # Logits rows: prompt-logprob rows of a chunk (as plan_logits_rows), then for a sequence
+    # that samples one row per proposed token and one after them.
+    indices, first_row, prompt_rows, offset = [], {}, {}, 0
+    for i, (seq, start, n, samples) in enumerate(zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples)):
+        if wants_prompt_logprobs(seq, start):
+            prompt_rows[i] = (len(indices), n - samples)
+            indices += range(offset, offset + n - samples)
+        if samples:
+            first_row[i] = len(indices)
+            indices += range(offset + n - 1 - len(proposed[i]), offset + n)
+        offset += n
+    with torch.inference_mode():
+        logits = runner.execute(runner.prepare(batch, indices)).float()
+        sample_rows, rows = [], []
+        for i, start_row in first_row.items():
+            seq = batch.seqs[i]
+            for j in range(len(proposed[i]) + 1):
+                sample_rows.append(start_row + j)
+                rows.append(_sampling_row(seq, proposed[i][:j], eos_ids))
+        meta = SamplingMetadata.build(rows, runner.vocab_size, runner.device)
+        probs = sampling_probs(logits[sample_rows], meta)
+        tokens, row = [[] for _ in batch.seqs], 0
+        for i in first_row:
+            seq, k = batch.seqs[i], len(proposed[i])
+            p = probs[row:row + k + 1]
+            if seq.params.is_greedy:
+                tokens[i] = greedy_accept(p.argmax(dim=-1).tolist(), proposed[i])
+            else:
+                q = draft_probs.get(seq.seq_id)
+                tokens[i] = rejection_sample(p, proposed[i], None if q is None else q[:k], seq.generator)
+            row += k + 1
+        sample_logprobs = None
+        if meta.max_num_logprobs is not None:
+            emitted_rows = [first_row[i] + j for i in first_row for j in range(len(tokens[i]))]
+            emitted = to_device(torch.tensor([t for i in first_row for t in tokens[i]]), logits.device)
+            sample_logprobs = gather_logprobs(logits[emitted_rows], emitted, meta.max_num_logprobs)
+        prompt_logprobs = {}
+        for i, (start_row, count) in prompt_rows.items():
+            seq, first = batch.seqs[i], batch.starts[i]
+            targets = to_device(torch.tensor(seq.token_ids[first + 1:first + 1 + count]), logits.device)
+            prompt_logprobs[i] = gather_logprobs(logits[start_row:start_row + count], targets, seq.params.prompt_logprobs)
+    return Verified(batch, tokens, _rounds(tokens, sample_logprobs, prompt_logprobs))
+
+
+def _sampling_row(seq, proposed_before: list[int], eos_ids) -> SamplingRow:
+    """The sampler's row for the position after `proposed_before`: min_tokens and the penalties
+    count the proposals before it as outputs, as if they had been emitted."""
+    needs_tokens = seq.params.min_tokens or uses_penalties(seq.params)
+    token_ids = seq.token_ids + proposed_before if needs_tokens and proposed_before else seq.token_ids
+    return SamplingRow.of(seq.params, token_ids, seq.num_prompt_tokens, seq.generator, eos_ids)
+
+
+def _rounds(tokens: list[list[int]], logprobs: LogprobsTensors | None, prompt_logprobs: dict) -> list[StepResult]:
+    """Round j: each sequence's j-th token; its logprobs rows follow the sequences that have one."""
+    # The logprobs rows are sequence-major (all of a sequence's tokens in a row): find each
+    # round's rows in them.
+    starts, row = [], 0
+    for seq_tokens in tokens:
+        starts.append(row)
+        row += len(seq_tokens)
+    rounds = []
+    for j in range(max([1, *map(len, tokens)])):       # round 0 also carries the prompt logprobs
+        sampled = [seq_tokens[j] if j < len(seq_tokens) else None for seq_tokens in tokens]
+        round_logprobs = None
+        if logprobs is not None:
+            index = torch.tensor([start + j for start, t in zip(starts, sampled) if t is not None],
+                                 device=logprobs.token_ids.device)
+            round_logprobs = LogprobsTensors(*(getattr(logprobs, f).index_select(0, index) for f in
+                                               ("token_ids", "token_logprobs", "token_ranks", "top_ids", "top_logprobs")))
+        rounds.append(StepResult(sampled, round_logprobs, prompt_logprobs if j == 0 else {}))
+    return rounds
