@@ -7,7 +7,8 @@ What runs where:
   without one     the CPU preset: the same kind of workload scaled down (nano: 16 requests,
                   64-256 prompt and 32-128 output tokens), max_num_seqs 16, on the SmolLM2-135M
                   shape; the timed run takes about 17 s on a 2-core CPU. --preset full runs
-                  the GPU's sizes anyway.
+                  the GPU's sizes anyway. Then the decode speed of 1 and of 16 sequences
+                  (--decode-batches) and the process's peak memory.
 
 The floor (the fastest the workload can run: decode reading weights and KV cache at the memory
 bandwidth, prefill computing at the matmul peak) is printed on a GPU bench.py knows (H100, H200)
@@ -17,6 +18,7 @@ or with --bandwidth and --flops.
     python bench.py --workload chat                   # many short requests joining as others finish
     python bench.py --engine nanovllm hf              # side by side with transformers (GPU)
     python bench.py --shape qwen2.5-0.5b --num-seqs 64
+    python bench.py --model demo                      # a CPU: the demo model (SmolLM2-135M, 4-bit GGUF)
 """
 import argparse
 import json
@@ -82,7 +84,8 @@ def run_nanovllm(model_dir: str, w: Workload, args) -> tuple[int, float]:
     llm = LLM(model_dir, load_format=args.load_format, max_model_len=args.max_model_len,
               enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
               device=args.device, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     print(f"nanovllm start-up: {time.perf_counter() - start:.1f} s", flush=True)
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)          # warm-up
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in w.output_lens]
@@ -92,7 +95,28 @@ def run_nanovllm(model_dir: str, w: Workload, args) -> tuple[int, float]:
     seconds = time.perf_counter() - start
     steps = llm.llm_engine.num_steps - steps_before
     print(f"nanovllm: {steps} engine steps, {1000 * seconds / max(1, steps):.2f} ms each", flush=True)
+    for batch in args.decode_batches:
+        prompts = [w.prompts[i % len(w.prompts)] for i in range(batch)]
+        speed = decode_tok_s(llm, prompts, args.decode_tokens)
+        print(f"nanovllm decode, {batch} sequence(s): {speed:.1f} tok/s", flush=True)
     return sum(len(o.outputs[0].token_ids) for o in outs), seconds
+
+
+def decode_tok_s(llm, prompts: list[list[int]], new_tokens: int = 64, repeats: int = 3) -> float:
+    """Decode speed with the prompts left out: (tokens of a run to 1 + new_tokens tokens, minus
+    those of a run to 1) over the difference of the two runs' times. Median of `repeats`."""
+    from nanovllm import SamplingParams
+
+    def run(max_tokens: int) -> tuple[float, int]:
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outs)
+    speeds = []
+    for _ in range(repeats):
+        (t1, n1), (tn, nn) = run(1), run(1 + new_tokens)
+        speeds.append((nn - n1) / (tn - t1))
+    return sorted(speeds)[len(speeds) // 2]
 
 
 def run_vllm(model_dir: str, w: Workload, args) -> tuple[int, float]:
@@ -161,6 +185,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokens per step (default: LLM's; `nanovllm serve` uses vllm serve's smaller one)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--dtype", default="auto", help="LLM's dtype (auto: the checkpoint's; bfloat16 or float32 on a CPU)")
+    p.add_argument("--quantization", default=None, help="LLM's quantization (fp8, gptq, awq, gguf; default: the checkpoint's)")
+    p.add_argument("--kv-cache-dtype", default="auto", help="LLM's kv_cache_dtype (auto, fp8)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--bandwidth", type=float, default=None,
                    help="memory bytes/s for the floor (default: the GPU's, if known: " +
@@ -168,6 +195,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flops", type=float, default=None,
                    help="bf16 FLOP/s for the floor (default: the GPU's, if known: " +
                         ", ".join(f"{k} {v[1] / 1e12:.0f}e12" for k, v in KNOWN_GPUS.items()) + ")")
+    p.add_argument("--decode-batches", type=int, nargs="*", default=None,
+                   help="after the workload, nanovllm's decode speed for these numbers of sequences "
+                        "(default: 1 16 with the CPU preset, none on a GPU)")
+    p.add_argument("--decode-tokens", type=int, default=64, help="new tokens per sequence for --decode-batches")
     p.add_argument("--hf-time-limit", type=float, default=120.0)
     p.add_argument("--json", help="append the results as JSON lines to this file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -182,6 +213,8 @@ def main() -> None:
     cpu_preset = use_cpu_preset(args, args.device == "cpu")
     if args.max_num_seqs is None:
         args.max_num_seqs = CPU_MAX_NUM_SEQS if cpu_preset else 256
+    if args.decode_batches is None:
+        args.decode_batches = [1, 16] if cpu_preset else []
     args.shape = args.shape or (CPU_SHAPE if cpu_preset else GPU_SHAPE)
     if args.model:
         model_dir, args.load_format = args.model, "auto"
@@ -231,6 +264,10 @@ def main() -> None:
               f"{floor:.2f} s = {w.output_tokens / floor:.0f} tok/s")
     elif args.device == "cuda":
         print("no floor: unknown GPU; give --bandwidth and --flops (bytes/s, bf16 FLOP/s) to compute it")
+    if args.device == "cpu":
+        import resource
+        print(f"peak memory (RSS) of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; "
+              f"{torch.get_num_threads()} torch threads")
     if args.json:
         with open(args.json, "a") as f:
             for r in rows:

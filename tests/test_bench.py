@@ -117,16 +117,20 @@ def test_help_lists_the_shapes_and_what_runs_where():
 
 @pytest.mark.slow
 def test_cpu_preset_finishes(tmp_path):
-    """bench.py on a CPU picks its CPU preset by itself and prints no floor (here cut to 3 requests,
-    and eager: a fresh cache would otherwise compile the CPU decode step first)."""
+    """bench.py on a CPU picks its CPU preset by itself, prints no floor, and then the decode speed
+    and the peak memory (here cut to 3 requests and a few decoded tokens)."""
     out = tmp_path / "bench.jsonl"
     flags = ["--num-seqs", "3", "--min-output", "8", "--max-output", "12"]
     env = {**os.environ, "NANOVLLM_CACHE": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--enforce-eager", "--quiet",
-                             "--json", str(out), *flags], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+                             "--decode-tokens", "3", "--json", str(out), *flags],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "CPU preset (the engine runs on the CPU)" in result.stdout
     assert "floor" not in result.stdout
+    for batch in (1, 16):
+        assert f"nanovllm decode, {batch} sequence(s): " in result.stdout
+    assert "peak memory (RSS) of this process: " in result.stdout
     row = json.loads(out.read_text())
     assert (row["preset"], row["shape"], row["device"]) == ("cpu", "smollm2-135m", "cpu")
     assert row["output_tokens"] == workload(*flags, cpu=True).output_tokens and row["tok_per_s"] > 0
