@@ -45,7 +45,8 @@ def main() -> None:
         seconds = time.perf_counter() - start
         engine = llm.llm_engine
         label = "plain" if config is None else f"n-gram, k={args.num_speculative_tokens}"
-        print(f"\n[{label}] {len(out.outputs[0].token_ids)} tokens in {engine.num_steps - steps_before} steps, {seconds:.2f} s")
+        steps = engine.num_steps - steps_before
+        print(f"\n[{label}] {len(out.outputs[0].token_ids)} tokens in {steps} steps, {seconds:.2f} s")
         if config is not None:
             m = out.metrics          # this request's counts (engine.speculator.metrics: all requests')
             print(f"proposed {m.num_draft_tokens} tokens, accepted {m.num_accepted_tokens} "

@@ -44,7 +44,8 @@ def noisy_draft(target, tmp_path_factory):
     shutil.copytree(target, path, dirs_exist_ok=True)
     tensors = load_file(os.path.join(path, "model.safetensors"))
     weight = tensors["model.norm.weight"]
-    tensors["model.norm.weight"] = weight * (1 + 0.8 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
+    noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+    tensors["model.norm.weight"] = weight * (1 + 0.8 * noise)
     save_file(tensors, os.path.join(path, "model.safetensors"))
     return path
 
@@ -168,7 +169,8 @@ def test_stops_inside_an_accepted_run(full_acceptance, plain):
     stop_token = ref_tokens[6]
     cases = [
         SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop_token]),
-        SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop_token], min_tokens=ref_tokens.index(stop_token) + 1),
+        SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop_token],
+                       min_tokens=ref_tokens.index(stop_token) + 1),
         SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.5, frequency_penalty=0.5),
         SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3),
     ]
@@ -191,7 +193,8 @@ def test_stops_inside_an_accepted_run(full_acceptance, plain):
 
 def test_prompt_logprobs(full_acceptance, plain):
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=2)
-    ref, out = plain.generate(PROMPTS, params, use_tqdm=False), full_acceptance.generate(PROMPTS, params, use_tqdm=False)
+    ref = plain.generate(PROMPTS, params, use_tqdm=False)
+    out = full_acceptance.generate(PROMPTS, params, use_tqdm=False)
     for r, o in zip(ref, out):
         assert o.outputs[0].token_ids == r.outputs[0].token_ids
         assert len(o.prompt_logprobs) == len(r.prompt_logprobs) == len(r.prompt_token_ids)

@@ -73,7 +73,8 @@ def verify(runner, batch: ScheduledBatch, eos_ids: Collection[int], draft_probs:
         for i, (start_row, count) in prompt_rows.items():
             seq, first = batch.seqs[i], batch.starts[i]
             targets = to_device(torch.tensor(seq.token_ids[first + 1:first + 1 + count]), logits.device)
-            prompt_logprobs[i] = gather_logprobs(logits[start_row:start_row + count], targets, seq.params.prompt_logprobs)
+            prompt_logprobs[i] = gather_logprobs(logits[start_row:start_row + count], targets,
+                                                 seq.params.prompt_logprobs)
     return Verified(batch, tokens, _rounds(tokens, sample_logprobs, prompt_logprobs))
 
 
@@ -83,6 +84,9 @@ def _sampling_row(seq, proposed_before: list[int], eos_ids) -> SamplingRow:
     needs_tokens = seq.params.min_tokens or uses_penalties(seq.params)
     token_ids = seq.token_ids + proposed_before if needs_tokens and proposed_before else seq.token_ids
     return SamplingRow.of(seq.params, token_ids, seq.num_prompt_tokens, seq.generator, eos_ids)
+
+
+_LOGPROBS_FIELDS = ("token_ids", "token_logprobs", "token_ranks", "top_ids", "top_logprobs")
 
 
 def _rounds(tokens: list[list[int]], logprobs: LogprobsTensors | None, prompt_logprobs: dict) -> list[StepResult]:
@@ -100,7 +104,6 @@ def _rounds(tokens: list[list[int]], logprobs: LogprobsTensors | None, prompt_lo
         if logprobs is not None:
             index = torch.tensor([start + j for start, t in zip(starts, sampled) if t is not None],
                                  device=logprobs.token_ids.device)
-            round_logprobs = LogprobsTensors(*(getattr(logprobs, f).index_select(0, index) for f in
-                                               ("token_ids", "token_logprobs", "token_ranks", "top_ids", "top_logprobs")))
+            round_logprobs = LogprobsTensors(*(getattr(logprobs, f).index_select(0, index) for f in _LOGPROBS_FIELDS))
         rounds.append(StepResult(sampled, round_logprobs, prompt_logprobs if j == 0 else {}))
     return rounds

@@ -1,0 +1,84 @@
+"""The Speculator: the engine's two hooks (`propose` before scheduling, `run` instead of the
+runner's launch) and the counters (`SpecDecodeMetrics`)."""
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from nanovllm.spec_decode.config import SpeculativeConfig
+from nanovllm.spec_decode.verify import Verified, verify
+
+
+@dataclass
+class SpecDecodeMetrics:
+    """Proposed and accepted tokens (of one request, or of the whole engine), as vLLM counts
+    them: an accepted token is a proposal the target agreed with; each verifying step also
+    emits one token of the target's own."""
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_drafts: int = 0               # (sequence, step) pairs that verified at least one proposal
+
+    def add(self, num_draft_tokens: int, num_accepted_tokens: int, num_drafts: int = 1) -> None:
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted_tokens
+        self.num_drafts += num_drafts
+
+    @classmethod
+    def total(cls, parts) -> "SpecDecodeMetrics":
+        out = cls()
+        for part in parts:
+            if part is not None:
+                out.add(part.num_draft_tokens, part.num_accepted_tokens, part.num_drafts)
+        return out
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
+
+    @property
+    def mean_acceptance_length(self) -> float | None:
+        """Tokens emitted per verifying step of a sequence: 1 + accepted proposals (vLLM's
+        'mean acceptance length')."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else None
+
+
+class Speculator:
+    def __init__(self, config):
+        spec: SpeculativeConfig = config.speculative_config
+        self.max_model_len = config.max_model_len
+        if spec.method == "ngram":
+            from nanovllm.spec_decode.ngram import NgramProposer
+            self.proposer = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
+        else:
+            from nanovllm.spec_decode.draft_model import DraftModelProposer
+            self.proposer = DraftModelProposer(config)
+        self.draft_probs = {}             # seq_id -> q of its proposals (draft model only)
+        self.metrics = SpecDecodeMetrics()
+
+    def propose(self, running: list, eos_ids: Collection[int]) -> None:
+        """Set each running sequence's proposals (`spec_token_ids`). Only a sequence that is
+        decoding gets any, and never more than could be emitted: a step emits up to k + 1."""
+        limits = [self._limit(seq) for seq in running]
+        if hasattr(self.proposer, "eos_ids"):
+            self.proposer.eos_ids = eos_ids
+        self.draft_probs = {}
+        for seq, (tokens, q) in zip(running, self.proposer.propose(running, limits)):
+            seq.spec_token_ids = tokens
+            if q is not None:
+                self.draft_probs[seq.seq_id] = q
+
+    def _limit(self, seq) -> int:
+        decoding = seq.num_computed_tokens == seq.num_tokens - 1 and seq.num_in_flight == 0
+        if not decoding:
+            return 0
+        return max(0, min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1)
+
+    def run(self, runner, batch, eos_ids: Collection[int]) -> Verified:
+        """The step on the target model, read back at once; counts proposals and acceptances."""
+        verified = verify(runner, batch, eos_ids, self.draft_probs)
+        for seq, proposed, tokens in zip(batch.seqs, batch.proposed, verified.tokens):
+            if proposed:
+                if seq.spec_metrics is None:
+                    seq.spec_metrics = SpecDecodeMetrics()
+                seq.spec_metrics.add(len(proposed), len(tokens) - 1)
+                self.metrics.add(len(proposed), len(tokens) - 1)
+        self.draft_probs = {}
+        return verified
