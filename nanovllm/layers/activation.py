@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.layers.fusion import fused
+from nanovllm import kernels
+from nanovllm.layers.fusion import use_kernels
 
 
-@fused("silu_and_mul")
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -18,6 +18,8 @@ class SiluAndMul(nn.Module):
     """The gated MLP's activation: silu(gate) * up, with gate and up fused in one tensor."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_kernels(x):
+            return kernels.silu_and_mul(x)
         return silu_and_mul(x)
 
 

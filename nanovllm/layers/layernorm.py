@@ -2,10 +2,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.layers.fusion import fused
+from nanovllm import kernels
+from nanovllm.layers.fusion import use_kernels
 
 
-@fused("rms_norm")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight, normalised in float32 (as transformers does)."""
     x32 = x.float()
@@ -13,7 +13,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x32.to(x.dtype) * weight
 
 
-@fused("add_rms_norm")
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """The pre-norm block's "add & norm": returns (rms_norm(x + residual), x + residual)."""
     x = x + residual
@@ -31,6 +30,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """`forward(x)` normalises; `forward(x, residual)` adds the residual first and also
         returns the sum, the new residual."""
+        if use_kernels(x):
+            if residual is None:
+                return kernels.rms_norm(x, self.weight, self.eps)
+            return kernels.add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         return add_rms_norm(x, residual, self.weight, self.eps)
