@@ -202,16 +202,35 @@ def test_prompt_logprobs(full_acceptance, plain):
             assert a.keys() == b.keys() and all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
 
 
-def test_prefix_caching_and_preemption(target, plain):
-    """A cache too small for every sequence at once: sequences are preempted and recomputed,
-    prompts share cached blocks; the tokens stay the plain engine's."""
+@pytest.mark.parametrize("method, limits", [
+    ("ngram", dict(num_gpu_blocks_override=12, block_size=8)),
+    ("draft", dict(num_gpu_blocks_override=12, block_size=8)),
+    ("draft", dict(max_num_batched_tokens=8, max_num_seqs=4)),
+])
+def test_tight_caches_and_budgets(target, plain, method, limits):
+    """A cache too small for every sequence at once (sequences are preempted and recomputed,
+    prompts share cached blocks), or a token budget smaller than a prompt (chunked prefill in the
+    same steps as verifications, proposals cut to what the budget leaves): the plain engine's
+    tokens."""
     prompts = [PROMPTS[0] * 2 + [i] for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     ref = run(plain, prompts, params)
-    llm = spec_llm(target, NGRAM, num_gpu_blocks_override=12, block_size=8)
+    config = NGRAM if method == "ngram" else {"model": target, "num_speculative_tokens": 4}
+    llm = spec_llm(target, config, **limits)
     assert [o.token_ids for o in run(llm, prompts, params)] == [r.token_ids for r in ref]
-    assert llm.llm_engine.scheduler.num_preemptions > 0
+    if "num_gpu_blocks_override" in limits:
+        assert llm.llm_engine.scheduler.num_preemptions > 0
     assert llm.llm_engine.speculator.metrics.num_accepted_tokens > 0
+
+
+def test_max_model_len_inside_a_proposal(target):
+    """Without max_tokens a sequence runs to max_model_len, which a proposal never crosses."""
+    params = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
+    limit = len(PROMPTS[0]) + 11
+    ref = run(LLM(target, device="cpu", enforce_eager=True, max_model_len=limit), PROMPTS[:1], params)[0]
+    out = run(spec_llm(target, {"model": target, "num_speculative_tokens": 4}, max_model_len=limit),
+              PROMPTS[:1], params)[0]
+    assert out.token_ids == ref.token_ids and len(out.token_ids) == 11 and out.finish_reason == "length"
 
 
 def test_a_sampled_run_follows_the_target_distribution(target, noisy_draft):

@@ -94,7 +94,9 @@ class DraftModelProposer:
                 if drafted != emitted:
                     break
                 common += 1
-            shadow.num_computed_tokens = min(shadow.num_computed_tokens, common)
+            # At least the newest token is computed again: its logits give the first proposal
+            # (a sequence the target did not advance last step has all its tokens computed here).
+            shadow.num_computed_tokens = min(shadow.num_computed_tokens, common, seq.num_tokens - 1)
             shadow.token_ids = list(seq.token_ids)
         self.synced[seq.seq_id] = seq.num_tokens
         # The draft computes up to the position before its last proposal.
