@@ -172,14 +172,17 @@ def test_stops_inside_an_accepted_run(full_acceptance, plain):
         SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop_token],
                        min_tokens=ref_tokens.index(stop_token) + 1),
         SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.5, frequency_penalty=0.5),
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, presence_penalty=1.0),
         SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3),
     ]
     text = run(plain, PROMPTS[:1], GREEDY)[0].text
     if len(text) > 12:
         cases.append(SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[text[8:11]]))
     for params in cases:
-        ref, out = run(plain, PROMPTS, params), run(full_acceptance, PROMPTS, params)
-        for r, o in zip(ref, out):
+        ref, outputs = run(plain, PROMPTS, params), full_acceptance.generate(PROMPTS, params, use_tqdm=False)
+        # The draft is the target, so it agrees on every proposal, penalties and min_tokens included.
+        assert all(o.metrics.num_accepted_tokens == o.metrics.num_draft_tokens for o in outputs)
+        for r, o in zip(ref, [o.outputs[0] for o in outputs]):
             assert (o.token_ids, o.text, o.finish_reason, o.stop_reason) == \
                    (r.token_ids, r.text, r.finish_reason, r.stop_reason), params
             if params.logprobs:

@@ -82,7 +82,8 @@ class DraftModelProposer:
             return None
         shadow = self.shadows.get(seq.seq_id)
         if shadow is None:
-            shadow = Sequence(seq.request_id, seq.index, seq.token_ids, seq.params, seq.generator)
+            shadow = Sequence(seq.request_id, seq.index, seq.prompt_token_ids, seq.params, seq.generator)
+            shadow.token_ids = list(seq.token_ids)      # its outputs count as outputs (penalties, min_tokens)
             if not self.block_manager.allocate(shadow):
                 return None
             self.shadows[seq.seq_id] = shadow
