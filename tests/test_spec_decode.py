@@ -268,6 +268,18 @@ def test_a_sampled_run_follows_the_target_distribution(target, noisy_draft):
     assert [o.token_ids for o in run(llm, [PROMPTS[2]] * 5, params[:5])] == [o.token_ids for o in outs[:5]]
 
 
+def test_server_metrics_count_proposals_when_speculating():
+    pytest.importorskip("prometheus_client")
+    from nanovllm.entrypoints.engine_process import EngineStats
+    from nanovllm.entrypoints.metrics import ServingMetrics
+    metrics = ServingMetrics("m")
+    off = metrics.render(EngineStats(1, 0, 10, 10, 1)).decode()
+    assert "spec_decode" not in off
+    on = metrics.render(EngineStats(1, 0, 10, 10, 1, num_draft_tokens=12, num_accepted_tokens=7)).decode()
+    assert 'vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="m"} 12.0' in on
+    assert 'vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 7.0' in on
+
+
 # -- configuration errors -----------------------------------------------------------------------
 @pytest.mark.parametrize("config, field", [
     ({"method": "eagle", "num_speculative_tokens": 2}, "method"),

@@ -62,6 +62,8 @@ class EngineStats:
     num_running: int = 0            # sequences in the running batch (vLLM: vllm:num_requests_running)
     num_waiting: int = 0            # sequences waiting for their (next) prefill
     num_preemptions: int = 0        # since the start
+    num_draft_tokens: int | None = None      # speculative decoding (None when off): proposed tokens,
+    num_accepted_tokens: int | None = None   # and those accepted, since the start
 
 
 @dataclass
@@ -207,9 +209,11 @@ class EngineLoop:
 
     def stats(self) -> EngineStats:
         bm, scheduler = self.engine.block_manager, self.engine.scheduler
+        spec = getattr(self.engine, "speculator", None)
         return EngineStats(self.engine.num_steps, self.engine.get_num_unfinished_requests(),
                            bm.num_free_blocks, bm.num_blocks, self.loop_iterations,
-                           len(scheduler.running), len(scheduler.waiting), scheduler.num_preemptions)
+                           len(scheduler.running), len(scheduler.waiting), scheduler.num_preemptions,
+                           spec and spec.metrics.num_draft_tokens, spec and spec.metrics.num_accepted_tokens)
 
 
 class FirstTokenClock:

@@ -104,6 +104,11 @@ class ServingMetrics:
                          "KV-cache usage. 1 means 100 percent usage.", usage)
             yield family(CounterMetricFamily, "vllm:num_preemptions",
                          "Cumulative number of preemption from the engine.", stats.num_preemptions)
+            if stats.num_draft_tokens is not None:      # speculative decoding is on
+                yield family(CounterMetricFamily, "vllm:spec_decode_num_draft_tokens",
+                             "Number of draft tokens.", stats.num_draft_tokens)
+                yield family(CounterMetricFamily, "vllm:spec_decode_num_accepted_tokens",
+                             "Number of accepted tokens.", stats.num_accepted_tokens)
         with self.lock:
             yield family(CounterMetricFamily, "vllm:prompt_tokens", "Number of prefill tokens processed.",
                          self.prompt_tokens)
