@@ -53,6 +53,7 @@ class Scheduler:
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
         self.chunked_prefill = config.enable_chunked_prefill
+        self.speculative = config.speculative_config is not None
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -134,7 +135,8 @@ class Scheduler:
         batch.starts.append(start)
         batch.num_new_tokens.append(n)
         batch.samples.append(end == seq.num_tokens + seq.num_in_flight + len(seq.spec_token_ids))
-        batch.proposed.append(list(seq.spec_token_ids))
+        if self.speculative:
+            batch.proposed.append(list(seq.spec_token_ids))
         batch.from_device.append(start == seq.num_tokens)      # the token in flight is its input
         seq.num_computed_tokens = end
         seq.num_in_flight += batch.samples[-1]
