@@ -15,6 +15,10 @@ the two): a sequence whose sampled token is not read back yet (`seq.num_in_fligh
 computes that token, which the step reads on the device. Such a step never preempts (the
 caller reads the step in flight back first instead) and leaves out sequences that the token
 in flight ends by length; one that it ends by EOS or a stop string computes a token in vain.
+
+With speculative decoding (nanovllm/spec_decode/) a decoding sequence may carry proposed
+tokens (`seq.spec_token_ids`): its span is then its newest token followed by them, 1 + k
+positions, as far as the budget and the free blocks allow (proposals never preempt).
 """
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,7 +35,7 @@ class ScheduledBatch:
     seqs: list[Sequence]
     starts: list[int]             # first position each sequence computes
     num_new_tokens: list[int]     # how many positions
-    samples: list[bool]           # does the span end at its newest token (so a token is sampled)?
+    samples: list[bool]           # does the span end at its newest (or last proposed) token, so it samples?
     from_device: list[bool]       # is its first input the previous step's sample, still on the device?
     # Speculative decoding: the proposed tokens each span ends with (inputs to verify; the
     # span then samples at each of them and at the token before). Empty without speculation.
