@@ -64,8 +64,9 @@ class DraftModelProposer:
                     [SamplingRow.of(s.params, s.token_ids, s.num_prompt_tokens, s.generator, self.eos_ids)
                      for s in shadows], self.runner.vocab_size, self.runner.device)
                 q = sampling_probs(logits, meta)
-            for (seq, shadow), q_row in zip(step, q):
-                token = int(q_row.argmax()) if seq.params.is_greedy else \
+            best = q.argmax(dim=-1).tolist()
+            for (seq, shadow), q_row, greedy_token in zip(step, q, best):
+                token = greedy_token if seq.params.is_greedy else \
                     int(torch.multinomial(q_row, 1, generator=seq.generator))
                 shadow.num_computed_tokens = shadow.num_tokens
                 shadow.append_token(token)

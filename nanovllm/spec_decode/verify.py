@@ -54,12 +54,13 @@ def verify(runner, batch: ScheduledBatch, eos_ids: Collection[int], draft_probs:
                 rows.append(_sampling_row(seq, proposed[i][:j], eos_ids))
         meta = SamplingMetadata.build(rows, runner.vocab_size, runner.device)
         probs = sampling_probs(logits[sample_rows], meta)
+        best = probs.argmax(dim=-1).tolist()       # greedy rows: the argmax (one read-back for all)
         tokens, row = [[] for _ in batch.seqs], 0
         for i in first_row:
             seq, k = batch.seqs[i], len(proposed[i])
             p = probs[row:row + k + 1]
             if seq.params.is_greedy:
-                tokens[i] = greedy_accept(p.argmax(dim=-1).tolist(), proposed[i])
+                tokens[i] = greedy_accept(best[row:row + k + 1], proposed[i])
             else:
                 q = draft_probs.get(seq.seq_id)
                 tokens[i] = rejection_sample(p, proposed[i], None if q is None else q[:k], seq.generator)
