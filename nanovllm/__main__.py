@@ -8,6 +8,7 @@ Nothing heavy is imported before the command needs it: `nanovllm --help` and `--
 answer at once, without loading torch.
 """
 import argparse
+import json
 import os
 import sys
 
@@ -15,6 +16,14 @@ DEFAULT_PORT = 8000
 DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20      # (openai_server's; repeated here to keep --help light)
 
 # (flag, type or "flag", help): engine arguments; the keyword is the flag with "_" for "-".
+def json_object(text: str) -> dict:
+    """A flag whose value is a JSON object (--speculative-config '{"method": "ngram", ...}')."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 _ENGINE_ARGS = [
     ("--tokenizer", str, "tokenizer name or path (default: the model's)"),
     ("--dtype", str, "auto, float32, float16 or bfloat16"),
@@ -31,6 +40,10 @@ _ENGINE_ARGS = [
     ("--attention-backend", str, "auto, triton, flash_attn or torch"),
     ("--enforce-eager", "flag", "do not capture CUDA graphs"),
     ("--trust-remote-code", "flag", "allow the checkpoint's own code"),
+    ("--quantization", str, "fp8, gptq, awq or gguf (default: the checkpoint's own)"),
+    ("--kv-cache-dtype", str, "auto, or fp8 (fp8_e4m3)"),
+    ("--speculative-config", json_object, 'speculative decoding, as JSON: {"method": "ngram", '
+                                          '"num_speculative_tokens": 4} or {"model": PATH, ...}'),
 ]
 
 

@@ -256,14 +256,21 @@ def load_hf_config(model_dir: str, trust_remote_code: bool = False):
 
 def resolve_dtype(dtype: str, hf_config, device: str) -> torch.dtype:
     """"auto" is the checkpoint's dtype (`dtype` in transformers 5, `torch_dtype` in 4.x). On a
-    CPU, a 16-bit or quantized checkpoint (GGUF's included) runs in bfloat16 where the CPU has
-    bf16 instructions, else in float32 (docs/cpu.md); a float32 checkpoint stays float32."""
+    CPU (docs/cpu.md): 4-bit integer weights run in float32 (their matmuls are bfloat16 inside
+    torch's int4 kernel anyway; the rest stays exact); another 16-bit or quantized checkpoint
+    (a GGUF file's included) in bfloat16 where the CPU has bf16 instructions, else in float32;
+    a float32 checkpoint stays float32."""
     if dtype != "auto":
         return _DTYPES[dtype]
     saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32"
     if isinstance(saved, str):
         saved = _DTYPES.get(saved, torch.float32)
-    quantized = getattr(hf_config, "quantization_config", None) or getattr(hf_config, "gguf_quantized", False)
+    quantization = getattr(hf_config, "quantization_config", None) or {}
+    if not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    if device == "cpu" and quantization.get("bits", quantization.get("w_bit")) == 4:
+        return torch.float32
+    quantized = quantization or getattr(hf_config, "gguf_quantized", False)
     if device == "cpu" and (saved != torch.float32 or quantized):
         return torch.bfloat16 if cpu_has_bf16_instructions() else torch.float32
     return saved

@@ -22,6 +22,10 @@ def test_auto_dtype_on_a_cpu(monkeypatch, bf16_instructions):
     assert resolve_dtype("auto", Config("float16"), "cpu") == half                   # float16 prefill is slow on CPUs
     assert resolve_dtype("auto", Config("float32", gguf_quantized=True), "cpu") == half
     assert resolve_dtype("auto", Config("float32", quantization_config={"quant_method": "gptq"}), "cpu") == half
+    for four_bits in ({"quant_method": "gguf", "bits": 4}, {"quant_method": "awq", "w_bit": 4}):   # int4 kernel
+        assert resolve_dtype("auto", Config("float16", quantization_config=four_bits), "cpu") == torch.float32
+    assert resolve_dtype("auto", Config("float16", quantization_config={"quant_method": "gptq", "bits": 8}),
+                         "cpu") == half
     assert resolve_dtype("auto", Config("float16"), "cuda") == torch.float16        # the GPU keeps the file's
     assert resolve_dtype("float16", Config("bfloat16"), "cpu") == torch.float16      # an explicit dtype wins
 

@@ -31,6 +31,7 @@ SEAMS = {
     "data parallelism (Ray, processes)": ["data_parallel.py", "ray.py"],
     "penalties and logprobs": ["engine/token_histograms.py", "engine/logprob_rows.py"],
     "beam search": ["beam_search.py"],
+    "speculative decoding": ["spec_decode/*.py"],
     "quantization": ["layers/quantization/*.py", "quantization/*.py"],
     "other model families": ["models/*.py", "!models/llama.py", "!models/qwen3.py", "!models/registry.py",
                              "!models/checkpoint.py", "!models/shapes.py"],
