@@ -23,7 +23,10 @@ def test_tiny_gguf_generates_like_its_source_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_smollm2_matches_transformers_and_knows_paris():
+def test_smollm2_matches_transformers_and_knows_paris(monkeypatch):
+    # The file's 4-bit weights through the exact reference: transformers' float32 tokens. (torch's
+    # int4 kernel, the CPU default, computes in bfloat16: tests/test_quantization.py checks it.)
+    monkeypatch.setenv("NANOVLLM_CPU_INT4", "0")
     from nanovllm.demo_assets import fetch_smollm2_gguf
     from nanovllm.gguf import gguf_to_hf_dir
     path = fetch_smollm2_gguf()

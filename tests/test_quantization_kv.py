@@ -162,7 +162,10 @@ def test_float8_kernels_compile_for_sm90(monkeypatch):
 
 
 @pytest.mark.slow
-def test_smollm2_on_a_float8_cache_knows_paris():
+def test_smollm2_on_a_float8_cache_knows_paris(monkeypatch):
+    # Exact float32 matmuls, so that the float8 cache is the only rounding here: this question's
+    # first token is a near-tie ("The" vs "L'"), which the int4 kernel's bfloat16 also tips.
+    monkeypatch.setenv("NANOVLLM_CPU_INT4", "0")
     from nanovllm.demo_assets import fetch_smollm2_gguf
     path = fetch_smollm2_gguf()
     if path is None:
