@@ -10,8 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from nanovllm.entrypoints.async_llm import AsyncLLM
-from nanovllm.entrypoints.openai_server import build_app
-from tests.server_helpers import CHAT, ENGINE_KWARGS, MODEL, PROMPTS, raw_error, serving
+from tests.server_helpers import CHAT, ENGINE_KWARGS, MODEL, PROMPTS, raw_error, url  # noqa: F401 (url: a fixture, over this module's engine)
 
 LABELS = {"model_name": MODEL, "engine": "0"}
 
@@ -21,12 +20,6 @@ def engine(tiny_qwen3):
     engine = AsyncLLM(tiny_qwen3, **{**ENGINE_KWARGS, "num_gpu_blocks_override": 16})
     yield engine
     engine.shutdown_sync()
-
-
-@pytest.fixture(scope="module")
-def url(engine):
-    with serving(build_app(engine, [MODEL])) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
