@@ -7,6 +7,7 @@ from nanovllm.quantization.int_linear import dequantize
 from nanovllm.quantization.packing import pack_int32
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton (GPU or TRITON_INTERPRET=1)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # the interpreter takes CPU tensors
 
 
 def random_quantized(n: int, k: int, bits: int, group_size: int, act_order: bool, dtype, seed: int = 0):
@@ -21,7 +22,8 @@ def random_quantized(n: int, k: int, bits: int, group_size: int, act_order: bool
     if act_order:
         g_idx = torch.empty(k, dtype=torch.int32)
         g_idx[torch.randperm(k, generator=gen)] = (torch.arange(k) // group_size).to(torch.int32)
-    return pack_int32(q, bits, dim=1), scales, mins, g_idx
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return to(pack_int32(q, bits, dim=1)), to(scales), to(mins), to(g_idx)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -31,7 +33,7 @@ def test_w4a16_gemm_matches_dequantize_then_matmul(dtype, group_size, act_order,
     from nanovllm.kernels.w4a16_gemm import w4a16_gemm
     n, k = 80, 256
     qweight, scales, mins, g_idx = random_quantized(n, k, 4, group_size, act_order, dtype, seed=rows)
-    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     w = dequantize(qweight, scales, mins, 4, group_size, g_idx)
     expected = (x.float() @ w.float().t())
     for split_k in (1, 2, None):
@@ -50,7 +52,7 @@ def test_w8a16_and_odd_groups(group_size):
     n, k = 48, 128
     for bits in (8, 4):
         qweight, scales, mins, g_idx = random_quantized(n, k, bits, group_size, False, torch.float32)
-        x = torch.randn(3, k)
+        x = torch.randn(3, k, device=DEVICE)
         expected = x @ dequantize(qweight, scales, mins, bits, group_size).t()
         torch.testing.assert_close(w4a16_gemm(x, qweight, scales, mins, bits, group_size), expected,
                                    rtol=1e-5, atol=1e-5)
@@ -60,9 +62,9 @@ def test_w4a16_gemm_rejects_mismatched_shapes():
     from nanovllm.kernels.w4a16_gemm import w4a16_gemm
     qweight, scales, mins, _ = random_quantized(32, 64, 4, 32, False, torch.float32)
     with pytest.raises(ValueError, match="features"):
-        w4a16_gemm(torch.randn(2, 96), qweight, scales, mins, 4, 32)
+        w4a16_gemm(torch.randn(2, 96, device=DEVICE), qweight, scales, mins, 4, 32)
     with pytest.raises(ValueError, match="bits"):
-        w4a16_gemm(torch.randn(2, 64), qweight, scales, mins, 3, 32)
+        w4a16_gemm(torch.randn(2, 64, device=DEVICE), qweight, scales, mins, 3, 32)
 
 
 def _launch_w4a16_variants():
