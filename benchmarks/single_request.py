@@ -1,17 +1,30 @@
-"""Single-request decode latency: batch 1, a 1,024-token prompt, CUDA graphs (Qwen3-0.6B shape,
-dummy weights). Per-token time = (time for 1 + N tokens - time for 1 token) / N."""
+"""Single-request decode latency: batch 1, CUDA graphs, dummy weights. Per-token time =
+(time for 1 + N tokens - time for 1 token) / N.
+
+    python benchmarks/single_request.py                              # Qwen3-0.6B shape, 1,024-token prompt
+    python benchmarks/single_request.py --shape llama-3.2-1b-gptq    # a 4-bit GPTQ model of Llama-3.2-1B's shape
+"""
+import argparse
 import random
 import time
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.models.shapes import shape_checkpoint_dir
+from nanovllm.models.shapes import SHAPES, shape_checkpoint_dir
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--shape", default="qwen3-0.6b", choices=list(SHAPES))
+p.add_argument("--prompt-tokens", type=int, default=1024)
+p.add_argument("--new-tokens", type=int, default=256)
+p.add_argument("--kv-cache-dtype", default="auto")
+p.add_argument("--quantization", default=None)
+args = p.parse_args()
 
 start = time.perf_counter()
-llm = LLM(shape_checkpoint_dir("qwen3-0.6b"), load_format="dummy", max_model_len=4096,
-          enable_prefix_caching=False)
+llm = LLM(shape_checkpoint_dir(args.shape), load_format="dummy", max_model_len=4096, enable_prefix_caching=False,
+          kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization)
 print(f"start-up (dummy weights, warm-up, KV cache, graph capture): {time.perf_counter() - start:.1f} s")
-prompt = [random.Random(0).randint(0, 10000) for _ in range(1024)]
-N = 256
+prompt = [random.Random(0).randint(0, 10000) for _ in range(args.prompt_tokens)]
+N = args.new_tokens
 
 
 def timed(max_tokens: int) -> float:
@@ -23,5 +36,6 @@ def timed(max_tokens: int) -> float:
 timed(N + 1)                                  # warm-up
 prefill = min(timed(1) for _ in range(3))
 total = min(timed(N + 1) for _ in range(3))
-print(f"batch-1 decode at ~1,100-token context: {1000 * (total - prefill) / N:.3f} ms/token "
-      f"(prefill of 1,024 tokens: {1000 * prefill:.1f} ms)")
+print(f"{args.shape} (quantization {args.quantization}, KV cache {args.kv_cache_dtype}): batch-1 decode at "
+      f"~{args.prompt_tokens + N // 2:,}-token context: {1000 * (total - prefill) / N:.3f} ms/token "
+      f"(prefill of {args.prompt_tokens:,} tokens: {1000 * prefill:.1f} ms)")

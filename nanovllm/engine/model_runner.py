@@ -65,7 +65,7 @@ class ModelRunner:
             self.model = cls(hf)
         torch.set_default_dtype(default_dtype)
         if config.load_format == "dummy":
-            init_dummy_weights(self.model, config.seed, config.quantization)
+            init_dummy_weights(self.model, config.seed, config.quant_config)
         else:
             load_weights(self.model, config.model_dir, config.quantization)
         self.model.eval()

@@ -58,6 +58,9 @@ SHAPES: dict[str, dict] = {
         sliding_window=2047, rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False,
         torch_dtype="bfloat16", bos_token_id=1, eos_token_id=32000),
 }
+# The same model as a 4-bit GPTQ checkpoint (group size 128), as its published 4-bit versions are.
+SHAPES["llama-3.2-1b-gptq"] = dict(SHAPES["llama-3.2-1b"], quantization_config=dict(
+    quant_method="gptq", bits=4, group_size=128, desc_act=False, sym=True))
 
 
 def shape_checkpoint_dir(name: str, root: str | None = None) -> str:

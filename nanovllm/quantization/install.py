@@ -25,12 +25,13 @@ def method_for(cfg: QuantConfig):
     return Fp8WeightMethod(cfg)
 
 
-def quantize_linears(model: nn.Module, cfg: QuantConfig, checkpoint_names: Iterable[str]) -> list[str]:
+def quantize_linears(model: nn.Module, cfg: QuantConfig, checkpoint_names: Iterable[str] | None) -> list[str]:
     """Swap the weights of the linears that `cfg` and the checkpoint's tensor names keep quantized
-    for their quantized tensors (before loading). Returns the names of those layers."""
+    for their quantized tensors (before loading). Returns the names of those layers. Without
+    names (FP8 quantized at load, random weights): every linear of the decoder layers."""
     from nanovllm.layers.linear import ReplicatedLinear, _Linear
     method = method_for(cfg)
-    if cfg.method == "fp8" and not cfg.serialized:
+    if checkpoint_names is None or (cfg.method == "fp8" and not cfg.serialized):
         names = [name for name, m in model.named_modules()
                  if isinstance(m, _Linear) and not isinstance(m, ReplicatedLinear)]
     else:

@@ -1,0 +1,76 @@
+"""Prefill throughput: many long prompts, one output token each, and the arithmetic rate it reaches.
+
+    python benchmarks/prefill.py                                  # 128 x 4,000 tokens, Qwen3-0.6B shape
+    python benchmarks/prefill.py --shape llama-3.2-1b --quantization fp8
+
+FLOPs counted: 2 per active weight of the decoder layers per prompt token, causal attention
+(4 per head dimension per query-key pair: QK^T and PV over the n(n+1)/2 pairs of a prompt), and
+the LM head for the one position per prompt that is sampled. The rate is set against the GPU's
+dense bf16 peak (bench.py's table, or --flops).
+"""
+import argparse
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench import KNOWN_GPUS  # noqa: E402
+from nanovllm import LLM, SamplingParams  # noqa: E402
+from nanovllm.models.shapes import SHAPES, shape_checkpoint_dir  # noqa: E402
+
+
+def prefill_flops(c: dict, prompt_lens: list[int]) -> float:
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    h, heads, kv_heads = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    mlp = c.get("moe_intermediate_size", 0) * c.get("num_experts_per_tok", 0) or c["intermediate_size"]
+    per_layer = h * head_dim * (2 * heads + 2 * kv_heads) + 3 * h * mlp
+    tokens = sum(prompt_lens)
+    pairs = sum(n * (n + 1) / 2 for n in prompt_lens)
+    layers = c["num_hidden_layers"]
+    return 2 * layers * per_layer * tokens + 4 * layers * heads * head_dim * pairs + 2 * c["vocab_size"] * h * len(prompt_lens)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="qwen3-0.6b", choices=list(SHAPES))
+    p.add_argument("--num-seqs", type=int, default=128)
+    p.add_argument("--input", type=int, default=4000, help="tokens per prompt")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--quantization", default=None)
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--flops", type=float, default=None, help="peak FLOP/s (default: the GPU's dense bf16, if known)")
+    args = p.parse_args()
+
+    llm = LLM(shape_checkpoint_dir(args.shape), load_format="dummy", max_model_len=args.input + 16,
+              enable_prefix_caching=False, max_num_batched_tokens=args.max_num_batched_tokens,
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+    rng = random.Random(0)
+    prompts = [[rng.randint(0, 10000) for _ in range(args.input)] for _ in range(args.num_seqs)]
+    params = SamplingParams(temperature=0, max_tokens=1)
+    llm.generate(prompts[:8], params, use_tqdm=False)                          # warm-up
+    times = []
+    for _ in range(3):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        times.append(time.perf_counter() - start)
+    seconds = min(times)
+    flops = prefill_flops(SHAPES[args.shape], [len(x) for x in prompts])
+    tokens = args.num_seqs * args.input
+    line = (f"prefill {args.num_seqs} x {args.input} tokens ({args.shape}, quantization {args.quantization}): "
+            f"{seconds:.3f} s (best of 3), {tokens / seconds:,.0f} prompt tok/s, {flops / seconds / 1e12:.1f} TFLOP/s")
+    peak = args.flops
+    if peak is None and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        peak = next((v[1] for k, v in KNOWN_GPUS.items() if k in name), None)
+    if peak:
+        line += f", {100 * flops / seconds / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s"
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
