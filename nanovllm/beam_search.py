@@ -183,6 +183,16 @@ def beam_search(llm, prompts: list, params: BeamSearchParams, use_tqdm: bool = F
     return outputs
 
 
+async def beam_search_async(run, prompts: list, params: BeamSearchParams, eos_ids: set[int], max_model_len: int,
+                            tokenizer) -> list[BeamSearchOutput]:
+    """The same search driven by an async engine (the server's /v1/completions with
+    use_beam_search): `await run(prompts, sampling_params)` gives each prompt's final RequestOutput."""
+    search = BeamSearch(prompts, params, eos_ids, max_model_len)
+    while not search.done:
+        search.advance(await run(search.next_prompts(), search.step_params))
+    return search.outputs(tokenizer)
+
+
 def _eos_ids(llm) -> set[int]:
     """The ids that complete a beam: every EOS id of the model, as generate stops on them (an
     engine that does not list them, such as data-parallel replicas behind one front: the

@@ -13,8 +13,9 @@ import pytest
 
 from nanovllm import SamplingParams
 from nanovllm.entrypoints.openai_server import build_app
+from nanovllm.sampling_params import BeamSearchParams
 from tests.server_helpers import (CHAT, MODEL, PROMPTS, client, engine, greedy, llm,  # noqa: F401
-                                  same_text, serving, url)
+                                  raw_error, same_text, serving, url)
 
 def test_health_and_models(url, client):
     assert httpx.get(f"{url}/health").status_code == 200
@@ -38,6 +39,32 @@ def test_completions_match_llm_generate(client, llm):
     assert one.choices[0].text == expected[0].outputs[0].text
     many = client.completions.create(model=MODEL, prompt=ids[:2], max_tokens=16, temperature=0)
     assert [c.text for c in many.choices] == [o.outputs[0].text for o in expected[:2]]
+
+
+def test_use_beam_search_gives_llm_beam_search_beams(client, llm):
+    params = BeamSearchParams(beam_width=3, max_tokens=8)
+    expected = llm.beam_search(PROMPTS[:2], params)
+    resp = client.completions.create(model=MODEL, prompt=PROMPTS[:2], max_tokens=8, n=3,
+                                     extra_body={"use_beam_search": True})
+    assert [c.index for c in resp.choices] == list(range(6))
+    tokenizer = llm.get_tokenizer()
+    for i, prompt in enumerate(PROMPTS[:2]):
+        num_prompt = len(tokenizer(prompt).input_ids)
+        beams = expected[i].sequences
+        choices = resp.choices[3 * i:3 * i + 3]
+        # the server's text is the generated part only (vLLM's server), without a completing EOS
+        assert [c.text for c in choices] == [
+            tokenizer.decode(b.tokens[num_prompt:len(b.tokens) - (b.finish_reason == "stop")]) for b in beams]
+        assert [c.finish_reason for c in choices] == [b.finish_reason for b in beams]
+    assert resp.usage.completion_tokens == sum(len(b.tokens) - len(tokenizer(p).input_ids)
+                                               for p, out in zip(PROMPTS, expected) for b in out.sequences)
+
+
+@pytest.mark.parametrize("extra, param", [({"stream": True}, "stream"), ({"logprobs": 2}, "logprobs"),
+                                          ({"n": 11}, "n"), ({"length_penalty": "x"}, "length_penalty")])
+def test_use_beam_search_refuses_what_it_cannot_do(url, extra, param):
+    error = raw_error(url, 400, {"model": MODEL, "prompt": "Hi", "use_beam_search": True, "n": 2, **extra})
+    assert error["param"] == param
 
 
 def test_completion_stream_concatenates_to_the_same_text(client):

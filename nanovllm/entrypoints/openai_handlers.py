@@ -24,13 +24,14 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
+from nanovllm.beam_search import beam_search_async
 from nanovllm.entrypoints.async_llm import AsyncLLM, EngineDeadError, RequestStream
 from nanovllm.entrypoints.engine_process import summarize
 from nanovllm.entrypoints.errors import sampling_param
 from nanovllm.entrypoints.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest,
                                            DetokenizeRequest, OpenAIError, TokenizeRequest)
 from nanovllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +203,10 @@ class OpenAIHandlers:
     # -- /v1/completions ---------------------------------------------------------------------
     async def completions(self, body: CompletionRequest):
         model = self._check_model(body.model)
-        params = self._params(body)
+        if body.use_beam_search:
+            params, beam_params = None, body.to_beam_search_params(self.max_model_len)
+        else:
+            params, beam_params = self._params(body), None
         prompts = body.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -216,8 +220,10 @@ class OpenAIHandlers:
             self._check_length(ids, body.max_tokens)
             inputs.append({"prompt": p if isinstance(p, str) else None, "prompt_token_ids": ids})
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        streams = await self._add(request_id, inputs, params, "prompt")
         head = {"id": request_id, "object": "text_completion", "created": created, "model": model}
+        if beam_params is not None:
+            return await self._beam_search_completion(head, inputs, beam_params)
+        streams = await self._add(request_id, inputs, params, "prompt")
         if body.stream:
             chunks = self._completion_chunks(body, head, inputs, streams)
             return StreamingResponse(self._events(chunks), media_type="text/event-stream")
@@ -234,6 +240,29 @@ class OpenAIHandlers:
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
                                 "prompt_logprobs": _prompt_logprobs_json(out.prompt_logprobs)})
                 completion_tokens += len(c.token_ids)
+        prompt_tokens = sum(len(x["prompt_token_ids"]) for x in inputs)
+        return {**head, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+
+    async def _beam_search_completion(self, head: dict, inputs: list[dict], params: BeamSearchParams) -> dict:
+        """vLLM's use_beam_search: each step, every live beam is one engine request (their prompt
+        blocks shared through the prefix cache); n = beam_width choices per prompt, best first.
+        A completing EOS is the tokenizer's (as vLLM's server)."""
+        async def run(prompts: list[dict], step_params) -> list[RequestOutput]:
+            step_id = f"{head['id']}-{uuid.uuid4().hex[:8]}"
+            return await self._finals(await self._add(step_id, prompts, step_params, "prompt"))
+        eos = self.tokenizer.eos_token_id
+        outputs = await beam_search_async(run, inputs, params, set() if eos is None else {eos}, self.max_model_len,
+                                          self.tokenizer)
+        choices, completion_tokens = [], 0
+        for i, (prompt, out) in enumerate(zip(inputs, outputs)):
+            for j, beam in enumerate(out.sequences):
+                generated = beam.tokens[len(prompt["prompt_token_ids"]):]
+                shown = generated[:-1] if beam.finish_reason == "stop" and not params.include_stop_str_in_output \
+                    else generated
+                choices.append({"index": i * params.beam_width + j, "text": self.tokenizer.decode(shown),
+                                "logprobs": None, "finish_reason": beam.finish_reason,
+                                "stop_reason": beam.stop_reason})
+                completion_tokens += len(generated)
         prompt_tokens = sum(len(x["prompt_token_ids"]) for x in inputs)
         return {**head, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
 

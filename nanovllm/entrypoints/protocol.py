@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from nanovllm.sampling_params import RequestOutputKind, SamplingParams
+from nanovllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 
 class OpenAIError(Exception):
@@ -102,6 +102,9 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    # vLLM's beam search: n beams, best first (see to_beam_search_params)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
     @property
     def echo_only(self) -> bool:
@@ -122,6 +125,22 @@ class CompletionRequest(_SamplingRequest):
         # The engine always makes at least one token: echo_only discards it.
         max_tokens = 1 if self.echo_only else self.max_tokens
         return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs)
+
+    def to_beam_search_params(self, max_model_len: int) -> BeamSearchParams:
+        """use_beam_search: n beams of at most max_tokens (None: up to max_model_len), with
+        temperature (default 0), ignore_eos, length_penalty and include_stop_str_in_output."""
+        self.check_fields()
+        for name in ("stream", "echo", "logprobs", "prompt_logprobs", "suffix"):
+            if getattr(self, name):
+                raise OpenAIError(f"{name} is not supported with use_beam_search", param=name)
+        try:
+            return BeamSearchParams(beam_width=self.n, max_tokens=self.max_tokens or max_model_len,
+                                    ignore_eos=self.ignore_eos, temperature=0.0 if self.temperature is None else
+                                    self.temperature, length_penalty=self.length_penalty,
+                                    include_stop_str_in_output=self.include_stop_str_in_output)
+        except ValueError as e:
+            field = getattr(e, "parameter", None)
+            raise OpenAIError(str(e), param="n" if field == "beam_width" else field) from None
 
 
 class ContentPart(BaseModel):
