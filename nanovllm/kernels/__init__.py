@@ -13,6 +13,7 @@
     rotary_                  RoPE on q and k in place, optional q/k norm  (rotary.py)
     silu_and_mul             the gated MLP's activation                  (silu_and_mul.py)
     fused_moe                mixture-of-experts: two grouped GEMMs        (fused_moe.py)
+    quantize_rows_fp8        float8 activations, one scale per row       (quantize_fp8.py)
     *_reference              the same in plain torch                      (reference.py)
     (the online-softmax step the two attention kernels share: online_softmax.py)
 
@@ -38,6 +39,7 @@ _LAZY = {
     "logsumexp_and_rank": ".logprobs",
     "logprobs_and_top_k": ".logprobs",
     "rms_norm": ".rms_norm",
+    "quantize_rows_fp8": ".quantize_fp8",
     "add_rms_norm": ".rms_norm",
     "rotary_": ".rotary",
     "silu_and_mul": ".silu_and_mul",

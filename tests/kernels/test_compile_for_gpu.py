@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRI
                                 reason="checks the compiler from the CPU interpreter's recordings")
 
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-          torch.int64: "i64", torch.bool: "i1", torch.uint8: "u8", torch.int8: "i8"}
+          torch.int64: "i64", torch.bool: "i1", torch.uint8: "u8", torch.int8: "i8",
+          torch.float8_e4m3fn: "fp8e4nv"}
 
 
 def _launch_all_kernels():
@@ -66,6 +67,7 @@ def _launch_all_kernels():
     for splits in (1, 2):
         kernels.paged_decode_attention(decode["q"], decode["k_cache"], decode["v_cache"], decode["seq_lens"],
                                        decode["block_tables"], 0.2, num_splits=splits)
+    kernels.quantize_rows_fp8(torch.randn(3, 64, dtype=h))
     kv = torch.randn(3, 2, 32, dtype=h)
     kernels.store_kv_cache(kv, kv, torch.zeros(2, 16, 2, 32, dtype=h), torch.zeros(2, 16, 2, 32, dtype=h),
                            torch.tensor([0, 5, -1]))

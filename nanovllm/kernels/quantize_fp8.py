@@ -1,0 +1,50 @@
+"""Triton kernel: quantize each row of x to float8 e4m3 with its own scale (FP8 linears'
+activations, nanovllm/quantization/fp8_linear.py).
+
+    scale[m] = max(max_k |x[m, k]|, 448 * 1e-12) / 448      x8[m, k] = e4m3(x[m, k] / scale[m])
+
+The torch reference (`quantize_rows`) takes about eight passes over a float32 copy of x; this is
+one program per row that reads the row twice (its largest |x|, then the scaled values) in x's own
+dtype and writes one byte per value. Divisions round to nearest (div_rn) and the e4m3 rounding is
+the KV store's, so the result equals the reference's bit for bit.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from nanovllm.kernels.store_kv import _round_to_e4m3
+
+FP8_MAX: tl.constexpr = tl.constexpr(448.0)     # float8 e4m3's largest value
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, K, stride_xm, stride_om, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    largest = tl.zeros([BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+        largest = tl.maximum(largest, tl.abs(x))
+    scale = tl.maximum(tl.math.div_rn(tl.max(largest, 0), FP8_MAX), 1e-12)
+    tl.store(scale_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
+        tl.store(out_ptr + row * stride_om + k, _round_to_e4m3(q).to(out_ptr.dtype.element_ty), mask=k < K)
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (last dimension contiguous) -> (float8_e4m3fn [M, K], float32 scales [M])."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x must be a 2-D tensor with contiguous rows, got shape {tuple(x.shape)}, "
+                         f"strides {x.stride()}")
+    M, K = x.shape
+    out = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M:
+        block = min(triton.next_power_of_2(K), 4096)
+        _quantize_rows_kernel[(M,)](x, out, scale, K, x.stride(0), out.stride(0), BLOCK_K=block,
+                                    num_warps=4 if block <= 1024 else 8)
+    return out, scale

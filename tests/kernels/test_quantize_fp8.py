@@ -1,0 +1,34 @@
+"""The per-row float8 quantization kernel against fp8_linear's torch reference, bit for bit."""
+import pytest
+import torch
+
+from nanovllm.kernels.quantize_fp8 import quantize_rows_fp8
+from nanovllm.quantization.fp8_linear import quantize_rows
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(5, 64), (3, 300), (2, 5000)])    # one block, a ragged one, several
+def test_equals_the_reference(dtype, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=g) * torch.logspace(-4, 2, shape[0])[:, None]).to(dtype)
+    x[0, :3] = 0.0
+    if shape[0] > 2:
+        x[2] = 0.0                                   # an all-zero row: the scale's floor
+    x = x.to(DEVICE)
+    q, scale = quantize_rows_fp8(x)
+    q_ref, scale_ref = quantize_rows(x)
+    assert torch.equal(scale, scale_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+def test_strided_rows_and_empty():
+    x = torch.randn(4, 128, device=DEVICE)[:, :96]     # rows with a stride > K
+    q, scale = quantize_rows_fp8(x)
+    q_ref, scale_ref = quantize_rows(x)
+    assert torch.equal(scale, scale_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    q, scale = quantize_rows_fp8(torch.empty(0, 32, device=DEVICE))
+    assert q.shape == (0, 32) and scale.shape == (0,)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        quantize_rows_fp8(torch.randn(8, 4, device=DEVICE).t())
