@@ -46,15 +46,22 @@ def floor_seconds(w: Workload, hf_config, bandwidth: float, flops: float, max_nu
     sequence's whole KV cache once; there are at least as many steps as the longest output, and
     at least (all output tokens) / max_num_seqs. Prefill is compute-bound: 2 FLOP per parameter
     per computed prompt token, plus causal attention (4 FLOP per head dimension per query-key
-    pair); a shared prefix is computed once (prefix cache)."""
+    pair); a shared prefix is computed once (prefix cache). A mixture of experts computes with
+    its active experts, but a decode step reads every expert that one of its sequences is routed
+    to: with k of E experts per token and max_num_seqs sequences, E * (1 - (1 - k/E)^max_num_seqs)."""
     c = hf_config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2
-    params = c.num_hidden_layers * (c.hidden_size * head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-                                    + 3 * c.hidden_size * c.intermediate_size) + c.vocab_size * c.hidden_size
+    attention = c.hidden_size * head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    experts, active = getattr(c, "num_experts", 0) or 0, getattr(c, "num_experts_per_tok", 0) or 0
+    expert = 3 * c.hidden_size * getattr(c, "moe_intermediate_size", 0) if experts else 0
+    mlp = expert * active if experts else 3 * c.hidden_size * c.intermediate_size
+    mlp_read = expert * experts * (1 - (1 - active / experts) ** max_num_seqs) if experts else mlp
+    embedding = c.vocab_size * c.hidden_size
+    params = c.num_hidden_layers * (attention + mlp) + embedding
     kv_bytes = sum(kv_per_token * (len(p) * o + o * (o - 1) // 2) for p, o in zip(w.prompts, w.output_lens))
     decode_steps = max(max(w.output_lens), math.ceil(w.output_tokens / max_num_seqs))
-    weight_bytes = 2 * params * decode_steps
+    weight_bytes = 2 * (c.num_hidden_layers * (attention + mlp_read) + embedding) * decode_steps
     prefix = w.shared_prefix
     computed_tokens = prefix + sum(len(p) - prefix for p in w.prompts)
     pairs = prefix * prefix / 2 + sum((len(p) ** 2 - prefix ** 2) / 2 for p in w.prompts)
