@@ -1,19 +1,32 @@
-"""Triton kernel: y = x @ W^T with W kept as 4- (or 8-) bit integers, unpacked and scaled in registers.
+"""Triton kernels: y = x @ W^T with W kept as 4- (or 8-) bit integers, unpacked and scaled in registers.
 
 W is in nanovllm's quantized layout (nanovllm/quantization/int_linear.py): qweight int32 [N, K / p]
 (p = 32 // bits values per word, packed along K), scales and mins [N, groups]; the weight is
 w[n, k] = q[n, k] * scales[n, g(k)] + mins[n, g(k)], g(k) = k // group_size, or g_idx[k] where
 GPTQ's act-order left a rank's groups scattered.
 
-* A program computes a BLOCK_M x BLOCK_N tile of y, walking K in BLOCK_K steps. Each step loads
-  BLOCK_K / p words per column, shifts the values out of them ([K/p, p, N] reshaped to [K, N]),
-  scales them in float32 and multiplies in the activations' dtype on the tensor cores. Only the
-  packed words cross the memory bus: that is the point of 4 bits in decode, which reads every
-  weight once per step and little else.
-* BLOCK_K divides the group size, so a step lies in one group: its scales and mins are one row
-  of BLOCK_N values (the g_idx variant looks them up per input feature instead).
-* Split-K: with few rows (decode batches) there are too few output tiles to fill the GPU, so K is
-  cut into `split_k` ranges, each program writes a float32 partial tile, and the partials are summed.
+Decode reads every weight once per step and little else, so what counts is how fast the packed
+words stream in; on an H200 the unpacking, not the bus, was the limit (~10 instructions a weight
+against the ~4 that the bandwidth leaves time for). Both kernels therefore:
+* scale after summing: within one group, sum_k x[k] * w[n, k] = scales[n, g] * sum_k x[k] * q[n, k]
+  + mins[n, g] * sum_k x[k], so a weight costs its unpacking and one multiply-add; the scale and min
+  are applied once per group and column (a K step never crosses a group: BLOCK_K divides the group).
+  The integer products are exact, so this is at least as accurate as scaling each weight first.
+* clamp the last tile's columns instead of masking the loads (the stores are masked), and walk
+  K with pointers advanced each step rather than recomputed.
+
+Two kernels, picked by the number of rows (see `_config`):
+* `_w4a16_gemv_kernel`, for a row or two: no tensor cores. Each program takes one row and BLOCK_N
+  columns; value j of every word is shifted out as a float with the bit trick in
+  `_unpack_value` and multiplied by x[k] in float32. Rows of one column tile are neighbouring
+  programs, so the second row's weights come from L2.
+* `_w4a16_dot_kernel`, for more rows: the integers go to the tensor cores as the activations'
+  dtype (exact: 0..255) and tl.dot sums them against x. With g_idx (scattered groups) each weight
+  is scaled before the dot instead.
+
+Split-K: with few output tiles there are too few programs to fill the GPU, so K is cut into
+`split_k` ranges, each program writes a float32 partial tile and the partials are summed after
+(two more kernel launches: the sweep in benchmarks/bench_w4a16.py weighs that against idle SMs).
 """
 import functools
 
@@ -23,7 +36,69 @@ import triton.language as tl
 
 
 @triton.jit
-def _w4a16_kernel(
+def _unpack_value(words, J: tl.constexpr, BITS: tl.constexpr):
+    """Value J of each int32 word as an exact float32, with two integer-free float ops.
+
+    The value's bits are masked in place into the mantissa of 1.0 (0x3F800000), giving
+    1 + q * 2^(pos - 23); times 2^(23 - pos) minus 2^(23 - pos) is then q exactly (one fused
+    multiply-add). The upper half of the word is shifted down first so that every value sits
+    below bit 16, inside the 23-bit mantissa.
+    """
+    HALF: tl.constexpr = 16 // BITS
+    POS: tl.constexpr = (J % HALF) * BITS
+    UNIT: tl.constexpr = float(1 << (23 - POS))
+    if J < HALF:
+        src = words
+    else:
+        src = words >> 16
+    mantissa = (src & (((1 << BITS) - 1) << POS)) | 0x3F800000
+    return mantissa.to(tl.float32, bitcast=True) * UNIT - UNIT
+
+
+@triton.jit
+def _w4a16_gemv_kernel(
+    x_ptr, qweight_ptr, scales_ptr, mins_ptr, out_ptr,
+    N, K, k_per_split,
+    stride_xm, stride_qn, stride_sn, stride_mn, stride_os, stride_om,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    PACK: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PACK
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    safe_cols = tl.minimum(cols, N - 1)                           # the last tile re-reads column N-1
+    words_k = tl.arange(0, WORDS)
+    k_start = pid_k * k_per_split                                 # K % BLOCK_K == 0: every step is whole
+    k_len = tl.minimum(k_per_split, K - k_start)
+    w_ptrs = qweight_ptr + safe_cols[:, None] * stride_qn + (k_start // PACK + words_k)[None, :]
+    x_ptrs = x_ptr + row * stride_xm + k_start + words_k * PACK   # x of value 0 of each word
+    s_ptrs = scales_ptr + safe_cols * stride_sn
+    m_ptrs = mins_ptr + safe_cols * stride_mn
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # tl.range(num_stages=): loops without tl.dot are software-pipelined only when asked
+    for k0 in tl.range(0, k_len, BLOCK_K, num_stages=NUM_STAGES):
+        words = tl.load(w_ptrs)                                   # [BLOCK_N, WORDS]
+        dots = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+        x_sum = tl.zeros([WORDS], dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            xj = tl.load(x_ptrs + j).to(tl.float32)               # x[k] for value j of each word
+            dots += _unpack_value(words, j, BITS) * xj[None, :]
+            x_sum += xj
+        group = (k_start + k0) // GROUP_SIZE                      # BLOCK_K divides GROUP_SIZE
+        scale = tl.load(s_ptrs + group).to(tl.float32)
+        low = tl.load(m_ptrs + group).to(tl.float32)
+        acc += tl.sum(dots, axis=1) * scale + low * tl.sum(x_sum, axis=0)
+        w_ptrs += WORDS
+        x_ptrs += BLOCK_K
+    tl.store(out_ptr + pid_k * stride_os + row * stride_om + cols, acc.to(out_ptr.dtype.element_ty),
+             mask=cols < N)
+
+
+@triton.jit
+def _w4a16_dot_kernel(
     x_ptr, qweight_ptr, scales_ptr, mins_ptr, g_idx_ptr, out_ptr,
     M, N, K, k_per_split,
     stride_xm, stride_xk,
@@ -31,7 +106,7 @@ def _w4a16_kernel(
     stride_sn, stride_sg,
     stride_mn, stride_mg,
     stride_os, stride_om, stride_on,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_G_IDX: tl.constexpr,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_G_IDX: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
@@ -41,7 +116,7 @@ def _w4a16_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
-    col_mask = cols < N
+    safe_cols = tl.minimum(cols, N - 1)                           # the last tile re-reads column N-1
     words_k = tl.arange(0, BLOCK_K // PACK)                       # the step's words along K
     shifts = (tl.arange(0, PACK) * BITS)[None, :, None]           # [1, PACK, 1]
 
@@ -50,37 +125,51 @@ def _w4a16_kernel(
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < k_end
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        word_mask = ((k0 // PACK + words_k) * PACK < k_end)[:, None] & col_mask[None, :]
-        words = tl.load(qweight_ptr + cols[None, :] * stride_qn + (k0 // PACK + words_k)[:, None] * stride_qk,
-                        mask=word_mask, other=0)                  # [BLOCK_K / PACK, BLOCK_N]
+        w_idx = k0 // PACK + words_k
+        w_ptrs = qweight_ptr + safe_cols[None, :] * stride_qn + w_idx[:, None] * stride_qk
+        if EVEN_K:
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk, mask=row_mask[:, None], other=0.0)
+            words = tl.load(w_ptrs)                               # [BLOCK_K / PACK, BLOCK_N]
+        else:
+            k_mask = k < k_end
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            words = tl.load(w_ptrs, mask=(w_idx * PACK < k_end)[:, None], other=0)
         # value j of a word sits in bits BITS*j..: [words, PACK, N] -> [K, N] in K order
         q = (words[:, None, :] >> shifts) & ((1 << BITS) - 1)
-        q = tl.reshape(q, [BLOCK_K, BLOCK_N]).to(tl.float32)
-        if HAS_G_IDX:
-            groups = tl.load(g_idx_ptr + k, mask=k_mask, other=0)
-            both = k_mask[:, None] & col_mask[None, :]
-            scale = tl.load(scales_ptr + cols[None, :] * stride_sn + groups[:, None] * stride_sg, mask=both, other=0.0)
-            low = tl.load(mins_ptr + cols[None, :] * stride_mn + groups[:, None] * stride_mg, mask=both, other=0.0)
-            w = q * scale.to(tl.float32) + low.to(tl.float32)
-        else:
+        q = tl.reshape(q, [BLOCK_K, BLOCK_N])
+        if HAS_G_IDX:       # each input feature its own group: scale every weight before the dot
+            groups = tl.load(g_idx_ptr + k, mask=k < k_end, other=0)
+            scale = tl.load(scales_ptr + safe_cols[None, :] * stride_sn + groups[:, None] * stride_sg)
+            low = tl.load(mins_ptr + safe_cols[None, :] * stride_mn + groups[:, None] * stride_mg)
+            w = (q.to(tl.float32) * scale.to(tl.float32) + low.to(tl.float32)).to(x.dtype)
+            if IEEE:
+                acc += tl.dot(x, w, input_precision="ieee")
+            else:
+                acc += tl.dot(x, w)
+        else:               # one group per step: integers into the dot, scale and min after it
+            if IEEE:
+                part = tl.dot(x, q.to(x.dtype), input_precision="ieee")
+            else:
+                part = tl.dot(x, q.to(x.dtype))
             group = k0 // GROUP_SIZE                              # BLOCK_K divides GROUP_SIZE
-            scale = tl.load(scales_ptr + cols * stride_sn + group * stride_sg, mask=col_mask, other=0.0)
-            low = tl.load(mins_ptr + cols * stride_mn + group * stride_mg, mask=col_mask, other=0.0)
-            w = q * scale.to(tl.float32)[None, :] + low.to(tl.float32)[None, :]
-        if IEEE:
-            acc += tl.dot(x, w.to(x.dtype), input_precision="ieee")
-        else:
-            acc += tl.dot(x, w.to(x.dtype))
+            scale = tl.load(scales_ptr + safe_cols * stride_sn + group * stride_sg).to(tl.float32)
+            low = tl.load(mins_ptr + safe_cols * stride_mn + group * stride_mg).to(tl.float32)
+            x_sum = tl.sum(x.to(tl.float32), axis=1)
+            acc += part * scale[None, :] + x_sum[:, None] * low[None, :]
     out = out_ptr + pid_k * stride_os + rows[:, None] * stride_om + cols[None, :] * stride_on
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (cols < N)[None, :])
 
 
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2                  # the CPU interpreter: a couple of "SMs", so that split-K gets exercised
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _block_k(group_size: int, bits: int, largest: int) -> int | None:
@@ -93,14 +182,40 @@ def _block_k(group_size: int, bits: int, largest: int) -> int | None:
     return None
 
 
-def default_split_k(tiles: int, k_steps: int, device: torch.device) -> int:
-    """K ranges per output tile, so that tiles x split_k programs fill the GPU (about two per SM)."""
-    target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
+def default_split_k(programs: int, k_steps: int, device: torch.device, per_sm: int = 2) -> int:
+    """K ranges per output tile, so that programs x split_k fill the GPU (about `per_sm` per SM).
+    Splitting costs two more launches (the partials' sum), so only a GPU left mostly idle splits."""
+    target = per_sm * _sm_count(device)
     split = 1
-    while split * 2 <= k_steps and tiles * split * 2 <= target:
+    while split * 2 <= k_steps and programs * split * 2 <= target:
         split *= 2
     return split
+
+
+# Defaults by rows (benchmarks/bench_w4a16.py --sweep measures them; its summary says what to set).
+# GEMV_MAX_ROWS: up to this many rows, the CUDA-core kernel (one program per row and column tile).
+GEMV_MAX_ROWS = 1
+GEMV_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+# The tensor-core kernel, by the rows it is given (first entry whose max_rows >= M).
+DOT_CONFIGS = [
+    (16, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}),
+    (32, {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}),
+    (None, {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}),
+]
+# Programs per SM that split-K aims for, with few rows.
+SPLIT_K_PER_SM = 2
+
+
+def _dot_config(M: int) -> dict:
+    return next(cfg for max_rows, cfg in DOT_CONFIGS if max_rows is None or M <= max_rows)
+
+
+def _config(M: int) -> dict:
+    """The default launch settings for M rows; BLOCK_M is the tensor-core kernel's, for when the
+    GEMV kernel cannot take the weight (scattered groups)."""
+    if M <= GEMV_MAX_ROWS:
+        return {"GEMV": True, "BLOCK_M": _dot_config(M)["BLOCK_M"], **GEMV_CONFIG}
+    return {"GEMV": False, **_dot_config(M)}
 
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int,
@@ -111,7 +226,8 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
     qweight int32 [N, K * bits / 32]; scales, mins [N, groups]; bits 4 or 8; group_size: input
     features per group (its groups contiguous), unless g_idx [K] gives each feature's group.
     `split_k`: K ranges summed at the end (default: enough programs to fill the GPU).
-    `config` overrides BLOCK_M / BLOCK_N / BLOCK_K / num_warps / num_stages (for tuning).
+    `config` overrides the defaults (for tuning): GEMV (the CUDA-core kernel, if the groups allow
+    it), BLOCK_M (tensor-core kernel only), BLOCK_N, BLOCK_K, num_warps, num_stages.
     """
     M, K = x.shape
     N = qweight.shape[0]
@@ -122,35 +238,49 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
                          f"per row, x has {K} features")
     if scales.shape != mins.shape or scales.shape[0] != N:
         raise ValueError(f"scales {tuple(scales.shape)} and mins {tuple(mins.shape)} must both be [{N}, groups]")
-    cfg = {"BLOCK_M": 16 if M <= 16 else 32 if M <= 32 else 64, "BLOCK_N": 64 if M <= 32 else 128,
-           "num_warps": 4, "num_stages": 3, **(config or {})}
+    cfg = {**_config(M), **(config or {})}
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out
     block_k = cfg.get("BLOCK_K") or _block_k(group_size, bits, 128 if M <= 32 else 64)
-    if g_idx is None and (block_k is None or group_size % block_k):
+    if block_k is not None and group_size % block_k:
+        block_k = _block_k(group_size, bits, block_k)
+    if g_idx is None and block_k is None:
         # groups too small (or odd) for one scale row per step: look each feature's group up instead
         g_idx = (torch.arange(K, device=x.device) // group_size).to(torch.int32)
     if block_k is None:
         block_k = 32
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M == 0:
-        return out
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    gemv = cfg["GEMV"] and g_idx is None and K % block_k == 0 and x.stride(1) == 1 and qweight.stride(1) == 1 \
+        and scales.stride(1) == 1 and mins.stride(1) == 1
+    block_m = 1 if gemv else cfg["BLOCK_M"]
+    block_n = cfg["BLOCK_N"]
+    row_tiles, col_tiles = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
     k_steps = triton.cdiv(K, block_k)
     if split_k is None:
-        split_k = default_split_k(tiles, k_steps, x.device) if M <= 64 else 1
+        split_k = default_split_k(row_tiles * col_tiles, k_steps, x.device, SPLIT_K_PER_SM) if M <= 64 else 1
     split_k = max(1, min(split_k, k_steps))
     k_per_split = triton.cdiv(k_steps, split_k) * block_k
     split_k = triton.cdiv(K, k_per_split)
     target = out if split_k == 1 else torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
     target_strides = (0, *out.stride()) if split_k == 1 else target.stride()
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), split_k)
-    _w4a16_kernel[grid](
-        x, qweight, scales, mins, g_idx if g_idx is not None else qweight, target,
-        M, N, K, k_per_split,
-        *x.stride(), *qweight.stride(), *scales.stride(), *mins.stride(), *target_strides,
-        BITS=bits, GROUP_SIZE=group_size, HAS_G_IDX=g_idx is not None,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    grid = (row_tiles, col_tiles, split_k)
+    if gemv:
+        _w4a16_gemv_kernel[grid](
+            x, qweight, scales, mins, target,
+            N, K, k_per_split,
+            x.stride(0), qweight.stride(0), scales.stride(0), mins.stride(0), target_strides[0], target_strides[1],
+            BITS=bits, GROUP_SIZE=group_size, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=cfg["num_stages"],
+            num_warps=cfg["num_warps"],
+        )
+    else:
+        _w4a16_dot_kernel[grid](
+            x, qweight, scales, mins, g_idx if g_idx is not None else qweight, target,
+            M, N, K, k_per_split,
+            *x.stride(), *qweight.stride(), *scales.stride(), *mins.stride(), *target_strides,
+            BITS=bits, GROUP_SIZE=group_size, HAS_G_IDX=g_idx is not None, EVEN_K=K % block_k == 0,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     if split_k > 1:
         out.copy_(target.sum(0))
     return out

@@ -1,4 +1,7 @@
-"""The W4A16 GEMM (Triton, in the CPU interpreter) against the torch reference: dequantize, then matmul."""
+"""The W4A16 GEMM (Triton, in the CPU interpreter) against the torch reference: dequantize, then matmul.
+
+Both kernels are checked: the CUDA-core one (config GEMV=True, one program per row) and the
+tensor-core one, with a last column tile that overhangs N and split-K ranges of unequal length."""
 import pytest
 import torch
 
@@ -28,16 +31,17 @@ def random_quantized(n: int, k: int, bits: int, group_size: int, act_order: bool
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("group_size,act_order", [(32, False), (32, True), (128, False), (128, True)])
-@pytest.mark.parametrize("rows", [1, 40])
-def test_w4a16_gemm_matches_dequantize_then_matmul(dtype, group_size, act_order, rows):
+@pytest.mark.parametrize("rows,gemv", [(1, True), (3, True), (1, False), (40, False)])
+def test_w4a16_gemm_matches_dequantize_then_matmul(dtype, group_size, act_order, rows, gemv):
     from nanovllm.kernels.w4a16_gemm import w4a16_gemm
-    n, k = 80, 256
+    n, k = 80, 256                  # BLOCK_N 64: the second column tile overhangs N
     qweight, scales, mins, g_idx = random_quantized(n, k, 4, group_size, act_order, dtype, seed=rows)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     w = dequantize(qweight, scales, mins, 4, group_size, g_idx)
     expected = (x.float() @ w.float().t())
-    for split_k in (1, 2, None):
-        out = w4a16_gemm(x, qweight, scales, mins, 4, group_size, g_idx, split_k=split_k)
+    config = {"GEMV": gemv, "BLOCK_N": 64}
+    for split_k in (1, 3, None):    # 3: K ranges of unequal length
+        out = w4a16_gemm(x, qweight, scales, mins, 4, group_size, g_idx, split_k=split_k, config=config)
         assert out.dtype == dtype and out.shape == (rows, n)
         if dtype == torch.float32:
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
@@ -46,16 +50,39 @@ def test_w4a16_gemm_matches_dequantize_then_matmul(dtype, group_size, act_order,
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 8])
-def test_w8a16_and_odd_groups(group_size):
-    """8-bit weights; and groups smaller than a K step, which go through the g_idx look-up."""
+@pytest.mark.parametrize("gemv", [True, False])
+def test_w8a16_and_odd_groups(group_size, gemv):
+    """8-bit weights; and groups smaller than a K step, which go through the g_idx look-up (the
+    tensor-core kernel, also when the GEMV one is asked for)."""
     from nanovllm.kernels.w4a16_gemm import w4a16_gemm
     n, k = 48, 128
     for bits in (8, 4):
         qweight, scales, mins, g_idx = random_quantized(n, k, bits, group_size, False, torch.float32)
         x = torch.randn(3, k, device=DEVICE)
         expected = x @ dequantize(qweight, scales, mins, bits, group_size).t()
-        torch.testing.assert_close(w4a16_gemm(x, qweight, scales, mins, bits, group_size), expected,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(w4a16_gemm(x, qweight, scales, mins, bits, group_size, config={"GEMV": gemv}),
+                                   expected, rtol=1e-5, atol=1e-5)
+
+
+def test_w4a16_gemm_ragged_k_steps():
+    """Scattered groups over a K that no step size divides (200 = 6 steps of 32 and 8 left over)."""
+    from nanovllm.kernels.w4a16_gemm import w4a16_gemm
+    n, k, group_size = 24, 200, 40
+    qweight, scales, mins, g_idx = random_quantized(n, k, 4, group_size, True, torch.float32)
+    x = torch.randn(2, k, device=DEVICE)
+    expected = x @ dequantize(qweight, scales, mins, 4, group_size, g_idx).t()
+    for split_k in (1, 2):
+        torch.testing.assert_close(w4a16_gemm(x, qweight, scales, mins, 4, group_size, g_idx, split_k=split_k),
+                                   expected, rtol=1e-5, atol=1e-5)
+
+
+def test_w4a16_gemm_defaults_cover_every_row_count():
+    """Every row count maps to one kernel's settings, and the GEMV kernel only takes what it can."""
+    from nanovllm.kernels import w4a16_gemm as module
+    for rows in (1, 2, 4, 8, 16, 17, 32, 33, 64, 65, 4096):
+        cfg = module._config(rows)
+        assert cfg["GEMV"] == (rows <= module.GEMV_MAX_ROWS)
+        assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"} <= cfg.keys()
 
 
 def test_w4a16_gemm_rejects_mismatched_shapes():
@@ -69,14 +96,17 @@ def test_w4a16_gemm_rejects_mismatched_shapes():
 
 def _launch_w4a16_variants():
     from nanovllm.kernels.w4a16_gemm import w4a16_gemm
-    for bits, group_size, act_order, rows in ((4, 128, False, 1), (4, 32, True, 40), (8, 64, False, 80)):
+    for bits, group_size, act_order, rows, gemv in ((4, 128, False, 1, True), (8, 64, False, 2, True),
+                                                    (4, 128, False, 16, False), (4, 32, True, 40, False),
+                                                    (8, 64, False, 80, False)):
         qweight, scales, mins, g_idx = random_quantized(64, 256, bits, group_size, act_order, torch.float16)
-        w4a16_gemm(torch.randn(rows, 256, dtype=torch.float16), qweight, scales, mins, bits, group_size, g_idx)
+        w4a16_gemm(torch.randn(rows, 256, dtype=torch.float16), qweight, scales, mins, bits, group_size, g_idx,
+                   config={"GEMV": gemv})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the compiler from the CPU interpreter's recordings")
 def test_w4a16_gemm_compiles_for_sm90(monkeypatch):
-    """The kernel's launches (float16 and bfloat16, 4 and 8 bits, split-K, g_idx) compile for Hopper."""
+    """Both kernels' launches (float16 and bfloat16, 4 and 8 bits, split-K, g_idx) compile for Hopper."""
     import json
     import os
     import subprocess
@@ -85,7 +115,8 @@ def test_w4a16_gemm_compiles_for_sm90(monkeypatch):
     from tests.kernels import test_compile_for_gpu as compile_check
     monkeypatch.setattr(compile_check, "_launch_all_kernels", _launch_w4a16_variants)
     launches = compile_check._record_launches(monkeypatch)
-    assert {launch["name"] for launch in launches} == {"_w4a16_kernel"} and len(launches) == 6
+    names = [launch["name"] for launch in launches]
+    assert names.count("_w4a16_gemv_kernel") >= 4 and names.count("_w4a16_dot_kernel") >= 6, names
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
