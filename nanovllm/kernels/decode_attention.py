@@ -22,13 +22,18 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
-from nanovllm.kernels.online_softmax import online_softmax_update, tile_scores
+from nanovllm.kernels.online_softmax import (fp8_value_pairs, fp16_mma, fp16_query, online_softmax_update,
+                                             softmax_weights, tile_scores)
 
 LOG2E = 1.4426950408889634
 
 # Tuning knobs (chosen on an H100, see docs/kernels.md); benchmarks may override them.
 DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+# A float8 cache: half the bytes per tile, and its own code path (V_PAIRS: values read as int16
+# pairs, see online_softmax.py). benchmarks/bench_kernels.py --sweep times the alternatives.
+FP8_CONFIG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "V_PAIRS": True}
 MAX_SPLITS = 64
 
 
@@ -49,6 +54,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     DIRECT: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr, KV_SCALED: tl.constexpr,
+    FP16_MMA: tl.constexpr, V_PAIRS: tl.constexpr, INLINE_ASM: tl.constexpr,
 ):
     if KV_SCALED:   # a float8 cache: the keys' scale joins the softmax's, the values' the output's
         scale_log2 = scale_log2 * tl.load(k_scale_ptr)
@@ -74,10 +80,19 @@ def _decode_split_kernel(
     d_mask = d < HEAD_DIM
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    if FP16_MMA:    # a bfloat16 query over a float8 cache: multiply in float16 (online_softmax.py)
+        q, q_unscale = fp16_query(q)
+        scale_log2 = scale_log2 * q_unscale
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    if V_PAIRS:     # the even and the odd dimensions of the output (online_softmax.py)
+        acc_even = tl.zeros([BLOCK_G, BLOCK_D // 2], tl.float32)
+        acc_odd = tl.zeros([BLOCK_G, BLOCK_D // 2], tl.float32)
+        pair = tl.arange(0, BLOCK_D // 2)
+        v_pairs = v_cache_ptr.to(tl.pointer_type(tl.int16)) + kv_head * (stride_vh // 2) + pair[None, :]
+    else:
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
 
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_b
     k_head = k_cache_ptr + kv_head * stride_kh + d[None, :] * stride_kd
@@ -93,10 +108,20 @@ def _decode_split_kernel(
         slot = n % BLOCK_SIZE
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_head + (block * stride_kb + slot * stride_ks)[:, None], mask=kv_mask, other=0.0)
-        v = tl.load(v_head + (block * stride_vb + slot * stride_vs)[:, None], mask=kv_mask, other=0.0)
-
         s = tl.where(n_mask[None, :], tile_scores(q, k, scale_log2, IEEE), float("-inf"))
-        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, s, v, q, IEEE)
+        if V_PAIRS:
+            x = tl.load(v_pairs + ((block * stride_vb + slot * stride_vs) // 2)[:, None], mask=n_mask[:, None],
+                        other=0)
+            v_even, v_odd = fp8_value_pairs(x, INLINE_ASM)
+            p, alpha, l_i, m_i = softmax_weights(l_i, m_i, s)
+            p = p.to(tl.float16)
+            acc_even = acc_even * alpha[:, None] + tl.dot(p, v_even)
+            acc_odd = acc_odd * alpha[:, None] + tl.dot(p, v_odd)
+        else:
+            v = tl.load(v_head + (block * stride_vb + slot * stride_vs)[:, None], mask=kv_mask, other=0.0)
+            acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, s, v, q, IEEE)
+    if V_PAIRS:     # dimension 2j is acc_even[:, j], 2j + 1 acc_odd[:, j]
+        acc = tl.reshape(tl.join(acc_even, acc_odd), [BLOCK_G, BLOCK_D])
 
     empty = start >= end   # a split past the end of a short sequence (or seq_len 0)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -164,6 +189,14 @@ def default_num_splits(batch_size: int, num_kv_heads: int, device: torch.device)
     return splits
 
 
+def _pairs_fit(q: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Can the kernel read this float8 value cache as int16 pairs (and multiply in float16)?"""
+    head_dim = v_cache.shape[3]
+    return (v_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32 and head_dim >= 32
+            and head_dim == triton.next_power_of_2(head_dim) and v_cache.stride(3) == 1
+            and all(stride % 2 == 0 for stride in v_cache.stride()[:3]) and v_cache.data_ptr() % 2 == 0)
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
@@ -174,7 +207,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     q [B, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D]; seq_lens [B] (cached
     tokens, the new one included; 0 gives a zero output); block_tables [B, max_blocks].
     Returns out [B, Hq, D] in q's dtype. `window`: attend to the last `window` keys only
-    (None: all). `config` overrides DEFAULT_CONFIG (for tuning). k_scale / v_scale: a float8
+    (None: all). `config` overrides DEFAULT_CONFIG, or FP8_CONFIG for a float8 cache (for tuning). k_scale / v_scale: a float8
     cache's scales (1-element float32 tensors, see nanovllm/quantization/kv_cache.py).
     """
     batch, num_heads, head_dim = q.shape
@@ -185,7 +218,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not fit q {tuple(q.shape)}")
     if window is not None and window < 1:
         raise ValueError(f"window must be a positive number of keys or None, got {window}")
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    cfg = {**(FP8_CONFIG if fp8 else DEFAULT_CONFIG), **(config or {})}
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if batch == 0:
@@ -214,6 +248,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"], NUM_SPLITS=num_splits,
         DIRECT=direct, SLIDING=window is not None, IEEE=q.dtype == torch.float32, KV_SCALED=k_scale is not None,
+        FP16_MMA=fp16_mma(q, k_cache), V_PAIRS=cfg.get("V_PAIRS", False) and _pairs_fit(q, v_cache),
+        INLINE_ASM=not isinstance(_decode_split_kernel, InterpretedFunction),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.online_softmax import online_softmax_update, tile_scores
+from nanovllm.kernels.online_softmax import fp16_mma, fp16_query, online_softmax_update, tile_scores
 
 LOG2E = 1.4426950408889634
 
@@ -95,7 +95,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr,
-    KV_SCALED: tl.constexpr,
+    KV_SCALED: tl.constexpr, FP16_MMA: tl.constexpr,
 ):
     if KV_SCALED:   # a float8 cache: the keys' scale joins the softmax's, the values' the output's
         scale_log2 = scale_log2 * tl.load(k_scale_ptr)
@@ -122,6 +122,9 @@ def _prefill_kernel(
     q_rows = (q_begin + tok).to(tl.int64) * stride_qt + head * stride_qh
     q = tl.load(q_ptr + q_rows[:, None] + d[None, :] * stride_qd,
                 mask=row_valid[:, None] & d_mask[None, :], other=0.0)
+    if FP16_MMA:    # a bfloat16 query over a float8 cache: multiply in float16 (online_softmax.py)
+        q, q_unscale = fp16_query(q)
+        scale_log2 = scale_log2 * q_unscale
     # position of each row's token; padding rows get the last real one so they stay in bounds
     q_pos = ctx + tl.minimum(tok, q_len - 1)
 
@@ -216,7 +219,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q, BLOCK_M=block_q * block_g,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"], SLIDING=window is not None,
-        IEEE=q.dtype == torch.float32, KV_SCALED=k_scale is not None,
+        IEEE=q.dtype == torch.float32, KV_SCALED=k_scale is not None, FP16_MMA=fp16_mma(q, k_cache),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
