@@ -193,17 +193,19 @@ def default_split_k(programs: int, k_steps: int, device: torch.device, per_sm: i
 
 
 # Defaults by rows (benchmarks/bench_w4a16.py --sweep measures them; its summary says what to set).
+# split_per_sm: the programs per SM that split-K aims for (0: never split; see default_split_k).
 # GEMV_MAX_ROWS: up to this many rows, the CUDA-core kernel (one program per row and column tile).
+# Its BLOCK_N of 64 columns: 4 warps hold 1024 words a step, 8 per thread as two 16-byte loads.
 GEMV_MAX_ROWS = 1
-GEMV_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
-# The tensor-core kernel, by the rows it is given (first entry whose max_rows >= M).
+GEMV_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "split_per_sm": 2}
+# The tensor-core kernel, by the rows it is given (first entry whose max_rows >= M). BLOCK_M is at
+# least 16 (tl.dot's smallest); a wide BLOCK_N spreads the unpacking of a word over more columns.
 DOT_CONFIGS = [
-    (16, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}),
-    (32, {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}),
-    (None, {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}),
+    (16, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "split_per_sm": 2}),
+    (32, {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "split_per_sm": 2}),
+    (64, {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "split_per_sm": 2}),
+    (None, {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "split_per_sm": 0}),
 ]
-# Programs per SM that split-K aims for, with few rows.
-SPLIT_K_PER_SM = 2
 
 
 def _dot_config(M: int) -> dict:
@@ -227,7 +229,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
     features per group (its groups contiguous), unless g_idx [K] gives each feature's group.
     `split_k`: K ranges summed at the end (default: enough programs to fill the GPU).
     `config` overrides the defaults (for tuning): GEMV (the CUDA-core kernel, if the groups allow
-    it), BLOCK_M (tensor-core kernel only), BLOCK_N, BLOCK_K, num_warps, num_stages.
+    it), BLOCK_M (tensor-core kernel only), BLOCK_N, BLOCK_K, num_warps, num_stages, split_per_sm.
     """
     M, K = x.shape
     N = qweight.shape[0]
@@ -257,7 +259,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
     row_tiles, col_tiles = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
     k_steps = triton.cdiv(K, block_k)
     if split_k is None:
-        split_k = default_split_k(row_tiles * col_tiles, k_steps, x.device, SPLIT_K_PER_SM) if M <= 64 else 1
+        split_k = default_split_k(row_tiles * col_tiles, k_steps, x.device, cfg.get("split_per_sm", 2))
     split_k = max(1, min(split_k, k_steps))
     k_per_split = triton.cdiv(k_steps, split_k) * block_k
     split_k = triton.cdiv(K, k_per_split)

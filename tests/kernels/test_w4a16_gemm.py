@@ -82,7 +82,7 @@ def test_w4a16_gemm_defaults_cover_every_row_count():
     for rows in (1, 2, 4, 8, 16, 17, 32, 33, 64, 65, 4096):
         cfg = module._config(rows)
         assert cfg["GEMV"] == (rows <= module.GEMV_MAX_ROWS)
-        assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"} <= cfg.keys()
+        assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "split_per_sm"} <= cfg.keys()
 
 
 def test_w4a16_gemm_rejects_mismatched_shapes():
