@@ -2,11 +2,19 @@
 
     PYTHONPATH=. python benchmarks/bench_kernels.py            # default configs, table
     PYTHONPATH=. python benchmarks/bench_kernels.py --sweep    # also sweep tile sizes / warps / stages / splits
+    PYTHONPATH=. python benchmarks/bench_kernels.py --only fp8 --sweep   # the float8 cache against bf16 (~1-2 min)
 
 Decode: effective bandwidth = bytes of K and V read (each cached token's K and V rows of every
 KV head, once) over the do_bench median, against 3.0 TB/s (the H100's measured copy rate; the
 script measures the copy rate too). Prefill: ms and TFLOP/s (causal: only visible pairs),
 with torch's scaled_dot_product_attention on contiguous tensors as a peer.
+
+Float8 cache (`--only fp8`, also part of the full run): bench.py's decode step at full batch
+(256 sequences of 500-1,500 tokens, block 16) with a bf16 and a float8 e4m3 cache, through the
+split-KV decode kernel (pure-decode steps) and the varlen kernel (decode rows of a mixed step,
+as its CUDA graphs launch it: max_seqlen_q = the token count). Each float8 result is checked
+against the bf16 kernel on the same, dequantized, cache. --sweep times the float8 decode
+configs (decode_attention.FP8_CONFIG keys) and varlen configs (prefill_attention.FP8_CONFIG).
 """
 import argparse
 import json
@@ -135,9 +143,142 @@ def sdpa_peer(seq_len, num_seqs, gen):
     return bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
+# ---------------------------------------------------------------------- float8 cache vs bf16
+FP8 = torch.float8_e4m3fn
+FP8_SEQS, FP8_MIN_CTX, FP8_MAX_CTX, FP8_BLOCK = 256, 500, 1500, 16     # bench.py's decode step at full batch
+WRONG = 1e-2      # relative error against the bf16 kernel on the dequantized cache: above this, a config is wrong
+
+# float8 decode configs (decode_attention.FP8_CONFIG keys): V_PAIRS on over tiles x warps x stages,
+# a few with it off; the best of them is then tried with 2 splits
+FP8_DECODE_SWEEP = (
+    [{"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "V_PAIRS": True}
+     for bn, nw, ns in ((32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 4, 3), (128, 8, 2),
+                        (128, 8, 3), (256, 8, 2), (256, 4, 2))]
+    + [{"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "V_PAIRS": False}
+       for bn, nw, ns in ((64, 4, 2), (128, 4, 2), (128, 8, 2))])
+# varlen kernel configs (prefill_attention.FP8_CONFIG keys) on the decode rows of a mixed step
+FP8_VARLEN_SWEEP = [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw, "num_stages": ns}
+                    for bm, bn, nw, ns in ((16, 64, 4, 2), (16, 128, 4, 2), (32, 64, 4, 2), (32, 128, 4, 2),
+                                           (64, 64, 4, 3), (64, 128, 4, 2), (64, 128, 8, 2), (64, 32, 4, 2))]
+
+
+def fp8_decode_step(gen):
+    """bench.py's decode step: bf16 and float8 caches holding the same (float8-representable) K/V."""
+    lens = torch.randint(FP8_MIN_CTX, FP8_MAX_CTX + 1, (FP8_SEQS,), generator=torch.Generator().manual_seed(0))
+    k16, v16, table = paged_cache(lens.tolist(), FP8_BLOCK, gen)
+    k_scale = torch.tensor([0.5], device="cuda")
+    v_scale = torch.tensor([0.25], device="cuda")
+    k8 = (k16.float() / k_scale).clamp(-448, 448).to(FP8)
+    v8 = (v16.float() / v_scale).clamp(-448, 448).to(FP8)
+    k16, v16 = (k8.float() * k_scale).to(DTYPE), (v8.float() * v_scale).to(DTYPE)     # exact in bf16
+    q = torch.empty(FP8_SEQS, HQ, D, dtype=DTYPE, device="cuda").normal_(generator=gen)
+    seq_lens = lens.to(torch.int32).cuda()
+    tokens = int(lens.sum())
+    return dict(q=q, k16=k16, v16=v16, k8=k8, v8=v8, k_scale=k_scale, v_scale=v_scale, seq_lens=seq_lens,
+                table=table, bytes16=2 * tokens * HKV * D * 2, bytes8=2 * tokens * HKV * D)
+
+
+def rel_error(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def fp8_section(args, results):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    st = fp8_decode_step(gen)
+    q, seq_lens, table = st["q"], st["seq_lens"], st["table"]
+    scales = dict(k_scale=st["k_scale"], v_scale=st["v_scale"])
+    out16, out8 = torch.empty_like(q), torch.empty_like(q)
+    scale = D ** -0.5
+
+    def decode16(config=None, splits=None):
+        return paged_decode_attention(q, st["k16"], st["v16"], seq_lens, table, scale, num_splits=splits, out=out16,
+                                      config=config)
+
+    def decode8(config=None, splits=None):
+        return paged_decode_attention(q, st["k8"], st["v8"], seq_lens, table, scale, num_splits=splits, out=out8,
+                                      config=config, **scales)
+
+    # the mixed-step graphs launch the varlen kernel with max_seqlen_q = their token count
+    cu = torch.arange(FP8_SEQS + 1, dtype=torch.int32, device="cuda")
+
+    def varlen16(config=None):
+        return paged_prefill_attention(q, st["k16"], st["v16"], cu, seq_lens, table, FP8_SEQS, scale, out=out16,
+                                       config=config)
+
+    def varlen8(config=None):
+        return paged_prefill_attention(q, st["k8"], st["v8"], cu, seq_lens, table, FP8_SEQS, scale, out=out8,
+                                       config=config, **scales)
+
+    rows = []
+
+    def trial(kernel, name, fn16, fn8, config=None, **kw):
+        """Time fn8(config) (in a CUDA graph, as the engine runs it) and check it against fn16's answer."""
+        try:
+            ref = fn16().clone()
+            got = fn8(config, **kw).clone()
+            ms = bench_graph(lambda: fn8(config, **kw))
+        except Exception as e:      # e.g. out of shared memory, or a config the kernel refuses
+            log(f"  {kernel} {config} {kw or ''}: failed {type(e).__name__}: {str(e)[:120]}")
+            return None
+        err = rel_error(got, ref)
+        row = dict(kernel=kernel, case=name, config=config or "default", **kw, us=ms * 1e3,
+                   gbps=st["bytes8"] / (ms * 1e-3) / 1e9, rel_err=err, ok=err < WRONG)
+        rows.append(row)
+        log(f"  {kernel} fp8 {config or 'default'} {kw or ''}: {ms * 1e3:7.1f} us {row['gbps']:6.0f} GB/s "
+            f"rel.err {err:.1e}{'' if row['ok'] else '  WRONG'}")
+        return row
+
+    log(f"\n## float8 cache vs bf16: {FP8_SEQS} sequences of {FP8_MIN_CTX}-{FP8_MAX_CTX} tokens (block {FP8_BLOCK}, "
+        f"Hq={HQ}, Hkv={HKV}, D={D}); K+V {st['bytes16'] / 1e9:.2f} GB bf16, {st['bytes8'] / 1e9:.2f} GB float8")
+    log(f"   decode_attention.FP8_CONFIG = {decode_attention.FP8_CONFIG}, "
+        f"prefill_attention.FP8_CONFIG = {prefill_attention.FP8_CONFIG}")
+    summary = {}
+    for kernel, fn16, fn8 in (("decode", decode16, decode8), ("varlen", varlen16, varlen8)):
+        ms16 = bench_graph(fn16)
+        row = trial(kernel, "default", fn16, fn8)
+        summary[kernel] = dict(bf16_us=ms16 * 1e3, bf16_gbps=st["bytes16"] / (ms16 * 1e-3) / 1e9,
+                               fp8=row, speedup=(ms16 * 1e3 / row["us"]) if row else None)
+    if args.sweep:
+        log("  sweep, decode kernel (pure-decode steps):")
+        for config in FP8_DECODE_SWEEP:
+            trial("decode", "sweep", decode16, decode8, config)
+        best = min((r for r in rows if r["kernel"] == "decode" and r["ok"]), key=lambda r: r["us"], default=None)
+        if best is not None:
+            trial("decode", "sweep", decode16, decode8, None if best["config"] == "default" else best["config"],
+                  splits=2)
+        log("  sweep, varlen kernel (decode rows of a mixed step):")
+        for config in FP8_VARLEN_SWEEP:
+            trial("varlen", "sweep", varlen16, varlen8, config)
+
+    log(f"\n{'kernel':8} {'bf16 us':>8} {'GB/s':>6} | {'fp8 us':>8} {'GB/s':>6} {'rel.err':>8} | {'speed-up':>8}   "
+        f"(default configs, CUDA graph of 20 calls)")
+    for kernel, r in summary.items():
+        f8 = r["fp8"]
+        if f8 is None:
+            log(f"{kernel:8} {r['bf16_us']:8.1f} {r['bf16_gbps']:6.0f} | failed")
+            continue
+        log(f"{kernel:8} {r['bf16_us']:8.1f} {r['bf16_gbps']:6.0f} | {f8['us']:8.1f} {f8['gbps']:6.0f} "
+            f"{f8['rel_err']:8.1e} | {r['speedup']:7.2f}x")
+    for kernel, target in (("decode", "decode_attention.FP8_CONFIG"), ("varlen", "prefill_attention.FP8_CONFIG")):
+        ok = [r for r in rows if r["kernel"] == kernel and r["ok"]]
+        if args.sweep and ok:
+            best = min(ok, key=lambda r: r["us"])
+            default_us = summary[kernel]["fp8"]["us"] if summary[kernel]["fp8"] else float("nan")
+            splits = f", num_splits={best['splits']} (decode_attention.default_num_splits)" if "splits" in best else ""
+            defaults = decode_attention.FP8_CONFIG if kernel == "decode" else prefill_attention.FP8_CONFIG
+            config = {**defaults, **best["config"]} if isinstance(best["config"], dict) else defaults
+            log(f"best {kernel}: {best['us']:.1f} us ({summary[kernel]['bf16_us'] / best['us']:.2f}x bf16, default "
+                f"{default_us:.1f} us): {target} = {config}{splits}")
+    wrong = [r for r in rows if not r["ok"]]
+    if wrong:
+        log(f"WRONG results (rel.err >= {WRONG}): {[(r['kernel'], r['config']) for r in wrong]}")
+    results["fp8"] = dict(summary=summary, trials=rows)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true", help="sweep kernel configs")
+    parser.add_argument("--only", choices=["fp8"], help="run only this section (fp8: the float8 cache vs bf16)")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kernels.json"))
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -148,6 +289,11 @@ def main():
     copy = copy_bandwidth()
     results["copy_bytes_per_s"] = copy
     log(f"device-to-device copy: {copy / 1e12:.2f} TB/s (read + write)")
+    if args.only == "fp8":
+        fp8_section(args, results)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        return
 
     # ------------------------------------------------------------------ decode
     for name, seq_lens, bs in DECODE_CASES:
@@ -246,6 +392,7 @@ def main():
         log(f"{r['case']:28} {r['block_size']:5d} {r['us']:8.1f} {r['tflops']:8.1f} | "
             f"{r['graph_us']:8.1f} {r['graph_tflops']:8.1f}   {extra}")
     log(f"torch sdpa (contiguous, causal, 8x1024): {peer * 1e3:.1f} us")
+    fp8_section(args, results)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1, default=str)
 

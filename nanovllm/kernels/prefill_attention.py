@@ -32,6 +32,8 @@ LOG2E = 1.4426950408889634
 
 # Tuning knobs (chosen on an H100, see docs/kernels.md); benchmarks may override them.
 DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+# A float8 cache (half the bytes per K/V tile); benchmarks/bench_kernels.py --only fp8 --sweep times others.
+FP8_CONFIG = dict(DEFAULT_CONFIG)
 
 
 @triton.jit
@@ -185,8 +187,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     `max_seqlen_q` (a host int, the longest q_len) only shrinks the query tile for batches
     of short queries; it is never read from the device. Returns [num_tokens, Hq, D] in
     q's dtype. `window`: sliding-window attention over the last `window` keys (None: all).
-    `config` overrides DEFAULT_CONFIG (for tuning). k_scale / v_scale: a float8 cache's scales
-    (1-element float32 tensors, see nanovllm/quantization/kv_cache.py).
+    `config` overrides DEFAULT_CONFIG, or FP8_CONFIG for a float8 cache (for tuning). k_scale /
+    v_scale: a float8 cache's scales (1-element float32 tensors, see nanovllm/quantization/kv_cache.py).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -199,7 +201,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries for {num_seqs} sequences")
     if window is not None and window < 1:
         raise ValueError(f"window must be a positive number of keys or None, got {window}")
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    cfg = {**(FP8_CONFIG if k_cache.dtype == torch.float8_e4m3fn else DEFAULT_CONFIG), **(config or {})}
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if num_tokens == 0 or num_seqs == 0:
