@@ -6,23 +6,23 @@ w[n, k] = q[n, k] * scales[n, g(k)] + mins[n, g(k)], g(k) = k // group_size, or 
 GPTQ's act-order left a rank's groups scattered.
 
 Decode reads every weight once per step and little else, so what counts is how fast the packed
-words stream in; on an H200 the unpacking, not the bus, was the limit (~10 instructions a weight
-against the ~4 that the bandwidth leaves time for). Both kernels therefore:
+words stream in. The earlier single kernel spent ~10 instructions a weight in its loop (counted in
+its sm_90 SASS), where an H200's bandwidth leaves time for about 4: unpacking, not the bus, was the
+limit. Both kernels therefore:
 * scale after summing: within one group, sum_k x[k] * w[n, k] = scales[n, g] * sum_k x[k] * q[n, k]
   + mins[n, g] * sum_k x[k], so a weight costs its unpacking and one multiply-add; the scale and min
   are applied once per group and column (a K step never crosses a group: BLOCK_K divides the group).
   The integer products are exact, so this is at least as accurate as scaling each weight first.
-* clamp the last tile's columns instead of masking the loads (the stores are masked), and walk
-  K with pointers advanced each step rather than recomputed.
+* clamp the last tile's columns instead of masking the loads (the stores are masked).
 
 Two kernels, picked by the number of rows (see `_config`):
 * `_w4a16_gemv_kernel`, for a row or two: no tensor cores. Each program takes one row and BLOCK_N
   columns; value j of every word is shifted out as a float with the bit trick in
   `_unpack_value` and multiplied by x[k] in float32. Rows of one column tile are neighbouring
   programs, so the second row's weights come from L2.
-* `_w4a16_dot_kernel`, for more rows: the integers go to the tensor cores as the activations'
-  dtype (exact: 0..255) and tl.dot sums them against x. With g_idx (scattered groups) each weight
-  is scaled before the dot instead.
+* `_w4a16_dot_kernel`, for more rows: the integers, unpacked with the same trick, go to the
+  tensor cores as the activations' dtype (exact: 0..255) and tl.dot sums them against x. With
+  g_idx (scattered groups) each weight is scaled before the dot instead.
 
 Split-K: with few output tiles there are too few programs to fill the GPU, so K is cut into
 `split_k` ranges, each program writes a float32 partial tile and the partials are summed after
@@ -119,6 +119,11 @@ def _w4a16_dot_kernel(
     safe_cols = tl.minimum(cols, N - 1)                           # the last tile re-reads column N-1
     words_k = tl.arange(0, BLOCK_K // PACK)                       # the step's words along K
     shifts = (tl.arange(0, PACK) * BITS)[None, :, None]           # [1, PACK, 1]
+    value = tl.arange(0, PACK)                                    # _unpack_value's constants, per value
+    low_half = (value < 16 // BITS)[None, :, None]
+    positions = (value % (16 // BITS)) * BITS
+    fields = (((1 << BITS) - 1) << positions)[None, :, None]
+    units = (1 << (23 - positions)).to(tl.float32)[None, :, None]
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_start = pid_k * k_per_split
@@ -135,10 +140,10 @@ def _w4a16_dot_kernel(
             x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             words = tl.load(w_ptrs, mask=(w_idx * PACK < k_end)[:, None], other=0)
-        # value j of a word sits in bits BITS*j..: [words, PACK, N] -> [K, N] in K order
-        q = (words[:, None, :] >> shifts) & ((1 << BITS) - 1)
-        q = tl.reshape(q, [BLOCK_K, BLOCK_N])
         if HAS_G_IDX:       # each input feature its own group: scale every weight before the dot
+            # value j of a word sits in bits BITS*j..: [words, PACK, N] -> [K, N] in K order
+            q = (words[:, None, :] >> shifts) & ((1 << BITS) - 1)
+            q = tl.reshape(q, [BLOCK_K, BLOCK_N])
             groups = tl.load(g_idx_ptr + k, mask=k < k_end, other=0)
             scale = tl.load(scales_ptr + safe_cols[None, :] * stride_sn + groups[:, None] * stride_sg)
             low = tl.load(mins_ptr + safe_cols[None, :] * stride_mn + groups[:, None] * stride_mg)
@@ -148,10 +153,15 @@ def _w4a16_dot_kernel(
             else:
                 acc += tl.dot(x, w)
         else:               # one group per step: integers into the dot, scale and min after it
+            # (as _unpack_value, for all PACK values at once: a plain int -> float conversion is a
+            # quarter-rate instruction on Hopper, the mantissa trick two full-rate ones)
+            mantissa = tl.where(low_half, words[:, None, :], words[:, None, :] >> 16) & fields | 0x3F800000
+            q = mantissa.to(tl.float32, bitcast=True) * units - units
+            q = tl.reshape(q, [BLOCK_K, BLOCK_N]).to(x.dtype)
             if IEEE:
-                part = tl.dot(x, q.to(x.dtype), input_precision="ieee")
+                part = tl.dot(x, q, input_precision="ieee")
             else:
-                part = tl.dot(x, q.to(x.dtype))
+                part = tl.dot(x, q)
             group = k0 // GROUP_SIZE                              # BLOCK_K divides GROUP_SIZE
             scale = tl.load(scales_ptr + safe_cols * stride_sn + group * stride_sg).to(tl.float32)
             low = tl.load(mins_ptr + safe_cols * stride_mn + group * stride_mg).to(tl.float32)
