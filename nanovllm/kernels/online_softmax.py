@@ -1,7 +1,7 @@
 """The step both attention kernels share: scores of a query tile against a K/V tile, and the
 online-softmax update of the running output (flash attention), in base 2.
 
-A float8 cache adds two things here (both exact, see docs/kernels.md):
+A float8 cache adds two things here (both exact):
 * `fp16_query`: with a bfloat16 query the products run in float16. On sm_90 float8 e4m3
   becomes float16 in one instruction per pair of values; becoming bfloat16 takes a second,
   scalar, conversion per value, and those conversions, not the memory, bounded the decode kernel.
