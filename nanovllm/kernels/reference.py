@@ -49,7 +49,7 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
     """The first `length` cached tokens of one sequence: [length, num_kv_heads, head_dim]."""
     block_size = cache.shape[1]
     num_blocks = (length + block_size - 1) // block_size
-    blocks = cache[block_table[:num_blocks].long()]          # [n, block_size, H, D]
+    blocks = cache.index_select(0, block_table[:num_blocks].long())          # [n, block_size, H, D]
     return blocks.flatten(0, 1)[:length]
 
 
@@ -97,11 +97,12 @@ def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_c
     into a padded [batch, longest, ...] tensor and masked. Same result as
     `paged_attention_reference` with cu_seqlens_q = arange(batch + 1); far fewer ops."""
     batch, block_size = q.shape[0], k_cache.shape[1]
-    longest = int(seq_lens.max())
-    blocks = block_tables[:, :-(-longest // block_size)].long()
-    k = _from_cache(k_cache[blocks].flatten(1, 2)[:, :longest], k_scale)     # [batch, longest, Hkv, D]
-    v = _from_cache(v_cache[blocks].flatten(1, 2)[:, :longest], v_scale)
-    key_pos = torch.arange(longest, device=q.device)[None, :]
+    num_blocks = -(-int(seq_lens.max()) // block_size)
+    # index_select copies whole blocks several times faster than advanced indexing (on a CPU)
+    blocks = block_tables[:, :num_blocks].reshape(-1).long()
+    k = _from_cache(k_cache.index_select(0, blocks), k_scale).view(batch, num_blocks * block_size, *k_cache.shape[2:])
+    v = _from_cache(v_cache.index_select(0, blocks), v_scale).view(batch, num_blocks * block_size, *v_cache.shape[2:])
+    key_pos = torch.arange(num_blocks * block_size, device=q.device)[None, :]
     mask = key_pos < seq_lens[:, None]
     if window is not None:
         mask &= key_pos >= seq_lens[:, None] - window

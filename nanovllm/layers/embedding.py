@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed import all_reduce, gather_on_rank0, tp_rank, tp_size
+from nanovllm.layers.linear import linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -39,5 +40,5 @@ class ParallelLMHead(VocabParallelEmbedding):
     """hidden [N, H] -> logits [N, vocab] on rank 0 (None on the other ranks)."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = gather_on_rank0(F.linear(hidden, self.weight))
+        logits = gather_on_rank0(linear(hidden, self.weight))
         return None if logits is None else logits[:, :self.vocab_size]
