@@ -61,7 +61,8 @@ def test_use_beam_search_gives_llm_beam_search_beams(client, llm):
 
 
 @pytest.mark.parametrize("extra, param", [({"stream": True}, "stream"), ({"logprobs": 2}, "logprobs"),
-                                          ({"n": 11}, "n"), ({"length_penalty": "x"}, "length_penalty")])
+                                          ({"n": 11}, "n"), ({"length_penalty": "x"}, "length_penalty"),
+                                          ({"max_tokens": 0}, "max_tokens")])
 def test_use_beam_search_refuses_what_it_cannot_do(url, extra, param):
     error = raw_error(url, 400, {"model": MODEL, "prompt": "Hi", "use_beam_search": True, "n": 2, **extra})
     assert error["param"] == param

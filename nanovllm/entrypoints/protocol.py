@@ -133,10 +133,11 @@ class CompletionRequest(_SamplingRequest):
         for name in ("stream", "echo", "logprobs", "prompt_logprobs", "suffix"):
             if getattr(self, name):
                 raise OpenAIError(f"{name} is not supported with use_beam_search", param=name)
+        max_tokens = max_model_len if self.max_tokens is None else self.max_tokens
+        temperature = 0.0 if self.temperature is None else self.temperature
         try:
-            return BeamSearchParams(beam_width=self.n, max_tokens=self.max_tokens or max_model_len,
-                                    ignore_eos=self.ignore_eos, temperature=0.0 if self.temperature is None else
-                                    self.temperature, length_penalty=self.length_penalty,
+            return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
+                                    temperature=temperature, length_penalty=self.length_penalty,
                                     include_stop_str_in_output=self.include_stop_str_in_output)
         except ValueError as e:
             field = getattr(e, "parameter", None)
