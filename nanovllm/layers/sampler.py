@@ -1,35 +1,8 @@
-"""The sampler: from the last position's logits to one token per sequence.
-
-The order follows vLLM V1:
-  1. logprobs, if any row asked, from the RAW logits (log-softmax before anything below:
-     vLLM's default logprobs_mode "raw_logprobs"; so they ignore min_tokens masking,
-     penalties, temperature and the top-k/top-p/min-p filters);
-  2. min_tokens: EOS, the model's further EOS ids and stop_token_ids get -inf until the row
-     has min_tokens outputs (the EOS ids not with ignore_eos, where they do not stop);
-  3. penalties: repetition (HF style, over prompt + output tokens), then frequency and
-     presence (OpenAI style, over output tokens); a penalised logit saturates at
-     +-LOGIT_LIMIT instead of overflowing (a repetition penalty of 1e-45 is valid);
-  4. greedy rows take the argmax here; random rows continue with
-  5. temperature, min-p, top-k, top-p (over what min-p and top-k keep; at least one token),
-     softmax (vLLM V1's order: min-p is one of its "argmax-invariant" logits processors, run
-     before its top-k/top-p sampler; transformers runs min-p last);
-  6. the exponential race: argmax(probs / E) with E ~ Exp(1) i.i.d., which draws token i
-     with probability probs[i] without a cumulative sum or a host sync.
-     Seeded rows draw E from their own generator, so their tokens do not depend on the
-     other rows in the batch.
-On CUDA (`Sampler(fused=True)`), steps 5-6 run as two Triton kernels instead: each row's
-min-p/top-k/top-p threshold found without sorting, then the Gumbel-max draw among the tokens
-above it (the same distribution; kernels/); an all-greedy batch takes a split-row argmax
-kernel, and logprobs one pass for the logsumexp, ranks and top k. There, seeded rows draw from Philox streams keyed
-by per-row seeds the engine derives from the request's seed and the token's position.
-
-Every SamplingParams that validation accepts works here: the cut-offs always keep at least
-the most likely token (ties with it too), and logits stay finite where they were.
-
-Everything is vectorised over the batch; a step that no row uses is skipped, and an
-all-greedy batch never computes a softmax. Nothing in `Sampler.forward` reads a tensor
-back to the host, so it can run right after a CUDA-graph replay without a sync.
-"""
+"""The sampler: from the last position's logits to one token per sequence, vectorised over the
+batch and with no read-back to the host. The order is vLLM V1's: logprobs of the raw logits,
+min_tokens, penalties, the argmax for greedy rows, then temperature, min-p, top-k, top-p and
+the exponential race. docs/sampling.md says why each step sits where it does and what runs as
+Triton kernels on CUDA."""
 from dataclasses import dataclass
 
 import torch
