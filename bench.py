@@ -38,6 +38,23 @@ KNOWN_GPUS = {
 }
 
 
+def head_dim_of(c) -> int:
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+def layer_weights(c, batch: int = 1) -> tuple[int, float, float]:
+    """One decoder layer's weights: (attention, MLP weights one token computes with, MLP weights a
+    step of `batch` sequences reads). A mixture of experts reads every expert one of the
+    sequences is routed to: with k of E experts per token, E * (1 - (1 - k/E)^batch) of them."""
+    attention = c.hidden_size * head_dim_of(c) * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    experts, active = getattr(c, "num_experts", 0) or 0, getattr(c, "num_experts_per_tok", 0) or 0
+    if not experts:
+        mlp = 3 * c.hidden_size * c.intermediate_size
+        return attention, mlp, mlp
+    expert = 3 * c.hidden_size * c.moe_intermediate_size
+    return attention, expert * active, expert * experts * (1 - (1 - active / experts) ** batch)
+
+
 def floor_seconds(w: Workload, hf_config, bandwidth: float, flops: float, max_num_seqs: int,
                   tp: int = 1) -> float:
     """The fastest `w` can run on `tp` GPUs (bf16 weights and KV cache).
@@ -47,16 +64,11 @@ def floor_seconds(w: Workload, hf_config, bandwidth: float, flops: float, max_nu
     at least (all output tokens) / max_num_seqs. Prefill is compute-bound: 2 FLOP per parameter
     per computed prompt token, plus causal attention (4 FLOP per head dimension per query-key
     pair); a shared prefix is computed once (prefix cache). A mixture of experts computes with
-    its active experts, but a decode step reads every expert that one of its sequences is routed
-    to: with k of E experts per token and max_num_seqs sequences, E * (1 - (1 - k/E)^max_num_seqs)."""
+    its active experts but reads every expert a step's sequences are routed to (layer_weights)."""
     c = hf_config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    head_dim = head_dim_of(c)
     kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2
-    attention = c.hidden_size * head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-    experts, active = getattr(c, "num_experts", 0) or 0, getattr(c, "num_experts_per_tok", 0) or 0
-    expert = 3 * c.hidden_size * getattr(c, "moe_intermediate_size", 0) if experts else 0
-    mlp = expert * active if experts else 3 * c.hidden_size * c.intermediate_size
-    mlp_read = expert * experts * (1 - (1 - active / experts) ** max_num_seqs) if experts else mlp
+    attention, mlp, mlp_read = layer_weights(c, max_num_seqs)
     embedding = c.vocab_size * c.hidden_size
     params = c.num_hidden_layers * (attention + mlp) + embedding
     kv_bytes = sum(kv_per_token * (len(p) * o + o * (o - 1) // 2) for p, o in zip(w.prompts, w.output_lens))

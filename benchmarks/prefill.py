@@ -17,20 +17,18 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench import KNOWN_GPUS  # noqa: E402
+from bench import KNOWN_GPUS, head_dim_of, layer_weights  # noqa: E402
 from nanovllm import LLM, SamplingParams  # noqa: E402
 from nanovllm.models.shapes import SHAPES, shape_checkpoint_dir  # noqa: E402
 
 
-def prefill_flops(c: dict, prompt_lens: list[int]) -> float:
-    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    h, heads, kv_heads = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
-    mlp = c.get("moe_intermediate_size", 0) * c.get("num_experts_per_tok", 0) or c["intermediate_size"]
-    per_layer = h * head_dim * (2 * heads + 2 * kv_heads) + 3 * h * mlp
-    tokens = sum(prompt_lens)
+def prefill_flops(c, prompt_lens: list[int]) -> float:
+    """c: the model's Hugging Face config."""
+    attention, mlp, _ = layer_weights(c)
     pairs = sum(n * (n + 1) / 2 for n in prompt_lens)
-    layers = c["num_hidden_layers"]
-    return 2 * layers * per_layer * tokens + 4 * layers * heads * head_dim * pairs + 2 * c["vocab_size"] * h * len(prompt_lens)
+    layers, heads = c.num_hidden_layers, c.num_attention_heads
+    return (2 * layers * (attention + mlp) * sum(prompt_lens) + 4 * layers * heads * head_dim_of(c) * pairs
+            + 2 * c.vocab_size * c.hidden_size * len(prompt_lens))
 
 
 def main() -> None:
@@ -59,7 +57,7 @@ def main() -> None:
         llm.generate(prompts, params, use_tqdm=False)
         times.append(time.perf_counter() - start)
     seconds = min(times)
-    flops = prefill_flops(SHAPES[args.shape], [len(x) for x in prompts])
+    flops = prefill_flops(llm.llm_engine.config.hf_config, [len(x) for x in prompts])
     tokens = args.num_seqs * args.input
     line = (f"prefill {args.num_seqs} x {args.input} tokens ({args.shape}, quantization {args.quantization}): "
             f"{seconds:.3f} s (best of 3), {tokens / seconds:,.0f} prompt tok/s, {flops / seconds / 1e12:.1f} TFLOP/s")
