@@ -79,8 +79,9 @@ def test_metrics_have_vllms_names_types_and_counts(url, engine):
 
 
 def test_metrics_show_the_engine_at_work(url, engine):
-    """While requests run: running and waiting sequences, the KV cache in use; four 100-token
-    requests in a 256-token cache preempt each other."""
+    """While requests run: running and waiting sequences, the KV cache in use; eight 100-token
+    requests in a 256-token cache preempt each other, so that some wait for most of the run
+    (the gauges are sampled while it runs: a short wait could fall between two samples)."""
     aclient = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
     start = value(scrape(url), "vllm:num_preemptions_total")
 
@@ -88,7 +89,7 @@ def test_metrics_show_the_engine_at_work(url, engine):
         async def one(prompt):
             return await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=100, temperature=0,
                                                     extra_body={"ignore_eos": True})
-        tasks = [asyncio.create_task(one(p)) for p in PROMPTS]
+        tasks = [asyncio.create_task(one(p)) for p in PROMPTS * 2]
         seen = []
         while not all(t.done() for t in tasks):
             seen.append(await asyncio.to_thread(scrape, url))
