@@ -2,9 +2,7 @@
 
 Argument names and defaults follow vLLM's `LLM(...)` / `EngineArgs` where they apply.
 """
-import math
 import numbers
-import os
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -18,10 +16,6 @@ ATTENTION_BACKENDS = ("auto", "triton", "flash_attn", "torch")
 EXECUTOR_BACKENDS = (None, "mp", "ray")
 # KV cache dtypes (vLLM's names): "auto" is the model's dtype; the fp8 ones store float8 e4m3.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
-# On a CPU the KV cache is sized to what max_num_seqs sequences of max_model_len tokens need,
-# within half the memory available (its pages are only taken as they are written);
-# NANOVLLM_CPU_KVCACHE_GIB caps it instead (as vLLM's VLLM_CPU_KVCACHE_SPACE).
-CPU_KV_CACHE_SHARE_OF_AVAILABLE = 0.5
 
 
 class UnknownArgumentError(TypeError, ValueError):
@@ -106,6 +100,7 @@ class EngineConfig:
             self.seed = 0
         if not (_is_int(self.seed) and -2**63 <= self.seed < 2**64):     # what torch.manual_seed takes
             raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}.")
+        from nanovllm.engine.kv_cache_memory import cpu_kv_cache_gib
         cpu_kv_cache_gib()                      # a bad NANOVLLM_CPU_KVCACHE_GIB fails now, not after loading
         if not (isinstance(self.block_size, int) and 1 <= self.block_size <= 256
                 and self.block_size & (self.block_size - 1) == 0):
@@ -189,46 +184,12 @@ class EngineConfig:
             raise ValueError(f"{' and '.join(fp8)} need a GPU with FP8 (compute capability 8.9 or newer: Ada, "
                              f"Hopper, Blackwell); this {torch.cuda.get_device_name()} is {major}.{minor}.")
 
-    @property
-    def cpu_kv_cache_bytes(self) -> int:
-        """The most the CPU KV cache may take: NANOVLLM_CPU_KVCACHE_GIB, else half the available memory."""
-        gib = cpu_kv_cache_gib()
-        return int(gib * 2**30) if gib is not None else int(available_memory_bytes() * CPU_KV_CACHE_SHARE_OF_AVAILABLE)
-
-
-def available_memory_bytes() -> int:
-    """MemAvailable on Linux; elsewhere total physical memory, as os.sysconf tells it."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def cpu_kv_cache_gib() -> float | None:
-    """The CPU KV cache's cap in GiB: NANOVLLM_CPU_KVCACHE_GIB where set (and not empty), else None."""
-    text = os.environ.get("NANOVLLM_CPU_KVCACHE_GIB", "").strip()
-    if not text:
-        return None
-    try:
-        gib = float(text)
-    except ValueError:
-        gib = math.nan
-    if not (math.isfinite(gib) and gib > 0):
-        raise ValueError(f"NANOVLLM_CPU_KVCACHE_GIB must be a positive number of GiB (the KV cache's size "
-                         f"on a CPU; unset: sized to need, within half the available memory), got {text!r}.")
-    return gib
 
 
 def default_max_num_batched_tokens(device: str, max_num_seqs: int, server: bool = False) -> int:

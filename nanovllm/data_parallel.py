@@ -168,7 +168,7 @@ class DataParallelEngine:
 
     # -- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> str:
-        from nanovllm.engine.llm_engine import check_request_args
+        from nanovllm.engine.request_checks import check_request_args
         params = check_request_args(request_id, request_id in self.owner, params)
         if not self.replicas:
             raise RuntimeError("No data-parallel replica is left: every one has died (see the errors above).")

@@ -8,7 +8,8 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.kernels.reference import paged_attention_reference
-from nanovllm.layers.attention import FlashAttnBackend, TorchBackend, select_backend
+from nanovllm.layers.attention import TorchBackend
+from nanovllm.layers.attention_backends import FlashAttnBackend, select_backend
 from tests.conftest import KERNEL_DEVICE, hf_greedy, random_prompts
 
 

@@ -30,7 +30,7 @@ def test_cpu_kv_cache_gib_variable(value, monkeypatch):
 
 def test_valid_values_pass_the_checks(monkeypatch):
     """Valid values get past the argument checks (to the model lookup, which fails here)."""
-    from nanovllm.config import cpu_kv_cache_gib
+    from nanovllm.engine.kv_cache_memory import cpu_kv_cache_gib
     monkeypatch.setenv("NANOVLLM_CPU_KVCACHE_GIB", "0.5")
     assert cpu_kv_cache_gib() == 0.5
     monkeypatch.setenv("NANOVLLM_CPU_KVCACHE_GIB", "")        # empty: no cap (sized to need)

@@ -5,6 +5,7 @@ import torch
 import nanovllm.config as config_module
 from nanovllm import LLM
 from nanovllm.config import resolve_dtype
+from nanovllm.engine.kv_cache_memory import block_bytes
 
 
 class Config:
@@ -35,7 +36,7 @@ def test_cpu_kv_cache_is_sized_to_need_and_refuses_clearly(tiny_qwen3, monkeypat
     llm = LLM(tiny_qwen3, device="cpu", max_model_len=256, max_num_seqs=3, block_size=16)
     assert llm.llm_engine.block_manager.num_blocks == 3 * 256 // 16       # what 3 full-length sequences need
     runner = llm.llm_engine.runner
-    one_sequence_gib = 256 // 16 * runner.block_bytes / 2**30
+    one_sequence_gib = 256 // 16 * block_bytes(runner) / 2**30
     monkeypatch.setenv("NANOVLLM_CPU_KVCACHE_GIB", str(one_sequence_gib * 0.9))
     with pytest.raises(ValueError, match="less than one sequence of max_model_len=256"):
         LLM(tiny_qwen3, device="cpu", max_model_len=256)

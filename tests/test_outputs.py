@@ -3,7 +3,8 @@ import pickle
 
 import pytest
 
-from nanovllm.outputs import FlatLogprobs, Logprob
+from nanovllm.engine.logprob_rows import FlatLogprobs
+from nanovllm.outputs import Logprob
 
 
 def entries(n: int) -> list[dict[int, Logprob]]:

@@ -26,14 +26,16 @@ CORE = {
 }
 SEAMS = {
     "CUDA graphs / CPU compile": ["engine/cuda_graphs.py", "engine/cpu_compile.py"],
-    "Triton kernels": ["kernels/*.py", "layers/fusion.py", "!kernels/reference.py"],
+    "KV cache memory (sizing, profiling)": ["engine/kv_cache_memory.py"],
+    "Triton kernels": ["kernels/*.py", "layers/fusion.py", "layers/attention_backends.py", "!kernels/reference.py"],
     "tensor parallelism": ["engine/tensor_parallel.py", "engine/tp_workers.py", "engine/ctrl_c.py", "distributed.py"],
     "data parallelism (Ray, processes)": ["data_parallel.py", "ray.py"],
+    "request validation (vLLM's checks and messages)": ["param_checks.py", "engine/request_checks.py"],
     "penalties and logprobs": ["engine/token_histograms.py", "engine/logprob_rows.py"],
     "beam search": ["beam_search.py"],
     "speculative decoding": ["spec_decode/*.py"],
     "quantization": ["layers/quantization/*.py", "quantization/*.py"],
-    "other model families": ["models/*.py", "!models/llama.py", "!models/qwen3.py", "!models/registry.py",
+    "other model families": ["layers/rope_scaling.py", "models/*.py", "!models/llama.py", "!models/qwen3.py", "!models/registry.py",
                              "!models/checkpoint.py", "!models/shapes.py"],
     "GGUF": ["gguf.py"],
     "server and AsyncLLM": ["entrypoints/*.py", "__main__.py"],

@@ -17,11 +17,12 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import Detokenizer
 from nanovllm.engine.model_runner import ModelRunner, StepResult
+from nanovllm.engine.request_checks import check_prompt, check_request_args, check_stop_token_ids, tokenize_prompt
 from nanovllm.engine.logprob_rows import LogprobRows, TokenTexts
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.outputs import CompletionOutput, RequestOutput
-from nanovllm.sampling_params import RequestOutputKind, SamplingParams, ValidationError
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 from nanovllm.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -82,9 +83,9 @@ class LLMEngine:
         """Queue a request. `prompt` is a string, a list of token ids, or a dict with
         "prompt" or "prompt_token_ids" (vLLM's TextPrompt / TokensPrompt)."""
         params = check_request_args(request_id, request_id in self.requests, params)
-        text, token_ids = self._tokenize(prompt)
-        self._validate_prompt(token_ids)
-        self._validate_params(params)
+        text, token_ids = tokenize_prompt(self.tokenizer, prompt)
+        check_prompt(token_ids, self.vocab_size, self.config.max_model_len)
+        check_stop_token_ids(params, self.vocab_size)
         params = params.clone()
         if params.max_tokens is None:
             params.max_tokens = self.config.max_model_len - len(token_ids)
@@ -106,48 +107,6 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
         return request_id
-
-    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError("Prompt dictionary must contain 'prompt' or 'prompt_token_ids', "
-                                 f"got keys {sorted(prompt)}")
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)):
-            return None, self._check_ids(prompt)
-        raise ValueError(f"Prompt should be a string, a list of token ids or a dict, got {type(prompt).__name__}")
-
-    @staticmethod
-    def _check_ids(ids) -> list[int]:
-        ids = list(ids)
-        for t in ids:
-            if not isinstance(t, int) or isinstance(t, bool):
-                raise ValueError(f"Token prompt should be a list of integers, got {t!r}")
-        return ids
-
-    def _validate_prompt(self, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise ValueError("The decoder prompt cannot be empty")
-        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"Token id {bad} is out of vocabulary (the model has {self.vocab_size} tokens)")
-        if len(token_ids) > self.config.max_model_len:
-            raise ValueError(f"The decoder prompt (length {len(token_ids)}) is longer than the maximum model "
-                             f"length of {self.config.max_model_len}. Make sure that `max_model_len` is no "
-                             f"smaller than the number of text tokens.")
-
-    def _validate_params(self, params: SamplingParams) -> None:
-        """The checks that need the model (vLLM's request-time checks). A stop token id outside
-        the vocabulary could never be sampled, so it would never stop anything: refused."""
-        bad = next((t for t in params.stop_token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ValidationError(f"stop_token_ids contains {bad}, which is out of vocabulary (the model "
-                                  f"has {self.vocab_size} tokens).", "stop_token_ids", params.stop_token_ids)
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
         """Seeded requests get their own generator (child i of n uses seed + i, as vLLM)."""
@@ -336,18 +295,6 @@ class LLMEngine:
     def shutdown(self) -> None:
         if hasattr(self.runner, "shutdown"):
             self.runner.shutdown()
-
-
-def check_request_args(request_id, in_use: bool, params: SamplingParams | None) -> SamplingParams:
-    """add_request's argument checks (shared with the data-parallel engine); the params to use."""
-    if not isinstance(request_id, str):
-        raise TypeError(f"request_id must be a string, got {type(request_id)}")
-    if in_use:
-        raise ValueError(f"request_id {request_id!r} is already in use")
-    params = SamplingParams() if params is None else params
-    if not isinstance(params, SamplingParams):
-        raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-    return params
 
 
 def _eos_ids(tokenizer, hf_config) -> tuple[int | None, set[int]]:

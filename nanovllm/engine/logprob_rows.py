@@ -5,8 +5,76 @@ path, so it is kept lean: the tensors are read back once per step (not once per 
 each sequence's entry is built with its own k, sampled tokens' entries go into
 `FlatLogprobs` as plain numbers, and each token's text is decoded once (`TokenTexts`).
 """
+from collections.abc import Sequence
+
 from nanovllm.layers.sampler import LogprobsTensors
-from nanovllm.outputs import FlatLogprobs, Logprob
+from nanovllm.outputs import Logprob
+
+
+class FlatLogprobs(Sequence):
+    """A list of {token_id: Logprob}, one per generated token, kept as flat lists of numbers.
+
+    At 256 sequences asking for 20 logprobs, a dict and 21 Logprob objects per sequence per
+    step are ~5,000 new objects a step, and Python's cyclic garbage collector, which walks
+    every live object now and then, took more host time than building them. Here a token
+    adds numbers to four lists; `flat[i]` builds the i-th dict when it is read. (vLLM
+    later did the same, for the same reason.) Behaves as a read-only list of dicts: len,
+    indexing, slicing, iteration, ==, and + with a list."""
+
+    def __init__(self, entries=()):
+        self.starts = [0]                   # entry i is items starts[i]:starts[i + 1]
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.ranks: list[int | None] = []
+        self.texts: list[str | None] = []
+        for entry in entries:
+            self.append(entry)
+
+    def add(self, token_ids: list[int], logprobs: list[float], ranks: list, texts: list) -> None:
+        """Append one token's entry from parallel lists."""
+        self.token_ids += token_ids
+        self.logprobs += logprobs
+        self.ranks += ranks
+        self.texts += texts
+        self.starts.append(len(self.token_ids))
+
+    def append(self, entry: dict[int, Logprob]) -> None:
+        values = entry.values()
+        self.add(list(entry), [v.logprob for v in values], [v.rank for v in values], [v.decoded_token for v in values])
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return FlatLogprobs(self[i] for i in range(len(self))[index]) if index.step not in (None, 1) \
+                else self._span(*index.indices(len(self))[:2])
+        i = range(len(self))[index]         # IndexError past the end, negative indices
+        return {self.token_ids[j]: Logprob(self.logprobs[j], self.ranks[j], self.texts[j])
+                for j in range(self.starts[i], self.starts[i + 1])}
+
+    def _span(self, start: int, stop: int) -> "FlatLogprobs":
+        out, stop = FlatLogprobs(), max(start, stop)
+        a, b = self.starts[start], self.starts[stop]
+        out.starts = [s - a for s in self.starts[start:stop + 1]]
+        out.token_ids, out.logprobs = self.token_ids[a:b], self.logprobs[a:b]
+        out.ranks, out.texts = self.ranks[a:b], self.texts[a:b]
+        return out
+
+    def __add__(self, other) -> "FlatLogprobs":
+        out = self[:]
+        for entry in other:
+            out.append(entry)
+        return out
+
+    def __radd__(self, other) -> "FlatLogprobs":
+        return FlatLogprobs(other) + self
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (list, FlatLogprobs)) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return repr(list(self))
 
 
 class TokenTexts:

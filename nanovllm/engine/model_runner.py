@@ -5,11 +5,8 @@ Each step it turns the scheduled batch into tensors (`prepare`), runs the model
 next tokens (`sample`). With tensor parallelism every rank runs `execute` on the inputs
 rank 0 prepared; only rank 0 prepares and samples.
 """
-import ctypes
 import dataclasses
 import logging
-import math
-import mmap
 import os
 import time
 from collections.abc import Collection
@@ -18,19 +15,18 @@ from dataclasses import dataclass
 import torch
 
 from nanovllm.config import EngineConfig
-from nanovllm.distributed import min_over_ranks, tp_rank, tp_size
-from nanovllm.engine.inputs import LogitsRows, ModelInputs, block_table_array, plan_logits_rows, prepare_inputs, \
-    to_tensors
+from nanovllm.distributed import tp_rank, tp_size
+from nanovllm.engine.inputs import LogitsRows, ModelInputs, plan_logits_rows, prepare_inputs
+from nanovllm.engine.kv_cache_memory import allocate_kv_cache, map_large_buffers
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.token_histograms import TokenHistograms
 from nanovllm.kernels import triton_available
-from nanovllm.layers.attention import Attention, select_backend
+from nanovllm.layers.attention import Attention
+from nanovllm.layers.attention_backends import select_backend
 from nanovllm.layers.sampler import LogprobsTensors, Sampler, SamplerOutput, gather_logprobs
 from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow, to_device, uses_penalties
 from nanovllm.models.checkpoint import init_dummy_weights, load_weights
 from nanovllm.models.registry import model_class
-from nanovllm.quantization.kv_cache import attach_kv_scales, kv_cache_torch_dtype
-from nanovllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +52,7 @@ class ModelRunner:
         self.seconds_waiting = 0.0   # resolve()'s waits for the device, in all (benchmarks read it)
         torch.manual_seed(config.seed)
         if config.device == "cpu":
-            _map_large_buffers()
+            map_large_buffers()
 
         cls = model_class(hf, config.max_model_len)
         default_dtype = torch.get_default_dtype()
@@ -81,7 +77,7 @@ class ModelRunner:
             layer.backend = self.backend
 
         self.graphs = None
-        self.num_blocks = self._allocate_kv_cache()
+        self.num_blocks = allocate_kv_cache(self)
         # Opt-in on a CPU: measured on the demo model, it did not pay for its compile (docs/cpu.md).
         if config.device == "cpu" and not config.enforce_eager and os.environ.get("NANOVLLM_CPU_COMPILE") == "1":
             from nanovllm.engine.cpu_compile import CompiledSteps
@@ -94,102 +90,6 @@ class ModelRunner:
             logger.info("captured %d CUDA graphs (%d decode batch sizes, %d mixed-step token counts) in %.1f s",
                         self.graphs.num_graphs, len(self.graphs.decode), len(self.graphs.mixed),
                         time.perf_counter() - start)
-
-    # -- KV cache ---------------------------------------------------------------------
-    @property
-    def kv_cache_dtype(self) -> torch.dtype:
-        """The model's dtype, or float8 e4m3 with kv_cache_dtype="fp8" (half the bytes of a 16-bit one)."""
-        return kv_cache_torch_dtype(self.config.kv_cache_dtype, self.dtype)
-
-    @property
-    def block_bytes(self) -> int:
-        layer = self.attention_layers[0]
-        per_token = 2 * len(self.attention_layers) * layer.num_kv_heads * layer.head_dim * self.kv_cache_dtype.itemsize
-        return per_token * self.block_size
-
-    def _allocate_kv_cache(self) -> int:
-        cfg = self.config
-        # A cache larger than every sequence at full length at once is never needed.
-        useful = cfg.max_num_seqs * -(-cfg.max_model_len // self.block_size)
-        if cfg.num_gpu_blocks_override is not None:
-            num_blocks = cfg.num_gpu_blocks_override
-        elif cfg.device == "cuda":
-            num_blocks = min(useful, self._profile_num_blocks())
-        else:
-            num_blocks = min(useful, cfg.cpu_kv_cache_bytes // self.block_bytes)
-            one_sequence = -(-cfg.max_model_len // self.block_size)
-            if num_blocks < one_sequence:
-                raise ValueError(
-                    f"The CPU KV cache may take {cfg.cpu_kv_cache_bytes / 2**30:.2f} GiB (NANOVLLM_CPU_KVCACHE_GIB, "
-                    f"else half the available memory), less than one sequence of max_model_len="
-                    f"{cfg.max_model_len} tokens needs ({one_sequence * self.block_bytes / 2**30:.2f} GiB): "
-                    f"lower max_model_len or free memory.")
-        num_blocks = min_over_ranks(num_blocks, self.device)    # every rank must hold the same blocks
-        if num_blocks < 1:
-            raise ValueError("No memory is left for the KV cache: raise gpu_memory_utilization "
-                             "or lower max_num_batched_tokens.")
-        self._bind_cache(num_blocks)
-        fp8 = self.kv_cache_dtype != self.dtype     # say what the float8 cache bought
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB%s): %d tokens, %.1f full-length sequences",
-                    num_blocks, self.block_size, num_blocks * self.block_bytes / 2**30,
-                    f", float8 e4m3: {self.dtype.itemsize}x the tokens of {str(self.dtype)[6:]}" if fp8 else "",
-                    num_blocks * self.block_size, num_blocks * self.block_size / cfg.max_model_len)
-        return num_blocks
-
-    def _bind_cache(self, num_blocks: int) -> None:
-        layer = self.attention_layers[0]
-        shape = (2, len(self.attention_layers), num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-        dtype = self.kv_cache_dtype
-        if dtype != self.dtype and self.backend.name == "flash_attn":
-            raise ValueError("kv_cache_dtype='fp8' is not supported with attention_backend='flash_attn'; "
-                             "use the 'triton' (CUDA) or 'torch' backend.")
-        if self.device.type == "cpu":
-            # An anonymous memory map reads as zeros and takes a page only when it is written, so
-            # the memory used follows the tokens cached, not the cache's size. (Not np.zeros: numpy
-            # asks for 2 MB huge pages on large arrays, and every layer's first write takes one.)
-            nbytes = math.prod(shape) * dtype.itemsize
-            self.kv_cache = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(dtype).view(shape)
-        else:
-            self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        for i, layer in enumerate(self.attention_layers):
-            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
-        attach_kv_scales(self.attention_layers, dtype, self.config.calculate_kv_scales, self.device)
-
-    def _profile_num_blocks(self) -> int:
-        """Run the largest prefill the scheduler can produce on a scratch cache, and give the
-        KV cache what `gpu_memory_utilization` leaves after weights and peak activations."""
-        cfg = self.config
-        seq_len = min(cfg.max_model_len, cfg.max_num_batched_tokens)
-        num_seqs = max(1, min(cfg.max_num_seqs, cfg.max_num_batched_tokens // seq_len))
-        scratch_blocks = num_seqs * -(-seq_len // self.block_size)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        self._bind_cache(scratch_blocks)
-        per_seq = scratch_blocks // num_seqs           # each sequence gets consecutive blocks
-        inputs = to_tensors(
-            input_ids=[0] * (seq_len * num_seqs), positions=list(range(seq_len)) * num_seqs,
-            slots=[s * per_seq * self.block_size + p for s in range(num_seqs) for p in range(seq_len)],
-            cu_q=[i * seq_len for i in range(num_seqs + 1)], seq_lens=[seq_len] * num_seqs,
-            tables=block_table_array([list(range(s * per_seq, (s + 1) * per_seq)) for s in range(num_seqs)]),
-            max_q=seq_len, is_decode=False, logits_indices=[(i + 1) * seq_len - 1 for i in range(num_seqs)],
-            device=self.device)
-        logits = self.execute(inputs)
-        if logits is not None:                          # only rank 0 samples
-            self.sampler(logits.float(), SamplingMetadata.build(
-                [SamplingRow(_PROFILE_PARAMS, [], [], None)] * num_seqs, self.vocab_size, self.device))
-        torch.cuda.synchronize()
-        # Measured while the scratch cache and the weights are still allocated: what is left
-        # above them at the peak is the activations' (and the sampler's) share.
-        peak_activations = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
-        del self.kv_cache, logits
-        for layer in self.attention_layers:
-            layer.k_cache = layer.v_cache = torch.empty(0)
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info()
-        budget = total * cfg.gpu_memory_utilization - (total - free) - peak_activations
-        logger.info("memory: %.1f GiB in use after loading, %.2f GiB peak activations",
-                    (total - free) / 2**30, peak_activations / 2**30)
-        return int(budget // self.block_bytes)
 
     # -- one step -------------------------------------------------------------------------
     # A step is launched (inputs prepared, forward and sampling queued on the device) and later
@@ -302,17 +202,6 @@ class ModelRunner:
         return to_device(torch.tensor(seeds, dtype=torch.int64), self.device)
 
 
-def _map_large_buffers() -> None:
-    """Have glibc map buffers of 1 MB and more on their own, and give them back when freed. By
-    default it raises that threshold after the first such buffer is freed; loading's transients
-    (a few MB per layer) then come from the heap, which keeps their pages: on the demo model,
-    100-300 MB more resident memory, differing from run to run."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)     # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):                     # not glibc (macOS, musl): nothing to do
-        pass
-
-
 def _known_tokens(seq) -> list[int]:
     """seq's tokens before the one this step draws. min_tokens counts them: a token of the step
     before, still in flight (seq.num_in_flight is then 2), counts too (its value does not matter)."""
@@ -368,7 +257,3 @@ class Launched:
     sample_logprobs: LogprobsTensors | None
     prompt_logprobs: dict[int, LogprobsTensors]
     ready: _Ready                                # the copies above are complete
-
-
-# Sampling with every filter on, so the profile run sees the sampler's largest temporaries.
-_PROFILE_PARAMS = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)

@@ -8,7 +8,7 @@ from enum import Enum, auto
 
 import torch
 
-from nanovllm.outputs import FlatLogprobs
+from nanovllm.engine.logprob_rows import FlatLogprobs
 from nanovllm.sampling_params import SamplingParams
 
 

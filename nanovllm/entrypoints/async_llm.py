@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from nanovllm.entrypoints.engine_process import ABORTED, EngineProcess, EngineStats
-from nanovllm.outputs import RequestOutput, fold_outputs
+from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -310,3 +310,25 @@ class AsyncLLM:
 def _put_all(puts: list[tuple[RequestStream, object]]) -> None:
     for stream, item in puts:
         stream._put(item)
+
+
+def fold_outputs(older: RequestOutput, newer: RequestOutput, delta: bool) -> RequestOutput:
+    """One output that says what `older` then `newer` said (a stream that fell behind gets
+    this instead of both): for DELTA outputs their concatenation, built in `older` (which
+    nobody has seen yet), else simply `newer`."""
+    if not delta:
+        return newer
+    earlier = {c.index: c for c in older.outputs}
+    for c in newer.outputs:
+        old = earlier.get(c.index)
+        if old is None:
+            older.outputs.append(c)
+            continue
+        old.text += c.text
+        old.token_ids.extend(c.token_ids)
+        if c.logprobs is not None:
+            old.logprobs = (old.logprobs or []) + c.logprobs
+        old.cumulative_logprob, old.finish_reason, old.stop_reason = (
+            c.cumulative_logprob, c.finish_reason, c.stop_reason)
+    older.finished = newer.finished
+    return older

@@ -28,10 +28,23 @@ def store_kv_cache_reference(key: torch.Tensor, value: torch.Tensor, k_cache: to
                              v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale=None, v_scale=None) -> None:
     """Write key/value [num_tokens, num_kv_heads, head_dim] into their cache slots (divided by
     k_scale / v_scale into a float8 cache)."""
+    write_kv(key, value, k_cache, v_cache, *stored_slots(slot_mapping), k_scale, v_scale)
+
+
+def stored_slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(which new tokens are stored, None when all are; their slots as int64)."""
     keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = _to_cache(key[keep], k_cache, k_scale)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = _to_cache(value[keep], v_cache, v_scale)
+    if bool(keep.all()):
+        return None, slot_mapping.long()
+    return keep, slot_mapping[keep].long()
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             keep: torch.Tensor | None, slots: torch.Tensor, k_scale=None, v_scale=None) -> None:
+    if keep is not None:
+        key, value = key[keep], value[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = _to_cache(key, k_cache, k_scale)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = _to_cache(value, v_cache, v_scale)
 
 
 def _to_cache(x: torch.Tensor, cache: torch.Tensor, scale) -> torch.Tensor:
@@ -96,19 +109,32 @@ def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_c
     """Decode (one query token per sequence), all sequences at once: the caches are gathered
     into a padded [batch, longest, ...] tensor and masked. Same result as
     `paged_attention_reference` with cu_seqlens_q = arange(batch + 1); far fewer ops."""
-    batch, block_size = q.shape[0], k_cache.shape[1]
+    blocks, visible = decode_reads(seq_lens, block_tables, k_cache.shape[1], window)
+    return decode_attention(q, k_cache, v_cache, blocks, visible, scale, k_scale, v_scale)
+
+
+def decode_reads(seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int, window: int | None = None):
+    """What a decode step reads of a layer's cache: each sequence's blocks up to the longest
+    (flat, int64) and which of those gathered keys each query sees ([batch, 1, 1, keys])."""
     num_blocks = -(-int(seq_lens.max()) // block_size)
-    # index_select copies whole blocks several times faster than advanced indexing (on a CPU)
     blocks = block_tables[:, :num_blocks].reshape(-1).long()
-    k = _from_cache(k_cache.index_select(0, blocks), k_scale).view(batch, num_blocks * block_size, *k_cache.shape[2:])
-    v = _from_cache(v_cache.index_select(0, blocks), v_scale).view(batch, num_blocks * block_size, *v_cache.shape[2:])
-    key_pos = torch.arange(num_blocks * block_size, device=q.device)[None, :]
-    mask = key_pos < seq_lens[:, None]
+    key_pos = torch.arange(num_blocks * block_size, device=seq_lens.device)[None, :]
+    visible = key_pos < seq_lens[:, None]
     if window is not None:
-        mask &= key_pos >= seq_lens[:, None] - window
+        visible &= key_pos >= seq_lens[:, None] - window
+    return blocks, visible[:, None, None, :]
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
+                     visible: torch.Tensor, scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
+    """q [batch, Hq, D] over the gathered `blocks` (see decode_reads) -> [batch, Hq, D]."""
+    batch = q.shape[0]
+    # index_select copies whole blocks several times faster than advanced indexing (on a CPU)
+    k = _from_cache(k_cache.index_select(0, blocks), k_scale).view(batch, -1, *k_cache.shape[2:])
+    v = _from_cache(v_cache.index_select(0, blocks), v_scale).view(batch, -1, *v_cache.shape[2:])
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(),
-        attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)   # [batch, Hq, 1, D]
+        attn_mask=visible, scale=scale, enable_gqa=True)   # [batch, Hq, 1, D]
     return out.squeeze(2).to(q.dtype)
 
 

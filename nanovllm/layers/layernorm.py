@@ -8,17 +8,15 @@ from nanovllm.layers.fusion import use_kernels
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight, normalised in float32 (as transformers does)."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return x32.to(x.dtype) * weight
+    if x.dtype == torch.float32:            # the same, in one op
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """The pre-norm block's "add & norm": returns (rms_norm(x + residual), x + residual)."""
     x = x + residual
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return x32.to(x.dtype) * weight, x
+    return rms_norm(x, weight, eps), x
 
 
 class RMSNorm(nn.Module):

@@ -54,3 +54,24 @@ def update_scales_from_first_batch(k: torch.Tensor, v: torch.Tensor, slot_mappin
         new = (amax * HEADROOM / FP8_MAX).clamp(min=1e-8)
         scale.copy_(torch.where(take, new, scale))
     pending.copy_(pending & ~has_tokens)
+
+
+def attend_fp8(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta) -> torch.Tensor:
+    """Attention.forward (`layer`) over a float8 cache. The Triton kernels divide by the scales
+    when storing and multiply when reading, in registers. Any other backend stores keys and
+    values already in float8 and attends with the scales around it: q * k_scale against the
+    cached k / k_scale gives the same scores, and the output is linear in v."""
+    if layer.kv_scales_pending is not None:     # calculate_kv_scales: from the first batch
+        update_scales_from_first_batch(k, v, meta.slot_mapping, layer.k_scale, layer.v_scale,
+                                       layer.kv_scales_pending)
+    if layer.backend.name == "triton":
+        scales = {"k_scale": layer.k_scale, "v_scale": layer.v_scale}
+        layer.backend.store(k, v, layer.k_cache, layer.v_cache, meta, **scales)
+        out = layer.backend.attend(q, layer.k_cache, layer.v_cache, meta, layer.scale, layer.sliding_window,
+                                   **scales)
+        return out.flatten(1)
+    layer.backend.store(quantize_fp8(k, layer.k_scale), quantize_fp8(v, layer.v_scale), layer.k_cache,
+                        layer.v_cache, meta)
+    out = layer.backend.attend((q.float() * layer.k_scale).to(q.dtype), layer.k_cache, layer.v_cache, meta,
+                               layer.scale, layer.sliding_window)
+    return (out.float() * layer.v_scale).to(out.dtype).flatten(1)

@@ -1,0 +1,63 @@
+"""What LLMEngine.add_request accepts, with vLLM's messages: the request id and params, the
+prompt forms (a string, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": ...}
+dicts), and the checks that need the model (vocabulary, context length)."""
+from nanovllm.param_checks import ValidationError
+from nanovllm.sampling_params import SamplingParams
+
+
+def check_request_args(request_id, in_use: bool, params: SamplingParams | None) -> SamplingParams:
+    """add_request's argument checks (shared with the data-parallel engine); the params to use."""
+    if not isinstance(request_id, str):
+        raise TypeError(f"request_id must be a string, got {type(request_id)}")
+    if in_use:
+        raise ValueError(f"request_id {request_id!r} is already in use")
+    params = SamplingParams() if params is None else params
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+    return params
+
+
+def tokenize_prompt(tokenizer, prompt) -> tuple[str | None, list[int]]:
+    """(the prompt's text if it has one, its token ids)."""
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            prompt = prompt["prompt"]
+        else:
+            raise ValueError("Prompt dictionary must contain 'prompt' or 'prompt_token_ids', "
+                             f"got keys {sorted(prompt)}")
+    if isinstance(prompt, str):
+        return prompt, tokenizer.encode(prompt)
+    if isinstance(prompt, (list, tuple)):
+        return None, _token_ids(prompt)
+    raise ValueError(f"Prompt should be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+
+def _token_ids(ids) -> list[int]:
+    ids = list(ids)
+    for t in ids:
+        if not isinstance(t, int) or isinstance(t, bool):
+            raise ValueError(f"Token prompt should be a list of integers, got {t!r}")
+    return ids
+
+
+def check_prompt(token_ids: list[int], vocab_size: int, max_model_len: int) -> None:
+    if not token_ids:
+        raise ValueError("The decoder prompt cannot be empty")
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"Token id {bad} is out of vocabulary (the model has {vocab_size} tokens)")
+    if len(token_ids) > max_model_len:
+        raise ValueError(f"The decoder prompt (length {len(token_ids)}) is longer than the maximum model "
+                         f"length of {max_model_len}. Make sure that `max_model_len` is no "
+                         f"smaller than the number of text tokens.")
+
+
+def check_stop_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """A stop token id outside the vocabulary could never be sampled, so it would never stop
+    anything: refused (as vLLM's request-time check)."""
+    bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValidationError(f"stop_token_ids contains {bad}, which is out of vocabulary (the model "
+                              f"has {vocab_size} tokens).", "stop_token_ids", params.stop_token_ids)

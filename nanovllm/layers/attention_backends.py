@@ -1,0 +1,95 @@
+"""The attention backends other than the torch reference (layers/attention.py), and the choice
+among them: the project's Triton kernels (the default on CUDA) and flash-attn when installed.
+Each stores a step's keys and values and attends over the paged cache, as TorchBackend does.
+"""
+import logging
+
+import torch
+
+from nanovllm.layers.attention import AttentionMetadata, TorchBackend
+
+logger = logging.getLogger(__name__)
+
+
+class TritonBackend:
+    """The project's own Triton kernels: varlen paged prefill and split-KV paged decode."""
+    name = "triton"
+
+    def __init__(self):
+        from nanovllm import kernels
+        self.k = kernels
+
+    def store(self, k, v, k_cache, v_cache, meta: AttentionMetadata, **kv_scales):
+        self.k.store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, **kv_scales)
+
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None,
+               **kv_scales):
+        if meta.is_decode:
+            return self.k.paged_decode_attention(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale,
+                                                 window=window, **kv_scales)
+        return self.k.paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
+                                              meta.block_tables, meta.max_seqlen_q, scale, window=window,
+                                              **kv_scales)
+
+
+class FlashAttnBackend:
+    """flash-attn's paged kernels, when the package is installed. Its paged KV cache needs
+    blocks of a multiple of 256 tokens; stores go through our Triton kernel."""
+    name = "flash_attn"
+
+    def __init__(self):
+        import flash_attn
+        from nanovllm import kernels
+        self.fa, self.store_kv_cache = flash_attn, kernels.store_kv_cache
+
+    def store(self, k, v, k_cache, v_cache, meta: AttentionMetadata):
+        self.store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None):
+        # flash-attn's window counts the keys left of the query's own: W - 1 of them
+        sliding = {} if window is None else {"window_size": (window - 1, 0)}
+        if meta.is_decode:
+            return self.fa.flash_attn_with_kvcache(
+                q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.seq_lens, block_table=meta.block_tables,
+                softmax_scale=scale, causal=True, **sliding).squeeze(1)
+        cu_seqlens_k = torch.nn.functional.pad(meta.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
+        # causal=True aligns the mask to the bottom right: query j of a sequence with a cached
+        # prefix sees the prefix and the new tokens up to itself, as in our reference.
+        return self.fa.flash_attn_varlen_func(
+            q, k_cache, v_cache, cu_seqlens_q=meta.cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_k, softmax_scale=scale,
+            causal=True, block_table=meta.block_tables, **sliding)
+
+
+def flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+        return True
+    except Exception:     # not installed, or built for another torch/CUDA
+        return False
+
+
+def select_backend(name: str, device: str, block_size: int):
+    """"auto": flash-attn on CUDA when it is installed and the block size suits it, else the
+    Triton kernels; the torch reference on the CPU."""
+    if name == "auto":
+        name = "torch"
+        if device == "cuda":
+            from nanovllm.kernels import triton_available
+            if flash_attn_available() and block_size % 256 == 0:
+                name = "flash_attn"
+            elif triton_available():
+                name = "triton"
+    if name == "flash_attn":
+        if not flash_attn_available():
+            raise ValueError("attention_backend='flash_attn' but the flash_attn package cannot be imported.")
+        if block_size % 256:
+            raise ValueError(f"attention_backend='flash_attn' needs block_size to be a multiple of 256 "
+                             f"(flash-attn's paged KV cache), got {block_size}.")
+        backend = FlashAttnBackend()
+    elif name == "triton":
+        backend = TritonBackend()
+    else:
+        backend = TorchBackend()
+    logger.info("attention backend: %s", backend.name)
+    return backend
