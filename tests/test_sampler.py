@@ -8,7 +8,8 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper, TopPLogitsWarper,
 )
 
-from nanovllm.layers.sampler import Sampler, apply_penalties, apply_temperature_and_filters
+from nanovllm.layers.penalties import apply_penalties
+from nanovllm.layers.sampler import Sampler, apply_temperature_and_filters
 from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow
 from nanovllm.sampling_params import SamplingParams
 from tests.conftest import KERNEL_DEVICE as KERNEL_DEVICE_NAME
@@ -364,7 +365,7 @@ def test_extreme_repetition_penalty_saturates(rep):
     """A repetition penalty at float32's extremes pushes seen logits past float32's range:
     they saturate at +-LOGIT_LIMIT (finite after the temperature too), keeping their order,
     and the sampler still draws a token the filters keep."""
-    from nanovllm.layers.sampler import LOGIT_LIMIT
+    from nanovllm.layers.penalties import LOGIT_LIMIT
     logits = torch.tensor([[3.0, -2.0, 1.0, -5.0, 0.5, float("-inf")]])
     r = row(prompt=[0, 1, 5], output=[2, 3], repetition_penalty=rep, temperature=0.01, top_p=0.9, min_p=0.1)
     meta = meta_of([r], vocab_size=6)

@@ -3,7 +3,7 @@ vLLM's ranks, on the torch path and the fused one (Triton; in the interpreter on
 import pytest
 import torch
 
-from nanovllm.layers.sampler import gather_logprobs
+from nanovllm.layers.logprobs import gather_logprobs
 from tests.test_sampler import CPU, KERNEL_DEVICE, fixed_logits, row, sample
 
 

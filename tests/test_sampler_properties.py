@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from nanovllm.kernels import triton_available
-from nanovllm.layers.sampler import Sampler, apply_penalties, apply_temperature_and_filters
+from nanovllm.layers.penalties import apply_penalties
+from nanovllm.layers.sampler import Sampler, apply_temperature_and_filters
 from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow
 from nanovllm.sampling_params import SamplingParams
 from tests.conftest import KERNEL_DEVICE

@@ -7,7 +7,7 @@ each sequence's entry is built with its own k, sampled tokens' entries go into
 """
 from collections.abc import Sequence
 
-from nanovllm.layers.sampler import LogprobsTensors
+from nanovllm.layers.logprobs import LogprobsTensors
 from nanovllm.outputs import Logprob
 
 

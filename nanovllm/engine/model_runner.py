@@ -23,7 +23,8 @@ from nanovllm.engine.token_histograms import TokenHistograms
 from nanovllm.kernels import triton_available
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.attention_backends import select_backend
-from nanovllm.layers.sampler import LogprobsTensors, Sampler, SamplerOutput, gather_logprobs
+from nanovllm.layers.logprobs import LogprobsTensors, gather_logprobs
+from nanovllm.layers.sampler import Sampler, SamplerOutput
 from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow, to_device, uses_penalties
 from nanovllm.models.checkpoint import init_dummy_weights, load_weights
 from nanovllm.models.registry import model_class

@@ -8,52 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from nanovllm import kernels
+from nanovllm.layers.logprobs import LogprobsTensors, gather_logprobs
+from nanovllm.layers.penalties import apply_min_tokens_and_penalties
 from nanovllm.layers.sampling_metadata import SamplingMetadata
-
-
-@dataclass
-class LogprobsTensors:
-    """Per row: the sampled (or given) token and the k most likely tokens."""
-    token_ids: torch.Tensor       # [N] int64
-    token_logprobs: torch.Tensor  # [N] float32
-    token_ranks: torch.Tensor     # [N] int64, 1 = most likely
-    top_ids: torch.Tensor         # [N, k] int64
-    top_logprobs: torch.Tensor    # [N, k] float32
-
-
-def gather_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int, fused: bool = False) -> LogprobsTensors:
-    """`logits` [N, V] (raw, any float dtype), `token_ids` [N]: each token's logprob and rank,
-    and the top k. A logprob is logit - logsumexp(row), in float32; ranks and the top k are
-    found on the logits themselves (log-softmax keeps their order), so no [N, V] float32
-    log-softmax is written. `fused`: the logsumexp, ranks and top k from one Triton pass
-    (kernels/logprobs.py; its top k breaks ties by the lowest id). Also used by the engine
-    for prompt logprobs."""
-    token_ids = token_ids.long()
-    token_logits = logits.gather(-1, token_ids[:, None])                        # [N, 1]
-    if fused and k <= _FUSED_MAX_TOP_K:
-        logsumexp, token_ranks, top_ids = kernels.logprobs_and_top_k(logits.contiguous(), token_ids, k)
-        logsumexp, top_logits = logsumexp[:, None], logits.gather(-1, top_ids)
-    else:
-        if fused:
-            logsumexp, token_ranks = kernels.logsumexp_and_rank(logits.contiguous(), token_ids)
-            logsumexp = logsumexp[:, None]
-        else:
-            logsumexp = torch.logsumexp(logits.float(), dim=-1, keepdim=True)        # [N, 1]
-            # Rank as vLLM counts it: how many tokens are at least as likely (ties rank low).
-            token_ranks = (logits >= token_logits).sum(-1)
-        top_logits, top_ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
-    return LogprobsTensors(token_ids, (token_logits.float() - logsumexp).squeeze(-1), token_ranks, top_ids,
-                           top_logits.float() - logsumexp)
-
-
-# The kernel finds the top k by k max-reductions per chunk: fine for SamplingParams' limit (20).
-_FUSED_MAX_TOP_K = 32
-
-
-# Penalised logits saturate here. Later steps divide by the temperature (>= 0.01, so x 100)
-# and subtract two logits (x 2): from 2^120 that stays below float32's maximum (~2^128), so
-# no +-inf, and no inf - inf = NaN, can reach the cut-offs or the draw.
-LOGIT_LIMIT = 2.0 ** 120
 
 
 @dataclass
@@ -102,50 +59,6 @@ class Sampler(torch.nn.Module):
         if raw_logits is not None:
             out = gather_logprobs(raw_logits, sampled, meta.max_num_logprobs, self.fused)
         return SamplerOutput(sampled, out)
-
-
-def apply_min_tokens_and_penalties(logits: torch.Tensor, meta: SamplingMetadata, fused: bool = False) -> torch.Tensor:
-    """Steps 2-3: min_tokens' bans, then the penalties (a Triton kernel when `fused`)."""
-    if meta.min_tokens_rows is not None:
-        logits = logits.index_put((meta.min_tokens_rows, meta.min_tokens_ids), logits.new_full((), float("-inf")))
-    if meta.output_counts is not None:
-        if fused:
-            logits = kernels.apply_penalties(logits.contiguous(), meta.output_counts, meta.prompt_mask,
-                                             meta.repetition_penalty, meta.frequency_penalty,
-                                             meta.presence_penalty, meta.count_rows, limit=LOGIT_LIMIT)
-        else:
-            logits = apply_penalties(logits, meta)
-    return logits
-
-
-def sampling_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """The distribution the sampler draws each row's token from, [B, V] float32: steps 2-5
-    (the torch steps), a point mass on the argmax for a greedy row. Speculative decoding's
-    rejection sampler (nanovllm/spec_decode/) needs this distribution itself, not one draw."""
-    logits = apply_min_tokens_and_penalties(logits.float(), meta)
-    greedy = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
-    if meta.all_greedy:
-        return greedy
-    probs = apply_temperature_and_filters(logits, meta).softmax(dim=-1)
-    return probs if meta.all_random else torch.where(meta.greedy[:, None], greedy, probs)
-
-
-def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    counts, prompt_mask = meta.output_counts, meta.prompt_mask
-    if meta.count_rows is not None:
-        counts, prompt_mask = counts[meta.count_rows], prompt_mask[meta.count_rows]
-    penalised = logits
-    if meta.repetition_penalty is not None:
-        # Repetition (HF): a seen token's logit moves toward "less likely" whatever its sign.
-        seen = prompt_mask | (counts > 0)
-        rep = torch.where(seen, meta.repetition_penalty[:, None], 1.0)
-        penalised = torch.where(penalised > 0, penalised / rep, penalised * rep)
-    if meta.frequency_penalty is not None:
-        # Frequency and presence (OpenAI): subtract per occurrence, and once if present.
-        penalised = penalised - meta.frequency_penalty[:, None] * counts
-        penalised = penalised - meta.presence_penalty[:, None] * (counts > 0)
-    # Saturate rather than overflow (a banned token's -inf stays -inf).
-    return torch.where(logits == float("-inf"), logits, penalised.clamp(-LOGIT_LIMIT, LOGIT_LIMIT))
 
 
 def apply_temperature_and_filters(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

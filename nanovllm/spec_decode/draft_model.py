@@ -18,7 +18,7 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
-from nanovllm.layers.sampler import sampling_probs
+from nanovllm.spec_decode.rejection_sampler import sampling_probs
 from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}

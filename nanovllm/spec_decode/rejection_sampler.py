@@ -15,6 +15,10 @@ Pure torch, one sequence at a time; `generator` (a seeded request's) makes it re
 """
 import torch
 
+from nanovllm.layers.penalties import apply_min_tokens_and_penalties
+from nanovllm.layers.sampler import apply_temperature_and_filters
+from nanovllm.layers.sampling_metadata import SamplingMetadata
+
 
 def rejection_sample(target_probs: torch.Tensor, draft_token_ids: list[int], draft_probs: torch.Tensor | None = None,
                      generator: torch.Generator | None = None) -> list[int]:
@@ -58,3 +62,15 @@ def greedy_accept(target_argmax: list[int], draft_token_ids: list[int]) -> list[
 def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
     """One token from unnormalised non-negative weights [V]."""
     return int(torch.multinomial(weights.float(), 1, generator=generator))
+
+
+def sampling_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """The distribution the sampler draws each row's token from, [B, V] float32: steps 2-5
+    (the torch steps), a point mass on the argmax for a greedy row. Speculative decoding's
+    rejection sampler (nanovllm/spec_decode/) needs this distribution itself, not one draw."""
+    logits = apply_min_tokens_and_penalties(logits.float(), meta)
+    greedy = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    if meta.all_greedy:
+        return greedy
+    probs = apply_temperature_and_filters(logits, meta).softmax(dim=-1)
+    return probs if meta.all_random else torch.where(meta.greedy[:, None], greedy, probs)

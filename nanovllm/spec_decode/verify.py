@@ -15,9 +15,9 @@ import torch
 from nanovllm.engine.inputs import wants_prompt_logprobs
 from nanovllm.engine.model_runner import StepResult
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.layers.sampler import LogprobsTensors, gather_logprobs, sampling_probs
+from nanovllm.layers.logprobs import LogprobsTensors, gather_logprobs
 from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow, to_device, uses_penalties
-from nanovllm.spec_decode.rejection_sampler import greedy_accept, rejection_sample
+from nanovllm.spec_decode.rejection_sampler import greedy_accept, rejection_sample, sampling_probs
 
 
 @dataclass

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanovllm.kernels import triton_available
-from nanovllm.layers.sampler import apply_penalties
+from nanovllm.layers.penalties import apply_penalties
 from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow
 from nanovllm.sampling_params import SamplingParams
 
@@ -74,7 +74,7 @@ def test_penalties_saturate_at_the_limit_as_torch():
     """Repetition penalties at float32's extremes push seen logits past its range: kernel and
     torch both stop at +-LOGIT_LIMIT, and a banned token's -inf stays -inf."""
     from nanovllm import kernels
-    from nanovllm.layers.sampler import LOGIT_LIMIT
+    from nanovllm.layers.penalties import LOGIT_LIMIT
     vocab = 12
     logits = torch.tensor([3.0, -2.0, 0.0, -5.0, 1e30, -1e30, float("-inf"), 2.0, -1.0, 4.0, -3.0, 0.5])
     logits = logits.expand(2, -1).contiguous()

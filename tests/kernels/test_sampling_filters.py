@@ -218,7 +218,7 @@ def test_extreme_settings_keep_the_top_token():
     torch filters do: top_p 0 or float32's smallest, min_p 1, top_k 1, together, over logits
     at the sampler's saturation limit and over a row that min_tokens banned entirely (which
     keeps everything: there is no top token to prefer)."""
-    from nanovllm.layers.sampler import LOGIT_LIMIT
+    from nanovllm.layers.penalties import LOGIT_LIMIT
     gen = torch.Generator().manual_seed(5)
     base = torch.randn(50, generator=gen) * 3
     base[[7, 30]] = base.max() + 1                           # a tie at the top
