@@ -176,29 +176,10 @@ class LLMEngine:
     def _finish(self, launched) -> list[Request]:
         """Read a step's results back and process them; returns the requests with an output to make."""
         if self.speculator is not None:
-            return self._finish_speculative(launched)
+            return self.speculator.finish(launched, self.scheduler, self._process)
         result = self.runner.resolve(launched)
         self.scheduler.update(launched.batch, result.sampled)
         return self._process(launched.batch, result)
-
-    def _finish_speculative(self, verified) -> list[Request]:
-        """A speculative step gives a sequence 1 to k+1 tokens (nanovllm/spec_decode/verify.py).
-        Only the keys/values of the accepted ones are kept: the computed count stops before the
-        last new token, as after any decode (the slots of rejected proposals get overwritten).
-        The tokens are then appended and checked one round at a time, as if each came from a
-        step of its own, so a stop inside an accepted run ends the sequence there."""
-        batch, touched = verified.batch, {}
-        for seq, tokens in zip(batch.seqs, verified.tokens):
-            if tokens:
-                seq.num_computed_tokens = seq.num_tokens + len(tokens) - 1
-            seq.spec_token_ids = []
-        for j, result in enumerate(verified.rounds):
-            if j:      # the scheduler expects one token in flight per token it is given
-                for seq, token in zip(batch.seqs, result.sampled):
-                    seq.num_in_flight += token is not None and not seq.is_finished
-            self.scheduler.update(batch, result.sampled)
-            touched.update((r.request_id, r) for r in self._process(batch, result))
-        return list(touched.values())
 
     def _process(self, batch: ScheduledBatch, result: StepResult) -> list[Request]:
         """Each sequence's new token: stop checks, text, logprobs. Returns the requests that
@@ -279,18 +260,11 @@ class LLMEngine:
         if finished:
             del self.requests[request.request_id]
         request.reported = True
+        # With speculative decoding, metrics are the request's proposed and accepted tokens.
+        metrics = None if self.speculator is None else self.speculator.request_metrics(request.seqs)
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
                              request.prompt_logprobs, outputs, finished,
-                             num_cached_tokens=request.seqs[0].num_cached_tokens,
-                             metrics=self._spec_metrics(request))
-
-    def _spec_metrics(self, request: Request):
-        """With speculative decoding, RequestOutput.metrics holds the request's proposed and
-        accepted token counts (a SpecDecodeMetrics; the engine's totals: speculator.metrics)."""
-        if self.speculator is None:
-            return None
-        from nanovllm.spec_decode import SpecDecodeMetrics
-        return SpecDecodeMetrics.total(seq.spec_metrics for seq in request.seqs)
+                             num_cached_tokens=request.seqs[0].num_cached_tokens, metrics=metrics)
 
     def shutdown(self) -> None:
         if hasattr(self.runner, "shutdown"):

@@ -82,3 +82,30 @@ class Speculator:
                 self.metrics.add(len(proposed), len(tokens) - 1)
         self.draft_probs = {}
         return verified
+
+    def finish(self, verified: Verified, scheduler, process) -> list:
+        """The engine's _finish for a speculative step: a sequence got 1 to k+1 tokens. Only the
+        keys/values of the accepted ones are kept: the computed count stops before the last new
+        token, as after any decode (the slots of rejected proposals get overwritten). The tokens
+        are then appended and checked one round at a time (`process`: the engine's handling of
+        one token per sequence), as if each came from a step of its own, so a stop inside an
+        accepted run ends the sequence there. Returns the requests with an output to make."""
+        batch, touched = verified.batch, {}
+        for seq, tokens in zip(batch.seqs, verified.tokens):
+            if tokens:
+                seq.num_computed_tokens = seq.num_tokens + len(tokens) - 1
+            seq.spec_token_ids = []
+        for j, result in enumerate(verified.rounds):
+            if j:      # the scheduler expects one token in flight per token it is given
+                for seq, token in zip(batch.seqs, result.sampled):
+                    seq.num_in_flight += token is not None and not seq.is_finished
+            scheduler.update(batch, result.sampled)
+            touched.update((r.request_id, r) for r in process(batch, result))
+        return list(touched.values())
+
+    @staticmethod
+    def request_metrics(seqs) -> SpecDecodeMetrics:
+        """RequestOutput.metrics: the request's proposed and accepted token counts (the engine's
+        totals are `metrics`)."""
+        return SpecDecodeMetrics.total(seq.spec_metrics for seq in seqs)
+
