@@ -51,7 +51,7 @@ def main() -> None:
         histograms = TokenHistograms(V, B, device) if uses_penalties(params) else None
 
         def build():
-            """The metadata as ModelRunner._sampling_metadata builds it when the batch changes
+            """The metadata as SamplingInputs.metadata (engine/sampling_inputs.py) builds it when the batch changes
             (penalties: from the device histograms; the engine reuses it while the batch stays)."""
             counts = None
             if histograms is not None:
@@ -62,7 +62,7 @@ def main() -> None:
 
         meta = build()
         plain = triton.testing.do_bench(lambda: torch_sampler(logits, meta), return_mode="median")
-        # the engine gives seeded rows their own seeds (ModelRunner._row_seeds)
+        # the engine gives seeded rows their own seeds (engine/sampling_inputs.py row_seeds)
         seeds = torch.randint(0, 2**62, (B,), device=device) if params.seed is not None else None
         forward = triton.testing.do_bench(lambda: sampler(logits, meta, seeds), return_mode="median")
         both = triton.testing.do_bench(lambda: sampler(logits, build(), seeds), return_mode="median")

@@ -236,13 +236,14 @@ def test_seeded_row_seed_is_a_function_of_the_token_position(fused_llm):
     whether the step was launched ahead (its input token still being sampled) or not, after
     a prefill chunk or a decode step; different for the next position, the next completion
     and an unseeded request (fresh from the global generator)."""
+    from nanovllm.engine.sampling_inputs import row_seeds
     from nanovllm.engine.scheduler import ScheduledBatch
     from nanovllm.engine.sequence import Sequence
     runner = fused_llm.llm_engine.runner
 
     def seed_of(seq, start, n):
         from_device = start == seq.num_tokens
-        return int(runner._row_seeds(ScheduledBatch([seq], [start], [n], [True], [from_device]))[0])
+        return int(row_seeds(ScheduledBatch([seq], [start], [n], [True], [from_device]), runner.device)[0])
 
     seq = Sequence("r", 0, list(range(10)), SamplingParams(seed=7))
     draws_10 = seed_of(seq, 0, 10)                              # the prompt's last chunk

@@ -19,13 +19,13 @@ from nanovllm.distributed import tp_rank, tp_size
 from nanovllm.engine.inputs import LogitsRows, ModelInputs, plan_logits_rows, prepare_inputs
 from nanovllm.engine.kv_cache_memory import allocate_kv_cache, map_large_buffers
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.engine.token_histograms import TokenHistograms
+from nanovllm.engine.sampling_inputs import SamplingInputs, row_seeds
 from nanovllm.kernels import triton_available
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.attention_backends import select_backend
 from nanovllm.layers.logprobs import LogprobsTensors, gather_logprobs
 from nanovllm.layers.sampler import Sampler, SamplerOutput
-from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow, to_device, uses_penalties
+from nanovllm.layers.sampling_metadata import to_device
 from nanovllm.models.checkpoint import init_dummy_weights, load_weights
 from nanovllm.models.registry import model_class
 
@@ -67,11 +67,9 @@ class ModelRunner:
             load_weights(self.model, config.model_dir, config.quantization)
         self.model.eval()
         self.sampler = Sampler(fused=config.device == "cuda" and triton_available())
-        # (the batch's seq ids, its SamplingMetadata, its histogram rows): see _sampling_metadata
-        self._cached_meta: tuple[list[int] | None, SamplingMetadata | None, torch.Tensor | None] = (None, None, None)
-        self.histograms = TokenHistograms(self.vocab_size, config.max_num_seqs, self.device)
+        self.sampling_inputs = SamplingInputs(self.vocab_size, config.max_num_seqs, self.device)
         if config.device == "cuda" and tp_rank() == 0:     # rank 0 samples; reserve before the KV cache
-            self.histograms.reserve()
+            self.sampling_inputs.histograms.reserve()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.backend = select_backend(config.attention_backend, config.device, config.block_size)
         for layer in self.attention_layers:
@@ -152,11 +150,11 @@ class ModelRunner:
         token, and the logprobs that were asked for. Nothing is read back here."""
         seqs = [seq for seq, samples in zip(batch.seqs, batch.samples) if samples]
         sample_logits = logits if rows.sample_rows is None else logits[rows.sample_rows]
-        meta, histogram_rows = self._sampling_metadata(seqs, eos_ids)
-        row_seeds = self._row_seeds(batch) if meta.generators and self.sampler.fused else None
-        out: SamplerOutput = self.sampler(sample_logits, meta, row_seeds)
+        meta, histogram_rows = self.sampling_inputs.metadata(seqs, eos_ids)
+        seeds = row_seeds(batch, self.device) if meta.generators and self.sampler.fused else None
+        out: SamplerOutput = self.sampler(sample_logits, meta, seeds)
         if histogram_rows is not None:
-            self.histograms.record(histogram_rows, out.sampled_token_ids)
+            self.sampling_inputs.histograms.record(histogram_rows, out.sampled_token_ids)
         prompt_logprobs = {}
         for i, (first_row, count) in rows.prompt_rows.items():
             seq, first = batch.seqs[i], batch.starts[i]
@@ -168,57 +166,6 @@ class ModelRunner:
         sampled, logprobs, prompt_logprobs = _to_host((out.sampled_token_ids, out.logprobs, prompt_logprobs))
         return Launched(batch, out.sampled_token_ids, sampled, logprobs, prompt_logprobs,
                         _Ready(self.device))
-
-    def _sampling_metadata(self, seqs: list, eos_ids: Collection[int]
-                           ) -> tuple[SamplingMetadata, torch.Tensor | None]:
-        """-> (the batch's metadata, its rows in the token histograms if it uses penalties).
-        Built once per batch composition: decode steps keep the same sequences for many
-        steps in a row. Penalties read the histograms, which change in place on the device, so
-        such metadata stays valid too; only min_tokens makes it change from step to step."""
-        key = [seq.seq_id for seq in seqs]
-        if key == self._cached_meta[0]:
-            return self._cached_meta[1], self._cached_meta[2]
-        histogram_rows = token_counts = None
-        if any(uses_penalties(s.params) for s in seqs):
-            histogram_rows = self.histograms.gather(seqs)
-            token_counts = (self.histograms.output_counts, self.histograms.prompt_mask, histogram_rows)
-        meta = SamplingMetadata.build(
-            [SamplingRow.of(s.params, _known_tokens(s), s.num_prompt_tokens, s.generator, eos_ids,
-                            counts_kept=histogram_rows is not None) for s in seqs],
-            self.vocab_size, self.device, token_counts)
-        reusable = not any(s.params.min_tokens for s in seqs)
-        self._cached_meta = (key if reusable else None, meta, histogram_rows)
-        return meta, histogram_rows
-
-    def _row_seeds(self, batch: ScheduledBatch) -> torch.Tensor:
-        """This step's seed for each sampling row of the fused sampler. A seeded request's is a
-        function of its seed, its completion index and the position of the token being drawn,
-        so its tokens depend on nothing else (batch, schedule, preemption); the other rows get
-        fresh draws from torch's global generator."""
-        base, seeds = int(torch.randint(0, 2**62, ())), []
-        for seq, start, n, samples in zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples):
-            if samples:
-                seed = seq.params.seed
-                seeds.append(base + len(seeds) if seed is None else _stream_seed(seed + seq.index, start + n))
-        return to_device(torch.tensor(seeds, dtype=torch.int64), self.device)
-
-
-def _known_tokens(seq) -> list[int]:
-    """seq's tokens before the one this step draws. min_tokens counts them: a token of the step
-    before, still in flight (seq.num_in_flight is then 2), counts too (its value does not matter)."""
-    if seq.num_in_flight > 1 and seq.params.min_tokens:
-        return seq.token_ids + [-1] * (seq.num_in_flight - 1)
-    return seq.token_ids
-
-
-def _stream_seed(seed: int, position: int) -> int:
-    """A 62-bit seed from (seed, position), mixed (splitmix64) so that neighbouring seeds and
-    positions give unrelated Philox keys."""
-    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & (2**64 - 1)
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
-    return (z ^ (z >> 31)) >> 2
-
 
 def _to_host(obj):
     """Start device-to-host copies of every tensor in obj (tensors, dataclasses, tuples, dicts)."""

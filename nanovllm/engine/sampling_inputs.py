@@ -1,0 +1,68 @@
+"""What the sampler gets each step besides the logits: the batch's SamplingMetadata (built once
+per batch composition, with the penalties' token counts kept on the device by TokenHistograms)
+and, for the fused sampler, each row's seed."""
+from collections.abc import Collection
+
+import torch
+
+from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.token_histograms import TokenHistograms
+from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow, to_device, uses_penalties
+
+
+class SamplingInputs:
+    def __init__(self, vocab_size: int, max_num_seqs: int, device: torch.device):
+        self.vocab_size, self.device = vocab_size, device
+        self.histograms = TokenHistograms(vocab_size, max_num_seqs, device)
+        # (the batch's seq ids, its SamplingMetadata, its histogram rows): see metadata()
+        self.cached: tuple[list[int] | None, SamplingMetadata | None, torch.Tensor | None] = (None, None, None)
+
+    def metadata(self, seqs: list, eos_ids: Collection[int]) -> tuple[SamplingMetadata, torch.Tensor | None]:
+        """-> (the batch's metadata, its rows in the token histograms if it uses penalties).
+        Built once per batch composition: decode steps keep the same sequences for many
+        steps in a row. Penalties read the histograms, which change in place on the device, so
+        such metadata stays valid too; only min_tokens makes it change from step to step."""
+        key = [seq.seq_id for seq in seqs]
+        if key == self.cached[0]:
+            return self.cached[1], self.cached[2]
+        histogram_rows = token_counts = None
+        if any(uses_penalties(s.params) for s in seqs):
+            histogram_rows = self.histograms.gather(seqs)
+            token_counts = (self.histograms.output_counts, self.histograms.prompt_mask, histogram_rows)
+        meta = SamplingMetadata.build(
+            [SamplingRow.of(s.params, known_tokens(s), s.num_prompt_tokens, s.generator, eos_ids,
+                            counts_kept=histogram_rows is not None) for s in seqs],
+            self.vocab_size, self.device, token_counts)
+        reusable = not any(s.params.min_tokens for s in seqs)
+        self.cached = (key if reusable else None, meta, histogram_rows)
+        return meta, histogram_rows
+
+
+def row_seeds(batch: ScheduledBatch, device: torch.device) -> torch.Tensor:
+    """This step's seed for each sampling row of the fused sampler. A seeded request's is a
+    function of its seed, its completion index and the position of the token being drawn,
+    so its tokens depend on nothing else (batch, schedule, preemption); the other rows get
+    fresh draws from torch's global generator."""
+    base, seeds = int(torch.randint(0, 2**62, ())), []
+    for seq, start, n, samples in zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples):
+        if samples:
+            seed = seq.params.seed
+            seeds.append(base + len(seeds) if seed is None else stream_seed(seed + seq.index, start + n))
+    return to_device(torch.tensor(seeds, dtype=torch.int64), device)
+
+
+def known_tokens(seq) -> list[int]:
+    """seq's tokens before the one this step draws. min_tokens counts them: a token of the step
+    before, still in flight (seq.num_in_flight is then 2), counts too (its value does not matter)."""
+    if seq.num_in_flight > 1 and seq.params.min_tokens:
+        return seq.token_ids + [-1] * (seq.num_in_flight - 1)
+    return seq.token_ids
+
+
+def stream_seed(seed: int, position: int) -> int:
+    """A 62-bit seed from (seed, position), mixed (splitmix64) so that neighbouring seeds and
+    positions give unrelated Philox keys."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 31)) >> 2
