@@ -74,7 +74,7 @@ class EngineConfig:
     def __post_init__(self):
         self._check_ranges()
         self.device = resolve_device(self.device)
-        from nanovllm.models.checkpoint import resolve_model_dir
+        from nanovllm.models.model_dir import resolve_model_dir
         # GGUF's Q4_0/Q4_1/Q8_0 linears stay quantized on a GPU (the W4A16 kernel reads them). On a
         # CPU, 4-bit ones do too (torch's int4 kernel, a quarter of bfloat16's bytes: docs/cpu.md);
         # 8-bit ones have no CPU kernel and are widened unless asked.
@@ -164,7 +164,7 @@ class EngineConfig:
     def _check_speculative(self):
         if self.speculative_config is None:
             return
-        from nanovllm.models.checkpoint import resolve_model_dir
+        from nanovllm.models.model_dir import resolve_model_dir
         from nanovllm.spec_decode.config import SpeculativeConfig
         self.speculative_config = SpeculativeConfig.parse(
             self.speculative_config, self.hf_config,

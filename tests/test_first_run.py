@@ -59,7 +59,7 @@ def test_demo_model_path_prefers_smollm2(offline_demo, monkeypatch, caplog):
 
 
 def test_a_local_directory_named_demo_wins(offline_demo, tiny_qwen3):
-    from nanovllm.models.checkpoint import resolve_model_dir
+    from nanovllm.models.model_dir import resolve_model_dir
     os.symlink(tiny_qwen3, offline_demo / "demo")
     assert resolve_model_dir("demo") == "demo"
 

@@ -26,7 +26,8 @@ from nanovllm.layers.attention_backends import select_backend
 from nanovllm.layers.logprobs import LogprobsTensors, gather_logprobs
 from nanovllm.layers.sampler import Sampler, SamplerOutput
 from nanovllm.layers.sampling_metadata import to_device
-from nanovllm.models.checkpoint import init_dummy_weights, load_weights
+from nanovllm.models.checkpoint import load_weights
+from nanovllm.models.dummy_weights import init_dummy_weights
 from nanovllm.models.registry import model_class
 
 logger = logging.getLogger(__name__)

@@ -1,50 +1,12 @@
-"""Finding a checkpoint and loading its weights into the (sharded, fused) model."""
+"""Loading a checkpoint's weights into the (sharded, fused) model (finding the checkpoint:
+models/model_dir.py; random weights for benchmarks: models/dummy_weights.py)."""
 import glob
 import os
-import re
 
-import torch
 from safetensors import safe_open
 from torch import nn
 
-from nanovllm.quantization import QuantConfig
 from nanovllm.quantization.install import checkpoint_quant_config, finish_quantized_linears, quantize_linears
-
-
-def resolve_model_dir(model: str, gguf_file: str | None = None, revision: str | None = None,
-                      keep_gguf_bits: tuple[int, ...] = ()) -> str:
-    """A local directory (used as is), a GGUF file (converted once to a cached Hugging Face
-    directory; keep_gguf_bits: its Q4_0/Q4_1 (4) or Q8_0 (8) linear weights of these widths stay so), "demo" (the demo
-    model, unless a local path has that name), or a Hugging Face repo id (downloaded with huggingface_hub)."""
-    from nanovllm.demo_model import DEMO_MODEL, demo_model_path
-    from nanovllm.gguf import resolve_gguf
-    if model == DEMO_MODEL and not os.path.exists(model):
-        model = demo_model_path()
-    converted = resolve_gguf(model, gguf_file, keep_gguf_bits)
-    if converted is not None:
-        return converted
-    if os.path.isdir(model):
-        return model
-    if not re.fullmatch(r"[A-Za-z0-9_][\w.-]*/[\w.-]+", model):
-        raise OSError(f"Model path {model!r} does not exist (and is not a Hugging Face repo id of the form "
-                      f"'org/name'; {DEMO_MODEL!r} is the built-in demo model).")
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(model, revision=revision, allow_patterns=[
-            "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"])
-    except Exception as e:
-        # `from None`: the user sees this one error, with its cause on one line, rather than
-        # huggingface_hub's chained tracebacks.
-        raise OSError(
-            f"Could not find {model!r} locally and could not download it from the Hugging Face Hub "
-            f"({type(e).__name__}: {_one_line(str(e))}). On a machine with internet access run "
-            f"`hf download {model} --local-dir <dir>`, copy <dir> here and pass "
-            f"LLM(model='<dir>').") from None
-
-
-def _one_line(message: str, limit: int = 300) -> str:
-    message = " ".join(message.split())
-    return message if len(message) <= limit else message[:limit - 3] + "..."
 
 
 def load_weights(model: nn.Module, model_dir: str, quantization: str | None = None) -> None:
@@ -111,28 +73,3 @@ def _checkpoint_tensors(files: list[str]):
         for name in names:
             with safe_open(path, "pt", device="cpu") as f:
                 yield name, f.get_tensor(name)
-
-
-def init_dummy_weights(model: nn.Module, seed: int = 0, quant: QuantConfig | None = None) -> None:
-    """load_format="dummy": random weights of the right shapes (benchmarks need no checkpoint).
-    Small values keep activations finite; norms stay at one. With `quant` the decoder's linears
-    are quantized: FP8 from the random 16-bit weights; GPTQ/AWQ/GGUF as random integers whose
-    scales and zeros give weights in the same small range."""
-    if quant is not None:
-        quantize_linears(model, quant, None)
-    for i, (name, p) in enumerate(model.named_parameters()):
-        gen = torch.Generator(device=p.device).manual_seed(seed + i)
-        kind = name.rsplit(".", 1)[-1]
-        if "norm" in name:
-            p.data.fill_(1.0)
-        elif kind == "qweight":             # every bit of every int32 word random
-            p.data.copy_(torch.randint(-2**31, 2**31, p.shape, generator=gen, device=p.device))
-        elif kind == "g_idx":               # contiguous groups, as create_weights made them
-            continue
-        elif kind in ("scales", "qzeros", "mins"):
-            middle = 2 ** (quant.bits - 1)  # weights (q - middle) * scale in [-0.02, 0.02)
-            p.data.fill_({"scales": 0.02 / middle, "qzeros": middle, "mins": -0.02}[kind])
-        else:
-            p.data.uniform_(-0.02, 0.02, generator=gen)
-    if quant is not None:
-        finish_quantized_linears(model)
