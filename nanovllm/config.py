@@ -216,38 +216,14 @@ def load_hf_config(model_dir: str, trust_remote_code: bool = False):
 
 
 def resolve_dtype(dtype: str, hf_config, device: str) -> torch.dtype:
-    """"auto" is the checkpoint's dtype (`dtype` in transformers 5, `torch_dtype` in 4.x). On a
-    CPU (docs/cpu.md): 4-bit integer weights run in float32 (their matmuls are bfloat16 inside
-    torch's int4 kernel anyway; the rest stays exact); another 16-bit or quantized checkpoint
-    (a GGUF file's included) in bfloat16 where the CPU has bf16 instructions, else in float32;
-    a float32 checkpoint stays float32."""
+    """"auto" is the checkpoint's dtype (`dtype` in transformers 5, `torch_dtype` in 4.x); on a
+    CPU, what cpu_dtype.py picks for it."""
     if dtype != "auto":
         return _DTYPES[dtype]
     saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32"
     if isinstance(saved, str):
         saved = _DTYPES.get(saved, torch.float32)
-    quantization = getattr(hf_config, "quantization_config", None) or {}
-    if not isinstance(quantization, dict):
-        quantization = quantization.to_dict()
-    if device == "cpu" and quantization.get("bits", quantization.get("w_bit")) == 4:
-        return torch.float32
-    quantized = quantization or getattr(hf_config, "gguf_quantized", False)
-    if device == "cpu" and (saved != torch.float32 or quantized):
-        return torch.bfloat16 if cpu_has_bf16_instructions() else torch.float32
+    if device == "cpu":
+        from nanovllm.cpu_dtype import cpu_auto_dtype
+        return cpu_auto_dtype(saved, hf_config)
     return saved
-
-
-def cpu_has_bf16_instructions() -> bool:
-    """AVX512-BF16 or AMX on x86 (Linux's /proc/cpuinfo flags), BF16 on Arm (Linux, macOS)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = {word for line in f if line.startswith(("flags", "Features")) for word in line.split()}
-        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-    except OSError:
-        pass
-    import platform
-    import subprocess
-    if platform.system() == "Darwin":
-        out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True)
-        return out.stdout.strip() == "1"
-    return False

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import nanovllm.config as config_module
+import nanovllm.cpu_dtype as cpu_dtype_module
 from nanovllm import LLM
 from nanovllm.config import resolve_dtype
 from nanovllm.engine.kv_cache_memory import block_bytes
@@ -16,7 +16,7 @@ class Config:
 
 @pytest.mark.parametrize("bf16_instructions", [True, False])
 def test_auto_dtype_on_a_cpu(monkeypatch, bf16_instructions):
-    monkeypatch.setattr(config_module, "cpu_has_bf16_instructions", lambda: bf16_instructions)
+    monkeypatch.setattr(cpu_dtype_module, "cpu_has_bf16_instructions", lambda: bf16_instructions)
     half = torch.bfloat16 if bf16_instructions else torch.float32
     assert resolve_dtype("auto", Config("float32"), "cpu") == torch.float32          # asked for by the file
     assert resolve_dtype("auto", Config("bfloat16"), "cpu") == half
