@@ -14,7 +14,7 @@ with 128 experts that is hundreds of launches a layer. Here instead:
   silu(gate) * up for those pairs: [T*K, I].
 * Kernel 2, one grouped GEMM for down: the same tiles times the expert's down projection,
   scaled by each pair's routing weight: [T*K, H]; the K rows of each token are then summed.
-Accumulation is in fp32. Reference: reference.py's fused_moe_reference (a loop over experts).
+Accumulation is in fp32. Reference: moe_reference.py's fused_moe_reference (a loop over experts).
 """
 import torch
 import triton
@@ -125,7 +125,7 @@ def _down_kernel(
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
     """x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; topk_weights and
-    topk_ids [T, K]. Returns [T, H] in x's dtype (as reference.fused_moe_reference)."""
+    topk_ids [T, K]. Returns [T, H] in x's dtype (as moe_reference.fused_moe_reference)."""
     tokens, hidden = x.shape
     num_experts, two_inter, _ = w13.shape
     inter = two_inter // 2

@@ -7,7 +7,7 @@
   sqrt(1 + ln(s) / ln(original)). The engine picks one set for its whole KV cache: the long
   factors when max_model_len exceeds the original context (vLLM's choice), else the short
   ones. Some checkpoints (Phi-4-mini) rotate part of each head (`partial_rotary_factor`).
-Phi-3-mini-4k's config sets `sliding_window` (2047): every layer gets it (llama.sliding_windows).
+Phi-3-mini-4k's config sets `sliding_window` (2047): every layer gets it (sliding_window.sliding_windows).
 """
 from nanovllm.models.llama import LlamaForCausalLM
 

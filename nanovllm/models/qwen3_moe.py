@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from nanovllm.distributed import all_reduce, tp_rank, tp_size
-from nanovllm.kernels.reference import fused_moe_reference
+from nanovllm.kernels.moe_reference import fused_moe_reference
 from nanovllm.kernels import triton_available
 from nanovllm.layers.linear import ReplicatedLinear
 from nanovllm.models.llama import LlamaMLP

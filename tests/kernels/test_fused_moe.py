@@ -1,11 +1,11 @@
 """The fused MoE kernels (two grouped GEMMs over tokens sorted by expert) against the torch
-loop over experts (reference.fused_moe_reference). Without CUDA they run in Triton's CPU
+loop over experts (moe_reference.fused_moe_reference). Without CUDA they run in Triton's CPU
 interpreter, in float32 and float16, at small sizes."""
 import pytest
 import torch
 
 from nanovllm.kernels import triton_available
-from nanovllm.kernels.reference import fused_moe_reference
+from nanovllm.kernels.moe_reference import fused_moe_reference
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
