@@ -16,6 +16,10 @@ ATTENTION_BACKENDS = ("auto", "triton", "flash_attn", "torch")
 EXECUTOR_BACKENDS = (None, "mp", "ray")
 # KV cache dtypes (vLLM's names): "auto" is the model's dtype; the fp8 ones store float8 e4m3.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+# The arguments that take one of a few values, and those values.
+CHOICES = {"dtype": ("auto", *_DTYPES), "load_format": LOAD_FORMATS, "device": DEVICES,
+           "attention_backend": ATTENTION_BACKENDS, "kv_cache_dtype": KV_CACHE_DTYPES,
+           "distributed_executor_backend": EXECUTOR_BACKENDS}
 
 
 class UnknownArgumentError(TypeError, ValueError):
@@ -85,15 +89,9 @@ class EngineConfig:
         self._check_against_model()
 
     def _check_ranges(self):
-        if self.dtype not in ("auto", *_DTYPES):
-            raise ValueError(f"dtype must be one of {['auto', *_DTYPES]}, got {self.dtype!r}.")
-        if self.load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format must be one of {list(LOAD_FORMATS)}, got {self.load_format!r}.")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {list(DEVICES)}, got {self.device!r}.")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {list(ATTENTION_BACKENDS)}, "
-                             f"got {self.attention_backend!r}.")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}.")
         if not (_is_real(self.gpu_memory_utilization) and 0 < self.gpu_memory_utilization <= 1):
             raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {self.gpu_memory_utilization!r}.")
         if self.seed is None:                   # as vLLM V1: no seed is seed 0
@@ -107,17 +105,12 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two from 1 to 256, got {self.block_size}.")
         if self.tokenizer_mode != "auto":
             raise ValueError(f"tokenizer_mode={self.tokenizer_mode!r} is not supported by nanovllm (only 'auto').")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}.")
         if not isinstance(self.calculate_kv_scales, bool):
             raise ValueError(f"calculate_kv_scales must be a bool, got {self.calculate_kv_scales!r}.")
         from nanovllm.quantization import SUPPORTED_QUANTIZATION
         if self.quantization not in (None, *SUPPORTED_QUANTIZATION):
             raise ValueError(f"quantization={self.quantization!r} is not supported. Supported: "
                              f"{', '.join(SUPPORTED_QUANTIZATION)} (or None: the checkpoint's own format).")
-        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
-            raise ValueError(f"distributed_executor_backend must be one of {list(EXECUTOR_BACKENDS)}, "
-                             f"got {self.distributed_executor_backend!r}.")
         for name in ("tensor_parallel_size", "data_parallel_size", "max_num_seqs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
