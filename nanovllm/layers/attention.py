@@ -1,4 +1,5 @@
-"""Paged attention: the layer, the per-step metadata it reads, and the backends.
+"""Paged attention: the layer, the per-step metadata it reads, and the torch backend (the
+Triton and flash-attn ones are in attention_backends.py).
 
 Every step, each layer first writes the new tokens' keys and values into the paged KV
 cache, then attends from the new queries over the cache. Prefill, prefill with a cached
@@ -31,8 +32,9 @@ class AttentionMetadata:
 class TorchBackend:
     """The pure-torch reference: clear, device-agnostic, used on the CPU. There, what every
     layer derives alike from a step's metadata (the slots written; in decode, the blocks read
-    and the mask) the first layer computes and the others reuse: a small model's CPU step is
-    mostly such small ops. (Not on a GPU, where a CUDA graph must capture all of it.)"""
+    and the mask) the first layer computes and the others reuse, keyed by the metadata object
+    (each eager step builds its own): a small model's CPU step is mostly such small ops. Not on
+    a GPU, where a CUDA graph must capture all of it."""
     name = "torch"
 
     def __init__(self):
