@@ -54,3 +54,34 @@ def test_flash_attn_backend_gives_the_same_tokens(monkeypatch, tiny_qwen3):
               enforce_eager=True)       # the stand-in reads lengths on the host: no graph capture
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(tiny_qwen3, prompts, 4)
+
+
+def test_torch_backend_reuses_a_steps_indices_across_layers_and_windows():
+    """TorchBackend computes the slots and, in decode, the blocks and mask once per step (per
+    window) and reuses them in the other layers: every layer's result equals the reference's
+    computed afresh, also with padded slots (-1), and a new step's metadata is not confused
+    with the last one's."""
+    from nanovllm.kernels.reference import paged_decode_attention_reference, store_kv_cache_reference
+    from nanovllm.layers.attention import AttentionMetadata
+    gen = torch.Generator().manual_seed(0)
+    num_blocks, block_size, heads, kv_heads, dim = 12, 4, 4, 2, 8
+    backend = TorchBackend()
+    layers = [torch.zeros(2, num_blocks, block_size, kv_heads, dim) for _ in range(3)]
+    reference = [c.clone() for c in layers]
+    tables = torch.tensor([[3, 7, 1], [0, 5, 9]], dtype=torch.int32)
+    for step, lens in enumerate(([9, 5], [10, 6])):
+        seq_lens = torch.tensor(lens, dtype=torch.int32)
+        slots = [int(tables[b, (n - 1) // block_size]) * block_size + (n - 1) % block_size for b, n in enumerate(lens)]
+        slot_mapping = torch.tensor(slots + [-1])                       # one padded token, not stored
+        meta = AttentionMetadata(slot_mapping, torch.arange(3, dtype=torch.int32), seq_lens, tables, 1, max(lens),
+                                 is_decode=True)
+        for layer, (cache, ref_cache) in enumerate(zip(layers, reference)):
+            k, v = (torch.randn(3, kv_heads, dim, generator=gen) for _ in range(2))
+            q = torch.randn(2, heads, dim, generator=gen)
+            window = (None, 3, None)[layer]
+            backend.store(k, v, cache[0], cache[1], meta)
+            got = backend.attend(q, cache[0], cache[1], meta, 0.5, window)
+            store_kv_cache_reference(k, v, ref_cache[0], ref_cache[1], slot_mapping)
+            want = paged_decode_attention_reference(q, ref_cache[0], ref_cache[1], seq_lens, tables, 0.5, window)
+            assert torch.equal(cache, ref_cache), (step, layer)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
