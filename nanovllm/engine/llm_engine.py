@@ -17,8 +17,8 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import Detokenizer
 from nanovllm.engine.model_runner import ModelRunner, StepResult
-from nanovllm.engine.request_checks import check_prompt, check_request_args, check_stop_token_ids, tokenize_prompt
 from nanovllm.engine.logprob_rows import LogprobRows, TokenTexts
+from nanovllm.engine.request_checks import check_prompt, check_request_args, check_stop_token_ids, tokenize_prompt
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.outputs import CompletionOutput, RequestOutput
