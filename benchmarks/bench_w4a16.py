@@ -25,6 +25,8 @@ from nanovllm.kernels import w4a16_gemm as kernel_module
 from nanovllm.kernels.w4a16_gemm import w4a16_gemm
 from nanovllm.quantization.int_linear import dequantize
 
+from bench_kernels import copy_bandwidth     # benchmarks/, this script's folder
+
 # Llama-3.2-1B: (name, N output features, K input features)
 LAYERS = [("qkv_proj", 3072, 2048), ("o_proj", 2048, 2048), ("gate_up_proj", 16384, 2048), ("down_proj", 2048, 8192)]
 GROUP = 128
@@ -41,13 +43,6 @@ DOT_GRID = [dict(GEMV=False, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, num_warps=w, n
             for bn, w, s in itertools.product((32, 64, 128), (4, 8), (2, 4))]
 SPLIT_PER_SM = (0, 1, 2, 4)     # split-K targets (programs per SM); settings giving the same split are run once
 SWEEP_REP_MS = 3                # do_bench_cudagraph's rep: a short graph per setting keeps the sweep quick
-
-
-def copy_bandwidth() -> float:
-    a = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda: b.copy_(a))
-    return 2 * a.numel() / (ms / 1e3)
 
 
 def make_layer(n: int, k: int):

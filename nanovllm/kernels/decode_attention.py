@@ -207,8 +207,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     q [B, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D]; seq_lens [B] (cached
     tokens, the new one included; 0 gives a zero output); block_tables [B, max_blocks].
     Returns out [B, Hq, D] in q's dtype. `window`: attend to the last `window` keys only
-    (None: all). `config` overrides DEFAULT_CONFIG, or FP8_CONFIG for a float8 cache (for tuning). k_scale / v_scale: a float8
-    cache's scales (1-element float32 tensors, see nanovllm/quantization/kv_cache.py).
+    (None: all). `config` overrides DEFAULT_CONFIG, or FP8_CONFIG for a float8 cache (for
+    tuning). k_scale / v_scale: a float8 cache's scales (1-element float32 tensors, see
+    nanovllm/quantization/kv_cache.py).
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]

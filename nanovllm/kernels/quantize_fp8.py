@@ -1,7 +1,7 @@
 """Triton kernel: quantize each row of x to float8 e4m3 with its own scale (FP8 linears'
 activations, nanovllm/quantization/fp8_linear.py).
 
-    scale[m] = max(max_k |x[m, k]|, 448 * 1e-12) / 448      x8[m, k] = e4m3(x[m, k] / scale[m])
+    scale[m] = max(max_k |x[m, k]| / 448, 1e-12)      x8[m, k] = e4m3(x[m, k] / scale[m])
 
 The torch reference (`quantize_rows`) takes about eight passes over a float32 copy of x; this is
 one program per row that reads the row twice (its largest |x|, then the scaled values) in x's own
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.store_kv import _round_to_e4m3
+from nanovllm.kernels.store_kv import round_to_e4m3
 
 FP8_MAX: tl.constexpr = tl.constexpr(448.0)     # float8 e4m3's largest value
 
@@ -32,7 +32,7 @@ def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, K, stride_xm, stride_om, BL
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
         q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
-        tl.store(out_ptr + row * stride_om + k, _round_to_e4m3(q).to(out_ptr.dtype.element_ty), mask=k < K)
+        tl.store(out_ptr + row * stride_om + k, round_to_e4m3(q).to(out_ptr.dtype.element_ty), mask=k < K)
 
 
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

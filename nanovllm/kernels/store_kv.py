@@ -17,7 +17,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _round_to_e4m3(x):
+def round_to_e4m3(x):
     """x (float32, within +-448) rounded to the nearest float8 e4m3 value, ties to even."""
     a = tl.abs(x)
     # Below 2**-6 e4m3 is subnormal, spaced 2**-9: shifted up by 2**-6 the same spacing is that
@@ -32,7 +32,7 @@ def _round_to_e4m3(x):
 
 @triton.jit
 def _to_fp8(x, scale):
-    return _round_to_e4m3(tl.minimum(tl.maximum(x.to(tl.float32) / scale, -448.0), 448.0))
+    return round_to_e4m3(tl.minimum(tl.maximum(x.to(tl.float32) / scale, -448.0), 448.0))
 
 
 @triton.jit
