@@ -8,6 +8,7 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper, TopPLogitsWarper,
 )
 
+from nanovllm.engine.sampling_inputs import stream_seed
 from nanovllm.layers.penalties import apply_penalties
 from nanovllm.layers.sampler import Sampler, apply_temperature_and_filters
 from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow
@@ -20,19 +21,26 @@ KERNEL_DEVICE = torch.device(KERNEL_DEVICE_NAME)   # where Sampler(fused=True) r
 NO_IDS = torch.empty(1, 0, dtype=torch.long)  # HF warpers ignore input_ids
 
 
-def row(prompt=(1, 2, 3), output=(), generator=None, eos=None, extra_eos=(), **kwargs) -> SamplingRow:
+def row(prompt=(1, 2, 3), output=(), eos=None, extra_eos=(), **kwargs) -> SamplingRow:
     eos_ids = (() if eos is None else (eos,)) + tuple(extra_eos)
-    return SamplingRow(SamplingParams(**kwargs), list(prompt), list(output), generator, eos_ids)
+    return SamplingRow(SamplingParams(**kwargs), list(prompt), list(output), eos_ids)
 
 
 def meta_of(rows, vocab_size=V, device=CPU):
     return SamplingMetadata.build(rows, vocab_size, device)
 
 
+def seeds_of(rows) -> torch.Tensor:
+    """Row seeds as the engine makes them: a seeded row's keyed by its seed and the position of
+    the token drawn (here after its prompt and output); the others' random."""
+    return torch.tensor([stream_seed(r.params.seed, len(r.prompt_token_ids) + len(r.output_token_ids))
+                         if r.params.seed is not None else int(torch.randint(0, 2**62, ())) for r in rows])
+
+
 def sample(fused: bool, logits, rows, vocab_size=V):
     """Sampler(fused) on the device its path runs on; the output's tensors back on the CPU."""
     device = KERNEL_DEVICE if fused else CPU
-    out = Sampler(fused)(logits.to(device), meta_of(rows, vocab_size, device))
+    out = Sampler(fused)(logits.to(device), meta_of(rows, vocab_size, device), seeds_of(rows))
     if out.logprobs is not None:
         for name, value in vars(out.logprobs).items():
             setattr(out.logprobs, name, value.cpu())
@@ -198,8 +206,8 @@ def test_sampling_follows_processed_distribution():
 def test_seeded_rows_follow_the_distribution():
     n, vocab = 4000, 8
     base = fixed_logits(1, vocab, seed=3, scale=1.0)[0]
-    rows = [row(generator=torch.Generator().manual_seed(i), seed=i) for i in range(n)]
-    samples = Sampler()(base.expand(n, vocab).clone(), meta_of(rows, vocab)).sampled_token_ids
+    rows = [row(seed=i) for i in range(n)]
+    samples = Sampler()(base.expand(n, vocab).clone(), meta_of(rows, vocab), seeds_of(rows)).sampled_token_ids
     assert tv_distance(samples, base.softmax(-1)) < 0.05
 
 
@@ -230,14 +238,13 @@ def test_greedy_rows_in_a_mixed_batch_are_exact_argmax():
 def run_seeded(steps_logits, seed, position, others):
     """Tokens of a seeded request (temperature 1, flat logits) over several steps, placed at
     `position` in a batch with `others` (a list of row kwargs) around it."""
-    generator = torch.Generator().manual_seed(seed)
     tokens = []
     for step, logits in enumerate(steps_logits):
         rows = [row(**o) for o in others]
-        rows.insert(position, row(generator=generator, seed=seed, output=tokens))
+        rows.insert(position, row(seed=seed, output=tokens))
         batch = fixed_logits(len(rows), seed=100 + step)
         batch[position] = logits
-        tokens.append(int(Sampler()(batch, meta_of(rows)).sampled_token_ids[position]))
+        tokens.append(int(Sampler()(batch, meta_of(rows), seeds_of(rows)).sampled_token_ids[position]))
     return tokens
 
 
@@ -282,15 +289,27 @@ def test_fused_sampler_temperature_batch():
     assert tv_distance(tokens[1:], (base / 0.6).softmax(-1)) < 0.06
 
 
-def test_fused_sampler_leaves_seeded_batches_to_torch():
-    logits = fixed_logits(6, seed=9)
-    tokens = []
-    for fused in (False, True):
-        torch.manual_seed(5)
-        rows = [row(temperature=0.9, generator=torch.Generator().manual_seed(3), seed=3)]
-        rows += [row(temperature=0.9, top_k=5) for _ in range(5)]
-        tokens.append(Sampler(fused)(logits, meta_of(rows)).sampled_token_ids)
-    assert torch.equal(*tokens)
+@pytest.mark.parametrize("fused", [False, True])
+def test_seeded_rows_draw_from_their_row_seed(fused):
+    """On either path a seeded row's token is a function of its row seed (and logits) alone:
+    the other rows and torch's global generator do not change it; a batch with a seeded row
+    and no row seeds is refused."""
+    logits = fixed_logits(6, seed=9, scale=0.3)
+    rows = [row(temperature=0.9, seed=3)] + [row(temperature=0.9, top_k=5) for _ in range(5)]
+    device = KERNEL_DEVICE if fused else CPU
+    meta = meta_of(rows, V, device)
+    with pytest.raises(ValueError, match="row_seeds"):
+        Sampler(fused)(logits.to(device), meta)
+    draws = []
+    for global_seed in range(6):
+        torch.manual_seed(global_seed)
+        seeds = torch.tensor([11] + [global_seed] * 5)
+        draws.append(Sampler(fused)(logits.to(device), meta, seeds).sampled_token_ids.cpu())
+    assert len({int(d[0]) for d in draws}) == 1
+    assert len({tuple(d[1:].tolist()) for d in draws}) > 1
+    others = [int(Sampler(fused)(logits.to(device), meta, torch.tensor([s] + [0] * 5)).sampled_token_ids[0])
+              for s in range(12)]
+    assert len(set(others)) > 1
 
 
 def test_fused_sampler_with_filters_draws_only_kept_tokens():

@@ -61,8 +61,7 @@ def batches(draw):
     rows = []
     for _ in range(num_rows):
         p = draw(params)
-        seeded = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
-        rows.append(SamplingRow(p, draw(token_ids), draw(token_ids), seeded, (EOS,)))
+        rows.append(SamplingRow(p, draw(token_ids), draw(token_ids), (EOS,)))
     return logits, rows
 
 
@@ -98,6 +97,11 @@ def check(out, logits, rows, meta, near_top_p_ok: bool):
         assert not out.logprobs.token_logprobs.isnan().any()
 
 
+def row_seeds(rows) -> torch.Tensor:
+    """Per-row seeds on the host, as the engine passes them (a seeded row's from its seed)."""
+    return torch.tensor([(r.params.seed or 0) % 2**62 for r in rows], dtype=torch.int64)
+
+
 SETTINGS = settings(max_examples=60, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -107,7 +111,7 @@ SETTINGS = settings(max_examples=60, deadline=None, database=None,
 def test_torch_sampler_takes_any_valid_params(batch):
     logits, rows = batch
     meta = SamplingMetadata.build(rows, V, torch.device("cpu"))
-    out = Sampler(fused=False)(logits, meta)
+    out = Sampler(fused=False)(logits, meta, row_seeds(rows))
     check(out, logits, rows, meta, near_top_p_ok=False)
 
 
@@ -121,7 +125,5 @@ def test_fused_sampler_takes_any_valid_params(batch):
     logits, rows = batch
     device = torch.device(KERNEL_DEVICE)
     meta = SamplingMetadata.build(rows, V, device)
-    # seeded rows' per-row Philox seeds, as the engine passes them
-    row_seeds = torch.tensor([(r.params.seed or 0) % 2**62 for r in rows], dtype=torch.int64, device=device)
-    out = Sampler(fused=True)(logits.to(device), meta, row_seeds if meta.generators else None)
+    out = Sampler(fused=True)(logits.to(device), meta, row_seeds(rows))
     check(out, logits, rows, SamplingMetadata.build(rows, V, torch.device("cpu")), near_top_p_ok=True)

@@ -100,10 +100,15 @@ def fused_llm(tiny_qwen3):
     return fused_sampler_llm(tiny_qwen3, num_gpu_blocks_override=7, max_num_seqs=3, block_size=16)
 
 
-@pytest.mark.parametrize("engine", ["llm", "fused_llm"])
+@pytest.fixture(scope="module")
+def small_cache_llm(tiny_qwen3):
+    return LLM(tiny_qwen3, device="cpu", num_gpu_blocks_override=7, max_num_seqs=3, block_size=16)
+
+
+@pytest.mark.parametrize("engine", ["llm", "small_cache_llm", "fused_llm"])
 def test_seeded_requests_do_not_depend_on_the_batch(request, engine):
-    """Also through the fused sampler, whose seeded streams are keyed by seed and position,
-    with a cache small enough that the mixed run preempts and recomputes."""
+    """Through either sampler a seeded request's draws are keyed by its seed and the token's
+    position; with a cache small enough that the mixed run preempts and recomputes too."""
     llm = request.getfixturevalue(engine)
     params = SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_tokens=16, ignore_eos=True)
     alone = llm.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids
@@ -113,7 +118,7 @@ def test_seeded_requests_do_not_depend_on_the_batch(request, engine):
     other_seed = llm.generate(PROMPTS[:1], SamplingParams(temperature=0.9, top_p=0.9, seed=4, max_tokens=16,
                                                           ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
     assert other_seed != alone
-    if engine == "fused_llm":
+    if engine != "llm":
         assert llm.llm_engine.scheduler.num_preemptions > 0
 
 
@@ -243,7 +248,7 @@ def test_seeded_row_seed_is_a_function_of_the_token_position(fused_llm):
 
     def seed_of(seq, start, n):
         from_device = start == seq.num_tokens
-        return int(row_seeds(ScheduledBatch([seq], [start], [n], [True], [from_device]), runner.device)[0])
+        return int(row_seeds(ScheduledBatch([seq], [start], [n], [True], [from_device]))[0])
 
     seq = Sequence("r", 0, list(range(10)), SamplingParams(seed=7))
     draws_10 = seed_of(seq, 0, 10)                              # the prompt's last chunk

@@ -268,6 +268,21 @@ def test_a_sampled_run_follows_the_target_distribution(target, noisy_draft):
     assert [o.token_ids for o in run(llm, [PROMPTS[2]] * 5, params[:5])] == [o.token_ids for o in outs[:5]]
 
 
+def test_a_seeded_request_does_not_depend_on_the_batch(target, noisy_draft):
+    """A draft model's proposals and the acceptance tests of a seeded request draw random
+    numbers keyed by its seed and the token's position, as the sampler does: its tokens are
+    the same alone and among other requests (which change what each step holds)."""
+    llm = spec_llm(target, {"model": noisy_draft, "num_speculative_tokens": 2})
+    seeded = SamplingParams(temperature=1.0, seed=11, max_tokens=12, ignore_eos=True)
+    alone = run(llm, PROMPTS[:1], seeded)[0].token_ids
+    others = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True) for n in (5, 9)]
+    assert run(llm, PROMPTS[:3], [seeded] + others)[0].token_ids == alone
+    assert run(llm, PROMPTS[:1], SamplingParams(temperature=1.0, seed=12, max_tokens=12,
+                                                ignore_eos=True))[0].token_ids != alone
+    metrics = llm.llm_engine.speculator.metrics
+    assert 0 < metrics.num_accepted_tokens < metrics.num_draft_tokens
+
+
 def test_server_metrics_count_proposals_when_speculating():
     pytest.importorskip("prometheus_client")
     from nanovllm.entrypoints.engine_process import EngineStats

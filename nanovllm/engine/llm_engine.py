@@ -11,8 +11,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import Detokenizer
@@ -98,7 +96,7 @@ class LLMEngine:
         seqs, detoks = [], []
         incremental = bool(params.stop) or params.output_kind != RequestOutputKind.FINAL_ONLY
         for i in range(params.n):
-            seqs.append(Sequence(request_id, i, token_ids, params, self._generator(params, i)))
+            seqs.append(Sequence(request_id, i, token_ids, params))
             detoks.append(Detokenizer(self.tokenizer, params, token_ids, incremental))
         request = Request(request_id, text, token_ids, params, seqs, detoks,
                           prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
@@ -107,12 +105,6 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
         return request_id
-
-    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
-        """Seeded requests get their own generator (child i of n uses seed + i, as vLLM)."""
-        if params.seed is None:
-            return None
-        return torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:

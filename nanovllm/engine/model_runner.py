@@ -152,7 +152,7 @@ class ModelRunner:
         seqs = [seq for seq, samples in zip(batch.seqs, batch.samples) if samples]
         sample_logits = logits if rows.sample_rows is None else logits[rows.sample_rows]
         meta, histogram_rows = self.sampling_inputs.metadata(seqs, eos_ids)
-        seeds = row_seeds(batch, self.device) if meta.generators and self.sampler.fused else None
+        seeds = row_seeds(batch) if meta.seeded_rows else None
         out: SamplerOutput = self.sampler(sample_logits, meta, seeds)
         if histogram_rows is not None:
             self.sampling_inputs.histograms.record(histogram_rows, out.sampled_token_ids)

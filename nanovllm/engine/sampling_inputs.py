@@ -1,13 +1,18 @@
 """What the sampler gets each step besides the logits: the batch's SamplingMetadata (built once
 per batch composition, with the penalties' token counts kept on the device by TokenHistograms)
-and, for the fused sampler, each row's seed."""
+and each row's seed.
+
+Seeding, the same on every device: a seeded request's draw of the token at position p uses
+random numbers keyed by (seed + completion index, p) alone, so its tokens do not depend on the
+batch, the schedule or preemption. On a GPU the fused sampler turns the key into a Philox stream,
+on a CPU into a torch generator; speculative decoding keys its draws the same way."""
 from collections.abc import Collection
 
 import torch
 
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.token_histograms import TokenHistograms
-from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow, to_device, uses_penalties
+from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow, uses_penalties
 
 
 class SamplingInputs:
@@ -30,7 +35,7 @@ class SamplingInputs:
             histogram_rows = self.histograms.gather(seqs)
             token_counts = (self.histograms.output_counts, self.histograms.prompt_mask, histogram_rows)
         meta = SamplingMetadata.build(
-            [SamplingRow.of(s.params, known_tokens(s), s.num_prompt_tokens, s.generator, eos_ids,
+            [SamplingRow.of(s.params, known_tokens(s), s.num_prompt_tokens, eos_ids,
                             counts_kept=histogram_rows is not None) for s in seqs],
             self.vocab_size, self.device, token_counts)
         reusable = not any(s.params.min_tokens for s in seqs)
@@ -38,17 +43,24 @@ class SamplingInputs:
         return meta, histogram_rows
 
 
-def row_seeds(batch: ScheduledBatch, device: torch.device) -> torch.Tensor:
-    """This step's seed for each sampling row of the fused sampler. A seeded request's is a
-    function of its seed, its completion index and the position of the token being drawn,
-    so its tokens depend on nothing else (batch, schedule, preemption); the other rows get
-    fresh draws from torch's global generator."""
+def row_seeds(batch: ScheduledBatch) -> torch.Tensor:
+    """This step's seed for each sampling row, on the host: a seeded request's keyed by the
+    position of the token drawn; the other rows' fresh from torch's global generator."""
     base, seeds = int(torch.randint(0, 2**62, ())), []
     for seq, start, n, samples in zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples):
         if samples:
             seed = seq.params.seed
             seeds.append(base + len(seeds) if seed is None else stream_seed(seed + seq.index, start + n))
-    return to_device(torch.tensor(seeds, dtype=torch.int64), device)
+    return torch.tensor(seeds, dtype=torch.int64)
+
+
+def draw_generator(seq, position: int, device: torch.device, stream: int) -> torch.Generator | None:
+    """A generator for a seeded sequence's draws of the token at `position` (None if unseeded:
+    torch's global generator then). `stream` keeps apart draws for one position that are not
+    the sampler's (speculative decoding's proposals and acceptance tests)."""
+    if seq.params.seed is None:
+        return None
+    return torch.Generator(device).manual_seed(stream_seed(seq.params.seed + seq.index, position, stream))
 
 
 def known_tokens(seq) -> list[int]:
@@ -59,10 +71,10 @@ def known_tokens(seq) -> list[int]:
     return seq.token_ids
 
 
-def stream_seed(seed: int, position: int) -> int:
-    """A 62-bit seed from (seed, position), mixed (splitmix64) so that neighbouring seeds and
-    positions give unrelated Philox keys."""
-    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & (2**64 - 1)
+def stream_seed(seed: int, position: int, stream: int = 0) -> int:
+    """A 62-bit seed from (seed, position, stream), mixed (splitmix64) so that neighbouring
+    seeds and positions give unrelated keys."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1 + (stream << 48)) & (2**64 - 1)
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
     return (z ^ (z >> 31)) >> 2

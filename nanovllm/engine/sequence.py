@@ -6,8 +6,6 @@ prefix cache, its KV blocks).
 import itertools
 from enum import Enum, auto
 
-import torch
-
 from nanovllm.engine.logprob_rows import FlatLogprobs
 from nanovllm.sampling_params import SamplingParams
 
@@ -21,15 +19,13 @@ class SequenceStatus(Enum):
 class Sequence:
     _ids = itertools.count()
 
-    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int],
-                 params: SamplingParams, generator: torch.Generator | None = None):
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams):
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id
         self.index = index                      # which of the request's n completions
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
-        self.generator = generator
         self.status = SequenceStatus.WAITING
         # Tokens whose keys/values are in the KV cache. Chunked prefill advances it chunk
         # by chunk; preemption resets it to 0 (the KV is recomputed later).

@@ -10,7 +10,7 @@ import torch
 from nanovllm import kernels
 from nanovllm.layers.logprobs import LogprobsTensors, gather_logprobs
 from nanovllm.layers.penalties import apply_min_tokens_and_penalties
-from nanovllm.layers.sampling_metadata import SamplingMetadata
+from nanovllm.layers.sampling_metadata import SamplingMetadata, to_device
 
 
 @dataclass
@@ -23,7 +23,7 @@ class Sampler(torch.nn.Module):
     """`fused=True` (the CUDA default) draws the tokens with Triton kernels: the min-p/top-k/
     top-p cut-offs found without sorting (kernels/sampling_filters.py), then one Gumbel-max pass
     (kernels/gumbel_sample.py). The CPU takes the torch steps below, which are also the kernels'
-    reference, and so does a batch with seeded rows unless the caller gives `row_seeds`."""
+    reference."""
 
     def __init__(self, fused: bool = False):
         super().__init__()
@@ -31,27 +31,30 @@ class Sampler(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata,
                 row_seeds: torch.Tensor | None = None) -> SamplerOutput:
-        """`row_seeds` [B] int64 (fused path only): each row's seed for this draw; without
-        them the fused path seeds the rows from torch's global generator."""
+        """`row_seeds` [B] int64 on the host: each row's seed for this draw (the engine's keyed
+        by a seeded request's seed and the token's position: engine/sampling_inputs.py). Needed
+        when a random row is seeded; without them the rows draw from torch's global generator."""
+        if meta.seeded_rows and row_seeds is None:
+            raise ValueError("a batch with seeded random rows needs row_seeds")
         # All ops below are out of place: the caller's logits stay untouched.
-        fused = self.fused and (not meta.generators or row_seeds is not None)
-        if not fused:
+        if not self.fused:
             logits = logits.float()
         raw_logits = logits if meta.max_num_logprobs is not None else None
 
         logits = apply_min_tokens_and_penalties(logits, meta, self.fused)
         if meta.all_greedy:
-            sampled = kernels.greedy_sample(logits.contiguous()) if fused else logits.argmax(dim=-1)
-        elif fused:
+            sampled = kernels.greedy_sample(logits.contiguous()) if self.fused else logits.argmax(dim=-1)
+        elif self.fused:
             logits, thresholds = logits.contiguous(), None
             if meta.top_k is not None or meta.top_p is not None or meta.min_p is not None:
                 thresholds = kernels.sampling_thresholds(logits, meta.temperature, meta.top_k, meta.top_p, meta.min_p)
             # Unless given, the seed comes from torch's global generator (torch.manual_seed rules).
-            seed = row_seeds if row_seeds is not None else int(torch.randint(0, 2**62, ()))
+            seed = to_device(row_seeds, logits.device) if row_seeds is not None else int(torch.randint(0, 2**62, ()))
             sampled = kernels.gumbel_sample(logits, meta.temperature, meta.greedy, seed, thresholds)
         else:
             probs = apply_temperature_and_filters(logits, meta).softmax(dim=-1)
-            sampled = exponential_race(probs, meta.generators)
+            seeds = {i: int(row_seeds[i]) for i in meta.seeded_rows}
+            sampled = exponential_race(probs, seeds)
             if not meta.all_random:
                 sampled = torch.where(meta.greedy, logits.argmax(dim=-1), sampled)
 
@@ -113,13 +116,13 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
-def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+def exponential_race(probs: torch.Tensor, seeds: dict[int, int]) -> torch.Tensor:
     """Sample one token per row: argmax_i probs_i / E_i with E_i ~ Exp(1) is distributed as
-    probs (it is the Gumbel-max trick, as -log E_i is Gumbel)."""
+    probs (it is the Gumbel-max trick, as -log E_i is Gumbel). `seeds`: row -> seed, for the
+    rows whose noise comes from their own seed rather than torch's global generator."""
     noise = torch.empty_like(probs)
-    if len(generators) < probs.shape[0]:
+    if len(seeds) < probs.shape[0]:
         noise.exponential_()
-    # Seeded rows: each draws V values from its own generator, the same however the batch looks.
-    for i, generator in generators.items():
-        noise[i].exponential_(generator=generator)
+    for i, seed in seeds.items():
+        noise[i].exponential_(generator=torch.Generator(probs.device).manual_seed(seed))
     return (probs / noise).argmax(dim=-1)

@@ -31,22 +31,20 @@ class SamplingRow:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    generator: torch.Generator | None  # seeded requests only, on the logits' device
     # The model's EOS ids (the tokenizer's and any further ones config.json lists): they stop
     # the request unless ignore_eos, so min_tokens bans them.
     eos_ids: Collection[int] = ()
 
     @classmethod
     def of(cls, params: SamplingParams, token_ids: list[int], num_prompt_tokens: int,
-           generator: torch.Generator | None, eos_ids: Collection[int] = (),
-           counts_kept: bool = False) -> "SamplingRow":
+           eos_ids: Collection[int] = (), counts_kept: bool = False) -> "SamplingRow":
         """A row for a sequence's tokens. The token lists are copied only for rows that read
         them (min_tokens; penalties unless `counts_kept`: the caller passes the histograms to
         build): copying every sequence's tokens every step would dominate a large batch's
         host time."""
         if not (params.min_tokens or (uses_penalties(params) and not counts_kept)):
-            return cls(params, [], [], generator, eos_ids)
-        return cls(params, token_ids[:num_prompt_tokens], token_ids[num_prompt_tokens:], generator, eos_ids)
+            return cls(params, [], [], eos_ids)
+        return cls(params, token_ids[:num_prompt_tokens], token_ids[num_prompt_tokens:], eos_ids)
 
 
 @dataclass
@@ -74,7 +72,7 @@ class SamplingMetadata:
                                               # row per sequence and row i of the batch is count_rows[i]
     min_tokens_rows: torch.Tensor | None      # [M] int64 } logits[rows, ids] = -inf: the EOS/stop ids
     min_tokens_ids: torch.Tensor | None       # [M] int64 } of rows still short of min_tokens
-    generators: dict[int, torch.Generator]    # row -> generator, for seeded random rows
+    seeded_rows: list[int]                    # random rows of seeded requests (they need row seeds)
     max_num_logprobs: int | None              # max `logprobs` over rows; None if no row asked
 
     @classmethod
@@ -132,9 +130,7 @@ class SamplingMetadata:
                 mt_rows += [i] * len(ids)
                 mt_ids += ids
 
-        # Greedy rows need no noise: leave their generators untouched.
-        generators = {i: r.generator for i, (r, g) in enumerate(zip(rows, greedy))
-                      if r.generator is not None and not g}
+        seeded_rows = [i for i, (p, g) in enumerate(zip(ps, greedy)) if p.seed is not None and not g]
         logprobs = [p.logprobs for p in ps if p.logprobs is not None]
 
         return cls(
@@ -151,7 +147,7 @@ class SamplingMetadata:
             output_counts=output_counts, prompt_mask=prompt_mask, count_rows=count_rows,
             min_tokens_rows=tensor(mt_rows, torch.int64) if mt_rows else None,
             min_tokens_ids=tensor(mt_ids, torch.int64) if mt_rows else None,
-            generators=generators,
+            seeded_rows=seeded_rows,
             max_num_logprobs=max(logprobs) if logprobs else None,
         )
 

@@ -16,10 +16,11 @@ import torch
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.sampling_inputs import draw_generator
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
-from nanovllm.spec_decode.rejection_sampler import sampling_probs
 from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow
+from nanovllm.spec_decode.rejection_sampler import PROPOSAL_DRAWS, sampling_probs
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # On a GPU the draft is built before the target and profiles its own cache from this share of
@@ -61,13 +62,13 @@ class DraftModelProposer:
             with torch.inference_mode():
                 logits = self.runner.execute(self.runner.prepare(batch, _last_rows(batch.num_new_tokens))).float()
                 meta = SamplingMetadata.build(
-                    [SamplingRow.of(s.params, s.token_ids, s.num_prompt_tokens, s.generator, self.eos_ids)
+                    [SamplingRow.of(s.params, s.token_ids, s.num_prompt_tokens, self.eos_ids)
                      for s in shadows], self.runner.vocab_size, self.runner.device)
                 q = sampling_probs(logits, meta)
             best = q.argmax(dim=-1).tolist()
             for (seq, shadow), q_row, greedy_token in zip(step, q, best):
-                token = greedy_token if seq.params.is_greedy else \
-                    int(torch.multinomial(q_row, 1, generator=seq.generator))
+                generator = draw_generator(seq, shadow.num_tokens, q_row.device, PROPOSAL_DRAWS)
+                token = greedy_token if seq.params.is_greedy else int(torch.multinomial(q_row, 1, generator=generator))
                 shadow.num_computed_tokens = shadow.num_tokens
                 shadow.append_token(token)
                 tokens, dists = proposals[seq.seq_id]
@@ -83,7 +84,7 @@ class DraftModelProposer:
             return None
         shadow = self.shadows.get(seq.seq_id)
         if shadow is None:
-            shadow = Sequence(seq.request_id, seq.index, seq.prompt_token_ids, seq.params, seq.generator)
+            shadow = Sequence(seq.request_id, seq.index, seq.prompt_token_ids, seq.params)
             shadow.token_ids = list(seq.token_ids)      # its outputs count as outputs (penalties, min_tokens)
             if not self.block_manager.allocate(shadow):
                 return None

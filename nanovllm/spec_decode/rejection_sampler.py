@@ -19,6 +19,10 @@ from nanovllm.layers.penalties import apply_min_tokens_and_penalties
 from nanovllm.layers.sampler import apply_temperature_and_filters
 from nanovllm.layers.sampling_metadata import SamplingMetadata
 
+# A seeded request's draws are keyed by its seed and the token's position (engine/sampling_inputs.py);
+# speculative decoding's own draws use these streams, apart from the sampler's (0).
+PROPOSAL_DRAWS, ACCEPTANCE_DRAWS = 1, 2
+
 
 def rejection_sample(target_probs: torch.Tensor, draft_token_ids: list[int], draft_probs: torch.Tensor | None = None,
                      generator: torch.Generator | None = None) -> list[int]:

@@ -14,10 +14,12 @@ import torch
 
 from nanovllm.engine.inputs import wants_prompt_logprobs
 from nanovllm.engine.model_runner import StepResult
+from nanovllm.engine.sampling_inputs import draw_generator
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.logprobs import LogprobsTensors, gather_logprobs
 from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow, to_device, uses_penalties
-from nanovllm.spec_decode.rejection_sampler import greedy_accept, rejection_sample, sampling_probs
+from nanovllm.spec_decode.rejection_sampler import ACCEPTANCE_DRAWS, greedy_accept, rejection_sample, \
+    sampling_probs
 
 
 @dataclass
@@ -63,7 +65,10 @@ def verify(runner, batch: ScheduledBatch, eos_ids: Collection[int], draft_probs:
                 tokens[i] = greedy_accept(best[row:row + k + 1], proposed[i])
             else:
                 q = draft_probs.get(seq.seq_id)
-                tokens[i] = rejection_sample(p, proposed[i], None if q is None else q[:k], seq.generator)
+                # keyed by the position of the first token it may emit, as the sampler's draws
+                first = batch.starts[i] + batch.num_new_tokens[i] - k
+                generator = draw_generator(seq, first, p.device, ACCEPTANCE_DRAWS)
+                tokens[i] = rejection_sample(p, proposed[i], None if q is None else q[:k], generator)
             row += k + 1
         sample_logprobs = None
         if meta.max_num_logprobs is not None:
@@ -84,7 +89,7 @@ def _sampling_row(seq, proposed_before: list[int], eos_ids) -> SamplingRow:
     count the proposals before it as outputs, as if they had been emitted."""
     needs_tokens = seq.params.min_tokens or uses_penalties(seq.params)
     token_ids = seq.token_ids + proposed_before if needs_tokens and proposed_before else seq.token_ids
-    return SamplingRow.of(seq.params, token_ids, seq.num_prompt_tokens, seq.generator, eos_ids)
+    return SamplingRow.of(seq.params, token_ids, seq.num_prompt_tokens, eos_ids)
 
 
 _LOGPROBS_FIELDS = ("token_ids", "token_logprobs", "token_ranks", "top_ids", "top_logprobs")

@@ -219,7 +219,7 @@ def test_sampling_thresholds_gpu_bf16():
     from nanovllm.sampling_params import SamplingParams
     settings = [dict(top_k=50), dict(top_p=0.95), dict(top_k=50, top_p=0.9), dict(min_p=0.05),
                 dict(top_k=1000, top_p=0.5, min_p=0.01), dict(top_p=0.999), dict(top_p=0.9, min_p=0.05)]
-    rows = [SamplingRow(SamplingParams(temperature=0.8, **kw), [], [], None) for kw in settings]
+    rows = [SamplingRow(SamplingParams(temperature=0.8, **kw), [], []) for kw in settings]
     meta = SamplingMetadata.build(rows, 151936, torch.device("cuda"))
     gen = torch.Generator().manual_seed(0)
     logits = (torch.randn(len(rows), 151936, generator=gen) * 3).to("cuda", torch.bfloat16)

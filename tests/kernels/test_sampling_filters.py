@@ -21,7 +21,7 @@ def order_key(x: torch.Tensor) -> torch.Tensor:
 def reference_kept(logits, temperature, top_k, top_p, min_p):
     """The torch sampler's filters (temperature, min-p, top-k, top-p) -> kept mask."""
     from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow
-    rows = [SamplingRow(SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m), [], [], None)
+    rows = [SamplingRow(SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m), [], [])
             for t, k, p, m in zip(temperature, top_k, top_p, min_p)]
     meta = SamplingMetadata.build(rows, logits.shape[1], torch.device("cpu"))
     return torch.isfinite(apply_temperature_and_filters(logits, meta)), meta
