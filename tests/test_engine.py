@@ -96,10 +96,11 @@ def test_engine_step_api_and_abort(tiny_qwen3):
 
 
 def test_outputs_between_hand_overs_wait_and_then_cover_every_step(tiny_qwen3):
-    """step(wanted=...) makes only first and final outputs and those wanted; a request's next
-    output reports its progress since its last one (DELTA: all the new tokens and text), so
-    streams read less often see the same tokens and text."""
+    """The server's hand-over makes only first and final outputs and those wanted; a request's
+    next output reports its progress since its last one (DELTA: all the new tokens and text),
+    so streams read less often see the same tokens and text."""
     from nanovllm import LLMEngine, RequestOutputKind
+    from nanovllm.entrypoints.engine_process import HandOver
     prompts = ["Hello, my name is", "The capital of France is", [5, 6, 7, 8, 9]]
     kinds = [RequestOutputKind.DELTA, RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA]
     stops = [[], [], ["e"]]       # the last one decodes every step (a stop string to look for)
@@ -110,13 +111,14 @@ def test_outputs_between_hand_overs_wait_and_then_cover_every_step(tiny_qwen3):
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         engine.add_request(str(i), prompt, p)
     got = {str(i): [] for i in range(3)}
-    step = 0
+    step, hand_over = 0, HandOver(interval_per_request=0.0)
     while engine.has_unfinished_requests():
         wanted = str(step % 5)                          # request i's outputs every 5th step
-        outputs = engine.step(lambda request_id: request_id == wanted)
+        hand_over.wanted = lambda num_requests: lambda request_id: request_id == wanted
+        outputs = hand_over.step(engine)
         for out in outputs:
-            hand_over = out.request_id == wanted
-            assert hand_over or out.finished or not got[out.request_id], "an output between hand-overs"
+            its_turn = out.request_id == wanted
+            assert its_turn or out.finished or not got[out.request_id], "an output between hand-overs"
             got[out.request_id].append(out)
         step += 1
     for i, kind in enumerate(kinds):

@@ -25,6 +25,7 @@ CORE = {
     "sampling": ["layers/sampler.py", "layers/sampling_metadata.py"],
 }
 SEAMS = {
+    "host/device overlap (a step launched before the last is read back)": ["engine/overlap.py"],
     "CUDA graphs / CPU compile": ["engine/cuda_graphs.py", "engine/cpu_compile.py"],
     "KV cache memory (sizing, profiling)": ["engine/kv_cache_memory.py"],
     "the CPU's dtype": ["cpu_dtype.py"],

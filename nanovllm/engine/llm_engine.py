@@ -8,7 +8,6 @@ A step schedules a batch (Scheduler), runs it (ModelRunner), then for every sequ
 got a token: checks the stop conditions, detokenizes, and reports its request's output.
 """
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nanovllm.config import EngineConfig
@@ -63,7 +62,6 @@ class LLMEngine:
         self.num_steps = 0
         self.last_step: ScheduledBatch | None = None    # the step launched last (progress bars, benchmarks)
         self.in_flight = None                # a step launched but not yet read back
-        self.unreported: dict[str, Request] = {}   # advanced since their last output (see step's `wanted`)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "LLMEngine":
@@ -109,7 +107,6 @@ class LLMEngine:
     def abort_request(self, request_ids: str | list[str]) -> None:
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
             request = self.requests.pop(request_id, None)
-            self.unreported.pop(request_id, None)
             for seq in request.seqs if request else []:
                 if not seq.is_finished:
                     self.scheduler.finish(seq, "abort")
@@ -121,12 +118,13 @@ class LLMEngine:
         return len(self.requests)
 
     # -- one step -------------------------------------------------------------------------
-    def step(self, wanted: Callable[[str], bool] | None = None) -> list[RequestOutput]:
-        """Run one step; return the outputs of the requests it advanced (per output_kind).
-        `wanted(request_id)` (a server's hand-over schedule): whose other outputs to make
-        now; first and final outputs are always made. An output not wanted waits, and the
-        next one then covers every step since (DELTA: all the new tokens and text), so a
-        streamed request's text is decoded a few times a second instead of at every step.
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return the outputs of the requests it advanced (per output_kind)."""
+        return [out for out in map(self.make_output, self.advance()) if out is not None]
+
+    def advance(self) -> list[Request]:
+        """Run one step; return the requests it advanced, whose outputs make_output makes (a
+        server makes some of them later: entrypoints/engine_process.py's HandOver).
 
         Host and device overlap: the step launched by the previous call is still on the
         device when this one schedules and launches the next, reading its sampled tokens on
@@ -135,9 +133,9 @@ class LLMEngine:
         pending, self.in_flight = self.in_flight, None
         if pending is not None:
             self.in_flight = self._launch(self.scheduler.schedule(overlapping=True), after=pending)
-            touched = self._finish(pending)
+            advanced = self._finish(pending)
         else:
-            touched = []
+            advanced = []
         if self.in_flight is None:        # nothing could be launched ahead: schedule with every token known
             if self.speculator is not None:
                 self.speculator.propose(self.scheduler.running, self.eos_ids)
@@ -145,16 +143,8 @@ class LLMEngine:
         if self.speculator is not None and self.in_flight is not None:
             # Speculative steps do not overlap: the next proposals need this step's tokens on
             # the host, so each step is read back before the next one is scheduled.
-            touched, self.in_flight = self._finish(self.in_flight), None
-        for request in touched:
-            self.unreported[request.request_id] = request
-        if wanted is None:
-            due, self.unreported = list(self.unreported.values()), {}
-        else:
-            due = [r for r in self.unreported.values() if r.finished or not r.reported or wanted(r.request_id)]
-            for request in due:
-                del self.unreported[request.request_id]
-        return [out for out in (self._make_output(r) for r in due) if out is not None]
+            advanced, self.in_flight = self._finish(self.in_flight), None
+        return advanced
 
     def _launch(self, batch: ScheduledBatch | None, after=None):
         if batch is None:
@@ -230,7 +220,9 @@ class LLMEngine:
             return "length", None
         return None, None
 
-    def _make_output(self, request: Request) -> RequestOutput | None:
+    def make_output(self, request: Request) -> RequestOutput | None:
+        """The request's output now (None for FINAL_ONLY until it finishes). A DELTA output
+        covers what is new since the last one made."""
         kind, finished = request.params.output_kind, request.finished
         if kind == RequestOutputKind.FINAL_ONLY and not finished:
             return None

@@ -5,7 +5,6 @@ Each step it turns the scheduled batch into tensors (`prepare`), runs the model
 next tokens (`sample`). With tensor parallelism every rank runs `execute` on the inputs
 rank 0 prepared; only rank 0 prepares and samples.
 """
-import dataclasses
 import logging
 import os
 import time
@@ -18,14 +17,14 @@ from nanovllm.config import EngineConfig
 from nanovllm.distributed import tp_rank, tp_size
 from nanovllm.engine.inputs import LogitsRows, ModelInputs, plan_logits_rows, prepare_inputs
 from nanovllm.engine.kv_cache_memory import allocate_kv_cache, map_large_buffers
+from nanovllm.engine.overlap import Launched, ReadyEvent, inputs_from_device, to_host
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sampling_inputs import SamplingInputs, row_seeds
 from nanovllm.kernels import triton_available
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.attention_backends import select_backend
-from nanovllm.layers.logprobs import LogprobsTensors, gather_logprobs
+from nanovllm.layers.logprobs import LogprobsTensors, gather_prompt_logprobs
 from nanovllm.layers.sampler import Sampler, SamplerOutput
-from nanovllm.layers.sampling_metadata import to_device
 from nanovllm.models.checkpoint import load_weights
 from nanovllm.models.dummy_weights import init_dummy_weights
 from nanovllm.models.registry import model_class
@@ -94,36 +93,21 @@ class ModelRunner:
     # -- one step -------------------------------------------------------------------------
     # A step is launched (inputs prepared, forward and sampling queued on the device) and later
     # resolved (sampled tokens read back). Between the two the host is free: the engine uses
-    # that time to launch the next decode step before it resolves this one.
-    def launch(self, batch: ScheduledBatch, eos_ids: Collection[int], after: "Launched | None" = None,
-               ) -> "Launched":
+    # that time to launch the next decode step before it resolves this one (engine/overlap.py).
+    def launch(self, batch: ScheduledBatch, eos_ids: Collection[int], after: Launched | None = None,
+               ) -> Launched:
         """Queue batch's forward pass and sampling. `after`: the step still in flight before this
         one; sequences whose first input is its sampled token (`batch.from_device`) read it on
         the device. `eos_ids`: the model's EOS ids, which min_tokens bans (unless ignore_eos)."""
         rows = plan_logits_rows(batch)
         inputs = self.prepare(batch, rows.indices)
         if after is not None and any(batch.from_device):
-            self._inputs_from_device(batch, inputs, after)
+            inputs_from_device(batch, inputs, after)
         with torch.inference_mode():
             logits = self.execute(inputs)
             return self.sample(batch, rows, logits, eos_ids)
 
-    def _inputs_from_device(self, batch: ScheduledBatch, inputs: ModelInputs, after: "Launched") -> None:
-        sample_row = {id(seq): i for i, seq in enumerate(s for s, samples in zip(after.batch.seqs, after.batch.samples)
-                                                         if samples)}
-        offsets, rows, offset = [], [], 0
-        for seq, n, from_device in zip(batch.seqs, batch.num_new_tokens, batch.from_device):
-            if from_device:
-                offsets.append(offset)
-                rows.append(sample_row[id(seq)])
-            offset += n
-        if rows == offsets == list(range(inputs.input_ids.shape[0])):
-            inputs.input_ids = after.sampled_on_device[:len(rows)]     # a decode batch in the same order
-            return
-        index = to_device(torch.tensor(offsets + rows), self.device)
-        inputs.input_ids.index_copy_(0, index[:len(offsets)], after.sampled_on_device.index_select(0, index[len(offsets):]))
-
-    def resolve(self, launched: "Launched") -> StepResult:
+    def resolve(self, launched: Launched) -> StepResult:
         """Wait for a launched step; the sampled token of each sequence (None mid-prompt)."""
         start = time.perf_counter()
         launched.ready.synchronize()
@@ -146,7 +130,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def sample(self, batch: ScheduledBatch, rows: LogitsRows, logits: torch.Tensor, eos_ids: Collection[int],
-               ) -> "Launched":
+               ) -> Launched:
         """Queue the choice of the next token of every sequence whose span ends at its newest
         token, and the logprobs that were asked for. Nothing is read back here."""
         seqs = [seq for seq, samples in zip(batch.seqs, batch.samples) if samples]
@@ -156,53 +140,7 @@ class ModelRunner:
         out: SamplerOutput = self.sampler(sample_logits, meta, seeds)
         if histogram_rows is not None:
             self.sampling_inputs.histograms.record(histogram_rows, out.sampled_token_ids)
-        prompt_logprobs = {}
-        for i, (first_row, count) in rows.prompt_rows.items():
-            seq, first = batch.seqs[i], batch.starts[i]
-            targets = to_device(torch.tensor(seq.token_ids[first + 1:first + 1 + count]), logits.device)
-            prompt_logprobs[i] = gather_logprobs(logits[first_row:first_row + count], targets,
-                                                 seq.params.prompt_logprobs, self.sampler.fused)
-        # Start copying the results to the host now. Reading them later waits for this step
-        # only, not for a step launched after it (a plain .tolist() would wait for everything).
-        sampled, logprobs, prompt_logprobs = _to_host((out.sampled_token_ids, out.logprobs, prompt_logprobs))
-        return Launched(batch, out.sampled_token_ids, sampled, logprobs, prompt_logprobs,
-                        _Ready(self.device))
-
-def _to_host(obj):
-    """Start device-to-host copies of every tensor in obj (tensors, dataclasses, tuples, dicts)."""
-    if isinstance(obj, torch.Tensor):
-        if obj.device.type == "cpu":
-            return obj
-        host = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
-        return host.copy_(obj, non_blocking=True)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_host(x) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _to_host(v) for k, v in obj.items()}
-    if dataclasses.is_dataclass(obj):
-        return dataclasses.replace(obj, **{f.name: _to_host(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
-    return obj
-
-
-class _Ready:
-    """Marks the point in the device's work where a step's results are on the host."""
-
-    def __init__(self, device: torch.device):
-        self.event = torch.cuda.Event() if device.type == "cuda" else None
-        if self.event is not None:
-            self.event.record()
-
-    def synchronize(self) -> None:
-        if self.event is not None:
-            self.event.synchronize()
-
-
-@dataclass
-class Launched:
-    """A step queued on the device, not yet read back."""
-    batch: ScheduledBatch
-    sampled_on_device: torch.Tensor              # [sequences that sample]: the next step's inputs
-    sampled: torch.Tensor                        # the same, being copied to the host
-    sample_logprobs: LogprobsTensors | None
-    prompt_logprobs: dict[int, LogprobsTensors]
-    ready: _Ready                                # the copies above are complete
+        prompt_logprobs = gather_prompt_logprobs(logits, rows.prompt_rows, batch, self.sampler.fused)
+        # Start copying the results to the host now (engine/overlap.py).
+        sampled, logprobs, prompt_logprobs = to_host((out.sampled_token_ids, out.logprobs, prompt_logprobs))
+        return Launched(batch, out.sampled_token_ids, sampled, logprobs, prompt_logprobs, ReadyEvent(self.device))

@@ -80,7 +80,7 @@ class HandOver:
     HTTP chunk), so each request gets one every `interval_per_request` x live requests: a
     lone request every step, 256 requests about ten a second. In between, the engine makes
     only first and final outputs (time to first token, to finish); the others wait and then
-    cover every step since (`LLMEngine.step(wanted=...)`). The hand-overs are spread over
+    cover every step since (DELTA: all the new tokens and text). The hand-overs are spread over
     the steps: with K steps per interval, each step takes the next 1/K of the requests in
     turn, so no step makes them all at once (on the H100 machine's slower CPU such a step
     outlasted the GPU's).
@@ -94,9 +94,24 @@ class HandOver:
         self.started: dict[str, None] = {}      # requests whose first output was sent, in order
         self.cursor = 0                         # where the next step's turn starts in `started`
         self.credit = 0.0                       # requests owed an output (fractions carry over)
+        self.unreported: dict[str, object] = {}    # engine Requests advanced since their last output
+
+    def step(self, engine) -> list[RequestOutput]:
+        """One engine step; the outputs to send now: every advanced request's first and final
+        one, the others' when their turn comes."""
+        wanted = self.wanted(engine.get_num_unfinished_requests())
+        for request in engine.advance():
+            self.unreported[request.request_id] = request
+        if wanted is None:
+            due, self.unreported = list(self.unreported.values()), {}
+        else:
+            due = [r for r in self.unreported.values() if r.finished or not r.reported or wanted(r.request_id)]
+            for request in due:
+                del self.unreported[request.request_id]
+        return [out for out in map(engine.make_output, due) if out is not None]
 
     def wanted(self, num_requests: int, now: float | None = None):
-        """For LLMEngine.step: None (every output now) or which requests' outputs to make."""
+        """None (every output now) or which requests' outputs to make."""
         now = time.perf_counter() if now is None else now
         if self.last_time is not None:
             gap = now - self.last_time
@@ -127,6 +142,7 @@ class HandOver:
 
     def drop(self, request_id: str) -> None:
         self.started.pop(request_id, None)
+        self.unreported.pop(request_id, None)
 
 
 class EngineLoop:
@@ -149,7 +165,7 @@ class EngineLoop:
                 if not self.engine.has_unfinished_requests():
                     continue
                 start = time.perf_counter()
-                outputs = self.engine.step(self.hand_over.wanted(self.engine.get_num_unfinished_requests()))
+                outputs = self.hand_over.step(self.engine)
                 stepped = time.perf_counter()
                 self.clock.after_step(self.engine, outputs)
                 if outputs:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from nanovllm import kernels
+from nanovllm.layers.sampling_metadata import to_device
 
 
 @dataclass
@@ -44,3 +45,15 @@ def gather_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int, fused
 
 # The kernel finds the top k by k max-reductions per chunk: fine for SamplingParams' limit (20).
 _FUSED_MAX_TOP_K = 32
+
+
+def gather_prompt_logprobs(logits: torch.Tensor, prompt_rows: dict[int, tuple[int, int]], batch,
+                           fused: bool = False) -> dict[int, LogprobsTensors]:
+    """Prompt logprobs of a step: `prompt_rows` maps sequence i of the batch to (its first
+    logits row, how many): the rows of its chunk's positions, each scored on the token after it."""
+    out = {}
+    for i, (first_row, count) in prompt_rows.items():
+        seq, first = batch.seqs[i], batch.starts[i]
+        targets = to_device(torch.tensor(seq.token_ids[first + 1:first + 1 + count]), logits.device)
+        out[i] = gather_logprobs(logits[first_row:first_row + count], targets, seq.params.prompt_logprobs, fused)
+    return out

@@ -16,7 +16,7 @@ from nanovllm.engine.inputs import wants_prompt_logprobs
 from nanovllm.engine.model_runner import StepResult
 from nanovllm.engine.sampling_inputs import draw_generator
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.layers.logprobs import LogprobsTensors, gather_logprobs
+from nanovllm.layers.logprobs import LogprobsTensors, gather_logprobs, gather_prompt_logprobs
 from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow, to_device, uses_penalties
 from nanovllm.spec_decode.rejection_sampler import ACCEPTANCE_DRAWS, greedy_accept, rejection_sample, \
     sampling_probs
@@ -75,12 +75,7 @@ def verify(runner, batch: ScheduledBatch, eos_ids: Collection[int], draft_probs:
             emitted_rows = [first_row[i] + j for i in first_row for j in range(len(tokens[i]))]
             emitted = to_device(torch.tensor([t for i in first_row for t in tokens[i]]), logits.device)
             sample_logprobs = gather_logprobs(logits[emitted_rows], emitted, meta.max_num_logprobs)
-        prompt_logprobs = {}
-        for i, (start_row, count) in prompt_rows.items():
-            seq, first = batch.seqs[i], batch.starts[i]
-            targets = to_device(torch.tensor(seq.token_ids[first + 1:first + 1 + count]), logits.device)
-            prompt_logprobs[i] = gather_logprobs(logits[start_row:start_row + count], targets,
-                                                 seq.params.prompt_logprobs)
+        prompt_logprobs = gather_prompt_logprobs(logits, prompt_rows, batch)
     return Verified(batch, tokens, _rounds(tokens, sample_logprobs, prompt_logprobs))
 
 

@@ -1,0 +1,78 @@
+"""Host/device overlap: a step is launched (its forward pass and sampling queued on the device)
+and read back later, so that in between the host schedules and launches the next step.
+
+What that takes on the device side: the launched step's results (`Launched`), copied to the
+host without waiting (`to_host`) and marked by an event (`ReadyEvent`); and a step launched
+before the previous one is read back takes the previous step's sampled tokens as inputs on the
+device (`inputs_from_device`). The engine's side is in LLMEngine.step and
+Scheduler.schedule(overlapping=True).
+"""
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from nanovllm.engine.inputs import ModelInputs
+from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.layers.logprobs import LogprobsTensors
+from nanovllm.layers.sampling_metadata import to_device
+
+
+class ReadyEvent:
+    """Marks the point in the device's work where a step's results are on the host."""
+
+    def __init__(self, device: torch.device):
+        self.event = torch.cuda.Event() if device.type == "cuda" else None
+        if self.event is not None:
+            self.event.record()
+
+    def synchronize(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+
+@dataclass
+class Launched:
+    """A step queued on the device, not yet read back."""
+    batch: ScheduledBatch
+    sampled_on_device: torch.Tensor              # [sequences that sample]: the next step's inputs
+    sampled: torch.Tensor                        # the same, being copied to the host
+    sample_logprobs: LogprobsTensors | None
+    prompt_logprobs: dict[int, LogprobsTensors]
+    ready: ReadyEvent                            # the copies above are complete
+
+
+def to_host(obj):
+    """Start device-to-host copies of every tensor in obj (tensors, dataclasses, tuples, dicts).
+    Reading them later waits for this step only, not for a step launched after it (a plain
+    .tolist() would wait for everything)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "cpu":
+            return obj
+        host = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+        return host.copy_(obj, non_blocking=True)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_host(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **{f.name: to_host(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+    return obj
+
+
+def inputs_from_device(batch: ScheduledBatch, inputs: ModelInputs, after: Launched) -> None:
+    """Put `after`'s sampled tokens, still on the device, into `inputs` as the first input of
+    each sequence that takes it from there (`batch.from_device`)."""
+    sample_row = {id(seq): i for i, seq in enumerate(s for s, samples in zip(after.batch.seqs, after.batch.samples)
+                                                     if samples)}
+    offsets, rows, offset = [], [], 0
+    for seq, n, from_device in zip(batch.seqs, batch.num_new_tokens, batch.from_device):
+        if from_device:
+            offsets.append(offset)
+            rows.append(sample_row[id(seq)])
+        offset += n
+    if rows == offsets == list(range(inputs.input_ids.shape[0])):
+        inputs.input_ids = after.sampled_on_device[:len(rows)]     # a decode batch in the same order
+        return
+    index = to_device(torch.tensor(offsets + rows), inputs.input_ids.device)
+    inputs.input_ids.index_copy_(0, index[:len(offsets)], after.sampled_on_device.index_select(0, index[len(offsets):]))
