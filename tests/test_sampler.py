@@ -125,8 +125,7 @@ def test_filters_match_transformers(subset):
 def test_unused_steps_are_skipped():
     meta = meta_of([row(temperature=0.8), row(temperature=0.0)])
     assert meta.top_k is None and meta.top_p is None and meta.min_p is None
-    assert meta.repetition_penalty is None and meta.output_counts is None
-    assert meta.min_tokens_rows is None and meta.max_num_logprobs is None
+    assert meta.penalties is None and meta.max_num_logprobs is None
     assert not meta.all_greedy and not meta.all_random
     assert meta_of([row(temperature=0.0)]).all_greedy
     assert meta_of([row(temperature=0.5)]).all_random
@@ -147,7 +146,7 @@ PENALTY_CASES = [
                          ids=["repetition", "freq_pres", "all"])
 def test_penalties_match_references(subset):
     rows = [row(**PENALTY_CASES[i]) for i in subset]
-    meta = meta_of(rows)
+    meta = meta_of(rows).penalties
     assert (meta.repetition_penalty is None) == (subset == [2, 3, 5])
     assert (meta.frequency_penalty is None) == (subset == [0, 1, 5])
     logits = fixed_logits(len(rows), seed=1)
@@ -284,7 +283,7 @@ def test_fused_sampler_temperature_batch():
     tokens = Sampler(fused=True)(logits, meta_of(rows, vocab, KERNEL_DEVICE)).sampled_token_ids.cpu()
     assert torch.equal(logits, original), "the caller's logits must not change"
     logits = logits.cpu()
-    assert tokens[0] == apply_penalties(logits[:1].float(), meta_of(rows[:1], vocab)).argmax()
+    assert tokens[0] == apply_penalties(logits[:1].float(), meta_of(rows[:1], vocab).penalties).argmax()
     assert tokens[0] != base.argmax()
     assert tv_distance(tokens[1:], (base / 0.6).softmax(-1)) < 0.06
 
@@ -354,7 +353,7 @@ def test_min_tokens_masks_eos_and_stop_ids(fused):
     assert sampled[2] == eos                    # ignore_eos: EOS is not a stop, so not masked...
     assert sampled[3] not in (eos, extra, stop_a, stop_b)
     # ...while its stop id is (and the extra EOS, like EOS, is not)
-    meta = meta_of(rows)
+    meta = meta_of(rows).penalties
     pairs = set(zip(meta.min_tokens_rows.tolist(), meta.min_tokens_ids.tolist()))
     assert pairs == {(0, eos), (0, extra), (0, stop_a), (0, stop_b), (2, stop_a),
                      (3, eos), (3, extra), (3, stop_a), (3, stop_b)}
@@ -388,7 +387,7 @@ def test_extreme_repetition_penalty_saturates(rep):
     logits = torch.tensor([[3.0, -2.0, 1.0, -5.0, 0.5, float("-inf")]])
     r = row(prompt=[0, 1, 5], output=[2, 3], repetition_penalty=rep, temperature=0.01, top_p=0.9, min_p=0.1)
     meta = meta_of([r], vocab_size=6)
-    penalised = apply_penalties(logits, meta)
+    penalised = apply_penalties(logits, meta.penalties)
     assert penalised[0, 5] == float("-inf")                       # banned stays banned
     assert torch.isfinite(penalised[0, :5]).all()
     assert penalised.abs()[0, :5].max() <= LOGIT_LIMIT

@@ -74,10 +74,11 @@ def check(out, logits, rows, meta, near_top_p_ok: bool):
     assert tokens.shape == (len(rows),) and tokens.dtype == torch.int64
     assert ((tokens >= 0) & (tokens < V)).all(), tokens
     x = logits.float()
-    if meta.min_tokens_rows is not None:
-        x = x.index_put((meta.min_tokens_rows, meta.min_tokens_ids), torch.tensor(float("-inf")))
-    if meta.output_counts is not None:
-        x = apply_penalties(x, meta)
+    penalties = meta.penalties
+    if penalties is not None and penalties.min_tokens_rows is not None:
+        x = x.index_put((penalties.min_tokens_rows, penalties.min_tokens_ids), torch.tensor(float("-inf")))
+    if penalties is not None and penalties.output_counts is not None:
+        x = apply_penalties(x, penalties)
     kept = torch.isfinite(apply_temperature_and_filters(x, meta))
     if near_top_p_ok and meta.top_p is not None:
         meta.top_p = (meta.top_p + 1e-3).clamp(max=1.0)

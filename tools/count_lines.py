@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent / "nanovllm"
 CORE = {
     "API and config": ["llm.py", "sampling_params.py", "outputs.py", "config.py"],
     "engine step": ["engine/llm_engine.py", "engine/scheduler.py", "engine/block_manager.py", "engine/sequence.py",
-                    "engine/inputs.py", "engine/model_runner.py", "engine/detokenizer.py"],
+                    "engine/inputs.py", "device_copy.py", "engine/model_runner.py", "engine/detokenizer.py"],
     "model": ["models/llama.py", "models/qwen3.py", "models/registry.py", "models/checkpoint.py",
               "layers/attention.py", "kernels/reference.py", "layers/linear.py", "layers/layernorm.py",
               "layers/rotary.py", "layers/activation.py", "layers/embedding.py"],

@@ -13,7 +13,7 @@ import torch
 
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.attention import AttentionMetadata
-from nanovllm.layers.sampling_metadata import to_device
+from nanovllm.device_copy import to_device
 
 
 @dataclass

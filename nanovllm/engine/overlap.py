@@ -15,7 +15,7 @@ import torch
 from nanovllm.engine.inputs import ModelInputs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.logprobs import LogprobsTensors
-from nanovllm.layers.sampling_metadata import to_device
+from nanovllm.device_copy import to_device
 
 
 class ReadyEvent:

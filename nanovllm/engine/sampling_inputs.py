@@ -12,7 +12,8 @@ import torch
 
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.token_histograms import TokenHistograms
-from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow, uses_penalties
+from nanovllm.layers.penalties import uses_penalties
+from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow
 
 
 class SamplingInputs:

@@ -17,7 +17,8 @@ from collections import OrderedDict
 
 import torch
 
-from nanovllm.layers.sampling_metadata import flat_token_indices, to_device
+from nanovllm.device_copy import to_device
+from nanovllm.layers.penalties import flat_token_indices
 
 
 class TokenHistograms:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from nanovllm import kernels
-from nanovllm.layers.sampling_metadata import to_device
+from nanovllm.device_copy import to_device
 
 
 @dataclass

@@ -10,7 +10,8 @@ import torch
 from nanovllm import kernels
 from nanovllm.layers.logprobs import LogprobsTensors, gather_logprobs
 from nanovllm.layers.penalties import apply_min_tokens_and_penalties
-from nanovllm.layers.sampling_metadata import SamplingMetadata, to_device
+from nanovllm.device_copy import to_device
+from nanovllm.layers.sampling_metadata import SamplingMetadata
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Sampler(torch.nn.Module):
             logits = logits.float()
         raw_logits = logits if meta.max_num_logprobs is not None else None
 
-        logits = apply_min_tokens_and_penalties(logits, meta, self.fused)
+        logits = apply_min_tokens_and_penalties(logits, meta.penalties, self.fused)
         if meta.all_greedy:
             sampled = kernels.greedy_sample(logits.contiguous()) if self.fused else logits.argmax(dim=-1)
         elif self.fused:

@@ -72,7 +72,7 @@ def sampling_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor
     """The distribution the sampler draws each row's token from, [B, V] float32: steps 2-5
     (the torch steps), a point mass on the argmax for a greedy row. Speculative decoding's
     rejection sampler (nanovllm/spec_decode/) needs this distribution itself, not one draw."""
-    logits = apply_min_tokens_and_penalties(logits.float(), meta)
+    logits = apply_min_tokens_and_penalties(logits.float(), meta.penalties)
     greedy = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     if meta.all_greedy:
         return greedy

@@ -17,7 +17,9 @@ from nanovllm.engine.model_runner import StepResult
 from nanovllm.engine.sampling_inputs import draw_generator
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.logprobs import LogprobsTensors, gather_logprobs, gather_prompt_logprobs
-from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow, to_device, uses_penalties
+from nanovllm.device_copy import to_device
+from nanovllm.layers.penalties import uses_penalties
+from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow
 from nanovllm.spec_decode.rejection_sampler import ACCEPTANCE_DRAWS, greedy_accept, rejection_sample, \
     sampling_probs
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from nanovllm.kernels import triton_available
-from nanovllm.layers.penalties import apply_penalties
-from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow
+from nanovllm.layers.penalties import PenaltyInputs, apply_penalties
+from nanovllm.layers.sampling_metadata import SamplingRow
 from nanovllm.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -27,7 +27,7 @@ def test_penalties_kernel_matches_torch(dtype, which):
         params = SamplingParams(temperature=0.8, **(which if i < 2 else {}))
         ids = torch.randint(0, vocab, (80,), generator=gen).tolist()
         rows.append(SamplingRow.of(params, ids, 30, (0,)))
-    meta = SamplingMetadata.build(rows, vocab, torch.device("cpu"))
+    meta = PenaltyInputs.build(rows, vocab, torch.device("cpu"))
     logits = (torch.randn(3, vocab, generator=gen) * 3).to(dtype)
     expected = apply_penalties(logits.float(), meta)
     move = (lambda t: None if t is None else t.to(DEVICE))
@@ -51,7 +51,7 @@ def test_penalties_kernel_reads_table_rows():
     rows = torch.tensor([3, 0, 4])
     logits = torch.randn(3, vocab, generator=gen) * 3
     penalty = torch.tensor([1.5, 1.2, 0.9])
-    rows_meta = SamplingMetadata.build([SamplingRow.of(SamplingParams(repetition_penalty=1.5), [], 0, (0,))] * 3,
+    rows_meta = PenaltyInputs.build([SamplingRow.of(SamplingParams(repetition_penalty=1.5), [], 0, (0,))] * 3,
                                        vocab, torch.device("cpu"), (counts, mask, rows))
     assert rows_meta.count_rows is rows
     rows_meta.repetition_penalty = penalty
@@ -61,7 +61,7 @@ def test_penalties_kernel_reads_table_rows():
                                    (penalty - 1.0).to(DEVICE), (penalty - 1.0).to(DEVICE), rows.to(DEVICE)).cpu()
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
     # and the table form is the gathered form
-    gathered = SamplingMetadata.build([SamplingRow.of(SamplingParams(repetition_penalty=1.5), [], 0, (0,))] * 3,
+    gathered = PenaltyInputs.build([SamplingRow.of(SamplingParams(repetition_penalty=1.5), [], 0, (0,))] * 3,
                                       vocab, torch.device("cpu"), (counts[rows], mask[rows], torch.arange(3)))
     gathered.repetition_penalty, gathered.frequency_penalty = penalty, penalty - 1.0
     gathered.presence_penalty = penalty - 1.0
@@ -80,7 +80,7 @@ def test_penalties_saturate_at_the_limit_as_torch():
     logits = logits.expand(2, -1).contiguous()
     rows = [SamplingRow.of(SamplingParams(repetition_penalty=r, frequency_penalty=2.0), list(range(vocab)), 8)
             for r in (1e-45, 3.4e38)]
-    meta = SamplingMetadata.build(rows, vocab, torch.device("cpu"))
+    meta = PenaltyInputs.build(rows, vocab, torch.device("cpu"))
     expected = apply_penalties(logits, meta)
     move = (lambda t: t.to(DEVICE))
     ours = kernels.apply_penalties(logits.to(DEVICE), move(meta.output_counts), move(meta.prompt_mask),
