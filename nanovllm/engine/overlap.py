@@ -4,7 +4,7 @@ and read back later, so that in between the host schedules and launches the next
 What that takes on the device side: the launched step's results (`Launched`), copied to the
 host without waiting (`to_host`) and marked by an event (`ReadyEvent`); and a step launched
 before the previous one is read back takes the previous step's sampled tokens as inputs on the
-device (`inputs_from_device`). The engine's side is in LLMEngine.step and
+device (`inputs_from_device`). The engine's side is in LLMEngine.advance and
 Scheduler.schedule(overlapping=True).
 """
 import dataclasses
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from nanovllm.device_copy import to_device
 from nanovllm.engine.inputs import ModelInputs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.logprobs import LogprobsTensors
-from nanovllm.device_copy import to_device
 
 
 class ReadyEvent:
