@@ -22,6 +22,23 @@ CHOICES = {"dtype": ("auto", *_DTYPES), "load_format": LOAD_FORMATS, "device": D
            "distributed_executor_backend": EXECUTOR_BACKENDS}
 
 
+def _positive_int(value) -> bool:
+    return _is_int(value) and value >= 1
+
+
+# The arguments that take a number in a range (or a bool): what they accept, and how to say it.
+RANGES = {
+    "gpu_memory_utilization": (lambda v: _is_real(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "seed": (lambda v: _is_int(v) and -2**63 <= v < 2**64, "an integer in [-2**63, 2**64)"),  # torch.manual_seed's
+    "block_size": (lambda v: _is_int(v) and 1 <= v <= 256 and v & (v - 1) == 0, "a power of two from 1 to 256"),
+    "calculate_kv_scales": (lambda v: isinstance(v, bool), "a bool"),
+    **{name: (_positive_int, "a positive integer") for name in
+       ("tensor_parallel_size", "data_parallel_size", "max_num_seqs")},
+    **{name: (lambda v: v is None or _positive_int(v), "a positive integer or None") for name in
+       ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override")},
+}
+
+
 class UnknownArgumentError(TypeError, ValueError):
     """An argument `LLM` does not know. A TypeError as in vLLM (an unexpected keyword),
     and a ValueError as every other bad argument here."""
@@ -89,35 +106,22 @@ class EngineConfig:
         self._check_against_model()
 
     def _check_ranges(self):
+        if self.seed is None:                   # as vLLM V1: no seed is seed 0
+            self.seed = 0
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}.")
-        if not (_is_real(self.gpu_memory_utilization) and 0 < self.gpu_memory_utilization <= 1):
-            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {self.gpu_memory_utilization!r}.")
-        if self.seed is None:                   # as vLLM V1: no seed is seed 0
-            self.seed = 0
-        if not (_is_int(self.seed) and -2**63 <= self.seed < 2**64):     # what torch.manual_seed takes
-            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}.")
+        for name, (accepts, what) in RANGES.items():
+            if not accepts(getattr(self, name)):
+                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}.")
         from nanovllm.engine.kv_cache_memory import cpu_kv_cache_gib
         cpu_kv_cache_gib()                      # a bad NANOVLLM_CPU_KVCACHE_GIB fails now, not after loading
-        if not (isinstance(self.block_size, int) and 1 <= self.block_size <= 256
-                and self.block_size & (self.block_size - 1) == 0):
-            raise ValueError(f"block_size must be a power of two from 1 to 256, got {self.block_size}.")
         if self.tokenizer_mode != "auto":
             raise ValueError(f"tokenizer_mode={self.tokenizer_mode!r} is not supported by nanovllm (only 'auto').")
-        if not isinstance(self.calculate_kv_scales, bool):
-            raise ValueError(f"calculate_kv_scales must be a bool, got {self.calculate_kv_scales!r}.")
         from nanovllm.quantization import SUPPORTED_QUANTIZATION
         if self.quantization not in (None, *SUPPORTED_QUANTIZATION):
             raise ValueError(f"quantization={self.quantization!r} is not supported. Supported: "
                              f"{', '.join(SUPPORTED_QUANTIZATION)} (or None: the checkpoint's own format).")
-        for name in ("tensor_parallel_size", "data_parallel_size", "max_num_seqs"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
-        for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
 
     def _check_against_model(self):
         cfg = self.hf_config

@@ -1,5 +1,7 @@
 """EngineConfig's argument checks that run before the model is looked at: a wrong type or a
 bad NANOVLLM_CPU_KVCACHE_GIB is a ValueError naming it (no model is needed to see them)."""
+import re
+
 import numpy as np
 import pytest
 
@@ -16,6 +18,28 @@ def test_gpu_memory_utilization(value):
 def test_seed(value):
     with pytest.raises(ValueError, match=r"^seed must be an integer in \[-2\*\*63, 2\*\*64\), got "):
         EngineConfig("no-model-needed", seed=value)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("block_size", 3), ("block_size", 512), ("block_size", 0), ("block_size", 16.0), ("block_size", True),
+    ("calculate_kv_scales", "yes"), ("calculate_kv_scales", 1),
+    ("tensor_parallel_size", 0), ("data_parallel_size", -1), ("max_num_seqs", True), ("max_num_seqs", 2.0),
+    ("max_model_len", 0), ("max_num_batched_tokens", "4096"), ("num_gpu_blocks_override", 1.5)])
+def test_range_checks_name_the_argument(name, value):
+    with pytest.raises(ValueError, match=rf"^{name} must be .*, got {re.escape(repr(value))}\.$"):
+        EngineConfig("no-model-needed", **{name: value})
+
+
+def test_ranges_accept_their_valid_values():
+    from nanovllm.config import RANGES
+    valid = dict(block_size=[1, 16, 256, np.int64(32)], calculate_kv_scales=[True, False],
+                 tensor_parallel_size=[1, 2], data_parallel_size=[1, 8], max_num_seqs=[1, 256],
+                 max_model_len=[None, 1, 4096], max_num_batched_tokens=[None, 8192],
+                 num_gpu_blocks_override=[None, 7], gpu_memory_utilization=[0.5, 1], seed=[0, -2**63])
+    assert set(valid) == set(RANGES)
+    for name, values in valid.items():
+        for value in values:
+            assert RANGES[name][0](value), (name, value)
 
 
 @pytest.mark.parametrize("value", ["0", "abc", "-1", "nan", "inf"])
