@@ -46,12 +46,6 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.tokenizer = load_tokenizer(config)
-        # Speculative decoding (nanovllm/spec_decode/). Built before the target's runner: a
-        # draft model's memory is then already taken when the target sizes its KV cache.
-        self.speculator = None
-        if config.speculative_config is not None:
-            from nanovllm.spec_decode import Speculator
-            self.speculator = Speculator(config)
         self.runner = self._make_runner(config)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
@@ -65,7 +59,12 @@ class LLMEngine:
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "LLMEngine":
-        return cls(EngineConfig.from_kwargs(model, **kwargs))
+        """The engine for these arguments: with a speculative_config, spec_decode's."""
+        config = EngineConfig.from_kwargs(model, **kwargs)
+        if config.speculative_config is not None and cls is LLMEngine:
+            from nanovllm.spec_decode.engine import SpeculativeEngine
+            return SpeculativeEngine(config)
+        return cls(config)
 
     @staticmethod
     def _make_runner(config: EngineConfig):
@@ -137,13 +136,7 @@ class LLMEngine:
         else:
             advanced = []
         if self.in_flight is None:        # nothing could be launched ahead: schedule with every token known
-            if self.speculator is not None:
-                self.speculator.propose(self.scheduler.running, self.eos_ids)
             self.in_flight = self._launch(self.scheduler.schedule())
-        if self.speculator is not None and self.in_flight is not None:
-            # Speculative steps do not overlap: the next proposals need this step's tokens on
-            # the host, so each step is read back before the next one is scheduled.
-            advanced, self.in_flight = self._finish(self.in_flight), None
         return advanced
 
     def _launch(self, batch: ScheduledBatch | None, after=None):
@@ -151,14 +144,10 @@ class LLMEngine:
             return None
         self.num_steps += 1
         self.last_step = batch
-        if self.speculator is not None:
-            return self.speculator.run(self.runner, batch, self.eos_ids)     # already read back
         return self.runner.launch(batch, self.eos_ids, after)
 
     def _finish(self, launched) -> list[Request]:
         """Read a step's results back and process them; returns the requests with an output to make."""
-        if self.speculator is not None:
-            return self.speculator.finish(launched, self.scheduler, self._process)
         result = self.runner.resolve(launched)
         self.scheduler.update(launched.batch, result.sampled)
         return self._process(launched.batch, result)
@@ -244,11 +233,9 @@ class LLMEngine:
         if finished:
             del self.requests[request.request_id]
         request.reported = True
-        # With speculative decoding, metrics are the request's proposed and accepted tokens.
-        metrics = None if self.speculator is None else self.speculator.request_metrics(request.seqs)
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
                              request.prompt_logprobs, outputs, finished,
-                             num_cached_tokens=request.seqs[0].num_cached_tokens, metrics=metrics)
+                             num_cached_tokens=request.seqs[0].num_cached_tokens)
 
     def shutdown(self) -> None:
         if hasattr(self.runner, "shutdown"):

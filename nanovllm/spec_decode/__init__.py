@@ -3,12 +3,13 @@ sequence's next k tokens, and the target model checks all guesses of all sequenc
 forward pass, emitting 1 to k+1 tokens per sequence per step with exactly the distribution it
 would have sampled from alone (docs/speculative.md).
 
-The engine calls two hooks: `Speculator.propose` before scheduling (each running sequence's
+`SpeculativeEngine` (engine.py; `LLMEngine.from_kwargs` picks it for a speculative_config)
+calls two hooks: `Speculator.propose` before scheduling (each running sequence's
 `spec_token_ids`; the scheduler makes its span 1 + k long where the budget and blocks allow),
 and `Speculator.run` instead of the runner's launch (`verify`: one forward pass, the
 rejection sampler, the results laid out in rounds for the engine's stop checks).
 
-    the hooks and counters: speculator.py;  config: config.py
+    the engine: engine.py;  the hooks and counters: speculator.py;  config: config.py
     proposers: ngram.py (prompt lookup), draft_model.py (a small model)
     the verifying step: verify.py;  acceptance: rejection_sampler.py
 """

@@ -1,5 +1,5 @@
-"""The Speculator: the engine's two hooks (`propose` before scheduling, `run` instead of the
-runner's launch) and the counters (`SpecDecodeMetrics`)."""
+"""The Speculator: the hooks SpeculativeEngine (engine.py) calls (`propose` before scheduling, `run`
+instead of the runner's launch, `finish` to read the step back) and the counters (`SpecDecodeMetrics`)."""
 from collections.abc import Collection
 from dataclasses import dataclass
 

@@ -1,0 +1,32 @@
+"""The engine with speculative decoding: LLMEngine, whose step first has the Speculator propose
+tokens for the running sequences and then verifies them in one forward pass (verify.py)."""
+from nanovllm.config import EngineConfig
+from nanovllm.engine.llm_engine import LLMEngine, Request
+from nanovllm.outputs import RequestOutput
+from nanovllm.spec_decode.speculator import Speculator
+
+
+class SpeculativeEngine(LLMEngine):
+    def __init__(self, config: EngineConfig):
+        # Built before the target's runner: a draft model's memory is then already taken when
+        # the target sizes its KV cache.
+        self.speculator = Speculator(config)
+        super().__init__(config)
+
+    def advance(self) -> list[Request]:
+        """One step, read back before the next is scheduled (no overlap: the next proposals
+        need this step's tokens on the host)."""
+        self.speculator.propose(self.scheduler.running, self.eos_ids)
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        self.num_steps, self.last_step = self.num_steps + 1, batch
+        verified = self.speculator.run(self.runner, batch, self.eos_ids)
+        return self.speculator.finish(verified, self.scheduler, self._process)
+
+    def make_output(self, request: Request) -> RequestOutput | None:
+        """With the request's proposed and accepted token counts as its `metrics`."""
+        output = super().make_output(request)
+        if output is not None:
+            output.metrics = self.speculator.request_metrics(request.seqs)
+        return output
