@@ -1,7 +1,7 @@
 import pytest
 
 from nanovllm.demo_model import build_tokenizer
-from nanovllm.engine.detokenizer import Detokenizer
+from nanovllm.engine.detokenizer import make_detokenizer
 from nanovllm.sampling_params import SamplingParams
 
 TEXT = "Hello, my name is nanovllm. Prefix caching lets requests share é 漢字 🙂 blocks."
@@ -54,7 +54,7 @@ def feed(det, ids, chunk=1, stopped_by_token=False):
 @pytest.mark.parametrize("chunk", [1, 3, 100])
 def test_incremental_text_equals_full_decode(tok, ids, prompt, chunk):
     assert tok.decode(ids) == TEXT
-    det = Detokenizer(tok, SamplingParams(), prompt, incremental=True)
+    det = make_detokenizer(tok, SamplingParams(), prompt, incremental=True)
     seen = []
     for start in range(0, len(ids), chunk):
         assert det.update(ids[start:start + chunk], False) is None
@@ -63,7 +63,7 @@ def test_incremental_text_equals_full_decode(tok, ids, prompt, chunk):
         assert "\ufffd" not in det.text and TEXT.startswith(det.text)
     assert det.text == TEXT
     assert det.token_ids == ids
-    full = Detokenizer(tok, SamplingParams(), prompt, incremental=False)
+    full = make_detokenizer(tok, SamplingParams(), prompt, incremental=False)
     for start in range(0, len(ids), chunk):
         full.update(ids[start:start + chunk], False)
     assert full.text == TEXT and full.token_ids == ids
@@ -76,7 +76,7 @@ def test_stop_string_across_tokens(tok, ids, prompt):
     # the index of the token that completes the stop string
     completes = next(i for i in range(len(ids)) if stop in tok.decode(ids[:i + 1]))
     for include in (False, True):
-        det = Detokenizer(tok, SamplingParams(stop=["zzz", stop], include_stop_str_in_output=include),
+        det = make_detokenizer(tok, SamplingParams(stop=["zzz", stop], include_stop_str_in_output=include),
                           prompt, incremental=False)    # stop strings force incremental decoding
         found, at = feed(det, ids)
         assert found == stop and at == completes
@@ -86,14 +86,14 @@ def test_stop_string_across_tokens(tok, ids, prompt):
 
 
 def test_stop_string_found_inside_a_chunk(tok, ids, prompt):
-    det = Detokenizer(tok, SamplingParams(stop=["requests", "ll"]), prompt, incremental=True)
+    det = make_detokenizer(tok, SamplingParams(stop=["requests", "ll"]), prompt, incremental=True)
     found, _ = feed(det, ids, chunk=len(ids))
     assert found == "ll" and det.text == "He"          # the earliest match wins
 
 
 def test_min_tokens_delays_the_stop_string_check(tok, ids, prompt):
     # "Hello" lies within the first 3 tokens, which min_tokens=3 exempts from the check.
-    det = Detokenizer(tok, SamplingParams(stop=["Hello", " is"], min_tokens=3), prompt, incremental=True)
+    det = make_detokenizer(tok, SamplingParams(stop=["Hello", " is"], min_tokens=3), prompt, incremental=True)
     found, _ = feed(det, ids)
     assert found == " is" and det.text == "Hello, my name"
 
@@ -102,7 +102,7 @@ def test_unknown_token_ids_decode_to_nothing(tok, prompt):
     unknown = [len(tok), len(tok) + 50, 10**6]
     known = tok.encode("Hello")
     for incremental in (True, False):
-        det = Detokenizer(tok, SamplingParams(stop=["xyz"] if incremental else None), prompt + unknown[:1],
+        det = make_detokenizer(tok, SamplingParams(stop=["xyz"] if incremental else None), prompt + unknown[:1],
                           incremental=incremental)
         assert feed(det, unknown + known[:1] + unknown + known[1:]) == (None, None)
         assert det.text == "Hello"
@@ -124,7 +124,7 @@ def test_stop_token_is_kept_in_ids_but_not_in_text(tok, ids, prompt, incremental
         (dict(stop_token_ids=[period], include_stop_str_in_output=True), period, body_text + "."),
     ]
     for params, last, expected in cases:
-        det = Detokenizer(tok, SamplingParams(**params), prompt, incremental=incremental)
+        det = make_detokenizer(tok, SamplingParams(**params), prompt, incremental=incremental)
         feed(det, body + [last], chunk=4, stopped_by_token=True)
         assert det.text == expected, params
         assert det.token_ids == body + [last]
@@ -135,17 +135,17 @@ def test_special_tokens_in_the_middle(tok, prompt):
     im_start = tok.convert_tokens_to_ids("<|im_end|>")
     out = hello + [im_start] + world
     for incremental in (True, False):
-        kept = Detokenizer(tok, SamplingParams(skip_special_tokens=False), prompt, incremental)
+        kept = make_detokenizer(tok, SamplingParams(skip_special_tokens=False), prompt, incremental)
         feed(kept, out)
         assert kept.text == "Hello<|im_end|> my name"
-        skipped = Detokenizer(tok, SamplingParams(), prompt, incremental)
+        skipped = make_detokenizer(tok, SamplingParams(), prompt, incremental)
         feed(skipped, out)
         assert skipped.text == "Hello my name"
 
 
 def test_new_text_deltas_concatenate_to_text(tok, ids, prompt):
     # Streaming without stop strings: every delta is sent as soon as it is complete.
-    det = Detokenizer(tok, SamplingParams(), prompt, incremental=True)
+    det = make_detokenizer(tok, SamplingParams(), prompt, incremental=True)
     deltas = []
     for i in ids:
         det.update([i], False)
@@ -155,7 +155,7 @@ def test_new_text_deltas_concatenate_to_text(tok, ids, prompt):
 
     # With stop strings, len(longest) - 1 characters are held back until the end.
     params = SamplingParams(stop=["requests", "zz"])
-    det = Detokenizer(tok, params, prompt, incremental=True)
+    det = make_detokenizer(tok, params, prompt, incremental=True)
     deltas = []
     for i in ids:
         stop = det.update([i], False)
@@ -169,18 +169,18 @@ def test_new_text_deltas_concatenate_to_text(tok, ids, prompt):
 
 
 def test_new_text_releases_the_hold_back_when_finished(tok, prompt):
-    det = Detokenizer(tok, SamplingParams(stop=["a long stop string"]), prompt, incremental=True)
+    det = make_detokenizer(tok, SamplingParams(stop=["a long stop string"]), prompt, incremental=True)
     det.update(tok.encode("Hello"), False)
     assert det.new_text() == ""                          # all 5 characters could start the stop
     assert det.new_text(finished=True) == "Hello"
     # non-incremental (final-only) detokenizers answer new_text() too
-    det = Detokenizer(tok, SamplingParams(), prompt, incremental=False)
+    det = make_detokenizer(tok, SamplingParams(), prompt, incremental=False)
     det.update(tok.encode("Hello"), False)
     assert det.new_text() == "Hello" and det.new_text() == ""
 
 
 def test_detokenize_false(tok, ids, prompt):
-    det = Detokenizer(tok, SamplingParams(detokenize=False), prompt, incremental=True)
+    det = make_detokenizer(tok, SamplingParams(detokenize=False), prompt, incremental=True)
     assert feed(det, ids, chunk=5) == (None, None)
     assert det.text == "" and det.new_text(finished=True) == ""
     assert det.token_ids == ids
@@ -198,8 +198,8 @@ def test_flush_on_finish_matches_one_shot_text():
     else:
         pytest.skip("the tokenizer merged every multi-byte character into one token")
     params = SamplingParams()
-    streamed = Detokenizer(tok, params, [], incremental=True)
-    one_shot = Detokenizer(tok, params, [], incremental=False)
+    streamed = make_detokenizer(tok, params, [], incremental=True)
+    one_shot = make_detokenizer(tok, params, [], incremental=False)
     for t in ids[:cut]:
         streamed.update([t], False)
     one_shot.update(ids[:cut], False)

@@ -26,6 +26,7 @@ CORE = {
 }
 SEAMS = {
     "host/device overlap (a step launched before the last is read back)": ["engine/overlap.py"],
+    "incremental text (streamed outputs, stop strings)": ["engine/incremental_detokenizer.py"],
     "CUDA graphs / CPU compile": ["engine/cuda_graphs.py", "engine/cpu_compile.py"],
     "KV cache memory (sizing, profiling)": ["engine/kv_cache_memory.py"],
     "the CPU's dtype": ["cpu_dtype.py"],

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.detokenizer import Detokenizer
+from nanovllm.engine.detokenizer import Detokenizer, make_detokenizer
 from nanovllm.engine.model_runner import ModelRunner, StepResult
 from nanovllm.engine.logprob_rows import LogprobRows, TokenTexts
 from nanovllm.engine.request_checks import check_prompt, check_request_args, check_stop_token_ids, tokenize_prompt
@@ -94,7 +94,7 @@ class LLMEngine:
         incremental = bool(params.stop) or params.output_kind != RequestOutputKind.FINAL_ONLY
         for i in range(params.n):
             seqs.append(Sequence(request_id, i, token_ids, params))
-            detoks.append(Detokenizer(self.tokenizer, params, token_ids, incremental))
+            detoks.append(make_detokenizer(self.tokenizer, params, token_ids, incremental))
         request = Request(request_id, text, token_ids, params, seqs, detoks,
                           prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
                           reported_tokens=[0] * params.n)
