@@ -15,7 +15,8 @@ from nanovllm.engine.token_histograms import TokenHistograms
 from nanovllm.kernels import logprobs as logprobs_kernel
 from nanovllm.kernels import sampling_filters
 from nanovllm.layers.sampler import Sampler
-from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow, uses_penalties
+from nanovllm.layers.penalties import uses_penalties
+from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow
 from nanovllm.sampling_params import SamplingParams
 
 B, V = 256, 151936
@@ -46,8 +47,6 @@ def main() -> None:
         params = SamplingParams(**kwargs)
         seqs = [SimpleNamespace(seq_id=i, token_ids=prompt + output, num_prompt_tokens=len(prompt))
                 for i in range(B)]
-        generators = [torch.Generator(device=device).manual_seed(i) if params.seed is not None else None
-                      for i in range(B)]
         histograms = TokenHistograms(V, B, device) if uses_penalties(params) else None
 
         def build():
@@ -56,14 +55,14 @@ def main() -> None:
             counts = None
             if histograms is not None:
                 counts = (histograms.output_counts, histograms.prompt_mask, histograms.gather(seqs))
-            rows = [SamplingRow.of(params, s.token_ids, s.num_prompt_tokens, g, (2,), counts_kept=counts is not None)
-                    for s, g in zip(seqs, generators)]
+            rows = [SamplingRow.of(params, s.token_ids, s.num_prompt_tokens, (2,), counts_kept=counts is not None)
+                    for s in seqs]
             return SamplingMetadata.build(rows, V, device, counts)
 
         meta = build()
-        plain = triton.testing.do_bench(lambda: torch_sampler(logits, meta), return_mode="median")
-        # the engine gives seeded rows their own seeds (engine/sampling_inputs.py row_seeds)
-        seeds = torch.randint(0, 2**62, (B,), device=device) if params.seed is not None else None
+        # the engine gives each row its seed, on the host (engine/sampling_inputs.py row_seeds)
+        seeds = torch.randint(0, 2**62, (B,)) if params.seed is not None else None
+        plain = triton.testing.do_bench(lambda: torch_sampler(logits, meta, seeds), return_mode="median")
         forward = triton.testing.do_bench(lambda: sampler(logits, meta, seeds), return_mode="median")
         both = triton.testing.do_bench(lambda: sampler(logits, build(), seeds), return_mode="median")
         print(f"{name:<24} {plain:>10.3f} {forward:>11.3f} {both:>20.3f}")

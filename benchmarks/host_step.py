@@ -24,6 +24,7 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.demo_model import demo_checkpoint_dir
+from nanovllm.entrypoints.engine_process import HandOver
 from nanovllm.sampling_params import RequestOutputKind
 
 
@@ -48,9 +49,11 @@ def main() -> None:
     for _ in range(5):
         engine.step()
     every = int(sys.argv[sys.argv.index("--hand-over-every") + 1]) if "--hand-over-every" in sys.argv else 1
+    hand_over = HandOver(interval_per_request=0.0)      # its schedule set here: each output every N steps
     start = time.perf_counter()
     for i in range(100):
-        engine.step(None if every == 1 else lambda request_id: hash(request_id) % every == i % every)
+        hand_over.wanted = lambda _, i=i: None if every == 1 else lambda request_id: hash(request_id) % every == i % every
+        hand_over.step(engine)
     extras = (f", each output every {every} steps" if every > 1 else "") + (", penalties" if "--penalties" in sys.argv else "") + (f", logprobs {logprobs}" if logprobs else "")
     print(f"batch {batch}, {kind.name} outputs{extras}: {1000 * (time.perf_counter() - start) / 100:.2f} ms "
           f"of host work per decode step")

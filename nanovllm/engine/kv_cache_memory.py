@@ -110,7 +110,7 @@ def _profile_num_blocks(runner) -> int:
     logits = runner.execute(inputs)
     if logits is not None:                          # only rank 0 samples
         runner.sampler(logits.float(), SamplingMetadata.build(
-            [SamplingRow(PROFILE_PARAMS, [], [], None)] * num_seqs, runner.vocab_size, runner.device))
+            [SamplingRow(PROFILE_PARAMS, [], [])] * num_seqs, runner.vocab_size, runner.device))
     torch.cuda.synchronize()
     # Measured while the scratch cache and the weights are still allocated: what is left
     # above them at the peak is the activations' (and the sampler's) share.
