@@ -15,7 +15,8 @@ from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import Detokenizer, make_detokenizer
 from nanovllm.engine.model_runner import ModelRunner, StepResult
 from nanovllm.engine.logprob_rows import LogprobRows, TokenTexts
-from nanovllm.engine.request_checks import check_prompt, check_request_args, check_stop_token_ids, tokenize_prompt
+from nanovllm.engine.request_checks import check_fits_cache, check_prompt, check_request_args, \
+    check_stop_token_ids, tokenize_prompt
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.outputs import CompletionOutput, RequestOutput
@@ -85,11 +86,7 @@ class LLMEngine:
         if params.max_tokens is None:
             params.max_tokens = self.config.max_model_len - len(token_ids)
         longest = min(len(token_ids) + params.max_tokens, self.config.max_model_len)
-        if self.block_manager.blocks_needed(longest) > self.block_manager.num_blocks:
-            raise ValueError(
-                f"Request {request_id!r} may grow to {longest} tokens but the whole KV cache holds "
-                f"{self.block_manager.num_blocks * self.config.block_size}; lower max_tokens or give the "
-                f"cache more memory (gpu_memory_utilization, num_gpu_blocks_override).")
+        check_fits_cache(request_id, longest, self.block_manager, self.config.block_size)
         seqs, detoks = [], []
         incremental = bool(params.stop) or params.output_kind != RequestOutputKind.FINAL_ONLY
         for i in range(params.n):

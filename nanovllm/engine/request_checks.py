@@ -61,3 +61,13 @@ def check_stop_token_ids(params: SamplingParams, vocab_size: int) -> None:
     if bad is not None:
         raise ValidationError(f"stop_token_ids contains {bad}, which is out of vocabulary (the model "
                               f"has {vocab_size} tokens).", "stop_token_ids", params.stop_token_ids)
+
+
+def check_fits_cache(request_id: str, longest: int, block_manager, block_size: int) -> None:
+    """A request that may grow to `longest` tokens must fit the whole KV cache: otherwise it
+    would wait for blocks forever."""
+    if block_manager.blocks_needed(longest) > block_manager.num_blocks:
+        raise ValueError(
+            f"Request {request_id!r} may grow to {longest} tokens but the whole KV cache holds "
+            f"{block_manager.num_blocks * block_size}; lower max_tokens or give the "
+            f"cache more memory (gpu_memory_utilization, num_gpu_blocks_override).")
