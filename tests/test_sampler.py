@@ -300,14 +300,14 @@ def test_seeded_rows_draw_from_their_row_seed(fused):
     with pytest.raises(ValueError, match="row_seeds"):
         Sampler(fused)(logits.to(device), meta)
     draws = []
-    for global_seed in range(6):
+    for global_seed in range(3):          # (each fused call takes ~0.5 s in the interpreter)
         torch.manual_seed(global_seed)
         seeds = torch.tensor([11] + [global_seed] * 5)
         draws.append(Sampler(fused)(logits.to(device), meta, seeds).sampled_token_ids.cpu())
     assert len({int(d[0]) for d in draws}) == 1
     assert len({tuple(d[1:].tolist()) for d in draws}) > 1
     others = [int(Sampler(fused)(logits.to(device), meta, torch.tensor([s] + [0] * 5)).sampled_token_ids[0])
-              for s in range(12)]
+              for s in range(4)]
     assert len(set(others)) > 1
 
 
