@@ -144,8 +144,11 @@ class EngineConfig:
                              f"max_num_seqs ({self.max_num_seqs}): every running sequence needs a token per step.")
         from nanovllm.models.registry import model_class
         model_class(cfg, self.max_model_len)      # an unsupported architecture fails here, early
-        self._check_quantization()
-        self._check_speculative()
+        from nanovllm.quantization.quant_config import engine_quant_config
+        self.quant_config = engine_quant_config(self)
+        if self.speculative_config is not None:
+            from nanovllm.spec_decode.config import SpeculativeConfig
+            self.speculative_config = SpeculativeConfig.for_engine(self)
         heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         tp = self.tensor_parallel_size
         if heads % tp:
@@ -158,28 +161,6 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size={tp} is larger than the number of GPUs "
                              f"({torch.cuda.device_count()}).")
 
-    def _check_speculative(self):
-        if self.speculative_config is None:
-            return
-        from nanovllm.models.model_dir import resolve_model_dir
-        from nanovllm.spec_decode.config import SpeculativeConfig
-        self.speculative_config = SpeculativeConfig.parse(
-            self.speculative_config, self.hf_config,
-            lambda model: load_hf_config(resolve_model_dir(model, None, None), self.trust_remote_code))
-        if self.speculative_config.method == "draft_model" and self.tensor_parallel_size > 1:
-            raise ValueError("speculative_config with a draft model needs tensor_parallel_size=1 "
-                             "(n-gram speculation works with any).")
-
-    def _check_quantization(self):
-        from nanovllm.quantization.quant_config import checkpoint_quantization_config, resolve_quant_config
-        self.quant_config = resolve_quant_config(self.quantization, checkpoint_quantization_config(self.model_dir))
-        fp8 = [what for what, used in (
-            ("quantization='fp8'", self.quant_config is not None and self.quant_config.method == "fp8"),
-            (f"kv_cache_dtype={self.kv_cache_dtype!r}", self.kv_cache_dtype != "auto")) if used]
-        if fp8 and self.device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
-            major, minor = torch.cuda.get_device_capability()
-            raise ValueError(f"{' and '.join(fp8)} need a GPU with FP8 (compute capability 8.9 or newer: Ada, "
-                             f"Hopper, Blackwell); this {torch.cuda.get_device_name()} is {major}.{minor}.")
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -8,6 +8,8 @@ import json
 import os
 from dataclasses import dataclass
 
+import torch
+
 # vLLM's names for the methods nanovllm runs.
 SUPPORTED_QUANTIZATION = ("fp8", "gptq", "awq", "gguf")
 # Checkpoint formats, by `quantization_config.quant_method`.
@@ -132,3 +134,17 @@ def _fp8(cfg: dict) -> QuantConfig:
         raise ValueError(f"FP8 activation_scheme {scheme!r} is not supported; supported: 'dynamic', 'static' "
                          f"(activations are then scaled per token all the same).")
     return QuantConfig("fp8", bits=8)
+
+
+def engine_quant_config(config) -> QuantConfig | None:
+    """EngineConfig's weight format (its `quantization` and the checkpoint's own), refused where
+    the GPU cannot run it: float8 weights or KV cache need compute capability 8.9 or newer."""
+    quant_config = resolve_quant_config(config.quantization, checkpoint_quantization_config(config.model_dir))
+    fp8 = [what for what, used in (
+        ("quantization='fp8'", quant_config is not None and quant_config.method == "fp8"),
+        (f"kv_cache_dtype={config.kv_cache_dtype!r}", config.kv_cache_dtype != "auto")) if used]
+    if fp8 and config.device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        major, minor = torch.cuda.get_device_capability()
+        raise ValueError(f"{' and '.join(fp8)} need a GPU with FP8 (compute capability 8.9 or newer: Ada, "
+                         f"Hopper, Blackwell); this {torch.cuda.get_device_name()} is {major}.{minor}.")
+    return quant_config

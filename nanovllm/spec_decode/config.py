@@ -24,6 +24,18 @@ class SpeculativeConfig:
     draft_hf_config: object = None    # the draft's model config (filled in by `parse`)
 
     @classmethod
+    def for_engine(cls, config) -> "SpeculativeConfig":
+        """EngineConfig's speculative_config parsed, and checked against its other arguments."""
+        from nanovllm.config import load_hf_config
+        from nanovllm.models.model_dir import resolve_model_dir
+        spec = cls.parse(config.speculative_config, config.hf_config, lambda model: load_hf_config(
+            resolve_model_dir(model, None, None), config.trust_remote_code))
+        if spec.method == "draft_model" and config.tensor_parallel_size > 1:
+            raise ValueError("speculative_config with a draft model needs tensor_parallel_size=1 "
+                             "(n-gram speculation works with any).")
+        return spec
+
+    @classmethod
     def parse(cls, value, target_hf_config, load_draft_config) -> "SpeculativeConfig":
         """`value`: the user's dict (or an already parsed SpeculativeConfig). `load_draft_config(model)`
         -> the draft's hf config, to compare vocabularies."""
