@@ -162,8 +162,8 @@ def check_ranges(params) -> None:
     if params.top_k < -1:
         raise ValueError(f"top_k must be 0 (disable), or at least 1, got {params.top_k}.")
     if params.seed is not None and not _MIN_SEED <= params.seed <= _MAX_SEED:
-        # torch's generators take a signed 64-bit seed (child i of n adds i, which they
-        # still take: they also accept unsigned 64-bit values).
+        # vLLM's range: a signed 64-bit seed (the engine mixes seed + child index and the
+        # token's position into a 64-bit key: engine/sampling_inputs.py).
         raise ValidationError(f"seed must be in [{_MIN_SEED}, {_MAX_SEED}], got {params.seed}.",
                               "seed", params.seed)
     if not 0.0 <= params.min_p <= 1.0:

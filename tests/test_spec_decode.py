@@ -283,6 +283,20 @@ def test_a_seeded_request_does_not_depend_on_the_batch(target, noisy_draft):
     assert 0 < metrics.num_accepted_tokens < metrics.num_draft_tokens
 
 
+def test_the_engine_for_a_speculative_config_is_the_speculative_one(target):
+    """LLMEngine.from_kwargs (what LLM and the server use) picks SpeculativeEngine; the plain
+    engine built directly refuses a speculative_config rather than run without it."""
+    from nanovllm.config import EngineConfig
+    from nanovllm.engine.llm_engine import LLMEngine
+    from nanovllm.spec_decode.engine import SpeculativeEngine
+    ngram = {"method": "ngram", "num_speculative_tokens": 2}
+    with pytest.raises(ValueError, match="SpeculativeEngine"):
+        LLMEngine(EngineConfig.from_kwargs(target, device="cpu", speculative_config=ngram))
+    engine = LLMEngine.from_kwargs(target, device="cpu", enforce_eager=True, speculative_config=ngram)
+    assert isinstance(engine, SpeculativeEngine)
+    assert not isinstance(LLMEngine.from_kwargs(target, device="cpu", enforce_eager=True), SpeculativeEngine)
+
+
 def test_server_metrics_count_proposals_when_speculating():
     pytest.importorskip("prometheus_client")
     from nanovllm.entrypoints.engine_process import EngineStats

@@ -45,6 +45,9 @@ class Request:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        if config.speculative_config is not None and type(self) is LLMEngine:
+            raise ValueError("an engine with a speculative_config is spec_decode's SpeculativeEngine: "
+                             "build it with LLMEngine.from_kwargs(...) or LLM(...).")
         self.config = config
         self.tokenizer = load_tokenizer(config)
         self.runner = self._make_runner(config)

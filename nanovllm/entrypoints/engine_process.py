@@ -22,8 +22,8 @@ The engine process's loop:
     while running:
         block on the pipe while idle (an idle engine costs nothing), else take what is waiting
         apply the commands in order (new requests join the batch at the next step)
-        engine.step()
-        send its outputs (all of them only a few times a second under load: `HandOver`)
+        one engine step (`HandOver.step`: engine.advance(), then the outputs due now)
+        send them (each request's only a few times a second under load: `HandOver`)
 
 It ends on "shutdown", on a failure, or when the pipe closes (the front process is gone).
 """

@@ -36,7 +36,7 @@ class _SamplingRequest(BaseModel):
     top_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)      # what torch's generators take
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)      # a signed 64-bit seed, as SamplingParams
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -67,8 +67,11 @@ class DraftModelProposer:
                 q = sampling_probs(logits, meta)
             best = q.argmax(dim=-1).tolist()
             for (seq, shadow), q_row, greedy_token in zip(step, q, best):
-                generator = draw_generator(seq, shadow.num_tokens, q_row.device, PROPOSAL_DRAWS)
-                token = greedy_token if seq.params.is_greedy else int(torch.multinomial(q_row, 1, generator=generator))
+                if seq.params.is_greedy:
+                    token = greedy_token
+                else:
+                    generator = draw_generator(seq, shadow.num_tokens, q_row.device, PROPOSAL_DRAWS)
+                    token = int(torch.multinomial(q_row, 1, generator=generator))
                 shadow.num_computed_tokens = shadow.num_tokens
                 shadow.append_token(token)
                 tokens, dists = proposals[seq.seq_id]
