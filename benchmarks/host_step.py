@@ -24,7 +24,7 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.demo_model import demo_checkpoint_dir
-from nanovllm.entrypoints.engine_process import HandOver
+from nanovllm.entrypoints.hand_over import HandOver
 from nanovllm.sampling_params import RequestOutputKind
 
 

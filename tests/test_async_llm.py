@@ -345,7 +345,7 @@ def test_the_engine_process_ends_with_its_front(tiny_qwen3, tmp_path):
 def test_hand_overs_are_spread_over_the_steps():
     """Each request's output is wanted once every K steps (K = steps per interval), a K-th
     of them at each step, also while K changes (requests finish, steps speed up)."""
-    from nanovllm.entrypoints.engine_process import HandOver
+    from nanovllm.entrypoints.hand_over import HandOver
     hand_over = HandOver(interval_per_request=1e-3)
     keys = [f"r{i}#{i}" for i in range(120)]
     hand_over.started = dict.fromkeys(keys)                 # their first outputs went out

@@ -100,7 +100,7 @@ def test_outputs_between_hand_overs_wait_and_then_cover_every_step(tiny_qwen3):
     next output reports its progress since its last one (DELTA: all the new tokens and text),
     so streams read less often see the same tokens and text."""
     from nanovllm import LLMEngine, RequestOutputKind
-    from nanovllm.entrypoints.engine_process import HandOver
+    from nanovllm.entrypoints.hand_over import HandOver
     prompts = ["Hello, my name is", "The capital of France is", [5, 6, 7, 8, 9]]
     kinds = [RequestOutputKind.DELTA, RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA]
     stops = [[], [], ["e"]]       # the last one decodes every step (a stop string to look for)

@@ -123,7 +123,7 @@ class LLMEngine:
 
     def advance(self) -> list[Request]:
         """Run one step; return the requests it advanced, whose outputs make_output makes (a
-        server makes some of them later: entrypoints/engine_process.py's HandOver).
+        server makes some of them later: entrypoints/hand_over.py).
 
         Host and device overlap: the step launched by the previous call is still on the
         device when this one schedules and launches the next, reading its sampled tokens on

@@ -56,19 +56,23 @@ class RotaryEmbedding(nn.Module):
         return rotate(q, cos, sin), rotate(k, cos, sin)
 
     def _rotation(self, positions: torch.Tensor, dtype: torch.dtype):
-        """rotation(self.cos_sin, positions, dtype), from a table of both per position (built on
-        first use: the Triton kernel reads only cos_sin): one lookup a layer instead of several ops."""
+        """lookup(rotation_table(cos_sin)), the table built on first use (the Triton kernel reads
+        only cos_sin): one lookup a layer instead of several ops."""
         if self.rotation_table is None:
-            cos, sin = self.cos_sin.chunk(2, dim=-1)
-            self.rotation_table = torch.cat([cos, cos, -sin, sin], dim=-1)
-        return self.rotation_table[positions].to(dtype).unsqueeze(1).chunk(2, dim=-1)
+            self.rotation_table = rotation_table(self.cos_sin)
+        return lookup(self.rotation_table, positions, dtype)
 
 
-def rotation(cos_sin: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token [T, 1, rotary_dim]: (cos, cos) and (-sin, sin), so that rotating x is
-    x * cos + roll(x) * sin, where roll swaps the halves."""
-    cos, sin = cos_sin[positions].to(dtype).unsqueeze(1).chunk(2, dim=-1)
-    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+def rotation_table(cos_sin: torch.Tensor) -> torch.Tensor:
+    """[positions, 2 x rotary_dim]: (cos, cos) then (-sin, sin) per position, so that rotating x
+    is x * (cos, cos) + roll(x) * (-sin, sin), where roll swaps the halves."""
+    cos, sin = cos_sin.chunk(2, dim=-1)
+    return torch.cat([cos, cos, -sin, sin], dim=-1)
+
+
+def lookup(table: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token [T, 1, rotary_dim]: (cos, cos) and (-sin, sin)."""
+    return table[positions].to(dtype).unsqueeze(1).chunk(2, dim=-1)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -84,5 +88,5 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor):
     """Rotate the first cos_sin.shape[-1] dimensions of each head of q and k; the rest pass."""
-    cos, sin = rotation(cos_sin, positions, q.dtype)
+    cos, sin = lookup(rotation_table(cos_sin), positions, q.dtype)
     return rotate(q, cos, sin), rotate(k, cos, sin)

@@ -54,8 +54,8 @@ class Sampler(torch.nn.Module):
             sampled = kernels.gumbel_sample(logits, meta.temperature, meta.greedy, seed, thresholds)
         else:
             probs = apply_temperature_and_filters(logits, meta).softmax(dim=-1)
-            seeds = {i: int(row_seeds[i]) for i in meta.seeded_rows}
-            sampled = exponential_race(probs, seeds)
+            row_seeds = row_seeds.tolist() if meta.seeded_rows else []
+            sampled = exponential_race(probs, {i: row_seeds[i] for i in meta.seeded_rows})
             if not meta.all_random:
                 sampled = torch.where(meta.greedy, logits.argmax(dim=-1), sampled)
 
