@@ -9,8 +9,8 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.kernels import paged_attention_reference, paged_decode_attention_reference, \
     store_kv_cache_reference, triton_available
 from nanovllm.quantization.kv_cache import FP8_DTYPE, FP8_MAX, HEADROOM, update_scales_from_first_batch
-from tests.conftest import random_prompts
-from tests.kernels.test_kernels import make_paged_batch, rel_err, tolerance
+from tests.conftest import KERNEL_DEVICE, random_prompts
+from tests.kernels.test_kernels import DEVICE, make_paged_batch, rel_err, tolerance
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="needs triton (GPU or TRITON_INTERPRET=1)")
 
@@ -35,8 +35,9 @@ def test_store_kernel_writes_what_the_reference_writes(dtype):
     value = (torch.randn(9, 2, 32, generator=gen) * 40).to(dtype)
     slots = torch.tensor([0, 5, -1, 17, 3, 30, 31, -1, 12])
     k_scale, v_scale = torch.tensor([0.37]), torch.tensor([0.11])
-    ours = [torch.zeros(2, 16, 2, 32, dtype=FP8_DTYPE) for _ in range(2)]
-    ref = [torch.zeros(2, 16, 2, 32, dtype=FP8_DTYPE) for _ in range(2)]
+    key, value, slots, k_scale, v_scale = (t.to(DEVICE) for t in (key, value, slots, k_scale, v_scale))
+    ours = [torch.zeros(2, 16, 2, 32, dtype=FP8_DTYPE, device=DEVICE) for _ in range(2)]
+    ref = [torch.zeros(2, 16, 2, 32, dtype=FP8_DTYPE, device=DEVICE) for _ in range(2)]
     store_kv_cache(key, value, *ours, slots, k_scale, v_scale)
     store_kv_cache_reference(key, value, *ref, slots, k_scale, v_scale)
     for got, want in zip(ours, ref):
@@ -47,7 +48,7 @@ def test_store_kernel_writes_what_the_reference_writes(dtype):
 def _fp8_batch(seq_lens, q_lens, dtype, block_size=16):
     batch = make_paged_batch(seq_lens, q_lens, 4, 2, 32, block_size, dtype, cache_dtype=FP8_DTYPE,
                              gen=torch.Generator().manual_seed(sum(seq_lens)))
-    return batch, torch.tensor([0.7]), torch.tensor([1.9])
+    return batch, torch.tensor([0.7], device=DEVICE), torch.tensor([1.9], device=DEVICE)
 
 
 @needs_triton
@@ -114,7 +115,7 @@ def test_engine_on_a_float8_cache_triton_equals_torch(checkpoint_factory):
     greedy = SamplingParams(temperature=0, max_tokens=10)
     tokens = {}
     for backend in ("torch", "triton"):
-        llm = LLM(path, device="cpu", dtype="float32", enforce_eager=True, kv_cache_dtype="fp8",
+        llm = LLM(path, device=KERNEL_DEVICE, dtype="float32", enforce_eager=True, kv_cache_dtype="fp8",
                   calculate_kv_scales=True, attention_backend=backend, max_model_len=64, max_num_seqs=4)
         layer = llm.llm_engine.runner.attention_layers[0]
         assert layer.k_cache.dtype == FP8_DTYPE and layer.k_scale.item() == 1.0

@@ -1,7 +1,7 @@
 """Triton kernel: quantize each row of x to float8 e4m3 with its own scale (FP8 linears'
 activations, nanovllm/quantization/fp8_linear.py).
 
-    scale[m] = max(max_k |x[m, k]| / 448, 1e-12)      x8[m, k] = e4m3(x[m, k] / scale[m])
+    scale[m] = max(max_k |x[m, k]| * (1 / 448), 1e-12)      x8[m, k] = e4m3(x[m, k] / scale[m])
 
 The torch reference (`quantize_rows`) takes about eight passes over a float32 copy of x; this is
 one program per row that reads the row twice (its largest |x|, then the scaled values) in x's own
@@ -26,7 +26,8 @@ def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, K, stride_xm, stride_om, BL
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
         largest = tl.maximum(largest, tl.abs(x))
-    scale = tl.maximum(tl.math.div_rn(tl.max(largest, 0), FP8_MAX), 1e-12)
+    # times 1/448, as quantize_rows: torch on a GPU divides by a scalar that way (not exactly)
+    scale = tl.maximum(tl.max(largest, 0) * (1.0 / FP8_MAX), 1e-12)
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)

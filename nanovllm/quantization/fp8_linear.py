@@ -25,7 +25,7 @@ from nanovllm.quantization.quant_config import QuantConfig
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (float8 [M, K], float32 scales [M]) with x ~ x8 * scale[:, None], per row."""
-    scale = (x.float().abs().amax(dim=-1) / FP8_MAX).clamp(min=1e-12)
+    scale = (x.float().abs().amax(dim=-1) * (1 / FP8_MAX)).clamp(min=1e-12)     # (one rounding on every device)
     return (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
