@@ -21,9 +21,9 @@ class LLM:
     def __init__(self, model: str, **kwargs):
         """`model`: a local checkpoint directory, a .gguf file, or a Hugging Face repo id.
         Keyword arguments are vLLM's engine arguments (see `nanovllm.config.EngineConfig`).
-        With data_parallel_size > 1 the engine is N replicas behind one engine's surface
-        (nanovllm/data_parallel.py, docs/scale_out.md)."""
-        if kwargs.get("data_parallel_size", 1) != 1:
+        With data_parallel_size > 1, or distributed_executor_backend="ray", the engine is N
+        replicas behind one engine's surface (nanovllm/data_parallel.py, docs/scale_out.md)."""
+        if kwargs.get("data_parallel_size", 1) != 1 or kwargs.get("distributed_executor_backend") == "ray":
             from nanovllm.data_parallel import DataParallelEngine
             self.llm_engine = DataParallelEngine.from_kwargs(model, **kwargs)
         else:

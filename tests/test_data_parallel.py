@@ -215,10 +215,11 @@ def test_llm_predictor_reads_messages_and_keeps_columns(reference, tiny_qwen3):
         predictor({"text": np.array(["hi"])})
 
 
-def test_missing_ray_names_the_extra(tiny_qwen3, monkeypatch):
+@pytest.mark.parametrize("replicas", [1, 2])     # one replica too: the engine then runs in a Ray actor
+def test_missing_ray_names_the_extra(tiny_qwen3, monkeypatch, replicas):
     monkeypatch.setitem(sys.modules, "ray", None)       # `import ray` now fails as if not installed
     with pytest.raises(ImportError, match=r'pip install "nanovllm\[ray\]"'):
-        LLM(tiny_qwen3, data_parallel_size=2, distributed_executor_backend="ray", **ENGINE_ARGS)
+        LLM(tiny_qwen3, data_parallel_size=replicas, distributed_executor_backend="ray", **ENGINE_ARGS)
 
 
 @pytest.mark.parametrize("kwargs, field", [
