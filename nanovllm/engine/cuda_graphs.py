@@ -14,9 +14,35 @@ Padding tokens store nothing (slot -1); padding sequences have no query tokens (
 padding rows attend over one token of block 0). Only the hidden states are captured: the LM
 head runs on the rows that need logits, outside the graph.
 """
+import logging
+import os
+import time
+
 import torch
 
 from nanovllm.layers.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+def step_graphs(runner):
+    """What replays the runner's steps: CUDA graphs on a GPU (unless enforce_eager), compiled
+    steps on a CPU where asked (NANOVLLM_CPU_COMPILE=1: measured on the demo model, the
+    compile did not pay for itself, docs/cpu.md), else None (eager)."""
+    config = runner.config
+    if config.enforce_eager:
+        return None
+    if config.device == "cpu":
+        if os.environ.get("NANOVLLM_CPU_COMPILE") != "1":
+            return None
+        from nanovllm.engine.cpu_compile import CompiledSteps
+        from nanovllm.gguf import cache_root
+        return CompiledSteps(runner, cache_root())
+    start = time.perf_counter()
+    graphs = StepGraphs(runner)
+    logger.info("captured %d CUDA graphs (%d decode batch sizes, %d mixed-step token counts) in %.1f s",
+                graphs.num_graphs, len(graphs.decode), len(graphs.mixed), time.perf_counter() - start)
+    return graphs
 
 
 def decode_buckets(max_batch_size: int) -> list[int]:

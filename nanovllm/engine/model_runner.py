@@ -6,7 +6,6 @@ next tokens (`sample`). With tensor parallelism every rank runs `execute` on the
 rank 0 prepared; only rank 0 prepares and samples.
 """
 import logging
-import os
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import torch
 
 from nanovllm.config import EngineConfig
 from nanovllm.distributed import tp_rank, tp_size
+from nanovllm.engine.cuda_graphs import step_graphs
 from nanovllm.engine.inputs import LogitsRows, ModelInputs, plan_logits_rows, prepare_inputs
 from nanovllm.engine.kv_cache_memory import allocate_kv_cache, map_large_buffers
 from nanovllm.engine.overlap import Launched, ReadyEvent, inputs_from_device, to_host
@@ -77,18 +77,7 @@ class ModelRunner:
 
         self.graphs = None
         self.num_blocks = allocate_kv_cache(self)
-        # Opt-in on a CPU: measured on the demo model, it did not pay for its compile (docs/cpu.md).
-        if config.device == "cpu" and not config.enforce_eager and os.environ.get("NANOVLLM_CPU_COMPILE") == "1":
-            from nanovllm.engine.cpu_compile import CompiledSteps
-            from nanovllm.gguf import cache_root
-            self.graphs = CompiledSteps(self, cache_root())
-        if config.device == "cuda" and not config.enforce_eager:
-            from nanovllm.engine.cuda_graphs import StepGraphs
-            start = time.perf_counter()
-            self.graphs = StepGraphs(self)
-            logger.info("captured %d CUDA graphs (%d decode batch sizes, %d mixed-step token counts) in %.1f s",
-                        self.graphs.num_graphs, len(self.graphs.decode), len(self.graphs.mixed),
-                        time.perf_counter() - start)
+        self.graphs = step_graphs(self)      # None: every step runs eagerly
 
     # -- one step -------------------------------------------------------------------------
     # A step is launched (inputs prepared, forward and sampling queued on the device) and later
