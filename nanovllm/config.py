@@ -1,47 +1,13 @@
-"""The engine's configuration: one dataclass, validated in one place.
+"""The engine's configuration: one dataclass, filled in from the checkpoint and validated in
+one place (its checks and their messages: config_checks.py).
 
 Argument names and defaults follow vLLM's `LLM(...)` / `EngineArgs` where they apply.
 """
-import numbers
 from dataclasses import dataclass, field, fields
 
 import torch
 
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
-           "half": torch.float16, "bfloat16": torch.bfloat16}
-LOAD_FORMATS = ("auto", "dummy")
-DEVICES = ("auto", "cuda", "cpu")
-ATTENTION_BACKENDS = ("auto", "triton", "flash_attn", "torch")
-# How data-parallel replicas run (nanovllm/data_parallel.py): local processes, or Ray actors.
-EXECUTOR_BACKENDS = (None, "mp", "ray")
-# KV cache dtypes (vLLM's names): "auto" is the model's dtype; the fp8 ones store float8 e4m3.
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
-# The arguments that take one of a few values, and those values.
-CHOICES = {"dtype": ("auto", *_DTYPES), "load_format": LOAD_FORMATS, "device": DEVICES,
-           "attention_backend": ATTENTION_BACKENDS, "kv_cache_dtype": KV_CACHE_DTYPES,
-           "distributed_executor_backend": EXECUTOR_BACKENDS}
-
-
-def _positive_int(value) -> bool:
-    return _is_int(value) and value >= 1
-
-
-# The arguments that take a number in a range (or a bool): what they accept, and how to say it.
-RANGES = {
-    "gpu_memory_utilization": (lambda v: _is_real(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "seed": (lambda v: _is_int(v) and -2**63 <= v < 2**64, "an integer in [-2**63, 2**64)"),  # torch.manual_seed's
-    "block_size": (lambda v: _is_int(v) and 1 <= v <= 256 and v & (v - 1) == 0, "a power of two from 1 to 256"),
-    "calculate_kv_scales": (lambda v: isinstance(v, bool), "a bool"),
-    **{name: (_positive_int, "a positive integer") for name in
-       ("tensor_parallel_size", "data_parallel_size", "max_num_seqs")},
-    **{name: (lambda v: v is None or _positive_int(v), "a positive integer or None") for name in
-       ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override")},
-}
-
-
-class UnknownArgumentError(TypeError, ValueError):
-    """An argument `LLM` does not know. A TypeError as in vLLM (an unexpected keyword),
-    and a ValueError as every other bad argument here."""
+from nanovllm.config_checks import DTYPES, UnknownArgumentError, check_against_model, check_arguments
 
 
 @dataclass
@@ -93,7 +59,7 @@ class EngineConfig:
         return cls(model=model, **kwargs)
 
     def __post_init__(self):
-        self._check_ranges()
+        check_arguments(self)                   # types, ranges and choices (config_checks.py)
         self.device = resolve_device(self.device)
         from nanovllm.models.model_dir import resolve_model_dir
         # GGUF's Q4_0/Q4_1/Q8_0 linears stay quantized on a GPU (the W4A16 kernel reads them). On a
@@ -103,71 +69,23 @@ class EngineConfig:
         self.model_dir = resolve_model_dir(self.model, self.gguf_file, self.revision, keep_gguf_bits=keep_gguf)
         self.hf_config = load_hf_config(self.model_dir, self.trust_remote_code)
         self.torch_dtype = resolve_dtype(self.dtype, self.hf_config, self.device)
-        self._check_against_model()
-
-    def _check_ranges(self):
-        if self.seed is None:                   # as vLLM V1: no seed is seed 0
-            self.seed = 0
-        for name, choices in CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}.")
-        for name, (accepts, what) in RANGES.items():
-            if not accepts(getattr(self, name)):
-                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}.")
-        from nanovllm.engine.kv_cache_memory import cpu_kv_cache_gib
-        cpu_kv_cache_gib()                      # a bad NANOVLLM_CPU_KVCACHE_GIB fails now, not after loading
-        if self.tokenizer_mode != "auto":
-            raise ValueError(f"tokenizer_mode={self.tokenizer_mode!r} is not supported by nanovllm (only 'auto').")
-        from nanovllm.quantization import SUPPORTED_QUANTIZATION
-        if self.quantization not in (None, *SUPPORTED_QUANTIZATION):
-            raise ValueError(f"quantization={self.quantization!r} is not supported. Supported: "
-                             f"{', '.join(SUPPORTED_QUANTIZATION)} (or None: the checkpoint's own format).")
-
-    def _check_against_model(self):
-        cfg = self.hf_config
-        limit = getattr(cfg, "max_position_embeddings", None) or 2048
         if self.max_model_len is None:
-            self.max_model_len = limit
-        elif self.max_model_len > limit:
-            raise ValueError(f"max_model_len={self.max_model_len} is larger than the model's maximum "
-                             f"context length ({limit}, max_position_embeddings in its config).")
+            self.max_model_len = model_max_len(self.hf_config)
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = default_max_num_batched_tokens(self.device, self.max_num_seqs)
             if not self.enable_chunked_prefill:      # every prompt must then fit one step
                 self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_model_len)
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than "
-                             f"max_model_len ({self.max_model_len}): with enable_chunked_prefill=False a "
-                             f"whole prompt must fit in one step.")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
-                             f"max_num_seqs ({self.max_num_seqs}): every running sequence needs a token per step.")
-        from nanovllm.models.registry import model_class
-        model_class(cfg, self.max_model_len)      # an unsupported architecture fails here, early
+        check_against_model(self)               # lengths, step budget, architecture, tensor parallelism
         from nanovllm.quantization.quant_config import engine_quant_config
         self.quant_config = engine_quant_config(self)
         if self.speculative_config is not None:
             from nanovllm.spec_decode.config import SpeculativeConfig
             self.speculative_config = SpeculativeConfig.for_engine(self)
-        heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        tp = self.tensor_parallel_size
-        if heads % tp:
-            raise ValueError(f"tensor_parallel_size={tp} does not divide the model's "
-                             f"{heads} attention heads.")
-        if kv_heads % tp and tp % kv_heads:
-            raise ValueError(f"tensor_parallel_size={tp} and the model's {kv_heads} KV heads must divide "
-                             f"one another (KV heads are split, or replicated when fewer than ranks).")
-        if self.device == "cuda" and tp > torch.cuda.device_count():
-            raise ValueError(f"tensor_parallel_size={tp} is larger than the number of GPUs "
-                             f"({torch.cuda.device_count()}).")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+def model_max_len(hf_config) -> int:
+    """The model's context length (max_position_embeddings; 2048 when a config has none)."""
+    return getattr(hf_config, "max_position_embeddings", None) or 2048
 
 
 def default_max_num_batched_tokens(device: str, max_num_seqs: int, server: bool = False) -> int:
@@ -197,10 +115,10 @@ def resolve_dtype(dtype: str, hf_config, device: str) -> torch.dtype:
     """"auto" is the checkpoint's dtype (`dtype` in transformers 5, `torch_dtype` in 4.x); on a
     CPU, what cpu_dtype.py picks for it."""
     if dtype != "auto":
-        return _DTYPES[dtype]
+        return DTYPES[dtype]
     saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32"
     if isinstance(saved, str):
-        saved = _DTYPES.get(saved, torch.float32)
+        saved = DTYPES.get(saved, torch.float32)
     if device == "cpu":
         from nanovllm.cpu_dtype import cpu_auto_dtype
         return cpu_auto_dtype(saved, hf_config)

@@ -31,7 +31,7 @@ def test_range_checks_name_the_argument(name, value):
 
 
 def test_ranges_accept_their_valid_values():
-    from nanovllm.config import RANGES
+    from nanovllm.config_checks import RANGES
     valid = dict(block_size=[1, 16, 256, np.int64(32)], calculate_kv_scales=[True, False],
                  tensor_parallel_size=[1, 2], data_parallel_size=[1, 8], max_num_seqs=[1, 256],
                  max_model_len=[None, 1, 4096], max_num_batched_tokens=[None, 8192],
