@@ -25,8 +25,6 @@ def make_detokenizer(tokenizer, params: SamplingParams, prompt_token_ids: list[i
 
 
 class Detokenizer:
-    incremental = False
-
     def __init__(self, tokenizer, params: SamplingParams, prompt_token_ids: list[int]):
         self.params = params
         self.token_ids: list[int] = []          # every output token, the stopping one included
@@ -48,6 +46,14 @@ class Detokenizer:
         if self.enabled and new_token_ids:
             self._ids.extend(t for t in self._text_ids(new_token_ids, stopped_by_token) if t < self._vocab_limit)
             self._cached_text = None
+        return None
+
+    def on_token(self, seq, reason: str | None) -> str | None:
+        """The engine's call after each new token of `seq`, with the reason it stops now (None:
+        it goes on); returns the stop string that ends it (never, here). The text is only read
+        at the end, so it is decoded then, all at once."""
+        if reason is not None:
+            self.update(seq.output_token_ids, reason == "stop")
         return None
 
     def _text_ids(self, new_token_ids: list[int], stopped_by_token: bool) -> list[int]:

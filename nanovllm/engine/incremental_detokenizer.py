@@ -9,8 +9,6 @@ from nanovllm.sampling_params import SamplingParams
 
 
 class IncrementalDetokenizer(Detokenizer):
-    incremental = True
-
     def __init__(self, tokenizer, params: SamplingParams, prompt_token_ids: list[int]):
         super().__init__(tokenizer, params, prompt_token_ids)
         # The text is decoded from window ids[prefix_offset:], of which ids[prefix_offset:read_offset]
@@ -39,6 +37,12 @@ class IncrementalDetokenizer(Detokenizer):
             if num_before + i + 1 <= self.params.min_tokens:
                 search_from = len(self._text)
         return self._check_stop(search_from)
+
+    def on_token(self, seq, reason: str | None) -> str | None:
+        stop = self.update(seq.token_ids[-1:], reason == "stop")
+        if stop is None and reason is not None:
+            self.flush()
+        return stop
 
     def _decode_next(self) -> str:
         """The text that the ids after read_offset add, or "" while it ends in an incomplete

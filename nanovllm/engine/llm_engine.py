@@ -14,7 +14,7 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import Detokenizer, make_detokenizer
 from nanovllm.engine.model_runner import ModelRunner, StepResult
-from nanovllm.engine.logprob_rows import LogprobRows, TokenTexts
+from nanovllm.engine.logprob_rows import StepLogprobs, TokenTexts
 from nanovllm.engine.request_checks import check_fits_cache, check_prompt, check_request_args, \
     check_stop_token_ids, tokenize_prompt
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
@@ -155,36 +155,20 @@ class LLMEngine:
     def _process(self, batch: ScheduledBatch, result: StepResult) -> list[Request]:
         """Each sequence's new token: stop checks, text, logprobs. Returns the requests that
         have an output to report (with FINAL_ONLY, only those that finished)."""
-        touched, sample_row = {}, 0
-        # The sampled tokens' logprobs (when any sequence asked): rows follow the sampling
-        # sequences; each keeps the top k it asked for.
-        sample_logprobs = LogprobRows(result.sample_logprobs, self.token_texts) if result.sample_logprobs else None
+        touched = {}
+        logprobs = StepLogprobs(batch, result, self.token_texts) if result.has_logprobs else None
         for i, (seq, token) in enumerate(zip(batch.seqs, result.sampled)):
             if seq.is_finished:           # stopped (or aborted) while this step was in flight
-                sample_row += token is not None
                 continue
             request = self.requests[seq.request_id]
-            if i in result.prompt_logprobs:
-                chunk_start = batch.starts[i]
-                # After a preemption the prompt is recomputed: keep the logprobs gathered the first time.
-                if chunk_start + 1 == len(request.prompt_logprobs):
-                    prompt_rows = LogprobRows(result.prompt_logprobs[i], self.token_texts)
-                    request.prompt_logprobs += prompt_rows.entries(request.params.prompt_logprobs)
-            if token is None:
+            if logprobs is not None:
+                logprobs.record(i, seq, request)
+            if token is None:             # mid-prompt
                 continue
-            if seq.logprobs is not None:
-                seq.cumulative_logprob += sample_logprobs.add_to(seq.logprobs, sample_row, seq.params.logprobs)
-            sample_row += 1
             reason, stop_reason = self._check_stop(seq)
-            detokenizer = request.detokenizers[seq.index]
-            if detokenizer.incremental:
-                stop_str = detokenizer.update([token], reason == "stop")
-                if stop_str is not None:
-                    reason, stop_reason = "stop", stop_str
-                elif reason is not None:
-                    detokenizer.flush()
-            elif reason is not None:      # the text is only read at the end: decode it all at once
-                detokenizer.update(seq.output_token_ids, reason == "stop")
+            stop_str = request.detokenizers[seq.index].on_token(seq, reason)
+            if stop_str is not None:
+                reason, stop_reason = "stop", stop_str
             if reason is not None:
                 self.scheduler.finish(seq, reason, stop_reason)
                 touched[seq.request_id] = request

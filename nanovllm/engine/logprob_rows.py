@@ -5,6 +5,7 @@ path, so it is kept lean: the tensors are read back once per step (not once per 
 each sequence's entry is built with its own k, sampled tokens' entries go into
 `FlatLogprobs` as plain numbers, and each token's text is decoded once (`TokenTexts`).
 """
+import itertools
 from collections.abc import Sequence
 
 from nanovllm.layers.logprobs import LogprobsTensors
@@ -127,3 +128,26 @@ class LogprobRows:
             ids, logprobs, ranks = ids + [chosen], logprobs + [chosen_logprob], ranks + [self.ranks[row]]
         flat.add(ids, logprobs, ranks, [self.decode(t) for t in ids])
         return chosen_logprob
+
+
+class StepLogprobs:
+    """A step's logprobs, recorded sequence by sequence as the engine processes the step: the
+    logprobs of a prompt chunk's next tokens (prompt_logprobs) and of the sampled token (logprobs,
+    whose rows follow the sequences that sampled)."""
+
+    def __init__(self, batch, result, decode):
+        self.batch, self.decode, self.prompt = batch, decode, result.prompt_logprobs
+        self.sampled = LogprobRows(result.sample_logprobs, decode) if result.sample_logprobs is not None else None
+        self.has_token = [token is not None for token in result.sampled]
+        self.sample_row = list(itertools.accumulate(self.has_token, initial=0))   # batch index -> row
+
+    def record(self, i: int, seq, request) -> None:
+        """Add batch row i's logprobs to its sequence (called before the stop checks)."""
+        if i in self.prompt:
+            # After a preemption the prompt is recomputed: keep the logprobs gathered the first time.
+            if self.batch.starts[i] + 1 == len(request.prompt_logprobs):
+                entries = LogprobRows(self.prompt[i], self.decode).entries(request.params.prompt_logprobs)
+                request.prompt_logprobs += entries
+        if self.has_token[i] and seq.logprobs is not None:
+            row = self.sample_row[i]
+            seq.cumulative_logprob += self.sampled.add_to(seq.logprobs, row, seq.params.logprobs)

@@ -38,6 +38,10 @@ class StepResult:
     sample_logprobs: LogprobsTensors | None      # rows follow the sequences that sampled
     prompt_logprobs: dict[int, LogprobsTensors]  # seq index in the batch -> logprobs of its chunk's next tokens
 
+    @property
+    def has_logprobs(self) -> bool:
+        return self.sample_logprobs is not None or bool(self.prompt_logprobs)
+
 
 class ModelRunner:
     def __init__(self, config: EngineConfig):
