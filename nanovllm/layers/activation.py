@@ -1,6 +1,5 @@
-"""MLP activations. The gated ones take gate and up fused in one tensor [..., 2 * I] and
-return act(gate) * up [..., I]; `gated_activation(name)` and `activation(name)` map a
-checkpoint's `hidden_act` to the module."""
+"""The gated MLP's activations: gate and up fused in one tensor [..., 2 * I] in, act(gate) * up
+[..., I] out; `gated_activation(name)` maps a checkpoint's `hidden_act` to the module."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,32 +34,13 @@ class GeluAndMul(nn.Module):
         return F.gelu(gate, approximate=self.approximate) * up
 
 
-class Gelu(nn.Module):
-    """The plain (ungated) MLP's activation (GPT-NeoX)."""
-
-    def __init__(self, approximate: str = "none"):
-        super().__init__()
-        self.approximate = approximate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x, approximate=self.approximate)
-
-
 # hidden_act names as transformers spells them -> how gelu is computed
-_GELUS = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
+GELU_APPROXIMATIONS = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
 
 
 def gated_activation(name: str) -> nn.Module:
     if name in ("silu", "swish"):
         return SiluAndMul()
-    if name in _GELUS:
-        return GeluAndMul(_GELUS[name])
-    raise ValueError(f"hidden_act {name!r} is not supported (supported: silu, {', '.join(_GELUS)}).")
-
-
-def activation(name: str) -> nn.Module:
-    if name in _GELUS:
-        return Gelu(_GELUS[name])
-    if name in ("silu", "swish"):
-        return nn.SiLU()
-    raise ValueError(f"hidden_act {name!r} is not supported (supported: silu, {', '.join(_GELUS)}).")
+    if name in GELU_APPROXIMATIONS:
+        return GeluAndMul(GELU_APPROXIMATIONS[name])
+    raise ValueError(f"hidden_act {name!r} is not supported (supported: silu, {', '.join(GELU_APPROXIMATIONS)}).")

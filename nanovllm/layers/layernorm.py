@@ -35,29 +35,3 @@ class RMSNorm(nn.Module):
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         return add_rms_norm(x, residual, self.weight, self.eps)
-
-
-class GemmaRMSNorm(RMSNorm):
-    """Gemma's RMSNorm scales by (1 + weight). The checkpoint's weight is stored plus one at
-    load time, so the forward pass (and its fused kernel) is the plain RMSNorm's."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__(hidden_size, eps)
-        self.weight.weight_loader = self.weight_loader
-
-    @staticmethod
-    def weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
-        param.data.copy_(loaded.to(param.dtype).float() + 1.0)   # the weight in the model's dtype, plus one
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm with weight and bias (GPT-NeoX): (x - mean) / std * weight + bias."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(hidden_size), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)

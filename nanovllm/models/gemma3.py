@@ -9,7 +9,7 @@
   layer is global). The two kinds rotate with different RoPE tables: local layers with base
   10,000 (`rope_local_base_freq`), global ones with base 1,000,000 and, in the larger models,
   a linear scaling.
-* Every RMSNorm scales by (1 + weight), the q/k per-head norms too (layernorm.GemmaRMSNorm).
+* Every RMSNorm scales by (1 + weight), the q/k per-head norms too (GemmaRMSNorm, below).
 * Scores are scaled by query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5.
 """
 import torch
@@ -17,11 +17,24 @@ from torch import nn
 
 from nanovllm.layers.attention import AttentionMetadata
 from nanovllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from nanovllm.layers.layernorm import GemmaRMSNorm
+from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.rotary import RotaryEmbedding
 from nanovllm.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, head_dim_of
 
 LOCAL, GLOBAL = "sliding_attention", "full_attention"
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm scales by (1 + weight). The checkpoint's weight is stored plus one at
+    load time, so the forward pass (and its fused kernel) is the plain RMSNorm's."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__(hidden_size, eps)
+        self.weight.weight_loader = self.weight_loader
+
+    @staticmethod
+    def weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
+        param.data.copy_(loaded.to(param.dtype).float() + 1.0)   # the weight in the model's dtype, plus one
 
 
 def layer_types(config) -> list[str]:

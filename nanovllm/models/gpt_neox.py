@@ -11,14 +11,46 @@
 * The MLP is plain (not gated): dense_h_to_4h -> gelu -> dense_4h_to_h, all with biases.
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.layers.activation import activation
+from nanovllm.layers.activation import GELU_APPROXIMATIONS
 from nanovllm.layers.attention import Attention, AttentionMetadata
 from nanovllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from nanovllm.layers.layernorm import LayerNorm
 from nanovllm.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.layers.rotary import RotaryEmbedding
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias (GPT-NeoX): (x - mean) / std * weight + bias."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(hidden_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class Gelu(nn.Module):
+    """The plain (ungated) MLP's activation (GPT-NeoX)."""
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate=self.approximate)
+
+
+def activation(name: str) -> nn.Module:
+    if name in GELU_APPROXIMATIONS:
+        return Gelu(GELU_APPROXIMATIONS[name])
+    if name in ("silu", "swish"):
+        return nn.SiLU()
+    raise ValueError(f"hidden_act {name!r} is not supported (supported: silu, {', '.join(GELU_APPROXIMATIONS)}).")
 
 
 class InterleavedQKVLinear(QKVParallelLinear):
