@@ -1,10 +1,10 @@
-"""layers/linear.linear: float32 on a CPU goes through oneDNN's matmul; it must equal F.linear
+"""layers/cpu_linear.linear: float32 on a CPU goes through oneDNN's matmul; it must equal F.linear
 (to float32 rounding) for every input layout the model passes."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanovllm.layers.linear import linear
+from nanovllm.layers.cpu_linear import linear
 
 
 @pytest.mark.parametrize("make_x", [

@@ -29,7 +29,7 @@ SEAMS = {
     "incremental text (streamed outputs, stop strings)": ["engine/incremental_detokenizer.py"],
     "CUDA graphs / CPU compile": ["engine/cuda_graphs.py", "engine/cpu_compile.py"],
     "KV cache memory (sizing, profiling)": ["engine/kv_cache_memory.py"],
-    "the CPU's dtype": ["cpu_dtype.py"],
+    "the CPU's dtype and float32 matmuls": ["cpu_dtype.py", "layers/cpu_linear.py"],
     "Triton kernels": ["kernels/*.py", "layers/fusion.py", "layers/attention_backends.py", "!kernels/reference.py"],
     "tensor parallelism": ["engine/tensor_parallel.py", "engine/tp_workers.py", "engine/ctrl_c.py", "distributed.py"],
     "data parallelism (Ray, processes)": ["data_parallel.py", "ray.py"],

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed import all_reduce, gather_on_rank0, tp_rank, tp_size
-from nanovllm.layers.linear import linear
+from nanovllm.layers.cpu_linear import linear
 
 
 class VocabParallelEmbedding(nn.Module):
