@@ -6,13 +6,12 @@
 """
 import dataclasses
 import itertools
-import json
-import os
 import time
 
 from tqdm.auto import tqdm
 
 from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.models.model_dir import generation_defaults
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -37,7 +36,7 @@ class LLM:
         """What `generate(prompts)` uses when no SamplingParams are given: vLLM's defaults, with
         the sampling settings of the checkpoint's generation_config.json (temperature, top_k,
         top_p, min_p, repetition_penalty, max_new_tokens), as vLLM's generation_config="auto"."""
-        return SamplingParams(**_generation_defaults(self.llm_engine.config.model_dir))
+        return SamplingParams(**generation_defaults(self.llm_engine.config.model_dir))
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True, lora_request=None, priority: list[int] | None = None,
@@ -127,17 +126,6 @@ def _as_prompt_list(prompts) -> list:
         raise ValueError("prompts must be a string, a list of token ids, a prompt dict, or a list of these; "
                          f"got {type(prompts).__name__}")
     return list(prompts)
-
-
-def _generation_defaults(model_dir: str) -> dict:
-    path = os.path.join(model_dir, "generation_config.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        saved = json.load(f)
-    names = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
-             "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
-    return {ours: saved[theirs] for theirs, ours in names.items() if saved.get(theirs) is not None}
 
 
 def _as_params_list(params, count: int) -> list[SamplingParams]:

@@ -1,5 +1,7 @@
 """Where a model's files are: a local directory, a GGUF file (converted once to a cached
-Hugging Face directory), the built-in demo model, or a Hugging Face repo id (downloaded)."""
+Hugging Face directory), the built-in demo model, or a Hugging Face repo id (downloaded); and
+the sampling defaults its generation_config.json sets."""
+import json
 import os
 import re
 
@@ -38,3 +40,15 @@ def resolve_model_dir(model: str, gguf_file: str | None = None, revision: str | 
 def _one_line(message: str, limit: int = 300) -> str:
     message = " ".join(message.split())
     return message if len(message) <= limit else message[:limit - 3] + "..."
+
+
+def generation_defaults(model_dir: str) -> dict:
+    """The sampling settings of the checkpoint's generation_config.json, as SamplingParams fields."""
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        saved = json.load(f)
+    names = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+             "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+    return {ours: saved[theirs] for theirs, ours in names.items() if saved.get(theirs) is not None}
