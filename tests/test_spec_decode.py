@@ -148,6 +148,20 @@ def test_a_poor_draft_model_changes_nothing_but_the_acceptance(target, other_dra
     assert metrics.num_draft_tokens > 0 and metrics.acceptance_rate < 0.3
 
 
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_no_proposals_while_more_requests_run_than_disable_by_batch_size(target, plain, method):
+    """Three requests, disable_by_batch_size 2: plain (overlapped) steps while all three run,
+    speculative ones once the two short ones are done; the tokens are the plain engine's."""
+    config = dict(NGRAM) if method == "ngram" else {"model": target, "num_speculative_tokens": 3}
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (30, 6, 4)]
+    ref = run(plain, PROMPTS, params)
+    llm = spec_llm(target, dict(config, disable_by_batch_size=2))
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [r.token_ids for r in ref]
+    assert [o.metrics.num_draft_tokens for o in outs[1:]] == [0, 0]      # never fewer than 3 running
+    assert outs[0].metrics.num_draft_tokens > 0 and outs[0].metrics.num_accepted_tokens > 0
+
+
 @pytest.fixture(scope="module")
 def full_acceptance(target):
     return spec_llm(target, {"model": target, "num_speculative_tokens": 4})
@@ -321,6 +335,8 @@ def test_server_metrics_count_proposals_when_speculating():
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": "4"}, "prompt_lookup_max"),
     ({"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1}, "unsupported key"),
     ({"num_speculative_tokens": 2}, "method"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 1}, "disable_by_batch_size"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 4.0}, "disable_by_batch_size"),
     ("ngram", "speculative_config must be a dict"),
 ])
 def test_bad_speculative_configs(target, config, field):

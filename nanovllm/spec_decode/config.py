@@ -11,7 +11,8 @@ import numbers
 from dataclasses import dataclass
 
 METHODS = ("ngram", "draft_model")
-KNOWN_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+KNOWN_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+              "disable_by_batch_size")
 
 
 @dataclass
@@ -22,6 +23,9 @@ class SpeculativeConfig:
     prompt_lookup_max: int | None = None   # n-gram lengths tried, longest first
     prompt_lookup_min: int | None = None
     draft_hf_config: object = None    # the draft's model config (filled in by `parse`)
+    # Steps with more running requests than this run without proposals (vLLM's key): a
+    # verifying step costs more than a plain one, which pays off at small batches only.
+    disable_by_batch_size: int | None = None
 
     @classmethod
     def for_engine(cls, config) -> "SpeculativeConfig":
@@ -56,6 +60,11 @@ class SpeculativeConfig:
         if not _is_int(k) or k < 1:
             raise ValueError(f"speculative_config['num_speculative_tokens'] must be an integer >= 1, got {k!r}.")
         config = cls(method, int(k))
+        limit = value.get("disable_by_batch_size")
+        if limit is not None and (not _is_int(limit) or limit < 2):
+            raise ValueError(f"speculative_config['disable_by_batch_size'] must be an integer > 1 (or None), "
+                             f"got {limit!r}.")
+        config.disable_by_batch_size = limit
         if method == "ngram":
             config._check_ngram(value.get("prompt_lookup_max"), value.get("prompt_lookup_min"))
         else:

@@ -14,15 +14,25 @@ class SpeculativeEngine(LLMEngine):
         super().__init__(config)
 
     def advance(self) -> list[Request]:
-        """One step, read back before the next is scheduled (no overlap: the next proposals
-        need this step's tokens on the host)."""
+        """One step. A speculative one is read back before the next is scheduled (no overlap:
+        the next proposals need its tokens on the host); with more running requests than
+        disable_by_batch_size, a plain step, overlapped as LLMEngine's."""
+        if not self.speculating():
+            return super().advance()
+        advanced = self._finish(self.in_flight) if self.in_flight is not None else []
+        self.in_flight = None             # the plain step in flight is read back first
         self.speculator.propose(self.scheduler.running, self.eos_ids)
         batch = self.scheduler.schedule()
         if batch is None:
-            return []
+            return advanced
         self.num_steps, self.last_step = self.num_steps + 1, batch
         verified = self.speculator.run(self.runner, batch, self.eos_ids)
-        return self.speculator.finish(verified, self.scheduler, self._process)
+        more = self.speculator.finish(verified, self.scheduler, self._process)
+        return list({r.request_id: r for r in advanced + more}.values())
+
+    def speculating(self) -> bool:
+        limit = self.config.speculative_config.disable_by_batch_size
+        return limit is None or len(self.scheduler.running) <= limit
 
     def make_output(self, request: Request) -> RequestOutput | None:
         """With the request's proposed and accepted token counts as its `metrics`."""
