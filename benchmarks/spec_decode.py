@@ -4,6 +4,7 @@ emitted per verifying step.
 
     python benchmarks/spec_decode.py                        # the demo model (SmolLM2-135M-Instruct)
     python benchmarks/spec_decode.py --model DIR_OR_GGUF -k 4
+    python benchmarks/spec_decode.py --disable-by-batch-size 8   # batch 64 then runs plain steps
 
 Workloads (chat prompts built from passages of Python's own reference text, pydoc_data.topics):
     repeat     "Repeat the following text exactly"
@@ -48,13 +49,16 @@ def main() -> None:
     p.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
     p.add_argument("--lookup-max", type=int, default=4)
     p.add_argument("--lookup-min", type=int, default=2)
+    p.add_argument("--disable-by-batch-size", type=int, default=None,
+                   help="speculative_config's disable_by_batch_size: larger batches run plain steps")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--single-requests", type=int, default=4, help="requests timed one at a time for batch 1")
     p.add_argument("--workloads", nargs="+", default=list(INSTRUCTIONS), choices=list(INSTRUCTIONS))
     args = p.parse_args()
     spec = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens,
-            "prompt_lookup_max": args.lookup_max, "prompt_lookup_min": args.lookup_min}
+            "prompt_lookup_max": args.lookup_max, "prompt_lookup_min": args.lookup_min,
+            "disable_by_batch_size": args.disable_by_batch_size}
     results = {}        # (workload, batch, label) -> (seconds per output token, tokens, mean acceptance)
     for label, config in (("plain", None), ("ngram", spec)):
         llm = LLM(args.model, speculative_config=config, max_model_len=2048)
