@@ -32,7 +32,38 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from nanovllm.outputs import Logprob
-from nanovllm.sampling_params import BeamSearchParams, SamplingParams
+from nanovllm.param_checks import ValidationError, at_least_one, finite, flag, max_logprobs
+from nanovllm.sampling_params import SamplingParams
+
+
+@dataclass
+class BeamSearchParams:
+    """How `LLM.beam_search` searches (vLLM's fields and defaults; importable from
+    nanovllm.sampling_params, where vLLM has it).
+    Each beam asks the engine for the logprobs of its best 2 x beam_width continuations, so
+    beam_width is at most max_logprobs / 2 (vLLM refuses more through the same limit, later)."""
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        self.beam_width = at_least_one(self.beam_width, "beam_width")
+        self.max_tokens = at_least_one(self.max_tokens, "max_tokens")
+        if self.beam_width > max_logprobs // 2:
+            raise ValidationError(
+                f"beam_width must be at most {max_logprobs // 2}, got {self.beam_width}: each beam asks for the "
+                f"logprobs of its best 2 x beam_width continuations, and at most {max_logprobs} are served.",
+                "beam_width", self.beam_width)
+        self.ignore_eos = flag(self.ignore_eos, "ignore_eos")
+        self.include_stop_str_in_output = flag(self.include_stop_str_in_output, "include_stop_str_in_output")
+        self.temperature = finite(self.temperature, "temperature")
+        self.length_penalty = finite(self.length_penalty, "length_penalty")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValidationError(f"temperature must be in [0, 2], got {self.temperature}.",
+                                  "temperature", self.temperature)
 
 
 @dataclass

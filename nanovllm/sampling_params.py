@@ -25,8 +25,7 @@ import enum
 import logging
 from dataclasses import dataclass
 
-from nanovllm.param_checks import SAMPLING_EPS, ValidationError, at_least_one, check_ranges, check_types, finite, \
-    flag, max_logprobs
+from nanovllm.param_checks import SAMPLING_EPS, check_ranges, check_types
 
 logger = logging.getLogger(__name__)
 # Temperatures in (0, this) are raised to it: dividing logits by a tiny number overflows.
@@ -114,30 +113,9 @@ class SamplingParams:
         return copy.deepcopy(self)
 
 
-@dataclass
-class BeamSearchParams:
-    """How `LLM.beam_search` searches (vLLM's fields and defaults; see nanovllm/beam_search.py).
-    Each beam asks the engine for the logprobs of its best 2 x beam_width continuations, so
-    beam_width is at most max_logprobs / 2 (vLLM refuses more through the same limit, later)."""
-    beam_width: int
-    max_tokens: int
-    ignore_eos: bool = False
-    temperature: float = 0.0
-    length_penalty: float = 1.0
-    include_stop_str_in_output: bool = False
-
-    def __post_init__(self) -> None:
-        self.beam_width = at_least_one(self.beam_width, "beam_width")
-        self.max_tokens = at_least_one(self.max_tokens, "max_tokens")
-        if self.beam_width > max_logprobs // 2:
-            raise ValidationError(
-                f"beam_width must be at most {max_logprobs // 2}, got {self.beam_width}: each beam asks for the "
-                f"logprobs of its best 2 x beam_width continuations, and at most {max_logprobs} are served.",
-                "beam_width", self.beam_width)
-        self.ignore_eos = flag(self.ignore_eos, "ignore_eos")
-        self.include_stop_str_in_output = flag(self.include_stop_str_in_output, "include_stop_str_in_output")
-        self.temperature = finite(self.temperature, "temperature")
-        self.length_penalty = finite(self.length_penalty, "length_penalty")
-        if not 0.0 <= self.temperature <= 2.0:
-            raise ValidationError(f"temperature must be in [0, 2], got {self.temperature}.",
-                                  "temperature", self.temperature)
+def __getattr__(name: str):
+    # BeamSearchParams is beam search's (nanovllm/beam_search.py); vLLM's scripts import it from here.
+    if name == "BeamSearchParams":
+        from nanovllm.beam_search import BeamSearchParams
+        return BeamSearchParams
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

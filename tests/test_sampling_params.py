@@ -3,7 +3,8 @@ import math
 
 import pytest
 
-from nanovllm.sampling_params import RequestOutputKind, SamplingParams, max_logprobs
+from nanovllm.param_checks import max_logprobs
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 def test_defaults():
