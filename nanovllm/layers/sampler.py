@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from nanovllm import kernels
+from nanovllm.layers.fused_sampling import fused_sample
 from nanovllm.layers.logprobs import LogprobsTensors, gather_logprobs
 from nanovllm.layers.penalties import apply_min_tokens_and_penalties
-from nanovllm.device_copy import to_device
 from nanovllm.layers.sampling_metadata import SamplingMetadata
 
 
@@ -21,10 +20,8 @@ class SamplerOutput:
 
 
 class Sampler(torch.nn.Module):
-    """`fused=True` (the CUDA default) draws the tokens with Triton kernels: the min-p/top-k/
-    top-p cut-offs found without sorting (kernels/sampling_filters.py), then one Gumbel-max pass
-    (kernels/gumbel_sample.py). The CPU takes the torch steps below, which are also the kernels'
-    reference."""
+    """`fused=True` (the CUDA default) draws the tokens with Triton kernels (layers/fused_sampling.py).
+    The CPU takes the torch steps below, which are also the kernels' reference."""
 
     def __init__(self, fused: bool = False):
         super().__init__()
@@ -43,15 +40,10 @@ class Sampler(torch.nn.Module):
         raw_logits = logits if meta.max_num_logprobs is not None else None
 
         logits = apply_min_tokens_and_penalties(logits, meta.penalties, self.fused)
-        if meta.all_greedy:
-            sampled = kernels.greedy_sample(logits.contiguous()) if self.fused else logits.argmax(dim=-1)
-        elif self.fused:
-            logits, thresholds = logits.contiguous(), None
-            if meta.top_k is not None or meta.top_p is not None or meta.min_p is not None:
-                thresholds = kernels.sampling_thresholds(logits, meta.temperature, meta.top_k, meta.top_p, meta.min_p)
-            # Unless given, the seed comes from torch's global generator (torch.manual_seed rules).
-            seed = to_device(row_seeds, logits.device) if row_seeds is not None else int(torch.randint(0, 2**62, ()))
-            sampled = kernels.gumbel_sample(logits, meta.temperature, meta.greedy, seed, thresholds)
+        if self.fused:
+            sampled = fused_sample(logits, meta, row_seeds)
+        elif meta.all_greedy:
+            sampled = logits.argmax(dim=-1)
         else:
             probs = apply_temperature_and_filters(logits, meta).softmax(dim=-1)
             row_seeds = row_seeds.tolist() if meta.seeded_rows else []
