@@ -123,6 +123,11 @@ class Scheduler:
             seq.spec_token_ids.clear()
 
     def _running_fits_without_preemption(self) -> bool:
+        # A step's spans hold at most the token budget, so no step needs more blocks than this
+        # (each sequence may also start a block of its own): with as many free, skip the count.
+        most = self.block_manager.blocks_needed(self.max_num_batched_tokens) + 2 * len(self.running)
+        if self.block_manager.num_free_blocks >= most:
+            return True
         needed, budget = 0, self.max_num_batched_tokens
         for seq in self.running:
             n = self._span(seq, budget)
