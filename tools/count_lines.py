@@ -33,7 +33,7 @@ SEAMS = {
     "Triton kernels": ["kernels/*.py", "layers/fusion.py", "layers/attention_backends.py", "layers/fused_sampling.py",
                        "!kernels/reference.py"],
     "tensor parallelism": ["engine/tensor_parallel.py", "engine/tp_workers.py", "engine/ctrl_c.py", "distributed.py"],
-    "data parallelism (Ray, processes)": ["data_parallel.py", "ray.py"],
+    "data parallelism (Ray, processes)": ["data_parallel.py", "replica_processes.py", "ray.py"],
     "validation of arguments and requests (vLLM's checks and messages)": ["param_checks.py", "engine/request_checks.py", "config_checks.py"],
     "sampler inputs, penalties, logprobs": ["engine/sampling_inputs.py", "engine/token_histograms.py",
                                             "engine/logprob_rows.py", "layers/penalties.py", "layers/logprobs.py"],
