@@ -2,6 +2,7 @@
 one spawned process per replica, spoken to over a pipe in the rounds data_parallel.py describes.
 On a GPU machine each gets its own tensor_parallel_size GPUs (CUDA_VISIBLE_DEVICES, set before
 it starts); on a CPU, cores / N threads."""
+import logging
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.util
@@ -13,6 +14,8 @@ from nanovllm.config import EngineConfig
 from nanovllm.data_parallel import Replica, ReplicaLost, ReplicaWorker, Round
 from nanovllm.engine.ctrl_c import sigint_ignored
 from nanovllm.entrypoints.engine_process import sendable
+
+logger = logging.getLogger(__name__)
 
 
 def start_process_replicas(model: str, engine_kwargs: dict, config: EngineConfig) -> list[Replica]:

@@ -16,7 +16,6 @@ KV blocks at the next step. /tokenize and /detokenize are answered here too.
 import asyncio
 import concurrent.futures
 import dataclasses
-import json
 import logging
 import time
 import uuid
@@ -25,22 +24,20 @@ from collections.abc import AsyncIterator
 from fastapi.responses import StreamingResponse
 
 from nanovllm.beam_search import beam_search_async
-from nanovllm.entrypoints.async_llm import AsyncLLM, EngineDeadError, RequestStream
+from nanovllm.entrypoints.async_llm import AsyncLLM, RequestStream
 from nanovllm.entrypoints.engine_process import summarize
 from nanovllm.entrypoints.errors import sampling_param
+from nanovllm.entrypoints.logprobs_json import chat_logprobs, prompt_logprobs_json, ranked
 from nanovllm.entrypoints.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest,
                                            DetokenizeRequest, OpenAIError, TokenizeRequest)
-from nanovllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
+from nanovllm.entrypoints.streams import HeldBack, final_outputs, merged, sse_events
+from nanovllm.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
 OFF_LOOP_CHARS = 20_000     # text at least this long is tokenized in the tokenizer thread
-
-
-def _sse(data: dict) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -137,69 +134,6 @@ class OpenAIHandlers:
             raise errors[0]
         return [add.result() for add in adds]
 
-    @staticmethod
-    async def _finals(streams: list[RequestStream]) -> list[RequestOutput]:
-        async def last(stream: RequestStream) -> RequestOutput:
-            final = None
-            async for final in stream:
-                pass
-            if final is None:
-                raise OpenAIError("The request was aborted.", 500, "internal_server_error")
-            return final
-        try:
-            return await asyncio.gather(*(last(s) for s in streams))
-        finally:
-            for stream in streams:
-                stream.close()
-
-    @staticmethod
-    async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, output) from several streams, as they come."""
-        if len(streams) == 1:
-            try:
-                async for out in streams[0]:
-                    yield 0, out
-            finally:
-                streams[0].close()
-            return
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, stream: RequestStream):
-            try:
-                async for out in stream:
-                    queue.put_nowait((i, out))
-                queue.put_nowait((i, None))
-            except Exception as e:
-                queue.put_nowait((i, e))
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-        try:
-            remaining = len(streams)
-            while remaining:
-                i, item = await queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                if item is None:
-                    remaining -= 1
-                else:
-                    yield i, item
-        finally:
-            for task in tasks:
-                task.cancel()
-            for stream in streams:
-                stream.close()
-
-    async def _events(self, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
-        """SSE lines; an engine failure mid-stream is sent as an error event (one line: the
-        traceback goes to the log, once)."""
-        try:
-            async for chunk in chunks:
-                yield _sse(chunk)
-        except Exception as e:
-            if not isinstance(e, EngineDeadError):      # (the engine's failure was logged when it stopped)
-                logger.exception("stream failed")
-            yield _sse(OpenAIError(summarize(e), 500, "internal_server_error").to_dict())
-        yield "data: [DONE]\n\n"
-
     # -- /v1/completions ---------------------------------------------------------------------
     async def completions(self, body: CompletionRequest):
         model = self._check_model(body.model)
@@ -226,9 +160,9 @@ class OpenAIHandlers:
         streams = await self._add(request_id, inputs, params, "prompt")
         if body.stream:
             chunks = self._completion_chunks(body, head, inputs, streams)
-            return StreamingResponse(self._events(chunks), media_type="text/event-stream")
+            return StreamingResponse(sse_events(chunks), media_type="text/event-stream")
         choices, completion_tokens = [], 0
-        for i, out in enumerate(await self._finals(streams)):
+        for i, out in enumerate(await final_outputs(streams)):
             for c in out.outputs:
                 c = _nothing_generated(c) if body.echo_only else c
                 text, logprobs = c.text, None
@@ -238,7 +172,7 @@ class OpenAIHandlers:
                     logprobs = self._completion_logprobs(body, out, c, 0, first=True)
                 choices.append({"index": i * body.n + c.index, "text": text, "logprobs": logprobs,
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
-                                "prompt_logprobs": _prompt_logprobs_json(out.prompt_logprobs)})
+                                "prompt_logprobs": prompt_logprobs_json(out.prompt_logprobs)})
                 completion_tokens += len(c.token_ids)
         prompt_tokens = sum(len(x["prompt_token_ids"]) for x in inputs)
         return {**head, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
@@ -249,7 +183,7 @@ class OpenAIHandlers:
         A completing EOS is the tokenizer's (as vLLM's server)."""
         async def run(prompts: list[dict], step_params) -> list[RequestOutput]:
             step_id = f"{head['id']}-{uuid.uuid4().hex[:8]}"
-            return await self._finals(await self._add(step_id, prompts, step_params, "prompt"))
+            return await final_outputs(await self._add(step_id, prompts, step_params, "prompt"))
         eos = self.tokenizer.eos_token_id
         outputs = await beam_search_async(run, inputs, params, set() if eos is None else {eos}, self.max_model_len,
                                           self.tokenizer)
@@ -270,7 +204,7 @@ class OpenAIHandlers:
                                  streams: list[RequestStream]) -> AsyncIterator[dict]:
         sent: dict[int, int] = {}     # choice index -> characters sent (for logprobs' text_offset)
         done, completion_tokens, held = set(), 0, HeldBack()
-        async for i, out in self._merged(streams):
+        async for i, out in merged(streams):
             for c in out.outputs:
                 c = _nothing_generated(c) if body.echo_only else c
                 index = i * body.n + c.index
@@ -309,7 +243,7 @@ class OpenAIHandlers:
             result["tokens"].append(token)
             result["token_logprobs"].append(entry[token_id].logprob if entry else None)
             # Keyed by text: of tokens that decode alike, the likeliest is kept.
-            result["top_logprobs"].append({lp.decoded_token: lp.logprob for lp in reversed(_ranked(entry))}
+            result["top_logprobs"].append({lp.decoded_token: lp.logprob for lp in reversed(ranked(entry))}
                                           if entry else None)
             result["text_offset"].append(offset)
             offset += len(token)
@@ -326,22 +260,22 @@ class OpenAIHandlers:
         head = {"id": request_id, "object": "chat.completion", "created": created, "model": model}
         if body.stream:
             head["object"] = "chat.completion.chunk"
-            return StreamingResponse(self._events(self._chat_chunks(body, head, len(ids), streams[0])),
+            return StreamingResponse(sse_events(self._chat_chunks(body, head, len(ids), streams[0])),
                                      media_type="text/event-stream")
-        (out,) = await self._finals(streams)
+        (out,) = await final_outputs(streams)
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self._chat_logprobs(body, c), "finish_reason": c.finish_reason,
+                    "logprobs": chat_logprobs(body, c), "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason} for c in out.outputs]
         response = {**head, "choices": choices,
                     "usage": _usage(len(ids), sum(len(c.token_ids) for c in out.outputs))}
         if body.prompt_logprobs is not None:
-            response["prompt_logprobs"] = _prompt_logprobs_json(out.prompt_logprobs)
+            response["prompt_logprobs"] = prompt_logprobs_json(out.prompt_logprobs)
         return response
 
     async def _chat_chunks(self, body: ChatCompletionRequest, head: dict, prompt_tokens: int,
                            stream: RequestStream) -> AsyncIterator[dict]:
         done, started, completion_tokens, held = set(), set(), 0, HeldBack()
-        async for _, out in self._merged([stream]):
+        async for _, out in merged([stream]):
             for c in out.outputs:
                 completion_tokens += len(c.token_ids)
                 if c.index in done or (c := held.ready(c.index, c)) is None:
@@ -353,7 +287,7 @@ class OpenAIHandlers:
                     started.add(c.index)
                     delta = {"role": "assistant", **delta}
                 yield {**head, "choices": [{"index": c.index, "delta": delta,
-                                            "logprobs": self._chat_logprobs(body, c),
+                                            "logprobs": chat_logprobs(body, c),
                                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
         if body.include_usage:
             yield {**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
@@ -383,45 +317,6 @@ class OpenAIHandlers:
                               param="tokens")
         return {"prompt": await self._off_loop(len(body.tokens), self.tokenizer.decode, body.tokens)}
 
-    @staticmethod
-    def _chat_logprobs(body: ChatCompletionRequest, c: CompletionOutput) -> dict | None:
-        if not body.logprobs:
-            return None
-
-        def item(lp: Logprob) -> dict:
-            token = lp.decoded_token or ""
-            return {"token": token, "logprob": lp.logprob, "bytes": list(token.encode("utf-8"))}
-        k = body.top_logprobs or 0
-        return {"content": [{**item(entry[t]), "top_logprobs": [item(lp) for lp in _ranked(entry)[:k]]}
-                            for t, entry in zip(c.token_ids, c.logprobs or [])]}
-
-
-class HeldBack:
-    """A streamed choice's tokens that spell no text yet (they end inside a multi-byte
-    character): sent with the choice's next text, or with its finish."""
-
-    def __init__(self):
-        self.held: dict[int, CompletionOutput] = {}
-
-    def ready(self, index: int, c: CompletionOutput, text_already: bool = False) -> CompletionOutput | None:
-        """What to send for choice `index` now that `c` came (None: nothing yet)."""
-        if index in self.held:
-            c = _joined(self.held.pop(index), c)
-        if c.text or c.finish_reason or text_already:
-            return c
-        if c.token_ids:
-            self.held[index] = c
-        return None
-
-
-def _joined(older: CompletionOutput, newer: CompletionOutput) -> CompletionOutput:
-    """Two DELTA outputs of one choice as one."""
-    logprobs = older.logprobs + newer.logprobs if older.logprobs is not None and newer.logprobs is not None \
-        else newer.logprobs
-    return dataclasses.replace(newer, text=older.text + newer.text, token_ids=older.token_ids + newer.token_ids,
-                               logprobs=logprobs)
-
-
 def _chat_size(messages: list[ChatMessage]) -> int:
     return sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content or ())
                for m in messages)
@@ -446,20 +341,7 @@ def _abandon(adds: list[asyncio.Future]) -> None:
             add.result().close()
 
 
-def _ranked(entry: dict[int, Logprob]) -> list[Logprob]:
-    return sorted(entry.values(), key=lambda lp: -lp.logprob)
-
-
 def _nothing_generated(c: CompletionOutput) -> CompletionOutput:
     """The choice of an echo-only request (max_tokens 0): the engine's one token is dropped."""
     return dataclasses.replace(c, text="", token_ids=[], logprobs=[] if c.logprobs is not None else None,
                                finish_reason="length" if c.finish_reason else None, stop_reason=None)
-
-
-def _prompt_logprobs_json(prompt_logprobs: PromptLogprobs | None) -> list | None:
-    """vLLM's extra `prompt_logprobs` field: per prompt token, None (the first) or
-    {token id: {logprob, rank, decoded_token}}."""
-    if prompt_logprobs is None:
-        return None
-    return [None if entry is None else {str(t): dataclasses.asdict(lp) for t, lp in entry.items()}
-            for entry in prompt_logprobs]
