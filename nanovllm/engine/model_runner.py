@@ -79,7 +79,7 @@ class ModelRunner:
         for layer in self.attention_layers:
             layer.backend = self.backend
 
-        self.graphs = None
+        self.graphs = None                   # the cache is sized by an eager profiling step
         self.num_blocks = allocate_kv_cache(self)
         self.graphs = step_graphs(self)      # None: every step runs eagerly
 
