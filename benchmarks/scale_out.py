@@ -6,6 +6,7 @@ machine. Prints the time to the first finished request and the total time of eac
     python benchmarks/scale_out.py --data-parallel-size 2   # two GPUs: plain LLM (one GPU) vs two Ray replicas
 """
 import argparse
+import gc
 import time
 
 import torch
@@ -55,6 +56,10 @@ def main() -> None:
         print(f"{name}: first request done at {first:.2f} s, all at {total:.2f} s, {tokens / total:,.0f} tok/s",
               flush=True)
         llm.llm_engine.shutdown()
+        del llm                      # give its GPU memory back before the next engine sizes its cache
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     (base_first, base_total), (first, total) = results.values()
     print(f"ratio against the plain LLM: first request {first / base_first:.3f}x, total {total / base_total:.3f}x")
 

@@ -27,7 +27,9 @@ def round_to_e4m3(x):
     bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000      # keep 3 of float32's 23 mantissa bits
     r = bits.to(tl.float32, bitcast=True)
     r = tl.where(small, r - 0.015625, r)
-    return tl.where(x < 0, -r, r)
+    # x's sign bit onto r (not `-r`, which Triton computes as 0 - r: +0 where torch keeps -0)
+    sign = x.to(tl.int32, bitcast=True) & -0x80000000
+    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
