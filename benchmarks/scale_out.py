@@ -6,8 +6,9 @@ machine. Prints the time to the first finished request and the total time of eac
     python benchmarks/scale_out.py --data-parallel-size 2   # two GPUs: plain LLM (one GPU) vs two Ray replicas
 """
 import argparse
-import gc
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -33,6 +34,18 @@ def timed_run(llm: LLM, workload) -> tuple[float, float, int]:
     return first, time.perf_counter() - start, tokens
 
 
+def measure(name: str, model: str, kwargs: dict, workload) -> tuple[float, float]:
+    start = time.perf_counter()
+    llm = LLM(model, load_format="dummy", max_model_len=4096, **kwargs)
+    print(f"{name}: start-up {time.perf_counter() - start:.1f} s", flush=True)
+    llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)          # warm-up
+    first, total, tokens = timed_run(llm, workload)
+    print(f"{name}: first request done at {first:.2f} s, all at {total:.2f} s, {tokens / total:,.0f} tok/s",
+          flush=True)
+    llm.llm_engine.shutdown()
+    return first, total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="qwen3-0.6b", choices=list(SHAPES))
@@ -47,19 +60,9 @@ def main() -> None:
              {"data_parallel_size": args.data_parallel_size, "distributed_executor_backend": args.backend})]
     results = {}
     for name, kwargs in runs:
-        start = time.perf_counter()
-        llm = LLM(model, load_format="dummy", max_model_len=4096, **kwargs)
-        print(f"{name}: start-up {time.perf_counter() - start:.1f} s", flush=True)
-        llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)          # warm-up
-        first, total, tokens = timed_run(llm, workload)
-        results[name] = (first, total)
-        print(f"{name}: first request done at {first:.2f} s, all at {total:.2f} s, {tokens / total:,.0f} tok/s",
-              flush=True)
-        llm.llm_engine.shutdown()
-        del llm                      # give its GPU memory back before the next engine sizes its cache
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        # Each engine in a fresh process: nothing the one before held (GPU memory, threads) is left.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results[name] = pool.submit(measure, name, model, kwargs, workload).result()
     (base_first, base_total), (first, total) = results.values()
     print(f"ratio against the plain LLM: first request {first / base_first:.3f}x, total {total / base_total:.3f}x")
 
