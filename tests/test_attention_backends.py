@@ -85,3 +85,29 @@ def test_torch_backend_reuses_a_steps_indices_across_layers_and_windows():
             want = paged_decode_attention_reference(q, ref_cache[0], ref_cache[1], seq_lens, tables, 0.5, window)
             assert torch.equal(cache, ref_cache), (step, layer)
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("decodes", [True, False])
+def test_torch_backend_mixed_step_matches_the_reference(window, decodes):
+    """A mixed step (decodes, prompt chunks with and without a cached prefix, in any order; or
+    prompt chunks only):
+    the one-token spans attend batched, the others one by one; every row equals the per-sequence
+    reference's. Run twice with the same metadata, as two layers would (the second reuses it)."""
+    from nanovllm.layers.attention import AttentionMetadata
+    gen = torch.Generator().manual_seed(1)
+    num_blocks, block_size, heads, kv_heads, dim = 24, 4, 4, 2, 8
+    spans = [(1, 9), (6, 6), (1, 3), (3, 11), (1, 14), (1, 1)]        # (new tokens, tokens in the cache)
+    if not decodes:
+        spans = [(n + 1, total + 1) if n == 1 else (n, total) for n, total in spans]
+    tables = torch.arange(num_blocks, dtype=torch.int32)[torch.randperm(num_blocks, generator=gen)].view(6, -1)[:, :4]
+    cu = torch.tensor([0] + [sum(n for n, _ in spans[:i + 1]) for i in range(len(spans))], dtype=torch.int32)
+    seq_lens = torch.tensor([total for _, total in spans], dtype=torch.int32)
+    meta = AttentionMetadata(torch.zeros(int(cu[-1]), dtype=torch.int64), cu, seq_lens, tables, 6, 14, is_decode=False)
+    k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, dim, generator=gen) for _ in range(2))
+    backend = TorchBackend()
+    for _ in range(2):
+        q = torch.randn(int(cu[-1]), heads, dim, generator=gen)
+        got = backend.attend(q, k_cache, v_cache, meta, 0.3, window)
+        want = paged_attention_reference(q, k_cache, v_cache, cu, seq_lens, tables, 0.3, window=window)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
