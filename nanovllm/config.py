@@ -112,9 +112,9 @@ def load_hf_config(model_dir: str, trust_remote_code: bool = False):
 
 
 def resolve_dtype(dtype: str, hf_config, device: str) -> torch.dtype:
-    """"auto" is the checkpoint's dtype (`dtype` in transformers 5, `torch_dtype` in 4.x), float16
-    for a float32 one on a GPU (vLLM's rule: a GGUF file's config says float32); on a CPU, what
-    cpu_dtype.py picks for it."""
+    """"auto" is the checkpoint's dtype (`dtype` in transformers 5, `torch_dtype` in 4.x); for a
+    float32 one on a GPU (a GGUF file's config says float32), float16 as vLLM does, but bfloat16
+    for Gemma 3, whose activations overflow float16; on a CPU, what cpu_dtype.py picks for it."""
     if dtype != "auto":
         return DTYPES[dtype]
     saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32"
@@ -123,4 +123,6 @@ def resolve_dtype(dtype: str, hf_config, device: str) -> torch.dtype:
     if device == "cpu":
         from nanovllm.cpu_dtype import cpu_auto_dtype
         return cpu_auto_dtype(saved, hf_config)
-    return torch.float16 if saved == torch.float32 else saved
+    if saved != torch.float32:
+        return saved
+    return torch.bfloat16 if getattr(hf_config, "model_type", None) in ("gemma3", "gemma3_text") else torch.float16

@@ -30,6 +30,7 @@ def test_auto_dtype_on_a_cpu(monkeypatch, bf16_instructions):
     assert resolve_dtype("auto", Config("float16"), "cuda") == torch.float16        # the GPU keeps the file's
     assert resolve_dtype("auto", Config("bfloat16"), "cuda") == torch.bfloat16
     assert resolve_dtype("auto", Config("float32"), "cuda") == torch.float16        # but float32: vLLM's rule
+    assert resolve_dtype("auto", Config("float32", model_type="gemma3_text"), "cuda") == torch.bfloat16
     assert resolve_dtype("float32", Config("float32"), "cuda") == torch.float32     # unless asked for
     assert resolve_dtype("float16", Config("bfloat16"), "cpu") == torch.float16      # an explicit dtype wins
 
