@@ -45,7 +45,7 @@ def test_graphs_match_eager_in_bf16(tiny_qwen3, prompts):
 
 
 def test_seeded_sampling_on_gpu_is_reproducible(tiny_qwen3, prompts):
-    llm = LLM(tiny_qwen3, device="cuda")
+    llm = LLM(tiny_qwen3, device="cuda", dtype="float32")     # as before "auto" became float16 for it
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=7, max_tokens=16)
     a = llm.generate(prompts[:1], params, use_tqdm=False)[0].outputs[0].token_ids
     b = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids
