@@ -4,7 +4,9 @@ Each request is a streamed /v1/completions call with a random token-id prompt an
 drawn as in bench.py (--workload nano, the default: 256 requests, prompts of 100..1024 ids,
 100..1024 output tokens; chat, prefix, long: see --help), ignore_eos, seed 0, at a fixed
 concurrency or at a Poisson request rate. Reports throughput, time to first token (TTFT) and time
-per output token after the first (TPOT), p50 and p99. The client cannot see the server's device:
+per output token after the first (TPOT), p50 and p99, over the requests that completed; a request
+that fails (an HTTP error, a dropped connection) is counted and reported, not retried. The client
+cannot see the server's device:
 --preset cpu asks for the CPU preset's sizes (default: the full ones).
 
     nanovllm serve MODEL --max-model-len 4096 --port 8000 &
@@ -30,6 +32,8 @@ class Result:
     ttft: float           # seconds to the first streamed chunk
     latency: float        # seconds to the end of the stream
     output_tokens: int
+    error: str | None = None      # why it failed (then ttft is None)
+    started: float = 0.0          # seconds after the run's start
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int,
@@ -65,7 +69,13 @@ async def run(args) -> tuple[list[Result], float]:
 
         async def limited(prompt, max_tokens):
             async with semaphore:
-                return await one_request(client, args.url, model, prompt, max_tokens, args.temperature)
+                began = time.perf_counter()
+                try:
+                    result = await one_request(client, args.url, model, prompt, max_tokens, args.temperature)
+                except (httpx.HTTPError, RuntimeError) as e:
+                    result = Result(None, time.perf_counter() - began, 0, f"{type(e).__name__}: {e}")
+                result.started = began - start
+                return result
 
         start, tasks = time.perf_counter(), []
         for prompt, max_tokens in zip(workload.prompts, workload.output_lens):
@@ -95,11 +105,16 @@ def main() -> None:
     args = p.parse_args()
 
     results, seconds = asyncio.run(run(args))
+    failed = [r for r in results if r.error is not None]
+    results = [r for r in results if r.error is None]
+    if not results:
+        raise SystemExit(f"every request failed; the first at {failed[0].started:.1f} s: {failed[0].error}")
     output_tokens = sum(r.output_tokens for r in results)
     ttft = [r.ttft * 1000 for r in results]
     tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) * 1000 for r in results if r.output_tokens > 1]
     summary = {
-        "workload": args.workload, "num_requests": len(results), "concurrency": args.concurrency,
+        "workload": args.workload, "num_requests": len(results), "failed_requests": len(failed),
+        "concurrency": args.concurrency,
         "request_rate": None if args.request_rate == float("inf") else args.request_rate,
         "seconds": round(seconds, 2), "output_tokens": output_tokens,
         "output_tok_per_s": round(output_tokens / seconds, 1), "requests_per_s": round(len(results) / seconds, 2),
@@ -110,6 +125,9 @@ def main() -> None:
           f"{summary['output_tok_per_s']:.0f} output tok/s, {summary['requests_per_s']:.2f} req/s")
     print(f"TTFT ms  p50 {summary['ttft_ms_p50']:8.1f}   p99 {summary['ttft_ms_p99']:8.1f}")
     print(f"TPOT ms  p50 {summary['tpot_ms_p50']:8.2f}   p99 {summary['tpot_ms_p99']:8.2f}")
+    if failed:
+        first = min(failed, key=lambda r: r.started)
+        print(f"FAILED {len(failed)} requests; the first, sent {first.started:.1f} s after the start: {first.error}")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(summary) + "\n")

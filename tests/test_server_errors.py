@@ -173,7 +173,7 @@ def test_the_serving_benchmark_against_a_server_with_a_key(engine, tmp_path):
             result = json.loads(f.read().splitlines()[-1])
         parser = argparse.ArgumentParser()
         add_workload_args(parser)
-        assert result["num_requests"] == 6
+        assert result["num_requests"] == 6 and result["failed_requests"] == 0
         assert result["output_tokens"] == sum(make_workload(parser.parse_args(workload)).output_lens)
         assert result["ttft_ms_p50"] > 0 and result["tpot_ms_p50"] > 0
 
