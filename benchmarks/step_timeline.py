@@ -92,6 +92,11 @@ def summary(steps: list[Step]) -> str:
         n, secs, wait = buckets[key]
         lines.append(f"{key:<16}{n:>7}{secs:>9.2f}{1000 * secs / n:>9.2f}"
                      f"{1000 * (secs - wait) / n:>9.2f}{1000 * wait / n:>9.2f}")
+    # A step that finds the one before it already done on the device (it waits under 50 us) was
+    # bound by the host's work, not the GPU's: count those among the steps of 64+ sequences.
+    large = [s for s in steps if s.decode_tokens >= 64]
+    host_bound = sum(s.waiting < 50e-6 for s in large)
+    lines.append(f"steps of 64+ sequences: {len(large)}, of which host-bound (no wait for the device): {host_bound}")
     return "\n".join(lines)
 
 
