@@ -29,7 +29,7 @@ from nanovllm.bench_workload import add_workload_args, make_workload, use_cpu_pr
 
 @dataclass
 class Result:
-    ttft: float           # seconds to the first streamed chunk
+    ttft: float | None    # seconds to the first streamed chunk
     latency: float        # seconds to the end of the stream
     output_tokens: int
     error: str | None = None      # why it failed (then ttft is None)
@@ -51,7 +51,9 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
             if ttft is None:
                 ttft = time.perf_counter() - start
             last = line
-    usage = json.loads(last[len("data: "):])["usage"]         # the include_usage chunk comes last
+    usage = json.loads(last[len("data: "):]).get("usage") if last else None   # the include_usage chunk comes last
+    if usage is None:
+        raise RuntimeError(f"the stream ended without its usage chunk; its last: {(last or '(none)')[:300]}")
     return Result(ttft, time.perf_counter() - start, usage["completion_tokens"])
 
 

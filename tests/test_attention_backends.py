@@ -91,9 +91,9 @@ def test_torch_backend_reuses_a_steps_indices_across_layers_and_windows():
 @pytest.mark.parametrize("decodes", [True, False])
 def test_torch_backend_mixed_step_matches_the_reference(window, decodes):
     """A mixed step (decodes, prompt chunks with and without a cached prefix, in any order; or
-    prompt chunks only):
-    the one-token spans attend batched, the others one by one; every row equals the per-sequence
-    reference's. Run twice with the same metadata, as two layers would (the second reuses it)."""
+    prompt chunks only): the one-token spans attend batched, the others one by one; every row
+    equals the per-sequence reference's. Run twice with the same metadata, as two layers would
+    (the second reuses what the first derived)."""
     from nanovllm.layers.attention import AttentionMetadata
     gen = torch.Generator().manual_seed(1)
     num_blocks, block_size, heads, kv_heads, dim = 24, 4, 4, 2, 8
