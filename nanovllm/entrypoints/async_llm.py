@@ -27,7 +27,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from nanovllm.entrypoints.engine_process import ABORTED, EngineProcess, EngineStats
+from nanovllm.entrypoints.engine_handle import EngineProcess
+from nanovllm.entrypoints.engine_process import ABORTED, EngineStats
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
