@@ -59,14 +59,13 @@ class TorchBackend:
             return decode_attention(q, k_cache, v_cache, blocks, visible, scale)
         # A mixed step: its one-token spans (the decodes, most of its sequences) attend batched as
         # in decode; only the longer ones go one by one (a Python loop turn each, per layer).
-        single, longer = self._derived(meta, "spans", lambda: _split_spans(meta.cu_seqlens_q))
+        single, rows, longer = self._derived(meta, "spans", lambda: _split_spans(meta.cu_seqlens_q))
         if len(single) == 0:
             return paged_attention_reference(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
                                              meta.block_tables, scale, window=window)
         blocks, visible = self._derived(meta, ("reads", window), lambda: decode_reads(
             meta.seq_lens[single], meta.block_tables[single], k_cache.shape[1], window))
         out = torch.empty_like(q)
-        rows = meta.cu_seqlens_q[single].long()
         out[rows] = decode_attention(q[rows], k_cache, v_cache, blocks, visible, scale)
         for b, start, end in longer:
             out[start:end] = paged_attention_reference(
@@ -75,12 +74,14 @@ class TorchBackend:
         return out
 
 
-def _split_spans(cu_seqlens_q: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-    """(the sequences whose span is one token, [(sequence, first, end token) of the longer ones])."""
+def _split_spans(cu_seqlens_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
+    """(the sequences whose span is one token, those tokens' rows, [(sequence, first, end token)
+    of the longer spans])."""
     starts = cu_seqlens_q.tolist()
     spans = [(b, start, end) for b, (start, end) in enumerate(zip(starts, starts[1:]))]
     single = [b for b, start, end in spans if end - start == 1]
-    return cu_seqlens_q.new_tensor(single).long(), [span for span in spans if span[2] - span[1] > 1]
+    single = cu_seqlens_q.new_tensor(single).long()
+    return single, cu_seqlens_q[single].long(), [span for span in spans if span[2] - span[1] > 1]
 
 
 class Attention(nn.Module):
