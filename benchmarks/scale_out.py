@@ -13,6 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.sampling_params import RequestOutputKind
 from nanovllm.bench_workload import add_workload_args, make_workload, use_cpu_preset
 from nanovllm.models.shapes import SHAPES, shape_checkpoint_dir
 
@@ -21,7 +22,8 @@ def timed_run(llm: LLM, workload) -> tuple[float, float, int]:
     """(seconds to the first finished request, seconds to the last, output tokens), driving the
     engine as generate does, so the first finished request is seen when it finishes."""
     engine = llm.llm_engine
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in workload.output_lens]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n, output_kind=RequestOutputKind.FINAL_ONLY)
+              for n in workload.output_lens]
     start = time.perf_counter()
     for i, (prompt, p) in enumerate(zip(workload.prompts, params)):
         engine.add_request(str(i), prompt, p)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from nanovllm.config import EngineConfig
 from nanovllm.entrypoints.engine_process import sendable, summarize
 from nanovllm.outputs import RequestOutput
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 from nanovllm.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ class ReplicaWorker:
             torch.set_num_threads(cpu_threads)
         from nanovllm.engine.llm_engine import LLMEngine
         self.engine = LLMEngine.from_kwargs(model, **engine_kwargs)
+        self.cumulative: set[str] = set()    # requests whose outputs are CUMULATIVE
+
 
     def pid(self) -> int:
         return os.getpid()
@@ -74,11 +76,15 @@ class ReplicaWorker:
     def run(self, adds: list, aborts: list[str], seconds: float = ROUND_SECONDS) -> Round:
         engine, refused = self.engine, []
         engine.abort_request(aborts)
+        self.cumulative.difference_update(aborts)
         for request_id, prompt, params in adds:
             try:
                 engine.add_request(request_id, prompt, params)
             except Exception as e:
                 refused.append((request_id, sendable(e)))
+            else:
+                if params is None or params.output_kind == RequestOutputKind.CUMULATIVE:
+                    self.cumulative.add(request_id)
         outputs, failure, steps_before = [], None, engine.num_steps
         deadline = time.monotonic() + seconds
         try:
@@ -88,7 +94,17 @@ class ReplicaWorker:
                     break
         except Exception as e:
             failure = (summarize(e), traceback.format_exc())
-        return Round(outputs, refused, failure, engine.num_steps - steps_before)
+        return Round(self._latest_cumulative(outputs), refused, failure, engine.num_steps - steps_before)
+
+    def _latest_cumulative(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """A cumulative output holds all of its request's earlier ones: of a round's, only each
+        request's last is sent (pickling every step's copy of every sequence costs more than
+        the steps themselves on a fast device)."""
+        last = {out.request_id: i for i, out in enumerate(outputs) if out.request_id in self.cumulative}
+        for out in outputs:
+            if out.finished:
+                self.cumulative.discard(out.request_id)
+        return [out for i, out in enumerate(outputs) if last.get(out.request_id, i) == i]
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.data_parallel import ReplicaWorker
 from nanovllm.ray import LLMPredictor
+from nanovllm.sampling_params import RequestOutputKind
 
 from tests.conftest import random_prompts
 
@@ -144,6 +146,33 @@ def test_aborted_requests_leave_no_output(replicated, reference):
     expected = reference.generate(TEXT_PROMPTS[3:], params, use_tqdm=False)
     assert [finished[f"abort-{i}"].outputs[0].token_ids for i in (3, 4, 5)] == token_ids(expected)
     assert all(not replica.request_ids and not replica.adds for replica in engine.replicas)
+
+
+def test_a_round_sends_each_cumulative_request_once(tiny_qwen3, reference):
+    """Of a round's outputs, a CUMULATIVE request sends only its latest (it holds the earlier
+    ones); DELTA requests send every piece. Both add up to one engine's tokens."""
+    worker = ReplicaWorker(tiny_qwen3, ENGINE_ARGS, None)
+    kinds = [RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA] * 2
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, output_kind=k) for k in kinds]
+    adds = [(str(i), prompt, p) for i, (prompt, p) in enumerate(zip(TEXT_PROMPTS, params))]
+    rounds = [worker.run(adds, [], seconds=0)]     # a round of one step, then rounds until all finish
+    while worker.engine.has_unfinished_requests():
+        rounds.append(worker.run([], [], seconds=0.05))
+    worker.shutdown()
+    tokens = {str(i): [] for i in range(len(kinds))}
+    for round_ in rounds:
+        ids = [out.request_id for out in round_.outputs]
+        for i, kind in enumerate(kinds):
+            if kind == RequestOutputKind.CUMULATIVE:
+                assert ids.count(str(i)) <= 1
+        for out in round_.outputs:
+            if kinds[int(out.request_id)] == RequestOutputKind.CUMULATIVE:
+                tokens[out.request_id] = list(out.outputs[0].token_ids)
+            else:
+                tokens[out.request_id] += out.outputs[0].token_ids
+    assert len(rounds) > 2 and not worker.cumulative
+    expected = reference.generate(TEXT_PROMPTS[:len(kinds)], params, use_tqdm=False)
+    assert [tokens[str(i)] for i in range(len(kinds))] == token_ids(expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
