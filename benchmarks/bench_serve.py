@@ -41,16 +41,24 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    ttft, last = None, None
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode()}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            if ttft is None:
-                ttft = time.perf_counter() - start
-            last = line
+    ttft, last, chunks, status = None, None, 0, None
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+            status = resp.status_code
+            if resp.status_code != 200:
+                raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode()}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                if ttft is None:
+                    ttft = time.perf_counter() - start
+                last, chunks = line, chunks + 1
+    except httpx.HTTPError as e:          # say where the exchange broke, and the socket's own error
+        where = "before the response" if status is None else f"after HTTP {status} and {chunks} chunks"
+        root = e
+        while root.__cause__ or root.__context__:
+            root = root.__cause__ or root.__context__
+        raise RuntimeError(f"{type(e).__name__} {where}, {time.perf_counter() - start:.2f} s in: {root!r}") from e
     usage = json.loads(last[len("data: "):]).get("usage") if last else None   # the include_usage chunk comes last
     if usage is None:
         raise RuntimeError(f"the stream ended without its usage chunk; its last: {(last or '(none)')[:300]}")
