@@ -11,6 +11,7 @@ steps by kind and batch size; --plot draws every step (matplotlib).
 """
 import argparse
 import cProfile
+import gc
 import pstats
 import time
 from collections import defaultdict
@@ -54,6 +55,34 @@ def engine_counters(engine) -> tuple[int, int, int, float]:
                      for seq, start, n in zip(last.seqs, last.starts, last.num_new_tokens))
         prefill = last.num_tokens - decode
     return engine.num_steps, prefill, decode, engine.runner.seconds_waiting
+
+
+class GcPauses:
+    """Python's garbage collector during the run: collections per generation and their time
+    (a full collection walks every tracked object the process holds)."""
+
+    def __init__(self):
+        self.counts, self.seconds, self.longest, self._start = [0, 0, 0], 0.0, 0.0, 0.0
+
+    def __enter__(self):
+        gc.callbacks.append(self._on_gc)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        elapsed = time.perf_counter() - self._start
+        self.counts[info["generation"]] += 1
+        self.seconds += elapsed
+        self.longest = max(self.longest, elapsed)
+
+    def __str__(self) -> str:
+        return (f"garbage collector, during the run: {sum(self.counts)} collections (by generation {self.counts}), "
+                f"{1000 * self.seconds:.1f} ms in all, the longest {1000 * self.longest:.1f} ms")
 
 
 def run_steps(engine, profiler: cProfile.Profile | None = None) -> list[Step]:
@@ -170,13 +199,15 @@ def main() -> None:
         print(trace.key_averages().table(sort_by="cpu_time_total", row_limit=25))
     profiler = cProfile.Profile() if args.cprofile else None
     begin = time.perf_counter()
-    steps = run_steps(engine, profiler)
+    with GcPauses() as gc_pauses:
+        steps = run_steps(engine, profiler)
     total = time.perf_counter() - begin
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     print(f"{shape}: {workload.output_tokens} output tokens in {total:.2f} s = "
           f"{workload.output_tokens / total:.0f} tok/s, {len(steps)} steps")
     print(summary(steps))
+    print(gc_pauses)
     if torch.cuda.is_available():
         stats = torch.cuda.memory_stats()
         print("allocator, during the run: " + ", ".join(f"{k} {stats.get(k, 0) - before.get(k, 0)}" for k in

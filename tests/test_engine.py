@@ -221,3 +221,14 @@ def test_step_token_budget_defaults_follow_vllm(tiny_qwen3, monkeypatch):
         monkeypatch.setattr("torch.cuda.get_device_name", lambda i, name=name: name)
         assert (default_max_num_batched_tokens("cuda", 256),
                 default_max_num_batched_tokens("cuda", 256, server=True)) == expected
+
+
+def test_engine_objects_are_out_of_the_garbage_collectors_reach(tiny_qwen3):
+    """Once built, the engine's long-lived objects are frozen (gc.freeze): a full collection
+    during a step does not walk the model, the tokenizer and the libraries' objects."""
+    import gc
+    llm = LLM(tiny_qwen3, enforce_eager=True)
+    model = llm.llm_engine.runner.model
+    assert gc.get_freeze_count() > 0
+    assert not any(obj is model for obj in gc.get_objects())      # frozen objects are in no generation
+    assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3), use_tqdm=False)[0].outputs[0].token_ids
