@@ -14,8 +14,9 @@ The driver (this process) and a replica talk in rounds, one call in flight per r
     replica -> driver   Round                        outputs made, requests refused, steps taken
 
 A round applies the aborts and adds, then steps the engine for about ROUND_SECONDS (or
-until it has nothing left), so a call costs the replica ~1% of its time however short its
-steps are. When a round comes back the next one is sent at once.
+until it has nothing left, or FINISHED_GRACE_SECONDS after a request finished, so that a
+finished request reaches the caller soon): a call's cost is spread over many steps, however
+short they are. When a round comes back the next one is sent at once.
 
 Balancing: a new request goes to the replica with the fewest expected tokens outstanding
 (prompt + max_tokens per sequence); the prompt is tokenized here to count them.
@@ -39,7 +40,8 @@ from nanovllm.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-ROUND_SECONDS = 0.1     # how long a replica steps before reporting back
+ROUND_SECONDS = 0.1     # how long a replica steps before reporting back,
+FINISHED_GRACE_SECONDS = 0.01    # or how soon after a request of the round finishes
 # The arguments that configure the replicas as a group; each replica is a plain engine.
 _GROUP_ARGS = ("data_parallel_size", "distributed_executor_backend")
 
@@ -89,9 +91,13 @@ class ReplicaWorker:
         deadline = time.monotonic() + seconds
         try:
             while engine.has_unfinished_requests():
-                outputs += engine.step()
-                if time.monotonic() >= deadline:
+                step_outputs = engine.step()
+                outputs += step_outputs
+                now = time.monotonic()
+                if now >= deadline:
                     break
+                if any(out.finished for out in step_outputs):     # report a finished request soon
+                    deadline = min(deadline, now + FINISHED_GRACE_SECONDS)
         except Exception as e:
             failure = (summarize(e), traceback.format_exc())
         return Round(self._latest_cumulative(outputs), refused, failure, engine.num_steps - steps_before)

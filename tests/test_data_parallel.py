@@ -153,7 +153,8 @@ def test_a_round_sends_each_cumulative_request_once(tiny_qwen3, reference):
     ones); DELTA requests send every piece. Both add up to one engine's tokens."""
     worker = ReplicaWorker(tiny_qwen3, ENGINE_ARGS, None)
     kinds = [RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA] * 2
-    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, output_kind=k) for k in kinds]
+    params = [SamplingParams(temperature=0, max_tokens=12 * (i + 1), ignore_eos=True, output_kind=k)
+              for i, k in enumerate(kinds)]
     adds = [(str(i), prompt, p) for i, (prompt, p) in enumerate(zip(TEXT_PROMPTS, params))]
     rounds = [worker.run(adds, [], seconds=0)]     # a round of one step, then rounds until all finish
     while worker.engine.has_unfinished_requests():
@@ -173,6 +174,18 @@ def test_a_round_sends_each_cumulative_request_once(tiny_qwen3, reference):
     assert len(rounds) > 2 and not worker.cumulative
     expected = reference.generate(TEXT_PROMPTS[:len(kinds)], params, use_tqdm=False)
     assert [tokens[str(i)] for i in range(len(kinds))] == token_ids(expected)
+
+
+def test_a_round_ends_soon_after_a_request_finishes(tiny_qwen3):
+    """A finished request is reported within FINISHED_GRACE_SECONDS, not at the end of a long
+    round: the round returns while the long request still runs."""
+    worker = ReplicaWorker(tiny_qwen3, ENGINE_ARGS, None)
+    adds = [("short", [1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True)),
+            ("long", [4, 5, 6], SamplingParams(max_tokens=1000, ignore_eos=True))]
+    answer = worker.run(adds, [], seconds=60)
+    assert [out.request_id for out in answer.outputs if out.finished] == ["short"]
+    assert worker.engine.has_unfinished_requests()
+    worker.shutdown()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
