@@ -34,13 +34,24 @@ class Result:
     output_tokens: int
     error: str | None = None      # why it failed (then ttft is None)
     started: float = 0.0          # seconds after the run's start
+    retries: int = 0              # sends again after the connection failed before any response
+
+
+class NoResponse(RuntimeError):
+    """The connection failed before any response (a kept-alive connection the server had just
+    closed): the server never took the request, so it is safe to send again, as the openai
+    client does."""
+
+
+MAX_RETRIES = 2                   # the openai client's default
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int,
-                      temperature: float) -> Result:
+                      temperature: float, start: float | None = None) -> Result:
+    """`start`: when the request was first sent (a retry counts the time lost before it)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
+    start = start or time.perf_counter()
     ttft, last, chunks, status = None, None, 0, None
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
@@ -58,11 +69,30 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
         root = e
         while root.__cause__ or root.__context__:
             root = root.__cause__ or root.__context__
-        raise RuntimeError(f"{type(e).__name__} {where}, {time.perf_counter() - start:.2f} s in: {root!r}") from e
+        error = NoResponse if status is None and isinstance(e, httpx.TransportError) else RuntimeError
+        raise error(f"{type(e).__name__} {where}, {time.perf_counter() - start:.2f} s in: {root!r}") from e
     usage = json.loads(last[len("data: "):]).get("usage") if last else None   # the include_usage chunk comes last
     if usage is None:
         raise RuntimeError(f"the stream ended without its usage chunk; its last: {(last or '(none)')[:300]}")
     return Result(ttft, time.perf_counter() - start, usage["completion_tokens"])
+
+
+async def request_with_retries(client: httpx.AsyncClient, url: str, model: str, prompt: list[int],
+                               max_tokens: int, temperature: float) -> Result:
+    """One request, sent again (up to MAX_RETRIES times) while its connection fails before any
+    response; a request that fails otherwise is not retried. A failure is a Result with its error."""
+    began = time.perf_counter()
+    for attempt in range(MAX_RETRIES + 1):
+        try:
+            result = await one_request(client, url, model, prompt, max_tokens, temperature, began)
+            break
+        except NoResponse as e:
+            result = Result(None, time.perf_counter() - began, 0, f"{type(e).__name__}: {e}")
+        except (httpx.HTTPError, RuntimeError) as e:
+            result = Result(None, time.perf_counter() - began, 0, f"{type(e).__name__}: {e}")
+            break
+    result.retries = attempt
+    return result
 
 
 async def run(args) -> tuple[list[Result], float]:
@@ -80,10 +110,7 @@ async def run(args) -> tuple[list[Result], float]:
         async def limited(prompt, max_tokens):
             async with semaphore:
                 began = time.perf_counter()
-                try:
-                    result = await one_request(client, args.url, model, prompt, max_tokens, args.temperature)
-                except (httpx.HTTPError, RuntimeError) as e:
-                    result = Result(None, time.perf_counter() - began, 0, f"{type(e).__name__}: {e}")
+                result = await request_with_retries(client, args.url, model, prompt, max_tokens, args.temperature)
                 result.started = began - start
                 return result
 
@@ -124,6 +151,7 @@ def main() -> None:
     tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) * 1000 for r in results if r.output_tokens > 1]
     summary = {
         "workload": args.workload, "num_requests": len(results), "failed_requests": len(failed),
+        "retried_requests": sum(r.retries > 0 for r in results + failed),
         "concurrency": args.concurrency,
         "request_rate": None if args.request_rate == float("inf") else args.request_rate,
         "seconds": round(seconds, 2), "output_tokens": output_tokens,
@@ -135,6 +163,8 @@ def main() -> None:
           f"{summary['output_tok_per_s']:.0f} output tok/s, {summary['requests_per_s']:.2f} req/s")
     print(f"TTFT ms  p50 {summary['ttft_ms_p50']:8.1f}   p99 {summary['ttft_ms_p99']:8.1f}")
     print(f"TPOT ms  p50 {summary['tpot_ms_p50']:8.2f}   p99 {summary['tpot_ms_p99']:8.2f}")
+    if summary["retried_requests"]:
+        print(f"sent again: {summary['retried_requests']} requests whose connection failed before any response")
     if failed:
         first = min(failed, key=lambda r: r.started)
         print(f"FAILED {len(failed)} requests; the first, sent {first.started:.1f} s after the start: {first.error}")

@@ -155,3 +155,41 @@ def test_step_timeline_records_each_step_and_plots(tiny_qwen3, tmp_path):
     path = tmp_path / "steps.png"
     timeline.plot(steps, str(path), "tiny")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_serve_sends_again_only_what_the_server_never_answered():
+    """A connection that breaks before any response (a kept-alive connection the server had
+    closed) is retried, up to MAX_RETRIES times, with the time lost counted; one that breaks
+    mid-stream is a failure, not retried."""
+    import asyncio
+    import httpx
+    bench_serve = _load("benchmarks/bench_serve.py")
+    calls = []
+    stream = ('data: {"choices": [{"text": "a"}]}\n\n'
+              'data: {"choices": [], "usage": {"completion_tokens": 1}}\n\ndata: [DONE]\n\n')
+
+    def handler(request):
+        calls.append(request.url.path)
+        behaviour = plan.pop(0)
+        if behaviour == "closed":
+            raise httpx.ReadError("connection closed", request=request)
+        if behaviour == "cut":
+            async def cut():
+                yield b'data: {"choices": [{"text": "a"}]}\n\n'
+                raise httpx.ReadError("connection reset", request=request)
+            return httpx.Response(200, content=cut())
+        return httpx.Response(200, text=stream)
+
+    async def send():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return await bench_serve.request_with_retries(client, "http://x", "m", [1, 2], 1, 0.0)
+
+    plan = ["closed", "closed", "ok"]
+    result = asyncio.run(send())
+    assert result.error is None and result.retries == 2 and result.output_tokens == 1 and len(calls) == 3
+    plan, calls[:] = ["closed"] * (bench_serve.MAX_RETRIES + 1), []
+    result = asyncio.run(send())
+    assert result.error.startswith("NoResponse") and len(calls) == bench_serve.MAX_RETRIES + 1
+    plan, calls[:] = ["cut", "ok"], []
+    result = asyncio.run(send())
+    assert "after HTTP 200 and 1 chunks" in result.error and len(calls) == 1
