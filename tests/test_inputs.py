@@ -72,6 +72,12 @@ def test_layout_matches_a_per_token_loop():
             assert (rows.sample_rows or list(range(len(logits_rows)))) == sample_rows
             assert inputs.meta.max_seqlen_q == max(batch.num_new_tokens)
             assert inputs.meta.is_decode == (len(batch.seqs) == sum(batch.num_new_tokens) and all(batch.samples))
+            assert inputs.meta.max_seqlen_k == max(s + n for s, n in zip(batch.starts, batch.num_new_tokens))
+            tensors = [inputs.input_ids, inputs.positions, inputs.meta.slot_mapping, inputs.logits_indices,
+                       inputs.meta.cu_seqlens_q, inputs.meta.seq_lens, inputs.meta.block_tables]
+            assert [t.dtype for t in tensors] == [torch.int64] * 4 + [torch.int32] * 3
+            # All in one buffer: one host-to-device copy per step.
+            assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
 
 
 def test_a_decode_batch_samples_every_row_in_order():
