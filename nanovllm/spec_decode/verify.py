@@ -50,22 +50,24 @@ def verify(runner, batch: ScheduledBatch, eos_ids: Collection[int], draft_probs:
         offset += n
     with torch.inference_mode():
         logits = runner.execute(runner.prepare(batch, indices)).float()
-        sample_rows, rows = [], []
-        for i, start_row in first_row.items():
-            seq = batch.seqs[i]
-            for j in range(len(proposed[i]) + 1):
-                sample_rows.append(start_row + j)
-                rows.append(_sampling_row(seq, proposed[i][:j], eos_ids))
-        meta = SamplingMetadata.build(rows, runner.vocab_size, runner.device)
-        probs = sampling_probs(logits[sample_rows], meta)
-        best = probs.argmax(dim=-1).tolist()       # greedy rows: the argmax (one read-back for all)
+        sample_rows = [start_row + j for i, start_row in first_row.items() for j in range(len(proposed[i]) + 1)]
+        if all(_argmax_is_enough(batch.seqs[i].params) for i in first_row):
+            # Plain greedy rows need neither the sampler's inputs nor distributions.
+            probs, max_num_logprobs = None, None
+            best = logits[sample_rows].argmax(dim=-1).tolist()
+        else:
+            rows = [_sampling_row(batch.seqs[i], proposed[i][:j], eos_ids)
+                    for i in first_row for j in range(len(proposed[i]) + 1)]
+            meta = SamplingMetadata.build(rows, runner.vocab_size, runner.device)
+            probs, max_num_logprobs = sampling_probs(logits[sample_rows], meta), meta.max_num_logprobs
+            best = probs.argmax(dim=-1).tolist()   # greedy rows: the argmax (one read-back for all)
         tokens, row = [[] for _ in batch.seqs], 0
         for i in first_row:
             seq, k = batch.seqs[i], len(proposed[i])
-            p = probs[row:row + k + 1]
             if seq.params.is_greedy:
                 tokens[i] = greedy_accept(best[row:row + k + 1], proposed[i])
             else:
+                p = probs[row:row + k + 1]
                 q = draft_probs.get(seq.seq_id)
                 # keyed by the position of the first token it may emit, as the sampler's draws
                 first = batch.starts[i] + batch.num_new_tokens[i] - k
@@ -73,12 +75,17 @@ def verify(runner, batch: ScheduledBatch, eos_ids: Collection[int], draft_probs:
                 tokens[i] = rejection_sample(p, proposed[i], None if q is None else q[:k], generator)
             row += k + 1
         sample_logprobs = None
-        if meta.max_num_logprobs is not None:
+        if max_num_logprobs is not None:
             emitted_rows = [first_row[i] + j for i in first_row for j in range(len(tokens[i]))]
             emitted = to_device(torch.tensor([t for i in first_row for t in tokens[i]]), logits.device)
-            sample_logprobs = gather_logprobs(logits[emitted_rows], emitted, meta.max_num_logprobs)
+            sample_logprobs = gather_logprobs(logits[emitted_rows], emitted, max_num_logprobs)
         prompt_logprobs = gather_prompt_logprobs(logits, prompt_rows, batch)
     return Verified(batch, tokens, _rounds(tokens, sample_logprobs, prompt_logprobs))
+
+
+def _argmax_is_enough(params) -> bool:
+    """Greedy, and nothing that changes the logits or asks for logprobs."""
+    return params.is_greedy and not params.min_tokens and not uses_penalties(params) and params.logprobs is None
 
 
 def _sampling_row(seq, proposed_before: list[int], eos_ids) -> SamplingRow:
