@@ -42,10 +42,12 @@ def test_random_workload_keeps_invariants(ops, block_size, caching):
         elif op == "grow" and live:
             seq = live[pick % len(live)]
             seq.append_token(tokens[0])
-            if bm.can_append(seq, seq.num_tokens):
-                bm.append_slot(seq, seq.num_tokens)
+            fits, before = bm.can_append(seq, seq.num_tokens), list(seq.block_table)
+            assert bm.grow(seq, seq.num_tokens) == fits
+            if fits:
                 bm.cache_computed_blocks(seq, seq.num_tokens)
             else:
+                assert seq.block_table == before            # nothing taken when it does not fit
                 seq.token_ids.pop()
         elif op == "free" and live:
             bm.free_blocks(live.pop(pick % len(live)))

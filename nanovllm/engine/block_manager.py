@@ -140,7 +140,12 @@ class BlockManager:
         """Are there blocks for seq to hold `num_tokens` tokens?"""
         return self.blocks_needed(num_tokens) - len(seq.block_table) <= self.num_free_blocks
 
-    def append_slot(self, seq: Sequence, num_tokens: int) -> None:
-        """Give seq the blocks it lacks to hold `num_tokens` tokens."""
-        while len(seq.block_table) < self.blocks_needed(num_tokens):
+    def grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Give seq the blocks it lacks to hold `num_tokens` tokens; False (and nothing
+        changed) when too few are free."""
+        lacking = self.blocks_needed(num_tokens) - len(seq.block_table)
+        if lacking > len(self.free):
+            return False
+        for _ in range(lacking):
             seq.block_table.append(self._take_free_block().block_id)
+        return True

@@ -80,13 +80,12 @@ class Scheduler:
             n = self._span(seq, budget)
             if n == 0:
                 continue
-            while not self.block_manager.can_append(seq, seq.num_computed_tokens + n):
+            while not self.block_manager.grow(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
                     break
             else:
-                self.block_manager.append_slot(seq, seq.num_computed_tokens + n)
                 self._add(batch, seq, n)
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:

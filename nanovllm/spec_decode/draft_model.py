@@ -107,10 +107,7 @@ class DraftModelProposer:
         self.synced[seq.seq_id] = seq.num_tokens
         # The draft computes up to the position before its last proposal.
         needed = seq.num_tokens + k - 1
-        if not self.block_manager.can_append(shadow, needed):
-            return None
-        self.block_manager.append_slot(shadow, needed)
-        return shadow
+        return shadow if self.block_manager.grow(shadow, needed) else None
 
     def _forget_all_but(self, seqs: list[Sequence]) -> None:
         """Free the draft blocks of sequences that are no longer running (finished, preempted)."""
