@@ -146,6 +146,5 @@ class BlockManager:
         lacking = self.blocks_needed(num_tokens) - len(seq.block_table)
         if lacking > len(self.free):
             return False
-        for _ in range(lacking):
-            seq.block_table.append(self._take_free_block().block_id)
+        seq.block_table += [self._take_free_block().block_id for _ in range(lacking)]
         return True
