@@ -227,8 +227,14 @@ def test_engine_objects_are_out_of_the_garbage_collectors_reach(tiny_qwen3):
     """Once built, the engine's long-lived objects are frozen (gc.freeze): a full collection
     during a step does not walk the model, the tokenizer and the libraries' objects."""
     import gc
+    import weakref
     llm = LLM(tiny_qwen3, enforce_eager=True)
     model = llm.llm_engine.runner.model
     assert gc.get_freeze_count() > 0
     assert not any(obj is model for obj in gc.get_objects())      # frozen objects are in no generation
     assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3), use_tqdm=False)[0].outputs[0].token_ids
+    # Dropped, the engine is collected whole (frozen objects never are: shutdown unfreezes).
+    weights = [weakref.ref(p) for p in model.parameters()]
+    del llm, model
+    gc.collect()
+    assert all(w() is None for w in weights)

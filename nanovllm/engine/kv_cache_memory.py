@@ -4,6 +4,7 @@ max_model_len tokens need, within a memory cap), and the tensor that holds them,
 layer: [2 (K, V), num_layers, num_blocks, block_size, num_kv_heads, head_dim].
 """
 import ctypes
+import gc
 import logging
 import math
 import mmap
@@ -96,6 +97,7 @@ def _profile_num_blocks(runner) -> int:
     seq_len = min(cfg.max_model_len, cfg.max_num_batched_tokens)
     num_seqs = max(1, min(cfg.max_num_seqs, cfg.max_num_batched_tokens // seq_len))
     scratch_blocks = num_seqs * -(-seq_len // runner.block_size)
+    gc.collect()                  # an engine dropped before this one may still hold memory in reference cycles
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     bind_kv_cache(runner, scratch_blocks)

@@ -240,6 +240,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         if hasattr(self.runner, "shutdown"):
             self.runner.shutdown()
+        gc.unfreeze()        # frozen objects are never collected: the engine's must be, once dropped
 
 
 def _eos_ids(tokenizer, hf_config) -> tuple[int | None, set[int]]:
