@@ -71,7 +71,6 @@ class ReplicaWorker:
         self.engine = LLMEngine.from_kwargs(model, **engine_kwargs)
         self.cumulative: set[str] = set()    # requests whose outputs are CUMULATIVE
 
-
     def pid(self) -> int:
         return os.getpid()
 
