@@ -13,9 +13,9 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.sampling_params import RequestOutputKind
 from nanovllm.bench_workload import add_workload_args, make_workload, use_cpu_preset
 from nanovllm.models.shapes import SHAPES, shape_checkpoint_dir
+from nanovllm.sampling_params import RequestOutputKind
 
 
 def timed_run(llm: LLM, workload) -> tuple[float, float, int]:
