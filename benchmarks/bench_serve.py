@@ -38,9 +38,9 @@ class Result:
 
 
 class NoResponse(RuntimeError):
-    """The connection failed before any response (a kept-alive connection the server had just
-    closed): the server never took the request, so it is safe to send again, as the openai
-    client does."""
+    """The connection failed before any response: most often a kept-alive connection that the
+    server had just closed, which never carried the request. Sent again, as the openai client
+    does with connection errors (a server that died mid-request then fails again)."""
 
 
 MAX_RETRIES = 2                   # the openai client's default

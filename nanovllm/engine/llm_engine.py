@@ -7,8 +7,6 @@
 A step schedules a batch (Scheduler), runs it (ModelRunner), then for every sequence that
 got a token: checks the stop conditions, detokenizes, and reports its request's output.
 """
-import atexit
-import gc
 import logging
 from dataclasses import dataclass, field
 
@@ -45,19 +43,6 @@ class Request:
         return all(seq.is_finished for seq in self.seqs)
 
 
-def _freeze_long_lived_objects() -> None:
-    """Everything built so far (model, tokenizer, the libraries' own objects) lives as long as
-    the engine: move it out of the garbage collector's reach, so that a full collection in the
-    middle of a step walks only what steps create (otherwise a pause of 10-80 ms)."""
-    gc.collect()
-    gc.freeze()
-
-
-# Back in reach at exit, so that the final collection frees them (Triton's bindings report
-# objects still alive then as leaks).
-atexit.register(gc.unfreeze)
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         if config.speculative_config is not None and type(self) is LLMEngine:
@@ -75,7 +60,6 @@ class LLMEngine:
         self.num_steps = 0
         self.last_step: ScheduledBatch | None = None    # the step launched last (progress bars, benchmarks)
         self.in_flight = None                # a step launched but not yet read back
-        _freeze_long_lived_objects()
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "LLMEngine":
@@ -240,7 +224,6 @@ class LLMEngine:
     def shutdown(self) -> None:
         if hasattr(self.runner, "shutdown"):
             self.runner.shutdown()
-        gc.unfreeze()        # frozen objects are never collected: the engine's must be, once dropped
 
 
 def _eos_ids(tokenizer, hf_config) -> tuple[int | None, set[int]]:

@@ -28,6 +28,7 @@ The engine process's loop:
 It ends on "shutdown", on a failure, or when the pipe closes (the front process is gone).
 The front's side of the pipe (start, send, read, stop): engine_handle.py.
 """
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -230,6 +231,11 @@ def run_engine(conn, model: str, engine_kwargs: dict, stream_interval_per_reques
         return
     finally:
         loaded.set()
+    # This process holds nothing but the engine, for as long as it runs: what loading built
+    # (model, tokenizer, the libraries' objects) goes out of the garbage collector's reach, so
+    # that a full collection mid-step walks only what steps create (docs/serving.md).
+    gc.collect()
+    gc.freeze()
     try:
         conn.send(("ready", engine.config))
         EngineLoop(engine, conn, stream_interval_per_request).run()
@@ -237,6 +243,7 @@ def run_engine(conn, model: str, engine_kwargs: dict, stream_interval_per_reques
         pass                                        # the front went away while the model loaded
     finally:
         engine.shutdown()
+        gc.unfreeze()      # the final collection at exit then frees them (else Triton's bindings report leaks)
 
 
 def _exit_if_orphaned_before(loaded: threading.Event) -> None:

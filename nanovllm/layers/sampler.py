@@ -21,7 +21,8 @@ class SamplerOutput:
 
 class Sampler(torch.nn.Module):
     """`fused=True` (the CUDA default) draws the tokens with Triton kernels (layers/fused_sampling.py).
-    The CPU takes the torch steps below, which are also the kernels' reference."""
+    The CPU takes the torch steps below, which are also the reference for the distribution
+    the kernels draw from (the draws themselves differ)."""
 
     def __init__(self, fused: bool = False):
         super().__init__()
@@ -116,7 +117,9 @@ def inverse_cdf_draw(probs: torch.Tensor, seeds: dict[int, int]) -> torch.Tensor
     float64 so that tokens of tiny probability keep their share. `seeds`: row -> seed, for the
     rows whose number comes from their own seed rather than torch's global generator."""
     cdf = probs.cumsum(dim=-1, dtype=torch.float64)
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device)
+    u = torch.empty(probs.shape[0], 1, dtype=torch.float64, device=probs.device)
+    if len(seeds) < probs.shape[0]:          # the global generator only when a row needs it
+        u.uniform_()
     for i, seed in seeds.items():
         generator = torch.Generator(probs.device).manual_seed(seed)
         u[i] = torch.rand(1, dtype=torch.float64, generator=generator, device=probs.device)
