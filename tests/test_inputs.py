@@ -76,9 +76,6 @@ def test_layout_matches_a_per_token_loop():
             tensors = [inputs.input_ids, inputs.positions, inputs.meta.slot_mapping, inputs.logits_indices,
                        inputs.meta.cu_seqlens_q, inputs.meta.seq_lens, inputs.meta.block_tables]
             assert [t.dtype for t in tensors] == [torch.int64] * 4 + [torch.int32] * 3
-            # All in one buffer (one host-to-device copy per step), each 16-byte aligned.
-            assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
-            assert all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
 def test_a_decode_batch_samples_every_row_in_order():

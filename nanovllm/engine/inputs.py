@@ -88,21 +88,15 @@ def block_table_array(block_tables: list[list[int]]) -> np.ndarray:
 
 def to_tensors(input_ids, positions, slots, cu_q, seq_lens, tables: np.ndarray, max_q: int, is_decode: bool,
                logits_indices, device: torch.device) -> ModelInputs:
-    """Lists or numpy arrays -> ModelInputs on `device`, in ONE host-to-device copy (each copy
-    costs the host tens of microseconds): the arrays are packed into one byte buffer, each at a
-    16-byte boundary (Triton compiles its kernels for pointers so aligned), copied, and viewed
-    back as tensors."""
-    arrays = [np.asarray(input_ids, np.int64), np.asarray(positions, np.int64), np.asarray(slots, np.int64),
-              np.asarray(logits_indices, np.int64),
-              np.asarray(cu_q, np.int32), np.asarray(seq_lens, np.int32), np.asarray(tables, np.int32)]
-    offsets = np.cumsum([0] + [-(-a.nbytes // 16) * 16 for a in arrays])
-    packed = np.zeros(int(offsets[-1]), dtype=np.uint8)
-    for a, offset in zip(arrays, offsets):
-        packed[offset:offset + a.nbytes] = a.reshape(-1).view(np.uint8)
-    packed = to_device(torch.from_numpy(packed), device)
-    input_ids, positions, slots, logits_indices, cu_q, seq_lens_t, tables = (
-        packed[offset:offset + a.nbytes].view(torch.int64 if a.dtype == np.int64 else torch.int32).view(a.shape)
-        for a, offset in zip(arrays, offsets))
-    meta = AttentionMetadata(slot_mapping=slots, cu_seqlens_q=cu_q, seq_lens=seq_lens_t, block_tables=tables,
-                             max_seqlen_q=max_q, max_seqlen_k=int(arrays[5].max(initial=0)), is_decode=is_decode)
-    return ModelInputs(input_ids, positions, meta, logits_indices)
+    """Lists or numpy arrays -> ModelInputs on `device`. (Packing the seven into one copy was
+    tried: no faster on an H100, see docs/benchmarks.md.)"""
+    def as_tensor(values, dtype):
+        host = torch.from_numpy(np.asarray(values, dtype=dtype))
+        return to_device(host, device)
+
+    meta = AttentionMetadata(
+        slot_mapping=as_tensor(slots, np.int64), cu_seqlens_q=as_tensor(cu_q, np.int32),
+        seq_lens=as_tensor(seq_lens, np.int32), block_tables=as_tensor(tables, np.int32),
+        max_seqlen_q=max_q, max_seqlen_k=int(np.max(seq_lens, initial=0)), is_decode=is_decode)
+    return ModelInputs(as_tensor(input_ids, np.int64), as_tensor(positions, np.int64), meta,
+                       as_tensor(logits_indices, np.int64))
