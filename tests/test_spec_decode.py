@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import given, strategies as st
 from safetensors.torch import load_file, save_file
 
 from nanovllm import LLM, SamplingParams
@@ -76,6 +77,20 @@ def test_ngram_proposal_takes_the_longest_then_most_recent_match():
     assert ngram_proposal(tokens, 2, 1, 1) == [1, 2]
     assert ngram_proposal([4, 5, 6], 3, 1, 3) == []                 # no earlier occurrence
     assert ngram_proposal([4, 5, 4], 3, 1, 3) == [5, 4]             # fewer than k follow
+
+
+def ngram_reference(tokens, k, min_n, max_n):
+    """The definition, window by window: the longest n first, then the latest window."""
+    for n in range(max_n, min_n - 1, -1):
+        for start in reversed(range(len(tokens) - n)):
+            if n < len(tokens) and tokens[start:start + n] == tokens[len(tokens) - n:]:
+                return tokens[start + n:start + n + k]
+    return []
+
+
+@given(st.lists(st.integers(0, 3), max_size=40), st.integers(1, 5), st.integers(1, 4), st.integers(0, 3))
+def test_ngram_proposal_matches_the_definition(tokens, k, min_n, extra):
+    assert ngram_proposal(tokens, k, min_n, min_n + extra) == ngram_reference(tokens, k, min_n, min_n + extra)
 
 
 def test_greedy_accept():

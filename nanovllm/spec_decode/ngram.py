@@ -6,7 +6,6 @@ Text that copies from its prompt (code edits, quotes, summaries, extraction) get
 accepted runs; elsewhere it costs only the search.
 """
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 
 def ngram_proposal(token_ids: list[int], k: int, min_n: int, max_n: int) -> list[int]:
@@ -14,15 +13,23 @@ def ngram_proposal(token_ids: list[int], k: int, min_n: int, max_n: int) -> list
     tokens (the longest n in [min_n, max_n] that occurs); [] when none does."""
     tokens = np.asarray(token_ids, dtype=np.int64)
     length = len(tokens)
-    for n in range(min(max_n, length - 1), min_n - 1, -1):
-        # Windows that start before the suffix itself (at length - n): starts 0 .. length - 1 - n,
-        # so at least one token follows each.
-        windows = sliding_window_view(tokens[:length - 1], n)
-        hits = np.flatnonzero((windows == tokens[length - n:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return tokens[start:start + k].tolist()
-    return []
+    if length < 2 or min_n > max_n:
+        return []
+    # One pass instead of one per n: every earlier position holding the last token ends a
+    # candidate match (a token must follow it, so it ends before length - 1); extend each
+    # candidate backwards while it keeps matching, up to max_n tokens.
+    ends = np.flatnonzero(tokens[:length - 1] == tokens[-1])
+    matched = np.ones(len(ends), dtype=np.int64)
+    alive = np.ones(len(ends), dtype=bool)
+    for j in range(1, min(max_n, length - 1)):
+        alive &= ends >= j
+        alive[alive] = tokens[ends[alive] - j] == tokens[length - 1 - j]
+        matched += alive
+    best = matched.max(initial=0)
+    if best < min_n:
+        return []
+    start = int(ends[np.flatnonzero(matched == best)[-1]]) + 1
+    return tokens[start:start + k].tolist()
 
 
 class NgramProposer:
