@@ -115,7 +115,15 @@ def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_c
 
 def decode_reads(seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int, window: int | None = None):
     """What a decode step reads of a layer's cache: each sequence's blocks up to the longest
-    (flat, int64) and which of those gathered keys each query sees ([batch, 1, 1, keys])."""
+    (flat, int64) and which of those gathered keys each query sees ([batch, 1, 1, keys]).
+    A lone sequence on a CPU whose blocks are consecutive (usual for one request) reads
+    (a slice of the cache's token slots, None): a view, with no copy and no mask."""
+    if len(seq_lens) == 1 and seq_lens.is_cpu:
+        length = int(seq_lens[0])
+        ids = block_tables[0, :-(-length // block_size)].tolist()
+        if ids == list(range(ids[0], ids[0] + len(ids))):
+            first = ids[0] * block_size
+            return slice(first + max(0, length - (window or length)), first + length), None
     num_blocks = -(-int(seq_lens.max()) // block_size)
     blocks = block_tables[:, :num_blocks].reshape(-1).long()
     key_pos = torch.arange(num_blocks * block_size, device=seq_lens.device)[None, :]
@@ -125,13 +133,16 @@ def decode_reads(seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size:
     return blocks, visible[:, None, None, :]
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
-                     visible: torch.Tensor, scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks, visible,
+                     scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
     """q [batch, Hq, D] over the gathered `blocks` (see decode_reads) -> [batch, Hq, D]."""
     batch = q.shape[0]
-    # index_select copies whole blocks several times faster than advanced indexing (on a CPU)
-    k = _from_cache(k_cache.index_select(0, blocks), k_scale).view(batch, -1, *k_cache.shape[2:])
-    v = _from_cache(v_cache.index_select(0, blocks), v_scale).view(batch, -1, *v_cache.shape[2:])
+    if isinstance(blocks, slice):      # one sequence's tokens, consecutive in the cache
+        k, v = (c.flatten(0, 1)[blocks].unsqueeze(0) for c in (k_cache, v_cache))
+    else:   # index_select copies whole blocks several times faster than advanced indexing (on a CPU)
+        k = k_cache.index_select(0, blocks).view(batch, -1, *k_cache.shape[2:])
+        v = v_cache.index_select(0, blocks).view(batch, -1, *v_cache.shape[2:])
+    k, v = _from_cache(k, k_scale), _from_cache(v, v_scale)
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(),
         attn_mask=visible, scale=scale, enable_gqa=True)   # [batch, Hq, 1, D]
