@@ -51,15 +51,17 @@ def verify(runner, batch: ScheduledBatch, eos_ids: Collection[int], draft_probs:
     with torch.inference_mode():
         logits = runner.execute(runner.prepare(batch, indices)).float()
         sample_rows = [start_row + j for i, start_row in first_row.items() for j in range(len(proposed[i]) + 1)]
+        # Without prompt-logprob rows every row samples, in order: no gather (nor its index's copy).
+        sampled_logits = logits if not prompt_rows else logits[sample_rows]
         if all(_argmax_is_enough(batch.seqs[i].params) for i in first_row):
             # Plain greedy rows need neither the sampler's inputs nor distributions.
             probs, max_num_logprobs = None, None
-            best = logits[sample_rows].argmax(dim=-1).tolist()
+            best = sampled_logits.argmax(dim=-1).tolist()
         else:
             rows = [_sampling_row(batch.seqs[i], proposed[i][:j], eos_ids)
                     for i in first_row for j in range(len(proposed[i]) + 1)]
             meta = SamplingMetadata.build(rows, runner.vocab_size, runner.device)
-            probs, max_num_logprobs = sampling_probs(logits[sample_rows], meta), meta.max_num_logprobs
+            probs, max_num_logprobs = sampling_probs(sampled_logits, meta), meta.max_num_logprobs
             best = probs.argmax(dim=-1).tolist()   # greedy rows: the argmax (one read-back for all)
         tokens, row = [[] for _ in batch.seqs], 0
         for i in first_row:
