@@ -3,7 +3,7 @@ SmolLM2-shaped model with dummy weights, prompts that repeat a 40-token pattern 
 are found), greedy; then cProfile's hottest functions of the speculative run.
 
     python benchmarks/spec_step_profile.py                # batch 1, k = 4, 128 new tokens
-    python benchmarks/spec_step_profile.py --batch 8 -k 6 --top 40
+    python benchmarks/spec_step_profile.py --batch 8 -k 6 --top 40 [--sort cumulative]
 """
 import argparse
 import cProfile
@@ -22,6 +22,7 @@ def main() -> None:
     p.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
     p.add_argument("--tokens", type=int, default=128, help="new tokens per request")
     p.add_argument("--top", type=int, default=30, help="functions to list")
+    p.add_argument("--sort", default="tottime", choices=["tottime", "cumulative"], help="order of the list")
     args = p.parse_args()
     rng = random.Random(0)
     prompts = [[rng.randint(100, 5000) for _ in range(40)] * 5 for _ in range(args.batch)]
@@ -52,7 +53,7 @@ def main() -> None:
                     f"accepted, in {m.num_drafts} proposals"
         print(line, flush=True)
         if profile:
-            pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
+            pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
         engine.shutdown()
 
 
