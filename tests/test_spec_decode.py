@@ -177,6 +177,29 @@ def test_no_proposals_while_more_requests_run_than_disable_by_batch_size(target,
     assert outs[0].metrics.num_draft_tokens > 0 and outs[0].metrics.num_accepted_tokens > 0
 
 
+def test_steps_with_nothing_to_propose_overlap_as_plain_ones(target, plain):
+    """One request whose prompt repeats nothing: while the n-gram search finds nothing, each
+    step is launched plain and left in flight (overlapped with the next, as without
+    speculation); once its own output repeats, steps verify proposals again. The tokens are
+    the plain engine's throughout."""
+    prompt = [list(range(40, 52))]
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    ref = run(plain, prompt, params)
+    llm = spec_llm(target, {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2,
+                            "prompt_lookup_min": 2})
+    engine = llm.llm_engine
+    engine.add_request("r", prompt[0], params)
+    kinds, final = [], None                      # per step: "overlapped" or "verified"
+    while engine.has_unfinished_requests():
+        verified_before = engine.speculator.metrics.num_drafts
+        final = next((o for o in engine.step() if o.finished), final)
+        kinds.append("verified" if engine.speculator.metrics.num_drafts > verified_before
+                     else "overlapped" if engine.in_flight is not None else "other")
+    assert kinds[:2] == ["overlapped", "overlapped"]     # the prompt repeats nothing: no proposal at first
+    assert "verified" in kinds                           # the tiny model's output repeats itself
+    assert final.outputs[0].token_ids == ref[0].token_ids
+
+
 @pytest.fixture(scope="module")
 def full_acceptance(target):
     return spec_llm(target, {"model": target, "num_speculative_tokens": 4})

@@ -15,13 +15,19 @@ class SpeculativeEngine(LLMEngine):
 
     def advance(self) -> list[Request]:
         """One step. A speculative one is read back before the next is scheduled (no overlap:
-        the next proposals need its tokens on the host); with more running requests than
-        disable_by_batch_size, a plain step, overlapped as LLMEngine's."""
+        the next proposals need its tokens on the host). Where there is nothing to propose, the
+        steps run plain and overlapped, as LLMEngine's, until the tokens read back give a
+        proposal again (the n-gram search is cheap enough to ask after every step); so do all
+        steps with more running requests than disable_by_batch_size."""
         if not self.speculating():
+            return super().advance()
+        if self.in_flight is not None and not self.speculator.expects_proposals(self.scheduler.running):
             return super().advance()
         advanced = self._finish(self.in_flight) if self.in_flight is not None else []
         self.in_flight = None             # the plain step in flight is read back first
         self.speculator.propose(self.scheduler.running, self.eos_ids)
+        if not any(seq.spec_token_ids for seq in self.scheduler.running):
+            return advanced + super().advance()       # a plain step, left in flight
         batch = self.scheduler.schedule()
         if batch is None:
             return advanced

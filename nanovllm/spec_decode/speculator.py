@@ -4,6 +4,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from nanovllm.spec_decode.config import SpeculativeConfig
+from nanovllm.spec_decode.ngram import NgramProposer, ngram_proposal
 from nanovllm.spec_decode.verify import Verified, verify
 
 
@@ -45,7 +46,6 @@ class Speculator:
         spec: SpeculativeConfig = config.speculative_config
         self.max_model_len = config.max_model_len
         if spec.method == "ngram":
-            from nanovllm.spec_decode.ngram import NgramProposer
             self.proposer = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
         else:
             from nanovllm.spec_decode.draft_model import DraftModelProposer
@@ -64,6 +64,15 @@ class Speculator:
             seq.spec_token_ids = tokens
             if q is not None:
                 self.draft_probs[seq.seq_id] = q
+
+    def expects_proposals(self, running: list) -> bool:
+        """With a plain step in flight: would the tokens known so far give any sequence a
+        proposal? Asked of the n-gram search only (a draft model's answer costs its forward
+        passes: it is assumed yes, and every draft-model step is speculative)."""
+        if not isinstance(self.proposer, NgramProposer):
+            return True
+        return any(ngram_proposal(seq.token_ids, 1, self.proposer.min_n, self.proposer.max_n)
+                   for seq in running if seq.num_computed_tokens >= seq.num_prompt_tokens)
 
     def _limit(self, seq) -> int:
         decoding = seq.num_computed_tokens == seq.num_tokens - 1 and seq.num_in_flight == 0
