@@ -203,6 +203,24 @@ def test_a_lone_surrogate_is_a_400_naming_its_field_and_the_connection_stays_usa
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
+def test_a_lone_surrogate_sent_as_raw_bytes_is_a_400_too(url):
+    """Not only as an escape: json reads bytes with "surrogatepass", so a surrogate's own
+    (invalid) UTF-8 bytes become one too."""
+    body = '{"model": "tiny", "prompt": ["fine", "a\ud800"]}'.encode("utf-8", "surrogatepass")
+    assert raw_error(url, 400, body, headers={"Content-Type": "application/json"})["param"] == "prompt[1]"
+
+
+def test_only_a_body_that_may_hold_a_lone_surrogate_is_walked():
+    """The walk of the JSON (slow on hundreds of token ids) is skipped for an ASCII body
+    without a \\uD800-\\uDFFF escape; any other body is walked."""
+    from nanovllm.entrypoints.errors import may_hold_lone_surrogate
+    assert not may_hold_lone_surrogate(json.dumps({"prompt": list(range(500)), "stop": ["\u00e9"]}).encode())
+    assert not may_hold_lone_surrogate(b'{"prompt": "\\u00e9\\uE000"}')       # escapes outside the range
+    for raw in (b'{"prompt": "\\ud800"}', b'{"prompt": "\\uDFFF"}', b'{"p": "\\ud83d\\ude00"}',
+                json.dumps({"prompt": "caf\u00e9"}, ensure_ascii=False).encode()):
+        assert may_hold_lone_surrogate(raw), raw
+
+
 def test_a_body_that_is_not_utf8_is_a_400(url):
     body = b'{"model": "tiny", "prompt": "\xff\xfe"}'
     raw_error(url, 400, body, headers={"Content-Type": "application/json"})

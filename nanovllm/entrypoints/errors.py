@@ -58,6 +58,18 @@ def _encodable(text: str) -> bool:
         return False
 
 
+# JSON carries a lone surrogate as a \uD800-\uDFFF escape, or as raw bytes outside ASCII (json
+# decodes bytes with "surrogatepass").
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def may_hold_lone_surrogate(raw: bytes) -> bool:
+    """False when a request's raw JSON cannot hold a lone surrogate: it is ASCII without a
+    surrogate escape (the usual request: check_encodable's walk, 90 us of Python for a prompt
+    of 400 token ids, is then skipped)."""
+    return not raw.isascii() or _SURROGATE_ESCAPE.search(raw) is not None
+
+
 def check_encodable(body) -> None:
     """400 naming the field if the request holds text that cannot be encoded."""
     path = lone_surrogate_path(body)
