@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -193,3 +194,34 @@ def test_bench_serve_sends_again_only_what_the_server_never_answered():
     plan, calls[:] = ["cut", "ok"], []
     result = asyncio.run(send())
     assert "after HTTP 200 and 1 chunks" in result.error and len(calls) == 1
+
+
+def test_bench_serve_against_the_stub_model_server(tiny_qwen3, tmp_path):
+    """The serving benchmark end to end on a CPU: serve_stub_model.py (the real server and
+    engine process, a stub forward pass) answers every request of bench_serve.py with the
+    tokens it asked for."""
+    import urllib.request
+    port, flags = 8391, ["--workload", "chat", "--preset", "full", "--num-seqs", "24", "--min-input", "10",
+                         "--max-input", "40", "--min-output", "5", "--max-output", "20", "--max-token-id", "300"]
+    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks/serve_stub_model.py"), tiny_qwen3,
+                               "--step-ms", "1", "--port", str(port), "--device", "cpu", "--max-model-len", "512",
+                               "--uvicorn-log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, "the stub server exited"
+                time.sleep(0.5)
+        out = tmp_path / "serve.jsonl"
+        client = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks/bench_serve.py"), "--url",
+                                 f"http://127.0.0.1:{port}", "--concurrency", "8", "--json", str(out), *flags],
+                                capture_output=True, text=True, timeout=240)
+        assert client.returncode == 0, client.stdout + client.stderr
+        summary = json.loads(out.read_text().splitlines()[-1])
+        assert summary["num_requests"] == 24 and summary["failed_requests"] == 0, summary
+        assert summary["output_tokens"] == workload(*flags[:2], *flags[4:]).output_tokens
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
