@@ -68,23 +68,26 @@ def main() -> None:
                 convs = [[{"role": "user", "content": INSTRUCTIONS[workload] + text}] for text in passages(max(batch, args.single_requests))]
                 before = llm.llm_engine.speculator.metrics if config else None
                 before = (before.num_accepted_tokens, before.num_drafts) if before else None
+                steps_before = llm.llm_engine.num_steps
                 seconds, tokens = 0.0, []
                 groups = [convs[i:i + 1] for i in range(args.single_requests)] if batch == 1 else [convs[:batch]]
                 for group in groups:
                     t, toks = run(llm, group, args.max_tokens)
                     seconds += t
                     tokens += toks
-                accept = None
+                accept = verifying = None
+                steps = llm.llm_engine.num_steps - steps_before
                 if config:
                     m = llm.llm_engine.speculator.metrics
                     drafts = m.num_drafts - before[1]
                     accept = 1 + (m.num_accepted_tokens - before[0]) / drafts if drafts else None
+                    verifying = f", {drafts} of {steps} steps verified proposals" if batch == 1 else ""
                 n = sum(map(len, tokens))
                 results[workload, batch, label] = (seconds / n, tokens, accept)
                 per_token = 1000 * seconds / n if batch == 1 else None
                 print(f"[{label}] {workload} batch {batch}: {n} tokens in {seconds:.2f} s ({n / seconds:,.0f} tok/s"
                       + (f", {per_token:.2f} ms/token" if per_token else "") + ")"
-                      + (f", {accept:.2f} tokens per verifying step" if accept else ""), flush=True)
+                      + (f", {accept:.2f} tokens per verifying step" if accept else "") + (verifying or ""), flush=True)
         del llm
     print(f"\n{'workload':<10} {'batch':>5} {'plain':>12} {'ngram':>12} {'speed-up':>9} {'tokens/verify':>14} {'same tokens':>12}")
     for workload in args.workloads:
