@@ -81,9 +81,9 @@ def test_ngram_proposal_takes_the_longest_then_most_recent_match():
 
 def ngram_reference(tokens, k, min_n, max_n):
     """The definition, window by window: the longest n first, then the latest window."""
-    for n in range(max_n, min_n - 1, -1):
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
         for start in reversed(range(len(tokens) - n)):
-            if n < len(tokens) and tokens[start:start + n] == tokens[len(tokens) - n:]:
+            if tokens[start:start + n] == tokens[len(tokens) - n:]:
                 return tokens[start + n:start + n + k]
     return []
 

@@ -143,8 +143,8 @@ class BlockManager:
     def grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Give seq the blocks it lacks to hold `num_tokens` tokens; False (and nothing
         changed) when too few are free."""
-        lacking = self.blocks_needed(num_tokens) - len(seq.block_table)
-        if lacking > len(self.free):
+        if not self.can_append(seq, num_tokens):
             return False
+        lacking = self.blocks_needed(num_tokens) - len(seq.block_table)
         seq.block_table += [self._take_free_block().block_id for _ in range(lacking)]
         return True
