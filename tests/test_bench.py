@@ -77,6 +77,23 @@ def test_flags_override_the_preset():
         workload("--max-output", "10")
 
 
+def test_a_shape_checkpoints_tokenizer_spells_every_id_of_its_vocabulary(tmp_path):
+    """Random weights sample from the whole vocabulary: every id must spell text, or a server
+    streams nothing until the end (a token that spells nothing is held back)."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from nanovllm.models.shapes import shape_checkpoint_dir
+    tokenizer = AutoTokenizer.from_pretrained(shape_checkpoint_dir("smollm2-135m", root=str(tmp_path)))
+    assert len(tokenizer) == SHAPES["smollm2-135m"]["vocab_size"]
+    special = set(tokenizer.all_special_ids)
+    ids = [i for i in random.Random(0).sample(range(len(tokenizer)), 2000) if i not in special]
+    assert all(tokenizer.decode([i]) for i in ids)
+    assert tokenizer.decode(tokenizer.encode("The capital of France is Paris.")) == "The capital of France is Paris."
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False).startswith("<|im_start|>")
+
+
 def _config(shape: str) -> SimpleNamespace:
     return SimpleNamespace(**SHAPES[shape])
 

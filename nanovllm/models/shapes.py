@@ -1,7 +1,7 @@
 """Published model shapes, for benchmarks with dummy weights (no download needed).
 
-`shape_checkpoint_dir("qwen3-0.6b")` writes the model's config.json beside a small
-tokenizer; with `LLM(dir, load_format="dummy")` the engine then runs a model of exactly
+`shape_checkpoint_dir("qwen3-0.6b")` writes the model's config.json beside a tokenizer of
+as many tokens; with `LLM(dir, load_format="dummy")` the engine then runs a model of exactly
 that shape (and speed) with random weights.
 """
 import json
@@ -64,14 +64,45 @@ SHAPES["llama-3.2-1b-gptq"] = dict(SHAPES["llama-3.2-1b"], quantization_config=d
 
 
 def shape_checkpoint_dir(name: str, root: str | None = None) -> str:
-    """A directory with `name`'s config.json and a small tokenizer (created once)."""
+    """A directory with `name`'s config.json and a tokenizer of its vocabulary (created once)."""
     if name not in SHAPES:
         raise ValueError(f"Unknown model shape {name!r}; known shapes: {', '.join(SHAPES)}.")
-    from nanovllm.demo_model import build_tokenizer, cache_root
-    path = os.path.join(root or cache_root(), "shapes", name)
+    from nanovllm.demo_model import cache_root
+    # v2: the tokenizer covers the whole vocabulary (v1's had 400 tokens).
+    path = os.path.join(root or cache_root(), "shapes", "v2", name)
     if not os.path.exists(os.path.join(path, "config.json")):
         os.makedirs(path, exist_ok=True)
-        build_tokenizer().save_pretrained(path)
+        build_vocabulary_tokenizer(SHAPES[name]["vocab_size"]).save_pretrained(path)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(SHAPES[name], f, indent=2)
     return path
+
+
+def build_vocabulary_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer of exactly `vocab_size` tokens, each of which spells text (1-3
+    printable ASCII characters). Random weights sample ids from the whole vocabulary; with a
+    smaller tokenizer most of them would spell nothing, and a server streams no text for tokens
+    that spell nothing (a benchmark would see every token arrive at the end)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from nanovllm.demo_model import _SPECIAL_TOKENS, CHAT_TEMPLATE
+    vocab = {token: i for i, token in enumerate(_SPECIAL_TOKENS)}
+    for char in pre_tokenizers.ByteLevel.alphabet():       # every byte, so any text encodes
+        vocab.setdefault(char, len(vocab))
+    printable = [chr(c) for c in range(33, 127)]            # bytes the byte-level alphabet keeps as they are
+    merges, pieces = [], printable
+    while len(vocab) < vocab_size:                          # pieces one character longer at each round
+        longer = []
+        for piece in pieces:
+            for char in printable[:vocab_size - len(vocab)]:
+                vocab[piece + char] = len(vocab)
+                merges.append((piece, char))
+                longer.append(piece + char)
+        pieces = longer
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(_SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE)
