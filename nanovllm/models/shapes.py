@@ -86,8 +86,8 @@ def build_vocabulary_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from nanovllm.demo_model import _SPECIAL_TOKENS, CHAT_TEMPLATE
-    vocab = {token: i for i, token in enumerate(_SPECIAL_TOKENS)}
+    from nanovllm.demo_model import CHAT_TEMPLATE, SPECIAL_TOKENS
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for char in pre_tokenizers.ByteLevel.alphabet():       # every byte, so any text encodes
         vocab.setdefault(char, len(vocab))
     printable = [chr(c) for c in range(33, 127)]            # bytes the byte-level alphabet keeps as they are
@@ -103,6 +103,6 @@ def build_vocabulary_tokenizer(vocab_size: int):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(_SPECIAL_TOKENS)
+    tok.add_special_tokens(SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=CHAT_TEMPLATE)
