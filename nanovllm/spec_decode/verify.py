@@ -50,9 +50,9 @@ def verify(runner, batch: ScheduledBatch, eos_ids: Collection[int], draft_probs:
         offset += n
     with torch.inference_mode():
         logits = runner.execute(runner.prepare(batch, indices)).float()
-        sample_rows = [start_row + j for i, start_row in first_row.items() for j in range(len(proposed[i]) + 1)]
         # Without prompt-logprob rows every row samples, in order: no gather (nor its index's copy).
-        sampled_logits = logits if not prompt_rows else logits[sample_rows]
+        sampled_logits = logits if not prompt_rows else logits[
+            [start_row + j for i, start_row in first_row.items() for j in range(len(proposed[i]) + 1)]]
         if all(_argmax_is_enough(batch.seqs[i].params) for i in first_row):
             # Plain greedy rows need neither the sampler's inputs nor distributions.
             probs, max_num_logprobs = None, None
