@@ -16,6 +16,12 @@ from nanovllm.layers.attention import AttentionMetadata
 from nanovllm.device_copy import to_device
 
 
+# A step of short spans (a verifying step of speculation: k + 1 tokens a sequence) runs as one-token
+# rows, each reading its sequence's cache again: cheaper than the varlen kernel only while few.
+ROWS_MAX_SPAN = 8
+ROWS_MAX_TOKENS = 32
+
+
 @dataclass
 class ModelInputs:
     """Everything one forward pass needs, as tensors (what rank 0 sends to the other ranks)."""
@@ -75,6 +81,12 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device,
     positions = np.arange(int(cu_q[-1])) + np.repeat(starts - cu_q[:-1], counts)
     slots = tables[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
     seq_lens = (starts + counts).astype(np.int32)
+    if not batch.is_decode and counts.max() <= ROWS_MAX_SPAN and cu_q[-1] <= ROWS_MAX_TOKENS:
+        # Every token its own one-token row, over its sequence's cache up to itself: the decode
+        # kernel and graphs then run the step (speculation's verifying steps at small batches).
+        rows = np.arange(len(ids) + 1, dtype=np.int32)
+        return to_tensors(ids, positions, slots, rows, (positions + 1).astype(np.int32),
+                          tables[seq_of_token], 1, True, logits_indices, device)
     return to_tensors(ids, positions, slots, cu_q, seq_lens, tables, int(counts.max()), batch.is_decode,
                       logits_indices, device)
 

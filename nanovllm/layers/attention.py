@@ -26,7 +26,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor    # [num_seqs, max_blocks] int32
     max_seqlen_q: int             # longest run of new tokens (1 for decode)
     max_seqlen_k: int             # longest sequence (host int, for flash-attn's varlen call)
-    is_decode: bool               # every sequence has exactly one new token
+    is_decode: bool               # every row (a sequence, or a token of a short span) has one new token
 
 
 class TorchBackend:
