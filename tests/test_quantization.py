@@ -353,6 +353,29 @@ def test_cpu_int4_kernel_equals_the_reference(group_size, dtype):
     assert error < 1e-2, error
 
 
+def test_cpu_int4_many_rows_unpack_to_the_kernels_weights():
+    """From DENSE_ROWS rows on, the packed weight is unpacked to bfloat16 and multiplied densely:
+    the unpacked weight is exactly the one the kernel multiplies by (its product with the
+    identity), and the product matches dequantize-then-matmul as the kernel's does."""
+    from nanovllm.quantization.cpu_int4 import DENSE_ROWS, _layout_known, int4_matmul, repack, unpack
+    from nanovllm.quantization.int_linear import dequantize
+    from nanovllm.quantization.packing import pack_int32
+    assert _layout_known()
+    gen = torch.Generator().manual_seed(7)
+    n, k, group_size = 192, 256, 64
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+    scales = torch.rand(n, k // group_size, generator=gen) * 0.05
+    mins = -8 * scales + torch.randn(n, k // group_size, generator=gen) * 0.01
+    packed, scales_and_zeros = repack(q.to(torch.uint8), scales, mins)
+    kernel_weight = torch._weight_int4pack_mm_for_cpu(torch.eye(k, dtype=torch.bfloat16), packed, group_size,
+                                                      scales_and_zeros).t()
+    assert torch.equal(unpack(packed, scales_and_zeros, group_size), kernel_weight)
+    x = torch.randn(DENSE_ROWS + 3, k, generator=gen)
+    expected = x @ dequantize(pack_int32(q, 4, dim=1), scales, mins, 4, group_size).t()
+    got = int4_matmul(x, packed, scales_and_zeros, group_size)
+    assert got.dtype == torch.float32 and (got - expected).norm() / expected.norm() < 1e-2
+
+
 def test_cpu_int4_only_where_torchs_kernel_applies(monkeypatch):
     """Layers the kernel cannot take (8 bits, groups of 16, output features not a multiple of 16,
     act-order groups looked up per feature) keep nanovllm's layout and the reference matmul."""
