@@ -47,7 +47,9 @@ def repack(qweight_values: torch.Tensor, scales: torch.Tensor, mins: torch.Tenso
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """x [M, K] @ w.T -> [M, N] in x's dtype, computed in bfloat16."""
     xb = x.to(torch.bfloat16)
-    if x.shape[0] >= DENSE_ROWS and packed.shape[0] % 64 == 0 and _layout_known():
+    # (a compiled graph keeps the kernel: a branch on the row count would recompile per size)
+    if not torch.compiler.is_compiling() and x.shape[0] >= DENSE_ROWS and packed.shape[0] % 64 == 0 \
+            and _layout_known():
         return F.linear(xb, unpack(packed, scales_and_zeros, group_size)).to(x.dtype)
     return torch._weight_int4pack_mm_for_cpu(xb, packed, group_size, scales_and_zeros).to(x.dtype)
 
@@ -67,7 +69,7 @@ def unpack(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int
 def _layout_known() -> bool:
     """Does this torch pack as `unpack` reads? (The layout is the kernel's own, not an API.)"""
     values = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-    ones = torch.ones(64 // 32, 128, 2, dtype=torch.bfloat16)
-    ones[..., 1] = 8                        # scale 1, zero 8: the weights are the values themselves
+    identity = torch.ones(64 // 32, 128, 2, dtype=torch.bfloat16)
+    identity[..., 1] = 8                    # scale 1, zero 8: the weights are the values themselves
     packed = torch._convert_weight_to_int4pack_for_cpu(values, 1)
-    return torch.equal(unpack(packed, ones, 32), values.to(torch.bfloat16))
+    return torch.equal(unpack(packed, identity, 32), values.to(torch.bfloat16))
