@@ -25,8 +25,10 @@ Two kernels, picked by the number of rows (see `_config`):
   g_idx (scattered groups) each weight is scaled before the dot instead.
 
 Split-K: with few output tiles there are too few programs to fill the GPU, so K is cut into
-`split_k` ranges, each program writes a float32 partial tile and the partials are summed after
-(two more kernel launches: the sweep in benchmarks/bench_w4a16.py weighs that against idle SMs).
+`split_k` ranges. Each program writes a float32 partial tile and counts itself in on an atomic
+counter per output tile; the one that arrives last sums the partials in K order (so the result
+does not depend on which came last), writes the output and sets the counter back to zero for the
+next launch. One launch a linear: summing in torch took two more, each as long as a small GEMV.
 """
 import functools
 
@@ -56,11 +58,32 @@ def _unpack_value(words, J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _finish_tile(acc, out_ptrs, mask, partials_ptr, offsets, partial_stride, counter_ptr, pid_k, split_k,
+                 SPLIT: tl.constexpr):
+    """Store a program's result: the output itself, or (SPLIT) its float32 partial at `offsets` in
+    slice pid_k of the partials, and, in the tile's last program to arrive, the partials' sum."""
+    if not SPLIT:
+        tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.store(partials_ptr + pid_k * partial_stride + offsets, acc, mask=mask)
+        tl.debug_barrier()                    # every thread's partial stored before the tile counts in
+        arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+        if arrived == split_k - 1:
+            total = tl.zeros_like(acc)
+            for s in range(0, split_k):       # in K order: the same sum whoever arrived last
+                # .cg: read from L2, where the other programs' stores are, not from a stale L1 line
+                total += tl.load(partials_ptr + s * partial_stride + offsets, mask=mask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counter_ptr, 0)    # ready for the next launch (and CUDA graph replay)
+
+
+@triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, qweight_ptr, scales_ptr, mins_ptr, out_ptr,
-    N, K, k_per_split,
-    stride_xm, stride_qn, stride_sn, stride_mn, stride_os, stride_om,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    x_ptr, qweight_ptr, scales_ptr, mins_ptr, out_ptr, partials_ptr, counters_ptr,
+    M, N, K, k_per_split, split_k,
+    stride_xm, stride_qn, stride_sn, stride_mn, stride_om,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
@@ -93,20 +116,21 @@ def _w4a16_gemv_kernel(
         acc += tl.sum(dots, axis=1) * scale + low * tl.sum(x_sum, axis=0)
         w_ptrs += WORDS
         x_ptrs += BLOCK_K
-    tl.store(out_ptr + pid_k * stride_os + row * stride_om + cols, acc.to(out_ptr.dtype.element_ty),
-             mask=cols < N)
+    _finish_tile(acc, out_ptr + row * stride_om + cols, cols < N, partials_ptr, row * N + cols, M * N,
+                 counters_ptr + row * tl.num_programs(1) + pid_n, pid_k, split_k, SPLIT)
 
 
 @triton.jit
 def _w4a16_dot_kernel(
-    x_ptr, qweight_ptr, scales_ptr, mins_ptr, g_idx_ptr, out_ptr,
-    M, N, K, k_per_split,
+    x_ptr, qweight_ptr, scales_ptr, mins_ptr, g_idx_ptr, out_ptr, partials_ptr, counters_ptr,
+    M, N, K, k_per_split, split_k,
     stride_xm, stride_xk,
     stride_qn, stride_qk,
     stride_sn, stride_sg,
     stride_mn, stride_mg,
-    stride_os, stride_om, stride_on,
+    stride_om, stride_on,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_G_IDX: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
@@ -167,8 +191,9 @@ def _w4a16_dot_kernel(
             low = tl.load(mins_ptr + safe_cols * stride_mn + group * stride_mg).to(tl.float32)
             x_sum = tl.sum(x.to(tl.float32), axis=1)
             acc += part * scale[None, :] + x_sum[:, None] * low[None, :]
-    out = out_ptr + pid_k * stride_os + rows[:, None] * stride_om + cols[None, :] * stride_on
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (cols < N)[None, :])
+    _finish_tile(acc, out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+                 row_mask[:, None] & (cols < N)[None, :], partials_ptr, rows[:, None] * N + cols[None, :], M * N,
+                 counters_ptr + pid_m * tl.num_programs(1) + pid_n, pid_k, split_k, SPLIT)
 
 
 @functools.lru_cache(maxsize=None)
@@ -194,7 +219,7 @@ def _block_k(group_size: int, bits: int, largest: int) -> int | None:
 
 def default_split_k(programs: int, k_steps: int, device: torch.device, per_sm: int = 2) -> int:
     """K ranges per output tile, so that programs x split_k fill the GPU (about `per_sm` per SM).
-    Splitting costs two more launches (the partials' sum), so only a GPU left mostly idle splits."""
+    Splitting costs a float32 round trip of the partials, so only a GPU left mostly idle splits."""
     target = per_sm * _sm_count(device)
     split = 1
     while split * 2 <= k_steps and programs * split * 2 <= target:
@@ -216,6 +241,18 @@ DOT_CONFIGS = [
     (64, {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "split_per_sm": 2}),
     (None, {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "split_per_sm": 0}),
 ]
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The device's split-K arrival counters, one per output tile, all zero between launches (each
+    tile's last program resets its own). Allocated once and kept: a CUDA graph replays its pointer."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < tiles:
+        counters = _COUNTERS[device] = torch.zeros(max(4096, tiles), dtype=torch.int32, device=device)
+    return counters
 
 
 def _dot_config(M: int) -> dict:
@@ -273,26 +310,25 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
     split_k = max(1, min(split_k, k_steps))
     k_per_split = triton.cdiv(k_steps, split_k) * block_k
     split_k = triton.cdiv(K, k_per_split)
-    target = out if split_k == 1 else torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
-    target_strides = (0, *out.stride()) if split_k == 1 else target.stride()
+    split = split_k > 1
+    partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split else out
+    counters = _tile_counters(x.device, row_tiles * col_tiles) if split else out
     grid = (row_tiles, col_tiles, split_k)
     if gemv:
         _w4a16_gemv_kernel[grid](
-            x, qweight, scales, mins, target,
-            N, K, k_per_split,
-            x.stride(0), qweight.stride(0), scales.stride(0), mins.stride(0), target_strides[0], target_strides[1],
-            BITS=bits, GROUP_SIZE=group_size, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=cfg["num_stages"],
-            num_warps=cfg["num_warps"],
+            x, qweight, scales, mins, out, partials, counters,
+            M, N, K, k_per_split, split_k,
+            x.stride(0), qweight.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
+            BITS=bits, GROUP_SIZE=group_size, SPLIT=split, BLOCK_N=block_n, BLOCK_K=block_k,
+            NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"],
         )
     else:
         _w4a16_dot_kernel[grid](
-            x, qweight, scales, mins, g_idx if g_idx is not None else qweight, target,
-            M, N, K, k_per_split,
-            *x.stride(), *qweight.stride(), *scales.stride(), *mins.stride(), *target_strides,
-            BITS=bits, GROUP_SIZE=group_size, HAS_G_IDX=g_idx is not None, EVEN_K=K % block_k == 0,
+            x, qweight, scales, mins, g_idx if g_idx is not None else qweight, out, partials, counters,
+            M, N, K, k_per_split, split_k,
+            *x.stride(), *qweight.stride(), *scales.stride(), *mins.stride(), *out.stride(),
+            BITS=bits, GROUP_SIZE=group_size, HAS_G_IDX=g_idx is not None, EVEN_K=K % block_k == 0, SPLIT=split,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-    if split_k > 1:
-        out.copy_(target.sum(0))
     return out

@@ -64,6 +64,25 @@ def test_w8a16_and_odd_groups(group_size, gemv):
                                    expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("gemv", [True, False])
+def test_split_k_counters_reset_and_sum_is_repeatable(gemv):
+    """Split-K sums inside the launch: each tile's last program adds the partials. Afterwards every
+    counter is back at zero (a CUDA graph replays the same counters), and a second launch gives the
+    same bits (the partials are added in K order, not in the order the programs finished)."""
+    from nanovllm.kernels import w4a16_gemm as module
+    n, k, group_size = 80, 512, 32
+    qweight, scales, mins, _ = random_quantized(n, k, 4, group_size, False, torch.float32)
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    expected = x @ dequantize(qweight, scales, mins, 4, group_size).t()
+    config = {"GEMV": gemv, "BLOCK_N": 64, "BLOCK_K": 32}
+    first = module.w4a16_gemm(x, qweight, scales, mins, 4, group_size, split_k=4, config=config)
+    counters = module._COUNTERS[x.device]
+    assert counters.count_nonzero() == 0
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
+    second = module.w4a16_gemm(x, qweight, scales, mins, 4, group_size, split_k=4, config=config)
+    assert torch.equal(first, second) and counters.count_nonzero() == 0
+
+
 def test_w4a16_gemm_ragged_k_steps():
     """Scattered groups over a K that no step size divides (200 = 6 steps of 32 and 8 left over)."""
     from nanovllm.kernels.w4a16_gemm import w4a16_gemm
