@@ -244,13 +244,17 @@ DOT_CONFIGS = [
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []
 
 
 def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     """The device's split-K arrival counters, one per output tile, all zero between launches (each
-    tile's last program resets its own). Allocated once and kept: a CUDA graph replays its pointer."""
+    tile's last program resets its own). Never freed: a captured CUDA graph replays their address
+    (a buffer outgrown by a larger launch is kept for the graphs that use it)."""
     counters = _COUNTERS.get(device)
     if counters is None or counters.numel() < tiles:
+        if counters is not None:
+            _OUTGROWN.append(counters)
         counters = _COUNTERS[device] = torch.zeros(max(4096, tiles), dtype=torch.int32, device=device)
     return counters
 
