@@ -5,7 +5,8 @@ import random
 
 import torch
 
-from nanovllm.engine.inputs import ROWS_MAX_SPAN, ROWS_MAX_TOKENS, plan_logits_rows, prepare_inputs
+from nanovllm.engine.inputs import ROWS_MAX_SPAN, ROWS_MAX_TOKENS, block_table_array, plan_logits_rows, \
+    prepare_inputs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import TorchBackend
@@ -119,13 +120,11 @@ def test_short_spans_run_as_rows_with_the_same_attention():
             inputs = prepare_inputs(batch, block_size, CPU, plan_logits_rows(batch).indices)
             assert inputs.meta.is_decode and len(inputs.meta.seq_lens) == batch.num_tokens
             counts = torch.tensor(batch.num_new_tokens, dtype=torch.int32)
-            width = max(len(seq.block_table) for seq in batch.seqs)
             varlen = dataclasses.replace(
                 inputs.meta, is_decode=False, max_seqlen_q=max(batch.num_new_tokens),
                 cu_seqlens_q=torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0)),
                 seq_lens=torch.tensor(batch.starts, dtype=torch.int32) + counts,
-                block_tables=torch.tensor([seq.block_table + [0] * (width - len(seq.block_table))
-                                           for seq in batch.seqs], dtype=torch.int32))
+                block_tables=torch.from_numpy(block_table_array([seq.block_table for seq in batch.seqs])))
             k_cache, v_cache = torch.randn(2, 64, block_size, 2, 8).unbind(0)
             q = torch.randn(batch.num_tokens, 4, 8)
             rows_out = TorchBackend().attend(q, k_cache, v_cache, inputs.meta, 0.3)
