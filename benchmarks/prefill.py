@@ -2,6 +2,7 @@
 
     python benchmarks/prefill.py                                  # 128 x 4,000 tokens, Qwen3-0.6B shape
     python benchmarks/prefill.py --shape llama-3.2-1b --quantization fp8
+    python benchmarks/prefill.py --profile                        # and where the GPU time goes
 
 FLOPs counted: 2 per active weight of the decoder layers per prompt token, causal attention
 (4 per head dimension per query-key pair: QK^T and PV over the n(n+1)/2 pairs of a prompt), and
@@ -40,6 +41,7 @@ def main() -> None:
     p.add_argument("--quantization", default=None)
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--flops", type=float, default=None, help="peak FLOP/s (default: the GPU's dense bf16, if known)")
+    p.add_argument("--profile", action="store_true", help="then profile one run: GPU time by kernel")
     args = p.parse_args()
 
     llm = LLM(shape_checkpoint_dir(args.shape), load_format="dummy", max_model_len=args.input + 16,
@@ -68,6 +70,23 @@ def main() -> None:
     if peak:
         line += f", {100 * flops / seconds / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s"
     print(line, flush=True)
+    if args.profile:
+        print_gpu_time_by_kernel(lambda: llm.generate(prompts, params, use_tqdm=False))
+
+
+def print_gpu_time_by_kernel(run) -> None:
+    """torch's profiler over one call of `run`: each kernel's share of the GPU time."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in kernels)
+    print(f"GPU time {total / 1e6:.3f} s, by kernel:")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]:
+        print(f"{100 * e.self_device_time_total / total:5.1f}%  {e.self_device_time_total / 1e3:9.1f} ms "
+              f"{e.count:7d} calls  {e.key[:100]}")
 
 
 if __name__ == "__main__":
