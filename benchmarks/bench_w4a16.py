@@ -3,6 +3,9 @@ the packed weights, beside torch's bf16 matmul of the same layer.
 
     python benchmarks/bench_w4a16.py            # Llama-3.2-1B's four linears, 1-16 rows, group 128
     python benchmarks/bench_w4a16.py --sweep    # also try a grid of kernel settings (~2-3 minutes)
+    python benchmarks/bench_w4a16.py --model smollm2-135m --rows 1 5 --gemv-max-rows 8
+                                                # the demo model's linears (group 32, as its Q4_1 GGUF);
+                                                # 5 rows: a verifying step of k = 4 proposals
 
 Bytes counted: the packed int32 weights, the scales and mins, the activations in and out. Each
 time is triton.testing.do_bench_cudagraph's median (launches replayed from a CUDA graph, as the
@@ -27,9 +30,14 @@ from nanovllm.quantization.int_linear import dequantize
 
 from bench_kernels import copy_bandwidth     # benchmarks/, this script's folder
 
-# Llama-3.2-1B: (name, N output features, K input features)
-LAYERS = [("qkv_proj", 3072, 2048), ("o_proj", 2048, 2048), ("gate_up_proj", 16384, 2048), ("down_proj", 2048, 8192)]
-GROUP = 128
+# Each model's linears, (name, N output features, K input features), and group size
+MODELS = {
+    "llama-3.2-1b": ([("qkv_proj", 3072, 2048), ("o_proj", 2048, 2048), ("gate_up_proj", 16384, 2048),
+                      ("down_proj", 2048, 8192)], 128),
+    "smollm2-135m": ([("qkv_proj", 960, 576), ("o_proj", 576, 576), ("gate_up_proj", 3072, 576),
+                      ("down_proj", 576, 1536)], 32),
+}
+LAYERS, GROUP = MODELS["llama-3.2-1b"]          # main() sets them from --model
 ROWS = (1, 2, 4, 8, 16)
 
 # The sweep's grid. Each distinct (kernel, BLOCK_N, BLOCK_K, warps, stages) compiles once per output
@@ -60,12 +68,12 @@ def bench(fn, rep: int = 20) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
 
 
-def table(copy: float) -> None:
+def table(copy: float, rows=ROWS) -> None:
     print(f"{'layer':<13} {'rows':>4} {'w4a16 us':>9} {'GB/s':>7} {'% copy':>7} {'bf16 us':>8} {'bf16/w4a16':>10}")
     for name, n, k in LAYERS:
         qweight, scales, mins = make_layer(n, k)
         dense = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
-        for m in ROWS:
+        for m in rows:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             ms = bench(lambda: w4a16_gemm(x, qweight, scales, mins, 4, GROUP))
             ms_dense = bench(lambda: torch.nn.functional.linear(x, dense))
@@ -199,11 +207,20 @@ def summarize(times: dict, settings: dict, copy: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="try a grid of kernel settings and print the best")
+    parser.add_argument("--model", default="llama-3.2-1b", choices=list(MODELS), help="whose linears")
+    parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS), help="rows of the table")
+    parser.add_argument("--gemv-max-rows", type=int, default=None,
+                        help="the table with this GEMV_MAX_ROWS instead of the kernel's")
     args = parser.parse_args()
+    global LAYERS, GROUP
+    LAYERS, GROUP = MODELS[args.model]
+    if args.gemv_max_rows is not None:
+        kernel_module.GEMV_MAX_ROWS = args.gemv_max_rows
     torch.manual_seed(0)
     copy = copy_bandwidth()
     print(f"{torch.cuda.get_device_name(0)}: device-to-device copy {copy / 1e12:.2f} TB/s")
-    table(copy)
+    print(f"{args.model}'s linears, group {GROUP}, GEMV_MAX_ROWS {kernel_module.GEMV_MAX_ROWS}")
+    table(copy, args.rows)
     if args.sweep:
         print()
         sweep(copy)
