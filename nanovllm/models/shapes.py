@@ -61,6 +61,9 @@ SHAPES: dict[str, dict] = {
 # The same model as a 4-bit GPTQ checkpoint (group size 128), as its published 4-bit versions are.
 SHAPES["llama-3.2-1b-gptq"] = dict(SHAPES["llama-3.2-1b"], quantization_config=dict(
     quant_method="gptq", bits=4, group_size=128, desc_act=False, sym=True))
+# The demo model with 4-bit weights in groups of 32, as its Q4_1 GGUF file holds them.
+SHAPES["smollm2-135m-gptq"] = dict(SHAPES["smollm2-135m"], quantization_config=dict(
+    quant_method="gptq", bits=4, group_size=32, desc_act=False, sym=True))
 
 
 def shape_checkpoint_dir(name: str, root: str | None = None) -> str:
