@@ -27,5 +27,10 @@ for step in "$@"; do
     instep)  timeout 150 python benchmarks/sampler_in_step.py 2>&1 | grep -v INFO | tee "$OUT/instep.txt" ;;
     sweep)   timeout 150 python benchmarks/bench_sampler.py --sweep 2>&1 | tee "$OUT/sweep.txt" ;;
     single)  timeout 120 python benchmarks/single_request.py 2>&1 | tee "$OUT/single.txt" ;;
+    prefill) timeout 120 python benchmarks/prefill.py --profile 2>&1 | grep -v Warning | tee "$OUT/prefill.txt" ;;
+    w4rows)  for r in 1 8; do timeout 60 python benchmarks/bench_w4a16.py --model smollm2-135m --rows 1 2 4 5 8 \
+               --gemv-max-rows $r 2>&1 | tee -a "$OUT/w4rows.txt"; done ;;
+    specstep) timeout 120 python benchmarks/spec_step_profile.py --shape smollm2-135m-gptq --top 15 2>&1 \
+               | grep -v Warning | tee "$OUT/specstep.txt" ;;
   esac
 done
