@@ -5,6 +5,7 @@ emitted per verifying step.
     python benchmarks/spec_decode.py                        # the demo model (SmolLM2-135M-Instruct)
     python benchmarks/spec_decode.py --model DIR_OR_GGUF -k 4
     python benchmarks/spec_decode.py --disable-by-batch-size 8   # batch 64 then runs plain steps
+    python benchmarks/spec_decode.py --gemv-max-rows 8           # 4-bit weights: the CUDA-core kernel up to 8 rows
 
 Workloads (chat prompts built from passages of Python's own reference text, pydoc_data.topics):
     repeat     "Repeat the following text exactly"
@@ -19,6 +20,7 @@ import time
 from pydoc_data.topics import topics
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.kernels import w4a16_gemm
 
 INSTRUCTIONS = {
     "repeat": "Repeat the following text exactly, word for word:\n\n",
@@ -55,7 +57,11 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--single-requests", type=int, default=4, help="requests timed one at a time for batch 1")
     p.add_argument("--workloads", nargs="+", default=list(INSTRUCTIONS), choices=list(INSTRUCTIONS))
+    p.add_argument("--gemv-max-rows", type=int, default=None,
+                   help="4-bit weights: rows up to which the CUDA-core kernel runs (w4a16_gemm.GEMV_MAX_ROWS)")
     args = p.parse_args()
+    if args.gemv_max_rows is not None:
+        w4a16_gemm.GEMV_MAX_ROWS = args.gemv_max_rows
     spec = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens,
             "prompt_lookup_max": args.lookup_max, "prompt_lookup_min": args.lookup_min,
             "disable_by_batch_size": args.disable_by_batch_size}

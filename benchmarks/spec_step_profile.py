@@ -4,6 +4,7 @@ are found), greedy; then cProfile's hottest functions of the speculative run.
 
     python benchmarks/spec_step_profile.py                # batch 1, k = 4, 128 new tokens
     python benchmarks/spec_step_profile.py --batch 8 -k 6 --top 40 [--sort cumulative]
+    python benchmarks/spec_step_profile.py --shape smollm2-135m-gptq --top 0 --gpu-profile --gemv-max-rows 8
 """
 import argparse
 import cProfile
@@ -12,7 +13,9 @@ import random
 import time
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.kernels import w4a16_gemm
 from nanovllm.models.shapes import SHAPES, shape_checkpoint_dir
+from prefill import print_gpu_time_by_kernel
 
 
 def main() -> None:
@@ -21,9 +24,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
     p.add_argument("--tokens", type=int, default=128, help="new tokens per request")
-    p.add_argument("--top", type=int, default=30, help="functions to list")
+    p.add_argument("--top", type=int, default=30, help="functions to list (0: no cProfile)")
     p.add_argument("--sort", default="tottime", choices=["tottime", "cumulative"], help="order of the list")
+    p.add_argument("--gpu-profile", action="store_true", help="then each run's GPU time by kernel")
+    p.add_argument("--gemv-max-rows", type=int, default=None,
+                   help="4-bit weights: rows up to which the CUDA-core kernel runs (w4a16_gemm.GEMV_MAX_ROWS)")
     args = p.parse_args()
+    if args.gemv_max_rows is not None:
+        w4a16_gemm.GEMV_MAX_ROWS = args.gemv_max_rows
     rng = random.Random(0)
     prompts = [[rng.randint(100, 5000) for _ in range(40)] * 5 for _ in range(args.batch)]
     params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
@@ -35,7 +43,7 @@ def main() -> None:
         llm.generate(prompts[:2], params, use_tqdm=False)             # warm-up
         engine = llm.llm_engine
         steps_before = engine.num_steps
-        profile = cProfile.Profile() if config else None
+        profile = cProfile.Profile() if config and args.top > 0 else None
         if profile:
             profile.enable()
         start = time.perf_counter()
@@ -49,11 +57,13 @@ def main() -> None:
                f"{1000 * seconds / steps:.2f} ms a step"
         if config:
             m = engine.speculator.metrics
-            line += f" (under cProfile); {m.num_accepted_tokens} of {m.num_draft_tokens} proposed tokens " \
+            line += f"{' (under cProfile)' if profile else ''}; {m.num_accepted_tokens} of {m.num_draft_tokens} proposed tokens " \
                     f"accepted, in {m.num_drafts} proposals"
         print(line, flush=True)
         if profile:
             pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
+        if args.gpu_profile:
+            print_gpu_time_by_kernel(lambda: llm.generate(prompts, params, use_tqdm=False))
         engine.shutdown()
 
 

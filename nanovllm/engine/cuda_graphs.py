@@ -6,7 +6,8 @@ batch). So forward passes are captured once into CUDA graphs that read their inp
 fixed buffers; a step copies its inputs into the buffers and replays the graph that fits.
 
 Two families share the buffers and one memory pool:
-- decode: B sequences of one token each (the split-KV decode kernel), per batch-size bucket;
+- decode: B sequences of one token each (the split-KV decode kernel), per batch-size bucket
+  (a verifying step of few sequences runs as one-token rows too: engine/inputs.py);
 - mixed: any spans (decodes, prompt chunks, both) of up to `max_num_seqs` sequences, per
   token-count bucket (the varlen kernel, whose grid depends only on the token and sequence
   counts, so one graph serves every mix of that size).
@@ -45,9 +46,11 @@ def step_graphs(runner):
     return graphs
 
 
-def decode_buckets(max_batch_size: int) -> list[int]:
-    small = [b for b in (1, 2, 4, 8) if b < max_batch_size]
-    return small + list(range(16, max_batch_size, 16)) + [max_batch_size]
+def decode_buckets(max_batch_size: int, extra: tuple[int, ...] = ()) -> list[int]:
+    """1, 2, 4, 8, then every 16 up to max_batch_size; and `extra` sizes (speculation's verifying
+    step of one sequence, k + 1 rows, so that it pads to none)."""
+    small = [b for b in (1, 2, 4, 8, *extra) if b < max_batch_size]
+    return sorted({*small, *range(16, max_batch_size, 16), max_batch_size})
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -82,7 +85,9 @@ class StepGraphs:
         self.decode_cu = torch.arange(self.max_decode + 1, dtype=torch.int32, device=device)
         self.mixed_cu = buffer(self.max_seqs + 1, 0, torch.int32)
 
-        self.decode = {bs: None for bs in decode_buckets(self.max_decode)}
+        spec = config.speculative_config
+        verify_rows = (spec.num_speculative_tokens + 1,) if spec is not None else ()
+        self.decode = {bs: None for bs in decode_buckets(self.max_decode, verify_rows)}
         self.mixed = {t: None for t in token_buckets(self.max_tokens)} if mixed_ok else {}
         self.outputs: dict[tuple[str, int], torch.Tensor] = {}
         self.pool = None
