@@ -212,16 +212,17 @@ def main() -> None:
     parser.add_argument("--model", default="llama-3.2-1b", choices=list(MODELS), help="whose linears")
     parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS), help="rows of the table")
     parser.add_argument("--gemv-max-rows", type=int, default=None,
-                        help="the table with this GEMV_MAX_ROWS instead of the kernel's")
+                        help="the table with the CUDA-core kernel up to this many rows, any weight")
     args = parser.parse_args()
     global LAYERS, GROUP
     LAYERS, GROUP = MODELS[args.model]
     if args.gemv_max_rows is not None:
-        kernel_module.GEMV_MAX_ROWS = args.gemv_max_rows
+        kernel_module.set_gemv_max_rows(args.gemv_max_rows)
     torch.manual_seed(0)
     copy = copy_bandwidth()
     print(f"{torch.cuda.get_device_name(0)}: device-to-device copy {copy / 1e12:.2f} TB/s")
-    print(f"{args.model}'s linears, group {GROUP}, GEMV_MAX_ROWS {kernel_module.GEMV_MAX_ROWS}")
+    print(f"{args.model}'s linears, group {GROUP}, the CUDA-core kernel up to {kernel_module.GEMV_MAX_ROWS} rows "
+          f"({kernel_module.SMALL_WEIGHT_GEMV_MAX_ROWS} for weights of up to {kernel_module.SMALL_WEIGHT:,} values)")
     table(copy, args.rows)
     if args.sweep:
         print()

@@ -58,10 +58,10 @@ def main() -> None:
     p.add_argument("--single-requests", type=int, default=4, help="requests timed one at a time for batch 1")
     p.add_argument("--workloads", nargs="+", default=list(INSTRUCTIONS), choices=list(INSTRUCTIONS))
     p.add_argument("--gemv-max-rows", type=int, default=None,
-                   help="4-bit weights: rows up to which the CUDA-core kernel runs (w4a16_gemm.GEMV_MAX_ROWS)")
+                   help="4-bit weights: rows up to which the CUDA-core kernel runs, any weight (default: by size)")
     args = p.parse_args()
     if args.gemv_max_rows is not None:
-        w4a16_gemm.GEMV_MAX_ROWS = args.gemv_max_rows
+        w4a16_gemm.set_gemv_max_rows(args.gemv_max_rows)
     spec = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens,
             "prompt_lookup_max": args.lookup_max, "prompt_lookup_min": args.lookup_min,
             "disable_by_batch_size": args.disable_by_batch_size}

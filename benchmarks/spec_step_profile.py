@@ -28,10 +28,10 @@ def main() -> None:
     p.add_argument("--sort", default="tottime", choices=["tottime", "cumulative"], help="order of the list")
     p.add_argument("--gpu-profile", action="store_true", help="then each run's GPU time by kernel")
     p.add_argument("--gemv-max-rows", type=int, default=None,
-                   help="4-bit weights: rows up to which the CUDA-core kernel runs (w4a16_gemm.GEMV_MAX_ROWS)")
+                   help="4-bit weights: rows up to which the CUDA-core kernel runs, any weight (default: by size)")
     args = p.parse_args()
     if args.gemv_max_rows is not None:
-        w4a16_gemm.GEMV_MAX_ROWS = args.gemv_max_rows
+        w4a16_gemm.set_gemv_max_rows(args.gemv_max_rows)
     rng = random.Random(0)
     prompts = [[rng.randint(100, 5000) for _ in range(40)] * 5 for _ in range(args.batch)]
     params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)

@@ -229,9 +229,15 @@ def default_split_k(programs: int, k_steps: int, device: torch.device, per_sm: i
 
 # Defaults by rows (benchmarks/bench_w4a16.py --sweep measures them; its summary says what to set).
 # split_per_sm: the programs per SM that split-K aims for (0: never split; see default_split_k).
-# GEMV_MAX_ROWS: up to this many rows, the CUDA-core kernel (one program per row and column tile).
+# GEMV_MAX_ROWS: up to this many rows, the CUDA-core kernel (one program per row and column tile);
+# for a weight of at most SMALL_WEIGHT values, up to SMALL_WEIGHT_GEMV_MAX_ROWS. Measured on an
+# H200 inside the demo model's verifying steps (5 and 8 rows, docs/benchmarks.md), its small
+# linears took 48.5 ms of GPU time where the tensor-core kernel took 64.3; on Llama-3.2-1B's
+# linears (4M values and up) the sweep has the CUDA-core kernel losing from 4 rows on.
 # Its BLOCK_N of 64 columns: 4 warps hold 1024 words a step, 8 per thread as two 16-byte loads.
 GEMV_MAX_ROWS = 1
+SMALL_WEIGHT = 2 ** 21
+SMALL_WEIGHT_GEMV_MAX_ROWS = 8
 GEMV_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "split_per_sm": 2}
 # The tensor-core kernel, by the rows it is given (first entry whose max_rows >= M). BLOCK_M is at
 # least 16 (tl.dot's smallest); a wide BLOCK_N spreads the unpacking of a word over more columns.
@@ -263,10 +269,16 @@ def _dot_config(M: int) -> dict:
     return next(cfg for max_rows, cfg in DOT_CONFIGS if max_rows is None or M <= max_rows)
 
 
-def _config(M: int) -> dict:
-    """The default launch settings for M rows; BLOCK_M is the tensor-core kernel's, for when the
-    GEMV kernel cannot take the weight (scattered groups)."""
-    if M <= GEMV_MAX_ROWS:
+def set_gemv_max_rows(rows: int) -> None:
+    """For benchmarks: the CUDA-core kernel up to `rows` rows, whatever the weight's size."""
+    global GEMV_MAX_ROWS, SMALL_WEIGHT_GEMV_MAX_ROWS
+    GEMV_MAX_ROWS = SMALL_WEIGHT_GEMV_MAX_ROWS = rows
+
+
+def _config(M: int, weight_size: int) -> dict:
+    """The default launch settings for M rows of a weight of `weight_size` values; BLOCK_M is the
+    tensor-core kernel's, for when the GEMV kernel cannot take the weight (scattered groups)."""
+    if M <= (SMALL_WEIGHT_GEMV_MAX_ROWS if weight_size <= SMALL_WEIGHT else GEMV_MAX_ROWS):
         return {"GEMV": True, "BLOCK_M": _dot_config(M)["BLOCK_M"], **GEMV_CONFIG}
     return {"GEMV": False, **_dot_config(M)}
 
@@ -291,7 +303,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
                          f"per row, x has {K} features")
     if scales.shape != mins.shape or scales.shape[0] != N:
         raise ValueError(f"scales {tuple(scales.shape)} and mins {tuple(mins.shape)} must both be [{N}, groups]")
-    cfg = {**_config(M), **(config or {})}
+    cfg = {**_config(M, N * K), **(config or {})}
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return out
