@@ -45,9 +45,10 @@ def launch_ahead(runner, scheduler: Scheduler, proposer: NgramProposer, step: Pe
                  max_model_len: int) -> Ahead | None:
     """Launch the step after `step` (not read back yet) as if it accepted all its proposals; None
     where that step cannot be known: a sequence mid-prompt or that the step may end by length,
-    sequences waiting to be admitted or left out of the step, too few free blocks."""
+    sequences that could be admitted or were left out of the step, too few free blocks."""
     batch = step.batch
-    if scheduler.waiting or len(scheduler.running) != len(batch.seqs) or not all(batch.samples):
+    admitting = scheduler.waiting and len(scheduler.running) < scheduler.max_num_seqs
+    if admitting or len(scheduler.running) != len(batch.seqs) or not all(batch.samples):
         return None
     ahead = ScheduledBatch([], [], [], [], [], [])
     for seq, proposed in zip(batch.seqs, batch.proposed):
@@ -57,17 +58,17 @@ def launch_ahead(runner, scheduler: Scheduler, proposer: NgramProposer, step: Pe
             return None
         # The search over the tokens as they would be: its first token guesses the target's.
         guessed = ngram_proposal(seq.token_ids + proposed, min(proposer.k, room - 1) + 1, proposer.min_n, proposer.max_n)
-        start, span = seq.num_tokens + len(proposed), max(1, len(guessed))   # from the target's token on
-        if not scheduler.block_manager.grow(seq, start + span):
-            return None
         ahead.seqs.append(seq)
-        ahead.starts.append(start)
-        ahead.num_new_tokens.append(span)
+        ahead.starts.append(seq.num_tokens + len(proposed))     # the position of the target's token
+        ahead.num_new_tokens.append(max(1, len(guessed)))
         ahead.samples.append(True)
         ahead.from_device.append(True)
         ahead.proposed.append(guessed[1:])
-    if ahead.num_tokens > scheduler.max_num_batched_tokens:
-        return None
+    if ahead.num_tokens > scheduler.max_num_batched_tokens or not all(
+            scheduler.block_manager.grow(seq, start + n)
+            for seq, start, n in zip(ahead.seqs, ahead.starts, ahead.num_new_tokens)):
+        return None               # (blocks already grown stay with their sequences, which grow into them)
+    # seq.num_computed_tokens is left as step N set it: reading N back sets it anew (Speculator.finish).
     for seq in ahead.seqs:
         seq.num_in_flight += 1
     # Each sequence's first input: the target's token after its proposals in step N, on the device.

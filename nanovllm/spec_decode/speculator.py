@@ -86,11 +86,14 @@ class Speculator:
         return max(0, min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1)
 
     def run(self, runner, batch, eos_ids: Collection[int]) -> Verified | PendingVerify:
-        """The step on the target model: read back at once, or, for plain greedy rows, queued
-        (`resolve` reads it back)."""
+        """The step on the target model: read back at once, or, for plain greedy rows where steps
+        are launched ahead, queued (`resolve` reads it back)."""
         out = verify(runner, batch, eos_ids, self.draft_probs)
         self.draft_probs = {}
-        return out if isinstance(out, PendingVerify) else self._count(out)
+        if isinstance(out, PendingVerify):
+            # Left in flight only where the engine launches the next step before reading it back.
+            return out if self.launches_ahead else self.resolve(out)
+        return self._count(out)
 
     def resolve(self, step: PendingVerify) -> Verified:
         return self._count(resolve(step))
