@@ -102,12 +102,16 @@ class ModelRunner:
 
     def resolve(self, launched: Launched) -> StepResult:
         """Wait for a launched step; the sampled token of each sequence (None mid-prompt)."""
-        start = time.perf_counter()
-        launched.ready.synchronize()
-        self.seconds_waiting += time.perf_counter() - start
+        self.wait_ready(launched.ready)
         tokens = iter(launched.sampled.tolist())
         sampled = [next(tokens) if samples else None for samples in launched.batch.samples]
         return StepResult(sampled, launched.sample_logprobs, launched.prompt_logprobs)
+
+    def wait_ready(self, ready: ReadyEvent) -> None:
+        """Wait until a launched step's results are on the host."""
+        start = time.perf_counter()
+        ready.synchronize()
+        self.seconds_waiting += time.perf_counter() - start
 
     def prepare(self, batch: ScheduledBatch, logits_indices: list[int]) -> ModelInputs:
         return prepare_inputs(batch, self.block_size, self.device, logits_indices)

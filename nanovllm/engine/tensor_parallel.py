@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.inputs import ModelInputs
-from nanovllm.engine.model_runner import ModelRunner, StepResult
+from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.ctrl_c import SigintHeld
 from nanovllm.engine.tp_workers import STOP, TensorParallelError, Workers, init_process_group
 
@@ -153,20 +153,20 @@ class TensorParallelRunner(ModelRunner):
     def worker_pids(self) -> list[int]:
         return self.workers.pids
 
-    def resolve(self, launched) -> StepResult:
+    def wait_ready(self, ready) -> None:
+        """Wait for a step's results, raising instead of hanging if a worker dies."""
         try:
-            if launched.ready.event is not None:
+            if ready.event is not None:
                 start = time.perf_counter()
-                self.workers.wait(launched.ready.event)
+                self.workers.wait(ready.event)
                 self.seconds_waiting += time.perf_counter() - start
-            result = super().resolve(launched)
+            ready.synchronize()
         except BaseException as e:     # e.g. a CUDA error after the watchdog aborted NCCL
             error = self.workers.explain(e, out_of_step=False)
             if error is e:
                 raise
             raise error from e
         self.workers.check()      # after an NCCL abort the step returned garbage: do not use it
-        return result
 
     def execute(self, inputs: ModelInputs) -> torch.Tensor | None:
         if not self._driving:

@@ -50,7 +50,7 @@ class SpeculativeEngine(LLMEngine):
         the verifying one back; the step launched ahead stays in flight if it holds."""
         step, self.verifying = self.verifying, None
         ahead = self.speculator.launch_ahead(self.runner, self.scheduler, step)
-        verified = self.speculator.resolve(step)
+        verified = self.speculator.resolve(self.runner, step)
         advanced = self.speculator.finish(verified, self.scheduler, self._process)
         if ahead is not None and ahead.holds(verified):
             self.verifying = ahead.step

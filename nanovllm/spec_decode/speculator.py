@@ -92,11 +92,11 @@ class Speculator:
         self.draft_probs = {}
         if isinstance(out, PendingVerify):
             # Left in flight only where the engine launches the next step before reading it back.
-            return out if self.launches_ahead else self.resolve(out)
+            return out if self.launches_ahead else self.resolve(runner, out)
         return self._count(out)
 
-    def resolve(self, step: PendingVerify) -> Verified:
-        return self._count(resolve(step))
+    def resolve(self, runner, step: PendingVerify) -> Verified:
+        return self._count(resolve(runner, step))
 
     def launch_ahead(self, runner, scheduler, step: PendingVerify) -> Ahead | None:
         """The step after `step`, launched before `step` is read back (ahead.py), where it pays."""

@@ -127,10 +127,10 @@ def launch_greedy(runner, batch: ScheduledBatch, first_inputs: torch.Tensor | No
     return PendingVerify(batch, first_row, best, to_host(best), ReadyEvent(runner.device))
 
 
-def resolve(pending: PendingVerify) -> Verified:
+def resolve(runner, pending: PendingVerify) -> Verified:
     """Wait for a launched greedy verifying step: each sequence's accepted proposals and the
     target's token after them."""
-    pending.ready.synchronize()
+    runner.wait_ready(pending.ready)
     best, batch = pending.best.tolist(), pending.batch
     proposed = batch.proposed or [[] for _ in batch.seqs]
     tokens = [[] for _ in batch.seqs]
