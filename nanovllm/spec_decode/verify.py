@@ -62,13 +62,15 @@ def verify(runner, batch: ScheduledBatch, eos_ids: Collection[int], draft_probs:
         if all(_argmax_is_enough(batch.seqs[i].params) for i in first_row):
             # Plain greedy rows need neither the sampler's inputs nor distributions.
             probs, max_num_logprobs = None, None
-            best = sampled_logits.argmax(dim=-1).tolist()
+            best = sampled_logits.argmax(dim=-1)
         else:
             rows = [_sampling_row(batch.seqs[i], proposed[i][:j], eos_ids)
                     for i in first_row for j in range(len(proposed[i]) + 1)]
             meta = SamplingMetadata.build(rows, runner.vocab_size, runner.device)
             probs, max_num_logprobs = sampling_probs(sampled_logits, meta), meta.max_num_logprobs
-            best = probs.argmax(dim=-1).tolist()   # greedy rows: the argmax (one read-back for all)
+            best = probs.argmax(dim=-1)            # greedy rows: the argmax (one read-back for all)
+        runner.wait_ready(ReadyEvent(runner.device))   # (a tensor-parallel worker's death raises here)
+        best = best.tolist()
         tokens, row = [[] for _ in batch.seqs], 0
         for i in first_row:
             seq, k = batch.seqs[i], len(proposed[i])
