@@ -1,6 +1,6 @@
 """Where a decode step's time goes: host (cProfile) and device (torch.profiler).
 
-    PYTHONPATH=. python benchmarks/profile_step.py [BATCH] [SHAPE]      # default: 1 qwen3-0.6b
+    PYTHONPATH=. python benchmarks/profile_step.py [BATCH] [SHAPE] [KV_CACHE_DTYPE]   # default: 1 qwen3-0.6b auto
 """
 import cProfile
 import pstats
@@ -16,7 +16,8 @@ from nanovllm.sampling_params import RequestOutputKind
 
 batch = int(sys.argv[1]) if len(sys.argv) > 1 else 1
 shape = sys.argv[2] if len(sys.argv) > 2 else "qwen3-0.6b"
-llm = LLM(shape_checkpoint_dir(shape), load_format="dummy", max_model_len=4096)
+kv_cache_dtype = sys.argv[3] if len(sys.argv) > 3 else "auto"
+llm = LLM(shape_checkpoint_dir(shape), load_format="dummy", max_model_len=4096, kv_cache_dtype=kv_cache_dtype)
 engine = llm.llm_engine
 rng = random.Random(0)
 for i in range(batch):

@@ -38,11 +38,6 @@ def passages(count: int, words: int = 120) -> list[str]:
     return [texts[i % len(texts)] for i in range(count)]
 
 
-def ahead_counts(engine) -> tuple[int, int]:
-    """Verifying steps launched before the previous one was read back: (held, dropped)."""
-    return getattr(engine, "num_steps_ahead", 0), getattr(engine, "num_steps_dropped", 0)
-
-
 def run(llm: LLM, conversations: list, max_tokens: int) -> tuple[float, list[list[int]]]:
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     start = time.perf_counter()
@@ -80,7 +75,6 @@ def main() -> None:
                 before = llm.llm_engine.speculator.metrics if config else None
                 before = (before.num_accepted_tokens, before.num_drafts) if before else None
                 steps_before = llm.llm_engine.num_steps
-                ahead_before = ahead_counts(llm.llm_engine)
                 seconds, tokens = 0.0, []
                 groups = [convs[i:i + 1] for i in range(args.single_requests)] if batch == 1 else [convs[:batch]]
                 for group in groups:
@@ -93,9 +87,7 @@ def main() -> None:
                     m = llm.llm_engine.speculator.metrics
                     drafts = m.num_drafts - before[1]
                     accept = 1 + (m.num_accepted_tokens - before[0]) / drafts if drafts else None
-                    held, dropped = (now - was for now, was in zip(ahead_counts(llm.llm_engine), ahead_before))
-                    verifying = (f", {drafts} of {steps} steps verified proposals" if batch == 1 else "") + \
-                        f"; steps launched ahead: {held} held, {dropped} dropped"
+                    verifying = f", {drafts} of {steps} steps verified proposals" if batch == 1 else ""
                 n = sum(map(len, tokens))
                 results[workload, batch, label] = (seconds / n, tokens, accept)
                 per_token = 1000 * seconds / n if batch == 1 else None

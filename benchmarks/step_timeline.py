@@ -165,6 +165,7 @@ def main() -> None:
     add_workload_args(parser)
     parser.add_argument("--max-num-seqs", type=int, help=f"default: 256, or {CPU_MAX_NUM_SEQS} with the CPU preset")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--kv-cache-dtype", default="auto", help="LLM's kv_cache_dtype (auto, fp8)")
     parser.add_argument("--plot", metavar="FILE.png", help="draw each step's time and token mix into this file")
     parser.add_argument("--cprofile", action="store_true", help="also print the host's hottest functions")
     parser.add_argument("--trace-prefill", action="store_true", help="torch.profiler table of the first two steps")
@@ -179,7 +180,8 @@ def main() -> None:
           f"{workload.prompt_tokens} prompt tokens, {workload.output_tokens} output tokens; {shape} shape, "
           f"max_num_seqs {max_num_seqs}", flush=True)
     llm = LLM(shape_checkpoint_dir(shape), load_format="dummy", max_model_len=workload.max_model_len,
-              max_num_seqs=max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization)
+              max_num_seqs=max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
+              kv_cache_dtype=args.kv_cache_dtype)
     engine = llm.llm_engine
     for i, (prompt, n) in enumerate(zip(workload.prompts, workload.output_lens)):
         engine.add_request(str(i), prompt, SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True,

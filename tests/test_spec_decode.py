@@ -419,22 +419,3 @@ def test_smollm2_copying_prompt_greedy_is_unchanged_by_ngram_speculation(monkeyp
     out = llm.chat(messages, params, use_tqdm=False)[0].outputs[0]
     assert out.token_ids == ref.token_ids
     assert llm.llm_engine.speculator.metrics.num_accepted_tokens > 0
-
-
-def test_steps_launched_ahead_hold_or_are_dropped_and_the_tokens_stay_the_targets(target, plain):
-    """n-gram, greedy (on a GPU; turned on here): after each verifying step the next is launched
-    before it is read back, assuming every proposal accepted (ahead.py). Some of those hold, some are dropped when a
-    proposal is rejected; either way the tokens are the plain engine's, one request or three."""
-    ref = run(plain, PROMPTS, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
-    llm = spec_llm(target, NGRAM)
-    engine = llm.llm_engine
-    assert not engine.speculator.launches_ahead           # off on a CPU, where it overlaps nothing
-    engine.speculator.launches_ahead = True
-    for prompt, expected in zip(PROMPTS, ref):
-        outs = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
-        assert outs[0].outputs[0].token_ids == expected.token_ids
-    assert engine.num_steps_ahead > 0 and engine.num_steps_dropped > 0
-    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == [r.token_ids for r in ref]
-    blocks = engine.scheduler.block_manager
-    assert engine.verifying is None and not engine.scheduler.running and blocks.num_free_blocks == blocks.num_blocks

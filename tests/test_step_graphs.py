@@ -48,7 +48,6 @@ def test_verifying_step_of_one_sequence_replays_a_graph_of_its_own_size(tiny_qwe
     llm = LLM(tiny_qwen3, device="cpu", dtype="float32", attention_backend="triton", block_size=16,
               max_num_batched_tokens=32, max_num_seqs=4, enforce_eager=True, speculative_config=spec)
     runner = llm.llm_engine.runner
-    llm.llm_engine.speculator.launches_ahead = True     # as on a GPU: steps launched ahead replay graphs too
     ReplayedEagerly.replays = []
     runner.graphs = ReplayedEagerly(runner)
     assert list(runner.graphs.decode) == [1, 2, 3, 4]

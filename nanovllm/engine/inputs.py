@@ -74,9 +74,8 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device,
     for i, (seq, start, n) in enumerate(zip(batch.seqs, batch.starts, batch.num_new_tokens)):
         chunk = seq.token_ids[start:start + n]
         ids += chunk
-        if len(chunk) < n:       # the token in flight (a placeholder), then any proposed tokens to verify
-            proposed = batch.proposed[i] if batch.proposed else []
-            ids += [0] * (n - len(chunk) - len(proposed)) + proposed
+        if len(chunk) < n:       # proposed tokens to verify (speculation), else the token in flight
+            ids += batch.proposed[i] if batch.proposed and batch.proposed[i] else [0] * (n - len(chunk))
     tables = block_table_array([seq.block_table for seq in batch.seqs])
     seq_of_token = np.repeat(np.arange(len(counts)), counts)
     positions = np.arange(int(cu_q[-1])) + np.repeat(starts - cu_q[:-1], counts)

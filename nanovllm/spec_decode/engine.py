@@ -4,7 +4,6 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.llm_engine import LLMEngine, Request
 from nanovllm.outputs import RequestOutput
 from nanovllm.spec_decode.speculator import Speculator
-from nanovllm.spec_decode.verify import PendingVerify
 
 
 class SpeculativeEngine(LLMEngine):
@@ -12,19 +11,14 @@ class SpeculativeEngine(LLMEngine):
         # Built before the target's runner: a draft model's memory is then already taken when
         # the target sizes its KV cache.
         self.speculator = Speculator(config)
-        self.verifying: PendingVerify | None = None    # a verifying step launched, not read back
-        self.num_steps_ahead = self.num_steps_dropped = 0  # steps launched ahead that held / were dropped
         super().__init__(config)
 
     def advance(self) -> list[Request]:
-        """One step. A speculative one is read back before the next is scheduled (the next
-        proposals need its tokens on the host), except that n-gram steps of greedy rows launch
-        the next one first on the assumption that every proposal is accepted (ahead.py). Where
-        there is nothing to propose, the steps run plain and overlapped, as LLMEngine's, until
-        the tokens read back give a proposal again (the n-gram search is cheap enough to ask
-        after every step); so do all steps with more running requests than disable_by_batch_size."""
-        if self.verifying is not None:
-            return self._read_back_verifying()
+        """One step. A speculative one is read back before the next is scheduled (no overlap:
+        the next proposals need its tokens on the host). Where there is nothing to propose, the
+        steps run plain and overlapped, as LLMEngine's, until the tokens read back give a
+        proposal again (the n-gram search is cheap enough to ask after every step); so do all
+        steps with more running requests than disable_by_batch_size."""
         if not self.speculating():
             return super().advance()
         if self.in_flight is not None and not self.speculator.expects_proposals(self.scheduler.running):
@@ -39,27 +33,8 @@ class SpeculativeEngine(LLMEngine):
             return advanced
         self.num_steps, self.last_step = self.num_steps + 1, batch
         verified = self.speculator.run(self.runner, batch, self.eos_ids)
-        if isinstance(verified, PendingVerify):
-            self.verifying = verified         # read back by the next call, after it launches the step after
-            return advanced
         more = self.speculator.finish(verified, self.scheduler, self._process)
         return list({r.request_id: r for r in advanced + more}.values())
-
-    def _read_back_verifying(self) -> list[Request]:
-        """Launch the step after the verifying one in flight where it can be known, then read
-        the verifying one back; the step launched ahead stays in flight if it holds."""
-        step, self.verifying = self.verifying, None
-        ahead = self.speculator.launch_ahead(self.runner, self.scheduler, step)
-        verified = self.speculator.resolve(self.runner, step)
-        advanced = self.speculator.finish(verified, self.scheduler, self._process)
-        if ahead is not None and ahead.holds(verified):
-            self.verifying = ahead.step
-            self.num_steps, self.last_step = self.num_steps + 1, ahead.step.batch
-            self.num_steps_ahead += 1
-        elif ahead is not None:
-            ahead.drop()
-            self.num_steps_dropped += 1
-        return advanced
 
     def speculating(self) -> bool:
         limit = self.config.speculative_config.disable_by_batch_size

@@ -1,13 +1,11 @@
 """The Speculator: the hooks SpeculativeEngine (engine.py) calls (`propose` before scheduling, `run`
-instead of the runner's launch, `resolve` and `finish` to read the step back, `launch_ahead` to
-launch the next one first) and the counters (`SpecDecodeMetrics`)."""
+instead of the runner's launch, `finish` to read the step back) and the counters (`SpecDecodeMetrics`)."""
 from collections.abc import Collection
 from dataclasses import dataclass
 
 from nanovllm.spec_decode.config import SpeculativeConfig
 from nanovllm.spec_decode.ngram import NgramProposer, ngram_proposal
-from nanovllm.spec_decode.ahead import Ahead, launch_ahead
-from nanovllm.spec_decode.verify import PendingVerify, Verified, resolve, verify
+from nanovllm.spec_decode.verify import Verified, verify
 
 
 @dataclass
@@ -53,9 +51,6 @@ class Speculator:
             from nanovllm.spec_decode.draft_model import DraftModelProposer
             self.proposer = DraftModelProposer(config)
         self.draft_probs = {}             # seq_id -> q of its proposals (draft model only)
-        # Steps launched ahead (ahead.py), n-gram only. A CPU computes a step as it is launched:
-        # there it would overlap nothing, and a dropped one would cost a forward pass.
-        self.launches_ahead = spec.method == "ngram" and config.device == "cuda"
         self.metrics = SpecDecodeMetrics()
 
     def propose(self, running: list, eos_ids: Collection[int]) -> None:
@@ -85,34 +80,16 @@ class Speculator:
             return 0
         return max(0, min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1)
 
-    def run(self, runner, batch, eos_ids: Collection[int]) -> Verified | PendingVerify:
-        """The step on the target model: read back at once, or, for plain greedy rows where steps
-        are launched ahead, queued (`resolve` reads it back)."""
-        out = verify(runner, batch, eos_ids, self.draft_probs)
-        self.draft_probs = {}
-        if isinstance(out, PendingVerify):
-            # Left in flight only where the engine launches the next step before reading it back.
-            return out if self.launches_ahead else self.resolve(runner, out)
-        return self._count(out)
-
-    def resolve(self, runner, step: PendingVerify) -> Verified:
-        return self._count(resolve(runner, step))
-
-    def launch_ahead(self, runner, scheduler, step: PendingVerify) -> Ahead | None:
-        """The step after `step`, launched before `step` is read back (ahead.py), where it pays."""
-        if not self.launches_ahead:
-            return None
-        return launch_ahead(runner, scheduler, self.proposer, step, self.max_model_len)
-
-    def _count(self, verified: Verified) -> Verified:
-        """Count each sequence's proposals and acceptances."""
-        batch = verified.batch
+    def run(self, runner, batch, eos_ids: Collection[int]) -> Verified:
+        """The step on the target model, read back at once; counts proposals and acceptances."""
+        verified = verify(runner, batch, eos_ids, self.draft_probs)
         for seq, proposed, tokens in zip(batch.seqs, batch.proposed, verified.tokens):
             if proposed:
                 if seq.spec_metrics is None:
                     seq.spec_metrics = SpecDecodeMetrics()
                 seq.spec_metrics.add(len(proposed), len(tokens) - 1)
                 self.metrics.add(len(proposed), len(tokens) - 1)
+        self.draft_probs = {}
         return verified
 
     def finish(self, verified: Verified, scheduler, process) -> list:

@@ -7,7 +7,6 @@ token (a `StepResult` like a plain step's), so that the engine appends and check
 at a time and a stop (EOS, a stop token or string, max_tokens) inside an accepted run cuts it
 there.
 """
-import itertools
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -15,7 +14,7 @@ import torch
 
 from nanovllm.engine.inputs import wants_prompt_logprobs
 from nanovllm.engine.model_runner import StepResult
-from nanovllm.engine.overlap import ReadyEvent, to_host
+from nanovllm.engine.overlap import ReadyEvent
 from nanovllm.engine.sampling_inputs import draw_generator
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.logprobs import LogprobsTensors, gather_logprobs, gather_prompt_logprobs
@@ -34,26 +33,22 @@ class Verified:
     rounds: list[StepResult]         # round j: every sequence's j-th new token (None if it has none)
 
 
-@dataclass
-class PendingVerify:
-    """A verifying step whose every sampling row takes the argmax, queued on the device and not
-    read back yet (so the engine can launch the next step first: spec_decode/ahead.py)."""
-    batch: ScheduledBatch
-    first_row: dict[int, int]        # index in the batch -> its first row of `best`
-    best_on_device: torch.Tensor     # [rows] the target's argmax at each sampling row
-    best: torch.Tensor               # the same, being copied to the host
-    ready: ReadyEvent
-
-
 def verify(runner, batch: ScheduledBatch, eos_ids: Collection[int], draft_probs: dict[int, torch.Tensor]
-           ) -> Verified | PendingVerify:
+           ) -> Verified:
     """Run `batch` on the target model; `draft_probs[seq_id]` [k, V]: the draft model's q for
-    a sequence's proposals (absent: n-gram proposals, point masses). A batch of plain greedy rows
-    (`can_pend`) is returned queued, to be read back by `resolve`."""
-    if can_pend(batch):
-        return launch_greedy(runner, batch)
+    a sequence's proposals (absent: n-gram proposals, point masses)."""
     proposed = batch.proposed or [[] for _ in batch.seqs]
-    indices, first_row, prompt_rows = _logits_rows(batch, proposed)
+    # Logits rows: prompt-logprob rows of a chunk (as plan_logits_rows), then for a sequence
+    # that samples one row per proposed token and one after them.
+    indices, first_row, prompt_rows, offset = [], {}, {}, 0
+    for i, (seq, start, n, samples) in enumerate(zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples)):
+        if wants_prompt_logprobs(seq, start):
+            prompt_rows[i] = (len(indices), n - samples)
+            indices += range(offset, offset + n - samples)
+        if samples:
+            first_row[i] = len(indices)
+            indices += range(offset + n - 1 - len(proposed[i]), offset + n)
+        offset += n
     with torch.inference_mode():
         logits = runner.execute(runner.prepare(batch, indices)).float()
         # Without prompt-logprob rows every row samples, in order: no gather (nor its index's copy).
@@ -91,54 +86,6 @@ def verify(runner, batch: ScheduledBatch, eos_ids: Collection[int], draft_probs:
             sample_logprobs = gather_logprobs(logits[emitted_rows], emitted, max_num_logprobs)
         prompt_logprobs = gather_prompt_logprobs(logits, prompt_rows, batch)
     return Verified(batch, tokens, _rounds(tokens, sample_logprobs, prompt_logprobs))
-
-
-def _logits_rows(batch: ScheduledBatch, proposed: list[list[int]]):
-    """Logits rows: prompt-logprob rows of a chunk (as plan_logits_rows), then for a sequence
-    that samples one row per proposed token and one after them. Returns (token offsets of the
-    rows, index in the batch -> its first sampling row, index -> (first prompt row, count))."""
-    indices, first_row, prompt_rows, offset = [], {}, {}, 0
-    for i, (seq, start, n, samples) in enumerate(zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples)):
-        if wants_prompt_logprobs(seq, start):
-            prompt_rows[i] = (len(indices), n - samples)
-            indices += range(offset, offset + n - samples)
-        if samples:
-            first_row[i] = len(indices)
-            indices += range(offset + n - 1 - len(proposed[i]), offset + n)
-        offset += n
-    return indices, first_row, prompt_rows
-
-
-def can_pend(batch: ScheduledBatch) -> bool:
-    """Plain greedy rows only (no sampler inputs, distributions or logprobs) and no prompt logprobs."""
-    return all((not samples or _argmax_is_enough(seq.params)) and not wants_prompt_logprobs(seq, start)
-               for seq, start, samples in zip(batch.seqs, batch.starts, batch.samples))
-
-
-def launch_greedy(runner, batch: ScheduledBatch, first_inputs: torch.Tensor | None = None) -> PendingVerify:
-    """Queue the batch's forward pass and argmax; nothing is read back. `first_inputs` [sequences]:
-    each sequence's first input token, on the device (a step launched ahead: ahead.py)."""
-    proposed = batch.proposed or [[] for _ in batch.seqs]
-    indices, first_row, _ = _logits_rows(batch, proposed)
-    with torch.inference_mode():
-        inputs = runner.prepare(batch, indices)
-        if first_inputs is not None:
-            starts = to_device(torch.tensor([0, *itertools.accumulate(batch.num_new_tokens)][:-1]), runner.device)
-            inputs.input_ids.index_copy_(0, starts, first_inputs)
-        best = runner.execute(inputs).argmax(dim=-1)
-    return PendingVerify(batch, first_row, best, to_host(best), ReadyEvent(runner.device))
-
-
-def resolve(runner, pending: PendingVerify) -> Verified:
-    """Wait for a launched greedy verifying step: each sequence's accepted proposals and the
-    target's token after them."""
-    runner.wait_ready(pending.ready)
-    best, batch = pending.best.tolist(), pending.batch
-    proposed = batch.proposed or [[] for _ in batch.seqs]
-    tokens = [[] for _ in batch.seqs]
-    for i, row in pending.first_row.items():
-        tokens[i] = greedy_accept(best[row:row + len(proposed[i]) + 1], proposed[i])
-    return Verified(batch, tokens, _rounds(tokens, None, {}))
 
 
 def _argmax_is_enough(params) -> bool:

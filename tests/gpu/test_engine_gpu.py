@@ -50,18 +50,3 @@ def test_seeded_sampling_on_gpu_is_reproducible(tiny_qwen3, prompts):
     a = llm.generate(prompts[:1], params, use_tqdm=False)[0].outputs[0].token_ids
     b = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids
     assert a == b
-
-
-@pytest.mark.parametrize("batch", [1, 3])
-def test_ngram_speculation_with_graphs_and_steps_launched_ahead_keeps_the_greedy_tokens(tiny_qwen3, batch):
-    """n-gram speculation on CUDA graphs, with verifying steps launched ahead (spec_decode/ahead.py):
-    float32, so the tokens are transformers' exactly; some steps launched ahead hold."""
-    prompts = [p * 3 for p in random_prompts(batch, 6, 12, seed=5)]        # repeats: proposals are found
-    expected = hf_greedy(tiny_qwen3, prompts, max_new_tokens=48, ignore_eos=True)
-    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
-    llm = LLM(tiny_qwen3, device="cuda", dtype="float32", speculative_config=spec)
-    engine = llm.llm_engine
-    assert engine.speculator.launches_ahead
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True), use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == expected
-    assert engine.speculator.metrics.num_accepted_tokens > 0 and engine.num_steps_ahead > 0
