@@ -135,19 +135,20 @@ class Scheduler:
         return needed <= self.block_manager.num_free_blocks
 
     def _add(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
-        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        start, end, known = seq.num_computed_tokens, seq.num_computed_tokens + n, seq.num_tokens
         # Full blocks of known tokens are offered to the prefix cache now: this step writes
         # their keys/values before any later step can read them.
-        self.block_manager.cache_computed_blocks(seq, min(end, seq.num_tokens))
+        self.block_manager.cache_computed_blocks(seq, min(end, known))
+        samples = end == known + seq.num_in_flight + len(seq.spec_token_ids)
         batch.seqs.append(seq)
         batch.starts.append(start)
         batch.num_new_tokens.append(n)
-        batch.samples.append(end == seq.num_tokens + seq.num_in_flight + len(seq.spec_token_ids))
+        batch.samples.append(samples)
         if self.speculative:
             batch.proposed.append(list(seq.spec_token_ids))
-        batch.from_device.append(start == seq.num_tokens)      # the token in flight is its input
+        batch.from_device.append(start == known)      # the token in flight is its input
         seq.num_computed_tokens = end
-        seq.num_in_flight += batch.samples[-1]
+        seq.num_in_flight += samples
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
