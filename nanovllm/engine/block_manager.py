@@ -143,9 +143,7 @@ class BlockManager:
     def grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Give seq the blocks it lacks to hold `num_tokens` tokens; False (and nothing
         changed) when too few are free."""
-        lacking = self.blocks_needed(num_tokens) - len(seq.block_table)
-        if lacking <= 0:
-            return True                           # (most decode steps)
+        lacking = self.blocks_needed(num_tokens) - len(seq.block_table)     # (most decode steps: <= 0)
         if lacking > len(self.free):
             return False
         seq.block_table += [self._take_free_block().block_id for _ in range(lacking)]
