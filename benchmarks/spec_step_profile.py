@@ -5,8 +5,15 @@ are found), greedy; then cProfile's hottest functions of the speculative run.
     python benchmarks/spec_step_profile.py                # batch 1, k = 4, 128 new tokens
     python benchmarks/spec_step_profile.py --batch 8 -k 6 --top 40 [--sort cumulative]
     python benchmarks/spec_step_profile.py --shape smollm2-135m-gptq --top 0 --gpu-profile --gemv-max-rows 8
+    python benchmarks/spec_step_profile.py --shape smollm2-135m-gptq -k 7 --top 0 --phases
+
+--phases times the engine's phases (proposing, scheduling, inputs, launch, waiting for the
+device, processing) by wall clock, with no profiler's overhead: the host work of a verifying
+step is in series with its device time, unlike a plain step's.
 """
 import argparse
+import collections
+import contextlib
 import cProfile
 import pstats
 import random
@@ -18,6 +25,35 @@ from nanovllm.models.shapes import SHAPES, shape_checkpoint_dir
 from prefill import print_gpu_time_by_kernel
 
 
+@contextlib.contextmanager
+def timed_phases(totals: dict, calls: collections.Counter):
+    """Wrap the engine's phase methods with wall-clock timers (restored on exit)."""
+    from nanovllm.engine.model_runner import ModelRunner
+    from nanovllm.engine.scheduler import Scheduler
+    from nanovllm.spec_decode.speculator import Speculator
+    methods = [(Speculator, "propose"), (Speculator, "expects_proposals"), (Speculator, "finish"),
+               (Scheduler, "schedule"), (ModelRunner, "prepare"), (ModelRunner, "execute"),
+               (ModelRunner, "sample"), (ModelRunner, "wait_ready")]
+    originals = [(cls, name, getattr(cls, name)) for cls, name in methods]
+
+    def timer(key, method):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                totals[key] += time.perf_counter() - start
+                calls[key] += 1
+        return timed
+    for cls, name, method in originals:
+        setattr(cls, name, timer(f"{cls.__name__}.{name}", method))
+    try:
+        yield
+    finally:
+        for cls, name, method in originals:
+            setattr(cls, name, method)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="smollm2-135m", choices=list(SHAPES))
@@ -27,6 +63,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=30, help="functions to list (0: no cProfile)")
     p.add_argument("--sort", default="tottime", choices=["tottime", "cumulative"], help="order of the list")
     p.add_argument("--gpu-profile", action="store_true", help="then each run's GPU time by kernel")
+    p.add_argument("--phases", action="store_true", help="each run's wall-clock time by engine phase")
     p.add_argument("--gemv-max-rows", type=int, default=None,
                    help="4-bit weights: rows up to which the CUDA-core kernel runs, any weight (default: by size)")
     args = p.parse_args()
@@ -46,9 +83,11 @@ def main() -> None:
         profile = cProfile.Profile() if config and args.top > 0 else None
         if profile:
             profile.enable()
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        seconds = time.perf_counter() - start
+        totals, calls = collections.defaultdict(float), collections.Counter()
+        with timed_phases(totals, calls) if args.phases else contextlib.nullcontext():
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            seconds = time.perf_counter() - start
         if profile:
             profile.disable()
         steps = engine.num_steps - steps_before
@@ -60,6 +99,8 @@ def main() -> None:
             line += f"{' (under cProfile)' if profile else ''}; {m.num_accepted_tokens} of {m.num_draft_tokens} proposed tokens " \
                     f"accepted, in {m.num_drafts} proposals"
         print(line, flush=True)
+        for key, total in sorted(totals.items(), key=lambda item: -item[1]):
+            print(f"  {key:30} {calls[key]:5} calls, {1000 * total / steps:7.3f} ms a step")
         if profile:
             pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
         if args.gpu_profile:
