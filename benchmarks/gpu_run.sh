@@ -22,6 +22,8 @@ for step in "$@"; do
               timeout 150 python benchmarks/step_timeline.py --shape qwen2.5-0.5b 2>&1 | grep -v Warning | tee "$LOG_DIR/timeline_qwen2.txt" ;;
     profile) timeout 200 python benchmarks/profile_step.py 1 2>&1 | tee "$LOG_DIR/profile1.txt"
              timeout 200 python benchmarks/profile_step.py 256 2>&1 | tee "$LOG_DIR/profile256.txt" ;;
+    phases)  timeout 200 python benchmarks/profile_step.py 256 qwen3-0.6b fp8 --phases 2>&1 | head -20 | tee "$LOG_DIR/phases256_fp8.txt"
+             timeout 200 python benchmarks/profile_step.py 256 qwen3-0.6b auto --phases 2>&1 | head -20 | tee "$LOG_DIR/phases256.txt" ;;
     profile2) timeout 200 python benchmarks/profile_step.py 256 qwen2.5-0.5b 2>&1 | tee "$LOG_DIR/profile256_qwen2.txt" ;;
     sampler) timeout 120 python benchmarks/bench_sampler.py 2>&1 | tee "$LOG_DIR/sampler.txt" ;;
     instep)  timeout 150 python benchmarks/sampler_in_step.py 2>&1 | grep -v INFO | tee "$LOG_DIR/instep.txt" ;;

@@ -1,6 +1,9 @@
 """Where a decode step's time goes: host (cProfile) and device (torch.profiler).
 
-    PYTHONPATH=. python benchmarks/profile_step.py [BATCH] [SHAPE] [KV_CACHE_DTYPE]   # default: 1 qwen3-0.6b auto
+    PYTHONPATH=. python benchmarks/profile_step.py [BATCH] [SHAPE] [KV_CACHE_DTYPE] [--phases]   # default: 1 qwen3-0.6b auto
+
+--phases: also each engine phase's wall-clock time per step (phase_timers.py), which cProfile's
+overhead distorts at large batches.
 """
 import cProfile
 import pstats
@@ -13,10 +16,13 @@ import torch
 from nanovllm import LLM, SamplingParams
 from nanovllm.models.shapes import shape_checkpoint_dir
 from nanovllm.sampling_params import RequestOutputKind
+from phase_timers import timed_phases
 
-batch = int(sys.argv[1]) if len(sys.argv) > 1 else 1
-shape = sys.argv[2] if len(sys.argv) > 2 else "qwen3-0.6b"
-kv_cache_dtype = sys.argv[3] if len(sys.argv) > 3 else "auto"
+phases = "--phases" in sys.argv
+argv = [a for a in sys.argv if a != "--phases"]
+batch = int(argv[1]) if len(argv) > 1 else 1
+shape = argv[2] if len(argv) > 2 else "qwen3-0.6b"
+kv_cache_dtype = argv[3] if len(argv) > 3 else "auto"
 llm = LLM(shape_checkpoint_dir(shape), load_format="dummy", max_model_len=4096, kv_cache_dtype=kv_cache_dtype)
 engine = llm.llm_engine
 rng = random.Random(0)
@@ -34,6 +40,12 @@ for _ in range(50):
     engine.step()
 torch.cuda.synchronize()
 print(f"batch {batch}: {1000 * (time.perf_counter() - start) / 50:.2f} ms per decode step")
+if phases:
+    with timed_phases() as times:
+        for _ in range(50):
+            engine.step()
+    torch.cuda.synchronize()
+    times.print(50)
 prof = cProfile.Profile()
 prof.enable()
 for _ in range(50):

@@ -12,7 +12,6 @@ device, processing) by wall clock, with no profiler's overhead: the host work of
 step is in series with its device time, unlike a plain step's.
 """
 import argparse
-import collections
 import contextlib
 import cProfile
 import pstats
@@ -22,36 +21,8 @@ import time
 from nanovllm import LLM, SamplingParams
 from nanovllm.kernels import w4a16_gemm
 from nanovllm.models.shapes import SHAPES, shape_checkpoint_dir
+from phase_timers import timed_phases
 from prefill import print_gpu_time_by_kernel
-
-
-@contextlib.contextmanager
-def timed_phases(totals: dict, calls: collections.Counter):
-    """Wrap the engine's phase methods with wall-clock timers (restored on exit)."""
-    from nanovllm.engine.model_runner import ModelRunner
-    from nanovllm.engine.scheduler import Scheduler
-    from nanovllm.spec_decode.speculator import Speculator
-    methods = [(Speculator, "propose"), (Speculator, "expects_proposals"), (Speculator, "finish"),
-               (Scheduler, "schedule"), (ModelRunner, "prepare"), (ModelRunner, "execute"),
-               (ModelRunner, "sample"), (ModelRunner, "wait_ready")]
-    originals = [(cls, name, getattr(cls, name)) for cls, name in methods]
-
-    def timer(key, method):
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                totals[key] += time.perf_counter() - start
-                calls[key] += 1
-        return timed
-    for cls, name, method in originals:
-        setattr(cls, name, timer(f"{cls.__name__}.{name}", method))
-    try:
-        yield
-    finally:
-        for cls, name, method in originals:
-            setattr(cls, name, method)
 
 
 def main() -> None:
@@ -83,8 +54,7 @@ def main() -> None:
         profile = cProfile.Profile() if config and args.top > 0 else None
         if profile:
             profile.enable()
-        totals, calls = collections.defaultdict(float), collections.Counter()
-        with timed_phases(totals, calls) if args.phases else contextlib.nullcontext():
+        with timed_phases() if args.phases else contextlib.nullcontext() as phases:
             start = time.perf_counter()
             outs = llm.generate(prompts, params, use_tqdm=False)
             seconds = time.perf_counter() - start
@@ -99,8 +69,8 @@ def main() -> None:
             line += f"{' (under cProfile)' if profile else ''}; {m.num_accepted_tokens} of {m.num_draft_tokens} proposed tokens " \
                     f"accepted, in {m.num_drafts} proposals"
         print(line, flush=True)
-        for key, total in sorted(totals.items(), key=lambda item: -item[1]):
-            print(f"  {key:30} {calls[key]:5} calls, {1000 * total / steps:7.3f} ms a step")
+        if phases is not None:
+            phases.print(steps)
         if profile:
             pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
         if args.gpu_profile:
