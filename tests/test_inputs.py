@@ -48,7 +48,7 @@ def test_layout_matches_a_per_token_loop():
         for _ in range(5):
             batch = random_batch(rng, 9, block_size)
             rows = plan_logits_rows(batch)
-            inputs = prepare_inputs(batch, block_size, CPU, rows.indices)
+            inputs = prepare_inputs(batch, block_size, rows.indices).to(CPU)
             ids, positions, slots, cu, logits_rows, sample_rows = [], [], [0], [0], [], []
             slots = []
             for i, (seq, start, n) in enumerate(zip(batch.seqs, batch.starts, batch.num_new_tokens)):
@@ -117,7 +117,7 @@ def test_short_spans_run_as_rows_with_the_same_attention():
             batch = short_spans_batch(rng, count, block_size)
             if batch.is_decode:
                 continue
-            inputs = prepare_inputs(batch, block_size, CPU, plan_logits_rows(batch).indices)
+            inputs = prepare_inputs(batch, block_size, plan_logits_rows(batch).indices).to(CPU)
             assert inputs.meta.is_decode and len(inputs.meta.seq_lens) == batch.num_tokens
             counts = torch.tensor(batch.num_new_tokens, dtype=torch.int32)
             varlen = dataclasses.replace(

@@ -5,6 +5,7 @@ import pytest
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine import cuda_graphs
+from nanovllm.engine.inputs import prepare_inputs
 from nanovllm.kernels import triton_available
 from tests.conftest import KERNEL_DEVICE, hf_greedy, random_prompts
 
@@ -16,15 +17,16 @@ class ReplayedEagerly(cuda_graphs.StepGraphs):
     """Captures by remembering the forward pass; a replay reruns it into the captured output."""
     replays: list = []
 
-    def _capture(self, key, num_tokens, meta):
-        ids, positions = self.input_ids[:num_tokens], self.positions[:num_tokens]
-        self.outputs[key] = self.model(ids, positions, meta)
+    def _capture(self, inputs):
+        ids, positions, meta = inputs.tensors["input_ids"], inputs.tensors["positions"], inputs.meta
+        key = ("decode" if inputs.is_decode else "mixed", inputs.tokens)
+        self.outputs[id(inputs)] = self.model(ids, positions, meta)
         graphs = self
 
         class Graph:
             def replay(self):
                 graphs.replays.append(key)
-                graphs.outputs[key].copy_(graphs.model(ids, positions, meta))
+                graphs.outputs[id(inputs)].copy_(graphs.model(ids, positions, meta))
         return Graph()
 
 
@@ -55,3 +57,26 @@ def test_verifying_step_of_one_sequence_replays_a_graph_of_its_own_size(tiny_qwe
     outs = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
     assert outs[0].outputs[0].token_ids == hf_greedy(tiny_qwen3, [prompt], 24, ignore_eos=True)[0]
     assert ("decode", 3) in ReplayedEagerly.replays
+
+
+def test_inputs_already_on_the_device_are_copied_into_the_graphs_buffers(tiny_qwen3):
+    """A tensor-parallel worker's inputs arrive on its device, not staged: replay copies them in.
+    Staged and copied steps alternate here, so each must write every field of its graph (the
+    graphs' fields overlap in one block)."""
+    llm = LLM(tiny_qwen3, device="cpu", dtype="float32", attention_backend="triton", block_size=16,
+              max_num_batched_tokens=40, max_num_seqs=3, enforce_eager=True)
+    runner = llm.llm_engine.runner
+    ReplayedEagerly.replays = []
+    runner.graphs = ReplayedEagerly(runner)
+    staged_prepare, steps = runner.prepare, []
+
+    def alternate(batch, logits_indices):
+        steps.append(len(steps) % 2 == 0)
+        if steps[-1]:
+            return staged_prepare(batch, logits_indices)
+        return prepare_inputs(batch, runner.block_size, logits_indices).to(runner.device)
+    runner.prepare = alternate
+    prompts = random_prompts(4, 5, 50, seed=12)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(tiny_qwen3, prompts, 6, ignore_eos=True)
+    assert {key[0] for key in ReplayedEagerly.replays} == {"decode", "mixed"} and False in steps

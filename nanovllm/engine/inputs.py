@@ -29,6 +29,7 @@ class ModelInputs:
     positions: torch.Tensor       # [T]
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [N] rows of the hidden states whose logits are needed
+    staged: bool = False          # already in a CUDA graph's input buffers (StepGraphs.stage)
 
 
 @dataclass
@@ -62,8 +63,42 @@ def plan_logits_rows(batch: ScheduledBatch) -> LogitsRows:
     return LogitsRows(indices, None if len(sample_rows) == len(indices) else sample_rows, prompt_rows)
 
 
-def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device, logits_indices: list[int]
-                   ) -> ModelInputs:
+@dataclass
+class HostInputs:
+    """A step's inputs as numpy arrays on the host: what `to(device)` turns into ModelInputs, or
+    a CUDA graph's input buffers take in one copy (StepGraphs.stage)."""
+    input_ids: np.ndarray        # [T] int64
+    positions: np.ndarray        # [T] int64
+    slot_mapping: np.ndarray     # [T] int64
+    cu_seqlens_q: np.ndarray     # [S + 1] int32
+    seq_lens: np.ndarray         # [S] int32
+    block_tables: np.ndarray     # [S, width] int32
+    max_seqlen_q: int
+    is_decode: bool
+    logits_indices: np.ndarray   # [N] int64
+
+    def to(self, device: torch.device) -> ModelInputs:
+        def as_tensor(values):
+            return to_device(torch.from_numpy(values), device)
+        meta = AttentionMetadata(
+            slot_mapping=as_tensor(self.slot_mapping), cu_seqlens_q=as_tensor(self.cu_seqlens_q),
+            seq_lens=as_tensor(self.seq_lens), block_tables=as_tensor(self.block_tables),
+            max_seqlen_q=self.max_seqlen_q, max_seqlen_k=int(np.max(self.seq_lens, initial=0)),
+            is_decode=self.is_decode)
+        return ModelInputs(as_tensor(self.input_ids), as_tensor(self.positions), meta, as_tensor(self.logits_indices))
+
+
+def host_inputs(input_ids, positions, slots, cu_q, seq_lens, tables, max_q: int, is_decode: bool, logits_indices
+                ) -> HostInputs:
+    """HostInputs from lists or arrays, each in its dtype."""
+    def array(values, dtype):
+        return np.ascontiguousarray(values, dtype=dtype)
+    return HostInputs(array(input_ids, np.int64), array(positions, np.int64), array(slots, np.int64),
+                      array(cu_q, np.int32), array(seq_lens, np.int32), array(tables, np.int32), max_q, is_decode,
+                      array(logits_indices, np.int64))
+
+
+def prepare_inputs(batch: ScheduledBatch, block_size: int, logits_indices: list[int]) -> HostInputs:
     """The batch's inputs. A sequence whose first input is still on the device (`from_device`)
     gets a placeholder id, which the runner overwrites on the device."""
     counts = np.array(batch.num_new_tokens, dtype=np.int64)
@@ -85,10 +120,9 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device,
         # Every token its own one-token row, over its sequence's cache up to itself: the decode
         # kernel and graphs then run the step (speculation's verifying steps at small batches).
         rows = np.arange(len(ids) + 1, dtype=np.int32)
-        return to_tensors(ids, positions, slots, rows, (positions + 1).astype(np.int32),
-                          tables[seq_of_token], 1, True, logits_indices, device)
-    return to_tensors(ids, positions, slots, cu_q, seq_lens, tables, int(counts.max()), batch.is_decode,
-                      logits_indices, device)
+        return host_inputs(ids, positions, slots, rows, positions + 1, tables[seq_of_token], 1, True, logits_indices)
+    return host_inputs(ids, positions, slots, cu_q, seq_lens, tables, int(counts.max()), batch.is_decode,
+                       logits_indices)
 
 
 def block_table_array(block_tables: list[list[int]]) -> np.ndarray:
@@ -96,19 +130,3 @@ def block_table_array(block_tables: list[list[int]]) -> np.ndarray:
     for row, table in zip(tables, block_tables):      # far faster than np.array(nested lists)
         row[:len(table)] = table
     return tables
-
-
-def to_tensors(input_ids, positions, slots, cu_q, seq_lens, tables: np.ndarray, max_q: int, is_decode: bool,
-               logits_indices, device: torch.device) -> ModelInputs:
-    """Lists or numpy arrays -> ModelInputs on `device`. (Packing the seven into one copy was
-    tried: no faster on an H100, see docs/benchmarks.md.)"""
-    def as_tensor(values, dtype):
-        host = torch.from_numpy(np.asarray(values, dtype=dtype))
-        return to_device(host, device)
-
-    meta = AttentionMetadata(
-        slot_mapping=as_tensor(slots, np.int64), cu_seqlens_q=as_tensor(cu_q, np.int32),
-        seq_lens=as_tensor(seq_lens, np.int32), block_tables=as_tensor(tables, np.int32),
-        max_seqlen_q=max_q, max_seqlen_k=int(np.max(seq_lens, initial=0)), is_decode=is_decode)
-    return ModelInputs(as_tensor(input_ids, np.int64), as_tensor(positions, np.int64), meta,
-                       as_tensor(logits_indices, np.int64))

@@ -13,7 +13,7 @@ import os
 import torch
 
 from nanovllm.distributed import min_over_ranks
-from nanovllm.engine.inputs import block_table_array, to_tensors
+from nanovllm.engine.inputs import block_table_array, host_inputs
 from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow
 from nanovllm.quantization.kv_cache import attach_kv_scales, kv_cache_torch_dtype
 from nanovllm.sampling_params import SamplingParams
@@ -102,13 +102,13 @@ def _profile_num_blocks(runner) -> int:
     torch.cuda.reset_peak_memory_stats()
     bind_kv_cache(runner, scratch_blocks)
     per_seq = scratch_blocks // num_seqs           # each sequence gets consecutive blocks
-    inputs = to_tensors(
+    inputs = host_inputs(
         input_ids=[0] * (seq_len * num_seqs), positions=list(range(seq_len)) * num_seqs,
         slots=[s * per_seq * runner.block_size + p for s in range(num_seqs) for p in range(seq_len)],
         cu_q=[i * seq_len for i in range(num_seqs + 1)], seq_lens=[seq_len] * num_seqs,
         tables=block_table_array([list(range(s * per_seq, (s + 1) * per_seq)) for s in range(num_seqs)]),
         max_q=seq_len, is_decode=False, logits_indices=[(i + 1) * seq_len - 1 for i in range(num_seqs)],
-        device=runner.device)
+        ).to(runner.device)
     logits = runner.execute(inputs)
     if logits is not None:                          # only rank 0 samples
         runner.sampler(logits.float(), SamplingMetadata.build(

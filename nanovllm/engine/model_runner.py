@@ -14,7 +14,7 @@ import torch
 
 from nanovllm.config import EngineConfig
 from nanovllm.distributed import tp_rank, tp_size
-from nanovllm.engine.cuda_graphs import step_graphs
+from nanovllm.engine.cuda_graphs import StepGraphs, step_graphs
 from nanovllm.engine.inputs import LogitsRows, ModelInputs, plan_logits_rows, prepare_inputs
 from nanovllm.engine.kv_cache_memory import allocate_kv_cache, map_large_buffers
 from nanovllm.engine.overlap import Launched, ReadyEvent, inputs_from_device, to_host
@@ -114,7 +114,9 @@ class ModelRunner:
         self.seconds_waiting += time.perf_counter() - start
 
     def prepare(self, batch: ScheduledBatch, logits_indices: list[int]) -> ModelInputs:
-        return prepare_inputs(batch, self.block_size, self.device, logits_indices)
+        host = prepare_inputs(batch, self.block_size, logits_indices)
+        staged = self.graphs.stage(host) if isinstance(self.graphs, StepGraphs) else None
+        return staged or host.to(self.device)
 
     @torch.inference_mode()
     def execute(self, inputs: ModelInputs) -> torch.Tensor | None:

@@ -72,7 +72,7 @@ def inputs_from_device(batch: ScheduledBatch, inputs: ModelInputs, after: Launch
             rows.append(sample_row[id(seq)])
         offset += n
     if rows == offsets == list(range(inputs.input_ids.shape[0])):
-        inputs.input_ids = after.sampled_on_device[:len(rows)]     # a decode batch in the same order
+        inputs.input_ids.copy_(after.sampled_on_device[:len(rows)])     # a decode batch in the same order
         return
     index = to_device(torch.tensor(offsets + rows), inputs.input_ids.device)
     inputs.input_ids.index_copy_(0, index[:len(offsets)], after.sampled_on_device.index_select(0, index[len(offsets):]))

@@ -81,7 +81,7 @@ class _Packer:
 def pack_inputs(inputs: ModelInputs, device: torch.device) -> tuple[bytes, torch.Tensor]:
     """-> (header bytes for the pipes, the uint8 payload for the broadcast)."""
     packer = _Packer(device)
-    skeleton = packer.strip(inputs)
+    skeleton = packer.strip(dataclasses.replace(inputs, staged=False))     # a worker copies into its own graphs' buffers
     payload = torch.cat(packer.parts) if packer.parts else torch.empty(0, dtype=torch.uint8, device=device)
     return pickle.dumps((skeleton, packer.size), protocol=pickle.HIGHEST_PROTOCOL), payload
 
