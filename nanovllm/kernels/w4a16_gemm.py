@@ -16,10 +16,10 @@ limit. Both kernels therefore:
 * clamp the last tile's columns instead of masking the loads (the stores are masked).
 
 Two kernels, picked by the number of rows (see `_config`):
-* `_w4a16_gemv_kernel`, for a row or two: no tensor cores. Each program takes one row and BLOCK_N
-  columns; value j of every word is shifted out as a float with the bit trick in
-  `_unpack_value` and multiplied by x[k] in float32. Rows of one column tile are neighbouring
-  programs, so the second row's weights come from L2.
+* `_w4a16_gemv_kernel`, for a few rows: no tensor cores. Each program takes up to 8 rows and
+  BLOCK_N columns; value j of every word is shifted out as a float with the bit trick in
+  `_unpack_value` once, and multiplied by x[k] of each row in float32 (one program a row
+  unpacked every weight once per row: a verifying step's 8 rows cost 1.5x a decode step).
 * `_w4a16_dot_kernel`, for more rows: the integers, unpacked with the same trick, go to the
   tensor cores as the activations' dtype (exact: 0..255) and tl.dot sums them against x. With
   g_idx (scattered groups) each weight is scaled before the dot instead.
@@ -84,40 +84,45 @@ def _w4a16_gemv_kernel(
     M, N, K, k_per_split, split_k,
     stride_xm, stride_qn, stride_sn, stride_mn, stride_om,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PACK
-    row = tl.program_id(0)
+    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    safe_rows = tl.minimum(rows, M - 1)                           # rows past M re-read row M-1
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     safe_cols = tl.minimum(cols, N - 1)                           # the last tile re-reads column N-1
     words_k = tl.arange(0, WORDS)
     k_start = pid_k * k_per_split                                 # K % BLOCK_K == 0: every step is whole
     k_len = tl.minimum(k_per_split, K - k_start)
     w_ptrs = qweight_ptr + safe_cols[:, None] * stride_qn + (k_start // PACK + words_k)[None, :]
-    x_ptrs = x_ptr + row * stride_xm + k_start + words_k * PACK   # x of value 0 of each word
+    # x of value 0 of each word, for each row: [BLOCK_M, WORDS]
+    x_ptrs = x_ptr + safe_rows[:, None] * stride_xm + k_start + words_k[None, :] * PACK
     s_ptrs = scales_ptr + safe_cols * stride_sn
     m_ptrs = mins_ptr + safe_cols * stride_mn
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # tl.range(num_stages=): loops without tl.dot are software-pipelined only when asked
     for k0 in tl.range(0, k_len, BLOCK_K, num_stages=NUM_STAGES):
         words = tl.load(w_ptrs)                                   # [BLOCK_N, WORDS]
-        dots = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
-        x_sum = tl.zeros([WORDS], dtype=tl.float32)
+        dots = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
+        x_sum = tl.zeros([BLOCK_M, WORDS], dtype=tl.float32)
         for j in tl.static_range(PACK):
             xj = tl.load(x_ptrs + j).to(tl.float32)               # x[k] for value j of each word
-            dots += _unpack_value(words, j, BITS) * xj[None, :]
+            # each weight unpacked once for all the program's rows
+            dots += _unpack_value(words, j, BITS)[None, :, :] * xj[:, None, :]
             x_sum += xj
         group = (k_start + k0) // GROUP_SIZE                      # BLOCK_K divides GROUP_SIZE
         scale = tl.load(s_ptrs + group).to(tl.float32)
         low = tl.load(m_ptrs + group).to(tl.float32)
-        acc += tl.sum(dots, axis=1) * scale + low * tl.sum(x_sum, axis=0)
+        acc += tl.sum(dots, axis=2) * scale[None, :] + low[None, :] * tl.sum(x_sum, axis=1)[:, None]
         w_ptrs += WORDS
         x_ptrs += BLOCK_K
-    _finish_tile(acc, out_ptr + row * stride_om + cols, cols < N, partials_ptr, row * N + cols, M * N,
-                 counters_ptr + row * tl.num_programs(1) + pid_n, pid_k, split_k, SPLIT)
+    _finish_tile(acc, out_ptr + rows[:, None] * stride_om + cols[None, :], (rows[:, None] < M) & (cols[None, :] < N),
+                 partials_ptr, rows[:, None] * N + cols[None, :], M * N,
+                 counters_ptr + pid_m * tl.num_programs(1) + pid_n, pid_k, split_k, SPLIT)
 
 
 @triton.jit
@@ -229,13 +234,14 @@ def default_split_k(programs: int, k_steps: int, device: torch.device, per_sm: i
 
 # Defaults by rows (benchmarks/bench_w4a16.py --sweep measures them; its summary says what to set).
 # split_per_sm: the programs per SM that split-K aims for (0: never split; see default_split_k).
-# GEMV_MAX_ROWS: up to this many rows, the CUDA-core kernel (one program per row and column tile);
+# GEMV_MAX_ROWS: up to this many rows, the CUDA-core kernel (GEMV_BLOCK_M rows a program);
 # for a weight of at most SMALL_WEIGHT values, up to SMALL_WEIGHT_GEMV_MAX_ROWS. Measured on an
 # H200 inside the demo model's verifying steps (5 and 8 rows, docs/benchmarks.md), its small
 # linears took 48.5 ms of GPU time where the tensor-core kernel took 64.3; on Llama-3.2-1B's
 # linears (4M values and up) the sweep has the CUDA-core kernel losing from 4 rows on.
 # Its BLOCK_N of 64 columns: 4 warps hold 1024 words a step, 8 per thread as two 16-byte loads.
 GEMV_MAX_ROWS = 1
+GEMV_BLOCK_M = 8
 SMALL_WEIGHT = 2 ** 21
 SMALL_WEIGHT_GEMV_MAX_ROWS = 8
 GEMV_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "split_per_sm": 2}
@@ -317,7 +323,8 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
         block_k = 32
     gemv = cfg["GEMV"] and g_idx is None and K % block_k == 0 and x.stride(1) == 1 and qweight.stride(1) == 1 \
         and scales.stride(1) == 1 and mins.stride(1) == 1
-    block_m = 1 if gemv else cfg["BLOCK_M"]
+    # The CUDA-core kernel takes up to GEMV_BLOCK_M rows a program, unpacking each weight once for them.
+    block_m = min(GEMV_BLOCK_M, triton.next_power_of_2(M)) if gemv else cfg["BLOCK_M"]
     block_n = cfg["BLOCK_N"]
     row_tiles, col_tiles = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
     k_steps = triton.cdiv(K, block_k)
@@ -335,7 +342,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
             x, qweight, scales, mins, out, partials, counters,
             M, N, K, k_per_split, split_k,
             x.stride(0), qweight.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
-            BITS=bits, GROUP_SIZE=group_size, SPLIT=split, BLOCK_N=block_n, BLOCK_K=block_k,
+            BITS=bits, GROUP_SIZE=group_size, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"],
         )
     else:

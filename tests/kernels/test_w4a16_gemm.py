@@ -1,7 +1,8 @@
 """The W4A16 GEMM (Triton, in the CPU interpreter) against the torch reference: dequantize, then matmul.
 
-Both kernels are checked: the CUDA-core one (config GEMV=True, one program per row) and the
-tensor-core one, with a last column tile that overhangs N and split-K ranges of unequal length."""
+Both kernels are checked: the CUDA-core one (config GEMV=True, up to 8 rows a program: 11 rows
+make a second, partly empty, row tile) and the tensor-core one, with a last column tile that
+overhangs N and split-K ranges of unequal length."""
 import pytest
 import torch
 
@@ -31,7 +32,7 @@ def random_quantized(n: int, k: int, bits: int, group_size: int, act_order: bool
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("group_size,act_order", [(32, False), (32, True), (128, False), (128, True)])
-@pytest.mark.parametrize("rows,gemv", [(1, True), (3, True), (1, False), (40, False)])
+@pytest.mark.parametrize("rows,gemv", [(1, True), (3, True), (11, True), (1, False), (40, False)])
 def test_w4a16_gemm_matches_dequantize_then_matmul(dtype, group_size, act_order, rows, gemv):
     from nanovllm.kernels.w4a16_gemm import w4a16_gemm
     n, k = 80, 256                  # BLOCK_N 64: the second column tile overhangs N
