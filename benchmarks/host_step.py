@@ -3,7 +3,7 @@ returns zero logits, so a step's time is the engine's own Python work (schedulin
 preparation, sampling set-up, stop checks, output handling) at a given batch size.
 
     PYTHONPATH=. python benchmarks/host_step.py [BATCH] [--delta [--hand-over-every N]] [--penalties]
-                                                [--logprobs K] [--profile]
+                                                [--logprobs K] [--prompts MIN MAX] [--block-size B] [--profile]
 
 Uses the built-in demo model (tiny vocabulary, greedy sampling), so sampling costs ~nothing.
 --delta asks for an output every step, as the server's streams do (incremental
@@ -12,7 +12,10 @@ as LLM.generate does; with --hand-over-every N, each request's output only every
 (a 1/N share of them at each step) and first and final ones in between, as `nanovllm
 serve` asks for them (~14 steps = 0.1 s at 256 streams on an H100). --penalties adds repetition, frequency and presence penalties;
 --logprobs K asks for the top K logprobs of every token (the stub's logits are then random,
-so the top tokens change from step to step).
+so the top tokens change from step to step). --prompts sets the prompt lengths (default 100 400)
+and --block-size the cache's (default 16): `--prompts 300 400 --block-size 4` gives block tables
+as long as those of bench.py's contexts (~1,000-2,000 tokens in blocks of 16; the demo model
+takes 1,024 tokens at most).
 """
 import cProfile
 import pstats
@@ -30,7 +33,10 @@ from nanovllm.sampling_params import RequestOutputKind
 
 def main() -> None:
     batch = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 256
-    llm = LLM(demo_checkpoint_dir(), device="cpu", num_gpu_blocks_override=30000, max_num_seqs=batch)
+    lengths = [int(v) for v in sys.argv[sys.argv.index("--prompts") + 1:][:2]] if "--prompts" in sys.argv else [100, 400]
+    block_size = int(sys.argv[sys.argv.index("--block-size") + 1]) if "--block-size" in sys.argv else 16
+    llm = LLM(demo_checkpoint_dir(), device="cpu", num_gpu_blocks_override=30000 * 16 // block_size,
+              max_num_seqs=batch, block_size=block_size)
     engine = llm.llm_engine
     vocab = engine.runner.vocab_size
     logprobs = int(sys.argv[sys.argv.index("--logprobs") + 1]) if "--logprobs" in sys.argv else None
@@ -39,7 +45,7 @@ def main() -> None:
     kind = RequestOutputKind.DELTA if "--delta" in sys.argv else RequestOutputKind.FINAL_ONLY
     rng = random.Random(0)
     for i in range(batch):
-        prompt = [rng.randint(0, vocab - 1) for _ in range(rng.randint(100, 400))]
+        prompt = [rng.randint(0, vocab - 1) for _ in range(rng.randint(*lengths))]
         penalties = dict(repetition_penalty=1.1, frequency_penalty=0.2, presence_penalty=0.2) \
             if "--penalties" in sys.argv else {}
         engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=600, ignore_eos=True,

@@ -91,3 +91,24 @@ def test_allocate_fails_without_side_effects():
     bm = BlockManager(num_blocks=3, block_size=4)
     assert not bm.allocate(make_seq(list(range(13))))
     assert bm.num_free_blocks == 3 and not bm.cached
+
+
+def test_block_table_row_follows_the_table():
+    """Sequence.block_table_row (the int32 copy a step's inputs read) stays equal to the table
+    as the block manager allocates, grows, frees, and allocates again other blocks of the same
+    count (a preempted sequence resumed)."""
+    bm = BlockManager(num_blocks=12, block_size=4)
+    seq = make_seq(list(range(6)))
+    assert bm.allocate(seq)
+    rows = [seq.block_table_row().tolist()]
+    for num_tokens in (8, 9, 13):
+        assert bm.grow(seq, num_tokens)
+        rows.append(seq.block_table_row().tolist())
+        assert rows[-1] == seq.block_table
+    assert [len(r) for r in rows] == [2, 2, 3, 4]
+    bm.free_blocks(seq)                       # (no step reads its row until it is resumed)
+    other = make_seq([50] * 32)               # takes the eight blocks never used
+    assert bm.allocate(other) and not set(other.block_table) & set(rows[-1])
+    seq.token_ids += [7] * 7                  # 13 tokens, as when it was freed (preempted)
+    assert bm.allocate(seq) and len(seq.block_table) == 4      # its old blocks, in another order
+    assert seq.block_table_row().tolist() == seq.block_table != rows[-1]

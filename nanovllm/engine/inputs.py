@@ -111,7 +111,7 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, logits_indices: list[
         ids += chunk
         if len(chunk) < n:       # proposed tokens to verify (speculation), else the token in flight
             ids += batch.proposed[i] if batch.proposed and batch.proposed[i] else [0] * (n - len(chunk))
-    tables = block_table_array([seq.block_table for seq in batch.seqs])
+    tables = block_table_array([seq.block_table_row() for seq in batch.seqs])
     seq_of_token = np.repeat(np.arange(len(counts)), counts)
     positions = np.arange(int(cu_q[-1])) + np.repeat(starts - cu_q[:-1], counts)
     slots = tables[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
@@ -125,7 +125,8 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, logits_indices: list[
                        logits_indices)
 
 
-def block_table_array(block_tables: list[list[int]]) -> np.ndarray:
+def block_table_array(block_tables: list) -> np.ndarray:
+    """Tables (lists or arrays) of unequal lengths as one zero-padded int32 array."""
     tables = np.zeros((len(block_tables), max(map(len, block_tables))), dtype=np.int32)
     for row, table in zip(tables, block_tables):      # far faster than np.array(nested lists)
         row[:len(table)] = table
