@@ -31,16 +31,39 @@ class ReplayedEagerly(cuda_graphs.StepGraphs):
 
 
 def test_padded_decode_and_mixed_steps_keep_greedy_tokens(tiny_qwen3):
+    """Steps staged in one copy (StepGraphs.stage), then steps whose inputs are already on the
+    device (a tensor-parallel worker's) copied in by replay, alternating with staged ones. The
+    graphs' fields overlap in one block, so each step must write every field of its own graph,
+    padding included: here every field is spoiled before every step."""
     llm = LLM(tiny_qwen3, device="cpu", dtype="float32", attention_backend="triton", block_size=16,
-              max_num_batched_tokens=40, max_num_seqs=3, enforce_eager=True)
+              max_num_batched_tokens=40, max_num_seqs=4, enforce_eager=True,
+              enable_prefix_caching=False)         # (the second pass prefills again)
     runner = llm.llm_engine.runner
-    runner.graphs = ReplayedEagerly(runner)
-    assert list(runner.graphs.mixed) == [16, 32, 40] and list(runner.graphs.decode) == [1, 2, 3]
-    prompts = random_prompts(4, 5, 50, seed=11)
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(tiny_qwen3, prompts, 6, ignore_eos=True)
-    kinds = {key[0] for key in ReplayedEagerly.replays}
-    assert kinds == {"decode", "mixed"}     # both families replayed, padding included (3 of 3 rows, 40 tokens)
+    ReplayedEagerly.replays = []
+    runner.graphs = graphs = ReplayedEagerly(runner)
+    assert list(graphs.mixed) == [16, 32, 40] and list(graphs.decode) == [1, 2, 4]
+    # 7 + 13 + 20 of 30 tokens fill the first step; the second, 10 tokens and two decodes, pads to
+    # 16 tokens; three decodes pad to 4 rows.
+    prompts = [p[:n] for p, n in zip(random_prompts(3, 30, 30, seed=11), (7, 13, 30))]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = hf_greedy(tiny_qwen3, prompts, 6, ignore_eos=True)
+    block, tables_start = graphs.staging.block, graphs.decode[1].spans["block_tables"][0]
+    staged_prepare, steps = runner.prepare, []
+
+    def prepare(batch, logits_indices, copied_parity, first_step):
+        block[:tables_start].fill_(255)      # every field before the tables: -1, no token id (an IndexError)
+        copied = copied_parity is not None and (len(steps) - first_step) % 2 == copied_parity
+        inputs = prepare_inputs(batch, runner.block_size, logits_indices).to(runner.device) if copied \
+            else staged_prepare(batch, logits_indices)
+        steps.append((inputs.staged, inputs.input_ids.shape[0], len(batch.seqs)))
+        return inputs
+    for parity in (None, 0, 1):          # all staged; then every other step copied, both ways
+        runner.prepare = lambda batch, rows, parity=parity, first=len(steps): prepare(batch, rows, parity, first)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected
+    assert {key[0] for key in ReplayedEagerly.replays} == {"decode", "mixed"}
+    # the padded steps (12 tokens in a graph of 16, 3 rows in one of 4), staged and copied
+    assert {(True, 12, 3), (False, 12, 3), (True, 3, 3), (False, 3, 3)} <= set(steps)
 
 
 def test_verifying_step_of_one_sequence_replays_a_graph_of_its_own_size(tiny_qwen3):
@@ -58,25 +81,3 @@ def test_verifying_step_of_one_sequence_replays_a_graph_of_its_own_size(tiny_qwe
     assert outs[0].outputs[0].token_ids == hf_greedy(tiny_qwen3, [prompt], 24, ignore_eos=True)[0]
     assert ("decode", 3) in ReplayedEagerly.replays
 
-
-def test_inputs_already_on_the_device_are_copied_into_the_graphs_buffers(tiny_qwen3):
-    """A tensor-parallel worker's inputs arrive on its device, not staged: replay copies them in.
-    Staged and copied steps alternate here, so each must write every field of its graph (the
-    graphs' fields overlap in one block)."""
-    llm = LLM(tiny_qwen3, device="cpu", dtype="float32", attention_backend="triton", block_size=16,
-              max_num_batched_tokens=40, max_num_seqs=3, enforce_eager=True)
-    runner = llm.llm_engine.runner
-    ReplayedEagerly.replays = []
-    runner.graphs = ReplayedEagerly(runner)
-    staged_prepare, steps = runner.prepare, []
-
-    def alternate(batch, logits_indices):
-        steps.append(len(steps) % 2 == 0)
-        if steps[-1]:
-            return staged_prepare(batch, logits_indices)
-        return prepare_inputs(batch, runner.block_size, logits_indices).to(runner.device)
-    runner.prepare = alternate
-    prompts = random_prompts(4, 5, 50, seed=12)
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(tiny_qwen3, prompts, 6, ignore_eos=True)
-    assert {key[0] for key in ReplayedEagerly.replays} == {"decode", "mixed"} and False in steps

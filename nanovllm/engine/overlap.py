@@ -8,6 +8,7 @@ device (`inputs_from_device`). The engine's side is in LLMEngine.advance and
 Scheduler.schedule(overlapping=True).
 """
 import dataclasses
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,12 @@ def to_host(obj):
 def inputs_from_device(batch: ScheduledBatch, inputs: ModelInputs, after: Launched) -> None:
     """Put `after`'s sampled tokens, still on the device, into `inputs` as the first input of
     each sequence that takes it from there (`batch.from_device`)."""
+    num_tokens = inputs.input_ids.shape[0]
+    if num_tokens == len(batch.seqs) <= len(after.batch.seqs) and all(batch.from_device) \
+            and all(after.batch.samples) and all(map(operator.is_, batch.seqs, after.batch.seqs)):
+        # a decode batch of the sequences before, in the same order (most steps): no index needed
+        inputs.input_ids.copy_(after.sampled_on_device[:num_tokens])
+        return
     sample_row = {id(seq): i for i, seq in enumerate(s for s, samples in zip(after.batch.seqs, after.batch.samples)
                                                      if samples)}
     offsets, rows, offset = [], [], 0
@@ -71,8 +78,5 @@ def inputs_from_device(batch: ScheduledBatch, inputs: ModelInputs, after: Launch
             offsets.append(offset)
             rows.append(sample_row[id(seq)])
         offset += n
-    if rows == offsets == list(range(inputs.input_ids.shape[0])):
-        inputs.input_ids.copy_(after.sampled_on_device[:len(rows)])     # a decode batch in the same order
-        return
     index = to_device(torch.tensor(offsets + rows), inputs.input_ids.device)
     inputs.input_ids.index_copy_(0, index[:len(offsets)], after.sampled_on_device.index_select(0, index[len(offsets):]))
