@@ -2,6 +2,7 @@
 (it reruns the captured forward pass on the same buffers) on the Triton kernels' interpreter.
 Decode and mixed steps copied into padded buffers must give transformers' greedy tokens."""
 import pytest
+import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine import cuda_graphs
@@ -81,3 +82,28 @@ def test_verifying_step_of_one_sequence_replays_a_graph_of_its_own_size(tiny_qwe
     assert outs[0].outputs[0].token_ids == hf_greedy(tiny_qwen3, [prompt], 24, ignore_eos=True)[0]
     assert ("decode", 3) in ReplayedEagerly.replays
 
+
+
+def test_staged_inputs_read_as_the_host_inputs_do(tiny_qwen3):
+    """StepGraphs.stage's ModelInputs (views of the graph's buffers, what a tensor-parallel
+    worker is sent) hold the same values and shapes as HostInputs.to's."""
+    llm = LLM(tiny_qwen3, device="cpu", dtype="float32", attention_backend="triton", block_size=16,
+              max_num_batched_tokens=40, max_num_seqs=4, enforce_eager=True)
+    runner = llm.llm_engine.runner
+    runner.graphs = ReplayedEagerly(runner)
+    checked, prepare = [], runner.prepare
+
+    def compare(batch, logits_indices):
+        inputs = prepare(batch, logits_indices)
+        plain = prepare_inputs(batch, runner.block_size, logits_indices).to(runner.device)
+        for a, b in ((inputs, plain), (inputs.meta, plain.meta)):
+            for name, value in vars(b).items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(getattr(a, name), value), name
+                elif name not in ("meta", "staged"):
+                    assert getattr(a, name) == value, name
+        checked.append(inputs.staged)
+        return inputs
+    runner.prepare = compare
+    llm.generate(random_prompts(3, 5, 30, seed=4), SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert any(checked)

@@ -84,10 +84,10 @@ class GraphInputs:
 
     def inputs(self, host: HostInputs) -> ModelInputs:
         """The step's ModelInputs as views of the device block (unpadded, as HostInputs.to gives)."""
-        n, rows, t = len(host.input_ids), len(host.seq_lens), self.tensors
+        n, (rows, width), t = len(host.input_ids), host.block_tables.shape, self.tensors
         meta = AttentionMetadata(
             slot_mapping=t["slot_mapping"][:n], cu_seqlens_q=t["cu_seqlens_q"][:rows + 1],
-            seq_lens=t["seq_lens"][:rows], block_tables=t["block_tables"][:rows],
+            seq_lens=t["seq_lens"][:rows], block_tables=t["block_tables"][:rows, :width],
             max_seqlen_q=host.max_seqlen_q, max_seqlen_k=int(host.seq_lens.max(initial=0)), is_decode=host.is_decode)
         return ModelInputs(t["input_ids"][:n], t["positions"][:n], meta,
                            t["logits_indices"][:len(host.logits_indices)], staged=True)
