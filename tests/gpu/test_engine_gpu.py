@@ -50,3 +50,22 @@ def test_seeded_sampling_on_gpu_is_reproducible(tiny_qwen3, prompts):
     a = llm.generate(prompts[:1], params, use_tqdm=False)[0].outputs[0].token_ids
     b = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids
     assert a == b
+
+
+@pytest.mark.parametrize("speculation", ["ngram", "same draft", "other draft"])
+def test_speculation_with_graphs_keeps_the_greedy_tokens(tiny_qwen3, checkpoint_factory, speculation):
+    """Verifying steps of 40 sequences (k + 1 rows each) through the mixed-step graphs, the draft
+    model's steps through its own graphs: in float32, the plain engine's tokens exactly."""
+    prompts = [p * 3 for p in random_prompts(40, 4, 40, seed=9)]       # repeated: n-gram matches
+    draft = {"same draft": tiny_qwen3, "other draft": checkpoint_factory("qwen3", seed=1)}.get(speculation)
+    config = ({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1} if draft is None
+              else {"model": draft, "num_speculative_tokens": 4})
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    plain = LLM(tiny_qwen3, device="cuda", dtype="float32").generate(prompts, params, use_tqdm=False)
+    llm = LLM(tiny_qwen3, device="cuda", dtype="float32", speculative_config=config)
+    spec = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
+    metrics = llm.llm_engine.speculator.metrics
+    assert metrics.num_draft_tokens > 0
+    if speculation != "other draft":
+        assert metrics.num_accepted_tokens > 0
