@@ -108,18 +108,18 @@ def _decode_split_kernel(
         slot = n % BLOCK_SIZE
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_head + (block * stride_kb + slot * stride_ks)[:, None], mask=kv_mask, other=0.0)
-        s = tl.where(n_mask[None, :], tile_scores(q, k, scale_log2, IEEE), float("-inf"))
+        s = tl.where(n_mask[None, :], tile_scores(q, k, IEEE), float("-inf"))
         if V_PAIRS:
             x = tl.load(v_pairs + ((block * stride_vb + slot * stride_vs) // 2)[:, None], mask=n_mask[:, None],
                         other=0)
             v_even, v_odd = fp8_value_pairs(x, INLINE_ASM)
-            p, alpha, l_i, m_i = softmax_weights(l_i, m_i, s)
+            p, alpha, l_i, m_i = softmax_weights(l_i, m_i, s, scale_log2)
             p = p.to(tl.float16)
-            acc_even = acc_even * alpha[:, None] + tl.dot(p, v_even)
-            acc_odd = acc_odd * alpha[:, None] + tl.dot(p, v_odd)
+            acc_even = tl.dot(p, v_even, acc_even * alpha[:, None])
+            acc_odd = tl.dot(p, v_odd, acc_odd * alpha[:, None])
         else:
             v = tl.load(v_head + (block * stride_vb + slot * stride_vs)[:, None], mask=kv_mask, other=0.0)
-            acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, s, v, q, IEEE)
+            acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, s, scale_log2, v, q, IEEE)
     if V_PAIRS:     # dimension 2j is acc_even[:, j], 2j + 1 acc_odd[:, j]
         acc = tl.reshape(tl.join(acc_even, acc_odd), [BLOCK_G, BLOCK_D])
 

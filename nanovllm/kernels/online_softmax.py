@@ -17,35 +17,38 @@ import triton.language as tl
 
 
 @triton.jit
-def tile_scores(q, k, scale_log2, IEEE: tl.constexpr):
-    """q [M, D] . k [N, D]^T, scaled for exp2. IEEE: exact fp32 dot (the fp32 tests' reference)."""
+def tile_scores(q, k, IEEE: tl.constexpr):
+    """q [M, D] . k [N, D]^T, unscaled (softmax_weights scales them). IEEE: exact fp32 dot (the fp32
+    tests' reference)."""
     if IEEE:
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k.to(q.dtype)))
-    return s * scale_log2
+        return tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
+    return tl.dot(q, tl.trans(k.to(q.dtype)))
 
 
 @triton.jit
-def softmax_weights(l_i, m_i, s):
-    """One tile's masked scores s [M, N] -> (p [M, N], alpha [M], l_i, m_i): the weights of its
-    values, the factor that rescales the running output, and the new running sum and maximum."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def softmax_weights(l_i, m_i, s, scale_log2):
+    """One tile's masked scores s [M, N] (unscaled) -> (p [M, N], alpha [M], l_i, m_i): the weights
+    of its values, the factor that rescales the running output, and the new running sum and
+    maximum. The scale (positive) goes into the row maximum and, with it, into one multiply-add
+    per score: a pass over the tile fewer than scaling the scores first."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * scale_log2 - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     return p, alpha, l_i, m_new
 
 
 @triton.jit
-def online_softmax_update(acc, l_i, m_i, s, v, q, IEEE: tl.constexpr):
-    """Fold one tile's masked scores s [M, N] and values v [N, D] into the running maximum m_i,
-    denominator l_i and (unnormalised) output acc. Returns (acc, l_i, m_i)."""
-    p, alpha, l_i, m_new = softmax_weights(l_i, m_i, s)
+def online_softmax_update(acc, l_i, m_i, s, scale_log2, v, q, IEEE: tl.constexpr):
+    """Fold one tile's masked, unscaled scores s [M, N] and values v [N, D] into the running maximum
+    m_i, denominator l_i and (unnormalised) output acc. Returns (acc, l_i, m_i). The rescaled
+    output is the dot's accumulator: the tensor cores add the tile's products to it in place."""
+    p, alpha, l_i, m_new = softmax_weights(l_i, m_i, s, scale_log2)
+    acc = acc * alpha[:, None]
     if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc)
     return acc, l_i, m_new
 
 

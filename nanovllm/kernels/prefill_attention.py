@@ -74,13 +74,13 @@ def _attend_kv_tile(acc, l_i, m_i, q, k_head, v_head, bt_row, kv_start, q_pos, s
     k = tl.load(k_head + (block * stride_kb + slot * stride_ks)[:, None], mask=kv_mask, other=0.0)
     v = tl.load(v_head + (block * stride_vb + slot * stride_vs)[:, None], mask=kv_mask, other=0.0)
 
-    s = tile_scores(q, k, scale_log2, IEEE)
+    s = tile_scores(q, k, IEEE)
     if MASKED:
         visible = n[None, :] <= q_pos[:, None]
         if SLIDING:
             visible &= n[None, :] > q_pos[:, None] - window
         s = tl.where(visible, s, float("-inf"))
-    return online_softmax_update(acc, l_i, m_i, s, v, q, IEEE)
+    return online_softmax_update(acc, l_i, m_i, s, scale_log2, v, q, IEEE)
 
 
 # The batch size and the block table's width change from step to step: specialising on them
