@@ -150,3 +150,14 @@ def test_vllm_arguments_nanovllm_does_not_implement(tiny_qwen3):
     for kwargs in [dict(kv_cache_dtype="fp8_e5m2"), dict(quantization="awq"), dict(tokenizer_mode="mistral")]:
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             LLM(tiny_qwen3, device="cpu", **kwargs)
+
+
+def test_generate_keeps_older_objects_from_the_collector_only_while_it_runs(llm, monkeypatch):
+    import gc
+    frozen_during = []
+    step = llm.llm_engine.step
+    monkeypatch.setattr(llm.llm_engine, "step", lambda: frozen_during.append(gc.get_freeze_count()) or step())
+    before = gc.get_freeze_count()
+    llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
+    assert frozen_during and min(frozen_during) > before
+    assert gc.get_freeze_count() == before
