@@ -4,12 +4,14 @@ step's prefill/decode token mix.
     python benchmarks/step_timeline.py                                 # bench.py's workload (CPU preset without a GPU)
     python benchmarks/step_timeline.py --workload chat --plot chat.png # one picture: time and tokens per step
     python benchmarks/step_timeline.py --shape qwen2.5-0.5b --cprofile
+    python benchmarks/step_timeline.py --kv-cache-dtype fp8 --phases   # each engine phase's time a step
 
 Each engine step is timed, and so is the part of it spent waiting for the device (the event wait
 in ModelRunner.resolve). A step that hardly waits is host-bound: the GPU idled. The table sums the
 steps by kind and batch size; --plot draws every step (matplotlib).
 """
 import argparse
+import contextlib
 import cProfile
 import gc
 import pstats
@@ -24,6 +26,7 @@ from nanovllm.bench_workload import (CPU_MAX_NUM_SEQS, CPU_SHAPE, GPU_SHAPE, add
                                      use_cpu_preset)
 from nanovllm.models.shapes import SHAPES, shape_checkpoint_dir
 from nanovllm.sampling_params import RequestOutputKind
+from phase_timers import timed_phases
 
 
 @dataclass
@@ -168,6 +171,7 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", default="auto", help="LLM's kv_cache_dtype (auto, fp8)")
     parser.add_argument("--plot", metavar="FILE.png", help="draw each step's time and token mix into this file")
     parser.add_argument("--cprofile", action="store_true", help="also print the host's hottest functions")
+    parser.add_argument("--phases", action="store_true", help="also print each engine phase's wall time a step")
     parser.add_argument("--trace-prefill", action="store_true", help="torch.profiler table of the first two steps")
     parser.add_argument("--sync-debug", action="store_true", help="warn at every op that syncs with the GPU")
     args = parser.parse_args()
@@ -201,7 +205,7 @@ def main() -> None:
         print(trace.key_averages().table(sort_by="cpu_time_total", row_limit=25))
     profiler = cProfile.Profile() if args.cprofile else None
     begin = time.perf_counter()
-    with GcPauses() as gc_pauses:
+    with GcPauses() as gc_pauses, timed_phases() if args.phases else contextlib.nullcontext() as phases:
         steps = run_steps(engine, profiler)
     total = time.perf_counter() - begin
     if profiler:
@@ -209,6 +213,9 @@ def main() -> None:
     print(f"{shape}: {workload.output_tokens} output tokens in {total:.2f} s = "
           f"{workload.output_tokens / total:.0f} tok/s, {len(steps)} steps")
     print(summary(steps))
+    if phases:
+        print("engine phases, wall time (resolve includes wait_ready):")
+        phases.print(len(steps))
     print(gc_pauses)
     if torch.cuda.is_available():
         stats = torch.cuda.memory_stats()
