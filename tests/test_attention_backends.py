@@ -8,8 +8,8 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.kernels.reference import paged_attention_reference
-from nanovllm.layers.attention import TorchBackend
 from nanovllm.layers.attention_backends import FlashAttnBackend, select_backend
+from nanovllm.layers.cpu_attention import BatchedTorchBackend
 from tests.conftest import KERNEL_DEVICE, hf_greedy, random_prompts
 
 
@@ -35,7 +35,7 @@ def _fake_flash_attn() -> types.ModuleType:
 
 
 def test_selection(monkeypatch):
-    assert isinstance(select_backend("auto", "cpu", 16), TorchBackend)
+    assert isinstance(select_backend("auto", "cpu", 16), BatchedTorchBackend)
     with pytest.raises(ValueError, match="flash_attn"):
         select_backend("flash_attn", "cpu", 256)          # not installed here
     monkeypatch.setitem(sys.modules, "flash_attn", _fake_flash_attn())
@@ -57,15 +57,16 @@ def test_flash_attn_backend_gives_the_same_tokens(monkeypatch, tiny_qwen3):
 
 
 def test_torch_backend_reuses_a_steps_indices_across_layers_and_windows():
-    """TorchBackend computes the slots and, in decode, the blocks and mask once per step (per
+    """BatchedTorchBackend computes the slots and, in decode, the blocks and mask once per step (per
     window) and reuses them in the other layers: every layer's result equals the reference's
     computed afresh, also with padded slots (-1), and a new step's metadata is not confused
     with the last one's."""
-    from nanovllm.kernels.reference import paged_decode_attention_reference, store_kv_cache_reference
+    from nanovllm.kernels.reference import store_kv_cache_reference
+    from nanovllm.layers.cpu_attention import paged_decode_attention_reference
     from nanovllm.layers.attention import AttentionMetadata
     gen = torch.Generator().manual_seed(0)
     num_blocks, block_size, heads, kv_heads, dim = 12, 4, 4, 2, 8
-    backend = TorchBackend()
+    backend = BatchedTorchBackend()
     layers = [torch.zeros(2, num_blocks, block_size, kv_heads, dim) for _ in range(3)]
     reference = [c.clone() for c in layers]
     tables = torch.tensor([[3, 7, 1], [0, 5, 9]], dtype=torch.int32)
@@ -105,7 +106,7 @@ def test_torch_backend_mixed_step_matches_the_reference(window, decodes):
     seq_lens = torch.tensor([total for _, total in spans], dtype=torch.int32)
     meta = AttentionMetadata(torch.zeros(int(cu[-1]), dtype=torch.int64), cu, seq_lens, tables, 6, 14, is_decode=False)
     k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, dim, generator=gen) for _ in range(2))
-    backend = TorchBackend()
+    backend = BatchedTorchBackend()
     for _ in range(2):
         q = torch.randn(int(cu[-1]), heads, dim, generator=gen)
         got = backend.attend(q, k_cache, v_cache, meta, 0.3, window)

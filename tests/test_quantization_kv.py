@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.kernels import paged_attention_reference, paged_decode_attention_reference, \
-    store_kv_cache_reference, triton_available
+from nanovllm.kernels import paged_attention_reference, store_kv_cache_reference, triton_available
+from nanovllm.layers.cpu_attention import paged_decode_attention_reference
 from nanovllm.quantization.kv_cache import FP8_DTYPE, FP8_MAX, HEADROOM, update_scales_from_first_batch
 from tests.conftest import KERNEL_DEVICE, random_prompts
 from tests.kernels.test_kernels import DEVICE, make_paged_batch, rel_err, tolerance

@@ -26,7 +26,7 @@ before `import nanovllm`). Check `triton_available()` before calling a Triton ke
 import importlib
 import os
 
-from .reference import gather_kv, paged_attention_reference, paged_decode_attention_reference, store_kv_cache_reference
+from .reference import gather_kv, paged_attention_reference, store_kv_cache_reference
 
 _LAZY = {
     "store_kv_cache": ".store_kv",
@@ -46,7 +46,7 @@ _LAZY = {
 }
 
 __all__ = ["triton_available", *_LAZY, "store_kv_cache_reference", "paged_attention_reference",
-           "paged_decode_attention_reference", "gather_kv"]
+           "gather_kv"]
 
 
 def triton_available() -> bool:

@@ -1,5 +1,5 @@
-"""Pure-torch paged attention: the ground truth the Triton kernels are tested against,
-and the attention the engine uses on the CPU.
+"""Pure-torch paged attention: the ground truth the Triton kernels are tested against, and
+what the engine's torch backend computes (on the CPU, in the batched form of layers/cpu_attention.py).
 
 Layout (one layer):
     k_cache, v_cache:  [num_blocks, block_size, num_kv_heads, head_dim]
@@ -53,7 +53,7 @@ def _to_cache(x: torch.Tensor, cache: torch.Tensor, scale) -> torch.Tensor:
     return (x.float() / (1.0 if scale is None else scale)).clamp(-448.0, 448.0).to(cache.dtype)
 
 
-def _from_cache(x: torch.Tensor, scale) -> torch.Tensor:
+def from_cache(x: torch.Tensor, scale) -> torch.Tensor:
     """Cached keys or values in float32 (a float8 cache's scaled back)."""
     return x.float() if scale is None else x.float() * scale
 
@@ -84,8 +84,8 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         q_start, q_end = starts[b], starts[b + 1]
         if q_end == q_start:
             continue
-        k = _from_cache(gather_kv(k_cache, block_tables[b], total), k_scale)
-        v = _from_cache(gather_kv(v_cache, block_tables[b], total), v_scale)
+        k = from_cache(gather_kv(k_cache, block_tables[b], total), k_scale)
+        v = from_cache(gather_kv(v_cache, block_tables[b], total), v_scale)
         k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)   # GQA: share each KV head
         v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
         q_len = q_end - q_start
@@ -100,50 +100,3 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             v.transpose(0, 1).float(), attn_mask=mask, scale=scale)
         out[q_start:q_end] = o.transpose(0, 1).to(q.dtype)
     return out
-
-
-def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                     seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                                     scale: float, window: int | None = None, k_scale=None, v_scale=None
-                                     ) -> torch.Tensor:
-    """Decode (one query token per sequence), all sequences at once: the caches are gathered
-    into a padded [batch, longest, ...] tensor and masked. Same result as
-    `paged_attention_reference` with cu_seqlens_q = arange(batch + 1); far fewer ops."""
-    blocks, visible = decode_reads(seq_lens, block_tables, k_cache.shape[1], window)
-    return decode_attention(q, k_cache, v_cache, blocks, visible, scale, k_scale, v_scale)
-
-
-def decode_reads(seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int, window: int | None = None):
-    """What a decode step reads of a layer's cache: each sequence's blocks up to the longest
-    (flat, int64) and which of those gathered keys each query sees ([batch, 1, 1, keys]).
-    A lone sequence on a CPU whose blocks are consecutive (usual for one request) reads
-    (a slice of the cache's token slots, None): a view, with no copy and no mask."""
-    if len(seq_lens) == 1 and seq_lens.is_cpu:
-        length = int(seq_lens[0])
-        ids = block_tables[0, :-(-length // block_size)].tolist()
-        if ids == list(range(ids[0], ids[0] + len(ids))):
-            first = ids[0] * block_size
-            return slice(first + max(0, length - (window or length)), first + length), None
-    num_blocks = -(-int(seq_lens.max()) // block_size)
-    blocks = block_tables[:, :num_blocks].reshape(-1).long()
-    key_pos = torch.arange(num_blocks * block_size, device=seq_lens.device)[None, :]
-    visible = key_pos < seq_lens[:, None]
-    if window is not None:
-        visible &= key_pos >= seq_lens[:, None] - window
-    return blocks, visible[:, None, None, :]
-
-
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks, visible,
-                     scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
-    """q [batch, Hq, D] over the gathered `blocks` (see decode_reads) -> [batch, Hq, D]."""
-    batch = q.shape[0]
-    if isinstance(blocks, slice):      # one sequence's tokens, consecutive in the cache
-        k, v = (c.flatten(0, 1)[blocks].unsqueeze(0) for c in (k_cache, v_cache))
-    else:   # index_select copies whole blocks several times faster than advanced indexing (on a CPU)
-        k = k_cache.index_select(0, blocks).view(batch, -1, *k_cache.shape[2:])
-        v = v_cache.index_select(0, blocks).view(batch, -1, *v_cache.shape[2:])
-    k, v = _from_cache(k, k_scale), _from_cache(v, v_scale)
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(),
-        attn_mask=visible, scale=scale, enable_gqa=True)   # [batch, Hq, 1, D]
-    return out.squeeze(2).to(q.dtype)

@@ -1,5 +1,5 @@
-"""Paged attention: the layer, the per-step metadata it reads, and the torch backend (the
-Triton and flash-attn ones are in attention_backends.py).
+"""Paged attention: the layer, the per-step metadata it reads, and the torch backend (its
+batched form is in cpu_attention.py, the Triton and flash-attn ones in attention_backends.py).
 
 Every step, each layer first writes the new tokens' keys and values into the paged KV
 cache, then attends from the new queries over the cache. Prefill, prefill with a cached
@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nanovllm.kernels.reference import decode_attention, decode_reads, paged_attention_reference, stored_slots, \
-    write_kv
+from nanovllm.kernels.reference import paged_attention_reference, store_kv_cache_reference
 from nanovllm.quantization.kv_cache import attend_fp8
 
 
@@ -30,58 +29,17 @@ class AttentionMetadata:
 
 
 class TorchBackend:
-    """The pure-torch reference: clear, device-agnostic, used on the CPU. There, what every
-    layer derives alike from a step's metadata (the slots written; in decode, the blocks read
-    and the mask) the first layer computes and the others reuse, keyed by the metadata object
-    (each eager step builds its own): a small model's CPU step is mostly such small ops. Not on
-    a GPU, where a CUDA graph must capture all of it."""
+    """The pure-torch reference: clear, device-agnostic, one sequence at a time. The engine runs
+    its batched form, layers/cpu_attention.py's BatchedTorchBackend: the same result in far
+    fewer torch ops."""
     name = "torch"
 
-    def __init__(self):
-        self.meta, self.derived = None, {}
-
-    def _derived(self, meta: AttentionMetadata, key, compute):
-        if not meta.slot_mapping.is_cpu:
-            return compute()
-        if meta is not self.meta:
-            self.meta, self.derived = meta, {}
-        if key not in self.derived:
-            self.derived[key] = compute()
-        return self.derived[key]
-
     def store(self, k, v, k_cache, v_cache, meta: AttentionMetadata):
-        write_kv(k, v, k_cache, v_cache, *self._derived(meta, "slots", lambda: stored_slots(meta.slot_mapping)))
+        store_kv_cache_reference(k, v, k_cache, v_cache, meta.slot_mapping)
 
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None):
-        if meta.is_decode:
-            blocks, visible = self._derived(meta, ("reads", window), lambda: decode_reads(
-                meta.seq_lens, meta.block_tables, k_cache.shape[1], window))
-            return decode_attention(q, k_cache, v_cache, blocks, visible, scale)
-        # A mixed step: its one-token spans (the decodes, most of its sequences) attend batched as
-        # in decode; only the longer ones go one by one (a Python loop turn each, per layer).
-        single, rows, longer = self._derived(meta, "spans", lambda: _split_spans(meta.cu_seqlens_q))
-        if len(single) == 0:
-            return paged_attention_reference(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
-                                             meta.block_tables, scale, window=window)
-        blocks, visible = self._derived(meta, ("reads", window), lambda: decode_reads(
-            meta.seq_lens[single], meta.block_tables[single], k_cache.shape[1], window))
-        out = torch.empty_like(q)
-        out[rows] = decode_attention(q[rows], k_cache, v_cache, blocks, visible, scale)
-        for b, start, end in longer:
-            out[start:end] = paged_attention_reference(
-                q[start:end], k_cache, v_cache, meta.cu_seqlens_q.new_tensor([0, end - start]),
-                meta.seq_lens[b:b + 1], meta.block_tables[b:b + 1], scale, window=window)
-        return out
-
-
-def _split_spans(cu_seqlens_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
-    """(the sequences whose span is one token, those tokens' rows, [(sequence, first, end token)
-    of the longer spans])."""
-    starts = cu_seqlens_q.tolist()
-    spans = [(b, start, end) for b, (start, end) in enumerate(zip(starts, starts[1:]))]
-    single = [b for b, start, end in spans if end - start == 1]
-    single = cu_seqlens_q.new_tensor(single).long()
-    return single, cu_seqlens_q[single].long(), [span for span in spans if span[2] - span[1] > 1]
+        return paged_attention_reference(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
+                                         meta.block_tables, scale, window=window)
 
 
 class Attention(nn.Module):

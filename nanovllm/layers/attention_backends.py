@@ -1,12 +1,14 @@
 """The attention backends other than the torch reference (layers/attention.py), and the choice
 among them: the project's Triton kernels (the default on CUDA) and flash-attn when installed.
-Each stores a step's keys and values and attends over the paged cache, as TorchBackend does.
+Each stores a step's keys and values and attends over the paged cache, as TorchBackend does
+(layers/attention.py; the CPU's batched form of it: layers/cpu_attention.py).
 """
 import logging
 
 import torch
 
-from nanovllm.layers.attention import AttentionMetadata, TorchBackend
+from nanovllm.layers.attention import AttentionMetadata
+from nanovllm.layers.cpu_attention import BatchedTorchBackend
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,6 @@ def select_backend(name: str, device: str, block_size: int):
     elif name == "triton":
         backend = TritonBackend()
     else:
-        backend = TorchBackend()
+        backend = BatchedTorchBackend()
     logger.info("attention backend: %s", backend.name)
     return backend

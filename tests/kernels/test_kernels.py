@@ -261,7 +261,8 @@ def test_paged_prefill_sliding_window(case, dtype):
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_paged_decode_sliding_window(dtype, num_splits):
     """Windows ending mid-tile, longer than the sequence, of one key; a padding slot (seq_len 0)."""
-    from nanovllm.kernels import paged_decode_attention, paged_decode_attention_reference
+    from nanovllm.kernels import paged_decode_attention
+    from nanovllm.layers.cpu_attention import paged_decode_attention_reference
     seq_lens = [128, 97, 6, 40]
     batch = make_paged_batch(seq_lens, [1] * len(seq_lens), 4, 2, 32, 16, dtype)
     scale = 32 ** -0.5

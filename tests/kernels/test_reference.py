@@ -1,7 +1,8 @@
 """The vectorised decode reference equals the general one-sequence-at-a-time reference."""
 import torch
 
-from nanovllm.kernels.reference import paged_attention_reference, paged_decode_attention_reference
+from nanovllm.kernels.reference import paged_attention_reference
+from nanovllm.layers.cpu_attention import paged_decode_attention_reference
 
 
 def test_decode_reference_matches_general_reference():
@@ -21,7 +22,7 @@ def test_one_sequence_with_consecutive_blocks_reads_a_view_of_the_cache():
     """A lone sequence whose blocks are consecutive reads its keys as a slice of the cache
     (decode_reads gives a slice, no mask); same result as the general reference, with and
     without a sliding window, and as the gathered path where the blocks are not consecutive."""
-    from nanovllm.kernels.reference import decode_reads
+    from nanovllm.layers.cpu_attention import decode_reads
     torch.manual_seed(0)
     num_blocks, block_size, hkv, hq, d = 40, 8, 2, 6, 16
     k_cache, v_cache = torch.randn(2, num_blocks, block_size, hkv, d).unbind(0)
