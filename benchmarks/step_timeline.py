@@ -26,7 +26,6 @@ from nanovllm.bench_workload import (CPU_MAX_NUM_SEQS, CPU_SHAPE, GPU_SHAPE, add
                                      use_cpu_preset)
 from nanovllm.models.shapes import SHAPES, shape_checkpoint_dir
 from nanovllm.sampling_params import RequestOutputKind
-from phase_timers import timed_phases
 
 
 @dataclass
@@ -205,6 +204,8 @@ def main() -> None:
         print(trace.key_averages().table(sort_by="cpu_time_total", row_limit=25))
     profiler = cProfile.Profile() if args.cprofile else None
     begin = time.perf_counter()
+    if args.phases:
+        from phase_timers import timed_phases      # beside this script (on sys.path when it runs)
     with GcPauses() as gc_pauses, timed_phases() if args.phases else contextlib.nullcontext() as phases:
         steps = run_steps(engine, profiler)
     total = time.perf_counter() - begin
