@@ -67,6 +67,7 @@ def test_padded_decode_and_mixed_steps_keep_greedy_tokens(tiny_qwen3):
     assert {(True, 12, 3), (False, 12, 3), (True, 3, 3), (False, 3, 3)} <= set(steps)
 
 
+@pytest.mark.slow      # ~15 s of interpreted kernels
 def test_verifying_step_of_one_sequence_replays_a_graph_of_its_own_size(tiny_qwen3):
     """With k proposals, a sequence's verifying step is k + 1 one-token rows: a decode graph of
     exactly that many rows is captured, and replaying it keeps the greedy tokens."""

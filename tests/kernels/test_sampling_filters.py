@@ -54,7 +54,9 @@ def make_logits(vocab, dtype):
 @pytest.mark.parametrize("vocab, dtype, lanes", [
     (100, torch.float32, 2048), (2500, torch.float32, 2048),      # one tile; several, the last partial
     (700, torch.float16, 2048),                                   # 16-bit keys (as bf16 on the GPU)
-    (700, torch.float16, 16), (600, torch.float32, 32),           # many tokens per lane
+    # many tokens per lane (slow under the interpreter: in CI's slow run)
+    pytest.param(700, torch.float16, 16, marks=pytest.mark.slow),
+    pytest.param(600, torch.float32, 32, marks=pytest.mark.slow),
 ])
 def test_thresholds_keep_what_the_sorting_filters_keep(vocab, dtype, lanes, monkeypatch):
     from nanovllm.kernels import sampling_filters, sampling_thresholds
@@ -125,7 +127,7 @@ ORDER_CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("lanes", [16, 2048])
+@pytest.mark.parametrize("lanes", [pytest.param(16, marks=pytest.mark.slow), 2048])     # 16: slow under the interpreter
 def test_top_p_takes_the_mass_min_p_and_top_k_keep(dtype, lanes, monkeypatch):
     """vLLM's order: top-p's nucleus is of the distribution renormalised over the tokens
     min-p and top-k keep. With 16 lanes, row 1 has more than 4 such tokens in some lane, so
