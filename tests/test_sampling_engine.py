@@ -105,7 +105,8 @@ def small_cache_llm(tiny_qwen3):
     return LLM(tiny_qwen3, device="cpu", num_gpu_blocks_override=7, max_num_seqs=3, block_size=16)
 
 
-@pytest.mark.parametrize("engine", ["llm", "small_cache_llm", "fused_llm"])
+@pytest.mark.parametrize("engine", ["llm", "small_cache_llm",
+                                    pytest.param("fused_llm", marks=pytest.mark.slow)])   # interpreted: ~16 s
 def test_seeded_requests_do_not_depend_on_the_batch(request, engine):
     """Through either sampler a seeded request's draws are keyed by its seed and the token's
     position; with a cache small enough that the mixed run preempts and recomputes too."""

@@ -46,8 +46,8 @@ def test_padded_decode_and_mixed_steps_keep_greedy_tokens(tiny_qwen3):
     # 7 + 13 + 20 of 30 tokens fill the first step; the second, 10 tokens and two decodes, pads to
     # 16 tokens; three decodes pad to 4 rows.
     prompts = [p[:n] for p, n in zip(random_prompts(3, 30, 30, seed=11), (7, 13, 30))]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    expected = hf_greedy(tiny_qwen3, prompts, 6, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    expected = hf_greedy(tiny_qwen3, prompts, 4, ignore_eos=True)
     block, tables_start = graphs.staging.block, graphs.decode[1].spans["block_tables"][0]
     staged_prepare, steps = runner.prepare, []
 
