@@ -271,6 +271,7 @@ def test_unseeded_rows_use_the_global_rng(fused):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.slow      # ~9 s of interpreted kernels
 def test_fused_sampler_temperature_batch():
     """The fused path (Triton Gumbel-max, in the interpreter here): greedy rows are the exact
     argmax of the penalised logits, sampled rows follow softmax(logits / T)."""
@@ -288,7 +289,7 @@ def test_fused_sampler_temperature_batch():
     assert tv_distance(tokens[1:], (base / 0.6).softmax(-1)) < 0.06
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=pytest.mark.slow)])    # interpreted: ~10 s
 def test_seeded_rows_draw_from_their_row_seed(fused):
     """On either path a seeded row's token is a function of its row seed (and logits) alone:
     the other rows and torch's global generator do not change it; a batch with a seeded row

@@ -196,6 +196,7 @@ def _on_top_p_knife_edge(row, case, differ) -> bool:
     return abs(mass_before - top_p) < 1e-5
 
 
+@pytest.mark.slow      # ~9 s of interpreted kernels
 def test_sampling_draws_only_kept_tokens_in_proportion():
     from nanovllm.kernels import gumbel_sample, sampling_thresholds
     gen = torch.Generator().manual_seed(3)
