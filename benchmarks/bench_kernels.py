@@ -7,7 +7,8 @@
 Decode: effective bandwidth = bytes of K and V read (each cached token's K and V rows of every
 KV head, once) over the do_bench median, against 3.0 TB/s (the H100's measured copy rate; the
 script measures the copy rate too). Prefill: ms and TFLOP/s (causal: only visible pairs),
-with torch's scaled_dot_product_attention on contiguous tensors as a peer.
+with torch's scaled_dot_product_attention on contiguous tensors as peers: its default pick and
+cuDNN's kernel.
 
 Float8 cache (`--only fp8`, also part of the full run): bench.py's decode step at full batch
 (256 sequences of 500-1,500 tokens, block 16) with a bf16 and a float8 e4m3 cache, through the
@@ -17,6 +18,7 @@ against the bf16 kernel on the same, dequantized, cache. --sweep times the float
 configs (decode_attention.FP8_CONFIG keys) and varlen configs (prefill_attention.FP8_CONFIG).
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -136,12 +138,16 @@ def time_prefill(batch, config=None, graph=False):
     return bench_graph(fn) if graph else bench(fn)
 
 
-def sdpa_peer(seq_len, num_seqs, gen):
+def sdpa_peer(seq_len, num_seqs, gen, backend=None):
+    """torch's SDPA on contiguous [batch, heads, tokens, dim] tensors, GQA expanded: its default
+    pick (FlashAttention-2 on an H100) or `backend` (e.g. SDPBackend.CUDNN_ATTENTION)."""
+    from torch.nn.attention import sdpa_kernel
     q = torch.empty(num_seqs, HQ, seq_len, D, dtype=DTYPE, device="cuda").normal_(generator=gen)
     k = torch.empty(num_seqs, HKV, seq_len, D, dtype=DTYPE, device="cuda").normal_(generator=gen)
     v = torch.empty_like(k).normal_(generator=gen)
     k, v = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
-    return bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+    with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+        return bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
 # ---------------------------------------------------------------------- float8 cache vs bf16
@@ -372,9 +378,11 @@ def main():
                                            best_us=best[0] * 1e3, best_config=best[1]))
             del batch
             torch.cuda.empty_cache()
-    peers = {n: sdpa_peer(n, 8, gen) for n in (1024, 4000)}
-    for n, ms in peers.items():
-        results[f"sdpa_8x{n}_us"] = ms * 1e3
+    from torch.nn.attention import SDPBackend
+    peers = {(name, n): sdpa_peer(n, 8, gen, backend) for n in (1024, 4000)
+             for name, backend in (("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION))}
+    for (name, n), ms in peers.items():
+        results[f"sdpa_{name}_8x{n}_us"] = ms * 1e3
 
     # ------------------------------------------------------------------ table
     log("\n## decode (bf16, Hq=16, Hkv=8, D=128): K+V bytes read / median time, vs 3.0 TB/s")
@@ -393,8 +401,9 @@ def main():
         extra = "" if r["best_config"] == "default" else f"{r['best_us']:.1f} us {r['best_config']}"
         log(f"{r['case']:28} {r['block_size']:5d} {r['us']:8.1f} {r['tflops']:8.1f} | "
             f"{r['graph_us']:8.1f} {r['graph_tflops']:8.1f}   {extra}")
-    for n, ms in peers.items():
-        log(f"torch sdpa (contiguous, causal, 8x{n}): {ms * 1e3:.1f} us")
+    for (name, n), ms in peers.items():
+        flops = 4 * 8 * HQ * D * n * (n + 1) / 2
+        log(f"torch sdpa, {name} backend (contiguous, causal, 8x{n}): {ms * 1e3:.1f} us {flops / ms / 1e9:.1f} TFLOP/s")
     fp8_section(args, results)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1, default=str)
