@@ -73,8 +73,8 @@ class LLM:
         bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
         start, input_tokens, output_tokens = time.perf_counter(), 0, 0
         # While it runs, what exists already (model, libraries, the caller's objects) is out of the
-        # garbage collector's reach: a full collection mid-run would walk it all (230 ms once
-        # inside bench.py's 5 s on an H100: docs/benchmarks.md). unfreeze hands it all back.
+        # garbage collector's reach: a full collection mid-run would walk it all (230 ms once, in
+        # a 5 s run of bench.py's workload on an H100: docs/benchmarks.md). unfreeze hands it back.
         gc.freeze()
         try:
             while engine.has_unfinished_requests():
