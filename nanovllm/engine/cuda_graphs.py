@@ -122,8 +122,9 @@ class StepGraphs:
 
     def fits(self, inputs: ModelInputs) -> bool:
         meta = inputs.meta
-        return self._graph_for(inputs.input_ids.shape[0], meta.seq_lens.shape[0], meta.block_tables.shape[1],
-                               meta.is_decode) is not None
+        # a step with long fresh prompts runs eagerly: cuDNN attends them (inputs.FRESH_MIN_TOKENS)
+        return not meta.fresh_spans and self._graph_for(
+            inputs.input_ids.shape[0], meta.seq_lens.shape[0], meta.block_tables.shape[1], meta.is_decode) is not None
 
     def stage(self, host: HostInputs) -> ModelInputs | None:
         """Put a step's inputs straight into the buffers of the graph that will run it, in one
@@ -131,7 +132,7 @@ class StepGraphs:
         the buffers took 0.15-0.18 ms of a verifying step's host time on an H100, this 0.09-0.10:
         such a step's host work is in series with its GPU time, docs/benchmarks.md.)"""
         graph = self._graph_for(len(host.input_ids), len(host.seq_lens), host.block_tables.shape[1], host.is_decode)
-        if graph is None:
+        if graph is None or host.fresh_spans():
             return None
         mirror = self.staging.next()
         self.staging.copy(*graph.write(mirror, host))

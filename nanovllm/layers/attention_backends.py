@@ -14,24 +14,67 @@ logger = logging.getLogger(__name__)
 
 
 class TritonBackend:
-    """The project's own Triton kernels: varlen paged prefill and split-KV paged decode."""
+    """The project's own Triton kernels: varlen paged prefill and split-KV paged decode. A step's
+    long prompts with no cached context (`meta.fresh_spans`) go to cuDNN's dense attention instead,
+    from the step's own keys and values: on long prompts it is faster than our kernel."""
     name = "triton"
 
     def __init__(self):
         from nanovllm import kernels
         self.k = kernels
+        self.fresh_kv = None        # the step's new keys and values, while it has fresh spans
+        self.dense_ok = {}          # (dtype, heads, KV heads, head dim) -> cuDNN takes these shapes
 
     def store(self, k, v, k_cache, v_cache, meta: AttentionMetadata, **kv_scales):
         self.k.store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, **kv_scales)
+        self.fresh_kv = (k, v) if meta.fresh_spans and not kv_scales else None
 
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None,
                **kv_scales):
         if meta.is_decode:
             return self.k.paged_decode_attention(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale,
                                                  window=window, **kv_scales)
-        return self.k.paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
-                                              meta.block_tables, meta.max_seqlen_q, scale, window=window,
-                                              **kv_scales)
+        new_kv, self.fresh_kv = self.fresh_kv, None
+        if new_kv is None or window is not None or not self._dense_ok(q, *new_kv):
+            return self.k.paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
+                                                  meta.block_tables, meta.max_seqlen_q, scale, window=window,
+                                                  **kv_scales)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        done_seqs = done_tokens = 0         # sequences (tokens) before these are attended
+        for seq, first, end in meta.fresh_spans + ((len(meta.seq_lens), len(q), len(q)),):
+            if seq > done_seqs:             # the other sequences between two fresh ones: our kernel
+                cu_seqlens_q = meta.cu_seqlens_q[done_seqs:seq + 1] - done_tokens
+                self.k.paged_prefill_attention(
+                    q[done_tokens:first], k_cache, v_cache, cu_seqlens_q, meta.seq_lens[done_seqs:seq],
+                    meta.block_tables[done_seqs:seq], meta.max_seqlen_q, scale, out=out[done_tokens:first])
+            if end > first:
+                out[first:end] = causal_attention(q[first:end], new_kv[0][first:end], new_kv[1][first:end], scale)
+            done_seqs, done_tokens = seq + 1, end
+        return out
+
+    def _dense_ok(self, q, k, v) -> bool:
+        """Does cuDNN take attention of these shapes? (Tried once, on two tokens.)"""
+        key = (q.dtype, q.shape[1], k.shape[1], q.shape[2])
+        if key not in self.dense_ok:
+            try:
+                causal_attention(q[:2], k[:2], v[:2], 1.0)
+                self.dense_ok[key] = True
+            except RuntimeError as e:
+                logger.info("long fresh prompts stay on the Triton kernel: %s", str(e).splitlines()[0])
+                self.dense_ok[key] = False
+        return self.dense_ok[key]
+
+
+def causal_attention(q, k, v, scale: float) -> torch.Tensor:
+    """One sequence with no cached context: q [L, Hq, D] over its own k, v [L, Hkv, D], causal;
+    through cuDNN's kernel on a GPU (torch's default pick there, FlashAttention-2, is slower than
+    ours), torch's math kernel elsewhere (the interpreter's tests)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION if q.is_cuda else SDPBackend.MATH):
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+            is_causal=True, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)
 
 
 class FlashAttnBackend:
