@@ -24,6 +24,7 @@ import torch
 
 from nanovllm.engine.graph_inputs import GraphInputs, HostStaging, aligned
 from nanovllm.engine.inputs import HostInputs, ModelInputs
+from nanovllm.layers.attention_backends import fresh_spans
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class StepGraphs:
 
     def fits(self, inputs: ModelInputs) -> bool:
         meta = inputs.meta
-        # a step with long fresh prompts runs eagerly: cuDNN attends them (inputs.FRESH_MIN_TOKENS)
+        # a step with long fresh prompts runs eagerly: cuDNN attends them (attention_backends.py)
         return not meta.fresh_spans and self._graph_for(
             inputs.input_ids.shape[0], meta.seq_lens.shape[0], meta.block_tables.shape[1], meta.is_decode) is not None
 
@@ -132,7 +133,7 @@ class StepGraphs:
         the buffers took 0.15-0.18 ms of a verifying step's host time on an H100, this 0.09-0.10:
         such a step's host work is in series with its GPU time, docs/benchmarks.md.)"""
         graph = self._graph_for(len(host.input_ids), len(host.seq_lens), host.block_tables.shape[1], host.is_decode)
-        if graph is None or host.fresh_spans():
+        if graph is None or fresh_spans(host):
             return None
         mirror = self.staging.next()
         self.staging.copy(*graph.write(mirror, host))

@@ -13,6 +13,7 @@ import torch
 
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.attention import AttentionMetadata
+from nanovllm.layers.attention_backends import fresh_spans
 from nanovllm.device_copy import to_device
 
 
@@ -20,10 +21,6 @@ from nanovllm.device_copy import to_device
 # rows, each reading its sequence's cache again: cheaper than the varlen kernel only while few.
 ROWS_MAX_SPAN = 8
 ROWS_MAX_TOKENS = 32
-# A prompt with no cached context and at least this many new tokens in a step is one of its
-# `fresh_spans`: the step then runs eagerly (not from a CUDA graph) and TritonBackend attends the
-# prompt with cuDNN's dense kernel, faster than ours on long prompts (docs/benchmarks.md).
-FRESH_MIN_TOKENS = 2048
 
 
 @dataclass
@@ -88,13 +85,8 @@ class HostInputs:
             slot_mapping=as_tensor(self.slot_mapping), cu_seqlens_q=as_tensor(self.cu_seqlens_q),
             seq_lens=as_tensor(self.seq_lens), block_tables=as_tensor(self.block_tables),
             max_seqlen_q=self.max_seqlen_q, max_seqlen_k=int(np.max(self.seq_lens, initial=0)),
-            is_decode=self.is_decode, fresh_spans=self.fresh_spans())
+            is_decode=self.is_decode, fresh_spans=fresh_spans(self))
         return ModelInputs(as_tensor(self.input_ids), as_tensor(self.positions), meta, as_tensor(self.logits_indices))
-
-    def fresh_spans(self) -> tuple:
-        counts = np.diff(self.cu_seqlens_q)
-        fresh = [] if self.is_decode else np.flatnonzero((self.seq_lens == counts) & (counts >= FRESH_MIN_TOKENS))
-        return tuple((int(i), int(self.cu_seqlens_q[i]), int(self.cu_seqlens_q[i + 1])) for i in fresh)
 
 
 def host_inputs(input_ids, positions, slots, cu_q, seq_lens, tables, max_q: int, is_decode: bool, logits_indices

@@ -5,12 +5,25 @@ Each stores a step's keys and values and attends over the paged cache, as TorchB
 """
 import logging
 
+import numpy as np
 import torch
 
 from nanovllm.layers.attention import AttentionMetadata
 from nanovllm.layers.cpu_attention import BatchedTorchBackend
 
 logger = logging.getLogger(__name__)
+
+# A prompt with no cached context and at least this many new tokens in a step is one of the step's
+# fresh spans: the step runs eagerly (not from a CUDA graph) and TritonBackend attends the prompt
+# with cuDNN's dense kernel, faster than ours on long prompts (docs/benchmarks.md).
+FRESH_MIN_TOKENS = 2048
+
+
+def fresh_spans(host) -> tuple:
+    """AttentionMetadata.fresh_spans of a step, from its HostInputs (engine/inputs.py)."""
+    counts = np.diff(host.cu_seqlens_q)
+    fresh = [] if host.is_decode else np.flatnonzero((host.seq_lens == counts) & (counts >= FRESH_MIN_TOKENS))
+    return tuple((int(i), int(host.cu_seqlens_q[i]), int(host.cu_seqlens_q[i + 1])) for i in fresh)
 
 
 class TritonBackend:

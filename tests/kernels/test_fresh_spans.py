@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nanovllm.engine import inputs
+from nanovllm.layers import attention_backends
 from nanovllm.kernels import triton_available
 from nanovllm.layers.attention import AttentionMetadata
 from tests.kernels.test_kernels import DEVICE, make_paged_batch, reference, rel_err, tolerance
@@ -49,16 +50,16 @@ def test_fresh_spans_from_the_new_keys_equal_the_paged_batch(dtype):
 
 
 def test_fresh_spans_are_long_prompts_with_no_cached_context(monkeypatch):
-    monkeypatch.setattr(inputs, "FRESH_MIN_TOKENS", 4)
+    monkeypatch.setattr(attention_backends, "FRESH_MIN_TOKENS", 4)
 
     def spans(seq_lens, counts, is_decode=False):
         cu = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
         n = int(cu[-1])
         return inputs.host_inputs([0] * n, [0] * n, [0] * n, cu, seq_lens, [[0]] * len(counts),
-                                  max(counts), is_decode, [0]).fresh_spans()
+                                  max(counts), is_decode, [0]).to(torch.device("cpu")).meta.fresh_spans
     # decodes, a prompt, a chunk after a cached prefix, a short prompt, a prompt
     assert spans([9, 8, 5, 10, 3, 6], [1, 1, 5, 4, 3, 6]) == ((2, 2, 7), (5, 14, 20))
     assert spans([5, 6], [5, 6]) == ((0, 0, 5), (1, 5, 11))
     assert spans([9, 8], [1, 1], is_decode=True) == ()
-    monkeypatch.setattr(inputs, "FRESH_MIN_TOKENS", 6)
+    monkeypatch.setattr(attention_backends, "FRESH_MIN_TOKENS", 6)
     assert spans([5, 6], [5, 6]) == ((1, 5, 11),)
