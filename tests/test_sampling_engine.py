@@ -221,16 +221,14 @@ def test_penalties_end_to_end(tiny_qwen3, hf_model, options, fused):
 def test_penalties_and_min_tokens_keep_steps_pipelined(llm, monkeypatch):
     """Penalties count tokens on the device, in step order, and min_tokens counts the token in
     flight, so the next step is launched before this one's tokens are read back."""
-    scheduler = llm.llm_engine.scheduler
-    launched_ahead, schedule = [], scheduler.schedule
+    runner = llm.llm_engine.runner
+    launched_ahead, launch = [], runner.launch
 
-    def spy(overlapping=False):
-        batch = schedule(overlapping)
-        if overlapping:
-            launched_ahead.append(batch is not None)
-        return batch
+    def spy(batch, eos_ids, after=None):
+        launched_ahead.append(after is not None)         # launched before the last step was read back
+        return launch(batch, eos_ids, after)
 
-    monkeypatch.setattr(scheduler, "schedule", spy)
+    monkeypatch.setattr(runner, "launch", spy)
     for extra in (dict(repetition_penalty=1.3, frequency_penalty=0.5), dict(min_tokens=4)):
         launched_ahead.clear()
         greedy(llm, PROMPTS[:2], max_tokens=12, ignore_eos=True, **extra)

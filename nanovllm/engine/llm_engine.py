@@ -14,6 +14,7 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import Detokenizer, make_detokenizer
 from nanovllm.engine.model_runner import ModelRunner, StepResult
+from nanovllm.engine.overlap import fits_without_preemption
 from nanovllm.engine.logprob_rows import StepLogprobs, TokenTexts
 from nanovllm.engine.request_checks import check_fits_cache, check_prompt, check_request_args, \
     check_stop_token_ids, tokenize_prompt
@@ -131,7 +132,8 @@ class LLMEngine:
         """
         pending, self.in_flight = self.in_flight, None
         if pending is not None:
-            self.in_flight = self._launch(self.scheduler.schedule(overlapping=True), after=pending)
+            ahead = self.scheduler.schedule() if fits_without_preemption(self.scheduler) else None
+            self.in_flight = self._launch(ahead, after=pending)
             advanced = self._finish(pending)
         else:
             advanced = []

@@ -4,8 +4,9 @@ and read back later, so that in between the host schedules and launches the next
 What that takes on the device side: the launched step's results (`Launched`), copied to the
 host without waiting (`to_host`) and marked by an event (`ReadyEvent`); and a step launched
 before the previous one is read back takes the previous step's sampled tokens as inputs on the
-device (`inputs_from_device`). The engine's side is in LLMEngine.advance and
-Scheduler.schedule(overlapping=True).
+device (`inputs_from_device`). The engine's side is LLMEngine.advance, which schedules a step
+ahead only where that needs no preemption (`fits_without_preemption`): a preempted sequence's
+blocks may be in use by the step in flight, so the engine reads that step back first instead.
 """
 import dataclasses
 import operator
@@ -15,7 +16,7 @@ import torch
 
 from nanovllm.device_copy import to_device
 from nanovllm.engine.inputs import ModelInputs
-from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.layers.logprobs import LogprobsTensors
 
 
@@ -80,3 +81,19 @@ def inputs_from_device(batch: ScheduledBatch, inputs: ModelInputs, after: Launch
         offset += n
     index = to_device(torch.tensor(offsets + rows), inputs.input_ids.device)
     inputs.input_ids.index_copy_(0, index[:len(offsets)], after.sampled_on_device.index_select(0, index[len(offsets):]))
+
+
+def fits_without_preemption(scheduler: Scheduler) -> bool:
+    """Do the running sequences' next spans fit in the free blocks (so a step scheduled now,
+    ahead of the one in flight, preempts nobody)?"""
+    blocks = scheduler.block_manager
+    # A step's spans hold at most the token budget, so no step needs more blocks than this
+    # (each sequence may also start a block of its own): with as many free, skip the count.
+    if blocks.num_free_blocks >= blocks.blocks_needed(scheduler.max_num_batched_tokens) + 2 * len(scheduler.running):
+        return True
+    needed, budget = 0, scheduler.max_num_batched_tokens
+    for seq in scheduler.running:
+        n = scheduler.next_span(seq, budget)
+        needed += max(0, blocks.blocks_needed(seq.num_computed_tokens + n) - len(seq.block_table))
+        budget -= n
+    return needed <= blocks.num_free_blocks

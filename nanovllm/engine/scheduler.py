@@ -12,9 +12,9 @@ the queue, to be recomputed (prompt + the tokens it had generated) when there is
 
 A step may be scheduled while the previous one is still on the device (the engine overlaps
 the two): a sequence whose sampled token is not read back yet (`seq.num_in_flight`) then
-computes that token, which the step reads on the device. Such a step never preempts (the
-caller reads the step in flight back first instead) and leaves out sequences that the token
-in flight ends by length; one that it ends by EOS or a stop string computes a token in vain.
+computes that token, which the step reads on the device. Such a step leaves out sequences that
+the token in flight ends by length; one that it ends by EOS or a stop string computes a token
+in vain. (The engine schedules ahead only where no preemption is needed: engine/overlap.py.)
 
 With speculative decoding (nanovllm/spec_decode/) a decoding sequence may carry proposed
 tokens (`seq.spec_token_ids`): its span is then its newest token followed by them, 1 + k
@@ -66,18 +66,15 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self, overlapping: bool = False) -> ScheduledBatch | None:
-        """The next step, or None when nothing can run. `overlapping`: the previous step is
-        still in flight; returns None rather than preempt (see the module's notes)."""
-        if overlapping and not self._running_fits_without_preemption():
-            return None
+    def schedule(self) -> ScheduledBatch | None:
+        """The next step, or None when nothing can run."""
         batch = ScheduledBatch([], [], [], [], [])
         budget = self.max_num_batched_tokens
         for seq in list(self.running):
             if seq.status != SequenceStatus.RUNNING:
                 continue                          # preempted earlier in this loop
             self._fit_proposals(seq, budget)
-            n = self._span(seq, budget)
+            n = self.next_span(seq, budget)
             if n == 0:
                 continue
             while not self.block_manager.grow(seq, seq.num_computed_tokens + n):
@@ -103,7 +100,7 @@ class Scheduler:
             budget -= n
         return batch if batch.seqs else None
 
-    def _span(self, seq: Sequence, budget: int) -> int:
+    def next_span(self, seq: Sequence, budget: int) -> int:
         """How many tokens a running sequence computes next: the rest of what is known of it
         (its token in flight included), within the budget; 0 when the token in flight is its last."""
         known = seq.num_tokens + seq.num_in_flight + len(seq.spec_token_ids)
@@ -120,19 +117,6 @@ class Scheduler:
         del seq.spec_token_ids[max(budget - 1, 0):]
         if not self.block_manager.can_append(seq, seq.num_computed_tokens + 1 + len(seq.spec_token_ids)):
             seq.spec_token_ids.clear()
-
-    def _running_fits_without_preemption(self) -> bool:
-        # A step's spans hold at most the token budget, so no step needs more blocks than this
-        # (each sequence may also start a block of its own): with as many free, skip the count.
-        most = self.block_manager.blocks_needed(self.max_num_batched_tokens) + 2 * len(self.running)
-        if self.block_manager.num_free_blocks >= most:
-            return True
-        needed, budget = 0, self.max_num_batched_tokens
-        for seq in self.running:
-            n = self._span(seq, budget)
-            needed += max(0, self.block_manager.blocks_needed(seq.num_computed_tokens + n) - len(seq.block_table))
-            budget -= n
-        return needed <= self.block_manager.num_free_blocks
 
     def _add(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
         start, end, known = seq.num_computed_tokens, seq.num_computed_tokens + n, seq.num_tokens
