@@ -41,12 +41,13 @@ def test_fresh_spans_from_the_new_keys_equal_the_paged_batch(dtype):
                              fresh_spans=((0, 0, 30), (3, 39, 62), (4, 62, 82)))
     backend = TritonBackend()
     backend.store(k, v, batch["k_cache"], batch["v_cache"], meta)
-    for b in (0, 3, 4):        # the fresh sequences' blocks spoilt: their path must not read the cache
+    dense = not (batch["q"].is_cuda and dtype == torch.float32)     # cuDNN takes 16-bit inputs only
+    for b in (0, 3, 4) if dense else ():   # the fresh sequences' blocks spoilt: their path must not read the cache
         batch["k_cache"][batch["block_tables"][b, :2].long()] = float("nan")
     out = backend.attend(batch["q"], batch["k_cache"], batch["v_cache"], meta, scale)
     assert rel_err(out, expected) < tolerance(dtype)
     assert backend.fresh_kv is None         # the step's tensors are not held past their layer
-    assert all(backend.dense_ok.values())
+    assert list(backend.dense_ok.values()) == [dense]      # else the kernel took the whole batch
 
 
 def test_fresh_spans_are_long_prompts_with_no_cached_context(monkeypatch):
