@@ -14,16 +14,21 @@ from nanovllm.layers.cpu_attention import BatchedTorchBackend
 
 logger = logging.getLogger(__name__)
 
-# A prompt with no cached context and at least this many new tokens in a step is one of the step's
-# fresh spans: the step runs eagerly (not from a CUDA graph) and TritonBackend attends the prompt
-# with cuDNN's dense kernel, faster than ours on long prompts (docs/benchmarks.md).
+# A prompt with no cached context and at least FRESH_MIN_TOKENS new tokens in a step is one of the
+# step's fresh spans, if they add up to FRESH_MIN_STEP_TOKENS: the step then runs eagerly (not from
+# a CUDA graph) and TritonBackend attends them with cuDNN's dense kernel, faster than ours on long
+# prompts. Below those sizes cuDNN's calls save less than an eager step's launches cost the host,
+# which would stall the decodes that share the step (docs/benchmarks.md, sixteenth session).
 FRESH_MIN_TOKENS = 2048
+FRESH_MIN_STEP_TOKENS = 8192
 
 
 def fresh_spans(host) -> tuple:
     """AttentionMetadata.fresh_spans of a step, from its HostInputs (engine/inputs.py)."""
     counts = np.diff(host.cu_seqlens_q)
     fresh = [] if host.is_decode else np.flatnonzero((host.seq_lens == counts) & (counts >= FRESH_MIN_TOKENS))
+    if counts[fresh].sum() < FRESH_MIN_STEP_TOKENS:
+        return ()
     return tuple((int(i), int(host.cu_seqlens_q[i]), int(host.cu_seqlens_q[i + 1])) for i in fresh)
 
 

@@ -76,6 +76,7 @@ def test_long_fresh_prompts_through_cudnn_match_the_triton_kernel(tiny_qwen3, mo
     through cuDNN's kernel in eager steps; with the path off, through ours in CUDA graphs."""
     from nanovllm.layers import attention_backends
     monkeypatch.setattr(attention_backends, "FRESH_MIN_TOKENS", 512)
+    monkeypatch.setattr(attention_backends, "FRESH_MIN_STEP_TOKENS", 512)
     prompts = random_prompts(2, 5, 40, seed=3) + random_prompts(3, 600, 900, seed=5)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
     llm = LLM(tiny_qwen3, device="cuda", dtype="bfloat16", max_model_len=1024)

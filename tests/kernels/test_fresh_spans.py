@@ -52,6 +52,7 @@ def test_fresh_spans_from_the_new_keys_equal_the_paged_batch(dtype):
 
 def test_fresh_spans_are_long_prompts_with_no_cached_context(monkeypatch):
     monkeypatch.setattr(attention_backends, "FRESH_MIN_TOKENS", 4)
+    monkeypatch.setattr(attention_backends, "FRESH_MIN_STEP_TOKENS", 11)
 
     def spans(seq_lens, counts, is_decode=False):
         cu = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
@@ -62,5 +63,7 @@ def test_fresh_spans_are_long_prompts_with_no_cached_context(monkeypatch):
     assert spans([9, 8, 5, 10, 3, 6], [1, 1, 5, 4, 3, 6]) == ((2, 2, 7), (5, 14, 20))
     assert spans([5, 6], [5, 6]) == ((0, 0, 5), (1, 5, 11))
     assert spans([9, 8], [1, 1], is_decode=True) == ()
+    assert spans([5, 6, 9], [5, 4, 1]) == ()          # one of 5 tokens: fewer than the step's minimum
     monkeypatch.setattr(attention_backends, "FRESH_MIN_TOKENS", 6)
+    monkeypatch.setattr(attention_backends, "FRESH_MIN_STEP_TOKENS", 6)
     assert spans([5, 6], [5, 6]) == ((1, 5, 11),)
