@@ -44,6 +44,7 @@ def test_selection(monkeypatch):
     assert isinstance(select_backend("flash_attn", "cpu", 256), FlashAttnBackend)
 
 
+@pytest.mark.slow
 def test_flash_attn_backend_gives_the_same_tokens(monkeypatch, tiny_qwen3):
     from nanovllm.kernels import triton_available
     if not triton_available():

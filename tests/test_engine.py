@@ -132,6 +132,7 @@ def test_outputs_between_hand_overs_wait_and_then_cover_every_step(tiny_qwen3):
         assert (text, tokens) == (want[i].text, want[i].token_ids)
 
 
+@pytest.mark.slow
 def test_triton_backend_gives_the_same_tokens(tiny_qwen3, prompts, expected):
     """The engine on the Triton kernels (the CPU interpreter here, the GPU's default backend)."""
     from nanovllm.kernels import triton_available

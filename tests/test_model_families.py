@@ -97,9 +97,9 @@ def test_gemma3_refuses_soft_capped_attention(checkpoint_factory):
         LLM(path, device="cpu")
 
 
-@pytest.mark.parametrize("name", ["qwen3-moe-top2-norm", "gemma3",
+@pytest.mark.parametrize("name", ["qwen3-moe-top2-norm",
                                   *(pytest.param(n, marks=pytest.mark.slow)       # the default suite's time
-                                    for n in ("phi3-partial-rotary", "gpt-neox-parallel", "qwen2-sliding-window"))])
+                                    for n in ("gemma3", "phi3-partial-rotary", "gpt-neox-parallel", "qwen2-sliding-window"))])
 def test_tensor_parallel_matches_one_rank(name, checkpoint_factory):
     """Two gloo ranks: the MoE's experts split along their intermediate dimension (its router
     replicated); Gemma 3's heads split, its local and global layers alike; Phi-3's fused qkv and

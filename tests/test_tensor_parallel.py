@@ -72,7 +72,7 @@ def _assert_clean(pids):
     assert not [f for f in fds if f.startswith("/dev/shm")]
 
 
-@pytest.mark.parametrize("name", ["tied", "untied-mqa-vocab511", "llama-biases"])
+@pytest.mark.parametrize("name", [pytest.param("tied", marks=pytest.mark.slow), "untied-mqa-vocab511", "llama-biases"])
 def test_tp2_matches_tp1(checkpoints, tp1_tokens, name):
     # A small batch budget makes chunked prefills, and steps that sample nothing.
     llm = LLM(checkpoints[name], tensor_parallel_size=2, max_num_batched_tokens=16, max_num_seqs=4,
@@ -98,6 +98,7 @@ def test_logprobs_match_tp1(checkpoints):
                 assert abs(lp_a[t].logprob - lp_b[t].logprob) < 1e-4
 
 
+@pytest.mark.slow
 def test_tp2_in_bf16_parts_from_tp1_only_at_near_ties(checkpoints):
     """The check the two-GPU test makes (tests/gpu/test_tp_gpu.py), here on gloo: in bf16
     the shards' sums round differently, so greedy runs may part, but only at near-ties."""

@@ -98,7 +98,9 @@ def many_chunk_logits(dtype):
 
 
 @pytest.mark.parametrize("mode", list(FLOOR_MODES))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])     # bf16 is only loaded
+@pytest.mark.parametrize("dtype", [torch.float32,     # 16-bit inputs (bf16 is only loaded) in the slow run
+                                   pytest.param(torch.float16, marks=pytest.mark.slow),
+                                   pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
 def test_top_k_over_many_chunks_matches_a_stable_sort(mode, dtype, monkeypatch):
     from nanovllm.kernels import logprobs_and_top_k
     set_floor_mode(monkeypatch, mode)
