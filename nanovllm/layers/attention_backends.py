@@ -25,8 +25,10 @@ FRESH_MIN_STEP_TOKENS = 8192
 
 def fresh_spans(host) -> tuple:
     """AttentionMetadata.fresh_spans of a step, from its HostInputs (engine/inputs.py)."""
+    if host.is_decode:          # (every decode step asks, through StepGraphs.stage)
+        return ()
     counts = np.diff(host.cu_seqlens_q)
-    fresh = [] if host.is_decode else np.flatnonzero((host.seq_lens == counts) & (counts >= FRESH_MIN_TOKENS))
+    fresh = np.flatnonzero((host.seq_lens == counts) & (counts >= FRESH_MIN_TOKENS))
     if counts[fresh].sum() < FRESH_MIN_STEP_TOKENS:
         return ()
     return tuple((int(i), int(host.cu_seqlens_q[i]), int(host.cu_seqlens_q[i + 1])) for i in fresh)
