@@ -26,9 +26,9 @@ class AttentionMetadata:
     max_seqlen_q: int             # longest run of new tokens (1 for decode)
     max_seqlen_k: int             # longest sequence (host int, for flash-attn's varlen call)
     is_decode: bool               # every row (a sequence, or a token of a short span) has one new token
-    # (sequence, first token, end token, cached tokens) of each long prompt chunk after a short cached
-    # context: a backend may attend it from the step's keys and those cached (TritonBackend: cuDNN's kernel)
-    dense_spans: tuple = ()
+    # (sequence, first token, end token) of each long prompt with no cached context: all its keys are
+    # new in this step, so a backend may attend it from them alone (TritonBackend: cuDNN's kernel)
+    fresh_spans: tuple = ()
 
 
 class TorchBackend:

@@ -71,20 +71,17 @@ def test_speculation_with_graphs_keeps_the_greedy_tokens(tiny_qwen3, checkpoint_
         assert metrics.num_accepted_tokens > 0
 
 
-@pytest.mark.parametrize("budget", [None, 1000])
-def test_long_prompts_through_cudnn_match_the_triton_kernel(tiny_qwen3, monkeypatch, budget):
-    """Prompts of 600-900 tokens (AttentionMetadata.dense_spans; with a budget of 1,000 tokens a
-    step, some split, their second chunks after a short cached context) attend through cuDNN's
-    kernel in eager steps; with the path off, through ours in CUDA graphs."""
+def test_long_fresh_prompts_through_cudnn_match_the_triton_kernel(tiny_qwen3, monkeypatch):
+    """Prompts of 600-900 tokens with no cached context (AttentionMetadata.fresh_spans) attend
+    through cuDNN's kernel in eager steps; with the path off, through ours in CUDA graphs."""
     from nanovllm.layers import attention_backends
-    monkeypatch.setattr(attention_backends, "DENSE_MIN_TOKENS", 512)
-    monkeypatch.setattr(attention_backends, "DENSE_MIN_STEP_TOKENS", 512)
+    monkeypatch.setattr(attention_backends, "FRESH_MIN_TOKENS", 512)
+    monkeypatch.setattr(attention_backends, "FRESH_MIN_STEP_TOKENS", 512)
     prompts = random_prompts(2, 5, 40, seed=3) + random_prompts(3, 600, 900, seed=5)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
-    llm = LLM(tiny_qwen3, device="cuda", dtype="bfloat16", max_model_len=1024, max_num_batched_tokens=budget)
+    llm = LLM(tiny_qwen3, device="cuda", dtype="bfloat16", max_model_len=1024)
     fresh = llm.generate(prompts, params, use_tqdm=False)
     assert list(llm.llm_engine.runner.backend.dense_ok.values()) == [True]      # cuDNN took them
-    monkeypatch.setattr(attention_backends, "DENSE_MIN_TOKENS", 10 ** 9)
-    kernel = LLM(tiny_qwen3, device="cuda", dtype="bfloat16", max_model_len=1024,
-                 max_num_batched_tokens=budget).generate(prompts, params, use_tqdm=False)
+    monkeypatch.setattr(attention_backends, "FRESH_MIN_TOKENS", 10 ** 9)
+    kernel = LLM(tiny_qwen3, device="cuda", dtype="bfloat16", max_model_len=1024).generate(prompts, params, use_tqdm=False)
     assert_greedy_parts_only_at_near_ties(kernel, fresh, max_gap=0.1, max_logprob_diff=0.25)
