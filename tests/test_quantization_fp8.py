@@ -109,6 +109,24 @@ def test_16_bit_weights_quantized_at_load(checkpoint_factory):
             assert (layer(inputs) - exact).norm() < 0.06 * exact.norm(), name
 
 
-def test_llm_quantization_fp8_on_a_16_bit_checkpoint(checkpoint_factory):
-    llm = LLM(checkpoint_factory("llama"), device="cpu", dtype="float32", enforce_eager=True, quantization="fp8")
+def test_llm_quantization_fp8_on_a_16_bit_checkpoint(checkpoint_factory, monkeypatch):
+    """Every linear in float8; each MLP's activation quantized as it is made, with the tokens the
+    down projection's own quantization gives."""
+    from nanovllm.layers.activation import SiluAndMul
+    from nanovllm.quantization import fp8_linear
+    path = checkpoint_factory("llama")
+    llm = LLM(path, device="cpu", dtype="float32", enforce_eager=True, quantization="fp8")
     assert all(m.weight.dtype == FP8_DTYPE for m in _linears(llm).values())
+    mlps = [m for m in llm.llm_engine.runner.model.modules() if hasattr(m, "down_proj")]
+    assert mlps and all(isinstance(m.act, fp8_linear.SiluAndMulToFp8) for m in mlps)
+    prompts, params = random_prompts(3, 4, 20, seed=4), SamplingParams(temperature=0, max_tokens=8, logprobs=1)
+    fused = llm.generate(prompts, params, use_tqdm=False)
+    del llm
+    monkeypatch.setattr(fp8_linear, "fuse_activation_quantization", lambda model: None)
+    unfused = LLM(path, device="cpu", dtype="float32", enforce_eager=True, quantization="fp8")
+    assert all(isinstance(m.act, SiluAndMul) for m in unfused.llm_engine.runner.model.modules()
+               if hasattr(m, "down_proj"))
+    expected = unfused.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(fused, expected):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].cumulative_logprob == b.outputs[0].cumulative_logprob

@@ -12,6 +12,7 @@
     rms_norm, add_rms_norm   RMSNorm, optionally after the residual add   (rms_norm.py)
     rotary_                  RoPE on q and k in place, optional q/k norm  (rotary.py)
     silu_and_mul             the gated MLP's activation                  (silu_and_mul.py)
+    silu_and_mul_fp8         the same, quantized per row to float8       (silu_and_mul.py)
     fused_moe                mixture-of-experts: two grouped GEMMs        (fused_moe.py)
     quantize_rows_fp8        float8 activations, one scale per row       (quantize_fp8.py)
     *_reference              the same in plain torch                      (reference.py)
@@ -43,6 +44,7 @@ _LAZY = {
     "add_rms_norm": ".rms_norm",
     "rotary_": ".rotary",
     "silu_and_mul": ".silu_and_mul",
+    "silu_and_mul_fp8": ".silu_and_mul",
 }
 
 __all__ = ["triton_available", *_LAZY, "store_kv_cache_reference", "paged_attention_reference",

@@ -12,12 +12,15 @@ y = (x8 @ weight^T) * x_scale[m] * weight_scale[n]: torch._scaled_mm does that o
 A checkpoint's static activation scales (input_scale) are read and not used: dynamic per-token
 scales are at least as accurate.
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanovllm import kernels
 from nanovllm.distributed import tp_size
+from nanovllm.layers.activation import SiluAndMul, silu_and_mul
 from nanovllm.layers.fusion import use_kernels
 from nanovllm.quantization.kv_cache import FP8_DTYPE, FP8_MAX
 from nanovllm.quantization.quant_config import QuantConfig
@@ -29,26 +32,56 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
+class Fp8Rows(NamedTuple):
+    """Activations already quantized per row, by the op that made them (SiluAndMulToFp8)."""
+    values: torch.Tensor        # float8 e4m3 [M, K]
+    scales: torch.Tensor        # float32 [M]
+    dtype: torch.dtype          # the activations' own dtype, the product's
+
+
 def scaled_mm_available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+def fp8_linear(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ (weight * weight_scale[:, None])^T with x quantized per row to float8."""
-    # the Triton kernel: one pass in x's dtype instead of eight over a float32 copy (same bits)
-    x8, x_scale = kernels.quantize_rows_fp8(x.contiguous()) if use_kernels(x) else quantize_rows(x)
+    if isinstance(x, Fp8Rows):
+        x8, x_scale, dtype = x
+    else:   # the Triton kernel: one pass in x's dtype instead of eight over a float32 copy (same bits)
+        x8, x_scale = kernels.quantize_rows_fp8(x.contiguous()) if use_kernels(x) else quantize_rows(x)
+        dtype = x.dtype
     n, k = weight.shape
-    if scaled_mm_available(x.device) and n % 16 == 0 and k % 16 == 0:
+    if scaled_mm_available(x8.device) and n % 16 == 0 and k % 16 == 0:
         # row-wise scaled_mm: float8 operands (the second column-major), float32 scales per
         # row of x and per column of the result; bfloat16 is the output type it supports here
         y = torch._scaled_mm(x8, weight.t(), scale_a=x_scale[:, None], scale_b=weight_scale[None, :],
                              out_dtype=torch.bfloat16)
-        y = y.to(x.dtype)
+        y = y.to(dtype)
     else:
         w = weight.float() * weight_scale[:, None]
-        y = F.linear((x8.float() * x_scale[:, None]), w).to(x.dtype)
+        y = F.linear((x8.float() * x_scale[:, None]), w).to(dtype)
     return y if bias is None else y + bias
+
+
+class SiluAndMulToFp8(nn.Module):
+    """silu(gate) * up quantized per row for a float8 down projection: on CUDA one kernel makes
+    both (kernels.silu_and_mul_fp8), with the bits the two steps give apart."""
+
+    def forward(self, x: torch.Tensor) -> Fp8Rows:
+        if use_kernels(x):
+            return Fp8Rows(*kernels.silu_and_mul_fp8(x), x.dtype)
+        return Fp8Rows(*quantize_rows(silu_and_mul(x)), x.dtype)
+
+
+def fuse_activation_quantization(model: nn.Module) -> None:
+    """Each gated MLP (an `act` feeding a `down_proj`) whose down projection has float8 weights
+    gets its activation quantized as it is made (SiluAndMulToFp8), instead of by the projection."""
+    for module in model.modules():
+        down = getattr(module, "down_proj", None)
+        if isinstance(getattr(module, "act", None), SiluAndMul) and \
+                isinstance(getattr(down, "quant_method", None), Fp8WeightMethod):
+            module.act = SiluAndMulToFp8()
 
 
 class Fp8WeightMethod:
@@ -97,7 +130,9 @@ class Fp8WeightMethod:
         layer.weight = nn.Parameter(weight, requires_grad=False)
         layer.weight_scale = nn.Parameter(scale, requires_grad=False)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: nn.Module, x: torch.Tensor | Fp8Rows, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, Fp8Rows):
+            return fp8_linear(x, layer.weight, layer.weight_scale, bias)
         lead = x.shape[:-1]
         y = fp8_linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.weight_scale, bias)
         return y.reshape(*lead, y.shape[-1])

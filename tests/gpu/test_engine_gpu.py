@@ -85,3 +85,21 @@ def test_long_fresh_prompts_through_cudnn_match_the_triton_kernel(tiny_qwen3, mo
     monkeypatch.setattr(attention_backends, "FRESH_MIN_TOKENS", 10 ** 9)
     kernel = LLM(tiny_qwen3, device="cuda", dtype="bfloat16", max_model_len=1024).generate(prompts, params, use_tqdm=False)
     assert_greedy_parts_only_at_near_ties(kernel, fresh, max_gap=0.1, max_logprob_diff=0.25)
+
+
+def test_fp8_activations_quantized_by_the_mlp_give_the_same_tokens(tiny_qwen3, monkeypatch):
+    """quantization="fp8": the MLP's activation quantized in its own kernel (silu_and_mul_fp8)
+    gives the bits of the activation kernel and the projection's quantization one after the
+    other, through the CUDA graphs: the same tokens and logprobs."""
+    from nanovllm.quantization import fp8_linear
+    prompts = random_prompts(4, 5, 60, seed=7)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
+    llm = LLM(tiny_qwen3, device="cuda", dtype="bfloat16", quantization="fp8")
+    assert any(isinstance(m, fp8_linear.SiluAndMulToFp8) for m in llm.llm_engine.runner.model.modules())
+    fused = llm.generate(prompts, params, use_tqdm=False)
+    del llm
+    monkeypatch.setattr(fp8_linear, "fuse_activation_quantization", lambda model: None)
+    unfused = LLM(tiny_qwen3, device="cuda", dtype="bfloat16", quantization="fp8").generate(prompts, params, use_tqdm=False)
+    for a, b in zip(fused, unfused):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].cumulative_logprob == b.outputs[0].cumulative_logprob

@@ -68,6 +68,9 @@ def _launch_all_kernels():
         kernels.paged_decode_attention(decode["q"], decode["k_cache"], decode["v_cache"], decode["seq_lens"],
                                        decode["block_tables"], 0.2, num_splits=splits)
     kernels.quantize_rows_fp8(torch.randn(3, 64, dtype=h))
+    kernels.quantize_rows_fp8(torch.randn(1, 9000, dtype=h))        # two passes
+    kernels.silu_and_mul_fp8(torch.randn(5, 96, dtype=h))
+    kernels.silu_and_mul_fp8(torch.randn(1, 18000, dtype=h))        # two passes
     kv = torch.randn(3, 2, 32, dtype=h)
     kernels.store_kv_cache(kv, kv, torch.zeros(2, 16, 2, 32, dtype=h), torch.zeros(2, 16, 2, 32, dtype=h),
                            torch.tensor([0, 5, -1]))
