@@ -6,8 +6,9 @@ activations, nanovllm/quantization/fp8_linear.py).
 The torch reference (`quantize_rows`) takes about eight passes over a float32 copy of x; this is
 one program per row that reads the row once (keeping it in registers; a row of more than
 ONE_PASS_MAX values twice: its largest |x|, then the scaled values) in x's own dtype and writes
-one byte per value. kernels/silu_and_mul.py's silu_and_mul_fp8 quantizes the same way. Divisions round to nearest (div_rn) and the e4m3 rounding is
-the KV store's, so the result equals the reference's bit for bit.
+one byte per value. Divisions round to nearest (div_rn) and the e4m3 rounding is the KV store's,
+so the result equals the reference's bit for bit. kernels/silu_and_mul.py's silu_and_mul_fp8
+quantizes the same way.
 """
 import torch
 import triton

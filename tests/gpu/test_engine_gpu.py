@@ -99,7 +99,8 @@ def test_fp8_activations_quantized_by_the_mlp_give_the_same_tokens(tiny_qwen3, m
     fused = llm.generate(prompts, params, use_tqdm=False)
     del llm
     monkeypatch.setattr(fp8_linear, "fuse_activation_quantization", lambda model: None)
-    unfused = LLM(tiny_qwen3, device="cuda", dtype="bfloat16", quantization="fp8").generate(prompts, params, use_tqdm=False)
+    unfused = LLM(tiny_qwen3, device="cuda", dtype="bfloat16", quantization="fp8")
+    unfused = unfused.generate(prompts, params, use_tqdm=False)
     for a, b in zip(fused, unfused):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert a.outputs[0].cumulative_logprob == b.outputs[0].cumulative_logprob
