@@ -30,6 +30,9 @@ for step in "$@"; do
     sweep)   timeout 150 python benchmarks/bench_sampler.py --sweep 2>&1 | tee "$LOG_DIR/sweep.txt" ;;
     single)  timeout 120 python benchmarks/single_request.py 2>&1 | tee "$LOG_DIR/single.txt" ;;
     prefill) timeout 120 python benchmarks/prefill.py --profile 2>&1 | grep -v Warning | tee "$LOG_DIR/prefill.txt" ;;
+    fp8prefill) for q in "" "--quantization fp8" "" "--quantization fp8"; do   # bf16 and FP8 weights, two rounds
+               timeout 90 python benchmarks/prefill.py --shape llama-3.2-1b $q 2>&1 | grep "^prefill"
+             done | tee "$LOG_DIR/fp8prefill.txt" ;;
     w4rows)  for r in 1 8; do timeout 60 python benchmarks/bench_w4a16.py --model smollm2-135m --rows 1 2 4 5 8 \
                --gemv-max-rows $r 2>&1 | tee -a "$LOG_DIR/w4rows.txt"; done ;;
     specstep) timeout 120 python benchmarks/spec_step_profile.py --shape smollm2-135m-gptq --top 0 --gpu-profile 2>&1 \
