@@ -103,7 +103,8 @@ def _w4a16_gemv_kernel(
     x_ptrs = x_ptr + safe_rows[:, None] * stride_xm + k_start + words_k[None, :] * PACK
     s_ptrs = scales_ptr + safe_cols * stride_sn
     m_ptrs = mins_ptr + safe_cols * stride_mn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # summed over the words once at the end: a sum per step took a shuffle across threads each step
+    acc = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
     # tl.range(num_stages=): loops without tl.dot are software-pipelined only when asked
     for k0 in tl.range(0, k_len, BLOCK_K, num_stages=NUM_STAGES):
         words = tl.load(w_ptrs)                                   # [BLOCK_N, WORDS]
@@ -117,10 +118,11 @@ def _w4a16_gemv_kernel(
         group = (k_start + k0) // GROUP_SIZE                      # BLOCK_K divides GROUP_SIZE
         scale = tl.load(s_ptrs + group).to(tl.float32)
         low = tl.load(m_ptrs + group).to(tl.float32)
-        acc += tl.sum(dots, axis=2) * scale[None, :] + low[None, :] * tl.sum(x_sum, axis=1)[:, None]
+        acc += dots * scale[None, :, None] + low[None, :, None] * x_sum[:, None, :]
         w_ptrs += WORDS
         x_ptrs += BLOCK_K
-    _finish_tile(acc, out_ptr + rows[:, None] * stride_om + cols[None, :], (rows[:, None] < M) & (cols[None, :] < N),
+    _finish_tile(tl.sum(acc, axis=2), out_ptr + rows[:, None] * stride_om + cols[None, :],
+                 (rows[:, None] < M) & (cols[None, :] < N),
                  partials_ptr, rows[:, None] * N + cols[None, :], M * N,
                  counters_ptr + pid_m * tl.num_programs(1) + pid_n, pid_k, split_k, SPLIT)
 
