@@ -110,8 +110,8 @@ def test_16_bit_weights_quantized_at_load(checkpoint_factory):
 
 
 def test_llm_quantization_fp8_on_a_16_bit_checkpoint(checkpoint_factory, monkeypatch):
-    """Every linear in float8; each MLP's activation quantized as it is made, with the tokens the
-    down projection's own quantization gives."""
+    """Every linear in float8; each projection's input quantized where it is made (the MLP's
+    activation, the RMSNorms), with the tokens the projections' own quantization gives."""
     from nanovllm.layers.activation import SiluAndMul
     from nanovllm.quantization import fp8_linear
     path = checkpoint_factory("llama")
@@ -119,10 +119,13 @@ def test_llm_quantization_fp8_on_a_16_bit_checkpoint(checkpoint_factory, monkeyp
     assert all(m.weight.dtype == FP8_DTYPE for m in _linears(llm).values())
     mlps = [m for m in llm.llm_engine.runner.model.modules() if hasattr(m, "down_proj")]
     assert mlps and all(isinstance(m.act, fp8_linear.SiluAndMulToFp8) for m in mlps)
+    for layer in llm.llm_engine.runner.model.model.layers:
+        assert isinstance(layer.input_layernorm, fp8_linear.RMSNormToFp8)
+        assert isinstance(layer.post_attention_layernorm, fp8_linear.RMSNormToFp8)
     prompts, params = random_prompts(3, 4, 20, seed=4), SamplingParams(temperature=0, max_tokens=8, logprobs=1)
     fused = llm.generate(prompts, params, use_tqdm=False)
     del llm
-    monkeypatch.setattr(fp8_linear, "fuse_activation_quantization", lambda model: None)
+    monkeypatch.setattr(fp8_linear, "fuse_input_quantization", lambda model: None)
     unfused = LLM(path, device="cpu", dtype="float32", enforce_eager=True, quantization="fp8")
     assert all(isinstance(m.act, SiluAndMul) for m in unfused.llm_engine.runner.model.modules()
                if hasattr(m, "down_proj"))

@@ -10,6 +10,7 @@
     logprobs_and_top_k       a row's logsumexp, a token's rank, the top k (logprobs.py)
     logsumexp_and_rank       the same without the top k                   (logprobs.py)
     rms_norm, add_rms_norm   RMSNorm, optionally after the residual add   (rms_norm.py)
+    rms_norm_fp8, add_...    the same, quantized per row to float8        (rms_norm.py)
     rotary_                  RoPE on q and k in place, optional q/k norm  (rotary.py)
     silu_and_mul             the gated MLP's activation                  (silu_and_mul.py)
     silu_and_mul_fp8         the same, quantized per row to float8       (silu_and_mul.py)
@@ -42,6 +43,8 @@ _LAZY = {
     "rms_norm": ".rms_norm",
     "quantize_rows_fp8": ".quantize_fp8",
     "add_rms_norm": ".rms_norm",
+    "rms_norm_fp8": ".rms_norm",
+    "add_rms_norm_fp8": ".rms_norm",
     "rotary_": ".rotary",
     "silu_and_mul": ".silu_and_mul",
     "silu_and_mul_fp8": ".silu_and_mul",

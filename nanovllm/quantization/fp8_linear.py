@@ -22,6 +22,7 @@ from nanovllm import kernels
 from nanovllm.distributed import tp_size
 from nanovllm.layers.activation import SiluAndMul, silu_and_mul
 from nanovllm.layers.fusion import use_kernels
+from nanovllm.layers.layernorm import RMSNorm, add_rms_norm, rms_norm
 from nanovllm.quantization.kv_cache import FP8_DTYPE, FP8_MAX
 from nanovllm.quantization.quant_config import QuantConfig
 
@@ -74,14 +75,44 @@ class SiluAndMulToFp8(nn.Module):
         return Fp8Rows(*quantize_rows(silu_and_mul(x)), x.dtype)
 
 
-def fuse_activation_quantization(model: nn.Module) -> None:
-    """Each gated MLP (an `act` feeding a `down_proj`) whose down projection has float8 weights
-    gets its activation quantized as it is made (SiluAndMulToFp8), instead of by the projection."""
+class RMSNormToFp8(nn.Module):
+    """An RMSNorm whose output only a float8 projection reads: its rows quantized as they are
+    made (on CUDA in the norm's kernel), handed on as Fp8Rows; the residual sum as before."""
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if use_kernels(x):
+            if residual is None:
+                return Fp8Rows(*kernels.rms_norm_fp8(x, self.weight, self.eps), x.dtype)
+            values, scales, total = kernels.add_rms_norm_fp8(x, residual, self.weight, self.eps)
+            return Fp8Rows(values, scales, x.dtype), total
+        if residual is None:
+            return Fp8Rows(*quantize_rows(rms_norm(x, self.weight, self.eps)), x.dtype)
+        y, total = add_rms_norm(x, residual, self.weight, self.eps)
+        return Fp8Rows(*quantize_rows(y), x.dtype), total
+
+
+def fuse_input_quantization(model: nn.Module) -> None:
+    """Where a float8 projection's input is made by one op that nothing else reads, that op
+    quantizes it instead of the projection: each gated MLP's activation (an `act` feeding a
+    `down_proj`), and in Llama's decoder layer the two RMSNorms before the fused qkv and
+    gate-up projections."""
+    from nanovllm.models.llama import LlamaDecoderLayer
     for module in model.modules():
-        down = getattr(module, "down_proj", None)
-        if isinstance(getattr(module, "act", None), SiluAndMul) and \
-                isinstance(getattr(down, "quant_method", None), Fp8WeightMethod):
+        if isinstance(getattr(module, "act", None), SiluAndMul) and _fp8(getattr(module, "down_proj", None)):
             module.act = SiluAndMulToFp8()
+        if type(module) is LlamaDecoderLayer:
+            if _fp8(module.self_attn.qkv_proj):
+                module.input_layernorm = RMSNormToFp8(module.input_layernorm)
+            if _fp8(getattr(module.mlp, "gate_up_proj", None)):
+                module.post_attention_layernorm = RMSNormToFp8(module.post_attention_layernorm)
+
+
+def _fp8(layer) -> bool:
+    return isinstance(getattr(layer, "quant_method", None), Fp8WeightMethod)
 
 
 class Fp8WeightMethod:

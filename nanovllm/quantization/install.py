@@ -53,13 +53,13 @@ def quantize_linears(model: nn.Module, cfg: QuantConfig, checkpoint_names: Itera
 
 def finish_quantized_linears(model: nn.Module) -> None:
     """After loading: each quantized layer converts what it read into the form its matmul uses;
-    float8 down projections then take their input quantized by the activation before them."""
+    float8 projections then take their input quantized by the op that makes it, where they can."""
     for module in model.modules():
         method = getattr(module, "quant_method", None)
         if method is not None:
             method.process_weights_after_loading(module)
-    from nanovllm.quantization.fp8_linear import fuse_activation_quantization
-    fuse_activation_quantization(model)
+    from nanovllm.quantization.fp8_linear import fuse_input_quantization
+    fuse_input_quantization(model)
 
 
 def _fused_name(model: nn.Module, name: str) -> str:

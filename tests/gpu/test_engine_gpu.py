@@ -98,7 +98,7 @@ def test_fp8_activations_quantized_by_the_mlp_give_the_same_tokens(tiny_qwen3, m
     assert any(isinstance(m, fp8_linear.SiluAndMulToFp8) for m in llm.llm_engine.runner.model.modules())
     fused = llm.generate(prompts, params, use_tqdm=False)
     del llm
-    monkeypatch.setattr(fp8_linear, "fuse_activation_quantization", lambda model: None)
+    monkeypatch.setattr(fp8_linear, "fuse_input_quantization", lambda model: None)
     unfused = LLM(tiny_qwen3, device="cuda", dtype="bfloat16", quantization="fp8")
     unfused = unfused.generate(prompts, params, use_tqdm=False)
     for a, b in zip(fused, unfused):

@@ -70,6 +70,8 @@ def _launch_all_kernels():
     kernels.quantize_rows_fp8(torch.randn(3, 64, dtype=h))
     kernels.quantize_rows_fp8(torch.randn(1, 9000, dtype=h))        # two passes
     kernels.silu_and_mul_fp8(torch.randn(5, 96, dtype=h))
+    kernels.rms_norm_fp8(x, torch.ones(64, dtype=h), 1e-6)
+    kernels.add_rms_norm_fp8(x, x.clone(), torch.ones(64, dtype=h), 1e-6)
     kernels.silu_and_mul_fp8(torch.randn(1, 18000, dtype=h))        # two passes
     kv = torch.randn(3, 2, 32, dtype=h)
     kernels.store_kv_cache(kv, kv, torch.zeros(2, 16, 2, 32, dtype=h), torch.zeros(2, 16, 2, 32, dtype=h),

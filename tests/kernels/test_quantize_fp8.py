@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nanovllm.kernels.quantize_fp8 import quantize_rows_fp8
-from nanovllm.kernels import silu_and_mul, silu_and_mul_fp8     # (through the package: see its __getattr__)
+# (through the package: see its __getattr__)
+from nanovllm.kernels import add_rms_norm, add_rms_norm_fp8, rms_norm, rms_norm_fp8, silu_and_mul, silu_and_mul_fp8
 from nanovllm.quantization.fp8_linear import quantize_rows
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -50,3 +51,20 @@ def test_silu_and_mul_fp8_equals_the_two_kernels(dtype, inter):
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     q, scale = silu_and_mul_fp8(torch.empty(0, 64, dtype=dtype, device=DEVICE))
     assert q.shape == (0, 32) and scale.shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n", [40, 100, 1000])      # several rows a program, ragged tiles, one row a program
+def test_rms_norm_fp8_equals_the_two_kernels(dtype, n):
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(19, n, generator=g) * torch.logspace(-3, 1, 19)[:, None]).to(dtype).to(DEVICE)
+    residual = torch.randn(19, n, generator=g).to(dtype).to(DEVICE)
+    weight = (torch.rand(n, generator=g) + 0.5).to(dtype).to(DEVICE)
+    q, scale = rms_norm_fp8(x, weight, 1e-6)
+    q_ref, scale_ref = quantize_rows_fp8(rms_norm(x, weight, 1e-6))
+    assert torch.equal(scale, scale_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    q, scale, total = add_rms_norm_fp8(x, residual, weight, 1e-6)
+    y_ref, total_ref = add_rms_norm(x, residual, weight, 1e-6)
+    q_ref, scale_ref = quantize_rows_fp8(y_ref)
+    assert torch.equal(total, total_ref) and torch.equal(scale, scale_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
