@@ -62,10 +62,13 @@ def test_w8a16_and_odd_groups(group_size, gemv):
     n, k = 48, 128
     for bits in (8, 4):
         qweight, scales, mins, g_idx = random_quantized(n, k, bits, group_size, False, torch.float32)
-        x = torch.randn(3, k, device=DEVICE)
-        expected = x @ dequantize(qweight, scales, mins, bits, group_size).t()
-        torch.testing.assert_close(w4a16_gemm(x, qweight, scales, mins, bits, group_size, config={"GEMV": gemv}),
-                                   expected, rtol=1e-5, atol=1e-5)
+        x = torch.randn(3, k, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+        w = dequantize(qweight, scales, mins, bits, group_size)
+        out = w4a16_gemm(x, qweight, scales, mins, bits, group_size, config={"GEMV": gemv})
+        # float32 sums in another order: off by a few roundings of the terms' magnitudes, which for
+        # an output near zero (a term of 8-bit weights is ~1) is more than a rounding of the output
+        bound = 2e-6 * (x.abs() @ w.abs().t())
+        assert ((out - x @ w.t()).abs() <= bound).all(), (out - x @ w.t()).abs().max()
 
 
 @pytest.mark.parametrize("gemv", [True, False])
