@@ -20,11 +20,9 @@ Two kernels, picked by the number of rows (see `_config`):
   BLOCK_N columns; value j of every word is shifted out as a float with the bit trick in
   `_unpack_value` once, and multiplied by x[k] of each row in float32 (one program a row
   unpacked every weight once per row: a verifying step's 8 rows cost 1.5x a decode step).
-* `_w4a16_dot_kernel`, for more rows: the integers go to the tensor cores as the activations'
-  dtype (exact: 0..255) and tl.dot sums them against x. 4-bit values are OR-ed into the mantissa
-  of a 16-bit float whose last bit is worth 1 (bf16 128, fp16 1024: two integer ops a value, and
-  OFFSET * sum(x) comes off after the dot); 8-bit values and float32 take _unpack_value's trick.
-  With g_idx (scattered groups) each weight is scaled before the dot instead.
+* `_w4a16_dot_kernel`, for more rows: the integers, unpacked with the same trick, go to the
+  tensor cores as the activations' dtype (exact: 0..255) and tl.dot sums them against x. With
+  g_idx (scattered groups) each weight is scaled before the dot instead.
 
 Split-K: with few output tiles there are too few programs to fill the GPU, so K is cut into
 `split_k` ranges. Each program writes a float32 partial tile and counts itself in on an atomic
@@ -139,11 +137,10 @@ def _w4a16_dot_kernel(
     stride_mn, stride_mg,
     stride_om, stride_on,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_G_IDX: tl.constexpr, EVEN_K: tl.constexpr,
-    SPLIT: tl.constexpr, MAGIC: tl.constexpr, OFFSET: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
-    WORDS: tl.constexpr = BLOCK_K // PACK
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -151,12 +148,7 @@ def _w4a16_dot_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
     safe_cols = tl.minimum(cols, N - 1)                           # the last tile re-reads column N-1
-    words_k = tl.arange(0, WORDS)                                 # the step's words along K
-    # MAGIC: the step's K in the order value j of every word first (k' = j * WORDS + w is feature
-    # w * PACK + j), so that each value's tile is the word tile shifted: x is read in that order
-    k_order = tl.arange(0, BLOCK_K)
-    if MAGIC:
-        k_order = (k_order % WORDS) * PACK + k_order // WORDS
+    words_k = tl.arange(0, BLOCK_K // PACK)                       # the step's words along K
     shifts = (tl.arange(0, PACK) * BITS)[None, :, None]           # [1, PACK, 1]
     value = tl.arange(0, PACK)                                    # _unpack_value's constants, per value
     low_half = (value < 16 // BITS)[None, :, None]
@@ -168,7 +160,7 @@ def _w4a16_dot_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
-        k = k0 + k_order
+        k = k0 + tl.arange(0, BLOCK_K)
         w_idx = k0 // PACK + words_k
         w_ptrs = qweight_ptr + safe_cols[None, :] * stride_qn + w_idx[:, None] * stride_qk
         if EVEN_K:
@@ -192,15 +184,11 @@ def _w4a16_dot_kernel(
             else:
                 acc += tl.dot(x, w)
         else:               # one group per step: integers into the dot, scale and min after it
-            if MAGIC:       # 4-bit integers OR-ed into the low mantissa bits of MAGIC, a 16-bit
-                # float (OFFSET) whose last bit is worth 1: OFFSET + q exactly, in two integer ops
-                q = ((words[None, :, :] >> (tl.arange(0, PACK) * BITS)[:, None, None]) & 0xF) | MAGIC
-                q = tl.reshape(q, [BLOCK_K, BLOCK_N]).to(tl.int16).to(x.dtype, bitcast=True)
-            else:           # (as _unpack_value, for all PACK values at once: a plain int -> float
-                # conversion is a quarter-rate instruction on Hopper, the mantissa trick two full-rate ones)
-                mantissa = tl.where(low_half, words[:, None, :], words[:, None, :] >> 16) & fields | 0x3F800000
-                q = mantissa.to(tl.float32, bitcast=True) * units - units
-                q = tl.reshape(q, [BLOCK_K, BLOCK_N]).to(x.dtype)
+            # (as _unpack_value, for all PACK values at once: a plain int -> float conversion is a
+            # quarter-rate instruction on Hopper, the mantissa trick two full-rate ones)
+            mantissa = tl.where(low_half, words[:, None, :], words[:, None, :] >> 16) & fields | 0x3F800000
+            q = mantissa.to(tl.float32, bitcast=True) * units - units
+            q = tl.reshape(q, [BLOCK_K, BLOCK_N]).to(x.dtype)
             if IEEE:
                 part = tl.dot(x, q, input_precision="ieee")
             else:
@@ -209,8 +197,7 @@ def _w4a16_dot_kernel(
             scale = tl.load(scales_ptr + safe_cols * stride_sn + group * stride_sg).to(tl.float32)
             low = tl.load(mins_ptr + safe_cols * stride_mn + group * stride_mg).to(tl.float32)
             x_sum = tl.sum(x.to(tl.float32), axis=1)
-            # sum_k x (OFFSET + q) scale + x min = part scale + sum(x) (min - OFFSET scale)
-            acc += part * scale[None, :] + x_sum[:, None] * (low - OFFSET * scale)[None, :]
+            acc += part * scale[None, :] + x_sum[:, None] * low[None, :]
     _finish_tile(acc, out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
                  row_mask[:, None] & (cols < N)[None, :], partials_ptr, rows[:, None] * N + cols[None, :], M * N,
                  counters_ptr + pid_m * tl.num_programs(1) + pid_n, pid_k, split_k, SPLIT)
@@ -361,18 +348,11 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
             NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"],
         )
     else:
-        # 4-bit values straight into 16-bit floats (see the kernel), where x is 16-bit: fp16 holds
-        # 1024 + q exactly, bf16 128 + q
-        magic, offset = {(4, torch.float16): (0x6400, 1024.0),
-                         (4, torch.bfloat16): (0x4300, 128.0)}.get((bits, x.dtype), (0, 0.0))
-        if g_idx is not None:
-            magic, offset = 0, 0.0
         _w4a16_dot_kernel[grid](
             x, qweight, scales, mins, g_idx if g_idx is not None else qweight, out, partials, counters,
             M, N, K, k_per_split, split_k,
             *x.stride(), *qweight.stride(), *scales.stride(), *mins.stride(), *out.stride(),
             BITS=bits, GROUP_SIZE=group_size, HAS_G_IDX=g_idx is not None, EVEN_K=K % block_k == 0, SPLIT=split,
-            MAGIC=magic, OFFSET=offset,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )

@@ -12,8 +12,6 @@ from nanovllm.quantization.packing import pack_int32
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton (GPU or TRITON_INTERPRET=1)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # the interpreter takes CPU tensors
-# bfloat16 (the models' usual dtype) on a GPU only: the interpreter computes it wrongly
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
 def random_quantized(n: int, k: int, bits: int, group_size: int, act_order: bool, dtype, seed: int = 0):
@@ -32,7 +30,7 @@ def random_quantized(n: int, k: int, bits: int, group_size: int, act_order: bool
     return to(pack_int32(q, bits, dim=1)), to(scales), to(mins), to(g_idx)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("group_size,act_order", [(32, False), (32, True), (128, False), (128, True)])
 @pytest.mark.parametrize("rows,gemv", [(1, True), (3, True), (11, True), (1, False), (40, False)])
 def test_w4a16_gemm_matches_dequantize_then_matmul(dtype, group_size, act_order, rows, gemv):
@@ -48,9 +46,8 @@ def test_w4a16_gemm_matches_dequantize_then_matmul(dtype, group_size, act_order,
         assert out.dtype == dtype and out.shape == (rows, n)
         if dtype == torch.float32:
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-        else:   # 16-bit products, float32 sums: within a few roundings of the output dtype
-            tol = 2e-3 if dtype == torch.float16 else 1.6e-2
-            torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
+        else:   # float16 products, float32 sums: within a few float16 roundings of the exact value
+            torch.testing.assert_close(out.float(), expected, rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 8])
