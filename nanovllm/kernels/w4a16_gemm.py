@@ -122,8 +122,7 @@ def _w4a16_gemv_kernel(
         w_ptrs += WORDS
         x_ptrs += BLOCK_K
     _finish_tile(tl.sum(acc, axis=2), out_ptr + rows[:, None] * stride_om + cols[None, :],
-                 (rows[:, None] < M) & (cols[None, :] < N),
-                 partials_ptr, rows[:, None] * N + cols[None, :], M * N,
+                 (rows[:, None] < M) & (cols[None, :] < N), partials_ptr, rows[:, None] * N + cols[None, :], M * N,
                  counters_ptr + pid_m * tl.num_programs(1) + pid_n, pid_k, split_k, SPLIT)
 
 

@@ -34,7 +34,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Fp8Rows(NamedTuple):
-    """Activations already quantized per row, by the op that made them (SiluAndMulToFp8)."""
+    """Activations already quantized per row, by the op that made them (SiluAndMulToFp8, RMSNormToFp8)."""
     values: torch.Tensor        # float8 e4m3 [M, K]
     scales: torch.Tensor        # float32 [M]
     dtype: torch.dtype          # the activations' own dtype, the product's
