@@ -3,7 +3,7 @@ the packed weights, beside torch's bf16 matmul of the same layer.
 
     python benchmarks/bench_w4a16.py            # Llama-3.2-1B's four linears, 1-16 rows, group 128
     python benchmarks/bench_w4a16.py --sweep    # also try a grid of kernel settings (~2-3 minutes)
-    python benchmarks/bench_w4a16.py --model smollm2-135m --rows 1 5 --gemv-max-rows 8
+    python benchmarks/bench_w4a16.py --model smollm2-135m --rows 1 5
                                                 # the demo model's linears (group 32, as its Q4_1 GGUF);
                                                 # 5 rows: a verifying step of k = 4 proposals
 
@@ -212,7 +212,7 @@ def main() -> None:
     parser.add_argument("--model", default="llama-3.2-1b", choices=list(MODELS), help="whose linears")
     parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS), help="rows of the table")
     parser.add_argument("--gemv-max-rows", type=int, default=None,
-                        help="the table with the CUDA-core kernel up to this many rows, any weight")
+                        help="the table with the CUDA-core kernel up to this many rows")
     args = parser.parse_args()
     global LAYERS, GROUP
     LAYERS, GROUP = MODELS[args.model]
@@ -221,8 +221,7 @@ def main() -> None:
     torch.manual_seed(0)
     copy = copy_bandwidth()
     print(f"{torch.cuda.get_device_name(0)}: device-to-device copy {copy / 1e12:.2f} TB/s")
-    print(f"{args.model}'s linears, group {GROUP}, the CUDA-core kernel up to {kernel_module.GEMV_MAX_ROWS} rows "
-          f"({kernel_module.SMALL_WEIGHT_GEMV_MAX_ROWS} for weights of up to {kernel_module.SMALL_WEIGHT:,} values)")
+    print(f"{args.model}'s linears, group {GROUP}, the CUDA-core kernel up to {kernel_module.GEMV_MAX_ROWS} rows")
     table(copy, args.rows)
     if args.sweep:
         print()

@@ -5,7 +5,7 @@ emitted per verifying step.
     python benchmarks/spec_decode.py                        # the demo model (SmolLM2-135M-Instruct)
     python benchmarks/spec_decode.py --model DIR_OR_GGUF -k 4
     python benchmarks/spec_decode.py --disable-by-batch-size 8   # batch 64 then runs plain steps
-    python benchmarks/spec_decode.py --gemv-max-rows 8           # 4-bit weights: the CUDA-core kernel up to 8 rows
+    python benchmarks/spec_decode.py --gemv-max-rows 1           # 4-bit weights: the CUDA-core kernel at 1 row only
     python benchmarks/spec_decode.py --draft random              # a draft model: random weights (2 layers,
                                                                  # the target's vocabulary); or `same`, or a path
 
@@ -78,7 +78,7 @@ def main() -> None:
                    help="speculate with a draft model instead of n-grams: a path, `same` (the target: every "
                         "proposal accepted) or `random` (random weights: nearly none)")
     p.add_argument("--gemv-max-rows", type=int, default=None,
-                   help="4-bit weights: rows up to which the CUDA-core kernel runs, any weight (default: by size)")
+                   help="4-bit weights: rows up to which the CUDA-core kernel runs, any weight (default: w4a16_gemm.GEMV_MAX_ROWS)")
     args = p.parse_args()
     if args.gemv_max_rows is not None:
         w4a16_gemm.set_gemv_max_rows(args.gemv_max_rows)

@@ -4,7 +4,7 @@ are found), greedy; then cProfile's hottest functions of the speculative run.
 
     python benchmarks/spec_step_profile.py                # batch 1, k = 4, 128 new tokens
     python benchmarks/spec_step_profile.py --batch 8 -k 6 --top 40 [--sort cumulative]
-    python benchmarks/spec_step_profile.py --shape smollm2-135m-gptq --top 0 --gpu-profile --gemv-max-rows 8
+    python benchmarks/spec_step_profile.py --shape smollm2-135m-gptq --top 0 --gpu-profile
     python benchmarks/spec_step_profile.py --shape smollm2-135m-gptq -k 7 --top 0 --phases
 
 --phases times the engine's phases (proposing, scheduling, inputs, launch, waiting for the
@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--gpu-profile", action="store_true", help="then each run's GPU time by kernel")
     p.add_argument("--phases", action="store_true", help="each run's wall-clock time by engine phase")
     p.add_argument("--gemv-max-rows", type=int, default=None,
-                   help="4-bit weights: rows up to which the CUDA-core kernel runs, any weight (default: by size)")
+                   help="4-bit weights: rows up to which the CUDA-core kernel runs (default: w4a16_gemm.GEMV_MAX_ROWS)")
     args = p.parse_args()
     if args.gemv_max_rows is not None:
         w4a16_gemm.set_gemv_max_rows(args.gemv_max_rows)

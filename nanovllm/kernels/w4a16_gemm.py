@@ -235,16 +235,13 @@ def default_split_k(programs: int, k_steps: int, device: torch.device, per_sm: i
 
 # Defaults by rows (benchmarks/bench_w4a16.py --sweep measures them; its summary says what to set).
 # split_per_sm: the programs per SM that split-K aims for (0: never split; see default_split_k).
-# GEMV_MAX_ROWS: up to this many rows, the CUDA-core kernel (GEMV_BLOCK_M rows a program);
-# for a weight of at most SMALL_WEIGHT values, up to SMALL_WEIGHT_GEMV_MAX_ROWS. Measured on an
-# H200 inside the demo model's verifying steps (5 and 8 rows, docs/benchmarks.md), its small
-# linears took 48.5 ms of GPU time where the tensor-core kernel took 64.3; on Llama-3.2-1B's
-# linears (4M values and up) the sweep has the CUDA-core kernel losing from 4 rows on.
+# GEMV_MAX_ROWS: up to this many rows, the CUDA-core kernel (GEMV_BLOCK_M rows a program). Since
+# d80db87 (partial sums per word, reduced once) it beats the tensor-core kernel on Llama-3.2-1B's
+# four linears at 2, 4 and 8 rows on an H200: 71 against 79 us for the four at 8 rows, 48 against
+# 79 at 4 (docs/benchmarks.md); the demo model's small linears gained from 8 rows already.
 # Its BLOCK_N of 64 columns: 4 warps hold 1024 words a step, 8 per thread as two 16-byte loads.
-GEMV_MAX_ROWS = 1
+GEMV_MAX_ROWS = 8
 GEMV_BLOCK_M = 8
-SMALL_WEIGHT = 2 ** 21
-SMALL_WEIGHT_GEMV_MAX_ROWS = 8
 GEMV_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "split_per_sm": 2}
 # The tensor-core kernel, by the rows it is given (first entry whose max_rows >= M). BLOCK_M is at
 # least 16 (tl.dot's smallest); a wide BLOCK_N spreads the unpacking of a word over more columns.
@@ -277,15 +274,15 @@ def _dot_config(M: int) -> dict:
 
 
 def set_gemv_max_rows(rows: int) -> None:
-    """For benchmarks: the CUDA-core kernel up to `rows` rows, whatever the weight's size."""
-    global GEMV_MAX_ROWS, SMALL_WEIGHT_GEMV_MAX_ROWS
-    GEMV_MAX_ROWS = SMALL_WEIGHT_GEMV_MAX_ROWS = rows
+    """For benchmarks: the CUDA-core kernel up to `rows` rows."""
+    global GEMV_MAX_ROWS
+    GEMV_MAX_ROWS = rows
 
 
-def _config(M: int, weight_size: int) -> dict:
-    """The default launch settings for M rows of a weight of `weight_size` values; BLOCK_M is the
-    tensor-core kernel's, for when the GEMV kernel cannot take the weight (scattered groups)."""
-    if M <= (SMALL_WEIGHT_GEMV_MAX_ROWS if weight_size <= SMALL_WEIGHT else GEMV_MAX_ROWS):
+def _config(M: int) -> dict:
+    """The default launch settings for M rows; BLOCK_M is the tensor-core kernel's, for when the
+    GEMV kernel cannot take the weight (scattered groups)."""
+    if M <= GEMV_MAX_ROWS:
         return {"GEMV": True, "BLOCK_M": _dot_config(M)["BLOCK_M"], **GEMV_CONFIG}
     return {"GEMV": False, **_dot_config(M)}
 
@@ -310,7 +307,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
                          f"per row, x has {K} features")
     if scales.shape != mins.shape or scales.shape[0] != N:
         raise ValueError(f"scales {tuple(scales.shape)} and mins {tuple(mins.shape)} must both be [{N}, groups]")
-    cfg = {**_config(M, N * K), **(config or {})}
+    cfg = {**_config(M), **(config or {})}
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return out
