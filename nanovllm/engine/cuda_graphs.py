@@ -24,7 +24,7 @@ import torch
 
 from nanovllm.engine.graph_inputs import GraphInputs, HostStaging, aligned
 from nanovllm.engine.inputs import HostInputs, ModelInputs
-from nanovllm.layers.attention_backends import dense_spans
+from nanovllm.layers.attention_backends import fresh_spans
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +75,9 @@ class StepGraphs:
         # The varlen kernel is graph-safe (its grid is fixed by the counts); other backends' are not known to be.
         mixed_ok = runner.backend.name == "triton"
         self.max_tokens = config.max_num_batched_tokens if mixed_ok else self.max_decode
-        # Steps with long prompts (dense spans) run eagerly, for cuDNN's attention (attention_backends.py),
+        # Steps with long fresh prompts run eagerly, for cuDNN's attention (attention_backends.py),
         # where it takes them: a 16-bit cache and model.
-        self.dense_eager = mixed_ok and config.kv_cache_dtype == "auto" and runner.dtype != torch.float32
+        self.fresh_eager = mixed_ok and config.kv_cache_dtype == "auto" and runner.dtype != torch.float32
         self.max_blocks = -(-config.max_model_len // runner.block_size)
 
         spec = config.speculative_config
@@ -126,7 +126,7 @@ class StepGraphs:
 
     def fits(self, inputs: ModelInputs) -> bool:
         meta = inputs.meta
-        return not (self.dense_eager and meta.dense_spans) and self._graph_for(
+        return not (self.fresh_eager and meta.fresh_spans) and self._graph_for(
             inputs.input_ids.shape[0], meta.seq_lens.shape[0], meta.block_tables.shape[1], meta.is_decode) is not None
 
     def stage(self, host: HostInputs) -> ModelInputs | None:
@@ -135,7 +135,7 @@ class StepGraphs:
         the buffers took 0.15-0.18 ms of a verifying step's host time on an H100, this 0.09-0.10:
         such a step's host work is in series with its GPU time, docs/benchmarks.md.)"""
         graph = self._graph_for(len(host.input_ids), len(host.seq_lens), host.block_tables.shape[1], host.is_decode)
-        if graph is None or (self.dense_eager and dense_spans(host)):
+        if graph is None or (self.fresh_eager and fresh_spans(host)):
             return None
         mirror = self.staging.next()
         self.staging.copy(*graph.write(mirror, host))

@@ -13,7 +13,7 @@ import torch
 
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.attention import AttentionMetadata
-from nanovllm.layers.attention_backends import dense_spans
+from nanovllm.layers.attention_backends import fresh_spans
 from nanovllm.device_copy import to_device
 
 
@@ -85,7 +85,7 @@ class HostInputs:
             slot_mapping=as_tensor(self.slot_mapping), cu_seqlens_q=as_tensor(self.cu_seqlens_q),
             seq_lens=as_tensor(self.seq_lens), block_tables=as_tensor(self.block_tables),
             max_seqlen_q=self.max_seqlen_q, max_seqlen_k=int(np.max(self.seq_lens, initial=0)),
-            is_decode=self.is_decode, dense_spans=dense_spans(self))
+            is_decode=self.is_decode, fresh_spans=fresh_spans(self))
         return ModelInputs(as_tensor(self.input_ids), as_tensor(self.positions), meta, as_tensor(self.logits_indices))
 
 

@@ -26,10 +26,9 @@ class AttentionMetadata:
     max_seqlen_q: int             # longest run of new tokens (1 for decode)
     max_seqlen_k: int             # longest sequence (host int, for flash-attn's varlen call)
     is_decode: bool               # every row (a sequence, or a token of a short span) has one new token
-    # (sequence, first token, end token, cached context) of each long prompt or prompt chunk with
-    # at most a short context: a backend may attend it densely from its new keys and the context's
-    # (TritonBackend: cuDNN's kernel; attention_backends.dense_spans picks them)
-    dense_spans: tuple = ()
+    # (sequence, first token, end token) of each long prompt with no cached context: all its keys are
+    # new in this step, so a backend may attend it from them alone (TritonBackend: cuDNN's kernel)
+    fresh_spans: tuple = ()
 
 
 class TorchBackend:

@@ -14,69 +14,62 @@ from nanovllm.layers.cpu_attention import BatchedTorchBackend
 
 logger = logging.getLogger(__name__)
 
-# A run of at least DENSE_MIN_TOKENS new tokens of one sequence, with a cached context at most
-# DENSE_MAX_CONTEXT times as long (none for a whole prompt; some for the rest of a prompt that the
-# step before split, or after a short cached prefix), is one of the step's dense spans, if they add
-# up to DENSE_MIN_STEP_TOKENS: the step then runs eagerly (not from a CUDA graph) and TritonBackend
-# attends them with cuDNN's dense kernel, faster than ours on long prompts. Below those sizes cuDNN's
-# calls save less than an eager step's launches cost the host, which would stall the decodes that
-# share the step (docs/benchmarks.md, sixteenth session); past that context the rows padded in for
-# it (dense_attention) cost more than cuDNN saves.
-DENSE_MIN_TOKENS = 2048
-DENSE_MIN_STEP_TOKENS = 8192
-DENSE_MAX_CONTEXT = 0.5
+# A prompt with no cached context and at least FRESH_MIN_TOKENS new tokens in a step is one of the
+# step's fresh spans, if they add up to FRESH_MIN_STEP_TOKENS: the step then runs eagerly (not from
+# a CUDA graph) and TritonBackend attends them with cuDNN's dense kernel, faster than ours on long
+# prompts. Below those sizes cuDNN's calls save less than an eager step's launches cost the host,
+# which would stall the decodes that share the step (docs/benchmarks.md, sixteenth session).
+FRESH_MIN_TOKENS = 2048
+FRESH_MIN_STEP_TOKENS = 8192
 
 
-def dense_spans(host) -> tuple:
-    """AttentionMetadata.dense_spans of a step, from its HostInputs (engine/inputs.py)."""
+def fresh_spans(host) -> tuple:
+    """AttentionMetadata.fresh_spans of a step, from its HostInputs (engine/inputs.py)."""
     if host.is_decode:          # (every decode step asks, through StepGraphs.stage)
         return ()
     counts = np.diff(host.cu_seqlens_q)
-    context = host.seq_lens - counts
-    dense = np.flatnonzero((counts >= DENSE_MIN_TOKENS) & (context <= DENSE_MAX_CONTEXT * counts))
-    if counts[dense].sum() < DENSE_MIN_STEP_TOKENS:
+    fresh = np.flatnonzero((host.seq_lens == counts) & (counts >= FRESH_MIN_TOKENS))
+    if counts[fresh].sum() < FRESH_MIN_STEP_TOKENS:
         return ()
-    cu = host.cu_seqlens_q
-    return tuple((int(i), int(cu[i]), int(cu[i + 1]), int(context[i])) for i in dense)
+    return tuple((int(i), int(host.cu_seqlens_q[i]), int(host.cu_seqlens_q[i + 1])) for i in fresh)
 
 
 class TritonBackend:
     """The project's own Triton kernels: varlen paged prefill and split-KV paged decode. A step's
-    long prompts (`meta.dense_spans`) go to cuDNN's dense attention instead, from the step's own keys
-    and values and any short context's from the cache: on long prompts it is faster than our kernel."""
+    long prompts with no cached context (`meta.fresh_spans`) go to cuDNN's dense attention instead,
+    from the step's own keys and values: on long prompts it is faster than our kernel."""
     name = "triton"
 
     def __init__(self):
         from nanovllm import kernels
         self.k = kernels
-        self.step_kv = None         # the step's new keys and values, while it has dense spans
+        self.fresh_kv = None        # the step's new keys and values, while it has fresh spans
         self.dense_ok = {}          # (dtype, heads, KV heads, head dim) -> cuDNN takes these shapes
 
     def store(self, k, v, k_cache, v_cache, meta: AttentionMetadata, **kv_scales):
         self.k.store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, **kv_scales)
-        self.step_kv = (k, v) if meta.dense_spans and not kv_scales else None
+        self.fresh_kv = (k, v) if meta.fresh_spans and not kv_scales else None
 
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None,
                **kv_scales):
         if meta.is_decode:
             return self.k.paged_decode_attention(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale,
                                                  window=window, **kv_scales)
-        new_kv, self.step_kv = self.step_kv, None
+        new_kv, self.fresh_kv = self.fresh_kv, None
         if new_kv is None or window is not None or not self._dense_ok(q, *new_kv):
             return self.k.paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
                                                   meta.block_tables, meta.max_seqlen_q, scale, window=window,
                                                   **kv_scales)
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         done_seqs = done_tokens = 0         # sequences (tokens) before these are attended
-        for seq, first, end, context in meta.dense_spans + ((len(meta.seq_lens), len(q), len(q), 0),):
-            if seq > done_seqs:             # the other sequences between two dense spans: our kernel
+        for seq, first, end in meta.fresh_spans + ((len(meta.seq_lens), len(q), len(q)),):
+            if seq > done_seqs:             # the other sequences between two fresh ones: our kernel
                 cu_seqlens_q = meta.cu_seqlens_q[done_seqs:seq + 1] - done_tokens
                 self.k.paged_prefill_attention(
                     q[done_tokens:first], k_cache, v_cache, cu_seqlens_q, meta.seq_lens[done_seqs:seq],
                     meta.block_tables[done_seqs:seq], meta.max_seqlen_q, scale, out=out[done_tokens:first])
             if end > first:
-                out[first:end] = dense_attention(q[first:end], new_kv[0][first:end], new_kv[1][first:end],
-                                                 k_cache, v_cache, meta.block_tables[seq], context, scale)
+                out[first:end] = causal_attention(q[first:end], new_kv[0][first:end], new_kv[1][first:end], scale)
             done_seqs, done_tokens = seq + 1, end
         return out
 
@@ -90,7 +83,7 @@ class TritonBackend:
                     causal_attention(q[:2], k[:2], v[:2], 1.0)
                 self.dense_ok[key] = True
             except RuntimeError as e:
-                logger.info("long prompts stay on the Triton kernel: %s", str(e).splitlines()[0])
+                logger.info("long fresh prompts stay on the Triton kernel: %s", str(e).splitlines()[0])
                 self.dense_ok[key] = False
         return self.dense_ok[key]
 
@@ -105,19 +98,6 @@ def causal_attention(q, k, v, scale: float) -> torch.Tensor:
             q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
             is_causal=True, scale=scale, enable_gqa=True)
     return o[0].transpose(0, 1)
-
-
-def dense_attention(q, k, v, k_cache, v_cache, block_table, context: int, scale: float) -> torch.Tensor:
-    """A dense span's attention: q [L, Hq, D] over the `context` keys and values cached before it (read
-    from the paged cache through its block table) and its own k, v [L, Hkv, D]. Causal attention
-    over the whole sequence with zero queries in the context's rows, whose outputs are dropped:
-    query i of the span then sees keys up to context + i, as it must."""
-    if context:
-        blocks = block_table[:-(-context // k_cache.shape[1])].long()
-        k = torch.cat([k_cache[blocks].flatten(0, 1)[:context], k])
-        v = torch.cat([v_cache[blocks].flatten(0, 1)[:context], v])
-        q = torch.cat([q.new_zeros(context, *q.shape[1:]), q])
-    return causal_attention(q, k, v, scale)[context:]
 
 
 class FlashAttnBackend:

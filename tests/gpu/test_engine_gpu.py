@@ -71,24 +71,20 @@ def test_speculation_with_graphs_keeps_the_greedy_tokens(tiny_qwen3, checkpoint_
         assert metrics.num_accepted_tokens > 0
 
 
-def test_long_prompts_through_cudnn_match_the_triton_kernel(tiny_qwen3, monkeypatch):
-    """Prompts of 600-900 tokens (AttentionMetadata.dense_spans) attend through cuDNN's kernel in
-    eager steps, also the rest of a prompt split by the step before (483 tokens after 239 of
-    context, with a step budget of 1,024 tokens); with the path off, through ours in CUDA graphs."""
+def test_long_fresh_prompts_through_cudnn_match_the_triton_kernel(tiny_qwen3, monkeypatch):
+    """Prompts of 600-900 tokens with no cached context (AttentionMetadata.fresh_spans) attend
+    through cuDNN's kernel in eager steps; with the path off, through ours in CUDA graphs."""
     from nanovllm.layers import attention_backends
-    monkeypatch.setattr(attention_backends, "DENSE_MIN_TOKENS", 256)
-    monkeypatch.setattr(attention_backends, "DENSE_MIN_STEP_TOKENS", 256)
-    contexts, dense_attention = [], attention_backends.dense_attention
-    monkeypatch.setattr(attention_backends, "dense_attention", lambda *a: contexts.append(a[-2]) or dense_attention(*a))
+    monkeypatch.setattr(attention_backends, "FRESH_MIN_TOKENS", 512)
+    monkeypatch.setattr(attention_backends, "FRESH_MIN_STEP_TOKENS", 512)
     prompts = random_prompts(2, 5, 40, seed=3) + random_prompts(3, 600, 900, seed=5)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
-    llm = LLM(tiny_qwen3, device="cuda", dtype="bfloat16", max_model_len=1024, max_num_batched_tokens=1024)
-    dense = llm.generate(prompts, params, use_tqdm=False)
+    llm = LLM(tiny_qwen3, device="cuda", dtype="bfloat16", max_model_len=1024)
+    fresh = llm.generate(prompts, params, use_tqdm=False)
     assert list(llm.llm_engine.runner.backend.dense_ok.values()) == [True]      # cuDNN took them
-    assert 0 in contexts and max(contexts) > 0, contexts
-    monkeypatch.setattr(attention_backends, "DENSE_MIN_TOKENS", 10 ** 9)
+    monkeypatch.setattr(attention_backends, "FRESH_MIN_TOKENS", 10 ** 9)
     kernel = LLM(tiny_qwen3, device="cuda", dtype="bfloat16", max_model_len=1024).generate(prompts, params, use_tqdm=False)
-    assert_greedy_parts_only_at_near_ties(kernel, dense, max_gap=0.1, max_logprob_diff=0.25)
+    assert_greedy_parts_only_at_near_ties(kernel, fresh, max_gap=0.1, max_logprob_diff=0.25)
 
 
 def test_fp8_activations_quantized_by_the_mlp_give_the_same_tokens(tiny_qwen3, monkeypatch):
