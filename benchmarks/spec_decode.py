@@ -78,7 +78,7 @@ def main() -> None:
                    help="speculate with a draft model instead of n-grams: a path, `same` (the target: every "
                         "proposal accepted) or `random` (random weights: nearly none)")
     p.add_argument("--gemv-max-rows", type=int, default=None,
-                   help="4-bit weights: rows up to which the CUDA-core kernel runs, any weight (default: w4a16_gemm.GEMV_MAX_ROWS)")
+                   help="4-bit weights: rows up to which the CUDA-core kernel runs (default: w4a16_gemm.GEMV_MAX_ROWS)")
     args = p.parse_args()
     if args.gemv_max_rows is not None:
         w4a16_gemm.set_gemv_max_rows(args.gemv_max_rows)

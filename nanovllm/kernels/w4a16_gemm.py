@@ -238,7 +238,7 @@ def default_split_k(programs: int, k_steps: int, device: torch.device, per_sm: i
 # GEMV_MAX_ROWS: up to this many rows, the CUDA-core kernel (GEMV_BLOCK_M rows a program). Since
 # d80db87 (partial sums per word, reduced once) it beats the tensor-core kernel on Llama-3.2-1B's
 # four linears at 2, 4 and 8 rows on an H200: 71 against 79 us for the four at 8 rows, 48 against
-# 79 at 4 (docs/benchmarks.md); the demo model's small linears gained from 8 rows already.
+# 79 at 4 (docs/benchmarks.md). (Weights of up to 2M values, the demo model's, had it to 8 already.)
 # Its BLOCK_N of 64 columns: 4 warps hold 1024 words a step, 8 per thread as two 16-byte loads.
 GEMV_MAX_ROWS = 8
 GEMV_BLOCK_M = 8
