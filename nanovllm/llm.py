@@ -12,6 +12,7 @@ import time
 from tqdm.auto import tqdm
 
 from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.engine.request_checks import as_prompt_list, check_generate_args, check_no_lora
 from nanovllm.models.model_dir import generation_defaults
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import RequestOutputKind, SamplingParams
@@ -48,14 +49,9 @@ class LLM:
         dict, or a list of any of these. `lora_request` and `priority` are vLLM's; nanovllm has
         no LoRA and schedules first come, first served (vLLM's default policy ignores priority too).
         """
-        if lora_request is not None:
-            raise ValueError("lora_request is not supported: nanovllm has no LoRA adapters.")
-        prompts = _as_prompt_list(prompts)
-        if priority is not None and len(priority) != len(prompts):
-            raise ValueError(f"The lengths of prompts ({len(prompts)}) and priority ({len(priority)}) must be the same.")
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        params = _as_params_list(sampling_params, len(prompts))
+        prompts, params = check_generate_args(prompts, sampling_params, lora_request, priority)
         engine = self.llm_engine
         ids = []
         try:
@@ -97,9 +93,8 @@ class LLM:
         """vLLM's beam search (nanovllm/beam_search.py): one BeamSearchOutput per prompt, in input
         order; `prompts` in generate's forms, `params` a BeamSearchParams."""
         from nanovllm.beam_search import beam_search
-        if lora_request is not None:
-            raise ValueError("lora_request is not supported: nanovllm has no LoRA adapters.")
-        return beam_search(self, _as_prompt_list(prompts), params, use_tqdm, concurrency_limit)
+        check_no_lora(lora_request)
+        return beam_search(self, as_prompt_list(prompts), params, use_tqdm, concurrency_limit)
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True, chat_template: str | None = None,
@@ -122,26 +117,3 @@ class LLM:
         engine = getattr(self, "llm_engine", None)
         if engine is not None:
             engine.shutdown()
-
-
-def _as_prompt_list(prompts) -> list:
-    """vLLM's rule: a string, a dict, or a non-empty list of ints is ONE prompt."""
-    if isinstance(prompts, (str, dict)):
-        return [prompts]
-    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
-        return [list(prompts)]
-    if not isinstance(prompts, (list, tuple)):
-        raise ValueError("prompts must be a string, a list of token ids, a prompt dict, or a list of these; "
-                         f"got {type(prompts).__name__}")
-    return list(prompts)
-
-
-def _as_params_list(params, count: int) -> list[SamplingParams]:
-    if isinstance(params, SamplingParams):
-        return [params] * count
-    if not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in params):
-        raise ValueError(f"sampling_params must be a SamplingParams or a list of them, got {params!r}")
-    params = list(params)
-    if len(params) != count:
-        raise ValueError(f"The lengths of prompts ({count}) and sampling_params ({len(params)}) must be the same.")
-    return params

@@ -1,8 +1,41 @@
-"""What LLMEngine.add_request accepts, with vLLM's messages: the request id and params, the
-prompt forms (a string, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": ...}
-dicts), and the checks that need the model (vocabulary, context length)."""
+"""What LLM.generate and LLMEngine.add_request accept, with vLLM's messages: the prompts and
+params lists, the request id and params, the prompt forms (a string, token ids, or vLLM's
+{"prompt": ...} / {"prompt_token_ids": ...} dicts), and the checks that need the model
+(vocabulary, context length)."""
 from nanovllm.param_checks import ValidationError
 from nanovllm.sampling_params import SamplingParams
+
+
+def check_generate_args(prompts, params, lora_request, priority) -> tuple[list, list[SamplingParams]]:
+    """LLM.generate's arguments: (a list of prompts, a SamplingParams for each)."""
+    check_no_lora(lora_request)
+    prompts = as_prompt_list(prompts)
+    if priority is not None and len(priority) != len(prompts):
+        raise ValueError(f"The lengths of prompts ({len(prompts)}) and priority ({len(priority)}) must be the same.")
+    if isinstance(params, SamplingParams):
+        return prompts, [params] * len(prompts)
+    if not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in params):
+        raise ValueError(f"sampling_params must be a SamplingParams or a list of them, got {params!r}")
+    if len(params) != len(prompts):
+        raise ValueError(f"The lengths of prompts ({len(prompts)}) and sampling_params ({len(params)}) must be the same.")
+    return prompts, list(params)
+
+
+def check_no_lora(lora_request) -> None:
+    if lora_request is not None:
+        raise ValueError("lora_request is not supported: nanovllm has no LoRA adapters.")
+
+
+def as_prompt_list(prompts) -> list:
+    """vLLM's rule: a string, a dict, or a non-empty list of ints is ONE prompt."""
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
+        return [list(prompts)]
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError("prompts must be a string, a list of token ids, a prompt dict, or a list of these; "
+                         f"got {type(prompts).__name__}")
+    return list(prompts)
 
 
 def check_request_args(request_id, in_use: bool, params: SamplingParams | None) -> SamplingParams:
