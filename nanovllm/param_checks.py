@@ -1,6 +1,7 @@
 """What SamplingParams and BeamSearchParams accept: their type and range checks, with vLLM's
 messages (nanovllm/sampling_params.py says where nanovllm's choices differ from vLLM's).
 Every refusal is a ValueError naming the parameter."""
+import logging
 import math
 import numbers
 import operator
@@ -17,6 +18,10 @@ max_logprobs = 20
 _MAX_N = int(os.environ.get("VLLM_MAX_N_SEQUENCES", "16384"))
 # The seeds a request may give: a signed 64-bit integer.
 _MIN_SEED, _MAX_SEED = -2**63, 2**63 - 1
+# Temperatures in (0, this) are raised to it: dividing logits by a tiny number overflows.
+_MIN_TEMPERATURE = 1e-2
+
+logger = logging.getLogger(__name__)
 
 
 class ValidationError(ValueError):
@@ -77,6 +82,40 @@ def _in_float32(value) -> str:
     if value == 0 or not _is_finite(value) or (rounded != 0 and math.isfinite(rounded)):
         return ""
     return f" The sampler computes in float32, where it is {rounded}."
+
+
+def normalize_and_check(params) -> None:
+    """SamplingParams.__post_init__: types checked, values normalised (vLLM's order), then ranges."""
+    # vLLM reads True as 1 and False as 0 (the sampled token's logprob only); bools are
+    # refused everywhere else.
+    if isinstance(params.logprobs, bool):
+        params.logprobs = int(params.logprobs)
+    if isinstance(params.prompt_logprobs, bool):
+        params.prompt_logprobs = int(params.prompt_logprobs)
+    # Types first: the normalisation below compares and iterates the values.
+    check_types(params)
+    if 0 < params.temperature < _MIN_TEMPERATURE:
+        logger.warning("temperature %s is less than %s, which may cause numerical errors "
+                       "nan or inf in tensors. We have maxed it out to %s.",
+                       params.temperature, _MIN_TEMPERATURE, _MIN_TEMPERATURE)
+        params.temperature = max(params.temperature, _MIN_TEMPERATURE)
+    if params.seed == -1:
+        params.seed = None
+    if params.stop is None:
+        params.stop = []
+    elif isinstance(params.stop, str):
+        params.stop = [params.stop]
+    else:
+        params.stop = list(params.stop)
+    params.stop_token_ids = [] if params.stop_token_ids is None else list(dict.fromkeys(params.stop_token_ids))
+    if params.top_k == -1:
+        params.top_k = 0
+    check_ranges(params)
+    if params.is_greedy:
+        # Greedy sampling takes the argmax; these filters cannot change it.
+        params.top_p, params.top_k, params.min_p = 1.0, 0, 0.0
+        if params.n > 1:
+            raise ValueError(f"n must be 1 when using greedy sampling, got {params.n}.")
 
 
 def check_types(params) -> None:

@@ -1,8 +1,8 @@
 """`SamplingParams`: how to sample one request, with vLLM's fields, defaults and errors.
 
 Scripts written for vLLM construct these with keywords and catch `ValueError`, so the
-fields, their defaults, the normalisation in `__post_init__` and the wording of every
-validation message follow vLLM's main branch (see shared/reference/vllm-api.md, section 5).
+fields, their defaults, the normalisation `__post_init__` runs (param_checks.py) and the
+wording of every validation message follow vLLM's main branch (see shared/reference/vllm-api.md, section 5).
 
 Choices where vLLM versions differ:
 - `temperature > 2` is rejected, as on vLLM main (the OpenAI range [0, 2]).
@@ -22,14 +22,9 @@ Choices where vLLM versions differ:
 """
 import copy
 import enum
-import logging
 from dataclasses import dataclass
 
-from nanovllm.param_checks import SAMPLING_EPS, check_ranges, check_types
-
-logger = logging.getLogger(__name__)
-# Temperatures in (0, this) are raised to it: dividing logits by a tiny number overflows.
-_MIN_TEMPERATURE = 1e-2
+from nanovllm.param_checks import SAMPLING_EPS, normalize_and_check
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -63,39 +58,7 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
-        # vLLM reads True as 1 and False as 0 (the sampled token's logprob only); bools are
-        # refused everywhere else.
-        if isinstance(self.logprobs, bool):
-            self.logprobs = int(self.logprobs)
-        if isinstance(self.prompt_logprobs, bool):
-            self.prompt_logprobs = int(self.prompt_logprobs)
-        # Types first: the normalisation below compares and iterates the values.
-        check_types(self)
-        # Normalise (vLLM's order), so the range checks see the final values.
-        if 0 < self.temperature < _MIN_TEMPERATURE:
-            logger.warning("temperature %s is less than %s, which may cause numerical errors "
-                           "nan or inf in tensors. We have maxed it out to %s.",
-                           self.temperature, _MIN_TEMPERATURE, _MIN_TEMPERATURE)
-            self.temperature = max(self.temperature, _MIN_TEMPERATURE)
-        if self.seed == -1:
-            self.seed = None
-        if self.stop is None:
-            self.stop = []
-        elif isinstance(self.stop, str):
-            self.stop = [self.stop]
-        else:
-            self.stop = list(self.stop)
-        self.stop_token_ids = [] if self.stop_token_ids is None else list(dict.fromkeys(self.stop_token_ids))
-        if self.top_k == -1:
-            self.top_k = 0
-
-        check_ranges(self)
-
-        if self.is_greedy:
-            # Greedy sampling takes the argmax; these filters cannot change it.
-            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
-            if self.n > 1:
-                raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")
+        normalize_and_check(self)       # vLLM's normalisation and checks, in its order (param_checks.py)
 
     @property
     def is_greedy(self) -> bool:
