@@ -1,4 +1,4 @@
-"""What SamplingParams and BeamSearchParams accept: their type and range checks, with vLLM's
+"""What SamplingParams and BeamSearchParams accept: their normalisation, type and range checks, with vLLM's
 messages (nanovllm/sampling_params.py says where nanovllm's choices differ from vLLM's).
 Every refusal is a ValueError naming the parameter."""
 import logging
