@@ -1,6 +1,6 @@
-"""What SamplingParams and BeamSearchParams accept: their normalisation, type and range checks, with vLLM's
-messages (nanovllm/sampling_params.py says where nanovllm's choices differ from vLLM's).
-Every refusal is a ValueError naming the parameter."""
+"""What SamplingParams and BeamSearchParams accept: their normalisation, type and range checks,
+with vLLM's messages (nanovllm/sampling_params.py says where nanovllm's choices differ from
+vLLM's). Every refusal is a ValueError naming the parameter."""
 import logging
 import math
 import numbers
