@@ -2,7 +2,7 @@
 
 Scripts written for vLLM construct these with keywords and catch `ValueError`, so the
 fields, their defaults, the normalisation `__post_init__` runs (param_checks.py) and the
-wording of every validation message follow vLLM's main branch (see shared/reference/vllm-api.md, section 5).
+wording of every validation message follow vLLM's main branch.
 
 Choices where vLLM versions differ:
 - `temperature > 2` is rejected, as on vLLM main (the OpenAI range [0, 2]).
