@@ -1,14 +1,17 @@
-"""Single-request decode latency: batch 1, CUDA graphs, dummy weights. Per-token time =
+"""Decode latency: one request (or `--batch` copies of it), CUDA graphs, dummy weights. Per-token time =
 (time for 1 + N tokens - time for 1 token) / N.
 
     python benchmarks/single_request.py                              # Qwen3-0.6B shape, 1,024-token prompt
     python benchmarks/single_request.py --shape llama-3.2-1b-gptq    # a 4-bit GPTQ model of Llama-3.2-1B's shape
+    python benchmarks/single_request.py --shape llama-3.2-1b-gptq --batch 4 --gemv-max-rows 1
+                                          # 4 copies decoded together; 4-bit GEMMs on tensor cores above 1 row
 """
 import argparse
 import random
 import time
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.kernels import w4a16_gemm
 from nanovllm.models.shapes import SHAPES, shape_checkpoint_dir
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -17,7 +20,12 @@ p.add_argument("--prompt-tokens", type=int, default=1024)
 p.add_argument("--new-tokens", type=int, default=256)
 p.add_argument("--kv-cache-dtype", default="auto")
 p.add_argument("--quantization", default=None)
+p.add_argument("--batch", type=int, default=1, help="copies of the request decoded together")
+p.add_argument("--gemv-max-rows", type=int, default=None,
+               help="4-bit weights: rows up to which the CUDA-core kernel runs (default: w4a16_gemm.GEMV_MAX_ROWS)")
 args = p.parse_args()
+if args.gemv_max_rows is not None:
+    w4a16_gemm.set_gemv_max_rows(args.gemv_max_rows)
 
 start = time.perf_counter()
 llm = LLM(shape_checkpoint_dir(args.shape), load_format="dummy", max_model_len=4096, enable_prefix_caching=False,
@@ -29,13 +37,13 @@ N = args.new_tokens
 
 def timed(max_tokens: int) -> float:
     start = time.perf_counter()
-    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+    llm.generate([prompt] * args.batch, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
     return time.perf_counter() - start
 
 
 timed(N + 1)                                  # warm-up
 prefill = min(timed(1) for _ in range(3))
 total = min(timed(N + 1) for _ in range(3))
-print(f"{args.shape} (quantization {args.quantization}, KV cache {args.kv_cache_dtype}): batch-1 decode at "
+print(f"{args.shape} (quantization {args.quantization}, KV cache {args.kv_cache_dtype}): batch-{args.batch} decode at "
       f"~{args.prompt_tokens + N // 2:,}-token context: {1000 * (total - prefill) / N:.3f} ms/token "
       f"(prefill of {args.prompt_tokens:,} tokens: {1000 * prefill:.1f} ms)")
