@@ -59,6 +59,7 @@ class LLM:
                 request_id = str(next(self.request_counter))
                 engine.add_request(request_id, prompt, dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY))
                 ids.append(request_id)
+                engine.start_if_full()
             return self._run(ids, use_tqdm)
         except BaseException:
             engine.abort_request(ids)    # leave the engine clean for the next call

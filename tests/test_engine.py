@@ -181,6 +181,22 @@ def test_steps_are_pipelined(tiny_qwen3):
     assert engine.num_steps == 8           # the 8th token's step is never launched: max_tokens is known
 
 
+def test_generate_launches_the_first_step_while_it_still_adds_prompts(tiny_qwen3, prompts, expected):
+    """Once the prompts added fill a step (the token budget), generate launches it and adds the
+    rest while it runs; the tokens stay transformers'."""
+    llm = LLM(tiny_qwen3, device="cpu", max_num_batched_tokens=128, max_num_seqs=8)
+    engine, in_flight_at_add = llm.llm_engine, []
+    add_request = engine.add_request
+
+    def recording_add_request(*args):
+        in_flight_at_add.append(engine.in_flight is not None)
+        return add_request(*args)
+    engine.add_request = recording_add_request
+    assert token_ids(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
+    filled = next(i for i in range(len(prompts)) if sum(map(len, prompts[:i + 1])) >= 128)
+    assert in_flight_at_add == [False] * (filled + 1) + [True] * (len(prompts) - filled - 1)
+
+
 def test_triton_backend_with_a_group_of_seven_query_heads(checkpoint_factory):
     """Qwen2.5-0.5B/7B share one KV head among 7 query heads: a group that is no power of two."""
     from nanovllm.kernels import triton_available

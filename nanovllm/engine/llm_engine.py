@@ -61,6 +61,7 @@ class LLMEngine:
         self.num_steps = 0
         self.last_step: ScheduledBatch | None = None    # the step launched last (progress bars, benchmarks)
         self.in_flight = None                # a step launched but not yet read back
+        self.tokens_added = 0                # prompt tokens added since a step was last launched
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "LLMEngine":
@@ -100,6 +101,7 @@ class LLMEngine:
                           prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
                           reported_tokens=[0] * params.n)
         self.requests[request_id] = request
+        self.tokens_added += len(token_ids)
         for seq in seqs:
             self.scheduler.add(seq)
         return request_id
@@ -141,11 +143,18 @@ class LLMEngine:
             self.in_flight = self._launch(self.scheduler.schedule())
         return advanced
 
+    def start_if_full(self) -> None:
+        """Launch a step now if none is in flight and the prompts added since the last one fill it:
+        the device runs it while the caller adds more requests (LLM.generate does, so that
+        admitting many prompts, tens of ms for a hundred long ones, does not keep it idle)."""
+        if self.in_flight is None and self.tokens_added >= self.config.max_num_batched_tokens:
+            self.in_flight = self._launch(self.scheduler.schedule())
+
     def _launch(self, batch: ScheduledBatch | None, after=None):
         if batch is None:
             return None
         self.num_steps += 1
-        self.last_step = batch
+        self.last_step, self.tokens_added = batch, 0
         return self.runner.launch(batch, self.eos_ids, after)
 
     def _finish(self, launched) -> list[Request]:
