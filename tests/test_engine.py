@@ -195,6 +195,11 @@ def test_generate_launches_the_first_step_while_it_still_adds_prompts(tiny_qwen3
     assert token_ids(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
     filled = next(i for i in range(len(prompts)) if sum(map(len, prompts[:i + 1])) >= 128)
     assert in_flight_at_add == [False] * (filled + 1) + [True] * (len(prompts) - filled - 1)
+    # A bad prompt after the first step was launched: refused, and the engine is left clean.
+    with pytest.raises(ValueError, match="out of vocabulary"):
+        llm.generate(prompts + [[10**9]], GREEDY, use_tqdm=False)
+    assert not engine.has_unfinished_requests()
+    assert token_ids(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
 
 
 def test_triton_backend_with_a_group_of_seven_query_heads(checkpoint_factory):
