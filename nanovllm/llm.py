@@ -57,7 +57,9 @@ class LLM:
         try:
             for prompt, p in zip(prompts, params):
                 request_id = str(next(self.request_counter))
-                engine.add_request(request_id, prompt, dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY))
+                final = p.clone()                       # (a copy without dataclasses.replace's checks again)
+                final.output_kind = RequestOutputKind.FINAL_ONLY
+                engine.add_request(request_id, prompt, final)
                 ids.append(request_id)
                 engine.start_if_full()
             return self._run(ids, use_tqdm)
