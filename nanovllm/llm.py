@@ -4,7 +4,6 @@
     outputs = llm.generate(["Hello, my name is"], SamplingParams(temperature=0.8, max_tokens=32))
     print(outputs[0].outputs[0].text)
 """
-import dataclasses
 import gc
 import itertools
 import time
@@ -57,7 +56,7 @@ class LLM:
         try:
             for prompt, p in zip(prompts, params):
                 request_id = str(next(self.request_counter))
-                final = p.clone()                       # (a copy without dataclasses.replace's checks again)
+                final = p.clone()                       # the caller's params stay as they are
                 final.output_kind = RequestOutputKind.FINAL_ONLY
                 engine.add_request(request_id, prompt, final)
                 ids.append(request_id)

@@ -249,7 +249,19 @@ def test_flags_and_output_kind_normalised():
     assert p.ignore_eos is True and p.detokenize is True and p.skip_special_tokens is False
     assert p.output_kind is RequestOutputKind.DELTA
     assert SamplingParams(output_kind=np.int64(2)).output_kind is RequestOutputKind.FINAL_ONLY
-    # what LLM.generate does to a caller's params: validated again, unchanged
+    # a copy through dataclasses.replace is validated again and keeps the normalised values
     import dataclasses
     q = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
     assert q.ignore_eos is True and q.output_kind is RequestOutputKind.FINAL_ONLY
+
+
+def test_clone_is_equal_and_owns_its_lists():
+    """The engine clones a request's params and fills them in (max_tokens); the caller's stay as
+    they were, lists included."""
+    p = SamplingParams(stop=["x"], stop_token_ids=[3], max_tokens=None, seed=1, output_kind=1)
+    q = p.clone()
+    assert q == p and q is not p
+    q.stop.append("y")
+    q.stop_token_ids.append(4)
+    q.max_tokens = 7
+    assert (p.stop, p.stop_token_ids, p.max_tokens) == (["x"], [3], None)
