@@ -6,14 +6,13 @@
 """
 import gc
 import itertools
-import time
 
-from tqdm.auto import tqdm
 
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.engine.request_checks import as_prompt_list, check_generate_args, check_no_lora
 from nanovllm.models.model_dir import generation_defaults
 from nanovllm.outputs import RequestOutput
+from nanovllm.progress import ProgressBar
 from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -67,9 +66,7 @@ class LLM:
             raise
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        engine, done = self.llm_engine, {}
-        bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
-        start, input_tokens, output_tokens = time.perf_counter(), 0, 0
+        engine, done, bar = self.llm_engine, {}, ProgressBar(len(ids), use_tqdm)
         # While it runs, what exists already (model, libraries, the caller's objects) is out of the
         # garbage collector's reach: a full collection mid-run would walk it all (230 ms once, in
         # a 5 s run of bench.py's workload on an H100: docs/benchmarks.md). unfreeze hands it back.
@@ -79,12 +76,7 @@ class LLM:
                 for out in engine.step():
                     if out.finished:
                         done[out.request_id] = out
-                        input_tokens += len(out.prompt_token_ids)
-                        output_tokens += sum(len(c.token_ids) for c in out.outputs)
-                        elapsed = time.perf_counter() - start
-                        bar.set_postfix_str(f"est. speed input: {input_tokens / elapsed:.0f} toks/s, "
-                                            f"output: {output_tokens / elapsed:.0f} toks/s", refresh=False)
-                        bar.update(1)
+                        bar.finished(out)
         finally:
             gc.unfreeze()
         bar.close()

@@ -161,3 +161,13 @@ def test_generate_keeps_older_objects_from_the_collector_only_while_it_runs(llm,
     llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
     assert frozen_during and min(frozen_during) > before
     assert gc.get_freeze_count() == before
+
+
+def test_progress_bar_counts_prompts_and_reports_token_rates(llm, capsys):
+    outs = llm.generate([[1, 2, 3], [4, 5]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    shown = capsys.readouterr().err.splitlines()[-1]
+    assert "Processed prompts: 100%" in shown and "2/2" in shown
+    tokens_in, tokens_out = (float(shown.split(f"{kind}: ")[1].split(" toks/s")[0]) for kind in ("input", "output"))
+    # both rates over the same elapsed time: 5 prompt and 6 output tokens, each rate rounded to a whole number
+    assert tokens_out > 0 and abs(6 * tokens_in - 5 * tokens_out) <= 6 * 0.5 + 5 * 0.5
+    assert len(outs) == 2

@@ -27,6 +27,7 @@ CORE = {
 SEAMS = {
     "host/device overlap (a step launched before the last is read back)": ["engine/overlap.py"],
     "incremental text (streamed outputs, stop strings)": ["engine/incremental_detokenizer.py"],
+    "generate's progress bar (tokens per second)": ["progress.py"],
     "CUDA graphs / CPU compile": ["engine/cuda_graphs.py", "engine/graph_inputs.py", "engine/cpu_compile.py"],
     "KV cache memory (sizing, profiling)": ["engine/kv_cache_memory.py"],
     "the CPU's dtype, float32 matmuls and batched attention": ["cpu_dtype.py", "layers/cpu_linear.py",
