@@ -7,7 +7,6 @@
 import gc
 import itertools
 
-
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.engine.request_checks import as_prompt_list, check_generate_args, check_no_lora
 from nanovllm.models.model_dir import generation_defaults
