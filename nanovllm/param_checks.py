@@ -98,7 +98,7 @@ def normalize_and_check(params) -> None:
         logger.warning("temperature %s is less than %s, which may cause numerical errors "
                        "nan or inf in tensors. We have maxed it out to %s.",
                        params.temperature, _MIN_TEMPERATURE, _MIN_TEMPERATURE)
-        params.temperature = max(params.temperature, _MIN_TEMPERATURE)
+        params.temperature = _MIN_TEMPERATURE
     if params.seed == -1:
         params.seed = None
     if params.stop is None:
