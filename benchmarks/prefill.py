@@ -3,6 +3,7 @@
     python benchmarks/prefill.py                                  # 128 x 4,000 tokens, Qwen3-0.6B shape
     python benchmarks/prefill.py --shape llama-3.2-1b --quantization fp8
     python benchmarks/prefill.py --profile                        # and where the GPU time goes
+    python benchmarks/prefill.py --text                           # prompts as text: tokenizing them is timed too
 
 FLOPs counted: 2 per active weight of the decoder layers per prompt token, causal attention
 (4 per head dimension per query-key pair: QK^T and PV over the n(n+1)/2 pairs of a prompt), and
@@ -41,14 +42,20 @@ def main() -> None:
     p.add_argument("--quantization", default=None)
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--flops", type=float, default=None, help="peak FLOP/s (default: the GPU's dense bf16, if known)")
+    p.add_argument("--text", action="store_true",
+                   help="pass the prompts as text (the random ids decoded), so that generate tokenizes them")
     p.add_argument("--profile", action="store_true", help="then profile one run: GPU time by kernel")
     args = p.parse_args()
 
-    llm = LLM(shape_checkpoint_dir(args.shape), load_format="dummy", max_model_len=args.input + 16,
+    # decoded text may tokenize to more tokens than the ids it came from: room for twice as many
+    max_model_len = 2 * args.input if args.text else args.input + 16
+    llm = LLM(shape_checkpoint_dir(args.shape), load_format="dummy", max_model_len=max_model_len,
               enable_prefix_caching=False, max_num_batched_tokens=args.max_num_batched_tokens,
               quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     rng = random.Random(0)
     prompts = [[rng.randint(0, 10000) for _ in range(args.input)] for _ in range(args.num_seqs)]
+    if args.text:
+        prompts = llm.get_tokenizer().batch_decode(prompts)
     params = SamplingParams(temperature=0, max_tokens=1)
     llm.generate(prompts[:8], params, use_tqdm=False)                          # warm-up
     times = []
@@ -59,9 +66,11 @@ def main() -> None:
         llm.generate(prompts, params, use_tqdm=False)
         times.append(time.perf_counter() - start)
     seconds = min(times)
-    flops = prefill_flops(llm.llm_engine.config.hf_config, [len(x) for x in prompts])
-    tokens = args.num_seqs * args.input
-    line = (f"prefill {args.num_seqs} x {args.input} tokens ({args.shape}, quantization {args.quantization}): "
+    lengths = [len(x) for x in llm.get_tokenizer()(prompts).input_ids] if args.text else [len(x) for x in prompts]
+    flops = prefill_flops(llm.llm_engine.config.hf_config, lengths)
+    tokens = sum(lengths)
+    line = (f"prefill {args.num_seqs} x {tokens / args.num_seqs:,.0f} tokens{' as text' if args.text else ''} "
+            f"({args.shape}, quantization {args.quantization}): "
             f"{seconds:.3f} s (best of 3), {tokens / seconds:,.0f} prompt tok/s, {flops / seconds / 1e12:.1f} TFLOP/s")
     peak = args.flops
     if peak is None and torch.cuda.is_available():

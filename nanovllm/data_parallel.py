@@ -3,7 +3,7 @@
     llm = LLM(model, data_parallel_size=2)                                   # local processes
     llm = LLM(model, data_parallel_size=2, distributed_executor_backend="ray")  # Ray actors
 
-`LLM.generate` drives an engine through add_request / start_if_full / step / abort_request /
+`LLM.generate` drives an engine through add_request / has_full_step / step / abort_request /
 has_unfinished_requests; this class has the same five, so generate, chat and the progress
 bar are unchanged. Each replica is a whole LLMEngine (with its own tensor-parallel ranks)
 in another process: a local one ("mp", nanovllm/replica_processes.py) or a Ray actor (nanovllm/ray.py).
@@ -237,8 +237,9 @@ class DataParallelEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.owner)
 
-    def start_if_full(self) -> None:
-        """(LLMEngine's launches a step early; replicas run theirs when step() sends them work.)"""
+    def has_full_step(self) -> bool:
+        """False: generate adds every prompt before it steps (replicas run when step() sends them work)."""
+        return False
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.owner)

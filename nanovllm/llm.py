@@ -49,29 +49,32 @@ class LLM:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         prompts, params = check_generate_args(prompts, sampling_params, lora_request, priority)
-        engine = self.llm_engine
-        ids = []
+        ids = [str(next(self.request_counter)) for _ in prompts]
         try:
-            for prompt, p in zip(prompts, params):
-                request_id = str(next(self.request_counter))
-                final = p.clone()                       # the caller's params stay as they are
-                final.output_kind = RequestOutputKind.FINAL_ONLY
-                engine.add_request(request_id, prompt, final)
-                ids.append(request_id)
-                engine.start_if_full()
-            return self._run(ids, use_tqdm)
+            return self._run(ids, self._add_requests(ids, prompts, params), use_tqdm)
         except BaseException:
-            engine.abort_request(ids)    # leave the engine clean for the next call
+            self.llm_engine.abort_request(ids)    # leave the engine clean for the next call
             raise
 
-    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _add_requests(self, ids: list[str], prompts, params):
+        """Add the requests; pause (yield) whenever the prompts added fill a step, so that _run
+        steps while the rest are still being tokenized and checked."""
+        for request_id, prompt, p in zip(ids, prompts, params):
+            final = p.clone()                           # the caller's params stay as they are
+            final.output_kind = RequestOutputKind.FINAL_ONLY
+            self.llm_engine.add_request(request_id, prompt, final)
+            if self.llm_engine.has_full_step():
+                yield
+
+    def _run(self, ids: list[str], adding, use_tqdm: bool) -> list[RequestOutput]:
         engine, done, bar = self.llm_engine, {}, ProgressBar(len(ids), use_tqdm)
         # While it runs, what exists already (model, libraries, the caller's objects) is out of the
         # garbage collector's reach: a full collection mid-run would walk it all (230 ms once, in
         # a 5 s run of bench.py's workload on an H100: docs/benchmarks.md). unfreeze hands it back.
         gc.freeze()
         try:
-            while engine.has_unfinished_requests():
+            # a step each time the requests being added fill one, then until every request is done
+            for _ in itertools.chain(adding, iter(engine.has_unfinished_requests, False)):
                 for out in engine.step():
                     if out.finished:
                         done[out.request_id] = out

@@ -181,20 +181,26 @@ def test_steps_are_pipelined(tiny_qwen3):
     assert engine.num_steps == 8           # the 8th token's step is never launched: max_tokens is known
 
 
-def test_generate_launches_the_first_step_while_it_still_adds_prompts(tiny_qwen3, prompts, expected):
-    """Once the prompts added fill a step (the token budget), generate launches it and adds the
-    rest while it runs; the tokens stay transformers'."""
+def test_generate_steps_each_time_the_prompts_it_adds_fill_a_step(tiny_qwen3, prompts, expected):
+    """Whenever the prompts added since the last launch fill a step (the token budget), generate
+    steps before adding the rest, so the device runs while it adds them; the tokens stay
+    transformers'."""
     llm = LLM(tiny_qwen3, device="cpu", max_num_batched_tokens=128, max_num_seqs=8)
-    engine, in_flight_at_add = llm.llm_engine, []
+    engine, steps_at_add = llm.llm_engine, []
     add_request = engine.add_request
 
     def recording_add_request(*args):
-        in_flight_at_add.append(engine.in_flight is not None)
+        steps_at_add.append(engine.num_steps)
         return add_request(*args)
     engine.add_request = recording_add_request
     assert token_ids(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
-    filled = next(i for i in range(len(prompts)) if sum(map(len, prompts[:i + 1])) >= 128)
-    assert in_flight_at_add == [False] * (filled + 1) + [True] * (len(prompts) - filled - 1)
+    wanted, steps, added = [], 0, 0
+    for prompt in prompts:
+        wanted.append(steps)
+        added += len(prompt)
+        if added >= 128:            # a step's worth: one step, then the count starts again
+            steps, added = steps + 1, 0
+    assert steps >= 2 and steps_at_add == wanted
     # A bad prompt after the first step was launched: refused, and the engine is left clean.
     with pytest.raises(ValueError, match="out of vocabulary"):
         llm.generate(prompts + [[10**9]], GREEDY, use_tqdm=False)

@@ -143,12 +143,11 @@ class LLMEngine:
             self.in_flight = self._launch(self.scheduler.schedule())
         return advanced
 
-    def start_if_full(self) -> None:
-        """Launch a step now if none is in flight and the prompts added since the last one fill it:
-        the device runs it while the caller adds more requests (LLM.generate does, so that
-        admitting many prompts, tens of ms for a hundred long ones, does not keep it idle)."""
-        if self.in_flight is None and self.tokens_added >= self.config.max_num_batched_tokens:
-            self.in_flight = self._launch(self.scheduler.schedule())
+    def has_full_step(self) -> bool:
+        """Do the prompts added since a step was last launched fill one? LLM.generate steps each
+        time they do, so that the device runs while it adds more (admitting a hundred long
+        prompts takes tens of ms, hundreds if they must be tokenized)."""
+        return self.tokens_added >= self.config.max_num_batched_tokens
 
     def _launch(self, batch: ScheduledBatch | None, after=None):
         if batch is None:
