@@ -52,3 +52,27 @@ def test_a_long_prompt_is_chunked_beside_running_decodes(tiny_qwen3):
             assert seq_a.is_finished or seq_a.num_output_tokens == before + 1
     assert [1, 23] in spans                      # a decode beside a 23-token chunk
     assert [outputs["a"], outputs["b"]] == hf_greedy(tiny_qwen3, [short, long_prompt], 12, True)
+
+
+def test_a_long_prompt_is_not_begun_with_a_short_head(tiny_qwen3):
+    """A long prompt for which a step has only a short head left (under an eighth of the budget)
+    waits a step and then runs whole; a shorter prompt still takes the chunk that is left."""
+    engine = LLMEngine.from_kwargs(tiny_qwen3, device="cpu", max_num_batched_tokens=64, max_num_seqs=4)
+    first, second = random_prompts(2, 60, 60, seed=11)
+    long_prompt, short = random_prompts(1, 40, 40, seed=12)[0], random_prompts(1, 7, 7, seed=13)[0]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    for request_id, prompt in (("first", first), ("long", long_prompt)):
+        engine.add_request(request_id, prompt, params)
+    spans, outputs = [], {}
+    while engine.has_unfinished_requests():
+        outputs.update((o.request_id, o.outputs[0].token_ids) for o in engine.step())
+        spans.append(engine.last_step.num_new_tokens)
+    assert spans[:2] == [[60], [1, 40]]          # not [60, 4] then [1, 36]
+    engine.add_request("second", second, params)
+    engine.add_request("short", short, params)  # 7 tokens, under an eighth of the budget: chunked
+    engine.step()
+    assert engine.last_step.num_new_tokens == [60, 4]
+    while engine.has_unfinished_requests():
+        outputs.update((o.request_id, o.outputs[0].token_ids) for o in engine.step())
+    prompts = [first, long_prompt, second, short]
+    assert [outputs[i] for i in ("first", "long", "second", "short")] == hf_greedy(tiny_qwen3, prompts, 4, True)

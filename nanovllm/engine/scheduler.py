@@ -5,7 +5,7 @@ first: one for a sequence that is decoding, the next chunk of its prompt for one
 is not fully computed yet. What is left of the step's token budget (`max_num_batched_tokens`)
 then admits waiting sequences, in order, while `max_num_seqs` allows and blocks can be
 allocated; the last one admitted may get only the first chunk of its prompt (chunked
-prefill). So a prompt that joins never stalls the decodes: they run in the same forward pass.
+prefill), unless that chunk would be a short head of a long prompt (`_short_head`). So a prompt that joins never stalls the decodes: they run in the same forward pass.
 When a running sequence's next token needs a block and none is free, the most recently
 admitted running sequence is preempted: its blocks are freed and it goes back to the front of
 the queue, to be recomputed (prompt + the tokens it had generated) when there is room again.
@@ -89,16 +89,24 @@ class Scheduler:
             seq = self.waiting[0]
             if not self.block_manager.allocate(seq):
                 break                             # no room yet: wait for running ones to finish
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if n < seq.num_tokens - seq.num_computed_tokens and not self.chunked_prefill:
+            rest = seq.num_tokens - seq.num_computed_tokens
+            n = min(rest, budget)
+            if n < rest and (not self.chunked_prefill or self._short_head(seq, n, rest)):
                 self.block_manager.free_blocks(seq)
-                break                             # no chunking: the whole prompt goes in a later step
+                break                             # the whole prompt (or a longer chunk) goes in a later step
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self._add(batch, seq, n)
             budget -= n
         return batch if batch.seqs else None
+
+    def _short_head(self, seq: Sequence, n: int, rest: int) -> bool:
+        """Would a long prompt with nothing computed begin with a head of under an eighth of the
+        budget? It then waits a step instead: the step ends no later for it (its rest would have
+        run then anyway), and its later chunks would attend over a cached context, which costs
+        more than a prompt's own attention (on CUDA: cuDNN's dense kernel, layers/attention_backends.py)."""
+        return seq.num_computed_tokens == 0 and n < self.max_num_batched_tokens // 8 <= rest
 
     def next_span(self, seq: Sequence, budget: int) -> int:
         """How many tokens a running sequence computes next: the rest of what is known of it
