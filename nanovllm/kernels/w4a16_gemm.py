@@ -58,6 +58,85 @@ def _unpack_value(words, J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _nibbles_f32(words):
+    """The 8 4-bit values q of each int32 word as exact float32s, in the order 0, 4, 1, 5, 2, 6, 3, 7,
+    the odd ones times 16. One LOP3 masks two values (one per 16-bit half) into the mantissas of two
+    float16 1024s (0x6400), one HSUB2 takes the 1024s off, and each is widened to float32 (HADD2.F32).
+    PTX, so a GPU only: 4 instructions for 2 values, against 3 a value for _unpack_value."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 lo, hi, s, c;
+        .reg .b16 a, b;
+        mov.b32 c, 0x64006400;
+        lop3.b32 lo, $8, 0x000F000F, 0x64006400, 0xEA;
+        sub.f16x2 lo, lo, c;
+        mov.b32 {a, b}, lo;
+        cvt.f32.f16 $0, a;
+        cvt.f32.f16 $1, b;
+        lop3.b32 hi, $8, 0x00F000F0, 0x64006400, 0xEA;
+        sub.f16x2 hi, hi, c;
+        mov.b32 {a, b}, hi;
+        cvt.f32.f16 $2, a;
+        cvt.f32.f16 $3, b;
+        shr.u32 s, $8, 8;
+        lop3.b32 lo, s, 0x000F000F, 0x64006400, 0xEA;
+        sub.f16x2 lo, lo, c;
+        mov.b32 {a, b}, lo;
+        cvt.f32.f16 $4, a;
+        cvt.f32.f16 $5, b;
+        lop3.b32 hi, s, 0x00F000F0, 0x64006400, 0xEA;
+        sub.f16x2 hi, hi, c;
+        mov.b32 {a, b}, hi;
+        cvt.f32.f16 $6, a;
+        cvt.f32.f16 $7, b;
+        }
+        """,
+        constraints="=r,=r,=r,=r,=r,=r,=r,=r,r", args=[words], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+
+
+@triton.jit
+def _word_dots(words, x_ptrs, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               WORDS: tl.constexpr):
+    """sum_j x[k_j] * q_j for each row and word ([BLOCK_M, BLOCK_N, WORDS]) and sum_j x[k_j] (the
+    mins' factor, [BLOCK_M, WORDS]); each value unpacked once for all the rows (_unpack_value)."""
+    dots = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
+    x_sum = tl.zeros([BLOCK_M, WORDS], dtype=tl.float32)
+    for j in tl.static_range(32 // BITS):
+        xj = tl.load(x_ptrs + j).to(tl.float32)               # x[k] for value j of each word
+        dots += _unpack_value(words, j, BITS)[None, :, :] * xj[:, None, :]
+        x_sum += xj
+    return dots, x_sum
+
+
+@triton.jit
+def _word_dots_f16(words, x_ptrs, BLOCK_M: tl.constexpr, WORDS: tl.constexpr):
+    """_word_dots for 4-bit values on a GPU, in fewer instructions: _nibbles_f32 unpacks them, the
+    odd ones times 16 (so x of those is taken / 16: exact), and x arrives in one load per row."""
+    xt = tl.load(x_ptrs[:, :, None] + tl.arange(0, 8)[None, None, :]).to(tl.float32)
+    # split the 8 features of each word: evens and odds, then by 4 apart (free: held in one thread)
+    xe, xo = tl.split(tl.reshape(xt, [BLOCK_M, WORDS, 4, 2]))
+    x04, x26 = tl.split(tl.reshape(xe, [BLOCK_M, WORDS, 2, 2]))
+    x15, x37 = tl.split(tl.reshape(xo, [BLOCK_M, WORDS, 2, 2]))
+    x0, x4 = tl.split(x04)
+    x2, x6 = tl.split(x26)
+    x1, x5 = tl.split(x15)
+    x3, x7 = tl.split(x37)
+    x_sum = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
+    x1, x3, x5, x7 = x1 * 0.0625, x3 * 0.0625, x5 * 0.0625, x7 * 0.0625
+    v0, v4, v1, v5, v2, v6, v3, v7 = _nibbles_f32(words)
+    dots = v0[None, :, :] * x0[:, None, :]
+    dots += v1[None, :, :] * x1[:, None, :]
+    dots += v2[None, :, :] * x2[:, None, :]
+    dots += v3[None, :, :] * x3[:, None, :]
+    dots += v4[None, :, :] * x4[:, None, :]
+    dots += v5[None, :, :] * x5[:, None, :]
+    dots += v6[None, :, :] * x6[:, None, :]
+    dots += v7[None, :, :] * x7[:, None, :]
+    return dots, x_sum
+
+
+@triton.jit
 def _finish_tile(acc, out_ptrs, mask, partials_ptr, offsets, partial_stride, counter_ptr, pid_k, split_k,
                  SPLIT: tl.constexpr):
     """Store a program's result: the output itself, or (SPLIT) its float32 partial at `offsets` in
@@ -85,6 +164,7 @@ def _w4a16_gemv_kernel(
     stride_xm, stride_qn, stride_sn, stride_mn, stride_om,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    HALF_UNPACK: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PACK
@@ -108,13 +188,10 @@ def _w4a16_gemv_kernel(
     # tl.range(num_stages=): loops without tl.dot are software-pipelined only when asked
     for k0 in tl.range(0, k_len, BLOCK_K, num_stages=NUM_STAGES):
         words = tl.load(w_ptrs)                                   # [BLOCK_N, WORDS]
-        dots = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
-        x_sum = tl.zeros([BLOCK_M, WORDS], dtype=tl.float32)
-        for j in tl.static_range(PACK):
-            xj = tl.load(x_ptrs + j).to(tl.float32)               # x[k] for value j of each word
-            # each weight unpacked once for all the program's rows
-            dots += _unpack_value(words, j, BITS)[None, :, :] * xj[:, None, :]
-            x_sum += xj
+        if HALF_UNPACK:
+            dots, x_sum = _word_dots_f16(words, x_ptrs, BLOCK_M, WORDS)
+        else:
+            dots, x_sum = _word_dots(words, x_ptrs, BITS, BLOCK_M, BLOCK_N, WORDS)
         group = (k_start + k0) // GROUP_SIZE                      # BLOCK_K divides GROUP_SIZE
         scale = tl.load(s_ptrs + group).to(tl.float32)
         low = tl.load(m_ptrs + group).to(tl.float32)
@@ -243,6 +320,10 @@ def default_split_k(programs: int, k_steps: int, device: torch.device, per_sm: i
 GEMV_MAX_ROWS = 8
 GEMV_BLOCK_M = 8
 GEMV_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "split_per_sm": 2}
+# On a GPU, 4-bit values through float16 (_word_dots_f16) for programs of up to this many rows. Its
+# loop in sm_90 SASS (GEMV_CONFIG): 365 against 429 instructions at 1 row, 475 / 557 at 2, 702 / 778
+# at 4, but 1,176 / 1,118 at 8 (each row's share of x outweighs the cheaper unpacking there).
+HALF_UNPACK_MAX_ROWS = 4
 # The tensor-core kernel, by the rows it is given (first entry whose max_rows >= M). BLOCK_M is at
 # least 16 (tl.dot's smallest); a wide BLOCK_N spreads the unpacking of a word over more columns.
 DOT_CONFIGS = [
@@ -296,7 +377,8 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
     features per group (its groups contiguous), unless g_idx [K] gives each feature's group.
     `split_k`: K ranges summed at the end (default: enough programs to fill the GPU).
     `config` overrides the defaults (for tuning): GEMV (the CUDA-core kernel, if the groups allow
-    it), BLOCK_M (tensor-core kernel only), BLOCK_N, BLOCK_K, num_warps, num_stages, split_per_sm.
+    it), BLOCK_M (tensor-core kernel only), BLOCK_N, BLOCK_K, num_warps, num_stages, split_per_sm,
+    HALF_UNPACK (the CUDA-core kernel's float16 unpacking of 4-bit values, on a GPU).
     """
     M, K = x.shape
     N = qweight.shape[0]
@@ -341,7 +423,8 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
             M, N, K, k_per_split, split_k,
             x.stride(0), qweight.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
             BITS=bits, GROUP_SIZE=group_size, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"],
+            NUM_STAGES=cfg["num_stages"], HALF_UNPACK=cfg.get("HALF_UNPACK", block_m <= HALF_UNPACK_MAX_ROWS)
+            and bits == 4 and x.is_cuda, num_warps=cfg["num_warps"],
         )
     else:
         _w4a16_dot_kernel[grid](

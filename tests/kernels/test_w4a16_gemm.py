@@ -130,7 +130,8 @@ def _launch_w4a16_variants():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the compiler from the CPU interpreter's recordings")
 def test_w4a16_gemm_compiles_for_sm90(monkeypatch):
-    """Both kernels' launches (float16 and bfloat16, 4 and 8 bits, split-K, g_idx) compile for Hopper."""
+    """Both kernels' launches (float16 and bfloat16, 4 and 8 bits, split-K, g_idx, the GEMV's float16
+    unpacking) compile for Hopper."""
     import json
     import os
     import subprocess
@@ -139,6 +140,9 @@ def test_w4a16_gemm_compiles_for_sm90(monkeypatch):
     from tests.kernels import test_compile_for_gpu as compile_check
     monkeypatch.setattr(compile_check, "_launch_all_kernels", _launch_w4a16_variants)
     launches = compile_check._record_launches(monkeypatch)
+    # the float16 unpacking runs on a GPU only (PTX): compile the 4-bit GEMV launches with it too
+    launches += [dict(launch, constexprs={**launch["constexprs"], "HALF_UNPACK": True}) for launch in launches
+                 if launch["name"] == "_w4a16_gemv_kernel" and launch["constexprs"]["BITS"] == 4]
     names = [launch["name"] for launch in launches]
     assert names.count("_w4a16_gemv_kernel") >= 4 and names.count("_w4a16_dot_kernel") >= 6, names
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
