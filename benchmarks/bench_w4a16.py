@@ -3,6 +3,7 @@ the packed weights, beside torch's bf16 matmul of the same layer.
 
     python benchmarks/bench_w4a16.py            # Llama-3.2-1B's four linears, 1-16 rows, group 128
     python benchmarks/bench_w4a16.py --sweep    # also try a grid of kernel settings (~2-3 minutes)
+    python benchmarks/bench_w4a16.py --half-unpack-max-rows 4   # the GEMV's float16 unpacking up to 4 rows
     python benchmarks/bench_w4a16.py --model smollm2-135m --rows 1 5
                                                 # the demo model's linears (group 32, as its Q4_1 GGUF);
                                                 # 5 rows: a verifying step of k = 4 proposals
@@ -213,15 +214,20 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS), help="rows of the table")
     parser.add_argument("--gemv-max-rows", type=int, default=None,
                         help="the table with the CUDA-core kernel up to this many rows")
+    parser.add_argument("--half-unpack-max-rows", type=int, default=None,
+                        help="the CUDA-core kernel's float16 unpacking in programs of up to this many rows")
     args = parser.parse_args()
     global LAYERS, GROUP
     LAYERS, GROUP = MODELS[args.model]
     if args.gemv_max_rows is not None:
         kernel_module.set_gemv_max_rows(args.gemv_max_rows)
+    if args.half_unpack_max_rows is not None:
+        kernel_module.set_half_unpack_max_rows(args.half_unpack_max_rows)
     torch.manual_seed(0)
     copy = copy_bandwidth()
     print(f"{torch.cuda.get_device_name(0)}: device-to-device copy {copy / 1e12:.2f} TB/s")
-    print(f"{args.model}'s linears, group {GROUP}, the CUDA-core kernel up to {kernel_module.GEMV_MAX_ROWS} rows")
+    print(f"{args.model}'s linears, group {GROUP}, the CUDA-core kernel up to {kernel_module.GEMV_MAX_ROWS} rows, "
+          f"its float16 unpacking up to {kernel_module.HALF_UNPACK_MAX_ROWS}")
     table(copy, args.rows)
     if args.sweep:
         print()

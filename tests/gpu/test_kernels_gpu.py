@@ -229,3 +229,26 @@ def test_sampling_thresholds_gpu_bf16():
     ours = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) >= keys[:, None]
     assert ((ours != kept).sum(-1) <= 1).all(), (ours.sum(-1).tolist(), kept.sum(-1).tolist())
     assert (kept.sum(-1) > 1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_w4a16_gemv_float16_unpacking_is_exact(dtype, group_size, rows):
+    """The GEMV's float16 unpacking (PTX) gives the same products in the same order as the plain
+    one, so the same output bit for bit; and both are the dequantized matmul's."""
+    from nanovllm.kernels.w4a16_gemm import w4a16_gemm
+    from nanovllm.quantization.int_linear import dequantize
+    from nanovllm.quantization.packing import pack_int32
+    gen = torch.Generator().manual_seed(rows)
+    n, k = 3072, 2048
+    qweight = pack_int32(torch.randint(0, 16, (n, k), generator=gen), 4, dim=1).cuda()
+    scales = (torch.rand(n, k // group_size, generator=gen) * 0.02 + 0.005).to("cuda", dtype)
+    mins = (torch.randn(n, k // group_size, generator=gen) * 0.05).to("cuda", dtype)
+    x = torch.randn(rows, k, generator=gen).to("cuda", dtype)
+    expected = x.float() @ dequantize(qweight, scales, mins, 4, group_size).float().t()
+    for split_k in (1, 3, None):
+        plain, half = (w4a16_gemm(x, qweight, scales, mins, 4, group_size, split_k=split_k,
+                                  config={"GEMV": True, "HALF_UNPACK": h}) for h in (False, True))
+        assert torch.equal(half, plain)
+        assert rel_err(half, expected) < TOL[dtype]
