@@ -5,7 +5,8 @@ first: one for a sequence that is decoding, the next chunk of its prompt for one
 is not fully computed yet. What is left of the step's token budget (`max_num_batched_tokens`)
 then admits waiting sequences, in order, while `max_num_seqs` allows and blocks can be
 allocated; the last one admitted may get only the first chunk of its prompt (chunked
-prefill), unless that chunk would be a short head of a long prompt (`_short_head`). So a prompt that joins never stalls the decodes: they run in the same forward pass.
+prefill), unless that would be a short head of a long prompt (`_short_head`). So a prompt that
+joins never stalls the decodes: they run in the same forward pass.
 When a running sequence's next token needs a block and none is free, the most recently
 admitted running sequence is preempted: its blocks are freed and it goes back to the front of
 the queue, to be recomputed (prompt + the tokens it had generated) when there is room again.
@@ -103,9 +104,9 @@ class Scheduler:
 
     def _short_head(self, seq: Sequence, n: int, rest: int) -> bool:
         """Would a long prompt with nothing computed begin with a head of under an eighth of the
-        budget? It then waits a step instead: the step ends no later for it (its rest would have
-        run then anyway), and its later chunks would attend over a cached context, which costs
-        more than a prompt's own attention (on CUDA: cuDNN's dense kernel, layers/attention_backends.py)."""
+        budget? It then waits for a step with more room (usually the next, which its rest would
+        have needed anyway): its later chunks would attend over a cached context, which costs more
+        than a prompt's own attention (on CUDA: cuDNN's dense kernel, layers/attention_backends.py)."""
         return seq.num_computed_tokens == 0 and n < self.max_num_batched_tokens // 8 <= rest
 
     def next_span(self, seq: Sequence, budget: int) -> int:
