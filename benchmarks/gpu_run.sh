@@ -35,6 +35,11 @@ for step in "$@"; do
              done | tee "$LOG_DIR/fp8prefill.txt" ;;
     w4rows)  for r in 1 8; do timeout 60 python benchmarks/bench_w4a16.py --model smollm2-135m --rows 1 2 4 5 8 \
                --gemv-max-rows $r 2>&1 | tee -a "$LOG_DIR/w4rows.txt"; done ;;
+    w4half)  timeout 120 python -m pytest -q tests/gpu/test_kernels_gpu.py -k float16_unpacking 2>&1 | tail -3 | tee "$LOG_DIR/w4half.txt"
+             for r in 0 4; do timeout 60 python benchmarks/bench_w4a16.py --rows 1 2 4 8 --half-unpack-max-rows $r 2>&1 \
+               | tee -a "$LOG_DIR/w4half.txt"; done
+             for r in 0 4 0 4; do timeout 60 python benchmarks/single_request.py --shape llama-3.2-1b-gptq --new-tokens 128 \
+               --half-unpack-max-rows $r 2>&1 | grep ms/token | sed "s/^/float16 unpacking to $r rows: /" | tee -a "$LOG_DIR/w4half.txt"; done ;;
     specstep) timeout 120 python benchmarks/spec_step_profile.py --shape smollm2-135m-gptq --top 0 --gpu-profile 2>&1 \
                | grep -v Warning | tee "$LOG_DIR/specstep.txt" ;;
     specphases) timeout 120 python benchmarks/spec_step_profile.py --shape smollm2-135m-gptq -k 7 --top 0 --phases 2>&1 \
