@@ -18,7 +18,7 @@ limit. Both kernels therefore:
 Two kernels, picked by the number of rows (see `_config`):
 * `_w4a16_gemv_kernel`, for a few rows: no tensor cores. Each program takes up to 8 rows and
   BLOCK_N columns; value j of every word is shifted out as a float with the bit trick in
-  `_unpack_value` once, and multiplied by x[k] of each row in float32 (one program a row
+  `unpack_value` (int_unpack.py) once, and multiplied by x[k] of each row in float32 (one program a row
   unpacked every weight once per row: a verifying step's 8 rows cost 1.5x a decode step).
 * `_w4a16_dot_kernel`, for more rows: the integers, unpacked with the same trick, go to the
   tensor cores as the activations' dtype (exact: 0..255) and tl.dot sums them against x. With
@@ -36,104 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _unpack_value(words, J: tl.constexpr, BITS: tl.constexpr):
-    """Value J of each int32 word as an exact float32, with two integer-free float ops.
-
-    The value's bits are masked in place into the mantissa of 1.0 (0x3F800000), giving
-    1 + q * 2^(pos - 23); times 2^(23 - pos) minus 2^(23 - pos) is then q exactly (one fused
-    multiply-add). The upper half of the word is shifted down first so that every value sits
-    below bit 16, inside the 23-bit mantissa.
-    """
-    HALF: tl.constexpr = 16 // BITS
-    POS: tl.constexpr = (J % HALF) * BITS
-    UNIT: tl.constexpr = float(1 << (23 - POS))
-    if J < HALF:
-        src = words
-    else:
-        src = words >> 16
-    mantissa = (src & (((1 << BITS) - 1) << POS)) | 0x3F800000
-    return mantissa.to(tl.float32, bitcast=True) * UNIT - UNIT
-
-
-@triton.jit
-def _nibbles_f32(words):
-    """The 8 4-bit values q of each int32 word as exact float32s, in the order 0, 4, 1, 5, 2, 6, 3, 7,
-    the odd ones times 16. One LOP3 masks two values (one per 16-bit half) into the mantissas of two
-    float16 1024s (0x6400), one HSUB2 takes the 1024s off, and each is widened to float32 (HADD2.F32).
-    PTX, so a GPU only: 4 instructions for 2 values, against 3 a value for _unpack_value."""
-    return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 lo, hi, s, c;
-        .reg .b16 a, b;
-        mov.b32 c, 0x64006400;
-        lop3.b32 lo, $8, 0x000F000F, 0x64006400, 0xEA;
-        sub.f16x2 lo, lo, c;
-        mov.b32 {a, b}, lo;
-        cvt.f32.f16 $0, a;
-        cvt.f32.f16 $1, b;
-        lop3.b32 hi, $8, 0x00F000F0, 0x64006400, 0xEA;
-        sub.f16x2 hi, hi, c;
-        mov.b32 {a, b}, hi;
-        cvt.f32.f16 $2, a;
-        cvt.f32.f16 $3, b;
-        shr.u32 s, $8, 8;
-        lop3.b32 lo, s, 0x000F000F, 0x64006400, 0xEA;
-        sub.f16x2 lo, lo, c;
-        mov.b32 {a, b}, lo;
-        cvt.f32.f16 $4, a;
-        cvt.f32.f16 $5, b;
-        lop3.b32 hi, s, 0x00F000F0, 0x64006400, 0xEA;
-        sub.f16x2 hi, hi, c;
-        mov.b32 {a, b}, hi;
-        cvt.f32.f16 $6, a;
-        cvt.f32.f16 $7, b;
-        }
-        """,
-        constraints="=r,=r,=r,=r,=r,=r,=r,=r,r", args=[words], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-
-
-@triton.jit
-def _word_dots(words, x_ptrs, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               WORDS: tl.constexpr):
-    """sum_j x[k_j] * q_j for each row and word ([BLOCK_M, BLOCK_N, WORDS]) and sum_j x[k_j] (the
-    mins' factor, [BLOCK_M, WORDS]); each value unpacked once for all the rows (_unpack_value)."""
-    dots = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
-    x_sum = tl.zeros([BLOCK_M, WORDS], dtype=tl.float32)
-    for j in tl.static_range(32 // BITS):
-        xj = tl.load(x_ptrs + j).to(tl.float32)               # x[k] for value j of each word
-        dots += _unpack_value(words, j, BITS)[None, :, :] * xj[:, None, :]
-        x_sum += xj
-    return dots, x_sum
-
-
-@triton.jit
-def _word_dots_f16(words, x_ptrs, BLOCK_M: tl.constexpr, WORDS: tl.constexpr):
-    """_word_dots for 4-bit values on a GPU, in fewer instructions: _nibbles_f32 unpacks them, the
-    odd ones times 16 (so x of those is taken / 16: exact), and x arrives in one load per row."""
-    xt = tl.load(x_ptrs[:, :, None] + tl.arange(0, 8)[None, None, :]).to(tl.float32)
-    # split the 8 features of each word: evens and odds, then by 4 apart (free: held in one thread)
-    xe, xo = tl.split(tl.reshape(xt, [BLOCK_M, WORDS, 4, 2]))
-    x04, x26 = tl.split(tl.reshape(xe, [BLOCK_M, WORDS, 2, 2]))
-    x15, x37 = tl.split(tl.reshape(xo, [BLOCK_M, WORDS, 2, 2]))
-    x0, x4 = tl.split(x04)
-    x2, x6 = tl.split(x26)
-    x1, x5 = tl.split(x15)
-    x3, x7 = tl.split(x37)
-    x_sum = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
-    x1, x3, x5, x7 = x1 * 0.0625, x3 * 0.0625, x5 * 0.0625, x7 * 0.0625
-    v0, v4, v1, v5, v2, v6, v3, v7 = _nibbles_f32(words)
-    dots = v0[None, :, :] * x0[:, None, :]
-    dots += v1[None, :, :] * x1[:, None, :]
-    dots += v2[None, :, :] * x2[:, None, :]
-    dots += v3[None, :, :] * x3[:, None, :]
-    dots += v4[None, :, :] * x4[:, None, :]
-    dots += v5[None, :, :] * x5[:, None, :]
-    dots += v6[None, :, :] * x6[:, None, :]
-    dots += v7[None, :, :] * x7[:, None, :]
-    return dots, x_sum
+from nanovllm.kernels.int_unpack import word_dots, word_dots_f16
 
 
 @triton.jit
@@ -189,9 +92,9 @@ def _w4a16_gemv_kernel(
     for k0 in tl.range(0, k_len, BLOCK_K, num_stages=NUM_STAGES):
         words = tl.load(w_ptrs)                                   # [BLOCK_N, WORDS]
         if HALF_UNPACK:
-            dots, x_sum = _word_dots_f16(words, x_ptrs, BLOCK_M, WORDS)
+            dots, x_sum = word_dots_f16(words, x_ptrs, BLOCK_M, WORDS)
         else:
-            dots, x_sum = _word_dots(words, x_ptrs, BITS, BLOCK_M, BLOCK_N, WORDS)
+            dots, x_sum = word_dots(words, x_ptrs, BITS, BLOCK_M, BLOCK_N, WORDS)
         group = (k_start + k0) // GROUP_SIZE                      # BLOCK_K divides GROUP_SIZE
         scale = tl.load(s_ptrs + group).to(tl.float32)
         low = tl.load(m_ptrs + group).to(tl.float32)
@@ -226,7 +129,7 @@ def _w4a16_dot_kernel(
     safe_cols = tl.minimum(cols, N - 1)                           # the last tile re-reads column N-1
     words_k = tl.arange(0, BLOCK_K // PACK)                       # the step's words along K
     shifts = (tl.arange(0, PACK) * BITS)[None, :, None]           # [1, PACK, 1]
-    value = tl.arange(0, PACK)                                    # _unpack_value's constants, per value
+    value = tl.arange(0, PACK)                                    # unpack_value's constants, per value
     low_half = (value < 16 // BITS)[None, :, None]
     positions = (value % (16 // BITS)) * BITS
     fields = (((1 << BITS) - 1) << positions)[None, :, None]
@@ -260,7 +163,7 @@ def _w4a16_dot_kernel(
             else:
                 acc += tl.dot(x, w)
         else:               # one group per step: integers into the dot, scale and min after it
-            # (as _unpack_value, for all PACK values at once: a plain int -> float conversion is a
+            # (as unpack_value, for all PACK values at once: a plain int -> float conversion is a
             # quarter-rate instruction on Hopper, the mantissa trick two full-rate ones)
             mantissa = tl.where(low_half, words[:, None, :], words[:, None, :] >> 16) & fields | 0x3F800000
             q = mantissa.to(tl.float32, bitcast=True) * units - units
@@ -320,7 +223,7 @@ def default_split_k(programs: int, k_steps: int, device: torch.device, per_sm: i
 GEMV_MAX_ROWS = 8
 GEMV_BLOCK_M = 8
 GEMV_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "split_per_sm": 2}
-# On a GPU, 4-bit values through float16 (_word_dots_f16) for programs of up to this many rows. Its
+# On a GPU, 4-bit values through float16 (word_dots_f16) for programs of up to this many rows. Its
 # loop in sm_90 SASS (GEMV_CONFIG): 365 against 429 instructions at 1 row, 475 / 557 at 2, 702 / 778
 # at 4, but 1,176 / 1,118 at 8 (each row's share of x outweighs the cheaper unpacking there). Off (0)
 # until timed on a GPU: benchmarks/bench_w4a16.py and single_request.py take --half-unpack-max-rows.
