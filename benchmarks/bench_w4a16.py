@@ -4,6 +4,7 @@ the packed weights, beside torch's bf16 matmul of the same layer.
     python benchmarks/bench_w4a16.py            # Llama-3.2-1B's four linears, 1-16 rows, group 128
     python benchmarks/bench_w4a16.py --sweep    # also try a grid of kernel settings (~2-3 minutes)
     python benchmarks/bench_w4a16.py --half-unpack-max-rows 4   # the GEMV's float16 unpacking up to 4 rows
+    python benchmarks/bench_w4a16.py --model llama-3.1-8b       # an 8B model's larger linears
     python benchmarks/bench_w4a16.py --model smollm2-135m --rows 1 5
                                                 # the demo model's linears (group 32, as its Q4_1 GGUF);
                                                 # 5 rows: a verifying step of k = 4 proposals
@@ -35,6 +36,9 @@ from bench_kernels import copy_bandwidth     # benchmarks/, this script's folder
 MODELS = {
     "llama-3.2-1b": ([("qkv_proj", 3072, 2048), ("o_proj", 2048, 2048), ("gate_up_proj", 16384, 2048),
                       ("down_proj", 2048, 8192)], 128),
+    # Llama-3.1-8B's: large enough that a launch's fixed cost (a few us) no longer hides the bandwidth
+    "llama-3.1-8b": ([("qkv_proj", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up_proj", 28672, 4096),
+                      ("down_proj", 4096, 14336)], 128),
     "smollm2-135m": ([("qkv_proj", 960, 576), ("o_proj", 576, 576), ("gate_up_proj", 3072, 576),
                       ("down_proj", 576, 1536)], 32),
 }

@@ -36,8 +36,8 @@ for step in "$@"; do
     w4rows)  for r in 1 8; do timeout 60 python benchmarks/bench_w4a16.py --model smollm2-135m --rows 1 2 4 5 8 \
                --gemv-max-rows $r 2>&1 | tee -a "$LOG_DIR/w4rows.txt"; done ;;
     w4half)  timeout 120 python -m pytest -q tests/gpu/test_kernels_gpu.py -k float16_unpacking 2>&1 | tail -3 | tee "$LOG_DIR/w4half.txt"
-             for r in 0 4; do timeout 60 python benchmarks/bench_w4a16.py --rows 1 2 4 8 --half-unpack-max-rows $r 2>&1 \
-               | tee -a "$LOG_DIR/w4half.txt"; done
+             for m in llama-3.2-1b llama-3.1-8b; do for r in 0 4; do timeout 60 python benchmarks/bench_w4a16.py --model $m \
+               --rows 1 2 4 8 --half-unpack-max-rows $r 2>&1 | tee -a "$LOG_DIR/w4half.txt"; done; done
              for r in 0 4 0 4; do timeout 60 python benchmarks/single_request.py --shape llama-3.2-1b-gptq --new-tokens 128 \
                --half-unpack-max-rows $r 2>&1 | grep ms/token | sed "s/^/float16 unpacking to $r rows: /" | tee -a "$LOG_DIR/w4half.txt"; done ;;
     specstep) timeout 120 python benchmarks/spec_step_profile.py --shape smollm2-135m-gptq --top 0 --gpu-profile 2>&1 \
