@@ -1,10 +1,12 @@
 """What `generate` returns: vLLM's RequestOutput / CompletionOutput / Logprob.
 
 Both output classes also answer `output["text"]` and `output["token_ids"]`, as nano-vllm's
-plain dicts did, so scripts written for either project run unchanged.
+plain dicts did (nano_vllm_compat.py), so scripts written for either project run unchanged.
 """
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from nanovllm.nano_vllm_compat import FirstCompletionItems, ItemAccess
 
 
 @dataclass
@@ -19,17 +21,8 @@ SampleLogprobs = Sequence[dict[int, Logprob]]
 PromptLogprobs = list[dict[int, Logprob] | None]   # one per prompt token; the first is None
 
 
-class _ItemAccess:
-    """`obj["text"]` reads `obj.text` (nano-vllm returned dicts)."""
-
-    def __getitem__(self, key: str):
-        if not isinstance(key, str) or not hasattr(self, key):
-            raise KeyError(key)
-        return getattr(self, key)
-
-
 @dataclass
-class CompletionOutput(_ItemAccess):
+class CompletionOutput(ItemAccess):
     index: int
     text: str
     token_ids: list[int]
@@ -43,7 +36,7 @@ class CompletionOutput(_ItemAccess):
 
 
 @dataclass
-class RequestOutput(_ItemAccess):
+class RequestOutput(FirstCompletionItems):
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -53,11 +46,3 @@ class RequestOutput(_ItemAccess):
     num_cached_tokens: int = 0
     metrics: object = field(default=None, repr=False)
 
-    # nano-vllm's dict had the first completion's text and ids at the top level.
-    @property
-    def text(self) -> str:
-        return self.outputs[0].text
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.outputs[0].token_ids

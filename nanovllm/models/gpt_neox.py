@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.layers.activation import GELU_APPROXIMATIONS
 from nanovllm.layers.attention import Attention, AttentionMetadata
 from nanovllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from nanovllm.layers.gelu import Gelu
 from nanovllm.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.layers.rotary import RotaryEmbedding
 
@@ -34,23 +34,8 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
-class Gelu(nn.Module):
-    """The plain (ungated) MLP's activation (GPT-NeoX)."""
-
-    def __init__(self, approximate: str = "none"):
-        super().__init__()
-        self.approximate = approximate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x, approximate=self.approximate)
-
-
 def activation(name: str) -> nn.Module:
-    if name in GELU_APPROXIMATIONS:
-        return Gelu(GELU_APPROXIMATIONS[name])
-    if name in ("silu", "swish"):
-        return nn.SiLU()
-    raise ValueError(f"hidden_act {name!r} is not supported (supported: silu, {', '.join(GELU_APPROXIMATIONS)}).")
+    return nn.SiLU() if name in ("silu", "swish") else Gelu(name)
 
 
 class InterleavedQKVLinear(QKVParallelLinear):
