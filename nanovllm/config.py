@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from nanovllm.config_checks import DTYPES, UnknownArgumentError, check_against_model, check_arguments
+from nanovllm.cpu_dtype import auto_dtype
 
 
 @dataclass
@@ -112,17 +113,5 @@ def load_hf_config(model_dir: str, trust_remote_code: bool = False):
 
 
 def resolve_dtype(dtype: str, hf_config, device: str) -> torch.dtype:
-    """"auto" is the checkpoint's dtype (`dtype` in transformers 5, `torch_dtype` in 4.x); for a
-    float32 one on a GPU (a GGUF file's config says float32), float16 as vLLM does, but bfloat16
-    for Gemma 3, whose activations overflow float16; on a CPU, what cpu_dtype.py picks for it."""
-    if dtype != "auto":
-        return DTYPES[dtype]
-    saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32"
-    if isinstance(saved, str):
-        saved = DTYPES.get(saved, torch.float32)
-    if device == "cpu":
-        from nanovllm.cpu_dtype import cpu_auto_dtype
-        return cpu_auto_dtype(saved, hf_config)
-    if saved != torch.float32:
-        return saved
-    return torch.bfloat16 if getattr(hf_config, "model_type", None) in ("gemma3", "gemma3_text") else torch.float16
+    """An explicit dtype as asked; "auto" from the checkpoint's (cpu_dtype.py)."""
+    return auto_dtype(hf_config, device) if dtype == "auto" else DTYPES[dtype]

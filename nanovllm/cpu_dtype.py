@@ -1,4 +1,6 @@
-"""The dtype `dtype="auto"` picks on a CPU (docs/cpu.md says why):
+"""The dtype `dtype="auto"` picks. The checkpoint's (`dtype` in transformers 5, `torch_dtype` in
+4.x) on a GPU, but for a float32 one (a GGUF file's config says float32) float16 as vLLM does,
+or bfloat16 for Gemma 3, whose activations overflow float16. On a CPU (docs/cpu.md says why):
 - 4-bit integer weights run in float32: their matmuls are bfloat16 inside torch's int4 kernel
   anyway, and the rest stays exact;
 - another 16-bit or quantized checkpoint (a GGUF file's included) in bfloat16 where the CPU has
@@ -6,6 +8,19 @@
 - a float32 checkpoint stays float32.
 """
 import torch
+
+from nanovllm.config_checks import DTYPES
+
+
+def auto_dtype(hf_config, device: str) -> torch.dtype:
+    saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32"
+    if isinstance(saved, str):
+        saved = DTYPES.get(saved, torch.float32)
+    if device == "cpu":
+        return cpu_auto_dtype(saved, hf_config)
+    if saved != torch.float32:
+        return saved
+    return torch.bfloat16 if getattr(hf_config, "model_type", None) in ("gemma3", "gemma3_text") else torch.float16
 
 
 def cpu_auto_dtype(saved: torch.dtype, hf_config) -> torch.dtype:

@@ -30,7 +30,7 @@ SEAMS = {
     "generate's progress bar (tokens per second)": ["progress.py"],
     "CUDA graphs / CPU compile": ["engine/cuda_graphs.py", "engine/graph_inputs.py", "engine/cpu_compile.py"],
     "KV cache memory (sizing, profiling)": ["engine/kv_cache_memory.py"],
-    "the CPU's dtype, float32 matmuls and batched attention": ["cpu_dtype.py", "layers/cpu_linear.py",
+    "the auto dtype (CPU, float32 checkpoints); the CPU's float32 matmuls and batched attention": ["cpu_dtype.py", "layers/cpu_linear.py",
                                                                "layers/cpu_attention.py"],
     "Triton kernels": ["kernels/*.py", "layers/fusion.py", "layers/attention_backends.py", "layers/fused_sampling.py",
                        "!kernels/reference.py"],
