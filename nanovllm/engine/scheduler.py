@@ -17,9 +17,8 @@ computes that token, which the step reads on the device. Such a step leaves out 
 the token in flight ends by length; one that it ends by EOS or a stop string computes a token
 in vain. (The engine schedules ahead only where no preemption is needed: engine/overlap.py.)
 
-With speculative decoding (nanovllm/spec_decode/) a decoding sequence may carry proposed
-tokens (`seq.spec_token_ids`): its span is then its newest token followed by them, 1 + k
-positions, as far as the budget and the free blocks allow (proposals never preempt).
+With speculative decoding a decoding sequence may carry proposed tokens (`seq.spec_token_ids`):
+its span is then its newest token followed by them (spec_decode/scheduler.py fits them in).
 """
 from collections import deque
 from dataclasses import dataclass, field
@@ -58,7 +57,6 @@ class Scheduler:
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
         self.chunked_prefill = config.enable_chunked_prefill
-        self.speculative = config.speculative_config is not None
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -74,7 +72,6 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status != SequenceStatus.RUNNING:
                 continue                          # preempted earlier in this loop
-            self._fit_proposals(seq, budget)
             n = self.next_span(seq, budget)
             if n == 0:
                 continue
@@ -118,15 +115,6 @@ class Scheduler:
             return 0
         return max(0, min(known - seq.num_computed_tokens, budget))
 
-    def _fit_proposals(self, seq: Sequence, budget: int) -> None:
-        """Speculative decoding: a decoding sequence's proposed tokens ride along where they fit
-        (within the token budget and the free blocks); they never cause a preemption."""
-        if not seq.spec_token_ids:
-            return
-        del seq.spec_token_ids[max(budget - 1, 0):]
-        if not self.block_manager.can_append(seq, seq.num_computed_tokens + 1 + len(seq.spec_token_ids)):
-            seq.spec_token_ids.clear()
-
     def _add(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
         start, end, known = seq.num_computed_tokens, seq.num_computed_tokens + n, seq.num_tokens
         # Full blocks of known tokens are offered to the prefix cache now: this step writes
@@ -137,8 +125,6 @@ class Scheduler:
         batch.starts.append(start)
         batch.num_new_tokens.append(n)
         batch.samples.append(samples)
-        if self.speculative:
-            batch.proposed.append(list(seq.spec_token_ids))
         batch.from_device.append(start == known)      # the token in flight is its input
         seq.num_computed_tokens = end
         seq.num_in_flight += samples
@@ -146,7 +132,6 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free_blocks(seq)
-        seq.spec_token_ids = []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -3,6 +3,7 @@ tokens for the running sequences and then verifies them in one forward pass (ver
 from nanovllm.config import EngineConfig
 from nanovllm.engine.llm_engine import LLMEngine, Request
 from nanovllm.outputs import RequestOutput
+from nanovllm.spec_decode.scheduler import SpeculativeScheduler
 from nanovllm.spec_decode.speculator import Speculator
 
 
@@ -12,6 +13,7 @@ class SpeculativeEngine(LLMEngine):
         # the target sizes its KV cache.
         self.speculator = Speculator(config)
         super().__init__(config)
+        self.scheduler = SpeculativeScheduler(config, self.block_manager)
 
     def advance(self) -> list[Request]:
         """One step. A speculative one is read back before the next is scheduled (no overlap:
