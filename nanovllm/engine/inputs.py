@@ -6,11 +6,13 @@ token ids and positions, the cache slot each new token's K/V goes to, and the at
 metadata (query offsets, sequence lengths, block tables). Decodes (spans of one token),
 prompt chunks and mixes of both take the same path; the per-token arithmetic is numpy's.
 """
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from nanovllm.engine.logprob_rows import rows_with_prompt_logprobs, wants_prompt_logprobs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.attention import AttentionMetadata
 from nanovllm.layers.attention_backends import fresh_spans
@@ -43,25 +45,15 @@ class LogitsRows:
     prompt_rows: dict[int, tuple[int, int]]     # index in the batch -> (first row, count)
 
 
-def wants_prompt_logprobs(seq, chunk_start: int) -> bool:
-    """Does this chunk of seq need logits for its prompt tokens? (Only the first of n
-    completions reports them: the prompt is the same.)"""
-    return seq.params.prompt_logprobs is not None and seq.index == 0 and chunk_start < seq.num_prompt_tokens
-
-
 def plan_logits_rows(batch: ScheduledBatch) -> LogitsRows:
+    """A row for the last token of each span that samples; a chunk that reports prompt logprobs
+    adds rows before it (engine/logprob_rows.py)."""
     if batch.is_decode:
         return LogitsRows(list(range(len(batch.seqs))), None, {})
-    indices, sample_rows, prompt_rows, offset = [], [], {}, 0
-    for i, (seq, start, n, samples) in enumerate(zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples)):
-        if wants_prompt_logprobs(seq, start):
-            prompt_rows[i] = (len(indices), n - samples)
-            indices += range(offset, offset + n - samples)
-        if samples:
-            sample_rows.append(len(indices))
-            indices.append(offset + n - 1)
-        offset += n
-    return LogitsRows(indices, None if len(sample_rows) == len(indices) else sample_rows, prompt_rows)
+    if any(wants_prompt_logprobs(seq, start) for seq, start in zip(batch.seqs, batch.starts)):
+        return LogitsRows(*rows_with_prompt_logprobs(batch))
+    ends = itertools.accumulate(batch.num_new_tokens)
+    return LogitsRows([end - 1 for end, samples in zip(ends, batch.samples) if samples], None, {})
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""A step's logprobs, from the sampler's tensors to vLLM's {token_id: Logprob} per token.
+"""A step's logprobs: the logits rows a chunk reporting prompt logprobs adds, and the sampler's
+tensors turned into vLLM's {token_id: Logprob} per token.
 
 At 256 sequences asking for logprobs this is per-step host work on the engine's critical
 path, so it is kept lean: the tensors are read back once per step (not once per sequence),
@@ -10,6 +11,28 @@ from collections.abc import Sequence
 
 from nanovllm.layers.logprobs import LogprobsTensors
 from nanovllm.outputs import Logprob
+
+
+def wants_prompt_logprobs(seq, chunk_start: int) -> bool:
+    """Does this chunk of seq need logits for its prompt tokens? (Only the first of n
+    completions reports them: the prompt is the same.)"""
+    return seq.params.prompt_logprobs is not None and seq.index == 0 and chunk_start < seq.num_prompt_tokens
+
+
+def rows_with_prompt_logprobs(batch) -> tuple[list[int], list[int] | None, dict[int, tuple[int, int]]]:
+    """inputs.LogitsRows' fields for a step in which some chunk reports prompt logprobs: that
+    chunk's rows (the logits predicting each next prompt token), then, for every sequence that
+    samples, its span's last token."""
+    indices, sample_rows, prompt_rows, offset = [], [], {}, 0
+    for i, (seq, start, n, samples) in enumerate(zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples)):
+        if wants_prompt_logprobs(seq, start):
+            prompt_rows[i] = (len(indices), n - samples)
+            indices += range(offset, offset + n - samples)
+        if samples:
+            sample_rows.append(len(indices))
+            indices.append(offset + n - 1)
+        offset += n
+    return indices, None if len(sample_rows) == len(indices) else sample_rows, prompt_rows
 
 
 class FlatLogprobs(Sequence):

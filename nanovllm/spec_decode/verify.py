@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanovllm.engine.inputs import wants_prompt_logprobs
+from nanovllm.engine.logprob_rows import wants_prompt_logprobs
 from nanovllm.engine.model_runner import StepResult
 from nanovllm.engine.overlap import ReadyEvent
 from nanovllm.engine.sampling_inputs import draw_generator
@@ -38,7 +38,7 @@ def verify(runner, batch: ScheduledBatch, eos_ids: Collection[int], draft_probs:
     """Run `batch` on the target model; `draft_probs[seq_id]` [k, V]: the draft model's q for
     a sequence's proposals (absent: n-gram proposals, point masses)."""
     proposed = batch.proposed or [[] for _ in batch.seqs]
-    # Logits rows: prompt-logprob rows of a chunk (as plan_logits_rows), then for a sequence
+    # Logits rows: prompt-logprob rows of a chunk (as rows_with_prompt_logprobs), then for a sequence
     # that samples one row per proposed token and one after them.
     indices, first_row, prompt_rows, offset = [], {}, {}, 0
     for i, (seq, start, n, samples) in enumerate(zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples)):
