@@ -44,10 +44,23 @@ class Step:
         return "decode" if self.decode_tokens else "read-back"
 
 
+def count_waits(runner) -> None:
+    """Add up the runner's waits for the device (ModelRunner.wait_ready) in runner.seconds_waiting."""
+    wait, runner.seconds_waiting = runner.wait_ready, 0.0
+
+    def timed(ready):
+        start = time.perf_counter()
+        try:
+            return wait(ready)
+        finally:
+            runner.seconds_waiting += time.perf_counter() - start
+    runner.wait_ready = timed
+
+
 def engine_counters(engine) -> tuple[int, int, int, float]:
     """(steps launched so far, prefill tokens and decode tokens of the last launched step, seconds
     spent waiting for the device so far). The one place this script reads the engine's internals:
-    LLMEngine.num_steps, LLMEngine.last_step and runner.seconds_waiting."""
+    LLMEngine.num_steps, LLMEngine.last_step and the waits count_waits adds up."""
     last = engine.last_step
     if last is None:                                   # nothing launched yet
         prefill = decode = 0
@@ -90,6 +103,8 @@ class GcPauses:
 def run_steps(engine, profiler: cProfile.Profile | None = None) -> list[Step]:
     """Step the engine until every request is done, timing each call."""
     steps = []
+    if not hasattr(engine.runner, "seconds_waiting"):
+        count_waits(engine.runner)
     if profiler:
         profiler.enable()
     while engine.has_unfinished_requests():

@@ -6,7 +6,6 @@ next tokens (`sample`). With tensor parallelism every rank runs `execute` on the
 rank 0 prepared; only rank 0 prepares and samples.
 """
 import logging
-import time
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -54,7 +53,6 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
         self.vocab_size = hf.vocab_size
-        self.seconds_waiting = 0.0   # resolve()'s waits for the device, in all (benchmarks read it)
         torch.manual_seed(config.seed)
         if config.device == "cpu":
             map_large_buffers()
@@ -109,9 +107,7 @@ class ModelRunner:
 
     def wait_ready(self, ready: ReadyEvent) -> None:
         """Wait until a launched step's results are on the host."""
-        start = time.perf_counter()
         ready.synchronize()
-        self.seconds_waiting += time.perf_counter() - start
 
     def prepare(self, batch: ScheduledBatch, logits_indices: list[int]) -> ModelInputs:
         host = prepare_inputs(batch, self.block_size, logits_indices)

@@ -157,9 +157,7 @@ class TensorParallelRunner(ModelRunner):
         """Wait for a step's results, raising instead of hanging if a worker dies."""
         try:
             if ready.event is not None:
-                start = time.perf_counter()
                 self.workers.wait(ready.event)
-                self.seconds_waiting += time.perf_counter() - start
             ready.synchronize()
         except BaseException as e:     # e.g. a CUDA error after the watchdog aborted NCCL
             error = self.workers.explain(e, out_of_step=False)
