@@ -8,6 +8,8 @@ from nanovllm.engine.sequence import Sequence
 
 class SpeculativeScheduler(Scheduler):
     def next_span(self, seq: Sequence, budget: int) -> int:
+        # (engine/overlap.py's check asks this too, and may cut proposals first: they only save
+        # steps, so cutting one changes no token.)
         if seq.spec_token_ids:
             del seq.spec_token_ids[max(budget - 1, 0):]
             if not self.block_manager.can_append(seq, seq.num_computed_tokens + 1 + len(seq.spec_token_ids)):
