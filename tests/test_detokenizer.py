@@ -173,10 +173,30 @@ def test_new_text_releases_the_hold_back_when_finished(tok, prompt):
     det.update(tok.encode("Hello"), False)
     assert det.new_text() == ""                          # all 5 characters could start the stop
     assert det.new_text(finished=True) == "Hello"
-    # non-incremental (final-only) detokenizers answer new_text() too
-    det = make_detokenizer(tok, SamplingParams(), prompt, incremental=False)
-    det.update(tok.encode("Hello"), False)
-    assert det.new_text() == "Hello" and det.new_text() == ""
+
+
+@pytest.mark.parametrize("detokenize", [True, False])
+def test_delta_reports_carry_only_what_is_new(tok, prompt, detokenize):
+    """A DELTA request's reports split its tokens, text and logprobs between them; a final-only
+    one's report is the whole output each time."""
+    from nanovllm.engine.sequence import Sequence
+    from nanovllm.sampling_params import RequestOutputKind
+    params = SamplingParams(output_kind=RequestOutputKind.DELTA, detokenize=detokenize, logprobs=0)
+    seq = Sequence("0", 0, prompt, params)
+    det = make_detokenizer(tok, params, prompt, incremental=True)
+    reports = []
+    for piece in ("Hello", " my name", "", " is"):
+        for token in tok.encode(piece):
+            seq.token_ids.append(token)
+            seq.logprobs.add([token], [-1.0], [1], [None])
+            det.on_token(seq, None)
+        reports.append(det.report(seq))
+    assert [t for r in reports for t in r[0]] == seq.output_token_ids and reports[2][0] == []
+    assert "".join(r[1] for r in reports) == ("Hello my name is" if detokenize else "")
+    assert [lp for r in reports for lp in r[2]] == list(seq.logprobs)
+    whole = make_detokenizer(tok, SamplingParams(), prompt, incremental=False)
+    whole.update(seq.output_token_ids, False)
+    assert whole.report(seq)[:2] == whole.report(seq)[:2] == (seq.output_token_ids, "Hello my name is")
 
 
 def test_detokenize_false(tok, ids, prompt):

@@ -2,7 +2,8 @@
 
 The common offline case (`Detokenizer`): tokens are collected and the text is decoded once,
 when it is read. A request whose text is read while it runs (streamed outputs) or searched for
-stop strings gets an `IncrementalDetokenizer` instead (incremental_detokenizer.py).
+stop strings gets an `IncrementalDetokenizer` instead (incremental_detokenizer.py), which also
+reports DELTA outputs' new pieces.
 
 The output is decoded after a few prompt tokens and the prompt's text dropped, so that the
 first output token renders as it does inside the sentence (tokenizers such as SentencePiece
@@ -18,7 +19,7 @@ _PROMPT_CONTEXT = 5
 
 def make_detokenizer(tokenizer, params: SamplingParams, prompt_token_ids: list[int], incremental: bool):
     """`incremental`: the text is read while the sequence runs; stop strings need that too."""
-    if params.detokenize and (incremental or params.stop):
+    if incremental or params.stop:
         from nanovllm.engine.incremental_detokenizer import IncrementalDetokenizer
         return IncrementalDetokenizer(tokenizer, params, prompt_token_ids)
     return Detokenizer(tokenizer, params, prompt_token_ids)
@@ -35,8 +36,6 @@ class Detokenizer:
         self._context = [t for t in prompt_token_ids[-_PROMPT_CONTEXT:] if t < self._vocab_limit]
         self._ids = list(self._context)
         self._cached_text: str | None = None    # the decoded text, until new tokens come
-        self._sent = 0                          # characters already returned by new_text()
-        self._stopped = False                   # a stop string matched: the text is final
 
     def update(self, new_token_ids: list[int], stopped_by_token: bool) -> str | None:
         """Add the tokens of this step; returns the stop string that now ends the text (never,
@@ -69,18 +68,9 @@ class Detokenizer:
             self._cached_text = self._decode(self._ids)[len(self._decode(self._context)):]
         return self._cached_text
 
-    def new_text(self, finished: bool = False) -> str:
-        """Text added since the last call (for DELTA streaming). Until the sequence is
-        `finished`, the last len(longest stop string) - 1 characters are held back: they
-        could be the start of a stop string, which must not be sent out."""
-        text = self.text
-        end = len(text)
-        if not finished and not self._stopped:
-            end -= self.params.output_text_buffer_length
-        if end <= self._sent:
-            return ""
-        delta, self._sent = text[self._sent:end], end
-        return delta
+    def report(self, seq) -> tuple[list[int], str, list | None]:
+        """The token ids, text and logprobs of `seq`'s output as reported now: all of them."""
+        return seq.output_token_ids, self.text, seq.logprobs
 
 
 def _decoder(tokenizer, params: SamplingParams):

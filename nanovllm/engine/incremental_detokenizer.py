@@ -3,9 +3,12 @@ for stop strings: the text grows by the new tokens' text only, so it can be sent
 piece. With stop strings each `update` decodes its tokens and searches the new text, so a
 request stops as soon as a stop string appears; without, `update` only queues the tokens and
 they are decoded together when the text is next read (a streamed request's output is built far
-less often than every step)."""
+less often than every step).
+
+A DELTA request's outputs each carry only what is new since the last one: `report` keeps count of
+the tokens sent and `new_text` of the characters."""
 from nanovllm.engine.detokenizer import Detokenizer
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 class IncrementalDetokenizer(Detokenizer):
@@ -17,6 +20,9 @@ class IncrementalDetokenizer(Detokenizer):
         self._read_offset = len(self._ids)
         self._text = ""                         # the text so far
         self._unread: list[int] = []            # without stop strings: ids not decoded yet
+        self._stopped = False                   # a stop string matched: the text is final
+        self._sent = 0                          # characters already returned by new_text()
+        self._reported = 0                      # output tokens already in a DELTA output
 
     def update(self, new_token_ids: list[int], stopped_by_token: bool) -> str | None:
         self.token_ids.extend(new_token_ids)
@@ -24,7 +30,8 @@ class IncrementalDetokenizer(Detokenizer):
             return None
         text_ids = self._text_ids(new_token_ids, stopped_by_token)
         if not self.params.stop:                # nothing to search for: decode when read
-            self._unread.extend(t for t in text_ids if t < self._vocab_limit)
+            if self.enabled:
+                self._unread.extend(t for t in text_ids if t < self._vocab_limit)
             return None
         num_before = len(self.token_ids) - len(new_token_ids)
         search_from = len(self._text)
@@ -94,3 +101,24 @@ class IncrementalDetokenizer(Detokenizer):
         """The output text so far (without streaming hold-back)."""
         self._catch_up()
         return self._text
+
+    def new_text(self, finished: bool = False) -> str:
+        """Text added since the last call (for DELTA streaming). Until the sequence is
+        `finished`, the last len(longest stop string) - 1 characters are held back: they
+        could be the start of a stop string, which must not be sent out."""
+        text = self.text
+        end = len(text)
+        if not finished and not self._stopped:
+            end -= self.params.output_text_buffer_length
+        if end <= self._sent:
+            return ""
+        delta, self._sent = text[self._sent:end], end
+        return delta
+
+    def report(self, seq) -> tuple[list[int], str, list | None]:
+        """With DELTA outputs, only the token ids, text and logprobs new since the last report."""
+        if self.params.output_kind != RequestOutputKind.DELTA:
+            return super().report(seq)
+        start, self._reported = self._reported, seq.num_output_tokens
+        logprobs = seq.logprobs[start:] if seq.logprobs is not None else None
+        return seq.output_token_ids[start:], self.new_text(seq.is_finished), logprobs

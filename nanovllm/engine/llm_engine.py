@@ -8,7 +8,7 @@ A step schedules a batch (Scheduler), runs it (ModelRunner), then for every sequ
 got a token: checks the stop conditions, detokenizes, and reports its request's output.
 """
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
@@ -36,7 +36,6 @@ class Request:
     seqs: list[Sequence]
     detokenizers: list[Detokenizer]
     prompt_logprobs: list | None = None
-    reported_tokens: list[int] = field(default_factory=list)   # per seq, for DELTA outputs
     reported: bool = False                                      # an output was made
 
     @property
@@ -98,8 +97,7 @@ class LLMEngine:
             seqs.append(Sequence(request_id, i, token_ids, params))
             detoks.append(make_detokenizer(self.tokenizer, params, token_ids, incremental))
         request = Request(request_id, text, token_ids, params, seqs, detoks,
-                          prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
-                          reported_tokens=[0] * params.n)
+                          prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         self.requests[request_id] = request
         self.tokens_added += len(token_ids)
         for seq in seqs:
@@ -209,17 +207,9 @@ class LLMEngine:
         kind, finished = request.params.output_kind, request.finished
         if kind == RequestOutputKind.FINAL_ONLY and not finished:
             return None
-        delta = kind == RequestOutputKind.DELTA
         outputs = []
         for seq, detok in zip(request.seqs, request.detokenizers):
-            if delta:
-                start = request.reported_tokens[seq.index]
-                tokens = seq.token_ids[seq.num_prompt_tokens + start:]     # the new ones only
-                request.reported_tokens[seq.index] = start + len(tokens)
-                text = detok.new_text(seq.is_finished)
-                logprobs = seq.logprobs[start:] if seq.logprobs is not None else None
-            else:
-                tokens, text, logprobs = seq.output_token_ids, detok.text, seq.logprobs
+            tokens, text, logprobs = detok.report(seq)                # (incremental_detokenizer.py: DELTA)
             outputs.append(CompletionOutput(
                 index=seq.index, text=text, token_ids=tokens,          # a fresh slice
                 cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
