@@ -15,6 +15,13 @@ def tp_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def check_tp_size(tensor_parallel_size: int) -> None:
+    """A ModelRunner's ranks must be the process group's (made by engine/tensor_parallel.py)."""
+    if tp_size() != tensor_parallel_size:
+        raise RuntimeError(f"tensor_parallel_size={tensor_parallel_size} but this process is one of "
+                           f"{tp_size()} torch.distributed ranks (is another tensor-parallel engine alive here?)")
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum `x` over the ranks in place (row-parallel layers' partial outputs)."""
     if tp_size() > 1:

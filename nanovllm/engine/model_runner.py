@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from nanovllm.config import EngineConfig
-from nanovllm.distributed import tp_rank, tp_size
+from nanovllm.distributed import check_tp_size, tp_rank
 from nanovllm.engine.cuda_graphs import StepGraphs, step_graphs
 from nanovllm.engine.inputs import LogitsRows, ModelInputs, plan_logits_rows, prepare_inputs
 from nanovllm.engine.kv_cache_memory import allocate_kv_cache, map_large_buffers
@@ -45,9 +45,7 @@ class StepResult:
 class ModelRunner:
     def __init__(self, config: EngineConfig):
         self.config = config
-        if tp_size() != config.tensor_parallel_size:    # the process group is made by engine/tensor_parallel.py
-            raise RuntimeError(f"tensor_parallel_size={config.tensor_parallel_size} but this process is one of "
-                               f"{tp_size()} torch.distributed ranks (is another tensor-parallel engine alive here?)")
+        check_tp_size(config.tensor_parallel_size)
         hf = config.hf_config
         self.device = torch.device(config.device, torch.cuda.current_device() if config.device == "cuda" else None)
         self.dtype = config.torch_dtype
@@ -69,9 +67,8 @@ class ModelRunner:
             load_weights(self.model, config.model_dir, config.quantization)
         self.model.eval()
         self.sampler = Sampler(fused=config.device == "cuda" and triton_available())
-        self.sampling_inputs = SamplingInputs(self.vocab_size, config.max_num_seqs, self.device)
-        if config.device == "cuda" and tp_rank() == 0:     # rank 0 samples; reserve before the KV cache
-            self.sampling_inputs.histograms.reserve()
+        self.sampling_inputs = SamplingInputs(self.vocab_size, config.max_num_seqs, self.device,
+                                              reserve_histograms=config.device == "cuda" and tp_rank() == 0)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.backend = select_backend(config.attention_backend, config.device, config.block_size)
         for layer in self.attention_layers:
@@ -130,11 +127,10 @@ class ModelRunner:
         token, and the logprobs that were asked for. Nothing is read back here."""
         seqs = [seq for seq, samples in zip(batch.seqs, batch.samples) if samples]
         sample_logits = logits if rows.sample_rows is None else logits[rows.sample_rows]
-        meta, histogram_rows = self.sampling_inputs.metadata(seqs, eos_ids)
+        meta = self.sampling_inputs.metadata(seqs, eos_ids)
         seeds = row_seeds(batch) if meta.seeded_rows else None
         out: SamplerOutput = self.sampler(sample_logits, meta, seeds)
-        if histogram_rows is not None:
-            self.sampling_inputs.histograms.record(histogram_rows, out.sampled_token_ids)
+        self.sampling_inputs.record(out.sampled_token_ids)     # (the penalties' token counts)
         prompt_logprobs = gather_prompt_logprobs(logits, rows.prompt_rows, batch, self.sampler.fused)
         # Start copying the results to the host now (engine/overlap.py).
         sampled, logprobs, prompt_logprobs = to_host((out.sampled_token_ids, out.logprobs, prompt_logprobs))

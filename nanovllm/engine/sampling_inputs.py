@@ -17,20 +17,22 @@ from nanovllm.layers.sampling_metadata import SamplingMetadata, SamplingRow
 
 
 class SamplingInputs:
-    def __init__(self, vocab_size: int, max_num_seqs: int, device: torch.device):
+    def __init__(self, vocab_size: int, max_num_seqs: int, device: torch.device, reserve_histograms: bool = False):
         self.vocab_size, self.device = vocab_size, device
         self.histograms = TokenHistograms(vocab_size, max_num_seqs, device)
+        if reserve_histograms:                  # on a GPU: before the KV cache takes the free memory
+            self.histograms.reserve()
         # (the batch's seq ids, its SamplingMetadata, its histogram rows): see metadata()
         self.cached: tuple[list[int] | None, SamplingMetadata | None, torch.Tensor | None] = (None, None, None)
 
-    def metadata(self, seqs: list, eos_ids: Collection[int]) -> tuple[SamplingMetadata, torch.Tensor | None]:
-        """-> (the batch's metadata, its rows in the token histograms if it uses penalties).
-        Built once per batch composition: decode steps keep the same sequences for many
+    def metadata(self, seqs: list, eos_ids: Collection[int]) -> SamplingMetadata:
+        """The batch's metadata (and, if it uses penalties, its rows in the token histograms,
+        which `record` counts the sampled tokens in). Built once per batch composition: decode steps keep the same sequences for many
         steps in a row. Penalties read the histograms, which change in place on the device, so
         such metadata stays valid too; only min_tokens makes it change from step to step."""
         key = [seq.seq_id for seq in seqs]
         if key == self.cached[0]:
-            return self.cached[1], self.cached[2]
+            return self.cached[1]
         histogram_rows = token_counts = None
         if any(uses_penalties(s.params) for s in seqs):
             histogram_rows = self.histograms.gather(seqs)
@@ -41,7 +43,12 @@ class SamplingInputs:
             self.vocab_size, self.device, token_counts)
         reusable = not any(s.params.min_tokens for s in seqs)
         self.cached = (key if reusable else None, meta, histogram_rows)
-        return meta, histogram_rows
+        return meta
+
+    def record(self, sampled: torch.Tensor) -> None:
+        """Count the tokens sampled for the batch of the last `metadata` call, if it uses penalties."""
+        if self.cached[2] is not None:
+            self.histograms.record(self.cached[2], sampled)
 
 
 def row_seeds(batch: ScheduledBatch) -> torch.Tensor:

@@ -51,9 +51,6 @@ class Sequence:
         self.logprobs: FlatLogprobs | None = FlatLogprobs() if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
 
-    def __len__(self) -> int:
-        return len(self.token_ids)
-
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
