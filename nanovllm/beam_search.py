@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
+from nanovllm.engine.request_checks import as_prompt_list, check_no_lora
 from nanovllm.outputs import Logprob
 from nanovllm.param_checks import ValidationError, at_least_one, finite, flag, max_logprobs
 from nanovllm.sampling_params import SamplingParams
@@ -189,11 +190,13 @@ class BeamSearch:
         return [search.best(tokenizer) for search in self.searches or []]
 
 
-def beam_search(llm, prompts: list, params: BeamSearchParams, use_tqdm: bool = False,
+def beam_search(llm, prompts, params: BeamSearchParams, lora_request=None, use_tqdm: bool = False,
                 concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
-    """`llm`'s beam search over `prompts` (a list in any of generate's prompt forms); one
+    """`LLM.beam_search`: `llm`'s beam search over `prompts` (in generate's forms); one
     BeamSearchOutput per prompt, in input order. `concurrency_limit`: how many prompts are
     searched at once (all by default)."""
+    check_no_lora(lora_request)
+    prompts = as_prompt_list(prompts)
     if not isinstance(params, BeamSearchParams):
         raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
     if concurrency_limit is not None and (isinstance(concurrency_limit, bool) or not isinstance(concurrency_limit, int)

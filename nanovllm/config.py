@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from nanovllm.config_checks import DTYPES, UnknownArgumentError, check_against_model, check_arguments
+from nanovllm.config_checks import DTYPES, check_against_model, check_arguments, check_known_arguments
 from nanovllm.cpu_dtype import auto_dtype
 
 
@@ -52,11 +52,8 @@ class EngineConfig:
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
-        known = {f.name for f in fields(cls) if f.name not in ("hf_config", "model_dir", "torch_dtype", "quant_config")}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise UnknownArgumentError(
-                f"Unknown argument(s) to LLM: {', '.join(unknown)}. Supported: {', '.join(sorted(known))}.")
+        check_known_arguments(kwargs, {f.name for f in fields(cls)} - {"hf_config", "model_dir", "torch_dtype",
+                                                                        "quant_config"})
         return cls(model=model, **kwargs)
 
     def __post_init__(self):

@@ -50,6 +50,13 @@ class UnknownArgumentError(TypeError, ValueError):
     and a ValueError as every other bad argument here."""
 
 
+def check_known_arguments(kwargs: dict, known: set[str]) -> None:
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise UnknownArgumentError(
+            f"Unknown argument(s) to LLM: {', '.join(unknown)}. Supported: {', '.join(sorted(known))}.")
+
+
 def check_arguments(config) -> None:
     """What the arguments' values alone show (before the checkpoint is read)."""
     if config.seed is None:                   # as vLLM V1: no seed is seed 0

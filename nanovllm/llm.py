@@ -7,8 +7,9 @@
 import gc
 import itertools
 
+from nanovllm.beam_search import beam_search
 from nanovllm.engine.llm_engine import LLMEngine
-from nanovllm.engine.request_checks import as_prompt_list, check_generate_args, check_no_lora
+from nanovllm.engine.request_checks import check_generate_args
 from nanovllm.models.model_dir import generation_defaults
 from nanovllm.outputs import RequestOutput
 from nanovllm.progress import ProgressBar
@@ -84,13 +85,7 @@ class LLM:
         bar.close()
         return [done[i] for i in ids]
 
-    def beam_search(self, prompts, params, lora_request=None, use_tqdm: bool = False,
-                    concurrency_limit: int | None = None) -> list:
-        """vLLM's beam search (nanovllm/beam_search.py): one BeamSearchOutput per prompt, in input
-        order; `prompts` in generate's forms, `params` a BeamSearchParams."""
-        from nanovllm.beam_search import beam_search
-        check_no_lora(lora_request)
-        return beam_search(self, as_prompt_list(prompts), params, use_tqdm, concurrency_limit)
+    beam_search = beam_search      # vLLM's LLM.beam_search(prompts, params, ...): nanovllm/beam_search.py
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True, chat_template: str | None = None,
