@@ -7,8 +7,8 @@ per-head RMSNorm (Qwen3's q_norm/k_norm), in one pass over both.
 q [T, Hq, D] and k [T, Hk, D] may be strided views (slices of the fused qkv output); only
 their last dimension must be contiguous. cos_sin [max_position, D] holds the cos of each
 frequency, then its sin (layers/rotary.py). Rotation is "rotate half": the first half of the
-head dimension pairs with the second. The references are layers/rotary.py's apply_rotary
-and layers/layernorm.py's rms_norm; like them, the kernel rounds cos/sin, the normalised
+head dimension pairs with the second. The references are `apply_rotary` below (layers/rotary.py's
+torch path) and layers/layernorm.py's rms_norm; like them, the kernel rounds cos/sin, the normalised
 values and the rotated halves to q's dtype. One program per token.
 """
 import torch
@@ -86,3 +86,11 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: 
             HQ=hq, HK=hk, BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
             HALF=half, BLOCK_HALF=triton.next_power_of_2(half), HAS_NORM=has_norm)
     return q, k
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor):
+    """The torch reference: rotate the first cos_sin.shape[-1] dimensions of each head of q and k
+    (the rest pass), as layers/rotary.py does without the kernel."""
+    from nanovllm.layers.rotary import lookup, rotate, rotation_table
+    cos, sin = lookup(rotation_table(cos_sin), positions, q.dtype)
+    return rotate(q, cos, sin), rotate(k, cos, sin)

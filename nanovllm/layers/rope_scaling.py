@@ -24,6 +24,19 @@ def rope_parameters(hf_config) -> dict:
     return params
 
 
+def scaled_frequencies(params: dict, rotary_dim: int, max_position: int, hf_config, max_model_len: int | None
+                       ) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies, the scale on cos and sin) for a RoPE table of `max_position` rows.
+    `max_model_len`: the longest context this engine serves; LongRoPE uses its long factors when
+    that exceeds the original context (as vLLM: one choice for the whole cache)."""
+    max_positions = getattr(hf_config, "max_position_embeddings", max_position)
+    original = params.get("original_max_position_embeddings") or \
+        getattr(hf_config, "original_max_position_embeddings", None) or max_positions
+    long_context = max_model_len is not None and max_model_len > original
+    return (inverse_frequencies(params, rotary_dim, max_position, original, long_context),
+            attention_factor(params, max_positions, original))
+
+
 def inverse_frequencies(params: dict, head_dim: int, max_position: int,
                         original_max_position: int, long_context: bool = False) -> torch.Tensor:
     """One frequency per pair of rotated dimensions (`head_dim` here is the rotated width).

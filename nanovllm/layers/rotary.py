@@ -11,15 +11,14 @@ from torch import nn
 
 from nanovllm import kernels
 from nanovllm.layers.fusion import use_kernels
-from nanovllm.layers.rope_scaling import attention_factor, inverse_frequencies, rope_parameters
+from nanovllm.layers.rope_scaling import rope_parameters, scaled_frequencies
 
 
 class RotaryEmbedding(nn.Module):
     """`params`: the rope parameters (default: the config's, see rope_parameters; Gemma 3 has
     one set per layer type). `rotary_dim`: how many of each head's dimensions turn (default:
     head_dim x the params' partial_rotary_factor). `max_model_len`: the longest context this
-    engine serves; LongRoPE uses its long factors when that exceeds the original context (as
-    vLLM does: one choice for the whole cache, whatever each sequence's length)."""
+    engine serves (LongRoPE's choice of factors: rope_scaling.scaled_frequencies)."""
 
     def __init__(self, head_dim: int, max_position: int, hf_config, params: dict | None = None,
                  rotary_dim: int | None = None, max_model_len: int | None = None):
@@ -30,13 +29,8 @@ class RotaryEmbedding(nn.Module):
         if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
             raise ValueError(f"the rotary dimension ({rotary_dim}) must be even and within head_dim ({head_dim}).")
         self.rotary_dim, self.head_dim = rotary_dim, head_dim
-        max_positions = getattr(hf_config, "max_position_embeddings", max_position)
-        original = params.get("original_max_position_embeddings") or \
-            getattr(hf_config, "original_max_position_embeddings", None) or max_positions
-        long_context = max_model_len is not None and max_model_len > original
-        inv_freq = inverse_frequencies(params, rotary_dim, max_position, original, long_context)
+        inv_freq, scale = scaled_frequencies(params, rotary_dim, max_position, hf_config, max_model_len)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
-        scale = attention_factor(params, max_positions, original)
         # [max_position, rotary_dim]: cos of both halves, then sin of both halves
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1) * scale, persistent=False)
         self.rotation_table = None      # see _rotation
@@ -84,9 +78,3 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     turned = x[..., :rotary_dim]
     turned = turned * cos + turned.roll(rotary_dim // 2, dims=-1) * sin
     return torch.cat([turned, x[..., rotary_dim:]], dim=-1)
-
-
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor):
-    """Rotate the first cos_sin.shape[-1] dimensions of each head of q and k; the rest pass."""
-    cos, sin = lookup(rotation_table(cos_sin), positions, q.dtype)
-    return rotate(q, cos, sin), rotate(k, cos, sin)

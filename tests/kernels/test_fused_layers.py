@@ -7,7 +7,7 @@ import torch
 from nanovllm.kernels import triton_available
 from nanovllm.layers.activation import silu_and_mul
 from nanovllm.layers.layernorm import add_rms_norm, rms_norm
-from nanovllm.layers.rotary import apply_rotary
+from nanovllm.kernels.rotary import apply_rotary
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
