@@ -6,7 +6,7 @@ import os
 from safetensors import safe_open
 from torch import nn
 
-from nanovllm.quantization.install import checkpoint_quant_config, finish_quantized_linears, quantize_linears
+from nanovllm.quantization.install import finish_quantized_linears, quantize_checkpoint_linears
 
 
 def load_weights(model: nn.Module, model_dir: str, quantization: str | None = None) -> None:
@@ -20,13 +20,7 @@ def load_weights(model: nn.Module, model_dir: str, quantization: str | None = No
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
         raise OSError(f"No *.safetensors weights in {model_dir!r}.")
-    quant = checkpoint_quant_config(model_dir, quantization)
-    if quant is not None:
-        names = []
-        for path in files:
-            with safe_open(path, "pt", device="cpu") as f:
-                names.extend(f.keys())
-        quantize_linears(model, quant, names)
+    quant = quantize_checkpoint_linears(model, model_dir, files, quantization)
     packed = getattr(model, "packed_modules_mapping", {})
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = set()
