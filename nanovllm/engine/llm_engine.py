@@ -16,8 +16,7 @@ from nanovllm.engine.detokenizer import Detokenizer, make_detokenizer
 from nanovllm.engine.model_runner import ModelRunner, StepResult
 from nanovllm.engine.overlap import fits_without_preemption
 from nanovllm.engine.logprob_rows import StepLogprobs, TokenTexts
-from nanovllm.engine.request_checks import check_fits_cache, check_prompt, check_request_args, \
-    check_stop_token_ids, tokenize_prompt
+from nanovllm.engine.request_checks import check_request_args, fit_request, tokenize_prompt
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.outputs import CompletionOutput, RequestOutput
@@ -84,13 +83,8 @@ class LLMEngine:
         "prompt" or "prompt_token_ids" (vLLM's TextPrompt / TokensPrompt)."""
         params = check_request_args(request_id, request_id in self.requests, params)
         text, token_ids = tokenize_prompt(self.tokenizer, prompt)
-        check_prompt(token_ids, self.vocab_size, self.config.max_model_len)
-        check_stop_token_ids(params, self.vocab_size)
-        params = params.clone()
-        if params.max_tokens is None:
-            params.max_tokens = self.config.max_model_len - len(token_ids)
-        longest = min(len(token_ids) + params.max_tokens, self.config.max_model_len)
-        check_fits_cache(request_id, longest, self.block_manager, self.config.block_size)
+        params = fit_request(request_id, token_ids, params, self.vocab_size, self.config.max_model_len,
+                             self.block_manager)         # a copy, max_tokens filled in
         seqs, detoks = [], []
         incremental = bool(params.stop) or params.output_kind != RequestOutputKind.FINAL_ONLY
         for i in range(params.n):

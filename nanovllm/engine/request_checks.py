@@ -77,6 +77,19 @@ def _token_ids(ids) -> list[int]:
     return ids
 
 
+def fit_request(request_id: str, token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
+                block_manager) -> SamplingParams:
+    """The checks that need the prompt's tokens and the engine; returns a copy of params with
+    max_tokens filled in (None: as many as max_model_len leaves room for)."""
+    check_prompt(token_ids, vocab_size, max_model_len)
+    check_stop_token_ids(params, vocab_size)
+    params = params.clone()
+    if params.max_tokens is None:
+        params.max_tokens = max_model_len - len(token_ids)
+    check_fits_cache(request_id, min(len(token_ids) + params.max_tokens, max_model_len), block_manager)
+    return params
+
+
 def check_prompt(token_ids: list[int], vocab_size: int, max_model_len: int) -> None:
     if not token_ids:
         raise ValueError("The decoder prompt cannot be empty")
@@ -98,11 +111,11 @@ def check_stop_token_ids(params: SamplingParams, vocab_size: int) -> None:
                               f"has {vocab_size} tokens).", "stop_token_ids", params.stop_token_ids)
 
 
-def check_fits_cache(request_id: str, longest: int, block_manager, block_size: int) -> None:
+def check_fits_cache(request_id: str, longest: int, block_manager) -> None:
     """A request that may grow to `longest` tokens must fit the whole KV cache: otherwise it
     would wait for blocks forever."""
     if block_manager.blocks_needed(longest) > block_manager.num_blocks:
         raise ValueError(
             f"Request {request_id!r} may grow to {longest} tokens but the whole KV cache holds "
-            f"{block_manager.num_blocks * block_size}; lower max_tokens or give the "
+            f"{block_manager.num_blocks * block_manager.block_size}; lower max_tokens or give the "
             f"cache more memory (gpu_memory_utilization, num_gpu_blocks_override).")
