@@ -168,7 +168,7 @@ def test_fused_layer_kernels_gpu_bf16():
     from nanovllm import kernels
     from nanovllm.layers.activation import silu_and_mul
     from nanovllm.layers.layernorm import add_rms_norm, rms_norm
-    from nanovllm.layers.rotary import apply_rotary
+    from nanovllm.kernels.rotary import apply_rotary
     gen = torch.Generator().manual_seed(0)
 
     def randn(*shape):
@@ -234,9 +234,11 @@ def test_sampling_thresholds_gpu_bf16():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", [32, 128])
 @pytest.mark.parametrize("rows", [1, 3, 4])
-def test_w4a16_gemv_float16_unpacking_is_exact(dtype, group_size, rows):
-    """The GEMV's float16 unpacking (PTX) gives the same products in the same order as the plain
-    one, so the same output bit for bit; and both are the dequantized matmul's."""
+def test_w4a16_gemv_float16_unpacking_matches_plain(dtype, group_size, rows):
+    """The GEMV's float16 unpacking (PTX) gives the plain unpacking's exact values, but the two
+    kernels' float32 sums may be fused into multiply-adds differently by the compiler (seen with
+    split-K), so they agree to a rounding step of the output, not bit for bit; and both are the
+    dequantized matmul's."""
     from nanovllm.kernels.w4a16_gemm import w4a16_gemm
     from nanovllm.quantization.int_linear import dequantize
     from nanovllm.quantization.packing import pack_int32
@@ -250,5 +252,5 @@ def test_w4a16_gemv_float16_unpacking_is_exact(dtype, group_size, rows):
     for split_k in (1, 3, None):
         plain, half = (w4a16_gemm(x, qweight, scales, mins, 4, group_size, split_k=split_k,
                                   config={"GEMV": True, "HALF_UNPACK": h}) for h in (False, True))
-        assert torch.equal(half, plain)
+        torch.testing.assert_close(half, plain, rtol=torch.finfo(dtype).eps, atol=1e-3)
         assert rel_err(half, expected) < TOL[dtype]
