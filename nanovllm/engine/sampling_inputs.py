@@ -27,9 +27,10 @@ class SamplingInputs:
 
     def metadata(self, seqs: list, eos_ids: Collection[int]) -> SamplingMetadata:
         """The batch's metadata (and, if it uses penalties, its rows in the token histograms,
-        which `record` counts the sampled tokens in). Built once per batch composition: decode steps keep the same sequences for many
-        steps in a row. Penalties read the histograms, which change in place on the device, so
-        such metadata stays valid too; only min_tokens makes it change from step to step."""
+        where `record` then counts the tokens sampled). Built once per batch composition: decode
+        steps keep the same sequences for many steps in a row. Penalties read the histograms,
+        which change in place on the device, so such metadata stays valid too; only min_tokens
+        makes it change from step to step."""
         key = [seq.seq_id for seq in seqs]
         if key == self.cached[0]:
             return self.cached[1]
