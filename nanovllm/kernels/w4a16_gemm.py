@@ -226,8 +226,8 @@ GEMV_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "
 # On a GPU, 4-bit values through float16 (word_dots_f16) for programs of up to this many rows. Its
 # loop in sm_90 SASS (GEMV_CONFIG): 365 against 429 instructions at 1 row, 475 / 557 at 2, 702 / 778
 # at 4, but 1,176 / 1,118 at 8 (each row's share of x outweighs the cheaper unpacking there). On an
-# H100 it took Llama-3.2-1B's four linears at one row from 33.7 to 28.4 us and a 4-bit batch-1 decode
-# step from 1.24 to 1.13 ms (docs/benchmarks.md, 2026-12-07; --half-unpack-max-rows 0 turns it off).
+# H100 it took a 4-bit Llama-3.2-1B's batch-1 decode step from 1.24 to 1.13 ms, its GEMVs in the step
+# from 11.2 to 9.4 us a launch (docs/benchmarks.md, 2026-12-07; --half-unpack-max-rows 0 turns it off).
 HALF_UNPACK_MAX_ROWS = 4
 # The tensor-core kernel, by the rows it is given (first entry whose max_rows >= M). BLOCK_M is at
 # least 16 (tl.dot's smallest); a wide BLOCK_N spreads the unpacking of a word over more columns.
