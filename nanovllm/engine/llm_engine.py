@@ -43,6 +43,8 @@ class Request:
 
 
 class LLMEngine:
+    scheduler_class = Scheduler           # (speculative decoding's: spec_decode/scheduler.py)
+
     def __init__(self, config: EngineConfig):
         if config.speculative_config is not None and type(self) is LLMEngine:
             raise ValueError("an engine with a speculative_config is spec_decode's SpeculativeEngine: "
@@ -51,7 +53,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config)
         self.runner = self._make_runner(config)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.block_manager)
+        self.scheduler = self.scheduler_class(config, self.block_manager)
         self.requests: dict[str, Request] = {}
         self.vocab_size = config.hf_config.vocab_size
         self.token_texts = TokenTexts(self.tokenizer)   # for logprobs' decoded_token

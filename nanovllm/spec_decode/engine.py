@@ -8,12 +8,13 @@ from nanovllm.spec_decode.speculator import Speculator
 
 
 class SpeculativeEngine(LLMEngine):
+    scheduler_class = SpeculativeScheduler
+
     def __init__(self, config: EngineConfig):
         # Built before the target's runner: a draft model's memory is then already taken when
         # the target sizes its KV cache.
         self.speculator = Speculator(config)
         super().__init__(config)
-        self.scheduler = SpeculativeScheduler(config, self.block_manager)
 
     def advance(self) -> list[Request]:
         """One step. A speculative one is read back before the next is scheduled (no overlap:
