@@ -2,7 +2,7 @@
 # On a GPU machine: offline bench.py, then the same workload through `nanovllm serve` (benchmarks/bench_serve.py).
 # Needs fastapi, uvicorn and httpx (`pip install -e ".[serve]"`); on a machine without network, put their
 # wheels in .whl/serve and they are installed from there. Logs go to $LOG_DIR.
-[ -d .whl/serve ] && python3 -m pip install --no-index --find-links .whl/serve fastapi uvicorn httpx -q 2>&1 | tail -2
+[ -d .whl/serve ] && python3 -m pip install --no-index --find-links .whl/serve fastapi uvicorn httpx prometheus_client -q 2>&1 | tail -2
 LOG_DIR=${LOG_DIR:-/tmp/nanovllm-logs}; mkdir -p "$LOG_DIR"
 export PYTHONPATH=.
 nvidia-smi -L
