@@ -59,7 +59,7 @@ GEMV_GRID = [dict(GEMV=True, BLOCK_N=bn, BLOCK_K=128, num_warps=w, num_stages=s)
              for bn, w, s in itertools.product((32, 64, 128), (4, 8), (2, 4))]
 DOT_GRID = [dict(GEMV=False, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, num_warps=w, num_stages=s)
             for bn, w, s in itertools.product((32, 64, 128), (4, 8), (2, 4))]
-SPLIT_PER_SM = (0, 1, 2, 4)     # split-K targets (programs per SM); settings giving the same split are run once
+SPLIT_PER_SM = (0, 1, 2, 4, 8)  # split-K targets (programs per SM); settings giving the same split are run once
 SWEEP_REP_MS = 3                # do_bench_cudagraph's rep: a short graph per setting keeps the sweep quick
 
 
