@@ -51,7 +51,8 @@ def plan_logits_rows(batch: ScheduledBatch) -> LogitsRows:
     if batch.is_decode:
         return LogitsRows(list(range(len(batch.seqs))), None, {})
     if any(wants_prompt_logprobs(seq, start) for seq, start in zip(batch.seqs, batch.starts)):
-        return LogitsRows(*rows_with_prompt_logprobs(batch))
+        indices, first_rows, prompt_rows = rows_with_prompt_logprobs(batch)
+        return LogitsRows(indices, None if len(first_rows) == len(indices) else list(first_rows.values()), prompt_rows)
     ends = itertools.accumulate(batch.num_new_tokens)
     return LogitsRows([end - 1 for end, samples in zip(ends, batch.samples) if samples], None, {})
 

@@ -19,20 +19,23 @@ def wants_prompt_logprobs(seq, chunk_start: int) -> bool:
     return seq.params.prompt_logprobs is not None and seq.index == 0 and chunk_start < seq.num_prompt_tokens
 
 
-def rows_with_prompt_logprobs(batch) -> tuple[list[int], list[int] | None, dict[int, tuple[int, int]]]:
-    """inputs.LogitsRows' fields for a step in which some chunk reports prompt logprobs: that
-    chunk's rows (the logits predicting each next prompt token), then, for every sequence that
-    samples, its span's last token."""
-    indices, sample_rows, prompt_rows, offset = [], [], {}, 0
+def rows_with_prompt_logprobs(batch, sampled_per_seq: list[int] | None = None
+                              ) -> tuple[list[int], dict[int, int], dict[int, tuple[int, int]]]:
+    """The logits rows of a step in which a chunk may report prompt logprobs: that chunk's rows
+    (the logits predicting each next prompt token), then, for every sequence that samples, the
+    last `sampled_per_seq[i]` tokens of its span (1 each by default; a verifying step: its
+    proposals and the token before them). Returns the rows' token offsets, each sampling
+    sequence's first row ({index in the batch: row}) and the prompt rows ({index: (row, count)})."""
+    indices, first_rows, prompt_rows, offset = [], {}, {}, 0
     for i, (seq, start, n, samples) in enumerate(zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples)):
         if wants_prompt_logprobs(seq, start):
             prompt_rows[i] = (len(indices), n - samples)
             indices += range(offset, offset + n - samples)
         if samples:
-            sample_rows.append(len(indices))
-            indices.append(offset + n - 1)
+            first_rows[i] = len(indices)
+            indices += range(offset + n - (1 if sampled_per_seq is None else sampled_per_seq[i]), offset + n)
         offset += n
-    return indices, None if len(sample_rows) == len(indices) else sample_rows, prompt_rows
+    return indices, first_rows, prompt_rows
 
 
 class FlatLogprobs(Sequence):

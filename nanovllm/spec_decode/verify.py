@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanovllm.engine.logprob_rows import wants_prompt_logprobs
+from nanovllm.engine.logprob_rows import rows_with_prompt_logprobs
 from nanovllm.engine.model_runner import StepResult
 from nanovllm.engine.overlap import ReadyEvent
 from nanovllm.engine.sampling_inputs import draw_generator
@@ -38,17 +38,9 @@ def verify(runner, batch: ScheduledBatch, eos_ids: Collection[int], draft_probs:
     """Run `batch` on the target model; `draft_probs[seq_id]` [k, V]: the draft model's q for
     a sequence's proposals (absent: n-gram proposals, point masses)."""
     proposed = batch.proposed or [[] for _ in batch.seqs]
-    # Logits rows: prompt-logprob rows of a chunk (as rows_with_prompt_logprobs), then for a sequence
-    # that samples one row per proposed token and one after them.
-    indices, first_row, prompt_rows, offset = [], {}, {}, 0
-    for i, (seq, start, n, samples) in enumerate(zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples)):
-        if wants_prompt_logprobs(seq, start):
-            prompt_rows[i] = (len(indices), n - samples)
-            indices += range(offset, offset + n - samples)
-        if samples:
-            first_row[i] = len(indices)
-            indices += range(offset + n - 1 - len(proposed[i]), offset + n)
-        offset += n
+    # Logits rows: a chunk's prompt-logprob rows, then for a sequence that samples one row per
+    # proposed token and one after them.
+    indices, first_row, prompt_rows = rows_with_prompt_logprobs(batch, [len(p) + 1 for p in proposed])
     with torch.inference_mode():
         logits = runner.execute(runner.prepare(batch, indices)).float()
         # Without prompt-logprob rows every row samples, in order: no gather (nor its index's copy).
