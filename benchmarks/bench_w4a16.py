@@ -3,6 +3,7 @@ the packed weights, beside torch's bf16 matmul of the same layer.
 
     python benchmarks/bench_w4a16.py            # Llama-3.2-1B's four linears, 1-16 rows, group 128
     python benchmarks/bench_w4a16.py --sweep    # also try a grid of kernel settings (~2-3 minutes)
+    python benchmarks/bench_w4a16.py --sweep --rows 1 4         # the sweep at these row counts only
     python benchmarks/bench_w4a16.py --half-unpack-max-rows 4   # the GEMV's float16 unpacking up to 4 rows
     python benchmarks/bench_w4a16.py --model llama-3.1-8b       # an 8B model's larger linears
     python benchmarks/bench_w4a16.py --model smollm2-135m --rows 1 5
@@ -195,10 +196,10 @@ def summarize(times: dict, settings: dict, copy: float) -> None:
     plans = []
     for r in (0,) + GEMV_ROWS:
         gemv_rows, dot_rows = [m for m in ROWS if m <= r], [m for m in ROWS if m > r]
-        if any(m not in DOT_ROWS for m in dot_rows):
+        if any(m not in DOT_ROWS for m in dot_rows) or (dot_rows and not dot_keys):
             continue
         g = min(((total(times, k, gemv_rows), k) for k in gemv_keys), default=(0.0, None)) if gemv_rows else (0.0, None)
-        d = min((total(times, k, dot_rows), k) for k in dot_keys)
+        d = min((total(times, k, dot_rows), k) for k in dot_keys) if dot_rows else (0.0, None)
         plans.append((g[0] + d[0], r, g[1], d[1]))
     plans.sort()
     _, r, g, d = plans[0]
@@ -212,8 +213,9 @@ def summarize(times: dict, settings: dict, copy: float) -> None:
     if g is not None:
         cfg = {k: v for k, v in settings[g].items() if k != "GEMV"}
         print(f"  GEMV_CONFIG = {cfg}")
-    cfg = {k: v for k, v in settings[d].items() if k != "GEMV"}
-    print(f"  DOT_CONFIGS[0] = (16, {cfg})")
+    if d is not None:
+        cfg = {k: v for k, v in settings[d].items() if k != "GEMV"}
+        print(f"  DOT_CONFIGS[0] = (16, {cfg})")
     print("\nThat rule per layer and row count:")
     print(f"{'layer':<13} {'rows':>4} {'us':>7} {'% copy':>7}")
     for name, n, k in LAYERS:
@@ -224,17 +226,18 @@ def summarize(times: dict, settings: dict, copy: float) -> None:
 
 
 def main() -> None:
+    global LAYERS, GROUP, ROWS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="try a grid of kernel settings and print the best")
     parser.add_argument("--model", default="llama-3.2-1b", choices=list(MODELS), help="whose linears")
-    parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS), help="rows of the table")
+    parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS), help="rows of the table (and of the sweep)")
     parser.add_argument("--gemv-max-rows", type=int, default=None,
                         help="the table with the CUDA-core kernel up to this many rows")
     parser.add_argument("--half-unpack-max-rows", type=int, default=None,
                         help="the CUDA-core kernel's float16 unpacking in programs of up to this many rows")
     args = parser.parse_args()
-    global LAYERS, GROUP
     LAYERS, GROUP = MODELS[args.model]
+    ROWS = tuple(args.rows)
     if args.gemv_max_rows is not None:
         kernel_module.set_gemv_max_rows(args.gemv_max_rows)
     if args.half_unpack_max_rows is not None:

@@ -27,6 +27,7 @@ for step in "$@"; do
     w4hbm)   for m in llama-3.2-1b llama-3.1-8b; do timeout 90 python benchmarks/bench_w4a16.py --model $m --rows 1 2 4 8 16 \
                2>&1 | tee -a "$LOG_DIR/w4hbm.txt"; done
              timeout 300 python benchmarks/bench_w4a16.py --sweep 2>&1 | tail -45 | tee "$LOG_DIR/w4sweep.txt" ;;
+    w4small) timeout 280 python benchmarks/bench_w4a16.py --sweep --rows 1 2 4 2>&1 | tail -40 | tee "$LOG_DIR/w4sweep_small.txt" ;;
     w4profile) for s in llama-3.2-1b-gptq llama-3.2-1b; do timeout 150 python benchmarks/profile_step.py 1 $s 2>&1 \
                | grep -v Warning | tee "$LOG_DIR/profile1_$s.txt"; done ;;
     profile2) timeout 200 python benchmarks/profile_step.py 256 qwen2.5-0.5b 2>&1 | tee "$LOG_DIR/profile256_qwen2.txt" ;;
