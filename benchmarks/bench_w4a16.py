@@ -54,7 +54,9 @@ ROWS = (1, 2, 4, 8, 16)
 # (16 is specialised as divisible by 16): 12 GEMV + 24 tensor-core settings, ~72 compilations.
 # The GEMV kernel takes up to 8 rows a program (each weight unpacked once for them); run a program a
 # row, before 6f4b988, it lost to the tensor-core kernel from 4 rows up on Llama-3.2-1B's linears.
-GEMV_ROWS = (1, 2, 4, 8)
+# At 16 rows (two programs of 8 along M) it is timed too: from HBM the tensor-core kernel was 1.3-2x
+# slower than bf16's matmul there (docs/benchmarks.md, twenty-fourth session).
+GEMV_ROWS = (1, 2, 4, 8, 16)
 DOT_ROWS = (2, 4, 8, 16)
 GEMV_GRID = [dict(GEMV=True, BLOCK_N=bn, BLOCK_K=128, num_warps=w, num_stages=s)
              for bn, w, s in itertools.product((32, 64, 128), (4, 8), (2, 4))]
