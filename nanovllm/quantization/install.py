@@ -13,16 +13,11 @@ from torch import nn
 from nanovllm.quantization.quant_config import QuantConfig, checkpoint_quantization_config, resolve_quant_config
 
 
-def checkpoint_quant_config(model_dir: str, quantization: str | None = None) -> QuantConfig | None:
-    """The QuantConfig of the checkpoint in model_dir with LLM(quantization=...)."""
-    return resolve_quant_config(quantization, checkpoint_quantization_config(model_dir))
-
-
 def quantize_checkpoint_linears(model: nn.Module, model_dir: str, files: list[str], quantization: str | None
                                  ) -> QuantConfig | None:
     """Before a checkpoint loads: the linears it (or `quantization`) keeps quantized made ready
     for their quantized tensors. Returns the QuantConfig, None for a 16-bit model."""
-    quant = checkpoint_quant_config(model_dir, quantization)
+    quant = resolve_quant_config(quantization, checkpoint_quantization_config(model_dir))
     if quant is not None:
         names = []
         for path in files:
