@@ -46,6 +46,13 @@ for step in "$@"; do
                --rows 1 2 4 8 --half-unpack-max-rows $r 2>&1 | tee -a "$LOG_DIR/w4half.txt"; done; done
              for r in 0 4 0 4; do timeout 60 python benchmarks/single_request.py --shape llama-3.2-1b-gptq --new-tokens 128 \
                --half-unpack-max-rows $r 2>&1 | grep ms/token | sed "s/^/float16 unpacking to $r rows: /" | tee -a "$LOG_DIR/w4half.txt"; done ;;
+    # programmatic dependent launch (kernels/pdl.py): its GPU tests, then batch-1 decode with it off and on
+    pdl)     timeout 200 python -m pytest -q tests/gpu/test_kernels_gpu.py tests/gpu/test_engine_gpu.py -k "w4a16 or gptq" \
+               2>&1 | tail -3 | tee "$LOG_DIR/pdl.txt"
+             for run in "llama-3.2-1b-gptq 0" "llama-3.2-1b-gptq 1" "llama-3.2-1b 0" "llama-3.2-1b 1" \
+                        "llama-3.2-1b-gptq 1" "llama-3.2-1b-gptq 0"; do read -r shape pdl <<< "$run"
+               NANOVLLM_PDL=$pdl timeout 60 python benchmarks/single_request.py --shape $shape --new-tokens 128 2>&1 \
+               | grep ms/token | sed "s/^/$shape, NANOVLLM_PDL=$pdl: /" | tee -a "$LOG_DIR/pdl.txt"; done ;;
     specstep) timeout 120 python benchmarks/spec_step_profile.py --shape smollm2-135m-gptq --top 0 --gpu-profile 2>&1 \
                | grep -v Warning | tee "$LOG_DIR/specstep.txt" ;;
     specphases) timeout 120 python benchmarks/spec_step_profile.py --shape smollm2-135m-gptq -k 7 --top 0 --phases 2>&1 \

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.pdl import launch_dependents, pdl_enabled
 from nanovllm.kernels.quantize_fp8 import row_scale, to_e4m3
 
 
@@ -21,8 +22,9 @@ def _rms_norm_kernel(
     x_ptr, residual_ptr, out_ptr, sum_ptr, weight_ptr, scale_ptr, num_rows, eps,
     stride_x, stride_r, stride_o, stride_s,
     N: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    FP8_OUT: tl.constexpr,
+    FP8_OUT: tl.constexpr, PDL: tl.constexpr,
 ):
+    launch_dependents(PDL)      # a GEMV after it may start loading its weights now (pdl.py)
     row_ids = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     rows = row_ids[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
@@ -61,7 +63,8 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         _rms_norm_kernel[(triton.cdiv(num_rows, rows),)](
             x2, r2, out.view(-1, n), total.reshape(-1, n), weight, scale if fp8 else weight, num_rows, eps,
             x2.stride(0), r2.stride(0), n, n,
-            N=n, BLOCK_N=block_n, ROWS=rows, HAS_RESIDUAL=residual is not None, FP8_OUT=fp8)
+            N=n, BLOCK_N=block_n, ROWS=rows, HAS_RESIDUAL=residual is not None, FP8_OUT=fp8,
+            PDL=pdl_enabled(x.device))
     return out, total, scale
 
 

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.pdl import launch_dependents, pdl_enabled
 from nanovllm.kernels.quantize_fp8 import row_blocks, row_scale, to_e4m3
 
 
@@ -25,7 +26,8 @@ def _gated_silu(row_ptr, cols, mask, inter):
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    launch_dependents(PDL)      # the down projection's GEMV may start loading its weights now (pdl.py)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -65,7 +67,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(t, inter, dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(inter))
     if t:
-        _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x, out, x.stride(0), out.stride(0), inter, BLOCK=block)
+        _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x, out, x.stride(0), out.stride(0), inter, BLOCK=block,
+                                                              PDL=pdl_enabled(x.device))
     return out
 
 

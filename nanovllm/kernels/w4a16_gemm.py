@@ -29,6 +29,9 @@ Split-K: with few output tiles there are too few programs to fill the GPU, so K 
 counter per output tile; the one that arrives last sums the partials in K order (so the result
 does not depend on which came last), writes the output and sets the counter back to zero for the
 next launch. One launch a linear: summing in torch took two more, each as long as a small GEMV.
+
+On sm_90 and later the GEMV starts before the kernel ahead of it has finished and pulls its weights
+into L2 meanwhile (programmatic dependent launch, pdl.py).
 """
 import functools
 
@@ -37,6 +40,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.int_unpack import word_dots, word_dots_f16
+from nanovllm.kernels.pdl import pdl_enabled, prefetch_l2, wait_for_previous
 
 
 @triton.jit
@@ -67,7 +71,7 @@ def _w4a16_gemv_kernel(
     stride_xm, stride_qn, stride_sn, stride_mn, stride_om,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    HALF_UNPACK: tl.constexpr,
+    HALF_UNPACK: tl.constexpr, PDL: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PACK
@@ -86,6 +90,12 @@ def _w4a16_gemv_kernel(
     x_ptrs = x_ptr + safe_rows[:, None] * stride_xm + k_start + words_k[None, :] * PACK
     s_ptrs = scales_ptr + safe_cols * stride_sn
     m_ptrs = mins_ptr + safe_cols * stride_mn
+    if PDL:     # launched early (pdl.py): the weights do not depend on the kernel ahead, x does
+        for k0 in range(0, k_len, 1024 // BITS):                  # 128 bytes of each column's words
+            prefetch_l2(qweight_ptr + safe_cols * stride_qn + (k_start + k0) // PACK)
+        prefetch_l2(s_ptrs + k_start // GROUP_SIZE)
+        prefetch_l2(m_ptrs + k_start // GROUP_SIZE)
+    wait_for_previous(PDL)
     # summed over the words once at the end: a sum per step took a shuffle across threads each step
     acc = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
     # tl.range(num_stages=): loops without tl.dot are software-pipelined only when asked
@@ -329,13 +339,14 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
     counters = _tile_counters(x.device, row_tiles * col_tiles) if split else out
     grid = (row_tiles, col_tiles, split_k)
     if gemv:
+        pdl = pdl_enabled(x.device)
         _w4a16_gemv_kernel[grid](
             x, qweight, scales, mins, out, partials, counters,
             M, N, K, k_per_split, split_k,
             x.stride(0), qweight.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
             BITS=bits, GROUP_SIZE=group_size, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             NUM_STAGES=cfg["num_stages"], HALF_UNPACK=cfg.get("HALF_UNPACK", block_m <= HALF_UNPACK_MAX_ROWS)
-            and bits == 4 and x.is_cuda, num_warps=cfg["num_warps"],
+            and bits == 4 and x.is_cuda, PDL=pdl, num_warps=cfg["num_warps"], launch_pdl=pdl,
         )
     else:
         _w4a16_dot_kernel[grid](

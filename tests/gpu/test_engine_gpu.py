@@ -104,3 +104,25 @@ def test_fp8_activations_quantized_by_the_mlp_give_the_same_tokens(tiny_qwen3, m
     for a, b in zip(fused, unfused):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert a.outputs[0].cumulative_logprob == b.outputs[0].cumulative_logprob
+
+
+def test_gptq_model_through_graphs_gives_the_same_tokens_with_early_launches(tmp_path, monkeypatch):
+    """A 4-bit GPTQ model's GEMVs start before the kernel ahead has finished (programmatic dependent
+    launch, sm_90+): through CUDA graphs, the tokens and logprobs of the same kernels launched one
+    after another."""
+    from nanovllm.demo_model import build_tiny_checkpoint
+    from tests.test_quantization import write_quantized
+    src, dst, ref = (str(tmp_path / name) for name in ("float", "gptq", "dequantized"))
+    build_tiny_checkpoint(src, model_type="llama")
+    write_quantized(src, dst, ref, "gptq", bits=4, group_size=32)
+    prompts = random_prompts(8, 5, 200, seed=5)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
+    runs = {}
+    for pdl in ("0", "1"):
+        monkeypatch.setenv("NANOVLLM_PDL", pdl)
+        llm = LLM(dst, device="cuda", dtype="bfloat16")
+        runs[pdl] = [(o.outputs[0].token_ids, o.outputs[0].cumulative_logprob)
+                     for o in llm.generate(prompts, params, use_tqdm=False)]
+        del llm
+    assert runs["1"] == runs["0"]
+    assert len({tuple(tokens) for tokens, _ in runs["1"]}) > 1

@@ -254,3 +254,44 @@ def test_w4a16_gemv_float16_unpacking_matches_plain(dtype, group_size, rows):
                                   config={"GEMV": True, "HALF_UNPACK": h}) for h in (False, True))
         torch.testing.assert_close(half, plain, rtol=torch.finfo(dtype).eps, atol=1e-3)
         assert rel_err(half, expected) < TOL[dtype]
+
+
+def test_w4a16_gemv_launched_early_in_a_cuda_graph(monkeypatch):
+    """With programmatic dependent launch (sm_90+) each GEMV starts while the kernel ahead of it
+    runs (kernels/pdl.py): norm -> GEMV -> activation -> GEMV, four times, captured in a CUDA graph
+    and replayed on new inputs, gives the bits of the same kernels launched one after another."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    from nanovllm import kernels
+    from nanovllm.kernels.w4a16_gemm import w4a16_gemm
+    from nanovllm.quantization.packing import pack_int32
+    gen = torch.Generator().manual_seed(0)
+    hidden, inter, group = 2048, 8192, 128
+
+    def quantized(n, k):
+        return (pack_int32(torch.randint(0, 16, (n, k), generator=gen), 4, dim=1).cuda(),
+                (torch.rand(n, k // group, generator=gen) * 0.002 + 0.0005).to("cuda", torch.bfloat16),
+                (torch.randn(n, k // group, generator=gen) * 0.005).to("cuda", torch.bfloat16))
+    layers = [(quantized(2 * inter, hidden), quantized(hidden, inter)) for _ in range(4)]
+    norm_weight = torch.ones(hidden, dtype=torch.bfloat16, device="cuda")
+
+    def chain(x):
+        for gate_up, down in layers:
+            a = kernels.silu_and_mul(w4a16_gemm(kernels.rms_norm(x, norm_weight, 1e-6), *gate_up, 4, group))
+            x = x + w4a16_gemm(a, *down, 4, group)
+        return x
+
+    static_x = torch.randn(1, hidden, generator=gen).to("cuda", torch.bfloat16)
+    for pdl in ("0", "1"):          # compile both variants before capturing
+        monkeypatch.setenv("NANOVLLM_PDL", pdl)
+        chain(static_x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = chain(static_x)
+    monkeypatch.setenv("NANOVLLM_PDL", "0")
+    for trial in range(3):
+        static_x.copy_(torch.randn(1, hidden, generator=gen).to("cuda", torch.bfloat16))
+        graph.replay()
+        expected = chain(static_x)
+        assert torch.equal(static_out, expected), trial

@@ -1,0 +1,76 @@
+"""Programmatic dependent launch (kernels/pdl.py) in the code compiled for sm_90, without a GPU.
+
+A kernel launched early must not read or write memory before it waits for the kernel ahead. The
+W4A16 GEMV, launched so, may only prefetch its weights before `griddepcontrol.wait`; the kernels
+that come before a GEMV in a decode step signal that it may launch. Each launch is recorded under
+the interpreter (where PDL is off), switched on, and compiled for GPUTarget("cuda", 90, 32)."""
+import re
+
+import pytest
+import torch
+
+from nanovllm.kernels import triton_available
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available() or not triton_available(),
+                                reason="checks the compiler from the CPU interpreter's recordings")
+
+MEMORY_ACCESS = re.compile(r"^\s*(@%p\d+\s+)?(ld\.global|cp\.async\.|st\.global|atom\.|red\.)", re.M)
+
+
+def _recorded(monkeypatch, launch_kernels) -> dict[str, dict]:
+    """The bfloat16 launch of each kernel `launch_kernels` calls, by name, with PDL switched on."""
+    from tests.kernels import test_compile_for_gpu as compile_check
+    monkeypatch.setattr(compile_check, "_launch_all_kernels", launch_kernels)
+    launches = {}
+    for launch in compile_check._record_launches(monkeypatch):
+        if "*fp16" not in launch["signature"].values():
+            assert launch["constexprs"]["PDL"] is False     # never on under the interpreter
+            launch["constexprs"]["PDL"] = True
+            launches.setdefault(launch["name"], launch)
+    return launches
+
+
+def _gemv():
+    from nanovllm.kernels.w4a16_gemm import w4a16_gemm
+    from tests.kernels.test_w4a16_gemm import random_quantized
+    qweight, scales, mins, _ = random_quantized(64, 512, 4, 128, False, torch.float16)
+    w4a16_gemm(torch.randn(1, 512, dtype=torch.float16), qweight, scales, mins, 4, 128, split_k=2,
+               config={"GEMV": True})
+
+
+def test_gemv_prefetches_its_weights_then_waits_before_any_other_memory_access(monkeypatch):
+    from tests.kernels.test_fp8_codegen import _ptx
+    launch = _recorded(monkeypatch, _gemv)["_w4a16_gemv_kernel"]
+    assert launch["constexprs"]["SPLIT"]           # the partials and the arrival counter too
+    ptx = _ptx(launch)
+    wait = ptx.index("griddepcontrol.wait")
+    assert ptx[:wait].count("prefetch.global.L2") >= 3        # words, scales, mins
+    assert not MEMORY_ACCESS.search(ptx[:wait]), MEMORY_ACCESS.search(ptx[:wait]).group(0)
+    after = [m.group(2) for m in MEMORY_ACCESS.finditer(ptx[wait:])]
+    assert {"cp.async.", "atom."} <= set(after), after
+    launch["constexprs"]["PDL"] = False
+    assert "griddepcontrol" not in (off := _ptx(launch)) and "prefetch" not in off
+
+
+def _kernels_before_a_gemv():
+    from nanovllm import kernels
+    from tests.kernels.test_kernels import make_paged_batch
+    h = torch.float16
+    x = torch.randn(3, 64, dtype=h)
+    kernels.rms_norm(x, torch.ones(64, dtype=h), 1e-6)
+    kernels.silu_and_mul(torch.randn(3, 96, dtype=h))
+    decode = make_paged_batch([20, 9], [1, 1], 4, 2, 32, 16, dtype=h)
+    kernels.paged_decode_attention(decode["q"], decode["k_cache"], decode["v_cache"], decode["seq_lens"],
+                                   decode["block_tables"], 0.2, num_splits=2)
+
+
+def test_the_kernels_ahead_of_a_gemv_let_it_launch_at_their_start(monkeypatch):
+    from tests.kernels.test_fp8_codegen import _ptx
+    launches = _recorded(monkeypatch, _kernels_before_a_gemv)
+    for name in ("_rms_norm_kernel", "_silu_and_mul_kernel", "_decode_merge_kernel"):
+        ptx = _ptx(launches[name])
+        signal = ptx.index("griddepcontrol.launch_dependents")
+        assert not MEMORY_ACCESS.search(ptx[:signal]), name
+    # the split kernel, followed by the merge, lets nothing launch early
+    assert not launches["_decode_split_kernel"]["constexprs"]["DIRECT"]
+    assert "griddepcontrol" not in _ptx(launches["_decode_split_kernel"])
