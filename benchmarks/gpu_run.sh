@@ -53,6 +53,8 @@ for step in "$@"; do
                         "llama-3.2-1b-gptq 1" "llama-3.2-1b-gptq 0"; do read -r shape pdl <<< "$run"
                NANOVLLM_PDL=$pdl timeout 60 python benchmarks/single_request.py --shape $shape --new-tokens 128 2>&1 \
                | grep ms/token | sed "s/^/$shape, NANOVLLM_PDL=$pdl: /" | tee -a "$LOG_DIR/pdl.txt"; done ;;
+    pdlbench) for p in 1 0; do NANOVLLM_PDL=$p timeout 150 python bench.py --quiet 2>&1 | grep -v Warning \
+               | sed "s/^/NANOVLLM_PDL=$p: /" | tee -a "$LOG_DIR/pdl_bench.txt"; done ;;
     specstep) timeout 120 python benchmarks/spec_step_profile.py --shape smollm2-135m-gptq --top 0 --gpu-profile 2>&1 \
                | grep -v Warning | tee "$LOG_DIR/specstep.txt" ;;
     specphases) timeout 120 python benchmarks/spec_step_profile.py --shape smollm2-135m-gptq -k 7 --top 0 --phases 2>&1 \

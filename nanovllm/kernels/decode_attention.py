@@ -26,7 +26,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from nanovllm.kernels.online_softmax import (fp8_value_pairs, fp16_mma, fp16_query, online_softmax_update,
                                              softmax_weights, tile_scores)
-from nanovllm.kernels.pdl import launch_dependents, pdl_enabled
+from nanovllm.kernels.pdl import pdl_enabled, wait_for_previous
 
 LOG2E = 1.4426950408889634
 
@@ -57,8 +57,7 @@ def _decode_split_kernel(
     DIRECT: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr, KV_SCALED: tl.constexpr,
     FP16_MMA: tl.constexpr, V_PAIRS: tl.constexpr, INLINE_ASM: tl.constexpr, PDL: tl.constexpr,
 ):
-    if DIRECT:      # the output projection's GEMV may start loading its weights now (pdl.py)
-        launch_dependents(PDL)
+    wait_for_previous(PDL)          # launched early: wait for the kernel ahead (pdl.py)
     if KV_SCALED:   # a float8 cache: the keys' scale joins the softmax's, the values' the output's
         scale_log2 = scale_log2 * tl.load(k_scale_ptr)
     seq = tl.program_id(0)
@@ -152,7 +151,7 @@ def _decode_merge_kernel(
     stride_ob, stride_oh, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
-    launch_dependents(PDL)
+    wait_for_previous(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, NUM_SPLITS)
@@ -256,11 +255,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         DIRECT=direct, SLIDING=window is not None, IEEE=q.dtype == torch.float32, KV_SCALED=k_scale is not None,
         FP16_MMA=fp16_mma(q, k_cache), V_PAIRS=cfg.get("V_PAIRS", False) and _pairs_fit(q, v_cache),
         INLINE_ASM=not isinstance(_decode_split_kernel, InterpretedFunction), PDL=pdl,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )
     if not direct:
         _decode_merge_kernel[(batch, num_heads)](
             part_out, part_lse, out, *p_strides, *l_strides, *out.stride(),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, PDL=pdl, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, PDL=pdl, num_warps=4, launch_pdl=pdl,
         )
     return out

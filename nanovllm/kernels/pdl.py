@@ -1,15 +1,15 @@
 """Programmatic dependent launch (Hopper and later): a kernel starts before the one ahead of it
-on the stream has finished, and waits only where it first needs that kernel's results.
+on the stream has finished, and waits where it first needs that kernel's results.
 
-A 4-bit decode step is a chain of small dependent kernels, and each of its GEMVs spends a few
-microseconds starting up and waiting for its first weights from HBM, though the weights never
-depend on the kernel before. With this, the kernel ahead signals at its start that the next may
-launch (`launch_dependents`); the GEMV, launched with `launch_pdl=True`, pulls its weights into L2
-(`prefetch_l2`) while that kernel still runs, then waits for it (`wait_for_previous`) before it
-reads the activations. A kernel launched this way must wait before it reads or writes anything
-the kernels ahead touch; the signal itself is harmless when no dependent was launched this way.
+A decode step at small batches is a chain of small dependent kernels (a 4-bit model's, all of them
+ours), and each spends a microsecond or two being launched and starting up after the one before
+has finished. Launched with `launch_pdl=True`, a kernel of the chain is launched while the one
+ahead runs; at its top it waits for that one and then lets the next launch (`wait_for_previous`).
+The W4A16 GEMV does one thing before it waits: it pulls its weights, which never depend on the
+kernel ahead, into L2 (`prefetch_l2`). Every kernel launched this way must wait before it reads or
+writes memory; kernels launched plainly are unaffected.
 
-Both are no-ops (PDL=False) under the interpreter, before sm_90, or with NANOVLLM_PDL=0.
+All of it is off (PDL=False) under the interpreter, before sm_90, or with NANOVLLM_PDL=0.
 """
 import functools
 import os
@@ -37,17 +37,12 @@ def pdl_enabled(device: torch.device) -> bool:
 
 
 @triton.jit
-def launch_dependents(PDL: tl.constexpr):
-    """Let the next kernel launch now (it waits for this one's results itself)."""
-    if PDL:
-        gdc_launch_dependents()
-
-
-@triton.jit
 def wait_for_previous(PDL: tl.constexpr):
-    """Block until the kernels ahead on the stream have finished and their writes are visible."""
+    """Block until the kernel ahead on the stream has finished and its writes are visible; then let
+    the next kernel launch (it waits for this one in turn)."""
     if PDL:
         gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit

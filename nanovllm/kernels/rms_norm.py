@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.pdl import launch_dependents, pdl_enabled
+from nanovllm.kernels.pdl import pdl_enabled, wait_for_previous
 from nanovllm.kernels.quantize_fp8 import row_scale, to_e4m3
 
 
@@ -24,7 +24,7 @@ def _rms_norm_kernel(
     N: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     FP8_OUT: tl.constexpr, PDL: tl.constexpr,
 ):
-    launch_dependents(PDL)      # a GEMV after it may start loading its weights now (pdl.py)
+    wait_for_previous(PDL)      # launched early: wait for the kernel ahead (pdl.py)
     row_ids = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     rows = row_ids[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
@@ -59,12 +59,13 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     num_rows = x2.shape[0]
     block_n = triton.next_power_of_2(n)
     rows = max(1, min(16, 4096 // block_n))  # small rows (per-head norms) go several to a program
+    pdl = pdl_enabled(x.device)
     if num_rows:
         _rms_norm_kernel[(triton.cdiv(num_rows, rows),)](
             x2, r2, out.view(-1, n), total.reshape(-1, n), weight, scale if fp8 else weight, num_rows, eps,
             x2.stride(0), r2.stride(0), n, n,
             N=n, BLOCK_N=block_n, ROWS=rows, HAS_RESIDUAL=residual is not None, FP8_OUT=fp8,
-            PDL=pdl_enabled(x.device))
+            PDL=pdl, launch_pdl=pdl)
     return out, total, scale
 
 

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.pdl import pdl_enabled, wait_for_previous
+
 
 @triton.jit
 def _rotate_heads(x_ptr, stride_t, stride_h, token, cos, sin, w1, w2, eps,
@@ -44,8 +46,9 @@ def _rotary_kernel(
     q_ptr, k_ptr, cos_sin_ptr, positions_ptr, q_weight_ptr, k_weight_ptr, eps,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
     HQ: tl.constexpr, HK: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)      # launched early: wait for the kernel ahead (pdl.py)
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     half = tl.arange(0, BLOCK_HALF)[None, :]
@@ -79,12 +82,13 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: 
         raise ValueError("rotary_ needs the head dimension contiguous")
     half = d // 2
     has_norm = q_weight is not None
+    pdl = pdl_enabled(q.device)
     if t:
         _rotary_kernel[(t,)](
             q, k, cos_sin, positions, q_weight if has_norm else cos_sin, k_weight if has_norm else cos_sin, eps,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin.stride(0),
             HQ=hq, HK=hk, BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
-            HALF=half, BLOCK_HALF=triton.next_power_of_2(half), HAS_NORM=has_norm)
+            HALF=half, BLOCK_HALF=triton.next_power_of_2(half), HAS_NORM=has_norm, PDL=pdl, launch_pdl=pdl)
     return q, k
 
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.pdl import launch_dependents, pdl_enabled
+from nanovllm.kernels.pdl import pdl_enabled, wait_for_previous
 from nanovllm.kernels.quantize_fp8 import row_blocks, row_scale, to_e4m3
 
 
@@ -27,7 +27,7 @@ def _gated_silu(row_ptr, cols, mask, inter):
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    launch_dependents(PDL)      # the down projection's GEMV may start loading its weights now (pdl.py)
+    wait_for_previous(PDL)      # launched early: wait for the kernel ahead (pdl.py)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -66,9 +66,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     t, inter = x.shape[0], x.shape[1] // 2
     out = torch.empty(t, inter, dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(inter))
+    pdl = pdl_enabled(x.device)
     if t:
         _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x, out, x.stride(0), out.stride(0), inter, BLOCK=block,
-                                                              PDL=pdl_enabled(x.device))
+                                                              PDL=pdl, launch_pdl=pdl)
     return out
 
 

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.pdl import pdl_enabled, wait_for_previous
+
 
 @triton.jit
 def round_to_e4m3(x):
@@ -45,8 +47,9 @@ def _store_kv_kernel(
     stride_kc_blk, stride_kc_slot, stride_kc_h, stride_kc_d,
     stride_vc_blk, stride_vc_slot, stride_vc_h, stride_vc_d,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)      # launched early: wait for the kernel ahead (pdl.py)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot < 0:
@@ -88,10 +91,11 @@ def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     if fp8 and (k_scale is None or v_scale is None):
         k_scale = v_scale = torch.ones(1, dtype=torch.float32, device=key.device)
+    pdl = pdl_enabled(key.device)
     _store_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping, k_scale if fp8 else slot_mapping, v_scale if fp8 else slot_mapping,
         *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_D=triton.next_power_of_2(head_dim), FP8=fp8,
-        num_warps=4,
+        PDL=pdl, num_warps=4, launch_pdl=pdl,
     )

@@ -30,8 +30,8 @@ counter per output tile; the one that arrives last sums the partials in K order 
 does not depend on which came last), writes the output and sets the counter back to zero for the
 next launch. One launch a linear: summing in torch took two more, each as long as a small GEMV.
 
-On sm_90 and later the GEMV starts before the kernel ahead of it has finished and pulls its weights
-into L2 meanwhile (programmatic dependent launch, pdl.py).
+On sm_90 and later the GEMV is launched before the kernel ahead of it has finished and pulls its
+weights into L2 meanwhile (programmatic dependent launch, pdl.py).
 """
 import functools
 

@@ -1,9 +1,9 @@
 """Programmatic dependent launch (kernels/pdl.py) in the code compiled for sm_90, without a GPU.
 
-A kernel launched early must not read or write memory before it waits for the kernel ahead. The
-W4A16 GEMV, launched so, may only prefetch its weights before `griddepcontrol.wait`; the kernels
-that come before a GEMV in a decode step signal that it may launch. Each launch is recorded under
-the interpreter (where PDL is off), switched on, and compiled for GPUTarget("cuda", 90, 32)."""
+A kernel launched early must not read or write memory before it waits for the kernel ahead
+(`griddepcontrol.wait`), and lets the next one launch only after that; the W4A16 GEMV may prefetch
+its weights before it waits, and nothing else. Each launch is recorded under the interpreter (where
+PDL is off), switched on, and compiled for GPUTarget("cuda", 90, 32)."""
 import re
 
 import pytest
@@ -52,25 +52,30 @@ def test_gemv_prefetches_its_weights_then_waits_before_any_other_memory_access(m
     assert "griddepcontrol" not in (off := _ptx(launch)) and "prefetch" not in off
 
 
-def _kernels_before_a_gemv():
+def _decode_chain():
+    """The other kernels of a decode step's layer, each launched once."""
     from nanovllm import kernels
     from tests.kernels.test_kernels import make_paged_batch
     h = torch.float16
     x = torch.randn(3, 64, dtype=h)
     kernels.rms_norm(x, torch.ones(64, dtype=h), 1e-6)
     kernels.silu_and_mul(torch.randn(3, 96, dtype=h))
+    qk = torch.randn(3, 6, 32, dtype=h)
+    kernels.rotary_(qk[:, :4], qk[:, 4:], torch.randn(16, 32), torch.arange(3))
     decode = make_paged_batch([20, 9], [1, 1], 4, 2, 32, 16, dtype=h)
+    kernels.store_kv_cache(decode["q"][:, :2], decode["q"][:, 2:], decode["k_cache"], decode["v_cache"],
+                           torch.tensor([3, 40]))
     kernels.paged_decode_attention(decode["q"], decode["k_cache"], decode["v_cache"], decode["seq_lens"],
                                    decode["block_tables"], 0.2, num_splits=2)
 
 
-def test_the_kernels_ahead_of_a_gemv_let_it_launch_at_their_start(monkeypatch):
+@pytest.mark.parametrize("name", ["_rms_norm_kernel", "_silu_and_mul_kernel", "_rotary_kernel", "_store_kv_kernel",
+                                  "_decode_split_kernel", "_decode_merge_kernel", "_w4a16_gemv_kernel"])
+def test_each_kernel_waits_before_touching_memory_then_lets_the_next_launch(monkeypatch, name):
     from tests.kernels.test_fp8_codegen import _ptx
-    launches = _recorded(monkeypatch, _kernels_before_a_gemv)
-    for name in ("_rms_norm_kernel", "_silu_and_mul_kernel", "_decode_merge_kernel"):
-        ptx = _ptx(launches[name])
-        signal = ptx.index("griddepcontrol.launch_dependents")
-        assert not MEMORY_ACCESS.search(ptx[:signal]), name
-    # the split kernel, followed by the merge, lets nothing launch early
-    assert not launches["_decode_split_kernel"]["constexprs"]["DIRECT"]
-    assert "griddepcontrol" not in _ptx(launches["_decode_split_kernel"])
+    launch = _recorded(monkeypatch, lambda: (_decode_chain(), _gemv()))[name]
+    ptx = _ptx(launch)
+    wait, signal = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
+    assert wait < signal
+    assert not MEMORY_ACCESS.search(ptx[:wait]), MEMORY_ACCESS.search(ptx[:wait]).group(0)
+    assert MEMORY_ACCESS.search(ptx[wait:])
