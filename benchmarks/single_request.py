@@ -9,6 +9,7 @@
                                           # the 4-bit GEMV unpacking through float16
 """
 import argparse
+import json
 import random
 import time
 
@@ -27,7 +28,11 @@ p.add_argument("--gemv-max-rows", type=int, default=None,
                help="4-bit weights: rows up to which the CUDA-core kernel runs (default: w4a16_gemm.GEMV_MAX_ROWS)")
 p.add_argument("--half-unpack-max-rows", type=int, default=None,
                help="4-bit weights: rows up to which the CUDA-core kernel unpacks through float16")
+p.add_argument("--gemv-config", type=json.loads, default={},
+               help='4-bit weights: settings of the CUDA-core kernel, as JSON (e.g. \'{"split_per_sm": 4}\'; '
+                    'default: w4a16_gemm.GEMV_CONFIG)')
 args = p.parse_args()
+w4a16_gemm.GEMV_CONFIG.update(args.gemv_config)
 if args.gemv_max_rows is not None:
     w4a16_gemm.set_gemv_max_rows(args.gemv_max_rows)
 if args.half_unpack_max_rows is not None:
