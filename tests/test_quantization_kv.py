@@ -150,7 +150,7 @@ def test_float8_kernels_compile_for_sm90(monkeypatch):
     monkeypatch.setattr(compile_check, "_launch_all_kernels", _launch_float8_kernels)
     launches = compile_check._record_launches(monkeypatch)
     assert {launch["name"] for launch in launches} == {"_prefill_kernel", "_decode_split_kernel",
-                                                        "_store_kv_kernel"}
+                                                        "_decode_merge_kernel", "_store_kv_kernel"}
     assert all(launch["signature"]["k_cache_ptr"] == "*fp8e4nv" for launch in launches if "k_cache_ptr" in
                launch["signature"])
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -10,9 +10,8 @@ two FLOPs per byte, so it is bound by memory bandwidth. The design follows from 
   tiles each, so that a few long sequences still give enough programs to fill the GPU.
   The segment bounds are computed on the device from `seq_lens`: the grid depends on the
   batch size (and model shape) only, so one captured CUDA graph serves every context length.
-* Each split writes an fp32 partial output, already normalised, and its log-sum-exp; the last
-  split of a (sequence, KV head) to finish combines them. With one split the kernel writes the
-  output itself.
+* Each split writes an fp32 partial output, already normalised, and its log-sum-exp; a small
+  merge kernel combines the splits. With one split the first kernel writes the output itself.
 * The KV walk is independent of the cache block size: each tile of BLOCK_N tokens looks up
   the physical block of every token in the block table.
 * Sliding window (`window=W`): only the last W keys are split and read, from the tile that
@@ -25,7 +24,6 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from nanovllm.kernels.arrival_counters import arrival_counters
 from nanovllm.kernels.online_softmax import (fp8_value_pairs, fp16_mma, fp16_query, online_softmax_update,
                                              softmax_weights, tile_scores)
 from nanovllm.kernels.pdl import pdl_enabled, wait_for_previous
@@ -40,30 +38,12 @@ FP8_CONFIG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "V_PAIRS": True}
 MAX_SPLITS = 64
 
 
-@triton.jit
-def _merge_splits(part_ptr, lse_ptr, out_ptr, stride_ps, stride_od,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """One head's output from its splits' normalised partial outputs and log-sum-exps. The loads
-    read from L2 (.cg), where the other programs' stores are, not from a stale L1 line."""
-    s = tl.arange(0, NUM_SPLITS)
-    d = tl.arange(0, BLOCK_D)
-    lse = tl.load(lse_ptr + s, cache_modifier=".cg")
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)    # every split empty: output zeros
-    w = tl.exp2(lse - m)
-    total = tl.sum(w, 0)
-    total = tl.where(total > 0, total, 1.0)
-    parts = tl.load(part_ptr + s[:, None] * stride_ps + d[None, :], cache_modifier=".cg")
-    o = tl.sum(parts * (w / total)[:, None], 0)
-    tl.store(out_ptr + d * stride_od, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
-
-
 # The block table's width changes from step to step outside CUDA graphs: do not compile a
 # variant per width class (Triton specialises ints equal to 1 or divisible by 16).
 @triton.jit(do_not_specialize=["stride_bt_b", "window"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr,
-    part_out_ptr, part_lse_ptr, counters_ptr, out_ptr, k_scale_ptr, v_scale_ptr,
+    part_out_ptr, part_lse_ptr, out_ptr, k_scale_ptr, v_scale_ptr,
     scale_log2, window,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -161,18 +141,32 @@ def _decode_split_kernel(
         tl.store(p_ptrs + d[None, :], o, mask=row_mask)
         l_ptrs = part_lse_ptr + seq.to(tl.int64) * stride_lb + heads * stride_lh + split
         tl.store(l_ptrs, lse, mask=g_mask)
-        # The last split of this (sequence, KV head) to finish merges them all (arrival_counters.py),
-        # rather than a kernel launched after this one.
-        tl.debug_barrier()                    # every thread's partial stored before this split counts in
-        counter = counters_ptr + seq * tl.num_programs(1) + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-            for g_i in tl.static_range(GROUP):
-                head = kv_head * GROUP + g_i
-                _merge_splits(part_out_ptr + seq.to(tl.int64) * stride_pb + head * stride_ph,
-                              part_lse_ptr + seq.to(tl.int64) * stride_lb + head * stride_lh,
-                              out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh,
-                              stride_ps, stride_od, HEAD_DIM, BLOCK_D, NUM_SPLITS)
-            tl.atomic_xchg(counter, 0)        # ready for the next launch (and CUDA graph replay)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr,
+    stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh, stride_od,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr,
+):
+    wait_for_previous(PDL)
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    lse = tl.load(part_lse_ptr + seq.to(tl.int64) * stride_lb + head * stride_lh + s)
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)    # every split empty: output zeros
+    w = tl.exp2(lse - m)
+    total = tl.sum(w, 0)
+    total = tl.where(total > 0, total, 1.0)
+    p_ptrs = part_out_ptr + seq.to(tl.int64) * stride_pb + head * stride_ph + s[:, None] * stride_ps
+    parts = tl.load(p_ptrs + d[None, :])
+    o = tl.sum(parts * (w / total)[:, None], 0)
+    tl.store(out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + d * stride_od,
+             o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 @functools.lru_cache(maxsize=None)
@@ -244,16 +238,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_d = triton.next_power_of_2(head_dim)
     direct = num_splits == 1
     if direct:
-        part_out = part_lse = counters = out     # unused
+        part_out = part_lse = out     # unused
         p_strides, l_strides = (0, 0, 0), (0, 0)
     else:
         part_out = torch.empty(batch, num_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
         p_strides, l_strides = part_out.stride()[:3], part_lse.stride()[:2]
-        counters = arrival_counters("decode_attention", q.device, batch * num_kv_heads)
 
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, seq_lens, block_tables, part_out, part_lse, counters, out,
+        q, k_cache, v_cache, seq_lens, block_tables, part_out, part_lse, out,
         q if k_scale is None else k_scale, q if v_scale is None else v_scale, scale * LOG2E, window or 0,
         *q.stride(), *k_cache.stride()[:4], *v_cache.stride()[:4], *block_tables.stride(),
         *p_strides, *l_strides, *out.stride(),
@@ -264,4 +257,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         INLINE_ASM=not isinstance(_decode_split_kernel, InterpretedFunction), PDL=pdl,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )
+    if not direct:
+        _decode_merge_kernel[(batch, num_heads)](
+            part_out, part_lse, out, *p_strides, *l_strides, *out.stride(),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, PDL=pdl, num_warps=4, launch_pdl=pdl,
+        )
     return out

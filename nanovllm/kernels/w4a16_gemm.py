@@ -39,7 +39,6 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.arrival_counters import arrival_counters
 from nanovllm.kernels.int_unpack import word_dots, word_dots_f16
 from nanovllm.kernels.pdl import pdl_enabled, prefetch_l2, wait_for_previous
 
@@ -250,6 +249,22 @@ DOT_CONFIGS = [
 ]
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The device's split-K arrival counters, one per output tile, all zero between launches (each
+    tile's last program resets its own). Never freed: a captured CUDA graph replays their address
+    (a buffer outgrown by a larger launch is kept for the graphs that use it)."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < tiles:
+        if counters is not None:
+            _OUTGROWN.append(counters)
+        counters = _COUNTERS[device] = torch.zeros(max(4096, tiles), dtype=torch.int32, device=device)
+    return counters
+
+
 def _dot_config(M: int) -> dict:
     return next(cfg for max_rows, cfg in DOT_CONFIGS if max_rows is None or M <= max_rows)
 
@@ -321,7 +336,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
     split_k = triton.cdiv(K, k_per_split)
     split = split_k > 1
     partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split else out
-    counters = arrival_counters("w4a16", x.device, row_tiles * col_tiles) if split else out
+    counters = _tile_counters(x.device, row_tiles * col_tiles) if split else out
     grid = (row_tiles, col_tiles, split_k)
     if gemv:
         pdl = pdl_enabled(x.device)

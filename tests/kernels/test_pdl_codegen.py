@@ -70,7 +70,7 @@ def _decode_chain():
 
 
 @pytest.mark.parametrize("name", ["_rms_norm_kernel", "_silu_and_mul_kernel", "_rotary_kernel", "_store_kv_kernel",
-                                  "_decode_split_kernel", "_w4a16_gemv_kernel"])
+                                  "_decode_split_kernel", "_decode_merge_kernel", "_w4a16_gemv_kernel"])
 def test_each_kernel_waits_before_touching_memory_then_lets_the_next_launch(monkeypatch, name):
     from tests.kernels.test_fp8_codegen import _ptx
     launch = _recorded(monkeypatch, lambda: (_decode_chain(), _gemv()))[name]
