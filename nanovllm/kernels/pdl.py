@@ -9,7 +9,8 @@ The W4A16 GEMV does one thing before it waits: it pulls its weights, which never
 kernel ahead, into L2 (`prefetch_l2`). Every kernel launched this way must wait before it reads or
 writes memory; kernels launched plainly are unaffected.
 
-All of it is off (PDL=False) under the interpreter, before sm_90, or with NANOVLLM_PDL=0.
+All of it is off (PDL=False) on a CPU and under Triton's interpreter, on GPUs before sm_90 and on
+ROCm, and with NANOVLLM_PDL=0.
 """
 import functools
 import os
@@ -26,12 +27,14 @@ except ImportError:
 
 @functools.lru_cache(maxsize=None)
 def _capable(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+    # (a ROCm build reports its GPUs' gfx versions as capabilities: 9.4 is an MI300, without PDL)
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
 def pdl_enabled(device: torch.device) -> bool:
     """Launch with programmatic dependent launch on this device?"""
-    if device.type != "cuda" or gdc_wait is None or os.environ.get("NANOVLLM_PDL", "1") == "0":
+    if (device.type != "cuda" or gdc_wait is None or os.environ.get("NANOVLLM_PDL", "1") == "0"
+            or os.environ.get("TRITON_INTERPRET", "0") == "1"):
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
 
