@@ -2,8 +2,28 @@
 top_logprobs, text_offset), chat's content list, and vLLM's extra prompt_logprobs field."""
 import dataclasses
 
-from nanovllm.entrypoints.protocol import ChatCompletionRequest
-from nanovllm.outputs import CompletionOutput, Logprob, PromptLogprobs
+from nanovllm.entrypoints.protocol import ChatCompletionRequest, CompletionRequest
+from nanovllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
+
+
+def completion_logprobs(body: CompletionRequest, out: RequestOutput, c: CompletionOutput, offset: int,
+                        first: bool, tokenizer) -> dict:
+    """OpenAI's legacy logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    pairs = list(zip(c.token_ids, c.logprobs or []))
+    if body.echo and first:
+        prompt_lps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+        pairs = list(zip(out.prompt_token_ids, prompt_lps)) + pairs
+    result = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token_id, entry in pairs:
+        token = entry[token_id].decoded_token if entry else tokenizer.decode([token_id])
+        result["tokens"].append(token)
+        result["token_logprobs"].append(entry[token_id].logprob if entry else None)
+        # Keyed by text: of tokens that decode alike, the likeliest is kept.
+        result["top_logprobs"].append({lp.decoded_token: lp.logprob for lp in reversed(ranked(entry))}
+                                      if entry else None)
+        result["text_offset"].append(offset)
+        offset += len(token)
+    return result
 
 
 def chat_logprobs(body: ChatCompletionRequest, c: CompletionOutput) -> dict | None:

@@ -27,7 +27,7 @@ from nanovllm.beam_search import beam_search_async
 from nanovllm.entrypoints.async_llm import AsyncLLM, RequestStream
 from nanovllm.entrypoints.engine_process import summarize
 from nanovllm.entrypoints.errors import sampling_param
-from nanovllm.entrypoints.logprobs_json import chat_logprobs, prompt_logprobs_json, ranked
+from nanovllm.entrypoints.logprobs_json import chat_logprobs, completion_logprobs, prompt_logprobs_json
 from nanovllm.entrypoints.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest,
                                            DetokenizeRequest, OpenAIError, TokenizeRequest)
 from nanovllm.entrypoints.streams import HeldBack, final_outputs, merged, sse_events
@@ -169,7 +169,7 @@ class OpenAIHandlers:
                 if body.echo:
                     text = self._prompt_text(inputs[i]) + text
                 if body.logprobs is not None:
-                    logprobs = self._completion_logprobs(body, out, c, 0, first=True)
+                    logprobs = completion_logprobs(body, out, c, 0, True, self.tokenizer)
                 choices.append({"index": i * body.n + c.index, "text": text, "logprobs": logprobs,
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
                                 "prompt_logprobs": prompt_logprobs_json(out.prompt_logprobs)})
@@ -215,7 +215,7 @@ class OpenAIHandlers:
                 text = (self._prompt_text(inputs[i]) if body.echo and first else "") + c.text
                 logprobs = None
                 if body.logprobs is not None:
-                    logprobs = self._completion_logprobs(body, out, c, sent.get(index, 0), first)
+                    logprobs = completion_logprobs(body, out, c, sent.get(index, 0), first, self.tokenizer)
                 sent[index] = sent.get(index, 0) + len(text)
                 if c.finish_reason:
                     done.add(index)
@@ -229,25 +229,6 @@ class OpenAIHandlers:
         if prompt["prompt"] is None:
             prompt["prompt"] = self.tokenizer.decode(prompt["prompt_token_ids"])
         return prompt["prompt"]
-
-    def _completion_logprobs(self, body: CompletionRequest, out: RequestOutput, c: CompletionOutput,
-                             offset: int, first: bool) -> dict:
-        """OpenAI's legacy logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
-        pairs = list(zip(c.token_ids, c.logprobs or []))
-        if body.echo and first:
-            prompt_lps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-            pairs = list(zip(out.prompt_token_ids, prompt_lps)) + pairs
-        result = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for token_id, entry in pairs:
-            token = entry[token_id].decoded_token if entry else self.tokenizer.decode([token_id])
-            result["tokens"].append(token)
-            result["token_logprobs"].append(entry[token_id].logprob if entry else None)
-            # Keyed by text: of tokens that decode alike, the likeliest is kept.
-            result["top_logprobs"].append({lp.decoded_token: lp.logprob for lp in reversed(ranked(entry))}
-                                          if entry else None)
-            result["text_offset"].append(offset)
-            offset += len(token)
-        return result
 
     # -- /v1/chat/completions ----------------------------------------------------------------
     async def chat_completions(self, body: ChatCompletionRequest):
