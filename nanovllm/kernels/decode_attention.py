@@ -26,7 +26,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from nanovllm.kernels.online_softmax import (fp8_value_pairs, fp16_mma, fp16_query, online_softmax_update,
                                              softmax_weights, tile_scores)
-from nanovllm.kernels.pdl import pdl_enabled, wait_for_previous
+from nanovllm.kernels.pdl import pdl_options, wait_for_previous
 
 LOG2E = 1.4426950408889634
 
@@ -234,7 +234,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"num_splits must be a power of two >= 1, got {num_splits}")
 
     group = num_heads // num_kv_heads
-    pdl = pdl_enabled(q.device)
+    pdl = pdl_options(q.device)
     block_d = triton.next_power_of_2(head_dim)
     direct = num_splits == 1
     if direct:
@@ -254,12 +254,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"], NUM_SPLITS=num_splits,
         DIRECT=direct, SLIDING=window is not None, IEEE=q.dtype == torch.float32, KV_SCALED=k_scale is not None,
         FP16_MMA=fp16_mma(q, k_cache), V_PAIRS=cfg.get("V_PAIRS", False) and _pairs_fit(q, v_cache),
-        INLINE_ASM=not isinstance(_decode_split_kernel, InterpretedFunction), PDL=pdl,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
+        INLINE_ASM=not isinstance(_decode_split_kernel, InterpretedFunction),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl,
     )
     if not direct:
         _decode_merge_kernel[(batch, num_heads)](
             part_out, part_lse, out, *p_strides, *l_strides, *out.stride(),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, PDL=pdl, num_warps=4, launch_pdl=pdl,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, num_warps=4, **pdl,
         )
     return out

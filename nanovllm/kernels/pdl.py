@@ -39,6 +39,12 @@ def pdl_enabled(device: torch.device) -> bool:
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def pdl_options(device: torch.device) -> dict:
+    """A chain kernel's PDL constexpr and launch option (given only when on: triton before 3.4
+    refuses `launch_pdl`)."""
+    return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {"PDL": False}
+
+
 @triton.jit
 def wait_for_previous(PDL: tl.constexpr):
     """Block until the kernel ahead on the stream has finished and its writes are visible; then let

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.pdl import pdl_enabled, wait_for_previous
+from nanovllm.kernels.pdl import pdl_options, wait_for_previous
 from nanovllm.kernels.quantize_fp8 import row_scale, to_e4m3
 
 
@@ -59,13 +59,12 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     num_rows = x2.shape[0]
     block_n = triton.next_power_of_2(n)
     rows = max(1, min(16, 4096 // block_n))  # small rows (per-head norms) go several to a program
-    pdl = pdl_enabled(x.device)
     if num_rows:
         _rms_norm_kernel[(triton.cdiv(num_rows, rows),)](
             x2, r2, out.view(-1, n), total.reshape(-1, n), weight, scale if fp8 else weight, num_rows, eps,
             x2.stride(0), r2.stride(0), n, n,
             N=n, BLOCK_N=block_n, ROWS=rows, HAS_RESIDUAL=residual is not None, FP8_OUT=fp8,
-            PDL=pdl, launch_pdl=pdl)
+            **pdl_options(x.device))
     return out, total, scale
 
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.pdl import pdl_enabled, wait_for_previous
+from nanovllm.kernels.pdl import pdl_options, wait_for_previous
 
 
 @triton.jit
@@ -82,13 +82,13 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions: 
         raise ValueError("rotary_ needs the head dimension contiguous")
     half = d // 2
     has_norm = q_weight is not None
-    pdl = pdl_enabled(q.device)
     if t:
         _rotary_kernel[(t,)](
             q, k, cos_sin, positions, q_weight if has_norm else cos_sin, k_weight if has_norm else cos_sin, eps,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin.stride(0),
             HQ=hq, HK=hk, BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
-            HALF=half, BLOCK_HALF=triton.next_power_of_2(half), HAS_NORM=has_norm, PDL=pdl, launch_pdl=pdl)
+            HALF=half, BLOCK_HALF=triton.next_power_of_2(half), HAS_NORM=has_norm,
+            **pdl_options(q.device))
     return q, k
 
 

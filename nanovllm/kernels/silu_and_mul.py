@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.pdl import pdl_enabled, wait_for_previous
+from nanovllm.kernels.pdl import pdl_options, wait_for_previous
 from nanovllm.kernels.quantize_fp8 import row_blocks, row_scale, to_e4m3
 
 
@@ -66,10 +66,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     t, inter = x.shape[0], x.shape[1] // 2
     out = torch.empty(t, inter, dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(inter))
-    pdl = pdl_enabled(x.device)
     if t:
         _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x, out, x.stride(0), out.stride(0), inter, BLOCK=block,
-                                                              PDL=pdl, launch_pdl=pdl)
+                                                              **pdl_options(x.device))
     return out
 
 

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.int_unpack import word_dots, word_dots_f16
-from nanovllm.kernels.pdl import pdl_enabled, prefetch_l2, wait_for_previous
+from nanovllm.kernels.pdl import pdl_options, prefetch_l2, wait_for_previous
 
 
 @triton.jit
@@ -339,14 +339,13 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
     counters = _tile_counters(x.device, row_tiles * col_tiles) if split else out
     grid = (row_tiles, col_tiles, split_k)
     if gemv:
-        pdl = pdl_enabled(x.device)
         _w4a16_gemv_kernel[grid](
             x, qweight, scales, mins, out, partials, counters,
             M, N, K, k_per_split, split_k,
             x.stride(0), qweight.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
             BITS=bits, GROUP_SIZE=group_size, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             NUM_STAGES=cfg["num_stages"], HALF_UNPACK=cfg.get("HALF_UNPACK", block_m <= HALF_UNPACK_MAX_ROWS)
-            and bits == 4 and x.is_cuda, PDL=pdl, num_warps=cfg["num_warps"], launch_pdl=pdl,
+            and bits == 4 and x.is_cuda, num_warps=cfg["num_warps"], **pdl_options(x.device),
         )
     else:
         _w4a16_dot_kernel[grid](

@@ -79,3 +79,18 @@ def test_each_kernel_waits_before_touching_memory_then_lets_the_next_launch(monk
     assert wait < signal
     assert not MEMORY_ACCESS.search(ptx[:wait]), MEMORY_ACCESS.search(ptx[:wait]).group(0)
     assert MEMORY_ACCESS.search(ptx[wait:])
+
+
+def test_with_the_early_launches_off_no_launch_option_is_passed(monkeypatch):
+    """triton before 3.4 refuses an unknown launch option (`launch_pdl`): off, it is not given."""
+    from triton.runtime.interpreter import InterpretedFunction
+    options, run = [], InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        options.append((self.fn.__name__, set(kwargs)))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    _decode_chain()
+    _gemv()
+    assert len({name for name, _ in options}) == 7
+    assert all("launch_pdl" not in given and "PDL" in given for _, given in options), options
