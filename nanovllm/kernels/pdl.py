@@ -2,9 +2,8 @@
 on the stream has finished, and waits where it first needs that kernel's results.
 
 A decode step at small batches is a chain of small dependent kernels (a 4-bit model's, all of them
-ours), and each spends a microsecond or two being launched and starting up after the one before
-has finished. Launched with `launch_pdl=True`, a kernel of the chain is launched while the one
-ahead runs; at its top it waits for that one and then lets the next launch (`wait_for_previous`).
+ours), and launched plainly each is started only once the one before has finished. Launched with
+`launch_pdl=True`, a kernel of the chain is launched while the one ahead runs; at its top it waits for that one and then lets the next launch (`wait_for_previous`).
 The W4A16 GEMV does one thing before it waits: it pulls its weights, which never depend on the
 kernel ahead, into L2 (`prefetch_l2`). Every kernel launched this way must wait before it reads or
 writes memory; kernels launched plainly are unaffected.
