@@ -3,7 +3,8 @@ on the stream has finished, and waits where it first needs that kernel's results
 
 A decode step at small batches is a chain of small dependent kernels (a 4-bit model's, all of them
 ours), and launched plainly each is started only once the one before has finished. Launched with
-`launch_pdl=True`, a kernel of the chain is launched while the one ahead runs; at its top it waits for that one and then lets the next launch (`wait_for_previous`).
+`launch_pdl=True`, a kernel of the chain is launched while the one ahead runs; at its top it waits
+for that one and then lets the next launch (`wait_for_previous`).
 The W4A16 GEMV does one thing before it waits: it pulls its weights, which never depend on the
 kernel ahead, into L2 (`prefetch_l2`). Every kernel launched this way must wait before it reads or
 writes memory; kernels launched plainly are unaffected.
@@ -30,18 +31,14 @@ def _capable(device_index: int) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
-def pdl_enabled(device: torch.device) -> bool:
-    """Launch with programmatic dependent launch on this device?"""
-    if (device.type != "cuda" or gdc_wait is None or os.environ.get("NANOVLLM_PDL", "1") == "0"
-            or os.environ.get("TRITON_INTERPRET", "0") == "1"):
-        return False
-    return _capable(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def pdl_options(device: torch.device) -> dict:
-    """A chain kernel's PDL constexpr and launch option (given only when on: triton before 3.4
-    refuses `launch_pdl`)."""
-    return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {"PDL": False}
+    """A chain kernel's PDL constexpr and launch option: on for sm_90+ CUDA GPUs (`launch_pdl` is
+    given only then: triton before 3.4 refuses it)."""
+    if (device.type != "cuda" or gdc_wait is None or os.environ.get("NANOVLLM_PDL", "1") == "0"
+            or os.environ.get("TRITON_INTERPRET", "0") == "1"
+            or not _capable(device.index if device.index is not None else torch.cuda.current_device())):
+        return {"PDL": False}
+    return {"PDL": True, "launch_pdl": True}
 
 
 @triton.jit
