@@ -37,7 +37,11 @@ RANGES = {
     "gpu_memory_utilization": (lambda v: _is_real(v) and 0 < v <= 1, "a number in (0, 1]"),
     "seed": (lambda v: _is_int(v) and -2**63 <= v < 2**64, "an integer in [-2**63, 2**64)"),  # torch.manual_seed's
     "block_size": (lambda v: _is_int(v) and 1 <= v <= 256 and v & (v - 1) == 0, "a power of two from 1 to 256"),
-    "calculate_kv_scales": (lambda v: isinstance(v, bool), "a bool"),
+    **{name: (lambda v: isinstance(v, bool), "a bool (True or False)") for name in
+       ("calculate_kv_scales", "enforce_eager", "trust_remote_code", "disable_log_stats")},
+    # vLLM's default for these is None: on
+    **{name: (lambda v: v is None or isinstance(v, bool), "a bool or None") for name in
+       ("enable_prefix_caching", "enable_chunked_prefill")},
     **{name: (_positive_int, "a positive integer") for name in
        ("tensor_parallel_size", "data_parallel_size", "max_num_seqs")},
     **{name: (lambda v: v is None or _positive_int(v), "a positive integer or None") for name in
@@ -67,6 +71,9 @@ def check_arguments(config) -> None:
     for name, (accepts, what) in RANGES.items():
         if not accepts(getattr(config, name)):
             raise ValueError(f"{name} must be {what}, got {getattr(config, name)!r}.")
+    for name in ("enable_prefix_caching", "enable_chunked_prefill"):
+        if getattr(config, name) is None:
+            setattr(config, name, True)
     from nanovllm.engine.kv_cache_memory import cpu_kv_cache_gib
     cpu_kv_cache_gib()                        # a bad NANOVLLM_CPU_KVCACHE_GIB fails now, not after loading
     if config.tokenizer_mode != "auto":

@@ -7,9 +7,12 @@
 import gc
 import itertools
 
+import jinja2               # chat templates' language (a torch dependency)
+
 from nanovllm.beam_search import beam_search
+from nanovllm.chat_messages import as_conversations, check_chat_args, for_template
 from nanovllm.engine.llm_engine import LLMEngine
-from nanovllm.engine.request_checks import check_generate_args
+from nanovllm.engine.request_checks import check_generate_args, check_no_lora
 from nanovllm.models.model_dir import generation_defaults
 from nanovllm.outputs import RequestOutput
 from nanovllm.progress import ProgressBar
@@ -51,19 +54,21 @@ class LLM:
             sampling_params = self.get_default_sampling_params()
         prompts, params = check_generate_args(prompts, sampling_params, lora_request, priority)
         ids = [str(next(self.request_counter)) for _ in prompts]
+        added = []
         try:
-            return self._run(ids, self._add_requests(ids, prompts, params), use_tqdm)
+            return self._run(ids, self._add_requests(ids, prompts, params, added), use_tqdm)
         except BaseException:
-            self.llm_engine.abort_request(ids)    # leave the engine clean for the next call
+            self.llm_engine.abort_request(added)  # leave the engine clean for the next call
             raise
 
-    def _add_requests(self, ids: list[str], prompts, params):
-        """Add the requests; pause (yield) whenever the prompts added fill a step, so that _run
-        steps while the rest are still being tokenized and checked."""
+    def _add_requests(self, ids: list[str], prompts, params, added: list[str]):
+        """Add the requests (recording each in `added`); pause (yield) whenever the prompts added
+        fill a step, so that _run steps while the rest are still being tokenized and checked."""
         for request_id, prompt, p in zip(ids, prompts, params):
             final = p.clone()                           # the caller's params stay as they are
             final.output_kind = RequestOutputKind.FINAL_ONLY
             self.llm_engine.add_request(request_id, prompt, final)
+            added.append(request_id)
             if self.llm_engine.has_full_step():
                 yield
 
@@ -88,18 +93,28 @@ class LLM:
     beam_search = beam_search      # vLLM's LLM.beam_search(prompts, params, ...): nanovllm/beam_search.py
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True, chat_template: str | None = None,
-             continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             use_tqdm: bool = True, lora_request=None, chat_template: str | None = None,
+             chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None, tokenization_kwargs: dict | None = None,
+             mm_processor_kwargs: dict | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of {"role", "content"} dicts) or a list of them,
-        through the tokenizer's chat template."""
-        conversations = [messages] if messages and all(isinstance(m, dict) for m in messages) else messages
+        through the tokenizer's chat template (vLLM's arguments, in its order; what a message may
+        hold: chat_messages.py)."""
+        check_no_lora(lora_request)
+        template_kwargs = check_chat_args(chat_template_content_format, chat_template_kwargs, tokenization_kwargs,
+                                          mm_processor_kwargs)
         tokenizer = self.get_tokenizer()
         prompts = []
-        for conversation in conversations:
-            text = tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
-                chat_template=chat_template, continue_final_message=continue_final_message,
-                **(chat_template_kwargs or {}))
+        for conversation in as_conversations(messages):
+            conversation = [for_template(m, chat_template_content_format) for m in conversation]
+            try:
+                text = tokenizer.apply_chat_template(
+                    conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                    chat_template=chat_template, continue_final_message=continue_final_message, tools=tools,
+                    **template_kwargs)
+            except jinja2.TemplateError as e:
+                raise ValueError(f"The chat template failed on these messages: {type(e).__name__}: {e}") from e
             # The template already holds BOS and friends: do not add special tokens again.
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -13,6 +13,14 @@ def llm(tiny_qwen3):
 GREEDY = SamplingParams(temperature=0, max_tokens=4)
 
 
+def changed(**fields) -> SamplingParams:
+    """SamplingParams with fields set after it was made (so its own checks never saw them)."""
+    params = SamplingParams(temperature=0.8, max_tokens=4)
+    for name, value in fields.items():
+        setattr(params, name, value)
+    return params
+
+
 def test_prompt_forms_and_output_shapes(llm):
     tok = llm.get_tokenizer()
     ids = tok.encode("Hello, my name is")
@@ -57,12 +65,64 @@ def test_unknown_token_ids_decode_without_crashing(llm):
     (lambda llm: llm.generate("hi", "greedy"), "sampling_params must be"),
     (lambda llm: llm.generate("hi", GREEDY, lora_request=object()), "lora_request"),
     (lambda llm: llm.generate(["a", "b"], GREEDY, priority=[0]), "priority"),
+    (lambda llm: llm.generate(["a", "b"], GREEDY, priority=1), "priority"),
+    (lambda llm: llm.generate({"prompt_token_ids": 5}, GREEDY), "list of integers"),
+    # checked again when added: n = 0 made a request with no sequences, which never finished
+    (lambda llm: llm.generate("hi", changed(n=0)), "n must be at least 1"),
+    (lambda llm: llm.generate(["a", "b"], [GREEDY, changed(top_k=1.5)]), "top_k"),
+    (lambda llm: llm.generate("hi", changed(max_tokens=0)), "max_tokens"),
+    (lambda llm: llm.generate("hi", changed(stop=[""])), "stop"),
+    # chat: the messages are checked before the template sees them
+    (lambda llm: llm.chat(None, GREEDY), "messages must be"),
+    (lambda llm: llm.chat({"role": "user", "content": "hi"}, GREEDY), "messages must be"),
+    (lambda llm: llm.chat(["hi"], GREEDY), "messages must be"),
+    (lambda llm: llm.chat([{"content": "hi"}], GREEDY), "role"),
+    (lambda llm: llm.chat([{"role": "user", "content": 5}], GREEDY), "content"),
+    (lambda llm: llm.chat([{"role": "user", "content": [{"type": "image_url"}]}], GREEDY), "text content parts"),
+    (lambda llm: llm.chat([{"role": "user", "content": "hi"}], GREEDY, chat_template="{% if %}"), "chat template"),
+    (lambda llm: llm.chat([{"role": "user", "content": "hi"}], GREEDY, chat_template_kwargs={"tokenize": True}),
+     "chat_template_kwargs"),
+    (lambda llm: llm.chat([{"role": "user", "content": "hi"}], GREEDY, chat_template_content_format="xml"),
+     "chat_template_content_format"),
 ])
 def test_bad_input_raises_value_error_and_engine_still_serves(llm, call, match):
     with pytest.raises(ValueError, match=match):
         call(llm)
     assert not llm.llm_engine.has_unfinished_requests()
     assert llm.generate("Hello", GREEDY, use_tqdm=False)[0].finished
+
+
+def test_changed_params_are_normalised_when_added(llm):
+    """A stop string set after the SamplingParams was made is one string (not its characters)."""
+    text = llm.generate("Hello", GREEDY, use_tqdm=False)[0].outputs[0].text
+    stop = text[1:3]
+    out = llm.generate("Hello", changed(stop=stop, temperature=0), use_tqdm=False)[0].outputs[0]
+    assert out.stop_reason == stop and out.text == text[:text.index(stop)]
+
+
+def test_a_failed_generate_leaves_requests_it_did_not_add(llm):
+    """generate aborts the requests it added before failing, and only those."""
+    engine = llm.llm_engine
+    mine = str(next(llm.request_counter) + 1)           # the id generate's second prompt will get
+    engine.add_request(mine, [5, 6, 7], GREEDY)
+    with pytest.raises(ValueError, match="already in use"):
+        llm.generate(["a", "b"], GREEDY, use_tqdm=False)
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [out.request_id for out in engine.step() if out.finished]
+    assert finished == [mine]
+
+
+def test_chat_takes_text_content_parts_and_vllms_arguments(llm):
+    tok = llm.get_tokenizer()
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello,"}, {"type": "text", "text": "my name"}]}]
+    joined = [{"role": "user", "content": "Hello,\nmy name"}]      # vLLM's "string" format: newlines between
+    out = llm.chat(parts, GREEDY, use_tqdm=False)[0]
+    assert out.prompt_token_ids == tok.apply_chat_template(joined, add_generation_prompt=True, return_dict=False)
+    # vLLM's positional order (messages, sampling_params, use_tqdm, lora_request, chat_template, ...)
+    # and its other arguments at their defaults
+    again = llm.chat(joined, GREEDY, False, None, None, "string", True, False, None, None, None, None)[0]
+    assert again.prompt_token_ids == out.prompt_token_ids
 
 
 def test_bad_engine_arguments(tiny_qwen3, tmp_path, checkpoint_factory):
@@ -74,7 +134,11 @@ def test_bad_engine_arguments(tiny_qwen3, tmp_path, checkpoint_factory):
                           (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
                           (dict(max_model_len=100000), "max_model_len"), (dict(load_format="pt"), "load_format"),
                           (dict(tensor_parallel_size=3), "tensor_parallel_size"),
-                          (dict(device="tpu"), "device")]:
+                          (dict(device="tpu"), "device"),
+                          # a string is not a bool: "False" would have switched the feature on
+                          (dict(enforce_eager="False"), "enforce_eager"),
+                          (dict(enable_prefix_caching="false"), "enable_prefix_caching"),
+                          (dict(trust_remote_code="no"), "trust_remote_code")]:
         with pytest.raises(ValueError, match=match):
             LLM(tiny_qwen3, **kwargs)
     import json

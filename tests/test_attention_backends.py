@@ -38,6 +38,10 @@ def test_selection(monkeypatch):
     assert isinstance(select_backend("auto", "cpu", 16), BatchedTorchBackend)
     with pytest.raises(ValueError, match="flash_attn"):
         select_backend("flash_attn", "cpu", 256)          # not installed here
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        select_backend("triton", "cpu", 16)               # Triton runs on a CPU only in its interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setitem(sys.modules, "flash_attn", _fake_flash_attn())
     with pytest.raises(ValueError, match="block_size.*256"):
         select_backend("flash_attn", "cpu", 16)

@@ -23,6 +23,8 @@ def test_seed(value):
 @pytest.mark.parametrize("name, value", [
     ("block_size", 3), ("block_size", 512), ("block_size", 0), ("block_size", 16.0), ("block_size", True),
     ("calculate_kv_scales", "yes"), ("calculate_kv_scales", 1),
+    ("enforce_eager", "False"), ("trust_remote_code", 0), ("disable_log_stats", None),
+    ("enable_prefix_caching", "false"), ("enable_chunked_prefill", 1),
     ("tensor_parallel_size", 0), ("data_parallel_size", -1), ("max_num_seqs", True), ("max_num_seqs", 2.0),
     ("max_model_len", 0), ("max_num_batched_tokens", "4096"), ("num_gpu_blocks_override", 1.5)])
 def test_range_checks_name_the_argument(name, value):
@@ -35,7 +37,9 @@ def test_ranges_accept_their_valid_values():
     valid = dict(block_size=[1, 16, 256, np.int64(32)], calculate_kv_scales=[True, False],
                  tensor_parallel_size=[1, 2], data_parallel_size=[1, 8], max_num_seqs=[1, 256],
                  max_model_len=[None, 1, 4096], max_num_batched_tokens=[None, 8192],
-                 num_gpu_blocks_override=[None, 7], gpu_memory_utilization=[0.5, 1], seed=[0, -2**63])
+                 num_gpu_blocks_override=[None, 7], gpu_memory_utilization=[0.5, 1], seed=[0, -2**63],
+                 enforce_eager=[True, False], trust_remote_code=[True, False], disable_log_stats=[True, False],
+                 enable_prefix_caching=[None, True, False], enable_chunked_prefill=[None, True, False])
     assert set(valid) == set(RANGES)
     for name, values in valid.items():
         for value in values:

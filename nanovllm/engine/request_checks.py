@@ -2,7 +2,7 @@
 params lists, the request id and params, the prompt forms (a string, token ids, or vLLM's
 {"prompt": ...} / {"prompt_token_ids": ...} dicts), and the checks that need the model
 (vocabulary, context length)."""
-from nanovllm.param_checks import ValidationError
+from nanovllm.param_checks import ValidationError, normalize_and_check
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -10,6 +10,8 @@ def check_generate_args(prompts, params, lora_request, priority) -> tuple[list, 
     """LLM.generate's arguments: (a list of prompts, a SamplingParams for each)."""
     check_no_lora(lora_request)
     prompts = as_prompt_list(prompts)
+    if priority is not None and not isinstance(priority, (list, tuple)):
+        raise ValueError(f"priority must be a list with one entry per prompt, got {type(priority).__name__}")
     if priority is not None and len(priority) != len(prompts):
         raise ValueError(f"The lengths of prompts ({len(prompts)}) and priority ({len(priority)}) must be the same.")
     if isinstance(params, SamplingParams):
@@ -68,6 +70,8 @@ def tokenize_prompt(tokenizer, prompt) -> tuple[str | None, list[int]]:
 
 
 def _token_ids(ids) -> list[int]:
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise ValueError(f"Token prompt should be a list of integers, got {type(ids).__name__}")
     ids = list(ids)
     # The set of types is found at C speed; long prompts would spend ~1 ms each in a Python loop.
     if not set(map(type, ids)) <= {int}:
@@ -82,8 +86,11 @@ def fit_request(request_id: str, token_ids: list[int], params: SamplingParams, v
     """The checks that need the prompt's tokens and the engine; returns a copy of params with
     max_tokens filled in (None: as many as max_model_len leaves room for)."""
     check_prompt(token_ids, vocab_size, max_model_len)
-    check_stop_token_ids(params, vocab_size)
     params = params.clone()
+    # Checked again, as vLLM does when a request is added: a field set after the SamplingParams
+    # was made (n = 0, top_k = 1.5) was never checked, and would hang or fail inside a step.
+    normalize_and_check(params)
+    check_stop_token_ids(params, vocab_size)
     if params.max_tokens is None:
         params.max_tokens = max_model_len - len(token_ids)
     check_fits_cache(request_id, min(len(token_ids) + params.max_tokens, max_model_len), block_manager)

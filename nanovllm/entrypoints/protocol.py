@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from nanovllm.chat_messages import join_text_parts
 from nanovllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 
@@ -158,7 +159,7 @@ class ChatMessage(BaseModel):
     def to_template(self) -> dict:
         message = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
-            message["content"] = "".join(part.text for part in self.content)
+            message["content"] = join_text_parts([part.text for part in self.content])
         return message
 
 

@@ -61,10 +61,15 @@ def triton_available() -> bool:
         import triton  # noqa: F401
     except Exception:   # not installed, or a broken install
         return False
-    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+    if triton_interpreting():
         return True
     import torch
     return torch.cuda.is_available()
+
+
+def triton_interpreting() -> bool:
+    """TRITON_INTERPRET is set: triton runs kernels on CPU tensors, in Python."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def __getattr__(name: str):

@@ -156,6 +156,10 @@ def select_backend(name: str, device: str, block_size: int):
                              f"(flash-attn's paged KV cache), got {block_size}.")
         backend = FlashAttnBackend()
     elif name == "triton":
+        from nanovllm.kernels import triton_available, triton_interpreting
+        if not triton_available() or (device != "cuda" and not triton_interpreting()):
+            raise ValueError(f"attention_backend='triton' needs triton and a CUDA GPU (on a CPU, triton's "
+                             f"interpreter: TRITON_INTERPRET=1); the device is {device!r}.")
         backend = TritonBackend()
     else:
         backend = BatchedTorchBackend()
