@@ -95,6 +95,28 @@ def test_engine_step_api_and_abort(tiny_qwen3):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_a_failed_step_aborts_the_requests_it_ran_and_the_rest_finish(tiny_qwen3, monkeypatch):
+    engine = LLM(tiny_qwen3, device="cpu", max_num_seqs=1).llm_engine      # "a" runs, "b" waits
+    engine.add_request("a", [5, 6, 7], GREEDY)
+    engine.add_request("b", [8, 9, 10], GREEDY)
+    launch = engine.runner.launch
+
+    def fail_once(*args, **kwargs):
+        monkeypatch.setattr(engine.runner, "launch", launch)
+        raise RuntimeError("a step failed")
+    monkeypatch.setattr(engine.runner, "launch", fail_once)
+    with pytest.raises(RuntimeError, match="a step failed"):
+        engine.step()
+    assert sorted(engine.requests) == ["b"]
+    finished = []
+    for _ in range(100):
+        finished += [out.request_id for out in engine.step() if out.finished]
+        if not engine.has_unfinished_requests():
+            break
+    assert finished == ["b"]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
 def test_outputs_between_hand_overs_wait_and_then_cover_every_step(tiny_qwen3):
     """The server's hand-over makes only first and final outputs and those wanted; a request's
     next output reports its progress since its last one (DELTA: all the new tokens and text),

@@ -115,8 +115,16 @@ class LLMEngine:
 
     # -- one step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one step; return the outputs of the requests it advanced (per output_kind)."""
-        return [out for out in map(self.make_output, self.advance()) if out is not None]
+        """Run one step; return the outputs of the requests it advanced (per output_kind). A step
+        that fails aborts the requests it was running (they are mid-step: tokens counted that
+        were never recorded, so they could never finish) and raises; those waiting go on."""
+        try:
+            advanced = self.advance()
+        except Exception:
+            self.in_flight = None
+            self.abort_request([seq.request_id for seq in self.scheduler.running])
+            raise
+        return [out for out in map(self.make_output, advanced) if out is not None]
 
     def advance(self) -> list[Request]:
         """Run one step; return the requests it advanced, whose outputs make_output makes (a
