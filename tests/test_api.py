@@ -72,6 +72,8 @@ def test_unknown_token_ids_decode_without_crashing(llm):
     (lambda llm: llm.generate(["a", "b"], [GREEDY, changed(top_k=1.5)]), "top_k"),
     (lambda llm: llm.generate("hi", changed(max_tokens=0)), "max_tokens"),
     (lambda llm: llm.generate("hi", changed(stop=[""])), "stop"),
+    # no max_tokens: the context left, which min_tokens must fit as it must fit a max_tokens given
+    (lambda llm: llm.generate("hi", SamplingParams(max_tokens=None, min_tokens=1000)), "min_tokens"),
     # chat: the messages are checked before the template sees them
     (lambda llm: llm.chat(None, GREEDY), "messages must be"),
     (lambda llm: llm.chat({"role": "user", "content": "hi"}, GREEDY), "messages must be"),

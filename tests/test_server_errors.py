@@ -76,6 +76,7 @@ def test_client_leaving_a_non_streamed_request_aborts_it(url, engine):
     ({"model": MODEL, "prompt": "hi", "min_p": 2}, 400, "min_p"),
     ({"model": MODEL, "prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty"),
     ({"model": MODEL, "prompt": "hi", "min_tokens": 20, "max_tokens": 4}, 400, "min_tokens"),
+    ({"model": MODEL, "prompt": "hi", "min_tokens": 10**6}, 400, "min_tokens"),      # beyond the context left
     ({"model": MODEL, "prompt": "hi", "logprobs": 100}, 400, "logprobs"),              # above the maximum
     ({"model": MODEL, "prompt": "hi", "prompt_logprobs": 100}, 400, "prompt_logprobs"),
     ({"model": MODEL, "prompt": "hi", "stop": ["a", ""]}, 400, "stop"),

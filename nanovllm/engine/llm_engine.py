@@ -85,7 +85,7 @@ class LLMEngine:
         "prompt" or "prompt_token_ids" (vLLM's TextPrompt / TokensPrompt)."""
         params = check_request_args(request_id, request_id in self.requests, params)
         text, token_ids = tokenize_prompt(self.tokenizer, prompt)
-        params = fit_request(request_id, token_ids, params, self.vocab_size, self.config.max_model_len,
+        params = fit_request(token_ids, params, self.vocab_size, self.config.max_model_len,
                              self.block_manager)         # a copy, max_tokens filled in
         seqs, detoks = [], []
         incremental = bool(params.stop) or params.output_kind != RequestOutputKind.FINAL_ONLY

@@ -81,7 +81,7 @@ def _token_ids(ids) -> list[int]:
     return ids
 
 
-def fit_request(request_id: str, token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
+def fit_request(token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
                 block_manager) -> SamplingParams:
     """The checks that need the prompt's tokens and the engine; returns a copy of params with
     max_tokens filled in (None: as many as max_model_len leaves room for)."""
@@ -93,7 +93,10 @@ def fit_request(request_id: str, token_ids: list[int], params: SamplingParams, v
     check_stop_token_ids(params, vocab_size)
     if params.max_tokens is None:
         params.max_tokens = max_model_len - len(token_ids)
-    check_fits_cache(request_id, min(len(token_ids) + params.max_tokens, max_model_len), block_manager)
+        if params.min_tokens > params.max_tokens:       # as for a max_tokens given (param_checks.py)
+            raise ValidationError(f"min_tokens must be less than or equal to max_tokens={params.max_tokens}, got "
+                                  f"{params.min_tokens}.", "min_tokens", params.min_tokens)
+    check_fits_cache(min(len(token_ids) + params.max_tokens, max_model_len), block_manager)
     return params
 
 
@@ -118,11 +121,11 @@ def check_stop_token_ids(params: SamplingParams, vocab_size: int) -> None:
                               f"has {vocab_size} tokens).", "stop_token_ids", params.stop_token_ids)
 
 
-def check_fits_cache(request_id: str, longest: int, block_manager) -> None:
+def check_fits_cache(longest: int, block_manager) -> None:
     """A request that may grow to `longest` tokens must fit the whole KV cache: otherwise it
     would wait for blocks forever."""
     if block_manager.blocks_needed(longest) > block_manager.num_blocks:
         raise ValueError(
-            f"Request {request_id!r} may grow to {longest} tokens but the whole KV cache holds "
+            f"The request may grow to {longest} tokens but the whole KV cache holds "
             f"{block_manager.num_blocks * block_manager.block_size}; lower max_tokens or give the "
             f"cache more memory (gpu_memory_utilization, num_gpu_blocks_override).")

@@ -286,10 +286,10 @@ class AsyncLLM:
                 self._stats.clear()
             for callback in callbacks:
                 callback(self.error)
-            dead = self._dead()
+            # an exception each: one raised in many tasks would gather every task's frames
             for future in waiters:
-                future.set_exception(dead)
-            self._deliver([(key, dead, True) for key in keys])
+                future.set_exception(self._dead())
+            self._deliver([(key, self._dead(), True) for key in keys])
 
     def _deliver(self, items: list[tuple[str, object, bool]]) -> None:
         """Hand (key, item, is_last) to the streams: one wake-up per event loop."""
