@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -13,6 +14,7 @@ import httpx
 
 from nanovllm.entrypoints.async_llm import AsyncLLM
 from nanovllm.entrypoints.openai_server import build_app
+from nanovllm.sampling_params import SamplingParams
 from tests.conftest import wait_gone
 from tests.server_helpers import ENGINE_KWARGS, MODEL, PROMPTS, serving
 from tests.test_server_cli import SCRIPT, engine_process_of, free_port, wait_healthy
@@ -20,15 +22,28 @@ from tests.test_server_cli import SCRIPT, engine_process_of, free_port, wait_hea
 LONG = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 200, "ignore_eos": True}
 
 
+class FailsInAStep(SamplingParams):
+    """Params that pass every check (when made and when added), then fail where a step reads
+    them to sample: standing for any failure inside a step."""
+    @property
+    def is_greedy(self) -> bool:
+        if sys._getframe(1).f_code.co_filename.endswith("sampling_metadata.py"):
+            raise TypeError("a failure inside the step")
+        return super().is_greedy
+
+
 def one_line(message: str) -> bool:
     return "\n" not in message and "Traceback" not in message and 'File "' not in message
 
 
 def test_a_failing_step_ends_every_request_with_one_line(tiny_qwen3, caplog):
-    """A step raises (here: a request whose params were spoiled after validation, standing
-    for any failure inside a step): the requests in flight, streamed or not, and the one that
-    caused it get a one-line 500; /health answers 503; the traceback is logged once."""
+    """A step raises (here: a request whose params fail only inside a step, FailsInAStep): the
+    requests in flight, streamed or not, and the one that caused it get a one-line 500; /health
+    answers 503; the traceback is logged once."""
     engine = AsyncLLM(tiny_qwen3, **ENGINE_KWARGS)
+    server_log = []                     # what uvicorn logs (its loggers do not reach caplog's)
+    collect = logging.Handler()
+    collect.emit = server_log.append
     try:
         app = build_app(engine, [MODEL])
         handlers = app.state.server
@@ -37,10 +52,11 @@ def test_a_failing_step_ends_every_request_with_one_line(tiny_qwen3, caplog):
         def spoiled(body):
             params = validated(body)
             if body.user == "spoiler":
-                params.logprobs = 1.5           # torch.topk raises on it, inside the step
+                params.__class__ = FailsInAStep
             return params
         handlers._params = spoiled
         with serving(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+            logging.getLogger("uvicorn.error").addHandler(collect)      # after uvicorn set its logging up
             plain = {}
             waiting = threading.Thread(target=lambda: plain.update(r=http.post("/v1/completions", json=LONG)))
             with http.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as stream:
@@ -64,9 +80,13 @@ def test_a_failing_step_ends_every_request_with_one_line(tiny_qwen3, caplog):
             assert after.status_code == 500 and one_line(after.json()["error"]["message"])
     finally:
         engine.shutdown_sync()
+        logging.getLogger("uvicorn.error").removeHandler(collect)
+    # no traceback from the server for the 500s: they answer the engine's failure, logged once below
+    assert not [r for r in server_log if r.exc_info], [r.getMessage() for r in server_log]
     logged = [r for r in caplog.records if "Traceback" in (r.getMessage() + (r.exc_text or ""))
               or r.exc_info is not None]
-    assert len(logged) == 1 and "topk" in logged[0].getMessage(), [r.getMessage()[:200] for r in logged]
+    assert len(logged) == 1 and "a failure inside the step" in logged[0].getMessage(), \
+        [r.getMessage()[:200] for r in logged]
     assert logged[0].levelno == logging.ERROR
 
 

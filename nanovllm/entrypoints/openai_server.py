@@ -83,12 +83,16 @@ def build_app(engine: AsyncLLM, served_model_names: list[str] | None = None, api
         response.headers.update(e.headers or {})            # e.g. 405's Allow
         return response
 
+    # The client gets one line. A handler for Exception runs in Starlette's outermost
+    # middleware, which raises the error again once answered, so that the server (uvicorn) logs
+    # its traceback; an engine failure's was logged once already, when the engine stopped, so
+    # its handler is registered by class (those answer and stop there).
+    @app.exception_handler(EngineDeadError)
+    async def on_engine_dead(request: Request, e: EngineDeadError):
+        return ErrorResponse(OpenAIError(summarize(e), 500, "internal_server_error"))
+
     @app.exception_handler(Exception)
     async def on_internal_error(request: Request, e: Exception):
-        # The client gets one line; the traceback goes to the log (an engine failure's was
-        # logged once already, when the engine stopped).
-        if not isinstance(e, EngineDeadError):
-            logger.exception("request failed")
         return ErrorResponse(OpenAIError(summarize(e), 500, "internal_server_error"))
 
     @app.get("/health")
