@@ -65,6 +65,8 @@ def check_arguments(config) -> None:
     """What the arguments' values alone show (before the checkpoint is read)."""
     if config.seed is None:                   # as vLLM V1: no seed is seed 0
         config.seed = 0
+    if isinstance(config.dtype, torch.dtype):  # vLLM takes a torch dtype too: by its name here
+        config.dtype = next((name for name, dtype in DTYPES.items() if dtype == config.dtype), config.dtype)
     for name, choices in CHOICES.items():
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(config, name)!r}.")

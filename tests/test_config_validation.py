@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from nanovllm.config import EngineConfig
 
@@ -64,7 +65,9 @@ def test_valid_values_pass_the_checks(monkeypatch):
     monkeypatch.setenv("NANOVLLM_CPU_KVCACHE_GIB", "")        # empty: no cap (sized to need)
     assert cpu_kv_cache_gib() is None
     for kwargs in (dict(gpu_memory_utilization=np.float32(0.5), seed=np.int64(3)), dict(seed=None),
-                   dict(gpu_memory_utilization=1, seed=2**64 - 1)):
+                   dict(gpu_memory_utilization=1, seed=2**64 - 1), dict(dtype=torch.float16)):
         with pytest.raises(Exception) as info:
             EngineConfig("/no/such/model/dir", **kwargs)
-        assert "gpu_memory_utilization" not in str(info.value) and "seed" not in str(info.value)
+        assert not any(name in str(info.value) for name in ("gpu_memory_utilization", "seed", "dtype"))
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        EngineConfig("/no/such/model/dir", dtype=torch.float8_e4m3fn)
