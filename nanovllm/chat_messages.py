@@ -8,6 +8,9 @@ joined with newlines; with "openai" the parts go to the template as they are. A 
 conversation is a ValueError naming `messages`, not an error from deep inside the template.
 """
 CONTENT_FORMATS = ("auto", "string", "openai")
+# What LLM.chat passes to apply_chat_template itself (chat_template_kwargs may not set them)
+_OWN_TEMPLATE_ARGUMENTS = {"conversation", "tokenize", "add_generation_prompt", "continue_final_message",
+                           "chat_template", "tools"}
 
 
 def as_conversations(messages) -> list[list[dict]]:
@@ -60,11 +63,6 @@ def check_chat_args(content_format, template_kwargs, tokenization_kwargs, mm_pro
     if clash:
         raise ValueError(f"chat_template_kwargs may not set {clash}: chat() sets them itself")
     return template_kwargs
-
-
-# What LLM.chat passes to apply_chat_template itself
-_OWN_TEMPLATE_ARGUMENTS = {"conversation", "tokenize", "add_generation_prompt", "continue_final_message",
-                           "chat_template", "tools"}
 
 
 def _describe(value) -> str:
