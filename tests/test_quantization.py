@@ -246,6 +246,8 @@ def test_errors_name_what_is_supported(float_checkpoints, tmp_path):
                              (dict(group_size=128), "group_size 128 does not divide the 64 input features of "
                                                     "model.layers.0.mlp.gate_up_proj; supported: a group size"),
                              (dict(bits=3), "bits=3 are not supported"),
+                             (dict(bits=4.0), "bits=4.0 are not supported"),        # 4.0 == 4, but not an int
+                             (dict(group_size=True), "group_size must be a positive integer or -1"),
                              (dict(checkpoint_format="marlin"), "checkpoint_format 'marlin' is not supported")):
         with open(os.path.join(gptq, "config.json")) as f:
             config = json.load(f)
@@ -256,6 +258,39 @@ def test_errors_name_what_is_supported(float_checkpoints, tmp_path):
         config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False}
         with open(os.path.join(gptq, "config.json"), "w") as f:
             json.dump(config, f)
+
+
+def _edited(checkpoint: str, tmp_path, name: str, edit) -> str:
+    """A copy of `checkpoint` with its tensors passed through edit(tensors) (which changes them in place)."""
+    path = str(tmp_path / name)
+    shutil.copytree(checkpoint, path)
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    return path
+
+
+def test_a_checkpoint_tensor_that_does_not_fit_is_refused_by_name(float_checkpoints, tmp_path):
+    """Missing, misshapen, mistyped or out-of-range tensors: a ValueError naming the tensor, not a
+    model that loads them broadcast, cast or zero-filled and answers wrongly."""
+    gptq, _ = _write(float_checkpoints, tmp_path, group_size=32, desc_act=True)
+    layer = "model.layers.0.mlp.down_proj"            # 128 input features: 4 groups of 32
+    attn = "model.layers.0.self_attn"
+    cases = [   # (what is done to the tensors, words the error must hold)
+        (lambda t: t.pop(f"{attn}.k_proj.scales"), f"lacks weights for: ['{attn}.k_proj.scales']"),  # one of q/k/v
+        (lambda t: t.update({f"{layer}.scales": t[f"{layer}.scales"][:1]}), "shape (64, 1) where"),  # [1, N]: broadcast
+        (lambda t: t.update({f"{layer}.scales": t[f"{layer}.scales"].t().contiguous()}), "shape (4, 64) where"),
+        (lambda t: t.update({f"{layer}.qweight": t[f"{layer}.qweight"].half()}), "qweight in torch.float16"),
+        (lambda t: t.update({f"{layer}.g_idx": t[f"{layer}.g_idx"] + 1}), "g_idx holds groups 1 to 4"),
+        (lambda t: t.update({f"{layer}.g_idx": t[f"{layer}.g_idx"] - 1}), "g_idx holds groups -1 to 2"),
+    ]
+    for i, (edit, expected) in enumerate(cases):
+        message = _llm_error(_edited(gptq, tmp_path, f"case{i}", edit))
+        assert expected in message, message
+        if "lacks" not in expected:
+            assert f"Checkpoint tensor '{layer}." in message      # which tensor
+    plain = _edited(float_checkpoints("llama"), tmp_path, "no_up", lambda t: t.pop("model.layers.0.mlp.up_proj.weight"))
+    assert "lacks weights for: ['model.layers.0.mlp.up_proj.weight']" in _llm_error(plain)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])

@@ -83,6 +83,10 @@ def test_fp8_checkpoint_loads_as_it_is(checkpoint_factory, tmp_path):
         assert torch.equal(layer.weight.float() * layer.weight_scale[:, None], expected), name
     outs = llm.generate(random_prompts(2, 4, 20, seed=2), SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
+    # random weights of its shapes (benchmarks): float8, quantized from random 16-bit ones
+    dummy = LLM(str(tmp_path / "fp8"), device="cpu", dtype="float32", enforce_eager=True, load_format="dummy")
+    assert all(layer.weight.dtype == FP8_DTYPE for layer in _linears(dummy).values())
+    assert dummy.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0].finished
 
 
 def test_16_bit_weights_quantized_at_load(checkpoint_factory):

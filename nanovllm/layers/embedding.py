@@ -10,6 +10,7 @@ from torch import nn
 
 from nanovllm.distributed import all_reduce, gather_on_rank0, tp_rank, tp_size
 from nanovllm.layers.cpu_linear import linear
+from nanovllm.layers.linear import copy_checked
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -25,7 +26,7 @@ class VocabParallelEmbedding(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
         rows = loaded[self.row_start:self.row_start + self.rows_per_rank]
         param.data.zero_()                        # padding rows stay zero
-        param.data[:rows.shape[0]].copy_(rows)
+        copy_checked(param.data[:rows.shape[0]], rows)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         if tp_size() == 1:

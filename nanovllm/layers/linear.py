@@ -15,6 +15,14 @@ from nanovllm.distributed import all_reduce, tp_rank, tp_size
 from nanovllm.layers.cpu_linear import linear
 
 
+def copy_checked(target: torch.Tensor, loaded: torch.Tensor) -> None:
+    """target.copy_(loaded), refusing a tensor of another shape: copy_ would broadcast a [1, N]
+    one into [4, N] (a checkpoint's wrong tensor would load without a word)."""
+    if target.shape != loaded.shape:
+        raise ValueError(f"shape {tuple(loaded.shape)} where this rank's parameter takes {tuple(target.shape)}")
+    target.copy_(loaded)
+
+
 class _Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
@@ -43,7 +51,7 @@ class ReplicatedLinear(_Linear):
     """A linear every rank holds whole (e.g. the MoE router)."""
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
-        param.data.copy_(loaded)
+        copy_checked(param.data, loaded)
 
 
 class ColumnParallelLinear(_Linear):
@@ -55,7 +63,7 @@ class ColumnParallelLinear(_Linear):
         super().__init__(in_features, out_features // tp_size(), bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
-        param.data.copy_(loaded.chunk(tp_size(), dim=0)[tp_rank()])
+        copy_checked(param.data, loaded.chunk(tp_size(), dim=0)[tp_rank()])
 
 
 class MergedColumnParallelLinear(_Linear):
@@ -76,7 +84,7 @@ class MergedColumnParallelLinear(_Linear):
             return
         offset = sum(self.local_sizes[:shard_id])
         target = param.data.narrow(0, offset, self.local_sizes[shard_id])
-        target.copy_(loaded.chunk(tp_size(), dim=0)[tp_rank()])
+        copy_checked(target, loaded.chunk(tp_size(), dim=0)[tp_rank()])
 
 
 class QKVParallelLinear(_Linear):
@@ -106,13 +114,17 @@ class QKVParallelLinear(_Linear):
             for part, sid in zip(loaded.split(sizes, dim=0), "qkv"):
                 self.weight_loader(param, part, sid)
             return
+        heads = self.total_num_heads if shard_id == "q" else self.total_num_kv_heads
+        if loaded.shape[0] != heads * self.head_dim:      # (narrow below would take part of a larger one)
+            raise ValueError(f"{shard_id}: {loaded.shape[0]} rows where {heads} heads of {self.head_dim} take "
+                             f"{heads * self.head_dim}")
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if shard_id == "q":
             offset, size, index = 0, q_size, tp_rank()
         else:
             offset = q_size if shard_id == "k" else q_size + kv_size
             size, index = kv_size, tp_rank() // self.kv_replicas
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, index * size, size))
+        copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, index * size, size))
 
 
 class RowParallelLinear(_Linear):
@@ -126,9 +138,9 @@ class RowParallelLinear(_Linear):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
         if param.dim() == 1:     # the bias is not split
-            param.data.copy_(loaded)
+            copy_checked(param.data, loaded)
         else:
-            param.data.copy_(loaded.chunk(tp_size(), dim=1)[tp_rank()])
+            copy_checked(param.data, loaded.chunk(tp_size(), dim=1)[tp_rank()])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = all_reduce(self.matmul(x))

@@ -1,4 +1,6 @@
 """load_format="dummy": random weights of a model's shapes, so benchmarks need no checkpoint."""
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -11,6 +13,8 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, quant: QuantConfig | Non
     Small values keep activations finite; norms stay at one. With `quant` the decoder's linears
     are quantized: FP8 from the random 16-bit weights; GPTQ/AWQ/GGUF as random integers whose
     scales and zeros give weights in the same small range."""
+    if quant is not None and quant.method == "fp8":
+        quant = dataclasses.replace(quant, serialized=False)   # float8 from the random 16-bit weights
     if quant is not None:
         quantize_linears(model, quant, None)
     for i, (name, p) in enumerate(model.named_parameters()):

@@ -18,6 +18,7 @@ from torch import nn
 from nanovllm.layers.attention import AttentionMetadata
 from nanovllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
+from nanovllm.layers.linear import copy_checked
 from nanovllm.layers.rotary import RotaryEmbedding
 from nanovllm.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, head_dim_of
 
@@ -34,7 +35,7 @@ class GemmaRMSNorm(RMSNorm):
 
     @staticmethod
     def weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
-        param.data.copy_(loaded.to(param.dtype).float() + 1.0)   # the weight in the model's dtype, plus one
+        copy_checked(param.data, loaded.to(param.dtype).float() + 1.0)   # the weight in the model's dtype, plus one
 
 
 def layer_types(config) -> list[str]:

@@ -17,7 +17,7 @@ from torch import nn
 from nanovllm.distributed import all_reduce, tp_rank, tp_size
 from nanovllm.kernels.moe_reference import fused_moe_reference
 from nanovllm.kernels import triton_available
-from nanovllm.layers.linear import ReplicatedLinear
+from nanovllm.layers.linear import ReplicatedLinear, copy_checked
 from nanovllm.models.llama import LlamaMLP
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 
@@ -41,7 +41,7 @@ class ExpertGateUp(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: tuple[int, int]):
         expert, which = shard_id          # which: 0 gate, 1 up
         rows = loaded.chunk(tp_size(), dim=0)[tp_rank()]
-        param.data[expert].narrow(0, which * self.local_size, self.local_size).copy_(rows)
+        copy_checked(param.data[expert].narrow(0, which * self.local_size, self.local_size), rows)
 
 
 class ExpertDown(nn.Module):
@@ -54,7 +54,7 @@ class ExpertDown(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: tuple[int, None]):
-        param.data[shard_id[0]].copy_(loaded.chunk(tp_size(), dim=1)[tp_rank()])
+        copy_checked(param.data[shard_id[0]], loaded.chunk(tp_size(), dim=1)[tp_rank()])
 
 
 class FusedMoE(nn.Module):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed import tp_rank, tp_size
+from nanovllm.layers.linear import copy_checked
 from nanovllm.quantization import awq, cpu_int4, gguf_format, gptq
 from nanovllm.quantization.packing import pack_int32, unpack_int32, values_per_word
 from nanovllm.quantization.quant_config import QuantConfig
@@ -114,11 +115,15 @@ class IntWeightMethod:
 
     def _loader(self, layer: nn.Module, kind: str, whole: bool):
         convert, cfg, shard = self.format.to_nanovllm, self.cfg, layer.weight_loader
+        checked, words = cfg.method in ("gptq", "awq"), kind in ("qweight", "qzeros")   # words: int32
 
         def load(param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
+            if checked and (loaded.dtype != torch.int32 if words else not loaded.is_floating_point()):
+                raise ValueError(f"{kind} in {loaded.dtype}; {cfg.method.upper()} stores it as "
+                                 f"{'int32 words' if words else 'floating point'}")
             ours = convert(kind, loaded, cfg)
             if whole:                    # every rank keeps all of it
-                param.data.copy_(ours)
+                copy_checked(param.data, ours)
             elif shard_id is None:
                 shard(param, ours)
             else:
@@ -127,6 +132,14 @@ class IntWeightMethod:
 
     def _g_idx_loader(self, layer: nn.Module, name: str):
         def load(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+            full_in = param.numel() * (tp_size() if layer.split_input else 1)
+            groups = 1 if self.cfg.group_size == -1 else full_in // self.cfg.group_size
+            if loaded.is_floating_point() or loaded.shape != (full_in,):
+                raise ValueError(f"g_idx must be {full_in} integer group indices, got {tuple(loaded.shape)} "
+                                 f"{loaded.dtype}")
+            low, high = int(loaded.min()), int(loaded.max())
+            if low < 0 or high >= groups:      # (an index out of range reads another layer's scales)
+                raise ValueError(f"g_idx holds groups {low} to {high}; the layer has groups 0 to {groups - 1}")
             g_idx = loaded.to(param.device, torch.int32)
             if layer.split_input:
                 g_idx = g_idx.chunk(tp_size())[tp_rank()]
@@ -136,7 +149,7 @@ class IntWeightMethod:
             if previous is not None and not torch.equal(previous, g_idx):
                 raise ValueError(f"{name}: the projections fused into this layer have different g_idx "
                                  f"(act-order); nanovllm needs them equal to fuse them.")
-            param.data.copy_(g_idx)
+            copy_checked(param.data, g_idx)
             layer._g_idx_loaded = g_idx
         return load
 

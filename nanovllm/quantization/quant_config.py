@@ -86,14 +86,14 @@ def parse_checkpoint_config(raw) -> QuantConfig:
 
 
 def _bits(bits, method: str, allowed: tuple[int, ...] = (4, 8)) -> int:
-    if bits not in allowed:
+    if type(bits) is not int or bits not in allowed:      # (4.0 == 4 and True == 1: both refused)
         raise ValueError(f"{method.upper()} checkpoints with bits={bits!r} are not supported "
                          f"(quantization_config.bits); supported: {', '.join(map(str, allowed))}.")
     return bits
 
 
 def _group_size(group_size, method: str) -> int:
-    if not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
+    if type(group_size) is not int or not (group_size == -1 or group_size > 0):
         raise ValueError(f"{method.upper()} quantization_config.group_size must be a positive integer or -1, "
                          f"got {group_size!r}.")
     return group_size
