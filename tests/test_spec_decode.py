@@ -388,6 +388,14 @@ def test_a_draft_model_with_another_vocabulary_is_refused(target, checkpoint_fac
         spec_llm(target, {"model": other, "num_speculative_tokens": 2})
 
 
+def test_draft_model_errors_name_the_draft(target, checkpoint_factory, tmp_path):
+    with pytest.raises(ValueError, match=r"speculative_config\['model'\] '.*missing'.*does not exist"):
+        spec_llm(target, {"model": str(tmp_path / "missing"), "num_speculative_tokens": 2})
+    short = checkpoint_factory("qwen3", max_position_embeddings=64)
+    with pytest.raises(ValueError, match=r"speculative_config\['model'\] .* reads at most 64 tokens"):
+        spec_llm(target, {"model": short, "num_speculative_tokens": 2})
+
+
 def test_ngram_lookup_defaults_follow_vllm(target):
     config = spec_llm(target, {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 4}
                       ).llm_engine.config.speculative_config

@@ -30,13 +30,17 @@ class SpeculativeConfig:
     @classmethod
     def for_engine(cls, config) -> "SpeculativeConfig":
         """EngineConfig's speculative_config parsed, and checked against its other arguments."""
-        from nanovllm.config import load_hf_config
+        from nanovllm.config import load_hf_config, model_max_len
         from nanovllm.models.model_dir import resolve_model_dir
         spec = cls.parse(config.speculative_config, config.hf_config, lambda model: load_hf_config(
             resolve_model_dir(model, None, None), config.trust_remote_code))
         if spec.method == "draft_model" and config.tensor_parallel_size > 1:
             raise ValueError("speculative_config with a draft model needs tensor_parallel_size=1 "
                              "(n-gram speculation works with any).")
+        if spec.draft_hf_config is not None and model_max_len(spec.draft_hf_config) < config.max_model_len:
+            raise ValueError(f"speculative_config['model'] {spec.model!r} reads at most "
+                             f"{model_max_len(spec.draft_hf_config)} tokens, fewer than max_model_len="
+                             f"{config.max_model_len}: lower max_model_len, or use a draft with a longer context.")
         return spec
 
     @classmethod
@@ -93,7 +97,10 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config['model'] must be the draft model's path or repo id (a string), "
                              f"got {model!r}.")
         self.model = model
-        self.draft_hf_config = load_draft_config(model)
+        try:
+            self.draft_hf_config = load_draft_config(model)
+        except (OSError, ValueError) as e:      # (the error alone would read as the target's)
+            raise ValueError(f"speculative_config['model'] {model!r}: {e}") from e
         draft_vocab, target_vocab = self.draft_hf_config.vocab_size, target_hf_config.vocab_size
         if draft_vocab != target_vocab:
             raise ValueError(f"speculative_config['model'] {model!r} has a vocabulary of {draft_vocab} tokens; "
