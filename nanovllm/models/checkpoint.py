@@ -3,6 +3,7 @@ models/model_dir.py; random weights for benchmarks: models/dummy_weights.py)."""
 import glob
 import os
 
+import torch
 from safetensors import safe_open
 from torch import nn
 
@@ -51,6 +52,8 @@ def load_weights(model: nn.Module, model_dir: str, quantization: str | None = No
                 loader(param, tensor)
             else:
                 loader(param, tensor, shard_id)
+        except torch.cuda.OutOfMemoryError:     # (torch.OutOfMemoryError only from torch 2.5)
+            raise
         except (ValueError, RuntimeError) as e:     # a tensor of the wrong shape, dtype or values
             raise ValueError(f"Checkpoint tensor {name!r} ({tuple(tensor.shape)}, {tensor.dtype}) does not fit "
                              f"{target!r}: {e}") from e

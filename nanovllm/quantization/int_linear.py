@@ -138,7 +138,7 @@ class IntWeightMethod:
                 raise ValueError(f"g_idx must be {full_in} integer group indices, got {tuple(loaded.shape)} "
                                  f"{loaded.dtype}")
             low, high = int(loaded.min()), int(loaded.max())
-            if low < 0 or high >= groups:      # (an index out of range reads another layer's scales)
+            if low < 0 or high >= groups:      # (out of range, it would read scales not its group's)
                 raise ValueError(f"g_idx holds groups {low} to {high}; the layer has groups 0 to {groups - 1}")
             g_idx = loaded.to(param.device, torch.int32)
             if layer.split_input:
