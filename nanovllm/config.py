@@ -3,6 +3,7 @@ one place (its checks and their messages: config_checks.py).
 
 Argument names and defaults follow vLLM's `LLM(...)` / `EngineArgs` where they apply.
 """
+import os
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -106,6 +107,9 @@ def resolve_device(device: str) -> str:
 
 def load_hf_config(model_dir: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
+    from nanovllm.quantization.quant_config import checkpoint_quantization_config
+    if os.path.isfile(os.path.join(model_dir, "config.json")):
+        checkpoint_quantization_config(model_dir)   # a malformed one fails here, named, not inside transformers
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
 

@@ -258,6 +258,10 @@ def test_errors_name_what_is_supported(float_checkpoints, tmp_path):
         config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False}
         with open(os.path.join(gptq, "config.json"), "w") as f:
             json.dump(config, f)
+    config["quantization_config"] = "gptq"             # not a dict: named here, not an error inside transformers
+    with open(os.path.join(gptq, "config.json"), "w") as f:
+        json.dump(config, f)
+    assert "quantization_config must be a dict" in _llm_error(gptq)
 
 
 def _edited(checkpoint: str, tmp_path, name: str, edit) -> str:

@@ -35,6 +35,8 @@ def checkpoint_quantization_config(model_dir: str) -> dict | None:
     quantize_config.json or AutoAWQ's quant_config.json beside it."""
     with open(os.path.join(model_dir, "config.json")) as f:
         raw = json.load(f).get("quantization_config")
+    if raw is not None and not isinstance(raw, dict):
+        raise ValueError(f"config.json's quantization_config must be a dict (quant_method, bits, ...), got {raw!r}")
     if raw:
         return raw
     for name, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq")):
