@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels import triton_interpreting
+
 try:    # triton >= 3.4
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:
@@ -35,7 +37,7 @@ def pdl_options(device: torch.device) -> dict:
     """A chain kernel's PDL constexpr and launch option: on for sm_90+ CUDA GPUs (`launch_pdl` is
     given only then: triton before 3.4 refuses it)."""
     if (device.type != "cuda" or gdc_wait is None or os.environ.get("NANOVLLM_PDL", "1") == "0"
-            or os.environ.get("TRITON_INTERPRET", "0") == "1"
+            or triton_interpreting()
             or not _capable(device.index if device.index is not None else torch.cuda.current_device())):
         return {"PDL": False}
     return {"PDL": True, "launch_pdl": True}
