@@ -5,6 +5,8 @@
     python benchmarks/single_request.py --shape llama-3.2-1b-gptq    # a 4-bit GPTQ model of Llama-3.2-1B's shape
     python benchmarks/single_request.py --shape llama-3.2-1b-gptq --batch 4 --gemv-max-rows 1
                                           # 4 copies decoded together; 4-bit GEMMs on tensor cores above 1 row
+    python benchmarks/single_request.py --shape llama-3.2-1b-gptq --gluon-gemv-max-rows 0
+                                          # the Triton GEMV where the Gluon one would run
     python benchmarks/single_request.py --shape llama-3.2-1b-gptq --half-unpack-max-rows 4
                                           # the 4-bit GEMV unpacking through float16
 """
@@ -26,6 +28,8 @@ p.add_argument("--quantization", default=None)
 p.add_argument("--batch", type=int, default=1, help="copies of the request decoded together")
 p.add_argument("--gemv-max-rows", type=int, default=None,
                help="4-bit weights: rows up to which the CUDA-core kernel runs (default: w4a16_gemm.GEMV_MAX_ROWS)")
+p.add_argument("--gluon-gemv-max-rows", type=int, default=None,
+               help="4-bit weights: rows up to which the Gluon GEMV runs (0: never; at most 2)")
 p.add_argument("--half-unpack-max-rows", type=int, default=None,
                help="4-bit weights: rows up to which the CUDA-core kernel unpacks through float16")
 p.add_argument("--gemv-config", type=json.loads, default={},
@@ -37,6 +41,8 @@ if args.gemv_max_rows is not None:
     w4a16_gemm.set_gemv_max_rows(args.gemv_max_rows)
 if args.half_unpack_max_rows is not None:
     w4a16_gemm.set_half_unpack_max_rows(args.half_unpack_max_rows)
+if args.gluon_gemv_max_rows is not None:
+    w4a16_gemm.set_gluon_gemv_max_rows(args.gluon_gemv_max_rows)
 
 start = time.perf_counter()
 llm = LLM(shape_checkpoint_dir(args.shape), load_format="dummy", max_model_len=4096, enable_prefix_caching=False,

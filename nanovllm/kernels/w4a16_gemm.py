@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels import w4a16_gemv
 from nanovllm.kernels.int_unpack import word_dots, word_dots_f16
 from nanovllm.kernels.pdl import pdl_options, prefetch_l2, wait_for_previous
 
@@ -239,6 +240,12 @@ GEMV_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "
 # H100 it took a 4-bit Llama-3.2-1B's batch-1 decode step from 1.24 to 1.13 ms, its GEMVs in the step
 # from 11.2 to 9.4 us a launch (docs/benchmarks.md, 2026-12-07; --half-unpack-max-rows 0 turns it off).
 HALF_UNPACK_MAX_ROWS = 4
+# On a GPU, 4-bit weights and bfloat16 activations of up to this many rows go to the Gluon GEMV
+# (w4a16_gemv.py; at most 2: its x registers spill beyond), with these settings: SN columns a
+# thread, split-K for ~split_per_sm programs an SM. Off (0) until it is measured against the
+# Triton GEMV on a GPU (benchmarks/bench_w4a16.py --gluon-gemv-max-rows 2).
+GLUON_GEMV_MAX_ROWS = 0
+GLUON_GEMV_CONFIG = {"SN": 4, "num_warps": 4, "split_per_sm": 4}
 # The tensor-core kernel, by the rows it is given (first entry whose max_rows >= M). BLOCK_M is at
 # least 16 (tl.dot's smallest); a wide BLOCK_N spreads the unpacking of a word over more columns.
 DOT_CONFIGS = [
@@ -275,6 +282,38 @@ def set_gemv_max_rows(rows: int) -> None:
     GEMV_MAX_ROWS = rows
 
 
+def set_gluon_gemv_max_rows(rows: int) -> None:
+    """For benchmarks: the Gluon GEMV up to `rows` rows (0: never)."""
+    global GLUON_GEMV_MAX_ROWS
+    GLUON_GEMV_MAX_ROWS = rows
+
+
+def _gluon_gemv(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config) -> torch.Tensor | None:
+    """The product through the Gluon GEMV, or None where that kernel does not apply."""
+    M, K = x.shape
+    max_rows = 2 if config and config.get("GLUON") else min(GLUON_GEMV_MAX_ROWS, 2)
+    if not (0 < M <= max_rows and x.is_cuda and bits == 4 and g_idx is None and x.dtype == torch.bfloat16
+            and x.stride(1) == 1 and x.stride(0) % 2 == 0 and qweight.stride(1) == 1 and scales.stride(1) == 1
+            and mins.stride(1) == 1 and w4a16_gemv.gluon_available()):
+        return None
+    cfg = {**GLUON_GEMV_CONFIG, **(config or {})}
+    shape = w4a16_gemv.gemv_shape(group_size, K, cfg["num_warps"])
+    if shape is None:
+        return None
+    N = qweight.shape[0]
+    tiles = triton.cdiv(N, cfg["SN"] * shape["TN"] * shape["WN"])
+    k_steps = K // (shape["WG"] * shape["GROUP_STEP"])
+    if split_k is None:
+        split_k = default_split_k(tiles, k_steps, x.device, cfg["split_per_sm"])
+    split_k = max(1, min(split_k, k_steps))
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    counters = _tile_counters(x.device, tiles) if split_k > 1 else out
+    w4a16_gemv.launch_gemv(x, qweight, scales, mins, out, group_size, shape, cfg["SN"], cfg["num_warps"], split_k,
+                           partials, counters, pdl_options(x.device))
+    return out
+
+
 def set_half_unpack_max_rows(rows: int) -> None:
     """For benchmarks: the float16 unpacking of 4-bit values in programs of up to `rows` rows."""
     global HALF_UNPACK_MAX_ROWS
@@ -297,8 +336,8 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
     qweight int32 [N, K * bits / 32]; scales, mins [N, groups]; bits 4 or 8; group_size: input
     features per group (its groups contiguous), unless g_idx [K] gives each feature's group.
     `split_k`: K ranges summed at the end (default: enough programs to fill the GPU).
-    `config` overrides the defaults (for tuning): GEMV (the CUDA-core kernel, if the groups allow
-    it), BLOCK_M (tensor-core kernel only), BLOCK_N, BLOCK_K, num_warps, num_stages, split_per_sm,
+    `config` overrides the defaults (for tuning): GLUON (the Gluon GEMV, with SN, num_warps and
+    split_per_sm), GEMV (the CUDA-core kernel, if the groups allow it), BLOCK_M (tensor-core kernel only), BLOCK_N, BLOCK_K, num_warps, num_stages, split_per_sm,
     HALF_UNPACK (the CUDA-core kernel's float16 unpacking of 4-bit values, on a GPU).
     """
     M, K = x.shape
@@ -310,6 +349,10 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
                          f"per row, x has {K} features")
     if scales.shape != mins.shape or scales.shape[0] != N:
         raise ValueError(f"scales {tuple(scales.shape)} and mins {tuple(mins.shape)} must both be [{N}, groups]")
+    if config is None or config.get("GLUON"):
+        out = _gluon_gemv(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config)
+        if out is not None:
+            return out
     cfg = {**_config(M), **(config or {})}
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:

@@ -256,14 +256,18 @@ def test_w4a16_gemv_float16_unpacking_matches_plain(dtype, group_size, rows):
         assert rel_err(half, expected) < TOL[dtype]
 
 
-def test_w4a16_gemv_launched_early_in_a_cuda_graph(monkeypatch):
+@pytest.mark.parametrize("gluon_rows", [0, 2])
+def test_w4a16_gemv_launched_early_in_a_cuda_graph(monkeypatch, gluon_rows):
     """With programmatic dependent launch (sm_90+) each GEMV starts while the kernel ahead of it
     runs (kernels/pdl.py): norm -> GEMV -> activation -> GEMV, four times, captured in a CUDA graph
-    and replayed on new inputs, gives the bits of the same kernels launched one after another."""
+    and replayed on new inputs, gives the bits of the same kernels launched one after another
+    (the Triton GEMV, and the Gluon one)."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs sm_90")
     from nanovllm import kernels
+    from nanovllm.kernels import w4a16_gemm as module
     from nanovllm.kernels.w4a16_gemm import w4a16_gemm
+    monkeypatch.setattr(module, "GLUON_GEMV_MAX_ROWS", gluon_rows)
     from nanovllm.quantization.packing import pack_int32
     gen = torch.Generator().manual_seed(0)
     hidden, inter, group = 2048, 8192, 128
@@ -295,3 +299,34 @@ def test_w4a16_gemv_launched_early_in_a_cuda_graph(monkeypatch):
         graph.replay()
         expected = chain(static_x)
         assert torch.equal(static_out, expected), trial
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("n, k, group_size", [(3000, 2048, 128), (1000, 576, 32), (2048, 1536, 64),
+                                              (512, 2048, 256), (768, 1024, 1024), (2048, 8192, 128)])
+def test_w4a16_gluon_gemv_matches_the_reference(rows, n, k, group_size, monkeypatch):
+    """The Gluon GEMV (w4a16_gemv.py), which w4a16_gemm picks for 1-2 bfloat16 rows: the dequantized
+    matmul's result, with and without split-K, for group sizes 32 to per-channel, columns that do not
+    fill the last tile, and K ranges that are not a power of two; and the Triton GEMV's to a rounding
+    step of the output (the two sum in different orders)."""
+    from nanovllm.kernels import w4a16_gemm as module
+    from nanovllm.quantization.int_linear import dequantize
+    from nanovllm.quantization.packing import pack_int32
+    if not module.w4a16_gemv.gluon_available():
+        pytest.skip("this triton has no Gluon")
+    gen = torch.Generator().manual_seed(rows * n)
+    qweight = pack_int32(torch.randint(0, 16, (n, k), generator=gen), 4, dim=1).cuda()
+    scales = (torch.rand(n, k // group_size, generator=gen) * 0.02 + 0.005).to("cuda", torch.bfloat16)
+    mins = (torch.randn(n, k // group_size, generator=gen) * 0.05).to("cuda", torch.bfloat16)
+    x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
+    expected = x.float() @ dequantize(qweight, scales, mins, 4, group_size).float().t()
+    triton_gemv = module.w4a16_gemm(x, qweight, scales, mins, 4, group_size, config={"GEMV": True})
+    for split_k in (1, 3, None):
+        for cfg in ({"GLUON": True, "SN": 4, "num_warps": 4}, {"GLUON": True, "SN": 2, "num_warps": 8}):
+            out = module._gluon_gemv(x, qweight, scales, mins, 4, group_size, None, split_k, cfg)
+            assert out is not None
+            assert rel_err(out, expected) < TOL[torch.bfloat16], (split_k, cfg)
+            torch.testing.assert_close(out, triton_gemv, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-3)
+    monkeypatch.setattr(module, "GLUON_GEMV_MAX_ROWS", 2)
+    assert torch.equal(module.w4a16_gemm(x, qweight, scales, mins, 4, group_size),
+                       module._gluon_gemv(x, qweight, scales, mins, 4, group_size, None, None, None))

@@ -1,0 +1,204 @@
+"""Gluon kernel: the 4-bit GEMV for one or two rows of bfloat16 activations (batch-1 decode).
+
+The same product as w4a16_gemm.py's GEMV (its layout and its scale-after-summing), written in
+Gluon, Triton's language with explicit layouts, so that each thread's share of x sits in the
+registers next to its words: the Triton kernel exchanged x through shared memory at every step
+(two barriers a step). Here nothing crosses threads until the end of the program, each step's
+loads are issued before the previous step's arithmetic, and a thread's x is reused for the SN
+columns it holds. docs/quantization.md tells the layout; docs/benchmarks.md the figures.
+
+Gluon runs on NVIDIA GPUs only (no interpreter): tests/gpu compares it with the reference, and
+tests/kernels compiles it for sm_90 on a CPU.
+"""
+import torch
+import triton
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+except ImportError:         # triton before 3.4: w4a16_gemm keeps to its Triton kernels
+    gluon = None
+
+from nanovllm.kernels.pdl import gdc_launch_dependents, gdc_wait
+
+
+def gluon_available() -> bool:
+    return gluon is not None and gdc_wait is not None
+
+
+if gluon_available():
+    _thread_barrier = getattr(gl, "thread_barrier", None) or getattr(gl, "barrier")   # (renamed in 3.7)
+
+    @gluon.jit
+    def _indices_3d(A: gl.constexpr, B: gl.constexpr, C: gl.constexpr, layout: gl.constexpr):
+        """aranges along each dimension of a [A, B, C] tensor in `layout`, broadcastable to it."""
+        a = gl.arange(0, A, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))
+        b = gl.arange(0, B, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout)))
+        c = gl.arange(0, C, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+        return (gl.expand_dims(gl.expand_dims(a, 1), 2), gl.expand_dims(gl.expand_dims(b, 0), 2),
+                gl.expand_dims(gl.expand_dims(c, 0), 1))
+
+    @gluon.jit
+    def _bf16_low(pairs):
+        return (pairs << 16).to(gl.float32, bitcast=True)
+
+    @gluon.jit
+    def _bf16_high(pairs):
+        return (pairs & -65536).to(gl.float32, bitcast=True)
+
+    @gluon.jit
+    def _add_pair_products(d, words, x_pair, POS: gl.constexpr, one_bits):
+        """d + the 4-bit values at bits POS and POS + 4 of `words` times the bf16 pair x_pair (its
+        low and high halves). unpack_value's mantissa trick (int_unpack.py); `one_bits` (1.0's bits,
+        0x3F800000) comes as an argument so that the mask-and-or is one LOP3 with a register operand."""
+        UNIT_E: gl.constexpr = float(1 << (23 - POS))
+        UNIT_O: gl.constexpr = float(1 << (19 - POS))
+        q_e = ((words & (15 << POS)) | one_bits).to(gl.float32, bitcast=True) * UNIT_E - UNIT_E
+        q_o = ((words & (15 << (POS + 4))) | one_bits).to(gl.float32, bitcast=True) * UNIT_O - UNIT_O
+        d += q_e * gl.expand_dims(_bf16_low(x_pair), 1)
+        d += q_o * gl.expand_dims(_bf16_high(x_pair), 1)
+        return d
+
+    @gluon.jit
+    def _w4a16_gemv_gluon_kernel(
+        x_ptr, qweight_ptr, scales_ptr, mins_ptr, out_ptr, partials_ptr, counters_ptr,
+        M, N, K, k_per_split, words_per_split, split_k, one_bits,
+        stride_xm, stride_qn, stride_sn, stride_mn, stride_om,
+        GROUP_SIZE: gl.constexpr, GROUP_STEP: gl.constexpr, R: gl.constexpr,
+        SN: gl.constexpr, TN: gl.constexpr, WN: gl.constexpr, SW: gl.constexpr, TW: gl.constexpr,
+        WG: gl.constexpr, SPLIT: gl.constexpr, PDL: gl.constexpr,
+    ):
+        # A program: R rows, BN columns, one K range, in steps of WG groups of GROUP_STEP values.
+        # Tensor dims: (row, column, group of the step, word of the group); x also (pair of the word).
+        # A thread holds SN columns x SW words (16 bytes a column) and those words' x for R rows.
+        LA: gl.constexpr = gl.BlockedLayout([R, SN, 1, SW], [1, TN, 1, TW], [1, WN, WG, 1], [3, 2, 1, 0])
+        LX: gl.constexpr = gl.BlockedLayout([R, SN, 1, SW, 4], [1, TN, 1, TW, 1], [1, WN, WG, 1, 1],
+                                            [4, 3, 2, 1, 0])
+        LW: gl.constexpr = gl.SliceLayout(0, LA)                       # [BN, G, WPG] packed words
+        LX_PAIR: gl.constexpr = gl.SliceLayout(1, LA)                  # [R, G, WPG] one bf16 pair a word
+        LX_ROWS: gl.constexpr = gl.SliceLayout(1, LX)                  # [R, G, WPG, 4] x as int32 pairs
+        LS: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(3, LA))    # [BN, G] scales, mins
+        LO: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, LA))    # [R, BN] the output tile
+        BN: gl.constexpr = SN * TN * WN
+        WPG: gl.constexpr = SW * TW
+        K_STEP: gl.constexpr = WG * GROUP_STEP
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        k_start = pid_k * k_per_split
+        steps = gl.minimum(k_per_split, K - k_start) // K_STEP
+
+        n, g, w = _indices_3d(BN, WG, WPG, LW)
+        w_ptrs = (qweight_ptr + gl.minimum(pid_n * BN + n, N - 1) * stride_qn + g * (GROUP_STEP // 8) + w
+                  + pid_k * words_per_split)      # (the last tile re-reads column N-1; stores are masked)
+        g, w, p = _indices_3d(WG, WPG, 4, gl.SliceLayout(0, LX_ROWS))
+        rows = gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LX_ROWS))))
+        rows = gl.expand_dims(gl.expand_dims(gl.expand_dims(rows, 1), 2), 3)
+        x_ptrs = (x_ptr + gl.minimum(rows, M - 1) * stride_xm
+                  + gl.expand_dims(g * (GROUP_STEP // 2) + w * 4 + p, 0) + k_start // 2)
+        s_cols = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LS)), N - 1)
+        s_ptrs = scales_ptr + gl.expand_dims(s_cols, 1) * stride_sn
+        m_ptrs = mins_ptr + gl.expand_dims(s_cols, 1) * stride_mn
+        group = (k_start + gl.expand_dims(gl.arange(0, WG, layout=gl.SliceLayout(0, LS)) * GROUP_STEP, 0)) \
+            // GROUP_SIZE
+
+        words = gl.load(w_ptrs)               # the weights do not depend on the kernel ahead (pdl.py)
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        x = gl.load(x_ptrs)
+        scale = gl.load(s_ptrs + group)
+        low = gl.load(m_ptrs + group)
+        acc = gl.zeros([R, BN, WG, WPG], gl.float32, LA)
+        for step in range(0, steps):
+            # the next step's loads go out before this step's arithmetic (registers, not shared memory)
+            more = step + 1 < steps
+            w_ptrs += K_STEP // 8
+            x_ptrs += K_STEP // 2
+            if K_STEP % GROUP_SIZE == 0:
+                group += K_STEP // GROUP_SIZE
+            else:
+                group = (k_start + (step + 1) * K_STEP + gl.expand_dims(
+                    gl.arange(0, WG, layout=gl.SliceLayout(0, LS)) * GROUP_STEP, 0)) // GROUP_SIZE
+            words_next = gl.load(w_ptrs, mask=more)
+            x_next = gl.load(x_ptrs, mask=more)
+            scale_next = gl.load(s_ptrs + group, mask=more)
+            low_next = gl.load(m_ptrs + group, mask=more)
+
+            # word value j pairs with x[8 * word + j]: pair p of x holds values 2p (low half) and 2p + 1
+            evens, odds = gl.split(gl.reshape(x, [R, WG, WPG, 2, 2]))
+            x0, x2 = gl.split(evens)
+            x1, x3 = gl.split(odds)
+            x0 = gl.convert_layout(x0, LX_PAIR, assert_trivial=True)
+            x1 = gl.convert_layout(x1, LX_PAIR, assert_trivial=True)
+            x2 = gl.convert_layout(x2, LX_PAIR, assert_trivial=True)
+            x3 = gl.convert_layout(x3, LX_PAIR, assert_trivial=True)
+            low_words = gl.expand_dims(words, 0)          # values 0-3 in bits 0-15, 4-7 in 16-31
+            high_words = low_words >> 16
+            d = gl.zeros([R, BN, WG, WPG], gl.float32, LA)
+            d = _add_pair_products(d, low_words, x0, 0, one_bits)
+            d = _add_pair_products(d, low_words, x1, 8, one_bits)
+            d = _add_pair_products(d, high_words, x2, 0, one_bits)
+            d = _add_pair_products(d, high_words, x3, 8, one_bits)
+            x_sum = (_bf16_low(x0) + _bf16_high(x0) + _bf16_low(x1) + _bf16_high(x1)
+                     + _bf16_low(x2) + _bf16_high(x2) + _bf16_low(x3) + _bf16_high(x3))
+            acc += (d * gl.expand_dims(gl.expand_dims(scale.to(gl.float32), 0), 3)
+                    + gl.expand_dims(gl.expand_dims(low.to(gl.float32), 0), 3) * gl.expand_dims(x_sum, 1))
+            words = words_next
+            x = x_next
+            scale = scale_next
+            low = low_next
+
+        tile = gl.sum(gl.sum(acc, axis=3), axis=2)                    # [R, BN]
+        out_rows = gl.expand_dims(gl.arange(0, R, layout=gl.SliceLayout(1, LO)), 1)
+        out_cols = gl.expand_dims(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, LO)), 0)
+        mask = (out_rows < M) & (out_cols < N)
+        out_ptrs = out_ptr + out_rows * stride_om + out_cols
+        if not SPLIT:
+            gl.store(out_ptrs, tile.to(out_ptr.dtype.element_ty), mask=mask)
+        else:       # as w4a16_gemm's _finish_tile: the tile's last program sums the partials in K order
+            offsets = out_rows * N + out_cols
+            gl.store(partials_ptr + pid_k * M * N + offsets, tile, mask=mask)
+            _thread_barrier()
+            arrived = gl.atomic_add(counters_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == split_k - 1:
+                total = gl.zeros([R, BN], gl.float32, LO)
+                for s in range(0, split_k):
+                    total += gl.load(partials_ptr + s * M * N + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+                gl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+                gl.atomic_xchg(counters_ptr + pid_n, 0)
+
+
+def gemv_shape(group_size: int, K: int, num_warps: int) -> dict | None:
+    """The layout constants for this weight (None: the kernel cannot take it). A step covers WG
+    groups of GROUP_STEP values (a group of more than 128 values is walked 128 at a time);
+    a thread's 4 words are 16 contiguous bytes of a column."""
+    if group_size in (32, 64):
+        step = group_size
+    elif group_size % 128 == 0:
+        step = 128
+    else:
+        return None
+    if K % step:
+        return None
+    wg = num_warps
+    while wg > 1 and K % (wg * step):
+        wg //= 2
+    words = step // 8
+    return dict(GROUP_STEP=step, SW=4, TW=words // 4, TN=32 // (words // 4), WG=wg, WN=num_warps // wg)
+
+
+def launch_gemv(x, qweight, scales, mins, out, group_size: int, shape: dict, SN: int, num_warps: int,
+                split_k: int, partials, counters, pdl: dict) -> None:
+    """Launch the kernel on x [M <= 2, K] bfloat16 (contiguous), out [M, N]."""
+    M, K = x.shape
+    N = qweight.shape[0]
+    block_n = SN * shape["TN"] * shape["WN"]
+    k_step = shape["WG"] * shape["GROUP_STEP"]
+    k_per_split = triton.cdiv(K // k_step, split_k) * k_step
+    split_k = triton.cdiv(K, k_per_split)
+    _w4a16_gemv_gluon_kernel[(triton.cdiv(N, block_n), split_k)](
+        x.view(torch.int32), qweight, scales, mins, out, partials, counters,
+        M, N, K, k_per_split, k_per_split // 8, split_k, 0x3F800000,
+        x.stride(0) // 2, qweight.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
+        GROUP_SIZE=group_size, R=triton.next_power_of_2(M), SN=SN, SPLIT=split_k > 1, num_warps=num_warps,
+        **shape, **pdl)
