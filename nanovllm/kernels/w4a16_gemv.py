@@ -13,21 +13,21 @@ tests/kernels compiles it for sm_90 on a CPU.
 import torch
 import triton
 
+from nanovllm.kernels.pdl import gdc_launch_dependents, gdc_wait
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    _thread_barrier = getattr(gl, "thread_barrier", None) or getattr(gl, "barrier", None)   # (renamed in 3.7)
 except ImportError:         # triton before 3.4: w4a16_gemm keeps to its Triton kernels
-    gluon = None
-
-from nanovllm.kernels.pdl import gdc_launch_dependents, gdc_wait
+    gluon = _thread_barrier = None
 
 
 def gluon_available() -> bool:
-    return gluon is not None and gdc_wait is not None
+    return gluon is not None and _thread_barrier is not None and gdc_wait is not None
 
 
 if gluon_available():
-    _thread_barrier = getattr(gl, "thread_barrier", None) or getattr(gl, "barrier")   # (renamed in 3.7)
 
     @gluon.jit
     def _indices_3d(A: gl.constexpr, B: gl.constexpr, C: gl.constexpr, layout: gl.constexpr):
