@@ -47,15 +47,20 @@ if gluon_available():
         return (pairs & -65536).to(gl.float32, bitcast=True)
 
     @gluon.jit
-    def _add_pair_products(d, words, x_pair, POS: gl.constexpr, one_bits):
-        """d + the 4-bit values at bits POS and POS + 4 of `words` times the bf16 pair x_pair (its
-        low and high halves). unpack_value's mantissa trick (int_unpack.py); `one_bits` (1.0's bits,
-        0x3F800000) comes as an argument so that the mask-and-or is one LOP3 with a register operand."""
-        UNIT_E: gl.constexpr = float(1 << (23 - POS))
-        UNIT_O: gl.constexpr = float(1 << (19 - POS))
-        q_e = ((words & (15 << POS)) | one_bits).to(gl.float32, bitcast=True) * UNIT_E - UNIT_E
-        q_o = ((words & (15 << (POS + 4))) | one_bits).to(gl.float32, bitcast=True) * UNIT_O - UNIT_O
-        d += q_e * gl.expand_dims(_bf16_low(x_pair), 1)
+    def _pair_products(d, even_src, EVEN_POS: gl.constexpr, odd_src, ODD_POS: gl.constexpr, x_pair, one_bits,
+                       FIRST: gl.constexpr):
+        """d (or nothing, FIRST) + a word's values at bits EVEN_POS of even_src and ODD_POS of odd_src
+        times the bf16 pair x_pair (its low and high halves). unpack_value's mantissa trick
+        (int_unpack.py); `one_bits` (1.0's bits, 0x3F800000) comes as an argument so that each
+        mask-and-or is one LOP3 with a register operand."""
+        UNIT_E: gl.constexpr = float(1 << (23 - EVEN_POS))
+        UNIT_O: gl.constexpr = float(1 << (23 - ODD_POS))
+        q_e = ((even_src & (15 << EVEN_POS)) | one_bits).to(gl.float32, bitcast=True) * UNIT_E - UNIT_E
+        q_o = ((odd_src & (15 << ODD_POS)) | one_bits).to(gl.float32, bitcast=True) * UNIT_O - UNIT_O
+        if FIRST:
+            d = q_e * gl.expand_dims(_bf16_low(x_pair), 1)
+        else:
+            d += q_e * gl.expand_dims(_bf16_low(x_pair), 1)
         d += q_o * gl.expand_dims(_bf16_high(x_pair), 1)
         return d
 
@@ -132,17 +137,17 @@ if gluon_available():
             x1 = gl.convert_layout(x1, LX_PAIR, assert_trivial=True)
             x2 = gl.convert_layout(x2, LX_PAIR, assert_trivial=True)
             x3 = gl.convert_layout(x3, LX_PAIR, assert_trivial=True)
-            low_words = gl.expand_dims(words, 0)          # values 0-3 in bits 0-15, 4-7 in 16-31
-            high_words = low_words >> 16
-            d = gl.zeros([R, BN, WG, WPG], gl.float32, LA)
-            d = _add_pair_products(d, low_words, x0, 0, one_bits)
-            d = _add_pair_products(d, low_words, x1, 8, one_bits)
-            d = _add_pair_products(d, high_words, x2, 0, one_bits)
-            d = _add_pair_products(d, high_words, x3, 8, one_bits)
+            # value j at bits 4j; a mantissa holds bits 0-22, so values 5-7 are shifted down first
+            w0 = gl.expand_dims(words, 0)
+            w16 = w0 >> 16
+            d = _pair_products(None, w0, 0, w0, 4, x0, one_bits, True)
+            d = _pair_products(d, w0, 8, w0, 12, x1, one_bits, False)
+            d = _pair_products(d, w0, 16, w16, 4, x2, one_bits, False)
+            d = _pair_products(d, w16, 8, w16, 12, x3, one_bits, False)
             x_sum = (_bf16_low(x0) + _bf16_high(x0) + _bf16_low(x1) + _bf16_high(x1)
                      + _bf16_low(x2) + _bf16_high(x2) + _bf16_low(x3) + _bf16_high(x3))
-            acc += (d * gl.expand_dims(gl.expand_dims(scale.to(gl.float32), 0), 3)
-                    + gl.expand_dims(gl.expand_dims(low.to(gl.float32), 0), 3) * gl.expand_dims(x_sum, 1))
+            acc += d * gl.expand_dims(gl.expand_dims(scale.to(gl.float32), 0), 3)
+            acc += gl.expand_dims(gl.expand_dims(low.to(gl.float32), 0), 3) * gl.expand_dims(x_sum, 1)
             words = words_next
             x = x_next
             scale = scale_next
