@@ -241,10 +241,11 @@ GEMV_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "
 # from 11.2 to 9.4 us a launch (docs/benchmarks.md, 2026-12-07; --half-unpack-max-rows 0 turns it off).
 HALF_UNPACK_MAX_ROWS = 4
 # On a GPU, 4-bit weights and bfloat16 activations of up to this many rows go to the Gluon GEMV
-# (w4a16_gemv.py; at most 2: its x registers spill beyond), with these settings: SN columns a
-# thread, split-K for ~split_per_sm programs an SM. Off (0) until it is measured against the
-# Triton GEMV on a GPU (benchmarks/bench_w4a16.py --gluon-gemv-max-rows 2).
-GLUON_GEMV_MAX_ROWS = 0
+# (w4a16_gemv.py; it takes at most 2: its x registers spill beyond), with these settings: SN
+# columns a thread, split-K for ~split_per_sm programs an SM. On an H100 at one row it read
+# Llama-3.2-1B's four linears from HBM in 27.0 us against the Triton GEMV's 37.9 (the best of
+# four settings, this one); 2 rows are tested but not yet timed (docs/benchmarks.md, 2026-12-07).
+GLUON_GEMV_MAX_ROWS = 1
 GLUON_GEMV_CONFIG = {"SN": 4, "num_warps": 4, "split_per_sm": 4}
 # The tensor-core kernel, by the rows it is given (first entry whose max_rows >= M). BLOCK_M is at
 # least 16 (tl.dot's smallest); a wide BLOCK_N spreads the unpacking of a word over more columns.
