@@ -294,7 +294,8 @@ def _gluon_gemv(x, qweight, scales, mins, bits, group_size, g_idx, split_k, conf
     M, K = x.shape
     max_rows = 2 if config and config.get("GLUON") else min(GLUON_GEMV_MAX_ROWS, 2)
     if not (0 < M <= max_rows and x.is_cuda and bits == 4 and g_idx is None and x.dtype == torch.bfloat16
-            and x.stride(1) == 1 and x.stride(0) % 2 == 0 and qweight.stride(1) == 1 and scales.stride(1) == 1
+            and x.stride(1) == 1 and x.stride(0) % 2 == 0 and x.storage_offset() % 2 == 0   # (read as int32 pairs)
+            and qweight.stride(1) == 1 and scales.stride(1) == 1
             and mins.stride(1) == 1 and w4a16_gemv.gluon_available()):
         return None
     cfg = {**GLUON_GEMV_CONFIG, **(config or {})}
@@ -338,8 +339,9 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
     features per group (its groups contiguous), unless g_idx [K] gives each feature's group.
     `split_k`: K ranges summed at the end (default: enough programs to fill the GPU).
     `config` overrides the defaults (for tuning): GLUON (the Gluon GEMV, with SN, num_warps and
-    split_per_sm), GEMV (the CUDA-core kernel, if the groups allow it), BLOCK_M (tensor-core kernel only), BLOCK_N, BLOCK_K, num_warps, num_stages, split_per_sm,
-    HALF_UNPACK (the CUDA-core kernel's float16 unpacking of 4-bit values, on a GPU).
+    split_per_sm), GEMV (the CUDA-core kernel, if the groups allow it), BLOCK_M (tensor-core kernel
+    only), BLOCK_N, BLOCK_K, num_warps, num_stages, split_per_sm, HALF_UNPACK (the CUDA-core
+    kernel's float16 unpacking of 4-bit values, on a GPU).
     """
     M, K = x.shape
     N = qweight.shape[0]
