@@ -305,10 +305,11 @@ def test_w4a16_gemv_launched_early_in_a_cuda_graph(monkeypatch, gluon_rows):
 @pytest.mark.parametrize("n, k, group_size", [(3000, 2048, 128), (1000, 576, 32), (2048, 1536, 64),
                                               (512, 2048, 256), (768, 1024, 1024), (2048, 8192, 128)])
 def test_w4a16_gluon_gemv_matches_the_reference(rows, n, k, group_size, monkeypatch):
-    """The Gluon GEMV (w4a16_gemv.py), which w4a16_gemm picks for 1-2 bfloat16 rows: the dequantized
-    matmul's result, with and without split-K, for group sizes 32 to per-channel, columns that do not
-    fill the last tile, and K ranges that are not a power of two; and the Triton GEMV's to a rounding
-    step of the output (the two sum in different orders)."""
+    """The Gluon GEMV (w4a16_gemv.py; w4a16_gemm picks it for bfloat16 rows up to
+    GLUON_GEMV_MAX_ROWS, at most 2, and both are tested): the dequantized matmul's result, with and
+    without split-K, for group sizes 32 to per-channel, columns that do not fill the last tile, and
+    K ranges that are not a power of two; and the Triton GEMV's to a rounding step of the output
+    (the two sum in different orders)."""
     from nanovllm.kernels import w4a16_gemm as module
     from nanovllm.quantization.int_linear import dequantize
     from nanovllm.quantization.packing import pack_int32

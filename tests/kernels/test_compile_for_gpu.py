@@ -174,8 +174,9 @@ print("compiled", flush=True)
 
 
 def test_gluon_gemv_compiles_for_sm90():
-    """The Gluon GEMV (no interpreter can run it) compiles for an H100 at every group size and
-    setting w4a16_gemm may give it; tests/gpu checks its results."""
+    """The Gluon GEMV (no interpreter can run it) compiles for an H100 for each kind of group it
+    takes (32, 64, 128 and a multiple of 128 values, the last walked 128 at a time), at 1 and 2
+    rows, with and without split-K and early launch; tests/gpu checks its results."""
     from nanovllm.kernels import w4a16_gemv
     if not w4a16_gemv.gluon_available():
         pytest.skip("this triton has no Gluon")
