@@ -311,8 +311,9 @@ def _gluon_gemv(x, qweight, scales, mins, bits, group_size, g_idx, split_k, conf
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
     counters = _tile_counters(x.device, tiles) if split_k > 1 else out
-    w4a16_gemv.launch_gemv(x, qweight, scales, mins, out, group_size, shape, cfg["SN"], cfg["num_warps"], split_k,
-                           partials, counters, pdl_options(x.device))
+    if not w4a16_gemv.launch_gemv(x, qweight, scales, mins, out, group_size, shape, cfg["SN"], cfg["num_warps"],
+                                  split_k, partials, counters, pdl_options(x.device)):
+        return None
     return out
 
 

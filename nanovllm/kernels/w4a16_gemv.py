@@ -10,10 +10,15 @@ columns it holds. docs/quantization.md tells the layout; docs/benchmarks.md the 
 Gluon runs on NVIDIA GPUs only (no interpreter): tests/gpu compares it with the reference, and
 tests/kernels compiles it for sm_90 on a CPU.
 """
+import logging
+
 import torch
 import triton
+from triton.compiler.errors import CompilationError
 
 from nanovllm.kernels.pdl import gdc_launch_dependents, gdc_wait
+
+logger = logging.getLogger(__name__)
 
 try:
     from triton.experimental import gluon
@@ -23,8 +28,11 @@ except ImportError:         # triton before 3.4: w4a16_gemm keeps to its Triton 
     gluon = _thread_barrier = None
 
 
+_COMPILES = True     # set False if this triton's Gluon (an experimental API) cannot build the kernel
+
+
 def gluon_available() -> bool:
-    return gluon is not None and _thread_barrier is not None and gdc_wait is not None
+    return gluon is not None and _thread_barrier is not None and gdc_wait is not None and _COMPILES
 
 
 if gluon_available():
@@ -193,17 +201,26 @@ def gemv_shape(group_size: int, K: int, num_warps: int) -> dict | None:
 
 
 def launch_gemv(x, qweight, scales, mins, out, group_size: int, shape: dict, SN: int, num_warps: int,
-                split_k: int, partials, counters, pdl: dict) -> None:
-    """Launch the kernel on x [M <= 2, K] bfloat16 (contiguous), out [M, N]."""
+                split_k: int, partials, counters, pdl: dict) -> bool:
+    """Launch the kernel on x [M <= 2, K] bfloat16 (contiguous), out [M, N]. False (and the kernel
+    off from then on) where this triton's Gluon cannot compile it: w4a16_gemm then uses Triton's."""
+    global _COMPILES
     M, K = x.shape
     N = qweight.shape[0]
     block_n = SN * shape["TN"] * shape["WN"]
     k_step = shape["WG"] * shape["GROUP_STEP"]
     k_per_split = triton.cdiv(K // k_step, split_k) * k_step
     split_k = triton.cdiv(K, k_per_split)
-    _w4a16_gemv_gluon_kernel[(triton.cdiv(N, block_n), split_k)](
-        x.view(torch.int32), qweight, scales, mins, out, partials, counters,
-        M, N, K, k_per_split, k_per_split // 8, split_k, 0x3F800000,
-        x.stride(0) // 2, qweight.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
-        GROUP_SIZE=group_size, R=triton.next_power_of_2(M), SN=SN, SPLIT=split_k > 1, num_warps=num_warps,
-        **shape, **pdl)
+    try:
+        _w4a16_gemv_gluon_kernel[(triton.cdiv(N, block_n), split_k)](
+            x.view(torch.int32), qweight, scales, mins, out, partials, counters,
+            M, N, K, k_per_split, k_per_split // 8, split_k, 0x3F800000,
+            x.stride(0) // 2, qweight.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
+            GROUP_SIZE=group_size, R=triton.next_power_of_2(M), SN=SN, SPLIT=split_k > 1, num_warps=num_warps,
+            **shape, **pdl)
+    except CompilationError as e:       # checked with triton 3.6 and 3.9; Gluon's API still moves
+        _COMPILES = False
+        logger.warning("the Gluon 4-bit GEMV does not compile with triton %s (%s); using the Triton GEMV",
+                       triton.__version__, str(e).splitlines()[-1] if str(e) else type(e).__name__)
+        return False
+    return True

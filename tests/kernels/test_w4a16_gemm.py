@@ -152,3 +152,34 @@ def test_w4a16_gemm_compiles_for_sm90(monkeypatch):
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
     assert "FAILED" not in done.stdout, done.stdout
+
+
+def test_a_gluon_gemv_that_does_not_compile_hands_over_to_triton(monkeypatch, caplog):
+    """Gluon is an experimental API: where this triton cannot compile the Gluon GEMV, its launcher
+    says so once (a warning naming the triton version), turns it off, and returns False, so that
+    w4a16_gemm goes on with the Triton kernels instead of failing every 4-bit decode step."""
+    import ast
+
+    from triton.compiler.errors import CompilationError
+
+    from nanovllm.kernels import w4a16_gemv
+    if not w4a16_gemv.gluon_available():
+        pytest.skip("this triton has no Gluon")
+
+    class Uncompilable:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise CompilationError("x = 1", ast.parse("x = 1").body[0], "spelled otherwise in this triton")
+            return launch
+
+    monkeypatch.setattr(w4a16_gemv, "_w4a16_gemv_gluon_kernel", Uncompilable())
+    monkeypatch.setattr(w4a16_gemv, "_COMPILES", True)
+    qweight, scales, mins, _ = random_quantized(64, 256, 4, 128, False, torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16, device=DEVICE)
+    out = torch.empty(1, 64, dtype=torch.bfloat16, device=DEVICE)
+    shape = w4a16_gemv.gemv_shape(128, 256, 4)
+    with caplog.at_level("WARNING"):
+        assert not w4a16_gemv.launch_gemv(x, qweight, scales, mins, out, 128, shape, 4, 4, 1, out, out,
+                                           {"PDL": False})
+    assert not w4a16_gemv.gluon_available()
+    assert "does not compile" in caplog.text and "spelled otherwise" in caplog.text
