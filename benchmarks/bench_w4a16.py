@@ -248,7 +248,7 @@ def main() -> None:
     if args.half_unpack_max_rows is not None:
         kernel_module.set_half_unpack_max_rows(args.half_unpack_max_rows)
     if args.gluon_gemv_max_rows is not None:
-        kernel_module.set_gluon_gemv_max_rows(args.gluon_gemv_max_rows)
+        kernel_module.w4a16_gemv.set_gluon_gemv_max_rows(args.gluon_gemv_max_rows)
     torch.manual_seed(0)
     copy = copy_bandwidth()
     print(f"{torch.cuda.get_device_name(0)}: device-to-device copy {copy / 1e12:.2f} TB/s")

@@ -42,7 +42,7 @@ if args.gemv_max_rows is not None:
 if args.half_unpack_max_rows is not None:
     w4a16_gemm.set_half_unpack_max_rows(args.half_unpack_max_rows)
 if args.gluon_gemv_max_rows is not None:
-    w4a16_gemm.set_gluon_gemv_max_rows(args.gluon_gemv_max_rows)
+    w4a16_gemm.w4a16_gemv.set_gluon_gemv_max_rows(args.gluon_gemv_max_rows)
 
 start = time.perf_counter()
 llm = LLM(shape_checkpoint_dir(args.shape), load_format="dummy", max_model_len=4096, enable_prefix_caching=False,

@@ -24,17 +24,12 @@ Two kernels, picked by the number of rows (see `_config`):
   tensor cores as the activations' dtype (exact: 0..255) and tl.dot sums them against x. With
   g_idx (scattered groups) each weight is scaled before the dot instead.
 
-Split-K: with few output tiles there are too few programs to fill the GPU, so K is cut into
-`split_k` ranges. Each program writes a float32 partial tile and counts itself in on an atomic
-counter per output tile; the one that arrives last sums the partials in K order (so the result
-does not depend on which came last), writes the output and sets the counter back to zero for the
-next launch. One launch a linear: summing in torch took two more, each as long as a small GEMV.
+With few output tiles both cut K into ranges summed within the launch (split_k.py). For 1-row
+bfloat16 products on a GPU, w4a16_gemv.py's Gluon GEMV runs instead of either.
 
 On sm_90 and later the GEMV is launched before the kernel ahead of it has finished and pulls its
 weights into L2 meanwhile (programmatic dependent launch, pdl.py).
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -42,27 +37,7 @@ import triton.language as tl
 from nanovllm.kernels import w4a16_gemv
 from nanovllm.kernels.int_unpack import word_dots, word_dots_f16
 from nanovllm.kernels.pdl import pdl_options, prefetch_l2, wait_for_previous
-
-
-@triton.jit
-def _finish_tile(acc, out_ptrs, mask, partials_ptr, offsets, partial_stride, counter_ptr, pid_k, split_k,
-                 SPLIT: tl.constexpr):
-    """Store a program's result: the output itself, or (SPLIT) its float32 partial at `offsets` in
-    slice pid_k of the partials, and, in the tile's last program to arrive, the partials' sum."""
-    if not SPLIT:
-        tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask)
-    else:
-        tl.store(partials_ptr + pid_k * partial_stride + offsets, acc, mask=mask)
-        tl.debug_barrier()                    # every thread's partial stored before the tile counts in
-        arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-        if arrived == split_k - 1:
-            total = tl.zeros_like(acc)
-            for s in range(0, split_k):       # in K order: the same sum whoever arrived last
-                # .cg: read from L2, where the other programs' stores are, not from a stale L1 line
-                total += tl.load(partials_ptr + s * partial_stride + offsets, mask=mask, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(counter_ptr, 0)    # ready for the next launch (and CUDA graph replay)
+from nanovllm.kernels.split_k import default_split_k, finish_tile, k_ranges, split_buffers
 
 
 @triton.jit
@@ -112,7 +87,7 @@ def _w4a16_gemv_kernel(
         acc += dots * scale[None, :, None] + low[None, :, None] * x_sum[:, None, :]
         w_ptrs += WORDS
         x_ptrs += BLOCK_K
-    _finish_tile(tl.sum(acc, axis=2), out_ptr + rows[:, None] * stride_om + cols[None, :],
+    finish_tile(tl.sum(acc, axis=2), out_ptr + rows[:, None] * stride_om + cols[None, :],
                  (rows[:, None] < M) & (cols[None, :] < N), partials_ptr, rows[:, None] * N + cols[None, :], M * N,
                  counters_ptr + pid_m * tl.num_programs(1) + pid_n, pid_k, split_k, SPLIT)
 
@@ -188,20 +163,9 @@ def _w4a16_dot_kernel(
             low = tl.load(mins_ptr + safe_cols * stride_mn + group * stride_mg).to(tl.float32)
             x_sum = tl.sum(x.to(tl.float32), axis=1)
             acc += part * scale[None, :] + x_sum[:, None] * low[None, :]
-    _finish_tile(acc, out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+    finish_tile(acc, out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
                  row_mask[:, None] & (cols < N)[None, :], partials_ptr, rows[:, None] * N + cols[None, :], M * N,
                  counters_ptr + pid_m * tl.num_programs(1) + pid_n, pid_k, split_k, SPLIT)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2                  # the CPU interpreter: a couple of "SMs", so that split-K gets exercised
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _block_k(group_size: int, bits: int, largest: int) -> int | None:
@@ -212,16 +176,6 @@ def _block_k(group_size: int, bits: int, largest: int) -> int | None:
             return block
         block //= 2
     return None
-
-
-def default_split_k(programs: int, k_steps: int, device: torch.device, per_sm: int = 2) -> int:
-    """K ranges per output tile, so that programs x split_k fill the GPU (about `per_sm` per SM).
-    Splitting costs a float32 round trip of the partials, so only a GPU left mostly idle splits."""
-    target = per_sm * _sm_count(device)
-    split = 1
-    while split * 2 <= k_steps and programs * split * 2 <= target:
-        split *= 2
-    return split
 
 
 # Defaults by rows (benchmarks/bench_w4a16.py --sweep measures them; its summary says what to set).
@@ -240,13 +194,6 @@ GEMV_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "
 # H100 it took a 4-bit Llama-3.2-1B's batch-1 decode step from 1.24 to 1.13 ms, its GEMVs in the step
 # from 11.2 to 9.4 us a launch (docs/benchmarks.md, 2026-12-07; --half-unpack-max-rows 0 turns it off).
 HALF_UNPACK_MAX_ROWS = 4
-# On a GPU, 4-bit weights and bfloat16 activations of up to this many rows go to the Gluon GEMV
-# (w4a16_gemv.py; it takes at most 2: its x registers spill beyond), with these settings: SN
-# columns a thread, split-K for ~split_per_sm programs an SM. On an H100 at one row it read
-# Llama-3.2-1B's four linears from HBM in 27.0 us against the Triton GEMV's 37.9 (the best of
-# four settings, this one); 2 rows are tested but not yet timed (docs/benchmarks.md, 2026-12-07).
-GLUON_GEMV_MAX_ROWS = 1
-GLUON_GEMV_CONFIG = {"SN": 4, "num_warps": 4, "split_per_sm": 4}
 # The tensor-core kernel, by the rows it is given (first entry whose max_rows >= M). BLOCK_M is at
 # least 16 (tl.dot's smallest); a wide BLOCK_N spreads the unpacking of a word over more columns.
 DOT_CONFIGS = [
@@ -257,22 +204,6 @@ DOT_CONFIGS = [
 ]
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_OUTGROWN: list[torch.Tensor] = []
-
-
-def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """The device's split-K arrival counters, one per output tile, all zero between launches (each
-    tile's last program resets its own). Never freed: a captured CUDA graph replays their address
-    (a buffer outgrown by a larger launch is kept for the graphs that use it)."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < tiles:
-        if counters is not None:
-            _OUTGROWN.append(counters)
-        counters = _COUNTERS[device] = torch.zeros(max(4096, tiles), dtype=torch.int32, device=device)
-    return counters
-
-
 def _dot_config(M: int) -> dict:
     return next(cfg for max_rows, cfg in DOT_CONFIGS if max_rows is None or M <= max_rows)
 
@@ -281,40 +212,6 @@ def set_gemv_max_rows(rows: int) -> None:
     """For benchmarks: the CUDA-core kernel up to `rows` rows."""
     global GEMV_MAX_ROWS
     GEMV_MAX_ROWS = rows
-
-
-def set_gluon_gemv_max_rows(rows: int) -> None:
-    """For benchmarks: the Gluon GEMV up to `rows` rows (0: never)."""
-    global GLUON_GEMV_MAX_ROWS
-    GLUON_GEMV_MAX_ROWS = rows
-
-
-def _gluon_gemv(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config) -> torch.Tensor | None:
-    """The product through the Gluon GEMV, or None where that kernel does not apply."""
-    M, K = x.shape
-    max_rows = 2 if config and config.get("GLUON") else min(GLUON_GEMV_MAX_ROWS, 2)
-    if not (0 < M <= max_rows and x.is_cuda and bits == 4 and g_idx is None and x.dtype == torch.bfloat16
-            and x.stride(1) == 1 and x.stride(0) % 2 == 0 and x.storage_offset() % 2 == 0   # (read as int32 pairs)
-            and qweight.stride(1) == 1 and scales.stride(1) == 1
-            and mins.stride(1) == 1 and w4a16_gemv.gluon_available()):
-        return None
-    cfg = {**GLUON_GEMV_CONFIG, **(config or {})}
-    shape = w4a16_gemv.gemv_shape(group_size, K, cfg["num_warps"])
-    if shape is None:
-        return None
-    N = qweight.shape[0]
-    tiles = triton.cdiv(N, cfg["SN"] * shape["TN"] * shape["WN"])
-    k_steps = K // (shape["WG"] * shape["GROUP_STEP"])
-    if split_k is None:
-        split_k = default_split_k(tiles, k_steps, x.device, cfg["split_per_sm"])
-    split_k = max(1, min(split_k, k_steps))
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
-    counters = _tile_counters(x.device, tiles) if split_k > 1 else out
-    if not w4a16_gemv.launch_gemv(x, qweight, scales, mins, out, group_size, shape, cfg["SN"], cfg["num_warps"],
-                                  split_k, partials, counters, pdl_options(x.device)):
-        return None
-    return out
 
 
 def set_half_unpack_max_rows(rows: int) -> None:
@@ -354,7 +251,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
     if scales.shape != mins.shape or scales.shape[0] != N:
         raise ValueError(f"scales {tuple(scales.shape)} and mins {tuple(mins.shape)} must both be [{N}, groups]")
     if config is None or config.get("GLUON"):
-        out = _gluon_gemv(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config)
+        out = w4a16_gemv.gluon_gemv(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config)
         if out is not None:
             return out
     cfg = {**_config(M), **(config or {})}
@@ -378,12 +275,9 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
     k_steps = triton.cdiv(K, block_k)
     if split_k is None:
         split_k = default_split_k(row_tiles * col_tiles, k_steps, x.device, cfg.get("split_per_sm", 2))
-    split_k = max(1, min(split_k, k_steps))
-    k_per_split = triton.cdiv(k_steps, split_k) * block_k
-    split_k = triton.cdiv(K, k_per_split)
+    k_per_split, split_k = k_ranges(K, block_k, split_k)
     split = split_k > 1
-    partials = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split else out
-    counters = _tile_counters(x.device, row_tiles * col_tiles) if split else out
+    partials, counters = split_buffers(out, split_k, row_tiles * col_tiles)
     grid = (row_tiles, col_tiles, split_k)
     if gemv:
         _w4a16_gemv_kernel[grid](

@@ -16,7 +16,8 @@ import torch
 import triton
 from triton.compiler.errors import CompilationError
 
-from nanovllm.kernels.pdl import gdc_launch_dependents, gdc_wait
+from nanovllm.kernels import split_k as split_k_module
+from nanovllm.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_options
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ if gluon_available():
         out_ptrs = out_ptr + out_rows * stride_om + out_cols
         if not SPLIT:
             gl.store(out_ptrs, tile.to(out_ptr.dtype.element_ty), mask=mask)
-        else:       # as w4a16_gemm's _finish_tile: the tile's last program sums the partials in K order
+        else:       # as split_k.finish_tile: the tile's last program sums the partials in K order
             offsets = out_rows * N + out_cols
             gl.store(partials_ptr + pid_k * M * N + offsets, tile, mask=mask)
             _thread_barrier()
@@ -200,24 +201,58 @@ def gemv_shape(group_size: int, K: int, num_warps: int) -> dict | None:
     return dict(GROUP_STEP=step, SW=4, TW=words // 4, TN=32 // (words // 4), WG=wg, WN=num_warps // wg)
 
 
-def launch_gemv(x, qweight, scales, mins, out, group_size: int, shape: dict, SN: int, num_warps: int,
-                split_k: int, partials, counters, pdl: dict) -> bool:
-    """Launch the kernel on x [M <= 2, K] bfloat16 (contiguous), out [M, N]. False (and the kernel
-    off from then on) where this triton's Gluon cannot compile it: w4a16_gemm then uses Triton's."""
-    global _COMPILES
+# w4a16_gemm sends bfloat16 rows up to GLUON_GEMV_MAX_ROWS here (the kernel takes at most 2: its
+# x registers spill beyond), with these settings: SN columns a thread, split-K for ~split_per_sm
+# programs an SM. On an H100 at one row it read Llama-3.2-1B's four linears from HBM in 27.0 us
+# against the Triton GEMV's 37.9 (the best of four settings, this one); 2 rows are tested but not
+# yet timed (docs/benchmarks.md, 2026-12-07).
+GLUON_GEMV_MAX_ROWS = 1
+GLUON_GEMV_CONFIG = {"SN": 4, "num_warps": 4, "split_per_sm": 4}
+
+
+def set_gluon_gemv_max_rows(rows: int) -> None:
+    """For benchmarks: the Gluon GEMV up to `rows` rows (0: never)."""
+    global GLUON_GEMV_MAX_ROWS
+    GLUON_GEMV_MAX_ROWS = rows
+
+
+def gluon_gemv(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config) -> torch.Tensor | None:
+    """w4a16_gemm's product through this kernel, or None where it does not apply (config GLUON:
+    up to 2 rows whatever GLUON_GEMV_MAX_ROWS says), or where this triton's Gluon cannot compile
+    it (then the Triton kernels from then on)."""
     M, K = x.shape
+    max_rows = 2 if config and config.get("GLUON") else min(GLUON_GEMV_MAX_ROWS, 2)
+    if not (0 < M <= max_rows and x.is_cuda and bits == 4 and g_idx is None and x.dtype == torch.bfloat16
+            and x.stride(1) == 1 and x.stride(0) % 2 == 0 and x.storage_offset() % 2 == 0   # (read as int32 pairs)
+            and qweight.stride(1) == 1 and scales.stride(1) == 1 and mins.stride(1) == 1 and gluon_available()):
+        return None
+    cfg = {**GLUON_GEMV_CONFIG, **(config or {})}
+    shape = gemv_shape(group_size, K, cfg["num_warps"])
+    if shape is None:
+        return None
     N = qweight.shape[0]
-    block_n = SN * shape["TN"] * shape["WN"]
+    block_n = cfg["SN"] * shape["TN"] * shape["WN"]
+    tiles = triton.cdiv(N, block_n)
     k_step = shape["WG"] * shape["GROUP_STEP"]
-    k_per_split = triton.cdiv(K // k_step, split_k) * k_step
-    split_k = triton.cdiv(K, k_per_split)
+    if split_k is None:
+        split_k = split_k_module.default_split_k(tiles, K // k_step, x.device, cfg["split_per_sm"])
+    k_per_split, split_k = split_k_module.k_ranges(K, k_step, split_k)
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    partials, counters = split_k_module.split_buffers(out, split_k, tiles)
+    launched = _launch((tiles, split_k), x.view(torch.int32), qweight, scales, mins, out, partials, counters,
+                       M, N, K, k_per_split, k_per_split // 8, split_k, 0x3F800000,
+                       x.stride(0) // 2, qweight.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
+                       GROUP_SIZE=group_size, R=triton.next_power_of_2(M), SN=cfg["SN"], SPLIT=split_k > 1,
+                       num_warps=cfg["num_warps"], **shape, **pdl_options(x.device))
+    return out if launched else None
+
+
+def _launch(grid, *args, **kwargs) -> bool:
+    """Launch the kernel; False, a warning (once) and the kernel off from then on where this
+    triton's Gluon cannot compile it."""
+    global _COMPILES
     try:
-        _w4a16_gemv_gluon_kernel[(triton.cdiv(N, block_n), split_k)](
-            x.view(torch.int32), qweight, scales, mins, out, partials, counters,
-            M, N, K, k_per_split, k_per_split // 8, split_k, 0x3F800000,
-            x.stride(0) // 2, qweight.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
-            GROUP_SIZE=group_size, R=triton.next_power_of_2(M), SN=SN, SPLIT=split_k > 1, num_warps=num_warps,
-            **shape, **pdl)
+        _w4a16_gemv_gluon_kernel[grid](*args, **kwargs)
     except CompilationError as e:       # checked with triton 3.6 and 3.9; Gluon's API still moves
         _COMPILES = False
         logger.warning("the Gluon 4-bit GEMV does not compile with triton %s (%s); using the Triton GEMV",

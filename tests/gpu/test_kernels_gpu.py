@@ -267,7 +267,7 @@ def test_w4a16_gemv_launched_early_in_a_cuda_graph(monkeypatch, gluon_rows):
     from nanovllm import kernels
     from nanovllm.kernels import w4a16_gemm as module
     from nanovllm.kernels.w4a16_gemm import w4a16_gemm
-    monkeypatch.setattr(module, "GLUON_GEMV_MAX_ROWS", gluon_rows)
+    monkeypatch.setattr(module.w4a16_gemv, "GLUON_GEMV_MAX_ROWS", gluon_rows)
     from nanovllm.quantization.packing import pack_int32
     gen = torch.Generator().manual_seed(0)
     hidden, inter, group = 2048, 8192, 128
@@ -324,10 +324,10 @@ def test_w4a16_gluon_gemv_matches_the_reference(rows, n, k, group_size, monkeypa
     triton_gemv = module.w4a16_gemm(x, qweight, scales, mins, 4, group_size, config={"GEMV": True})
     for split_k in (1, 3, None):
         for cfg in ({"GLUON": True, "SN": 4, "num_warps": 4}, {"GLUON": True, "SN": 2, "num_warps": 8}):
-            out = module._gluon_gemv(x, qweight, scales, mins, 4, group_size, None, split_k, cfg)
+            out = module.w4a16_gemv.gluon_gemv(x, qweight, scales, mins, 4, group_size, None, split_k, cfg)
             assert out is not None
             assert rel_err(out, expected) < TOL[torch.bfloat16], (split_k, cfg)
             torch.testing.assert_close(out, triton_gemv, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-3)
-    monkeypatch.setattr(module, "GLUON_GEMV_MAX_ROWS", 2)
+    monkeypatch.setattr(module.w4a16_gemv, "GLUON_GEMV_MAX_ROWS", 2)
     assert torch.equal(module.w4a16_gemm(x, qweight, scales, mins, 4, group_size),
-                       module._gluon_gemv(x, qweight, scales, mins, 4, group_size, None, None, None))
+                       module.w4a16_gemv.gluon_gemv(x, qweight, scales, mins, 4, group_size, None, None, None))
