@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+from nanovllm.chat_messages import CONTENT_FORMATS
+
 DEFAULT_PORT = 8000
 DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20      # (openai_server's; repeated here to keep --help light)
 
@@ -70,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", nargs="+", default=None,
                        help="name(s) clients use for the model (default: the model argument)")
     serve.add_argument("--chat-template", default=None, help="Jinja chat template, or a file holding one")
+    serve.add_argument("--chat-template-content-format", default="auto", choices=CONTENT_FORMATS,
+                       help="how a message's content parts reach the template: joined into a string, or as "
+                            "OpenAI's list ('auto': a list where the template loops over content)")
     serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                        help="larger request bodies get a 413 (default: %(default)s, 16 MiB)")
     serve.add_argument("--uvicorn-log-level", default="info", help="(default: %(default)s)")
@@ -87,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(_parser().parse_args(argv))
     if args.pop("command") == "serve":
         from nanovllm.entrypoints.openai_server import run_server
-        server_keys = ("model", "host", "port", "api_key", "served_model_name", "chat_template", "max_request_bytes")
+        server_keys = ("model", "host", "port", "api_key", "served_model_name", "chat_template",
+                       "chat_template_content_format", "max_request_bytes")
         server = {k: args.pop(k) for k in server_keys}
         engine = {k: v for k, v in args.items() if v is not None and k != "uvicorn_log_level"}
         try:

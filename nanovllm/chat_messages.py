@@ -3,9 +3,10 @@
 vLLM's rules: a non-empty list of message dicts is one conversation, anything else a list of
 them; a message is a dict with a "role" string and a "content" that is a string, None, or a
 list of OpenAI content parts ({"type": "text", "text": ...}). With the "string" content format
-(vLLM's choice for templates written for strings, and nanovllm's for "auto") the text parts are
-joined with newlines; with "openai" the parts go to the template as they are. A malformed
-conversation is a ValueError naming `messages`, not an error from deep inside the template.
+(for templates written for strings) the text parts are joined with newlines; with "openai" the
+parts go to the template as they are; "auto" picks "openai" for a template that loops over a
+message's content, as vLLM does. A malformed conversation is a ValueError naming `messages`, not
+an error from deep inside the template.
 """
 CONTENT_FORMATS = ("auto", "string", "openai")
 # What LLM.chat passes to apply_chat_template itself (chat_template_kwargs may not set them)
@@ -41,6 +42,47 @@ def for_template(message, content_format: str = "auto") -> dict:
         raise ValueError(f"messages: a message's content must be a string, a list of content parts or None, "
                          f"got {_describe(content)}")
     return message
+
+
+def resolve_content_format(content_format: str, tokenizer, chat_template: str | None = None,
+                           tools: list[dict] | None = None) -> str:
+    """"string" or "openai": "auto" resolved from the template that will be applied."""
+    if content_format != "auto":
+        return content_format
+    try:
+        template = tokenizer.get_chat_template(chat_template, tools)
+    except (ValueError, AttributeError):      # no template at all: apply_chat_template will say so
+        return "string"
+    return detect_content_format(template)
+
+
+def detect_content_format(template: str) -> str:
+    """"openai" where the Jinja template iterates over a message's content (so it expects a list
+    of parts), else "string"; a template that does not parse is treated as a string template."""
+    import jinja2.ext       # (here: `nanovllm --help` imports this module, and should stay quick)
+    from jinja2 import nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    try:
+        tree = ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols]).parse(template)
+    except jinja2.TemplateSyntaxError:
+        return "string"
+    # names set from a content ({% set content = message['content'] %}) count as content too
+    names = {a.target.name for a in tree.find_all(nodes.Assign)
+             if isinstance(a.target, nodes.Name) and _reads_content(a.node, set())}
+    loops = tree.find_all(nodes.For)
+    return "openai" if any(_reads_content(loop.iter, names) for loop in loops) else "string"
+
+
+def _reads_content(node, names: set) -> bool:
+    """Whether the expression is x['content'] or x.content (through filters), or a name set from one."""
+    from jinja2 import nodes
+    if isinstance(node, nodes.Filter):
+        return _reads_content(node.node, names)
+    if isinstance(node, nodes.Getitem):
+        return isinstance(node.arg, nodes.Const) and node.arg.value == "content"
+    if isinstance(node, nodes.Getattr):
+        return node.attr == "content"
+    return isinstance(node, nodes.Name) and node.name in names
 
 
 def join_text_parts(texts: list[str]) -> str:

@@ -10,7 +10,7 @@ import itertools
 import jinja2               # chat templates' language (a torch dependency)
 
 from nanovllm.beam_search import beam_search
-from nanovllm.chat_messages import as_conversations, check_chat_args, for_template
+from nanovllm.chat_messages import as_conversations, check_chat_args, for_template, resolve_content_format
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.engine.request_checks import check_generate_args, check_no_lora
 from nanovllm.models.model_dir import generation_defaults
@@ -105,9 +105,10 @@ class LLM:
         template_kwargs = check_chat_args(chat_template_content_format, chat_template_kwargs, tokenization_kwargs,
                                           mm_processor_kwargs)
         tokenizer = self.get_tokenizer()
+        content_format = resolve_content_format(chat_template_content_format, tokenizer, chat_template, tools)
         prompts = []
         for conversation in as_conversations(messages):
-            conversation = [for_template(m, chat_template_content_format) for m in conversation]
+            conversation = [for_template(m, content_format) for m in conversation]
             try:
                 text = tokenizer.apply_chat_template(
                     conversation, tokenize=False, add_generation_prompt=add_generation_prompt,

@@ -37,14 +37,17 @@ def test_server_step_budget_default(tiny_qwen3, monkeypatch, max_num_seqs, expec
 
 def test_serve_passes_vllm_serves_engine_flags(monkeypatch):
     """--quantization, --kv-cache-dtype and --speculative-config (JSON) reach the engine as
-    LLM's arguments; a --speculative-config that is no JSON object is a usage error."""
+    LLM's arguments, --chat-template-content-format the server; a --speculative-config that is
+    no JSON object is a usage error."""
     from nanovllm import __main__ as cli
     from nanovllm.entrypoints import openai_server
     seen = {}
     monkeypatch.setattr(openai_server, "run_server", lambda **kwargs: seen.update(kwargs))
     cli.main(["serve", "some/model", "--quantization", "fp8", "--kv-cache-dtype", "fp8",
-              "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}'])
+              "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}',
+              "--chat-template-content-format", "openai"])
     assert seen["quantization"] == "fp8" and seen["kv_cache_dtype"] == "fp8"
+    assert seen["chat_template_content_format"] == "openai"
     assert seen["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 3}
     for bad in ("ngram", "[3]"):
         with pytest.raises(SystemExit) as exited:

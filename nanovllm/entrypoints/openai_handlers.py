@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from fastapi.responses import StreamingResponse
 
 from nanovllm.beam_search import beam_search_async
+from nanovllm.chat_messages import resolve_content_format
 from nanovllm.entrypoints.async_llm import AsyncLLM, RequestStream
 from nanovllm.entrypoints.engine_process import summarize
 from nanovllm.entrypoints.errors import sampling_param
@@ -49,9 +50,10 @@ class OpenAIHandlers:
     """Answers completions and chat completions with `engine`, for the model served as `names`."""
 
     def __init__(self, engine: AsyncLLM, names: list[str], tokenizer, max_model_len: int,
-                 chat_template: str | None):
+                 chat_template: str | None, content_format: str = "auto"):
         self.engine, self.names, self.tokenizer = engine, names, tokenizer
         self.max_model_len, self.chat_template = max_model_len, chat_template
+        self.content_format = resolve_content_format(content_format, tokenizer, chat_template)
         # One thread: calls into one tokenizer are not made concurrently (as vLLM's server).
         self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nanovllm-tokenizer")
 
@@ -77,7 +79,7 @@ class OpenAIHandlers:
                 raise OpenAIError(f"messages[{i}].content is required for a {m.role!r} message",
                                   param=f"messages[{i}].content")
         try:
-            return self.tokenizer.apply_chat_template([m.to_template() for m in messages], tokenize=False,
+            return self.tokenizer.apply_chat_template([m.to_template(self.content_format) for m in messages], tokenize=False,
                                                       chat_template=self.chat_template, **options)
         except Exception as e:      # a template error (jinja) or no template at all
             raise OpenAIError(f"Could not apply the chat template: {summarize(e)}", param="messages") from None

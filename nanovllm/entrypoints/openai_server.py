@@ -40,14 +40,17 @@ SHUTDOWN_GRACE_S = 3.0          # how long a connection may stay open once the s
 
 def build_app(engine: AsyncLLM, served_model_names: list[str] | None = None, api_key: str | None = None,
               chat_template: str | None = None, lifespan=None,
-              max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+              max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES,
+              chat_template_content_format: str = "auto") -> FastAPI:
     """The FastAPI app serving `engine` under the first of `served_model_names` (default: the
     model path). `lifespan`: FastAPI's, e.g. to shut the engine down with the server.
-    `max_request_bytes`: larger bodies get a 413 (None: no limit)."""
+    `max_request_bytes`: larger bodies get a 413 (None: no limit). `chat_template_content_format`:
+    as LLM.chat's (chat_messages.py)."""
     from nanovllm.tokenizer import load_tokenizer
     config = engine.config
     names = served_model_names or [config.model]
-    server = OpenAIHandlers(engine, names, load_tokenizer(config), config.max_model_len, chat_template)
+    server = OpenAIHandlers(engine, names, load_tokenizer(config), config.max_model_len, chat_template,
+                            chat_template_content_format)
     metrics = ServingMetrics(names[0])
     engine.add_request_listener(metrics.observe)
     app = FastAPI(title="nanovllm OpenAI-compatible server", lifespan=lifespan)
@@ -252,7 +255,7 @@ def _raise_signalled(signum, frame):
 
 def run_server(model: str, host: str | None = None, port: int = 8000, api_key: str | None = None,
                served_model_name: list[str] | None = None, chat_template: str | None = None,
-               log_level: str = "info", max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES,
+               chat_template_content_format: str = "auto", log_level: str = "info", max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES,
                **engine_kwargs) -> None:
     """Load the model, then serve it until a signal, or until the engine fails: then it
     raises SystemExit(1) within a few seconds (what `nanovllm serve` runs)."""
@@ -271,7 +274,7 @@ def run_server(model: str, host: str | None = None, port: int = 8000, api_key: s
     try:
         engine = AsyncLLM(model, **engine_kwargs)
         app = build_app(engine, served_model_name, api_key, load_chat_template(chat_template),
-                        max_request_bytes=max_request_bytes)
+                        max_request_bytes=max_request_bytes, chat_template_content_format=chat_template_content_format)
         server = _Server(engine, uvicorn.Config(app, host=host or "0.0.0.0", port=port, log_level=log_level,
                                                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
 

@@ -156,9 +156,10 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[ContentPart] | None = None
 
-    def to_template(self) -> dict:
+    def to_template(self, content_format: str = "string") -> dict:
+        """The message for the chat template: content parts joined, or as they are ("openai")."""
         message = self.model_dump(exclude_none=True)
-        if isinstance(self.content, list):
+        if isinstance(self.content, list) and content_format != "openai":
             message["content"] = join_text_parts([part.text for part in self.content])
         return message
 
