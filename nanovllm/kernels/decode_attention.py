@@ -17,7 +17,6 @@ two FLOPs per byte, so it is bound by memory bandwidth. The design follows from 
 * Sliding window (`window=W`): only the last W keys are split and read, from the tile that
   holds the oldest of them; keys before it in that tile are masked.
 """
-import functools
 
 import torch
 import triton
@@ -27,6 +26,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from nanovllm.kernels.online_softmax import (fp8_value_pairs, fp16_mma, fp16_query, online_softmax_update,
                                              softmax_weights, tile_scores)
 from nanovllm.kernels.pdl import pdl_options, wait_for_previous
+from nanovllm.kernels.split_k import sm_count
 
 LOG2E = 1.4426950408889634
 
@@ -169,11 +169,6 @@ def _decode_merge_kernel(
              o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def default_num_splits(batch_size: int, num_kv_heads: int, device: torch.device) -> int:
     """Splits per sequence so that batch x kv_heads x splits programs fill the GPU: the
     largest power of two that keeps that count near 4 programs per SM (at most MAX_SPLITS).
@@ -183,7 +178,7 @@ def default_num_splits(batch_size: int, num_kv_heads: int, device: torch.device)
     8 splits (docs/kernels.md).
     """
     if device.type == "cuda":
-        target = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        target = 4 * sm_count(device)
     else:
         target = 16   # the interpreter runs programs one by one: keep the grid small
     splits = 1
