@@ -35,8 +35,11 @@ p.add_argument("--half-unpack-max-rows", type=int, default=None,
 p.add_argument("--gemv-config", type=json.loads, default={},
                help='4-bit weights: settings of the CUDA-core kernel, as JSON (e.g. \'{"split_per_sm": 4}\'; '
                     'default: w4a16_gemm.GEMV_CONFIG)')
+p.add_argument("--gluon-gemv-config", type=json.loads, default={},
+               help="4-bit weights: settings of the Gluon GEMV, as JSON (default: w4a16_gemv.GLUON_GEMV_CONFIG)")
 args = p.parse_args()
 w4a16_gemm.GEMV_CONFIG.update(args.gemv_config)
+w4a16_gemm.w4a16_gemv.GLUON_GEMV_CONFIG.update(args.gluon_gemv_config)
 if args.gemv_max_rows is not None:
     w4a16_gemm.set_gemv_max_rows(args.gemv_max_rows)
 if args.half_unpack_max_rows is not None:

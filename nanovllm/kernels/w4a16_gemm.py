@@ -24,7 +24,7 @@ Two kernels, picked by the number of rows (see `_config`):
   tensor cores as the activations' dtype (exact: 0..255) and tl.dot sums them against x. With
   g_idx (scattered groups) each weight is scaled before the dot instead.
 
-With few output tiles both cut K into ranges summed within the launch (split_k.py). For 1-row
+With few output tiles both cut K into ranges summed within the launch (split_k.py). For 1- and 2-row
 bfloat16 products on a GPU, w4a16_gemv.py's Gluon GEMV runs instead of either.
 
 On sm_90 and later the GEMV is launched before the kernel ahead of it has finished and pulls its

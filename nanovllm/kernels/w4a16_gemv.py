@@ -204,9 +204,9 @@ def gemv_shape(group_size: int, K: int, num_warps: int) -> dict | None:
 # w4a16_gemm sends bfloat16 rows up to GLUON_GEMV_MAX_ROWS here (the kernel takes at most 2: its
 # x registers spill beyond), with these settings: SN columns a thread, split-K for ~split_per_sm
 # programs an SM. On an H100 at one row it read Llama-3.2-1B's four linears from HBM in 27.0 us
-# against the Triton GEMV's 37.9 (the best of four settings, this one); 2 rows are tested but not
-# yet timed (docs/benchmarks.md, 2026-12-07).
-GLUON_GEMV_MAX_ROWS = 1
+# against the Triton GEMV's 37.9 (the best of four settings, this one); at two rows 38.3 against
+# 39.8, and a 2-sequence decode step took 1.048 against 1.068 ms (docs/benchmarks.md, 2026-12-07).
+GLUON_GEMV_MAX_ROWS = 2
 GLUON_GEMV_CONFIG = {"SN": 4, "num_warps": 4, "split_per_sm": 4}
 
 
