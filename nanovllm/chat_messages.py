@@ -4,7 +4,7 @@ vLLM's rules: a non-empty list of message dicts is one conversation, anything el
 them; a message is a dict with a "role" string and a "content" that is a string, None, or a
 list of OpenAI content parts ({"type": "text", "text": ...}). With the "string" content format
 (for templates written for strings) the text parts are joined with newlines; with "openai" the
-parts go to the template as they are; "auto" picks "openai" for a template that loops over a
+parts go to the template as they are (a string as one text part); "auto" picks "openai" for a template that loops over a
 message's content, as vLLM does. A malformed conversation is a ValueError naming `messages`, not
 an error from deep inside the template.
 """
@@ -41,6 +41,8 @@ def for_template(message, content_format: str = "auto") -> dict:
     elif content is not None and not isinstance(content, str):
         raise ValueError(f"messages: a message's content must be a string, a list of content parts or None, "
                          f"got {_describe(content)}")
+    elif isinstance(content, str) and content_format == "openai":     # one text part, as vLLM gives it
+        return {**message, "content": [{"type": "text", "text": content}]}
     return message
 
 

@@ -48,6 +48,10 @@ def test_llm_chat_gives_a_parts_template_the_parts(llm):
     # joined, the template would loop over the characters of a string and find no 'text' in them
     assert prompt(PARTS_TEMPLATE, "string") == "<user>||||||||||||||<assistant>"
     assert prompt(STRING_TEMPLATE, "auto") == prompt(STRING_TEMPLATE, "string") == "<user>Hello,\nmy name<assistant>"
+    # a string content reaches a parts template as one text part (as vLLM gives it)
+    plain = [{"role": "user", "content": "Hello"}]
+    out = llm.chat(plain, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False, chat_template=PARTS_TEMPLATE)
+    assert out[0].prompt == "<user>|Hello<assistant>"
 
 
 def test_server_resolves_auto_once_for_its_template(llm):
@@ -60,5 +64,7 @@ def test_server_resolves_auto_once_for_its_template(llm):
                                                  add_generation_prompt=True)
         assert rendered == ("<user>|Hello,|my name<assistant>" if expected == "openai"
                             else "<user>Hello,\nmy name<assistant>")
+    assert ChatMessage(role="user", content="Hello").to_template("openai")["content"] == [
+        {"type": "text", "text": "Hello"}]
     assert OpenAIHandlers(None, ["m"], tokenizer, 64, PARTS_TEMPLATE, "string").content_format == "string"
 

@@ -161,6 +161,8 @@ class ChatMessage(BaseModel):
         message = self.model_dump(exclude_none=True)
         if isinstance(self.content, list) and content_format != "openai":
             message["content"] = join_text_parts([part.text for part in self.content])
+        elif isinstance(self.content, str) and content_format == "openai":
+            message["content"] = [{"type": "text", "text": self.content}]
         return message
 
 
