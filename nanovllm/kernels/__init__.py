@@ -24,6 +24,9 @@ importing `nanovllm.kernels` must work where triton is not installed (macOS, Win
 `@triton.jit` fixes interpreter-or-GPU mode when the module is imported, so on a machine
 without CUDA, TRITON_INTERPRET=1 only has to be set before the first kernel is used (not
 before `import nanovllm`). Check `triton_available()` before calling a Triton kernel.
+Call these through the package (`kernels.rms_norm(...)`): importing rms_norm.py, silu_and_mul.py
+or gumbel_sample.py directly sets the package's attribute of that name to the module, which then
+hides the function.
 """
 import importlib
 import os
