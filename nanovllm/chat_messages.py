@@ -4,9 +4,9 @@ vLLM's rules: a non-empty list of message dicts is one conversation, anything el
 them; a message is a dict with a "role" string and a "content" that is a string, None, or a
 list of OpenAI content parts ({"type": "text", "text": ...}). With the "string" content format
 (for templates written for strings) the text parts are joined with newlines; with "openai" the
-parts go to the template as they are (a string as one text part); "auto" picks "openai" for a template that loops over a
-message's content, as vLLM does. A malformed conversation is a ValueError naming `messages`, not
-an error from deep inside the template.
+parts go to the template as they are (a string as one text part); "auto" picks "openai" for a
+template that loops over a message's content, as vLLM does. A malformed conversation is a
+ValueError naming `messages`, not an error from deep inside the template.
 """
 CONTENT_FORMATS = ("auto", "string", "openai")
 # What LLM.chat passes to apply_chat_template itself (chat_template_kwargs may not set them)

@@ -79,8 +79,9 @@ class OpenAIHandlers:
                 raise OpenAIError(f"messages[{i}].content is required for a {m.role!r} message",
                                   param=f"messages[{i}].content")
         try:
-            return self.tokenizer.apply_chat_template([m.to_template(self.content_format) for m in messages], tokenize=False,
-                                                      chat_template=self.chat_template, **options)
+            conversation = [m.to_template(self.content_format) for m in messages]
+            return self.tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=self.chat_template,
+                                                      **options)
         except Exception as e:      # a template error (jinja) or no template at all
             raise OpenAIError(f"Could not apply the chat template: {summarize(e)}", param="messages") from None
 

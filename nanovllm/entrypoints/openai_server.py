@@ -255,7 +255,8 @@ def _raise_signalled(signum, frame):
 
 def run_server(model: str, host: str | None = None, port: int = 8000, api_key: str | None = None,
                served_model_name: list[str] | None = None, chat_template: str | None = None,
-               chat_template_content_format: str = "auto", log_level: str = "info", max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES,
+               chat_template_content_format: str = "auto", log_level: str = "info",
+               max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES,
                **engine_kwargs) -> None:
     """Load the model, then serve it until a signal, or until the engine fails: then it
     raises SystemExit(1) within a few seconds (what `nanovllm serve` runs)."""
@@ -274,7 +275,8 @@ def run_server(model: str, host: str | None = None, port: int = 8000, api_key: s
     try:
         engine = AsyncLLM(model, **engine_kwargs)
         app = build_app(engine, served_model_name, api_key, load_chat_template(chat_template),
-                        max_request_bytes=max_request_bytes, chat_template_content_format=chat_template_content_format)
+                        max_request_bytes=max_request_bytes,
+                        chat_template_content_format=chat_template_content_format)
         server = _Server(engine, uvicorn.Config(app, host=host or "0.0.0.0", port=port, log_level=log_level,
                                                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from nanovllm.chat_messages import join_text_parts
+from nanovllm.chat_messages import for_template
 from nanovllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 
@@ -157,13 +157,8 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
 
     def to_template(self, content_format: str = "string") -> dict:
-        """The message for the chat template: content parts joined, or as they are ("openai")."""
-        message = self.model_dump(exclude_none=True)
-        if isinstance(self.content, list) and content_format != "openai":
-            message["content"] = join_text_parts([part.text for part in self.content])
-        elif isinstance(self.content, str) and content_format == "openai":
-            message["content"] = [{"type": "text", "text": self.content}]
-        return message
+        """The message for the chat template, in `content_format` (as LLM.chat gives it)."""
+        return for_template(self.model_dump(exclude_none=True), content_format)
 
 
 class ChatCompletionRequest(_SamplingRequest):
