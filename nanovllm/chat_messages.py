@@ -8,6 +8,8 @@ parts go to the template as they are (a string as one text part); "auto" picks "
 template that loops over a message's content, as vLLM does. A malformed conversation is a
 ValueError naming `messages`, not an error from deep inside the template.
 """
+import functools
+
 CONTENT_FORMATS = ("auto", "string", "openai")
 # What LLM.chat passes to apply_chat_template itself (chat_template_kwargs may not set them)
 _OWN_TEMPLATE_ARGUMENTS = {"conversation", "tokenize", "add_generation_prompt", "continue_final_message",
@@ -58,6 +60,7 @@ def resolve_content_format(content_format: str, tokenizer, chat_template: str | 
     return detect_content_format(template)
 
 
+@functools.lru_cache(maxsize=16)     # LLM.chat resolves "auto" on every call: parse each template once
 def detect_content_format(template: str) -> str:
     """"openai" where the Jinja template iterates over a message's content (so it expects a list
     of parts), else "string"; a template that does not parse is treated as a string template."""

@@ -54,6 +54,15 @@ def test_llm_chat_gives_a_parts_template_the_parts(llm):
     assert out[0].prompt == "<user>|Hello<assistant>"
 
 
+def test_llm_chat_parses_a_template_once(llm):
+    """LLM.chat resolves "auto" on every call; the template's parse is cached by its text."""
+    template = PARTS_TEMPLATE + "{# parsed once #}"
+    misses = detect_content_format.cache_info().misses
+    for _ in range(3):
+        llm.chat(PARTS, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False, chat_template=template)
+    assert detect_content_format.cache_info().misses == misses + 1
+
+
 def test_server_resolves_auto_once_for_its_template(llm):
     tokenizer = llm.get_tokenizer()
     for template, expected in ((PARTS_TEMPLATE, "openai"), (STRING_TEMPLATE, "string")):
