@@ -34,10 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm import kernels
 from nanovllm.kernels import w4a16_gemv
 from nanovllm.kernels.int_unpack import word_dots, word_dots_f16
 from nanovllm.kernels.pdl import pdl_options, prefetch_l2, wait_for_previous
-from nanovllm.kernels.silu_and_mul import silu_and_mul
 from nanovllm.kernels.split_k import default_split_k, finish_tile, k_ranges, split_buffers
 
 
@@ -259,7 +259,8 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
             return out
     if gated:
         no_gluon = {**(config or {}), "GLUON": False}
-        return silu_and_mul(w4a16_gemm(x, qweight, scales, mins, bits, group_size, g_idx, split_k, no_gluon))
+        # (kernels.silu_and_mul, not an import of its module, whose name the function shares)
+        return kernels.silu_and_mul(w4a16_gemm(x, qweight, scales, mins, bits, group_size, g_idx, split_k, no_gluon))
     cfg = {**_config(M), **(config or {})}
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:

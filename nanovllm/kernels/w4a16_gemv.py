@@ -30,6 +30,7 @@ except ImportError:         # triton before 3.4: w4a16_gemm keeps to its Triton 
 
 
 _COMPILES = True     # set False if this triton's Gluon (an experimental API) cannot build the kernel
+_GATED_COMPILES = True      # the same for its gated variant alone (its epilogue reshapes a sliced layout)
 
 
 def gluon_available() -> bool:
@@ -261,7 +262,7 @@ def gluon_gemv(x, qweight, scales, mins, bits, group_size, g_idx, split_k, confi
     if shape is None:
         return None
     N = qweight.shape[0]
-    if gated and (N % 2 or cfg["SN"] % 2):      # (a thread's columns hold whole gate-up pairs)
+    if gated and (N % 2 or cfg["SN"] % 2 or not _GATED_COMPILES):     # (a thread's columns: whole pairs)
         return None
     block_n = cfg["SN"] * shape["TN"] * shape["WN"]
     tiles = triton.cdiv(N // 2, block_n // 2) if gated else triton.cdiv(N, block_n)
@@ -280,13 +281,16 @@ def gluon_gemv(x, qweight, scales, mins, bits, group_size, g_idx, split_k, confi
 
 
 def _launch(grid, *args, **kwargs) -> bool:
-    """Launch the kernel; False, a warning (once) and the kernel off from then on where this
-    triton's Gluon cannot compile it."""
-    global _COMPILES
+    """Launch the kernel; False, a warning (once) and the kernel (or only its gated variant) off
+    from then on where this triton's Gluon cannot compile it."""
+    global _COMPILES, _GATED_COMPILES
     try:
         _w4a16_gemv_gluon_kernel[grid](*args, **kwargs)
     except CompilationError as e:       # checked with triton 3.6 and 3.9; Gluon's API still moves
-        _COMPILES = False
+        if kwargs.get("GATED"):
+            _GATED_COMPILES = False
+        else:
+            _COMPILES = False
         logger.warning("the Gluon 4-bit GEMV does not compile with triton %s (%s); using the Triton GEMV",
                        triton.__version__, str(e).splitlines()[-1] if str(e) else type(e).__name__)
         return False

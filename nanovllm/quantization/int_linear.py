@@ -28,6 +28,7 @@ from torch import nn
 
 from nanovllm.distributed import tp_rank, tp_size
 from nanovllm.layers.activation import SiluAndMul, silu_and_mul
+from nanovllm.layers.fusion import use_kernels
 from nanovllm.layers.linear import copy_checked
 from nanovllm.quantization import awq, cpu_int4, gguf_format, gptq
 from nanovllm.quantization.packing import pack_int32, unpack_int32, values_per_word
@@ -217,9 +218,10 @@ class IntWeightMethod:
             y = cpu_int4.int4_matmul(x, layer.int4pack, layer.scales_and_zeros, layer.group_size)
         elif use_kernel(x):
             from nanovllm.kernels.w4a16_gemm import w4a16_gemm
+            fused = gated and use_kernels(x)        # (NANOVLLM_FUSED_KERNELS=0: torch's activation, as unfused)
             y = w4a16_gemm(x, layer.qweight, layer.scales, layer.mins, self.cfg.bits, layer.group_size, layer.g_idx,
-                           gated=gated)
-            gated = False           # (the activation is done)
+                           gated=fused)
+            gated = gated and not fused
         else:
             w = dequantize(layer.qweight, layer.scales, layer.mins, self.cfg.bits, layer.group_size, layer.g_idx)
             y = F.linear(x, w.to(x.dtype))

@@ -157,8 +157,9 @@ def test_w4a16_gemm_compiles_for_sm90(monkeypatch):
 
 def test_a_gluon_gemv_that_does_not_compile_hands_over_to_triton(monkeypatch, caplog):
     """Gluon is an experimental API: where this triton cannot compile the Gluon GEMV, its launcher
-    says so once (a warning naming the triton version), turns it off, and returns False, so that
-    w4a16_gemm goes on with the Triton kernels instead of failing every 4-bit decode step."""
+    says so once (a warning naming the triton version), turns it off (its gated variant failing
+    turns off only that one), and returns False, so that w4a16_gemm goes on with the Triton kernels
+    instead of failing every 4-bit decode step."""
     import ast
 
     from triton.compiler.errors import CompilationError
@@ -175,8 +176,12 @@ def test_a_gluon_gemv_that_does_not_compile_hands_over_to_triton(monkeypatch, ca
 
     monkeypatch.setattr(w4a16_gemv, "_w4a16_gemv_gluon_kernel", Uncompilable())
     monkeypatch.setattr(w4a16_gemv, "_COMPILES", True)
+    monkeypatch.setattr(w4a16_gemv, "_GATED_COMPILES", True)
+    # the gated variant alone: only it is turned off
+    assert not w4a16_gemv._launch((1, 1), "the kernel's arguments", GATED=True)
+    assert w4a16_gemv.gluon_available() and not w4a16_gemv._GATED_COMPILES
     with caplog.at_level("WARNING"):
-        assert not w4a16_gemv._launch((1, 1), "the kernel's arguments")
+        assert not w4a16_gemv._launch((1, 1), "the kernel's arguments", GATED=False)
     assert not w4a16_gemv.gluon_available()
     assert "does not compile" in caplog.text and "spelled otherwise" in caplog.text
 
