@@ -92,7 +92,7 @@ def _decode_split_kernel(
     start = walk_start + split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_b
-    if PDL:
+    if PDL and start < end:         # (a split past the end of a short sequence has nothing to read)
         _prefetch_first_tile(k_cache_ptr, v_cache_ptr, bt_row, stride_bt_i, start, end, kv_head,
                              stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
                              BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D)
