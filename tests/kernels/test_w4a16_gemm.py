@@ -193,7 +193,7 @@ def test_gated_product_is_the_activation_of_the_product(rows):
     from nanovllm.kernels.w4a16_gemm import w4a16_gemm
     from nanovllm.layers.activation import silu_and_mul
     qweight, scales, mins, _ = random_quantized(96, 256, 4, 32, False, torch.float32)
-    x = torch.randn(rows, 256)
+    x = torch.randn(rows, 256, device=DEVICE)
     gated = w4a16_gemm(x, qweight, scales, mins, 4, 32, gated=True)
     assert gated.shape == (rows, 48)
     torch.testing.assert_close(gated, silu_and_mul(w4a16_gemm(x, qweight, scales, mins, 4, 32)), rtol=1e-5, atol=1e-6)
