@@ -171,6 +171,8 @@ def test_quantized_checkpoint_generates_like_its_dequantized_weights(
     layer = llm.llm_engine.runner.model.model.layers[0]
     qkv, down = layer.self_attn.qkv_proj, layer.mlp.down_proj
     assert packed_bits(qkv) == bits
+    # a 4-bit gate-up projection makes the MLP's activation itself (int_linear.fuse_gated_activation)
+    assert layer.mlp.gate_up_proj.gated == isinstance(layer.mlp.act, torch.nn.Identity) == (bits == 4)
     # act-order: down_proj's 128 input features in several groups are permuted to make them contiguous
     assert (down.input_perm is not None) == (desc_act and group_size not in (-1, 128))
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)

@@ -25,7 +25,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from nanovllm.kernels.online_softmax import (fp8_value_pairs, fp16_mma, fp16_query, online_softmax_update,
                                              softmax_weights, tile_scores)
-from nanovllm.kernels.pdl import pdl_options, wait_for_previous
+from nanovllm.kernels.pdl import pdl_options, prefetch_l2, wait_for_previous
 from nanovllm.kernels.split_k import sm_count
 
 LOG2E = 1.4426950408889634
@@ -36,6 +36,24 @@ DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 # pairs, see online_softmax.py). benchmarks/bench_kernels.py --sweep times the alternatives.
 FP8_CONFIG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "V_PAIRS": True}
 MAX_SPLITS = 64
+
+
+@triton.jit
+def _prefetch_first_tile(k_cache_ptr, v_cache_ptr, bt_row, stride_bt_i, start, end, kv_head,
+                         stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+                         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """Start pulling the 128-byte lines of the split's first tile of keys and values into L2. (The
+    newest key may still be being stored by the kernel ahead: a prefetch only warms L2, where
+    that store lands too; the loads come after the wait.)"""
+    LINE: tl.constexpr = 1024 // k_cache_ptr.dtype.element_ty.primitive_bitwidth     # elements a line
+    n = start + tl.arange(0, BLOCK_N)
+    block = tl.load(bt_row + (n // BLOCK_SIZE) * stride_bt_i, mask=n < end, other=0).to(tl.int64)[:, None]
+    slot = (n % BLOCK_SIZE)[:, None]
+    LINES: tl.constexpr = BLOCK_D // LINE if BLOCK_D > LINE else 1
+    line = tl.minimum(tl.arange(0, LINES) * LINE, HEAD_DIM - 1)[None, :]     # each line's first element
+    prefetch_l2(k_cache_ptr + block * stride_kb + slot * stride_ks + kv_head * stride_kh + line * stride_kd)
+    prefetch_l2(v_cache_ptr + block * stride_vb + slot * stride_vs + kv_head * stride_vh + line * stride_vd)
 
 
 # The block table's width changes from step to step outside CUDA graphs: do not compile a
@@ -57,13 +75,12 @@ def _decode_split_kernel(
     DIRECT: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr, KV_SCALED: tl.constexpr,
     FP16_MMA: tl.constexpr, V_PAIRS: tl.constexpr, INLINE_ASM: tl.constexpr, PDL: tl.constexpr,
 ):
-    wait_for_previous(PDL)          # launched early: wait for the kernel ahead (pdl.py)
-    if KV_SCALED:   # a float8 cache: the keys' scale joins the softmax's, the values' the output's
-        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
+    # The step's inputs (lengths, block tables) and the cache's older keys and values were written
+    # before the kernels ahead ran: read and prefetch them before waiting (pdl.py).
     seq_len = tl.load(seq_lens_ptr + seq)
     first_key = seq_len * 0                # the oldest key the query sees
     if SLIDING:
@@ -74,6 +91,14 @@ def _decode_split_kernel(
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     start = walk_start + split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_b
+    if PDL and start < end:         # (a split past the end of a short sequence has nothing to read)
+        _prefetch_first_tile(k_cache_ptr, v_cache_ptr, bt_row, stride_bt_i, start, end, kv_head,
+                             stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+                             BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D)
+    wait_for_previous(PDL)          # launched early: wait for the kernel ahead (pdl.py)
+    if KV_SCALED:   # a float8 cache: the keys' scale joins the softmax's, the values' the output's
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -96,7 +121,6 @@ def _decode_split_kernel(
     else:
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
 
-    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_b
     k_head = k_cache_ptr + kv_head * stride_kh + d[None, :] * stride_kd
     v_head = v_cache_ptr + kv_head * stride_vh + d[None, :] * stride_vd
     for tile_start in range(start, end, BLOCK_N):

@@ -5,9 +5,13 @@ A decode step at small batches is a chain of small dependent kernels (a 4-bit mo
 ours), and launched plainly each is started only once the one before has finished. Launched with
 `launch_pdl=True`, a kernel of the chain is launched while the one ahead runs; at its top it waits
 for that one and then lets the next launch (`wait_for_previous`).
-The W4A16 GEMV does one thing before it waits: it pulls its weights, which never depend on the
-kernel ahead, into L2 (`prefetch_l2`). Every kernel launched this way must wait before it reads or
-writes memory; kernels launched plainly are unaffected.
+A kernel launched this way must wait before it writes memory or reads what the kernel ahead
+writes. It may read earlier data first: a kernel is launched only once the one ahead has passed
+its own wait, so every kernel before that one has finished. So the W4A16 GEMV pulls its weights
+into L2 before it waits (`prefetch_l2`), the rotary kernel reads the positions and its cos/sin
+table, and decode attention the sequence lengths and block tables and prefetches its first keys
+and values (the newest key, which the kernel ahead stores, is only prefetched). Kernels launched
+plainly are unaffected.
 
 All of it is off (PDL=False) on a CPU and under Triton's interpreter, on GPUs before sm_90 and on
 ROCm, and with NANOVLLM_PDL=0.

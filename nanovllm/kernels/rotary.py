@@ -48,7 +48,8 @@ def _rotary_kernel(
     HQ: tl.constexpr, HK: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
-    wait_for_previous(PDL)      # launched early: wait for the kernel ahead (pdl.py)
+    # The positions (a step input) and the cos/sin table do not come from the kernel ahead: read
+    # them before waiting for it (pdl.py).
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     half = tl.arange(0, BLOCK_HALF)[None, :]
@@ -64,6 +65,7 @@ def _rotary_kernel(
         qw2 = tl.load(q_weight_ptr + HALF + half, mask=in_half, other=0.0)
         kw1 = tl.load(k_weight_ptr + half, mask=in_half, other=0.0)
         kw2 = tl.load(k_weight_ptr + HALF + half, mask=in_half, other=0.0)
+    wait_for_previous(PDL)      # launched early: now wait for the kernel ahead, whose q and k these are
     _rotate_heads(q_ptr, stride_qt, stride_qh, token, cos, sin, qw1, qw2, eps,
                   HQ, BLOCK_HQ, HALF, BLOCK_HALF, HAS_NORM)
     _rotate_heads(k_ptr, stride_kt, stride_kh, token, cos, sin, kw1, kw2, eps,

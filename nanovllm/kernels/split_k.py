@@ -80,10 +80,11 @@ def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     return counters
 
 
-def split_buffers(out: torch.Tensor, split_k: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float32 partials [split_k, M, N] and the arrival counters; unsplit, `out` stands in for
-    both (the kernels do not touch them)."""
+def split_buffers(out: torch.Tensor, split_k: int, tiles: int,
+                  columns: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 partials [split_k, M, N] (N: `columns` of the product, default out's) and the
+    arrival counters; unsplit, `out` stands in for both (the kernels do not touch them)."""
     if split_k == 1:
         return out, out
-    M, N = out.shape
+    M, N = out.shape[0], columns or out.shape[1]
     return (torch.empty(split_k, M, N, dtype=torch.float32, device=out.device), tile_counters(out.device, tiles))

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm import kernels
 from nanovllm.kernels import w4a16_gemv
 from nanovllm.kernels.int_unpack import word_dots, word_dots_f16
 from nanovllm.kernels.pdl import pdl_options, prefetch_l2, wait_for_previous
@@ -230,8 +231,10 @@ def _config(M: int) -> dict:
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int,
                group_size: int, g_idx: torch.Tensor | None = None, split_k: int | None = None,
-               config: dict | None = None) -> torch.Tensor:
-    """x [M, K] @ the quantized weight [N, K]^T -> [M, N] in x's dtype.
+               config: dict | None = None, gated: bool = False) -> torch.Tensor:
+    """x [M, K] @ the quantized weight [N, K]^T -> [M, N] in x's dtype; `gated`: the product's
+    halves are a gated MLP's gate and up, and the result silu(gate) * up [M, N / 2] (the Gluon GEMV
+    makes it in its last step; elsewhere the activation's kernel follows the product).
 
     qweight int32 [N, K * bits / 32]; scales, mins [N, groups]; bits 4 or 8; group_size: input
     features per group (its groups contiguous), unless g_idx [K] gives each feature's group.
@@ -251,9 +254,13 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
     if scales.shape != mins.shape or scales.shape[0] != N:
         raise ValueError(f"scales {tuple(scales.shape)} and mins {tuple(mins.shape)} must both be [{N}, groups]")
     if config is None or config.get("GLUON"):
-        out = w4a16_gemv.gluon_gemv(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config)
+        out = w4a16_gemv.gluon_gemv(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config, gated)
         if out is not None:
             return out
+    if gated:
+        no_gluon = {**(config or {}), "GLUON": False}
+        # (kernels.silu_and_mul, not an import of its module, whose name the function shares)
+        return kernels.silu_and_mul(w4a16_gemm(x, qweight, scales, mins, bits, group_size, g_idx, split_k, no_gluon))
     cfg = {**_config(M), **(config or {})}
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:

@@ -30,6 +30,7 @@ except ImportError:         # triton before 3.4: w4a16_gemm keeps to its Triton 
 
 
 _COMPILES = True     # set False if this triton's Gluon (an experimental API) cannot build the kernel
+_GATED_COMPILES = True      # the same for its gated variant alone (its epilogue reshapes a sliced layout)
 
 
 def gluon_available() -> bool:
@@ -74,13 +75,41 @@ if gluon_available():
         return d
 
     @gluon.jit
+    def _weight_rows(pid_n, n, N, BN: gl.constexpr, GATED: gl.constexpr):
+        """Column n of tile pid_n: its weight row (clamped: the last tile re-reads the last row, its
+        stores are masked) and whether it exists. GATED: the tile's columns alternate gate and up,
+        the activation's column j taking the gate at row j and the up at row N/2 + j."""
+        if GATED:
+            j = pid_n * (BN // 2) + n // 2
+            return (n % 2) * (N // 2) + gl.minimum(j, N // 2 - 1), j < N // 2
+        col = pid_n * BN + n
+        return gl.minimum(col, N - 1), col < N
+
+    @gluon.jit
+    def _store_tile(tile, out_ptr, rows, n, pid_n, M, N, stride_om, R: gl.constexpr, BN: gl.constexpr,
+                    GATED: gl.constexpr):
+        """The finished [R, BN] tile into the output; GATED: silu(gate) * up of its column pairs,
+        rounded as the GEMV's output and kernels/silu_and_mul.py round them apart."""
+        dtype: gl.constexpr = out_ptr.dtype.element_ty
+        if GATED:
+            y = tile.to(dtype).to(gl.float32)
+            gate, up = gl.split(gl.reshape(y, [R, BN // 2, 2]))
+            j, _ = gl.split(gl.reshape(pid_n * (BN // 2) + n // 2 + rows * 0, [R, BN // 2, 2]))
+            rows, _ = gl.split(gl.reshape(rows + n * 0, [R, BN // 2, 2]))
+            silu = (gate / (1.0 + gl.exp(-gate))).to(dtype).to(gl.float32)
+            gl.store(out_ptr + rows * stride_om + j, (silu * up).to(dtype), mask=(rows < M) & (j < N // 2))
+        else:
+            cols = pid_n * BN + n
+            gl.store(out_ptr + rows * stride_om + cols, tile.to(dtype), mask=(rows < M) & (cols < N))
+
+    @gluon.jit
     def _w4a16_gemv_gluon_kernel(
         x_ptr, qweight_ptr, scales_ptr, mins_ptr, out_ptr, partials_ptr, counters_ptr,
         M, N, K, k_per_split, words_per_split, split_k, one_bits,
         stride_xm, stride_qn, stride_sn, stride_mn, stride_om,
         GROUP_SIZE: gl.constexpr, GROUP_STEP: gl.constexpr, R: gl.constexpr,
         SN: gl.constexpr, TN: gl.constexpr, WN: gl.constexpr, SW: gl.constexpr, TW: gl.constexpr,
-        WG: gl.constexpr, SPLIT: gl.constexpr, PDL: gl.constexpr,
+        WG: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr, PDL: gl.constexpr,
     ):
         # A program: R rows, BN columns, one K range, in steps of WG groups of GROUP_STEP values.
         # Tensor dims: (row, column, group of the step, word of the group); x also (pair of the word).
@@ -102,14 +131,14 @@ if gluon_available():
         steps = gl.minimum(k_per_split, K - k_start) // K_STEP
 
         n, g, w = _indices_3d(BN, WG, WPG, LW)
-        w_ptrs = (qweight_ptr + gl.minimum(pid_n * BN + n, N - 1) * stride_qn + g * (GROUP_STEP // 8) + w
-                  + pid_k * words_per_split)      # (the last tile re-reads column N-1; stores are masked)
+        w_rows, _ = _weight_rows(pid_n, n, N, BN, GATED)
+        w_ptrs = qweight_ptr + w_rows * stride_qn + g * (GROUP_STEP // 8) + w + pid_k * words_per_split
         g, w, p = _indices_3d(WG, WPG, 4, gl.SliceLayout(0, LX_ROWS))
         rows = gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LX_ROWS))))
         rows = gl.expand_dims(gl.expand_dims(gl.expand_dims(rows, 1), 2), 3)
         x_ptrs = (x_ptr + gl.minimum(rows, M - 1) * stride_xm
                   + gl.expand_dims(g * (GROUP_STEP // 2) + w * 4 + p, 0) + k_start // 2)
-        s_cols = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LS)), N - 1)
+        s_cols, _ = _weight_rows(pid_n, gl.arange(0, BN, layout=gl.SliceLayout(1, LS)), N, BN, GATED)
         s_ptrs = scales_ptr + gl.expand_dims(s_cols, 1) * stride_sn
         m_ptrs = mins_ptr + gl.expand_dims(s_cols, 1) * stride_mn
         group = (k_start + gl.expand_dims(gl.arange(0, WG, layout=gl.SliceLayout(0, LS)) * GROUP_STEP, 0)) \
@@ -164,13 +193,13 @@ if gluon_available():
 
         tile = gl.sum(gl.sum(acc, axis=3), axis=2)                    # [R, BN]
         out_rows = gl.expand_dims(gl.arange(0, R, layout=gl.SliceLayout(1, LO)), 1)
-        out_cols = gl.expand_dims(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, LO)), 0)
-        mask = (out_rows < M) & (out_cols < N)
-        out_ptrs = out_ptr + out_rows * stride_om + out_cols
+        out_n = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(0, LO)), 0)
         if not SPLIT:
-            gl.store(out_ptrs, tile.to(out_ptr.dtype.element_ty), mask=mask)
+            _store_tile(tile, out_ptr, out_rows, out_n, pid_n, M, N, stride_om, R, BN, GATED)
         else:       # as split_k.finish_tile: the tile's last program sums the partials in K order
-            offsets = out_rows * N + out_cols
+            cols, exists = _weight_rows(pid_n, out_n, N, BN, GATED)
+            mask = (out_rows < M) & exists
+            offsets = out_rows * N + cols
             gl.store(partials_ptr + pid_k * M * N + offsets, tile, mask=mask)
             _thread_barrier()
             arrived = gl.atomic_add(counters_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
@@ -178,7 +207,7 @@ if gluon_available():
                 total = gl.zeros([R, BN], gl.float32, LO)
                 for s in range(0, split_k):
                     total += gl.load(partials_ptr + s * M * N + offsets, mask=mask, other=0.0, cache_modifier=".cg")
-                gl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+                _store_tile(total, out_ptr, out_rows, out_n, pid_n, M, N, stride_om, R, BN, GATED)
                 gl.atomic_xchg(counters_ptr + pid_n, 0)
 
 
@@ -216,10 +245,12 @@ def set_gluon_gemv_max_rows(rows: int) -> None:
     GLUON_GEMV_MAX_ROWS = rows
 
 
-def gluon_gemv(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config) -> torch.Tensor | None:
+def gluon_gemv(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config,
+               gated: bool = False) -> torch.Tensor | None:
     """w4a16_gemm's product through this kernel, or None where it does not apply (config GLUON:
     up to 2 rows whatever GLUON_GEMV_MAX_ROWS says), or where this triton's Gluon cannot compile
-    it (then the Triton kernels from then on)."""
+    it (then the Triton kernels from then on). `gated`: the product is a gated MLP's gate and up
+    halves [M, 2I], and the result silu(gate) * up [M, I] (layers/activation.py)."""
     M, K = x.shape
     max_rows = 2 if config and config.get("GLUON") else min(GLUON_GEMV_MAX_ROWS, 2)
     if not (0 < M <= max_rows and x.is_cuda and bits == 4 and g_idx is None and x.dtype == torch.bfloat16
@@ -231,30 +262,35 @@ def gluon_gemv(x, qweight, scales, mins, bits, group_size, g_idx, split_k, confi
     if shape is None:
         return None
     N = qweight.shape[0]
+    if gated and (N % 2 or cfg["SN"] % 2 or not _GATED_COMPILES):     # (a thread's columns: whole pairs)
+        return None
     block_n = cfg["SN"] * shape["TN"] * shape["WN"]
-    tiles = triton.cdiv(N, block_n)
+    tiles = triton.cdiv(N // 2, block_n // 2) if gated else triton.cdiv(N, block_n)
     k_step = shape["WG"] * shape["GROUP_STEP"]
     if split_k is None:
         split_k = split_k_module.default_split_k(tiles, K // k_step, x.device, cfg["split_per_sm"])
     k_per_split, split_k = split_k_module.k_ranges(K, k_step, split_k)
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    partials, counters = split_k_module.split_buffers(out, split_k, tiles)
+    out = torch.empty(M, N // 2 if gated else N, dtype=x.dtype, device=x.device)
+    partials, counters = split_k_module.split_buffers(out, split_k, tiles, columns=N)
     launched = _launch((tiles, split_k), x.view(torch.int32), qweight, scales, mins, out, partials, counters,
                        M, N, K, k_per_split, k_per_split // 8, split_k, 0x3F800000,
                        x.stride(0) // 2, qweight.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
-                       GROUP_SIZE=group_size, R=triton.next_power_of_2(M), SN=cfg["SN"], SPLIT=split_k > 1,
+                       GROUP_SIZE=group_size, R=triton.next_power_of_2(M), SN=cfg["SN"], SPLIT=split_k > 1, GATED=gated,
                        num_warps=cfg["num_warps"], **shape, **pdl_options(x.device))
     return out if launched else None
 
 
 def _launch(grid, *args, **kwargs) -> bool:
-    """Launch the kernel; False, a warning (once) and the kernel off from then on where this
-    triton's Gluon cannot compile it."""
-    global _COMPILES
+    """Launch the kernel; False, a warning (once) and the kernel (or only its gated variant) off
+    from then on where this triton's Gluon cannot compile it."""
+    global _COMPILES, _GATED_COMPILES
     try:
         _w4a16_gemv_gluon_kernel[grid](*args, **kwargs)
     except CompilationError as e:       # checked with triton 3.6 and 3.9; Gluon's API still moves
-        _COMPILES = False
+        if kwargs.get("GATED"):
+            _GATED_COMPILES = False
+        else:
+            _COMPILES = False
         logger.warning("the Gluon 4-bit GEMV does not compile with triton %s (%s); using the Triton GEMV",
                        triton.__version__, str(e).splitlines()[-1] if str(e) else type(e).__name__)
         return False

@@ -63,13 +63,16 @@ def quantize_linears(model: nn.Module, cfg: QuantConfig, checkpoint_names: Itera
 
 def finish_quantized_linears(model: nn.Module) -> None:
     """After loading: each quantized layer converts what it read into the form its matmul uses;
-    float8 projections then take their input quantized by the op that makes it, where they can."""
+    float8 projections then take their input quantized by the op that makes it, and 4-bit gate-up
+    projections make the activation, where they can."""
     for module in model.modules():
         method = getattr(module, "quant_method", None)
         if method is not None:
             method.process_weights_after_loading(module)
     from nanovllm.quantization.fp8_linear import fuse_input_quantization
+    from nanovllm.quantization.int_linear import fuse_gated_activation
     fuse_input_quantization(model)
+    fuse_gated_activation(model)
 
 
 def _fused_name(model: nn.Module, name: str) -> str:

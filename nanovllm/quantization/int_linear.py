@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed import tp_rank, tp_size
+from nanovllm.layers.activation import SiluAndMul, silu_and_mul
+from nanovllm.layers.fusion import use_kernels
 from nanovllm.layers.linear import copy_checked
 from nanovllm.quantization import awq, cpu_int4, gguf_format, gptq
 from nanovllm.quantization.packing import pack_int32, unpack_int32, values_per_word
@@ -48,6 +50,19 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, 
     n, k = q.shape
     q = q.view(n, k // group_size, group_size)      # contiguous groups: broadcast, no gather
     return (q * scales.float().unsqueeze(-1) + mins.float().unsqueeze(-1)).view(n, k).to(scales.dtype)
+
+
+def fuse_gated_activation(model: nn.Module) -> None:
+    """A gated MLP whose fused gate-up projection is 4-bit gets its SiLU activation from that
+    projection (`layer.gated`): on a GPU the Gluon GEMV computes silu(gate) * up in its last step,
+    one launch fewer a layer at batch 1 (kernels/w4a16_gemv.py)."""
+    for module in model.modules():
+        layer = getattr(module, "gate_up_proj", None)
+        if (isinstance(getattr(module, "act", None), SiluAndMul) and hasattr(module, "down_proj")
+                and isinstance(getattr(layer, "quant_method", None), IntWeightMethod)
+                and layer.quant_method.cfg.bits == 4 and layer.bias is None):
+            layer.gated = True
+            module.act = nn.Identity()
 
 
 def use_kernel(x: torch.Tensor) -> bool:
@@ -111,6 +126,7 @@ class IntWeightMethod:
             layer.register_parameter("g_idx", param)
         layer.register_buffer("input_perm", None)
         layer.register_buffer("int4pack", None)      # torch's CPU int4 layout, once repacked (cpu_int4.py)
+        layer.gated = False         # the output is silu(gate) * up of the product's halves (fuse_gated_activation)
         layer.quant_method = self
 
     def _loader(self, layer: nn.Module, kind: str, whole: bool):
@@ -197,14 +213,20 @@ class IntWeightMethod:
         x = x.reshape(-1, in_features)
         if layer.input_perm is not None:
             x = x.index_select(1, layer.input_perm)
+        gated = layer.gated
         if layer.int4pack is not None:
             y = cpu_int4.int4_matmul(x, layer.int4pack, layer.scales_and_zeros, layer.group_size)
         elif use_kernel(x):
             from nanovllm.kernels.w4a16_gemm import w4a16_gemm
-            y = w4a16_gemm(x, layer.qweight, layer.scales, layer.mins, self.cfg.bits, layer.group_size, layer.g_idx)
+            fused = gated and use_kernels(x)        # (NANOVLLM_FUSED_KERNELS=0: torch's activation, as unfused)
+            y = w4a16_gemm(x, layer.qweight, layer.scales, layer.mins, self.cfg.bits, layer.group_size, layer.g_idx,
+                           gated=fused)
+            gated = gated and not fused
         else:
             w = dequantize(layer.qweight, layer.scales, layer.mins, self.cfg.bits, layer.group_size, layer.g_idx)
             y = F.linear(x, w.to(x.dtype))
-        if bias is not None:
+        if gated:
+            y = silu_and_mul(y)
+        if bias is not None:        # (a gated layer has none)
             y = y + bias
         return y.reshape(*lead, y.shape[-1])

@@ -331,3 +331,27 @@ def test_w4a16_gluon_gemv_matches_the_reference(rows, n, k, group_size, monkeypa
     monkeypatch.setattr(module.w4a16_gemv, "GLUON_GEMV_MAX_ROWS", 2)
     assert torch.equal(module.w4a16_gemm(x, qweight, scales, mins, 4, group_size),
                        module.w4a16_gemv.gluon_gemv(x, qweight, scales, mins, 4, group_size, None, None, None))
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("n, k, group_size", [(16384, 2048, 128), (3000, 576, 32), (1000, 1024, 64)])
+def test_w4a16_gluon_gemv_gated_gives_the_activation(rows, n, k, group_size):
+    """With `gated` the Gluon GEMV returns silu(gate) * up of its product's halves: the bits of its
+    own product followed by the activation's kernel, with and without split-K, for halves that do
+    not fill the last tile (3000 / 2 and 1000 / 2 columns)."""
+    from nanovllm import kernels
+    from nanovllm.kernels import w4a16_gemv
+    from nanovllm.quantization.packing import pack_int32
+    if not w4a16_gemv.gluon_available():
+        pytest.skip("this triton has no Gluon")
+    gen = torch.Generator().manual_seed(rows * n)
+    qweight = pack_int32(torch.randint(0, 16, (n, k), generator=gen), 4, dim=1).cuda()
+    scales = (torch.rand(n, k // group_size, generator=gen) * 0.02 + 0.005).to("cuda", torch.bfloat16)
+    mins = (torch.randn(n, k // group_size, generator=gen) * 0.05).to("cuda", torch.bfloat16)
+    x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
+    for split_k in (1, 3, None):
+        for cfg in ({"GLUON": True, "SN": 4, "num_warps": 4}, {"GLUON": True, "SN": 2, "num_warps": 8}):
+            product = w4a16_gemv.gluon_gemv(x, qweight, scales, mins, 4, group_size, None, split_k, cfg)
+            gated = w4a16_gemv.gluon_gemv(x, qweight, scales, mins, 4, group_size, None, split_k, cfg, gated=True)
+            assert gated.shape == (rows, n // 2)
+            assert torch.equal(gated, kernels.silu_and_mul(product)), (split_k, cfg)

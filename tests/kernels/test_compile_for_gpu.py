@@ -162,10 +162,11 @@ from nanovllm.kernels import w4a16_gemv
 kernel = w4a16_gemv._w4a16_gemv_gluon_kernel
 types = dict(x_ptr="*i32", qweight_ptr="*i32", scales_ptr="*bf16", mins_ptr="*bf16", out_ptr="*bf16",
              partials_ptr="*fp32", counters_ptr="*i32")
-for (group_size, K), (rows, sn, warps, split, pdl) in itertools.product(
-        [(32, 576), (64, 1536), (128, 2048), (256, 1024)], [(1, 4, 4, True, True), (2, 2, 8, False, False)]):
+for (group_size, K), (rows, sn, warps, split, pdl), gated in itertools.product(
+        [(32, 576), (64, 1536), (128, 2048), (256, 1024)], [(1, 4, 4, True, True), (2, 2, 8, False, False)],
+        [False, True]):
     shape = w4a16_gemv.gemv_shape(group_size, K, warps)
-    constexprs = dict(GROUP_SIZE=group_size, R=rows, SN=sn, SPLIT=split, PDL=pdl, **shape)
+    constexprs = dict(GROUP_SIZE=group_size, R=rows, SN=sn, SPLIT=split, GATED=gated, PDL=pdl, **shape)
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
     try:
         triton.compile(GluonASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
@@ -179,7 +180,8 @@ print("compiled", flush=True)
 def test_gluon_gemv_compiles_for_sm90():
     """The Gluon GEMV (no interpreter can run it) compiles for an H100 for each kind of group it
     takes (32, 64, 128 and a multiple of 128 values, the last walked 128 at a time), at 1 and 2
-    rows, with and without split-K and early launch; tests/gpu checks its results."""
+    rows, with and without split-K and early launch, with and without the gated activation;
+    tests/gpu checks its results."""
     from nanovllm.kernels import w4a16_gemv
     if not w4a16_gemv.gluon_available():
         pytest.skip("this triton has no Gluon")

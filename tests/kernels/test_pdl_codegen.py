@@ -1,8 +1,10 @@
 """Programmatic dependent launch (kernels/pdl.py) in the code compiled for sm_90, without a GPU.
 
-A kernel launched early must not read or write memory before it waits for the kernel ahead
-(`griddepcontrol.wait`), and lets the next one launch only after that; the W4A16 GEMV may prefetch
-its weights before it waits, and nothing else. Each launch is recorded under the interpreter (where
+A kernel launched early must not write memory before it waits for the kernel ahead
+(`griddepcontrol.wait`), nor read what that kernel writes, and lets the next one launch only after
+that. Before it waits the W4A16 GEMV only prefetches its weights, the rotary kernel reads the
+positions and its cos/sin table, and decode attention reads the lengths and block tables and
+prefetches keys and values; the others touch no memory. Each launch is recorded under the interpreter (where
 PDL is off), switched on, and compiled for GPUTarget("cuda", 90, 32)."""
 import re
 
@@ -15,6 +17,10 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available() or not triton_availabl
                                 reason="checks the compiler from the CPU interpreter's recordings")
 
 MEMORY_ACCESS = re.compile(r"^\s*(@%p\d+\s+)?(ld\.global|cp\.async\.|st\.global|atom\.|red\.)", re.M)
+WRITE = re.compile(r"^\s*(@%p\d+\s+)?(st\.global|atom\.|red\.)", re.M)
+LOAD = re.compile(r"^\s*(@%p\d+\s+)?ld\.global", re.M)
+# Kernels that read inputs written before the kernel ahead ran, before they wait for it (pdl.py)
+READ_BEFORE_WAITING = {"_rotary_kernel", "_decode_split_kernel"}
 
 
 def _recorded(monkeypatch, launch_kernels) -> dict[str, dict]:
@@ -77,8 +83,24 @@ def test_each_kernel_waits_before_touching_memory_then_lets_the_next_launch(monk
     ptx = _ptx(launch)
     wait, signal = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
     assert wait < signal
-    assert not MEMORY_ACCESS.search(ptx[:wait]), MEMORY_ACCESS.search(ptx[:wait]).group(0)
+    early = WRITE if name in READ_BEFORE_WAITING else MEMORY_ACCESS
+    assert not early.search(ptx[:wait]), early.search(ptx[:wait]).group(0)
     assert MEMORY_ACCESS.search(ptx[wait:])
+
+
+def test_rotary_and_decode_attention_read_their_inputs_before_waiting(monkeypatch):
+    """The rotary kernel reads the position and cos/sin (3 loads) and decode attention the length
+    and block table (2) and prefetches its first tile's keys and values before waiting; their
+    other loads (q, k, v, the cache) come after it."""
+    from tests.kernels.test_fp8_codegen import _ptx
+    launches = _recorded(monkeypatch, _decode_chain)
+    for name, loads_first in (("_rotary_kernel", 3), ("_decode_split_kernel", 2)):
+        ptx = _ptx(launches[name])
+        wait = ptx.index("griddepcontrol.wait")
+        assert len(LOAD.findall(ptx[:wait])) == loads_first, (name, LOAD.findall(ptx[:wait]))
+        assert LOAD.search(ptx[wait:]) and WRITE.search(ptx[wait:])
+    decode = _ptx(launches["_decode_split_kernel"])
+    assert decode[:decode.index("griddepcontrol.wait")].count("prefetch.global.L2") >= 2
 
 
 def test_with_the_early_launches_off_no_launch_option_is_passed(monkeypatch):

@@ -157,8 +157,9 @@ def test_w4a16_gemm_compiles_for_sm90(monkeypatch):
 
 def test_a_gluon_gemv_that_does_not_compile_hands_over_to_triton(monkeypatch, caplog):
     """Gluon is an experimental API: where this triton cannot compile the Gluon GEMV, its launcher
-    says so once (a warning naming the triton version), turns it off, and returns False, so that
-    w4a16_gemm goes on with the Triton kernels instead of failing every 4-bit decode step."""
+    says so once (a warning naming the triton version), turns it off (its gated variant failing
+    turns off only that one), and returns False, so that w4a16_gemm goes on with the Triton kernels
+    instead of failing every 4-bit decode step."""
     import ast
 
     from triton.compiler.errors import CompilationError
@@ -175,7 +176,24 @@ def test_a_gluon_gemv_that_does_not_compile_hands_over_to_triton(monkeypatch, ca
 
     monkeypatch.setattr(w4a16_gemv, "_w4a16_gemv_gluon_kernel", Uncompilable())
     monkeypatch.setattr(w4a16_gemv, "_COMPILES", True)
+    monkeypatch.setattr(w4a16_gemv, "_GATED_COMPILES", True)
+    # the gated variant alone: only it is turned off
+    assert not w4a16_gemv._launch((1, 1), "the kernel's arguments", GATED=True)
+    assert w4a16_gemv.gluon_available() and not w4a16_gemv._GATED_COMPILES
     with caplog.at_level("WARNING"):
-        assert not w4a16_gemv._launch((1, 1), "the kernel's arguments")
+        assert not w4a16_gemv._launch((1, 1), "the kernel's arguments", GATED=False)
     assert not w4a16_gemv.gluon_available()
     assert "does not compile" in caplog.text and "spelled otherwise" in caplog.text
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_gated_product_is_the_activation_of_the_product(rows):
+    """w4a16_gemm(gated=True): silu(gate) * up of the product's two halves [M, N/2] (on a GPU the
+    Gluon GEMV makes it in one launch: tests/gpu)."""
+    from nanovllm.kernels.w4a16_gemm import w4a16_gemm
+    from nanovllm.layers.activation import silu_and_mul
+    qweight, scales, mins, _ = random_quantized(96, 256, 4, 32, False, torch.float32)
+    x = torch.randn(rows, 256, device=DEVICE)
+    gated = w4a16_gemm(x, qweight, scales, mins, 4, 32, gated=True)
+    assert gated.shape == (rows, 48)
+    torch.testing.assert_close(gated, silu_and_mul(w4a16_gemm(x, qweight, scales, mins, 4, 32)), rtol=1e-5, atol=1e-6)
