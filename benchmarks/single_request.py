@@ -7,6 +7,8 @@
                                           # 4 copies decoded together; 4-bit GEMMs on tensor cores above 1 row
     python benchmarks/single_request.py --shape llama-3.2-1b-gptq --gluon-gemv-max-rows 0
                                           # the Triton GEMV where the Gluon one would run
+    python benchmarks/single_request.py --shape llama-3.2-1b-gptq --batch 4 --gluon-mma-rows 0 0
+                                          # the Triton kernels where the Gluon tensor-core one would run
     python benchmarks/single_request.py --shape llama-3.2-1b-gptq --half-unpack-max-rows 4
                                           # the 4-bit GEMV unpacking through float16
 """
@@ -30,6 +32,8 @@ p.add_argument("--gemv-max-rows", type=int, default=None,
                help="4-bit weights: rows up to which the CUDA-core kernel runs (default: w4a16_gemm.GEMV_MAX_ROWS)")
 p.add_argument("--gluon-gemv-max-rows", type=int, default=None,
                help="4-bit weights: rows up to which the Gluon GEMV runs (0: never; at most 2)")
+p.add_argument("--gluon-mma-rows", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
+               help="4-bit weights: rows for which the Gluon tensor-core kernel runs (0 0: never)")
 p.add_argument("--half-unpack-max-rows", type=int, default=None,
                help="4-bit weights: rows up to which the CUDA-core kernel unpacks through float16")
 p.add_argument("--gemv-config", type=json.loads, default={},
@@ -46,6 +50,8 @@ if args.half_unpack_max_rows is not None:
     w4a16_gemm.set_half_unpack_max_rows(args.half_unpack_max_rows)
 if args.gluon_gemv_max_rows is not None:
     w4a16_gemm.w4a16_gemv.set_gluon_gemv_max_rows(args.gluon_gemv_max_rows)
+if args.gluon_mma_rows is not None:
+    w4a16_gemm.w4a16_mma.set_gluon_mma_rows(*args.gluon_mma_rows)
 
 start = time.perf_counter()
 llm = LLM(shape_checkpoint_dir(args.shape), load_format="dummy", max_model_len=4096, enable_prefix_caching=False,

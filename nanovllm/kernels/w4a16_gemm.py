@@ -24,8 +24,9 @@ Two kernels, picked by the number of rows (see `_config`):
   tensor cores as the activations' dtype (exact: 0..255) and tl.dot sums them against x. With
   g_idx (scattered groups) each weight is scaled before the dot instead.
 
-With few output tiles both cut K into ranges summed within the launch (split_k.py). For 1- and 2-row
-bfloat16 products on a GPU, w4a16_gemv.py's Gluon GEMV runs instead of either.
+With few output tiles both cut K into ranges summed within the launch (split_k.py). On a GPU,
+bfloat16 products of one row go to w4a16_gemv.py's Gluon GEMV instead, and on sm_90 (H100, H200)
+those of 2 to 32 rows to w4a16_mma.py's tensor-core kernel.
 
 On sm_90 and later the GEMV is launched before the kernel ahead of it has finished and pulls its
 weights into L2 meanwhile (programmatic dependent launch, pdl.py).
@@ -35,7 +36,7 @@ import triton
 import triton.language as tl
 
 from nanovllm import kernels
-from nanovllm.kernels import w4a16_gemv
+from nanovllm.kernels import w4a16_gemv, w4a16_mma
 from nanovllm.kernels.int_unpack import word_dots, word_dots_f16
 from nanovllm.kernels.pdl import pdl_options, prefetch_l2, wait_for_previous
 from nanovllm.kernels.split_k import default_split_k, finish_tile, k_ranges, split_buffers
@@ -240,7 +241,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
     features per group (its groups contiguous), unless g_idx [K] gives each feature's group.
     `split_k`: K ranges summed at the end (default: enough programs to fill the GPU).
     `config` overrides the defaults (for tuning): GLUON (the Gluon GEMV, with SN, num_warps and
-    split_per_sm), GEMV (the CUDA-core kernel, if the groups allow it), BLOCK_M (tensor-core kernel
+    split_per_sm), GLUON_MMA (the Gluon tensor-core kernel, with T and split_per_sm), GEMV (the CUDA-core kernel, if the groups allow it), BLOCK_M (tensor-core kernel
     only), BLOCK_N, BLOCK_K, num_warps, num_stages, split_per_sm, HALF_UNPACK (the CUDA-core
     kernel's float16 unpacking of 4-bit values, on a GPU).
     """
@@ -258,9 +259,13 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
         if out is not None:
             return out
     if gated:
-        no_gluon = {**(config or {}), "GLUON": False}
+        no_gluon = None if config is None else {**config, "GLUON": False}
         # (kernels.silu_and_mul, not an import of its module, whose name the function shares)
         return kernels.silu_and_mul(w4a16_gemm(x, qweight, scales, mins, bits, group_size, g_idx, split_k, no_gluon))
+    if config is None or config.get("GLUON_MMA"):
+        out = w4a16_mma.gluon_mma(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config)
+        if out is not None:
+            return out
     cfg = {**_config(M), **(config or {})}
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:

@@ -24,17 +24,22 @@ logger = logging.getLogger(__name__)
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    _thread_barrier = getattr(gl, "thread_barrier", None) or getattr(gl, "barrier", None)   # (renamed in 3.7)
+    thread_barrier = getattr(gl, "thread_barrier", None) or getattr(gl, "barrier", None)   # (renamed in 3.7)
 except ImportError:         # triton before 3.4: w4a16_gemm keeps to its Triton kernels
-    gluon = _thread_barrier = None
+    gluon = gl = thread_barrier = None
 
 
 _COMPILES = True     # set False if this triton's Gluon (an experimental API) cannot build the kernel
 _GATED_COMPILES = True      # the same for its gated variant alone (its epilogue reshapes a sliced layout)
 
 
+def gluon_imported() -> bool:
+    """Has this triton the Gluon pieces the 4-bit kernels use (this one and w4a16_mma.py)?"""
+    return gluon is not None and thread_barrier is not None and gdc_wait is not None
+
+
 def gluon_available() -> bool:
-    return gluon is not None and _thread_barrier is not None and gdc_wait is not None and _COMPILES
+    return gluon_imported() and _COMPILES
 
 
 if gluon_available():
@@ -201,7 +206,7 @@ if gluon_available():
             mask = (out_rows < M) & exists
             offsets = out_rows * N + cols
             gl.store(partials_ptr + pid_k * M * N + offsets, tile, mask=mask)
-            _thread_barrier()
+            thread_barrier()
             arrived = gl.atomic_add(counters_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
             if arrived == split_k - 1:
                 total = gl.zeros([R, BN], gl.float32, LO)
@@ -234,8 +239,9 @@ def gemv_shape(group_size: int, K: int, num_warps: int) -> dict | None:
 # x registers spill beyond), with these settings: SN columns a thread, split-K for ~split_per_sm
 # programs an SM. On an H100 at one row it read Llama-3.2-1B's four linears from HBM in 27.0 us
 # against the Triton GEMV's 37.9 (the best of four settings, this one); at two rows 38.3 against
-# 39.8, and a 2-sequence decode step took 1.048 against 1.068 ms (docs/benchmarks.md, 2026-12-07).
-GLUON_GEMV_MAX_ROWS = 2
+# 39.8, but w4a16_mma.py's tensor-core kernel took 34.6 there, so it has 2 rows and up
+# (docs/benchmarks.md, 2026-12-07).
+GLUON_GEMV_MAX_ROWS = 1
 GLUON_GEMV_CONFIG = {"SN": 4, "num_warps": 4, "split_per_sm": 4}
 
 

@@ -256,12 +256,12 @@ def test_w4a16_gemv_float16_unpacking_matches_plain(dtype, group_size, rows):
         assert rel_err(half, expected) < TOL[dtype]
 
 
-@pytest.mark.parametrize("gluon_rows", [0, 2])
-def test_w4a16_gemv_launched_early_in_a_cuda_graph(monkeypatch, gluon_rows):
+@pytest.mark.parametrize("gluon_rows, rows", [(0, 1), (2, 1), (0, 4)])
+def test_w4a16_gemv_launched_early_in_a_cuda_graph(monkeypatch, gluon_rows, rows):
     """With programmatic dependent launch (sm_90+) each GEMV starts while the kernel ahead of it
     runs (kernels/pdl.py): norm -> GEMV -> activation -> GEMV, four times, captured in a CUDA graph
     and replayed on new inputs, gives the bits of the same kernels launched one after another
-    (the Triton GEMV, and the Gluon one)."""
+    (the Triton GEMV, the Gluon one, and at 4 rows the Gluon tensor-core kernel)."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs sm_90")
     from nanovllm import kernels
@@ -285,7 +285,7 @@ def test_w4a16_gemv_launched_early_in_a_cuda_graph(monkeypatch, gluon_rows):
             x = x + w4a16_gemm(a, *down, 4, group)
         return x
 
-    static_x = torch.randn(1, hidden, generator=gen).to("cuda", torch.bfloat16)
+    static_x = torch.randn(rows, hidden, generator=gen).to("cuda", torch.bfloat16)
     for pdl in ("0", "1"):          # compile both variants before capturing
         monkeypatch.setenv("NANOVLLM_PDL", pdl)
         chain(static_x)
@@ -295,7 +295,7 @@ def test_w4a16_gemv_launched_early_in_a_cuda_graph(monkeypatch, gluon_rows):
         static_out = chain(static_x)
     monkeypatch.setenv("NANOVLLM_PDL", "0")
     for trial in range(3):
-        static_x.copy_(torch.randn(1, hidden, generator=gen).to("cuda", torch.bfloat16))
+        static_x.copy_(torch.randn(rows, hidden, generator=gen).to("cuda", torch.bfloat16))
         graph.replay()
         expected = chain(static_x)
         assert torch.equal(static_out, expected), trial
@@ -331,6 +331,39 @@ def test_w4a16_gluon_gemv_matches_the_reference(rows, n, k, group_size, monkeypa
     monkeypatch.setattr(module.w4a16_gemv, "GLUON_GEMV_MAX_ROWS", 2)
     assert torch.equal(module.w4a16_gemm(x, qweight, scales, mins, 4, group_size),
                        module.w4a16_gemv.gluon_gemv(x, qweight, scales, mins, 4, group_size, None, None, None))
+
+
+@pytest.mark.parametrize("rows", [2, 5, 16, 33, 64])
+@pytest.mark.parametrize("n, k, group_size", [(3000, 2048, 128), (1000, 576, 32), (2048, 1536, 64),
+                                              (512, 2048, 256), (768, 1024, 1024), (2048, 8192, 128)])
+def test_w4a16_gluon_mma_matches_the_reference(rows, n, k, group_size):
+    """The Gluon tensor-core kernel (w4a16_mma.py; w4a16_gemm picks it for bfloat16 products of
+    2 to 32 rows on sm_90): the dequantized matmul's result for 64 and 128 columns a program, with
+    and without split-K, for group sizes 32 to per-channel, columns that do not fill the last tile,
+    and row counts that do not fill its MMA's width (5, 33); the same bits when run again (the
+    split-K counters are reset)."""
+    from nanovllm.kernels import w4a16_gemm as module
+    from nanovllm.quantization.int_linear import dequantize
+    from nanovllm.quantization.packing import pack_int32
+    if not hasattr(module.w4a16_mma, "_w4a16_mma_kernel") or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs Gluon and an sm_90 GPU (wgmma)")
+    gen = torch.Generator().manual_seed(rows * n)
+    qweight = pack_int32(torch.randint(0, 16, (n, k), generator=gen), 4, dim=1).cuda()
+    scales = (torch.rand(n, k // group_size, generator=gen) * 0.02 + 0.005).to("cuda", torch.bfloat16)
+    mins = (torch.randn(n, k // group_size, generator=gen) * 0.05).to("cuda", torch.bfloat16)
+    x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
+    expected = x.float() @ dequantize(qweight, scales, mins, 4, group_size).float().t()
+    for split_k in (1, 3, None):
+        for t in (1, 2):
+            cfg = {"GLUON_MMA": True, "T": t}
+            out = module.w4a16_mma.gluon_mma(x, qweight, scales, mins, 4, group_size, None, split_k, cfg)
+            assert out is not None
+            assert rel_err(out, expected) < TOL[torch.bfloat16], (split_k, t)
+            assert torch.equal(out, module.w4a16_mma.gluon_mma(x, qweight, scales, mins, 4, group_size, None,
+                                                                split_k, cfg))
+    if rows <= module.w4a16_mma.GLUON_MMA_MAX_ROWS:
+        assert torch.equal(module.w4a16_gemm(x, qweight, scales, mins, 4, group_size),
+                           module.w4a16_mma.gluon_mma(x, qweight, scales, mins, 4, group_size, None, None, None))
 
 
 @pytest.mark.parametrize("rows", [1, 2])
