@@ -27,6 +27,14 @@ for step in "$@"; do
     w4hbm)   for m in llama-3.2-1b llama-3.1-8b; do timeout 90 python benchmarks/bench_w4a16.py --model $m --rows 1 2 4 8 16 \
                2>&1 | tee -a "$LOG_DIR/w4hbm.txt"; done
              timeout 300 python benchmarks/bench_w4a16.py --sweep 2>&1 | tail -45 | tee "$LOG_DIR/w4sweep.txt" ;;
+    # the Gluon tensor-core kernel (kernels/w4a16_mma.py, 2-32 rows on sm_90): its GPU tests, the linears from HBM,
+    # then decode steps of B sequences with it and without it (--gluon-mma-rows 0 0), alternating
+    w4mma)   timeout 200 python -m pytest -q tests/gpu/test_kernels_gpu.py -k "mma or launched_early" 2>&1 | tail -3 \
+               | tee "$LOG_DIR/w4mma.txt"
+             timeout 90 python benchmarks/bench_w4a16.py --model llama-3.1-8b --rows 1 2 4 8 16 2>&1 | tee -a "$LOG_DIR/w4mma.txt"
+             for b in 2 4 16; do for rows in "2 32" "0 0" "2 32"; do timeout 60 python benchmarks/single_request.py \
+               --shape llama-3.2-1b-gptq --new-tokens 128 --batch $b --gluon-mma-rows $rows 2>&1 | grep ms/token \
+               | sed "s/^/batch $b, --gluon-mma-rows $rows: /" | tee -a "$LOG_DIR/w4mma.txt"; done; done ;;
     w4small) timeout 280 python benchmarks/bench_w4a16.py --sweep --rows 1 2 4 2>&1 | tail -40 | tee "$LOG_DIR/w4sweep_small.txt" ;;
     w4profile) for s in llama-3.2-1b-gptq llama-3.2-1b; do timeout 150 python benchmarks/profile_step.py 1 $s 2>&1 \
                | grep -v Warning | tee "$LOG_DIR/profile1_$s.txt"; done ;;
