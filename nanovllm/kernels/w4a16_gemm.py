@@ -24,9 +24,10 @@ Two kernels, picked by the number of rows (see `_config`):
   tensor cores as the activations' dtype (exact: 0..255) and tl.dot sums them against x. With
   g_idx (scattered groups) each weight is scaled before the dot instead.
 
-With few output tiles both cut K into ranges summed within the launch (split_k.py). On a GPU,
-bfloat16 products of one row go to w4a16_gemv.py's Gluon GEMV instead, and on sm_90 (H100, H200)
-those of 2 to 32 rows to w4a16_mma.py's tensor-core kernel.
+With few output tiles both cut K into ranges summed within the launch (split_k.py). On sm_90 (H100,
+H200) bfloat16 products of 2 to 32 rows go to w4a16_mma.py's Gluon tensor-core kernel instead, and
+on any GPU those of 1 and 2 rows that it does not take to w4a16_gemv.py's Gluon GEMV (at 2 rows
+the gated ones: it makes the activation too).
 
 On sm_90 and later the GEMV is launched before the kernel ahead of it has finished and pulls its
 weights into L2 meanwhile (programmatic dependent launch, pdl.py).
@@ -254,6 +255,10 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
                          f"per row, x has {K} features")
     if scales.shape != mins.shape or scales.shape[0] != N:
         raise ValueError(f"scales {tuple(scales.shape)} and mins {tuple(mins.shape)} must both be [{N}, groups]")
+    if not gated and (config is None or config.get("GLUON_MMA")):
+        out = w4a16_mma.gluon_mma(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config)
+        if out is not None:
+            return out
     if config is None or config.get("GLUON"):
         out = w4a16_gemv.gluon_gemv(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config, gated)
         if out is not None:
@@ -262,10 +267,6 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
         no_gluon = None if config is None else {**config, "GLUON": False}
         # (kernels.silu_and_mul, not an import of its module, whose name the function shares)
         return kernels.silu_and_mul(w4a16_gemm(x, qweight, scales, mins, bits, group_size, g_idx, split_k, no_gluon))
-    if config is None or config.get("GLUON_MMA"):
-        out = w4a16_mma.gluon_mma(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config)
-        if out is not None:
-            return out
     cfg = {**_config(M), **(config or {})}
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:

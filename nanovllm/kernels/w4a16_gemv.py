@@ -239,9 +239,10 @@ def gemv_shape(group_size: int, K: int, num_warps: int) -> dict | None:
 # x registers spill beyond), with these settings: SN columns a thread, split-K for ~split_per_sm
 # programs an SM. On an H100 at one row it read Llama-3.2-1B's four linears from HBM in 27.0 us
 # against the Triton GEMV's 37.9 (the best of four settings, this one); at two rows 38.3 against
-# 39.8, but w4a16_mma.py's tensor-core kernel took 34.6 there, so it has 2 rows and up
-# (docs/benchmarks.md, 2026-12-07).
-GLUON_GEMV_MAX_ROWS = 1
+# 39.8, and a 2-sequence decode step took 1.048 against 1.068 ms (docs/benchmarks.md, 2026-12-07).
+# On sm_90 w4a16_mma.py's tensor-core kernel takes 2-row products first (34.6 us for the four), but
+# not gated ones.
+GLUON_GEMV_MAX_ROWS = 2
 GLUON_GEMV_CONFIG = {"SN": 4, "num_warps": 4, "split_per_sm": 4}
 
 

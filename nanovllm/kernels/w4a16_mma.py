@@ -1,8 +1,8 @@
 """Gluon kernel: the 4-bit product for 2 to 32 rows of bfloat16 activations, on Hopper's tensor cores.
 
 out^T [N, M] = W [N, K] . x^T [K, M] with warpgroup MMAs (wgmma, sm_90): the weight is the A
-operand, 64 of its columns a warpgroup, and the few rows of x are the other side (8 to 64 wide), so
-nothing is padded. The weight is unpacked in registers straight into the layout wgmma reads A from:
+operand, 64 of its columns a warpgroup, and the few rows of x are the other side, 8 to 64 wide, so
+a 4-row product is padded to 8 rows, not to wgmma's 64. The weight is unpacked in registers straight into the layout wgmma reads A from:
 no round trip through shared memory, which is what held the Triton tensor-core kernel back. x^T,
 the B operand, is staged in shared memory a step at a time. How the unpacking lands in place is an
 order of K (`_dot_order`), told in docs/quantization.md; docs/benchmarks.md has the figures.
@@ -177,7 +177,7 @@ GLUON_MMA_CONFIG = {"T": 2, "split_per_sm": 2}
 
 
 def set_gluon_mma_rows(low: int, high: int) -> None:
-    """For benchmarks: this kernel from `low` to `high` rows (high < low: never)."""
+    """For benchmarks: this kernel from `low` to `high` rows (0 0: never)."""
     global GLUON_MMA_MIN_ROWS, GLUON_MMA_MAX_ROWS
     GLUON_MMA_MIN_ROWS, GLUON_MMA_MAX_ROWS = low, high
 
@@ -197,7 +197,7 @@ def gluon_mma(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config
     it (then the other kernels from then on)."""
     M, K = x.shape
     low, high = (1, 64) if config and config.get("GLUON_MMA") else (GLUON_MMA_MIN_ROWS, min(GLUON_MMA_MAX_ROWS, 64))
-    if not (low <= M <= high and x.is_cuda and bits == 4 and g_idx is None and x.dtype == torch.bfloat16
+    if not (max(low, 1) <= M <= high and x.is_cuda and bits == 4 and g_idx is None and x.dtype == torch.bfloat16
             and x.stride(1) == 1 and qweight.stride(1) == 1 and scales.stride(1) == 1 and mins.stride(1) == 1
             and _COMPILES and warpgroup_mma is not None and gluon_imported()
             and _is_hopper(x.device.index if x.device.index is not None else torch.cuda.current_device())):
@@ -206,6 +206,8 @@ def gluon_mma(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config
     if step is None:
         return None
     cfg = {**GLUON_MMA_CONFIG, **(config or {})}
+    if cfg["T"] not in (1, 2):
+        raise ValueError(f"T (64-column blocks a program) must be 1 or 2, got {cfg['T']}")
     N = qweight.shape[0]
     tiles = triton.cdiv(N, 64 * cfg["T"])
     if split_k is None:

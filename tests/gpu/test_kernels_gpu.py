@@ -286,6 +286,8 @@ def test_w4a16_gemv_launched_early_in_a_cuda_graph(monkeypatch, gluon_rows, rows
         return x
 
     static_x = torch.randn(rows, hidden, generator=gen).to("cuda", torch.bfloat16)
+    if rows > 1 and torch.cuda.get_device_capability() == (9, 0):       # the tensor-core kernel takes it
+        assert module.w4a16_mma.gluon_mma(static_x, *layers[0][0], 4, group, None, None, None) is not None
     for pdl in ("0", "1"):          # compile both variants before capturing
         monkeypatch.setenv("NANOVLLM_PDL", pdl)
         chain(static_x)
@@ -329,6 +331,7 @@ def test_w4a16_gluon_gemv_matches_the_reference(rows, n, k, group_size, monkeypa
             assert rel_err(out, expected) < TOL[torch.bfloat16], (split_k, cfg)
             torch.testing.assert_close(out, triton_gemv, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-3)
     monkeypatch.setattr(module.w4a16_gemv, "GLUON_GEMV_MAX_ROWS", 2)
+    monkeypatch.setattr(module.w4a16_mma, "GLUON_MMA_MIN_ROWS", 3)      # (on sm_90 it takes 2 rows first)
     assert torch.equal(module.w4a16_gemm(x, qweight, scales, mins, 4, group_size),
                        module.w4a16_gemv.gluon_gemv(x, qweight, scales, mins, 4, group_size, None, None, None))
 
@@ -338,10 +341,12 @@ def test_w4a16_gluon_gemv_matches_the_reference(rows, n, k, group_size, monkeypa
                                               (512, 2048, 256), (768, 1024, 1024), (2048, 8192, 128)])
 def test_w4a16_gluon_mma_matches_the_reference(rows, n, k, group_size):
     """The Gluon tensor-core kernel (w4a16_mma.py; w4a16_gemm picks it for bfloat16 products of
-    2 to 32 rows on sm_90): the dequantized matmul's result for 64 and 128 columns a program, with
-    and without split-K, for group sizes 32 to per-channel, columns that do not fill the last tile,
-    and row counts that do not fill its MMA's width (5, 33); the same bits when run again (the
-    split-K counters are reset)."""
+    2 to 32 rows on sm_90): the dequantized matmul's result, and the Triton tensor-core kernel's
+    to a rounding step of each output, for 64 and 128 columns a program, with and without split-K,
+    for group sizes 32 to per-channel, columns that do not fill the last tile, row counts that do
+    not fill its MMA's width (5, 33) and rows of x that are not contiguous; the same bits when run
+    again (the split-K counters are reset); through w4a16_gemm up to 32 rows, gated too."""
+    from nanovllm import kernels
     from nanovllm.kernels import w4a16_gemm as module
     from nanovllm.quantization.int_linear import dequantize
     from nanovllm.quantization.packing import pack_int32
@@ -351,19 +356,25 @@ def test_w4a16_gluon_mma_matches_the_reference(rows, n, k, group_size):
     qweight = pack_int32(torch.randint(0, 16, (n, k), generator=gen), 4, dim=1).cuda()
     scales = (torch.rand(n, k // group_size, generator=gen) * 0.02 + 0.005).to("cuda", torch.bfloat16)
     mins = (torch.randn(n, k // group_size, generator=gen) * 0.05).to("cuda", torch.bfloat16)
-    x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
+    x = torch.randn(rows, k + 64, generator=gen).to("cuda", torch.bfloat16)[:, :k]     # rows k + 64 apart
     expected = x.float() @ dequantize(qweight, scales, mins, 4, group_size).float().t()
+    triton_dot = module.w4a16_gemm(x, qweight, scales, mins, 4, group_size, config={"GEMV": False})
     for split_k in (1, 3, None):
         for t in (1, 2):
             cfg = {"GLUON_MMA": True, "T": t}
             out = module.w4a16_mma.gluon_mma(x, qweight, scales, mins, 4, group_size, None, split_k, cfg)
             assert out is not None
             assert rel_err(out, expected) < TOL[torch.bfloat16], (split_k, t)
+            torch.testing.assert_close(out, triton_dot, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-3)
             assert torch.equal(out, module.w4a16_mma.gluon_mma(x, qweight, scales, mins, 4, group_size, None,
                                                                 split_k, cfg))
-    if rows <= module.w4a16_mma.GLUON_MMA_MAX_ROWS:
-        assert torch.equal(module.w4a16_gemm(x, qweight, scales, mins, 4, group_size),
-                           module.w4a16_mma.gluon_mma(x, qweight, scales, mins, 4, group_size, None, None, None))
+    routed = module.w4a16_mma.gluon_mma(x, qweight, scales, mins, 4, group_size, None, None, None)
+    assert (routed is not None) == (rows <= module.w4a16_mma.GLUON_MMA_MAX_ROWS)
+    if routed is not None:
+        assert torch.equal(module.w4a16_gemm(x, qweight, scales, mins, 4, group_size), routed)
+        if rows > 2:        # (2 gated rows: the Gluon GEMV makes the activation)
+            assert torch.equal(module.w4a16_gemm(x, qweight, scales, mins, 4, group_size, gated=True),
+                               kernels.silu_and_mul(routed))
 
 
 @pytest.mark.parametrize("rows", [1, 2])

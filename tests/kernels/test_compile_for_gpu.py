@@ -200,7 +200,7 @@ types = dict(x_ptr="*bf16", qweight_ptr="*i32", scales_ptr="*bf16", mins_ptr="*b
              partials_ptr="*fp32", counters_ptr="*i32")
 for (group_size, K), (rows, t, split, pdl) in itertools.product(
         [(32, 576), (64, 1536), (128, 2048), (2048, 2048)],
-        [(8, 2, True, True), (16, 1, False, False), (64, 2, True, False)]):
+        [(8, 2, True, True), (16, 1, False, False), (32, 2, True, True), (64, 2, True, False)]):
     nb = w4a16_mma.step_values(group_size, K) // 16
     constexprs = dict(L3=w4a16_mma.words_layout(nb, t), XB=w4a16_mma.x_layout(nb), GROUP_SIZE=group_size, NB=nb,
                       T=t, MN=rows, SPLIT=split, PDL=pdl)
