@@ -242,9 +242,10 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, min
     features per group (its groups contiguous), unless g_idx [K] gives each feature's group.
     `split_k`: K ranges summed at the end (default: enough programs to fill the GPU).
     `config` overrides the defaults (for tuning): GLUON (the Gluon GEMV, with SN, num_warps and
-    split_per_sm), GLUON_MMA (the Gluon tensor-core kernel, with T and split_per_sm), GEMV (the CUDA-core kernel, if the groups allow it), BLOCK_M (tensor-core kernel
-    only), BLOCK_N, BLOCK_K, num_warps, num_stages, split_per_sm, HALF_UNPACK (the CUDA-core
-    kernel's float16 unpacking of 4-bit values, on a GPU).
+    split_per_sm), GLUON_MMA (the Gluon tensor-core kernel, with T and split_per_sm), GEMV (the
+    CUDA-core kernel, if the groups allow it), BLOCK_M (tensor-core kernel only), BLOCK_N, BLOCK_K,
+    num_warps, num_stages, split_per_sm, HALF_UNPACK (the CUDA-core kernel's float16 unpacking of
+    4-bit values, on a GPU).
     """
     M, K = x.shape
     N = qweight.shape[0]

@@ -2,10 +2,11 @@
 
 out^T [N, M] = W [N, K] . x^T [K, M] with warpgroup MMAs (wgmma, sm_90): the weight is the A
 operand, 64 of its columns a warpgroup, and the few rows of x are the other side, 8 to 64 wide, so
-a 4-row product is padded to 8 rows, not to wgmma's 64. The weight is unpacked in registers straight into the layout wgmma reads A from:
-no round trip through shared memory, which is what held the Triton tensor-core kernel back. x^T,
-the B operand, is staged in shared memory a step at a time. How the unpacking lands in place is an
-order of K (`_dot_order`), told in docs/quantization.md; docs/benchmarks.md has the figures.
+a 4-row product is padded to 8 rows, not to wgmma's 64. The weight is unpacked in registers
+straight into the layout wgmma reads A from: no round trip through shared memory, which is what
+held the Triton tensor-core kernel back. x^T, the B operand, is staged in shared memory a step at
+a time. How the unpacking lands in place is an order of K (`_dot_order`), told in
+docs/quantization.md; docs/benchmarks.md has the figures.
 
 Gluon runs on NVIDIA GPUs only (no interpreter): tests/gpu compares it with the reference, and
 tests/kernels compiles it for sm_90 on a CPU.
