@@ -5,7 +5,7 @@ the packed weights, beside torch's bf16 matmul of the same layer.
     python benchmarks/bench_w4a16.py --sweep    # also try a grid of kernel settings (~2-3 minutes)
     python benchmarks/bench_w4a16.py --sweep --rows 1 4         # the sweep at these row counts only
     python benchmarks/bench_w4a16.py --half-unpack-max-rows 4   # the GEMV's float16 unpacking up to 4 rows
-    python benchmarks/bench_w4a16.py --gluon-gemv-max-rows 0    # the Triton GEMV at 1 row too
+    python benchmarks/bench_w4a16.py --gluon-gemv-max-rows 0    # the Triton GEMV where the Gluon one would run
     python benchmarks/bench_w4a16.py --gluon-mma-rows 0 0       # the Triton kernels at 2-32 rows too
     python benchmarks/bench_w4a16.py --model llama-3.1-8b       # an 8B model's larger linears
     python benchmarks/bench_w4a16.py --model smollm2-135m --rows 1 5
