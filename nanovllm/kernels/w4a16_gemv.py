@@ -80,6 +80,23 @@ if gluon_available():
         return d
 
     @gluon.jit
+    def split_k_sum(tile, partials_ptr, offsets, mask, counter_ptr, pid_k, split_k, partial_stride):
+        """split_k.finish_tile's protocol for the Gluon kernels: store this program's float32 partial
+        at `offsets` of slice pid_k; returns whether this is the tile's last program to arrive and,
+        if so, the partials' sum in K order (the counter then reset for the next launch)."""
+        gl.store(partials_ptr + pid_k * partial_stride + offsets, tile, mask=mask)
+        thread_barrier()                      # every thread's partial stored before the tile counts in
+        arrived = gl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+        last = arrived == split_k - 1
+        total = gl.zeros_like(tile)
+        if last:
+            for s in range(0, split_k):       # .cg: from L2, where the other programs' stores are
+                total += gl.load(partials_ptr + s * partial_stride + offsets, mask=mask, other=0.0,
+                                 cache_modifier=".cg")
+            gl.atomic_xchg(counter_ptr, 0)
+        return last, total
+
+    @gluon.jit
     def _weight_rows(pid_n, n, N, BN: gl.constexpr, GATED: gl.constexpr):
         """Column n of tile pid_n: its weight row (clamped: the last tile re-reads the last row, its
         stores are masked) and whether it exists. GATED: the tile's columns alternate gate and up,
@@ -201,19 +218,12 @@ if gluon_available():
         out_n = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(0, LO)), 0)
         if not SPLIT:
             _store_tile(tile, out_ptr, out_rows, out_n, pid_n, M, N, stride_om, R, BN, GATED)
-        else:       # as split_k.finish_tile: the tile's last program sums the partials in K order
+        else:       # the tile's last program sums the partials in K order
             cols, exists = _weight_rows(pid_n, out_n, N, BN, GATED)
-            mask = (out_rows < M) & exists
-            offsets = out_rows * N + cols
-            gl.store(partials_ptr + pid_k * M * N + offsets, tile, mask=mask)
-            thread_barrier()
-            arrived = gl.atomic_add(counters_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == split_k - 1:
-                total = gl.zeros([R, BN], gl.float32, LO)
-                for s in range(0, split_k):
-                    total += gl.load(partials_ptr + s * M * N + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+            last, total = split_k_sum(tile, partials_ptr, out_rows * N + cols, (out_rows < M) & exists,
+                                      counters_ptr + pid_n, pid_k, split_k, M * N)
+            if last:
                 _store_tile(total, out_ptr, out_rows, out_n, pid_n, M, N, stride_om, R, BN, GATED)
-                gl.atomic_xchg(counters_ptr + pid_n, 0)
 
 
 def gemv_shape(group_size: int, K: int, num_warps: int) -> dict | None:

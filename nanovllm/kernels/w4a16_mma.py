@@ -54,6 +54,7 @@ def x_layout(NB: int):
 
 
 if gluon_imported() and warpgroup_mma is not None:
+    from nanovllm.kernels.w4a16_gemv import split_k_sum     # (a Gluon function, defined with Gluon)
 
     @gluon.jit
     def _dot_order(t, ROWS: gl.constexpr, NB: gl.constexpr):
@@ -154,17 +155,11 @@ if gluon_imported() and warpgroup_mma is not None:
         out_ptrs = out_ptr + out_m * stride_om + out_n
         if not SPLIT:
             gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:       # as split_k.finish_tile: the tile's last program sums the partials in K order
-            offsets = out_m * N + out_n
-            gl.store(partials_ptr + pid_k * M * N + offsets, acc, mask=mask)
-            thread_barrier()
-            arrived = gl.atomic_add(counters_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == split_k - 1:
-                total = gl.zeros([R, MN], gl.float32, MMA)
-                for s in range(0, split_k):
-                    total += gl.load(partials_ptr + s * M * N + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+        else:       # the tile's last program sums the partials in K order
+            last, total = split_k_sum(acc, partials_ptr, out_m * N + out_n, mask, counters_ptr + pid_n, pid_k,
+                                      split_k, M * N)
+            if last:
                 gl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
-                gl.atomic_xchg(counters_ptr + pid_n, 0)
 
 
 # w4a16_gemm sends bfloat16 products of GLUON_MMA_MIN_ROWS to GLUON_MMA_MAX_ROWS rows here, on sm_90,

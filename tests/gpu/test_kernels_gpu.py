@@ -10,6 +10,14 @@ pytestmark = [pytest.mark.gpu,
 TOL = {torch.bfloat16: 1.5e-2, torch.float16: 5e-3}
 
 
+def random_4bit(n, k, group_size, gen, dtype):
+    """A random 4-bit weight [n, k] on the GPU: packed words, scales and mins (dequantize's layout)."""
+    from nanovllm.quantization.packing import pack_int32
+    return (pack_int32(torch.randint(0, 16, (n, k), generator=gen), 4, dim=1).cuda(),
+            (torch.rand(n, k // group_size, generator=gen) * 0.02 + 0.005).to("cuda", dtype),
+            (torch.randn(n, k // group_size, generator=gen) * 0.05).to("cuda", dtype))
+
+
 def rel_err(out, ref):
     assert torch.isfinite(out).all(), "NaN/inf in the output (an element left unwritten?)"
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -241,12 +249,9 @@ def test_w4a16_gemv_float16_unpacking_matches_plain(dtype, group_size, rows):
     step of the output, not bit for bit; and both are the dequantized matmul's."""
     from nanovllm.kernels.w4a16_gemm import w4a16_gemm
     from nanovllm.quantization.int_linear import dequantize
-    from nanovllm.quantization.packing import pack_int32
     gen = torch.Generator().manual_seed(rows)
     n, k = 3072, 2048
-    qweight = pack_int32(torch.randint(0, 16, (n, k), generator=gen), 4, dim=1).cuda()
-    scales = (torch.rand(n, k // group_size, generator=gen) * 0.02 + 0.005).to("cuda", dtype)
-    mins = (torch.randn(n, k // group_size, generator=gen) * 0.05).to("cuda", dtype)
+    qweight, scales, mins = random_4bit(n, k, group_size, gen, dtype)
     x = torch.randn(rows, k, generator=gen).to("cuda", dtype)
     expected = x.float() @ dequantize(qweight, scales, mins, 4, group_size).float().t()
     for split_k in (1, 3, None):
@@ -314,13 +319,10 @@ def test_w4a16_gluon_gemv_matches_the_reference(rows, n, k, group_size, monkeypa
     (the two sum in different orders)."""
     from nanovllm.kernels import w4a16_gemm as module
     from nanovllm.quantization.int_linear import dequantize
-    from nanovllm.quantization.packing import pack_int32
     if not module.w4a16_gemv.gluon_available():
         pytest.skip("this triton has no Gluon")
     gen = torch.Generator().manual_seed(rows * n)
-    qweight = pack_int32(torch.randint(0, 16, (n, k), generator=gen), 4, dim=1).cuda()
-    scales = (torch.rand(n, k // group_size, generator=gen) * 0.02 + 0.005).to("cuda", torch.bfloat16)
-    mins = (torch.randn(n, k // group_size, generator=gen) * 0.05).to("cuda", torch.bfloat16)
+    qweight, scales, mins = random_4bit(n, k, group_size, gen, torch.bfloat16)
     x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
     expected = x.float() @ dequantize(qweight, scales, mins, 4, group_size).float().t()
     triton_gemv = module.w4a16_gemm(x, qweight, scales, mins, 4, group_size, config={"GEMV": True})
@@ -349,13 +351,10 @@ def test_w4a16_gluon_mma_matches_the_reference(rows, n, k, group_size):
     from nanovllm import kernels
     from nanovllm.kernels import w4a16_gemm as module
     from nanovllm.quantization.int_linear import dequantize
-    from nanovllm.quantization.packing import pack_int32
     if not hasattr(module.w4a16_mma, "_w4a16_mma_kernel") or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("needs Gluon and an sm_90 GPU (wgmma)")
     gen = torch.Generator().manual_seed(rows * n)
-    qweight = pack_int32(torch.randint(0, 16, (n, k), generator=gen), 4, dim=1).cuda()
-    scales = (torch.rand(n, k // group_size, generator=gen) * 0.02 + 0.005).to("cuda", torch.bfloat16)
-    mins = (torch.randn(n, k // group_size, generator=gen) * 0.05).to("cuda", torch.bfloat16)
+    qweight, scales, mins = random_4bit(n, k, group_size, gen, torch.bfloat16)
     x = torch.randn(rows, k + 64, generator=gen).to("cuda", torch.bfloat16)[:, :k]     # rows k + 64 apart
     expected = x.float() @ dequantize(qweight, scales, mins, 4, group_size).float().t()
     triton_dot = module.w4a16_gemm(x, qweight, scales, mins, 4, group_size, config={"GEMV": False})
@@ -385,13 +384,10 @@ def test_w4a16_gluon_gemv_gated_gives_the_activation(rows, n, k, group_size):
     not fill the last tile (3000 / 2 and 1000 / 2 columns)."""
     from nanovllm import kernels
     from nanovllm.kernels import w4a16_gemv
-    from nanovllm.quantization.packing import pack_int32
     if not w4a16_gemv.gluon_available():
         pytest.skip("this triton has no Gluon")
     gen = torch.Generator().manual_seed(rows * n)
-    qweight = pack_int32(torch.randint(0, 16, (n, k), generator=gen), 4, dim=1).cuda()
-    scales = (torch.rand(n, k // group_size, generator=gen) * 0.02 + 0.005).to("cuda", torch.bfloat16)
-    mins = (torch.randn(n, k // group_size, generator=gen) * 0.05).to("cuda", torch.bfloat16)
+    qweight, scales, mins = random_4bit(n, k, group_size, gen, torch.bfloat16)
     x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
     for split_k in (1, 3, None):
         for cfg in ({"GLUON": True, "SN": 4, "num_warps": 4}, {"GLUON": True, "SN": 2, "num_warps": 8}):
