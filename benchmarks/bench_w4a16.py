@@ -7,6 +7,7 @@ the packed weights, beside torch's bf16 matmul of the same layer.
     python benchmarks/bench_w4a16.py --half-unpack-max-rows 4   # the GEMV's float16 unpacking up to 4 rows
     python benchmarks/bench_w4a16.py --gluon-gemv-max-rows 0    # the Triton GEMV where the Gluon one would run
     python benchmarks/bench_w4a16.py --gluon-mma-rows 0 0       # the Triton kernels at 2-32 rows too
+    python benchmarks/bench_w4a16.py --gluon-mma-config '{"T": 1}'    # its programs 64 columns wide
     python benchmarks/bench_w4a16.py --model llama-3.1-8b       # an 8B model's larger linears
     python benchmarks/bench_w4a16.py --model smollm2-135m --rows 1 5
                                                 # the demo model's linears (group 32, as its Q4_1 GGUF);
@@ -27,6 +28,7 @@ by the least total time over the four layers (a decode step runs each once per t
 """
 import argparse
 import itertools
+import json
 import time
 
 import torch
@@ -241,6 +243,8 @@ def main() -> None:
                         help="rows up to which the Gluon GEMV runs (0: never; at most 2)")
     parser.add_argument("--gluon-mma-rows", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="rows for which the Gluon tensor-core kernel runs (0 0: never)")
+    parser.add_argument("--gluon-mma-config", type=json.loads, default={},
+                        help="settings of the Gluon tensor-core kernel, as JSON (default: w4a16_mma.GLUON_MMA_CONFIG)")
     parser.add_argument("--half-unpack-max-rows", type=int, default=None,
                         help="the CUDA-core kernel's float16 unpacking in programs of up to this many rows")
     args = parser.parse_args()
@@ -254,6 +258,7 @@ def main() -> None:
         kernel_module.w4a16_gemv.set_gluon_gemv_max_rows(args.gluon_gemv_max_rows)
     if args.gluon_mma_rows is not None:
         kernel_module.w4a16_mma.set_gluon_mma_rows(*args.gluon_mma_rows)
+    kernel_module.w4a16_mma.GLUON_MMA_CONFIG.update(args.gluon_mma_config)
     torch.manual_seed(0)
     copy = copy_bandwidth()
     print(f"{torch.cuda.get_device_name(0)}: device-to-device copy {copy / 1e12:.2f} TB/s")
