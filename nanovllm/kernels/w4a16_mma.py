@@ -163,13 +163,16 @@ if gluon_imported() and warpgroup_mma is not None:
 
 
 # w4a16_gemm sends bfloat16 products of GLUON_MMA_MIN_ROWS to GLUON_MMA_MAX_ROWS rows here, on sm_90,
-# with T x 64 columns a program and split-K for ~split_per_sm programs an SM. On an H100, from HBM,
-# Llama-3.1-8B's four linears took 79-95 us at 2-16 rows against 93-240 us for the kernels before it,
-# Llama-3.2-1B's 34-48 us against 38-86 (docs/benchmarks.md, 2026-12-07); 33-64 rows pass the
-# tests but were not timed.
+# with split-K for ~split_per_sm programs an SM, and T x 64 columns a program up to wide_max_rows rows
+# (padded to 8, 16, 32), 64 columns above. On an H100, from HBM, Llama-3.1-8B's four linears took
+# 79-95 us at 2-16 rows against 93-240 us for the kernels before it, Llama-3.2-1B's 34-48 us against
+# 38-86 (docs/benchmarks.md, 2026-12-07). At 32 rows a 128-column program spills registers with
+# triton 3.6 (a 288-byte stack a thread; none at 16 rows, nor with 64 columns), and 64 columns were
+# the faster for Llama-3.2-1B (58.8 against 63.1 us for the four; for Llama-3.1-8B 128 were).
+# 33-64 rows pass the tests but were not timed.
 GLUON_MMA_MIN_ROWS = 2
 GLUON_MMA_MAX_ROWS = 32
-GLUON_MMA_CONFIG = {"T": 2, "split_per_sm": 2}
+GLUON_MMA_CONFIG = {"T": 2, "wide_max_rows": 16, "split_per_sm": 2}
 
 
 def set_gluon_mma_rows(low: int, high: int) -> None:
@@ -187,6 +190,21 @@ def step_values(group_size: int, K: int) -> int | None:
     return None
 
 
+def launch_constexprs(M: int, K: int, group_size: int, config: dict | None = None) -> dict | None:
+    """The kernel's compile-time settings for M rows of a K-feature weight (T, MN, NB, layouts...),
+    or None where its groups allow no step."""
+    step = step_values(group_size, K)
+    if step is None:
+        return None
+    cfg = {**GLUON_MMA_CONFIG, **(config or {})}
+    if cfg["T"] not in (1, 2):
+        raise ValueError(f"T (64-column blocks a program) must be 1 or 2, got {cfg['T']}")
+    mn = max(8, triton.next_power_of_2(M))
+    t = cfg["T"] if mn <= cfg["wide_max_rows"] else 1
+    nb = step // 16
+    return dict(L3=words_layout(nb, t), XB=x_layout(nb), GROUP_SIZE=group_size, NB=nb, T=t, MN=mn)
+
+
 def gluon_mma(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config) -> torch.Tensor | None:
     """w4a16_gemm's product through this kernel, or None where it does not apply (config
     GLUON_MMA: 1 to 64 rows whatever the defaults say), or where this triton's Gluon cannot compile
@@ -198,26 +216,23 @@ def gluon_mma(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config
             and _COMPILES and warpgroup_mma is not None and gluon_imported()
             and _is_hopper(x.device.index if x.device.index is not None else torch.cuda.current_device())):
         return None
-    step = step_values(group_size, K)
-    if step is None:
+    constexprs = launch_constexprs(M, K, group_size, config)
+    if constexprs is None:
         return None
-    cfg = {**GLUON_MMA_CONFIG, **(config or {})}
-    if cfg["T"] not in (1, 2):
-        raise ValueError(f"T (64-column blocks a program) must be 1 or 2, got {cfg['T']}")
+    step = 16 * constexprs["NB"]
     N = qweight.shape[0]
-    tiles = triton.cdiv(N, 64 * cfg["T"])
+    tiles = triton.cdiv(N, 64 * constexprs["T"])
     if split_k is None:
-        split_k = split_k_module.default_split_k(tiles, K // step, x.device, cfg["split_per_sm"])
+        split_per_sm = {**GLUON_MMA_CONFIG, **(config or {})}["split_per_sm"]
+        split_k = split_k_module.default_split_k(tiles, K // step, x.device, split_per_sm)
     k_per_split, split_k = split_k_module.k_ranges(K, step, split_k)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     partials, counters = split_k_module.split_buffers(out, split_k, tiles)
-    nb = step // 16
     try:
         _w4a16_mma_kernel[(tiles, split_k)](
             x, qweight, scales, mins, out, partials, counters, M, N, K, k_per_split, k_per_split // 8, split_k,
             0x3F800000, x.stride(0), qweight.stride(0), scales.stride(0), mins.stride(0), out.stride(0),
-            L3=words_layout(nb, cfg["T"]), XB=x_layout(nb), GROUP_SIZE=group_size, NB=nb, T=cfg["T"],
-            MN=max(8, triton.next_power_of_2(M)), SPLIT=split_k > 1, num_warps=4, **pdl_options(x.device))
+            SPLIT=split_k > 1, num_warps=4, **constexprs, **pdl_options(x.device))
     except CompilationError as e:       # checked with triton 3.6 and 3.9; Gluon's API still moves
         _turn_off(e)
         return None

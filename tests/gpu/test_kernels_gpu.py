@@ -344,10 +344,10 @@ def test_w4a16_gluon_gemv_matches_the_reference(rows, n, k, group_size, monkeypa
 def test_w4a16_gluon_mma_matches_the_reference(rows, n, k, group_size):
     """The Gluon tensor-core kernel (w4a16_mma.py; w4a16_gemm picks it for bfloat16 products of
     2 to 32 rows on sm_90): the dequantized matmul's result, and the Triton tensor-core kernel's
-    to a rounding step of each output, for 64 and 128 columns a program, with and without split-K,
-    for group sizes 32 to per-channel, columns that do not fill the last tile, row counts that do
-    not fill its MMA's width (5, 33) and rows of x that are not contiguous; the same bits when run
-    again (the split-K counters are reset); through w4a16_gemm up to 32 rows, gated too."""
+    to a rounding step of each output, for 64 and 128 columns a program at any rows, with and
+    without split-K, for group sizes 32 to per-channel, columns that do not fill the last tile, row
+    counts that do not fill its MMA's width (5, 33) and rows of x that are not contiguous; the same
+    bits when run again (the split-K counters are reset); through w4a16_gemm up to 32 rows, gated too."""
     from nanovllm import kernels
     from nanovllm.kernels import w4a16_gemm as module
     from nanovllm.quantization.int_linear import dequantize
@@ -360,7 +360,7 @@ def test_w4a16_gluon_mma_matches_the_reference(rows, n, k, group_size):
     triton_dot = module.w4a16_gemm(x, qweight, scales, mins, 4, group_size, config={"GEMV": False})
     for split_k in (1, 3, None):
         for t in (1, 2):
-            cfg = {"GLUON_MMA": True, "T": t}
+            cfg = {"GLUON_MMA": True, "T": t, "wide_max_rows": 64}
             out = module.w4a16_mma.gluon_mma(x, qweight, scales, mins, 4, group_size, None, split_k, cfg)
             assert out is not None
             assert rel_err(out, expected) < TOL[torch.bfloat16], (split_k, t)
