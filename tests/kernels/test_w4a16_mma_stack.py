@@ -1,7 +1,7 @@
 """The Gluon tensor-core kernel's default settings keep every value in registers: no stack, no
 spills to local memory (slower, and a CUDA context reserves local memory for its largest user).
-Compiled for sm_90 with the installed triton, on any machine: with triton 3.6
-the 128-column program at 32 rows had a 288-byte stack, with 3.9 none. Its results: tests/gpu."""
+Compiled for sm_90 with the installed triton, on any machine: with triton 3.6 the 128-column
+program at 32 rows had a 288-byte stack, with 3.9 none. Its results are tested in tests/gpu."""
 import pytest
 
 from tests.kernels.test_compile_for_gpu import _compile_in_a_process
