@@ -35,6 +35,15 @@ for step in "$@"; do
              for b in 2 4 16; do for rows in "2 32" "0 0" "2 32"; do timeout 60 python benchmarks/single_request.py \
                --shape llama-3.2-1b-gptq --new-tokens 128 --batch $b --gluon-mma-rows $rows 2>&1 | grep ms/token \
                | sed "s/^/batch $b, --gluon-mma-rows $rows: /" | tee -a "$LOG_DIR/w4mma.txt"; done; done ;;
+    # batch-1 decode with the tensor-core kernel at 2-32 rows, at 2-16, never, and at 2-32 with 128 columns a program
+    # at 32 rows (the setting before d4f86c5, whose kernel spills with triton 3.6): a batch-1 step never runs the kernel,
+    # yet on 2026-12-07 batch 1 took 1.01-1.05 ms a token with it on and 0.84-0.86 with it off (docs/benchmarks.md)
+    w4b1)    for round in 1 2; do for opts in "--gluon-mma-rows 2 32" "--gluon-mma-rows 0 0" "--gluon-mma-rows 2 16" \
+               "--gluon-mma-config {\"wide_max_rows\":32}"; do timeout 60 python benchmarks/single_request.py \
+               --shape llama-3.2-1b-gptq --new-tokens 128 $opts 2>&1 | grep ms/token \
+               | sed "s/^/$opts: /" | tee -a "$LOG_DIR/w4b1.txt"; done; done
+             timeout 60 python benchmarks/single_request.py --shape llama-3.2-1b --new-tokens 128 2>&1 | grep ms/token \
+               | tee -a "$LOG_DIR/w4b1.txt" ;;
     w4small) timeout 280 python benchmarks/bench_w4a16.py --sweep --rows 1 2 4 2>&1 | tail -40 | tee "$LOG_DIR/w4sweep_small.txt" ;;
     w4profile) for s in llama-3.2-1b-gptq llama-3.2-1b; do timeout 150 python benchmarks/profile_step.py 1 $s 2>&1 \
                | grep -v Warning | tee "$LOG_DIR/profile1_$s.txt"; done ;;

@@ -41,9 +41,13 @@ p.add_argument("--gemv-config", type=json.loads, default={},
                     'default: w4a16_gemm.GEMV_CONFIG)')
 p.add_argument("--gluon-gemv-config", type=json.loads, default={},
                help="4-bit weights: settings of the Gluon GEMV, as JSON (default: w4a16_gemv.GLUON_GEMV_CONFIG)")
+p.add_argument("--gluon-mma-config", type=json.loads, default={},
+               help="4-bit weights: settings of the Gluon tensor-core kernel, as JSON (default: "
+                    "w4a16_mma.GLUON_MMA_CONFIG)")
 args = p.parse_args()
 w4a16_gemm.GEMV_CONFIG.update(args.gemv_config)
 w4a16_gemm.w4a16_gemv.GLUON_GEMV_CONFIG.update(args.gluon_gemv_config)
+w4a16_gemm.w4a16_mma.GLUON_MMA_CONFIG.update(args.gluon_mma_config)
 if args.gemv_max_rows is not None:
     w4a16_gemm.set_gemv_max_rows(args.gemv_max_rows)
 if args.half_unpack_max_rows is not None:
