@@ -216,15 +216,15 @@ def gluon_mma(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config
             and _COMPILES and warpgroup_mma is not None and gluon_imported()
             and _is_hopper(x.device.index if x.device.index is not None else torch.cuda.current_device())):
         return None
-    constexprs = launch_constexprs(M, K, group_size, config)
+    cfg = {**GLUON_MMA_CONFIG, **(config or {})}
+    constexprs = launch_constexprs(M, K, group_size, cfg)
     if constexprs is None:
         return None
     step = 16 * constexprs["NB"]
     N = qweight.shape[0]
     tiles = triton.cdiv(N, 64 * constexprs["T"])
     if split_k is None:
-        split_per_sm = {**GLUON_MMA_CONFIG, **(config or {})}["split_per_sm"]
-        split_k = split_k_module.default_split_k(tiles, K // step, x.device, split_per_sm)
+        split_k = split_k_module.default_split_k(tiles, K // step, x.device, cfg["split_per_sm"])
     k_per_split, split_k = split_k_module.k_ranges(K, step, split_k)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     partials, counters = split_k_module.split_buffers(out, split_k, tiles)
