@@ -44,6 +44,12 @@ for step in "$@"; do
                | sed "s/^/$opts: /" | tee -a "$LOG_DIR/w4b1.txt"; done; done
              timeout 60 python benchmarks/single_request.py --shape llama-3.2-1b --new-tokens 128 2>&1 | grep ms/token \
                | tee -a "$LOG_DIR/w4b1.txt" ;;
+    # the tensor-core kernel's settings from HBM: split-K for ~2 programs an SM (the default) or ~1, 128 or 64
+    # columns a program at 16 rows (at 16 rows Llama-3.2-1B's small layers split K 16 ways, docs/benchmarks.md)
+    w4mmacfg) for m in llama-3.2-1b llama-3.1-8b; do for cfg in '{}' '{"split_per_sm": 1}' '{"wide_max_rows": 8}' \
+               '{"wide_max_rows": 8, "split_per_sm": 1}'; do timeout 60 python benchmarks/bench_w4a16.py --model $m \
+               --rows 4 16 32 --gluon-mma-config "$cfg" 2>&1 | grep -E "_proj" | sed "s/^/$m $cfg: /" \
+               | tee -a "$LOG_DIR/w4mmacfg.txt"; done; done ;;
     w4small) timeout 280 python benchmarks/bench_w4a16.py --sweep --rows 1 2 4 2>&1 | tail -40 | tee "$LOG_DIR/w4sweep_small.txt" ;;
     w4profile) for s in llama-3.2-1b-gptq llama-3.2-1b; do timeout 150 python benchmarks/profile_step.py 1 $s 2>&1 \
                | grep -v Warning | tee "$LOG_DIR/profile1_$s.txt"; done ;;
