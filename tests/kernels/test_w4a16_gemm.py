@@ -155,14 +155,17 @@ def test_w4a16_gemm_compiles_for_sm90(monkeypatch):
     assert "FAILED" not in done.stdout, done.stdout
 
 
-def test_a_gluon_gemv_that_does_not_compile_hands_over_to_triton(monkeypatch, caplog):
-    """Gluon is an experimental API: where this triton cannot compile the Gluon GEMV, its launcher
-    says so once (a warning naming the triton version), turns it off (its gated variant failing
-    turns off only that one), and returns False, so that w4a16_gemm goes on with the Triton kernels
-    instead of failing every 4-bit decode step."""
+@pytest.mark.parametrize("failure", ["the front end", "the GPU's resources"])
+def test_a_gluon_gemv_that_does_not_compile_hands_over_to_triton(failure, monkeypatch, caplog):
+    """Gluon is an experimental API: where this triton cannot compile the Gluon GEMV (its front end
+    refuses the kernel, or the compiled kernel needs more than the GPU has), its launcher says so
+    once (a warning naming the triton version), turns it off (its gated variant failing turns off
+    only that one), and returns False, so that w4a16_gemm goes on with the Triton kernels instead of
+    failing every 4-bit decode step."""
     import ast
 
     from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
 
     from nanovllm.kernels import w4a16_gemv
     if not w4a16_gemv.gluon_available():
@@ -171,7 +174,9 @@ def test_a_gluon_gemv_that_does_not_compile_hands_over_to_triton(monkeypatch, ca
     class Uncompilable:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                raise CompilationError("x = 1", ast.parse("x = 1").body[0], "spelled otherwise in this triton")
+                if failure == "the front end":
+                    raise CompilationError("x = 1", ast.parse("x = 1").body[0], "spelled otherwise in this triton")
+                raise OutOfResources(300000, 232448, "shared memory")
             return launch
 
     monkeypatch.setattr(w4a16_gemv, "_w4a16_gemv_gluon_kernel", Uncompilable())
@@ -183,7 +188,8 @@ def test_a_gluon_gemv_that_does_not_compile_hands_over_to_triton(monkeypatch, ca
     with caplog.at_level("WARNING"):
         assert not w4a16_gemv._launch((1, 1), "the kernel's arguments", GATED=False)
     assert not w4a16_gemv.gluon_available()
-    assert "does not compile" in caplog.text and "spelled otherwise" in caplog.text
+    assert "does not compile" in caplog.text
+    assert ("spelled otherwise" if failure == "the front end" else "shared memory") in caplog.text
 
 
 @pytest.mark.parametrize("rows", [1, 5])
