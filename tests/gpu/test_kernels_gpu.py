@@ -338,7 +338,7 @@ def test_w4a16_gluon_gemv_matches_the_reference(rows, n, k, group_size, monkeypa
                        module.w4a16_gemv.gluon_gemv(x, qweight, scales, mins, 4, group_size, None, None, None))
 
 
-@pytest.mark.parametrize("rows", [2, 5, 16, 33, 64])
+@pytest.mark.parametrize("rows", [2, 5, 16, 24, 33, 64])
 @pytest.mark.parametrize("n, k, group_size", [(3000, 2048, 128), (1000, 576, 32), (2048, 1536, 64),
                                               (512, 2048, 256), (768, 1024, 1024), (2048, 8192, 128)])
 def test_w4a16_gluon_mma_matches_the_reference(rows, n, k, group_size):
@@ -346,8 +346,9 @@ def test_w4a16_gluon_mma_matches_the_reference(rows, n, k, group_size):
     2 to 32 rows on sm_90): the dequantized matmul's result, and the Triton tensor-core kernel's
     to a rounding step of each output, for 64 and 128 columns a program at any rows, with and
     without split-K, for group sizes 32 to per-channel, columns that do not fill the last tile, row
-    counts that do not fill its MMA's width (5, 33) and rows of x that are not contiguous; the same
-    bits when run again (the split-K counters are reset); through w4a16_gemm up to 32 rows, gated too."""
+    counts that do not fill its MMA's width (5, 24, 33) and rows of x that are not contiguous; the
+    same bits when run again (the split-K counters are reset); through w4a16_gemm up to 32 rows (64
+    columns a program at 24), gated too."""
     from nanovllm import kernels
     from nanovllm.kernels import w4a16_gemm as module
     from nanovllm.quantization.int_linear import dequantize
