@@ -17,7 +17,7 @@ import triton
 from triton.errors import TritonError
 
 from nanovllm.kernels import split_k as split_k_module
-from nanovllm.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_options
+from nanovllm.kernels.pdl import gdc_wait, pdl_options, wait_for_previous
 
 logger = logging.getLogger(__name__)
 
@@ -167,9 +167,7 @@ if gluon_available():
             // GROUP_SIZE
 
         words = gl.load(w_ptrs)               # the weights do not depend on the kernel ahead (pdl.py)
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
+        wait_for_previous(PDL)
         x = gl.load(x_ptrs)
         scale = gl.load(s_ptrs + group)
         low = gl.load(m_ptrs + group)

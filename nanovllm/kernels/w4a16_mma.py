@@ -19,7 +19,7 @@ import triton
 from triton.errors import TritonError
 
 from nanovllm.kernels import split_k as split_k_module
-from nanovllm.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_options
+from nanovllm.kernels.pdl import pdl_options, wait_for_previous
 from nanovllm.kernels.w4a16_gemv import gl, gluon, gluon_imported, thread_barrier
 
 logger = logging.getLogger(__name__)
@@ -113,9 +113,7 @@ if gluon_imported() and warpgroup_mma is not None:
         group = k_start // GROUP_SIZE
 
         words = gl.load(w_ptrs)               # the weights do not depend on the kernel ahead (pdl.py)
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
+        wait_for_previous(PDL)
         x = gl.load(x_ptrs)
         scale = gl.load(s_ptrs + group)
         low = gl.load(m_ptrs + group)

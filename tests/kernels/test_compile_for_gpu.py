@@ -169,8 +169,9 @@ for (group_size, K), (rows, sn, warps, split, pdl), gated in itertools.product(
     constexprs = dict(GROUP_SIZE=group_size, R=rows, SN=sn, SPLIT=split, GATED=gated, PDL=pdl, **shape)
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
     try:
-        triton.compile(GluonASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": warps})
+        ptx = triton.compile(GluonASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                             options={"num_warps": warps}).asm["ptx"]
+        assert ("griddepcontrol.wait" in ptx) == pdl, "waits for the kernel ahead exactly when launched early"
     except Exception as e:
         print(f"FAILED {constexprs}: {str(e)[-500:]}")
 print("compiled", flush=True)
@@ -209,6 +210,7 @@ for (group_size, K), (rows, t, split, pdl) in itertools.product(
         ptx = triton.compile(GluonASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
                              options={"num_warps": 4}).asm["ptx"]
         assert "wgmma.mma_async" in ptx, "no warpgroup MMA"
+        assert ("griddepcontrol.wait" in ptx) == pdl, "waits for the kernel ahead exactly when launched early"
     except Exception as e:
         print(f"FAILED {group_size, K, rows, t, split, pdl}: {str(e)[-500:]}")
 print("compiled", flush=True)
