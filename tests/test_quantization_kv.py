@@ -138,6 +138,7 @@ def _launch_float8_kernels():
 
 
 @needs_triton
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the compiler from the CPU interpreter's recordings")
 def test_float8_kernels_compile_for_sm90(monkeypatch):
     import json

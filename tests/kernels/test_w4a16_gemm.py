@@ -129,6 +129,7 @@ def _launch_w4a16_variants():
                    config={"GEMV": gemv})
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the compiler from the CPU interpreter's recordings")
 def test_w4a16_gemm_compiles_for_sm90(monkeypatch):
     """Both kernels' launches (float16 and bfloat16, 4 and 8 bits, split-K, g_idx, the GEMV's float16
