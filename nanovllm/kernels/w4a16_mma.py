@@ -175,10 +175,13 @@ if gluon_imported() and warpgroup_mma is not None:
 # 38-86 (docs/benchmarks.md, 2026-12-07). At 32 rows a 128-column program spills registers with
 # triton 3.6 (a 288-byte stack a thread; none at 16 rows, nor with 64 columns), and 64 columns were
 # the faster for Llama-3.2-1B (58.8 against 63.1 us for the four; for Llama-3.1-8B 128 were).
+# A layer with few 128-column tiles takes 64 columns even below wide_max_rows where 128 would leave
+# a program fewer than min_steps steps of K, or split-K partials (float32, written and read back)
+# of more than max_partials times the weight's bytes (columns_and_split).
 # 33-64 rows pass the tests but were not timed.
 GLUON_MMA_MIN_ROWS = 2
 GLUON_MMA_MAX_ROWS = 32
-GLUON_MMA_CONFIG = {"T": 2, "wide_max_rows": 16, "split_per_sm": 2}
+GLUON_MMA_CONFIG = {"T": 2, "wide_max_rows": 16, "split_per_sm": 2, "min_steps": 2, "max_partials": 0.25}
 
 
 def set_gluon_mma_rows(low: int, high: int) -> None:
@@ -211,6 +214,20 @@ def launch_constexprs(M: int, K: int, group_size: int, config: dict | None = Non
     return dict(L3=words_layout(nb, t), XB=x_layout(nb), GROUP_SIZE=group_size, NB=nb, T=t, MN=mn)
 
 
+def columns_and_split(M: int, N: int, K: int, step: int, device: torch.device, cfg: dict) -> tuple[int, int]:
+    """(T, split_k) by default: 128 columns a program (T = 2, as the settings allow), unless split-K
+    would then leave a program fewer than min_steps steps or write float32 partials (2 x 4 bytes
+    a row and column of each K range, against half a byte a weight) above max_partials times the
+    weight's bytes; then 64. Llama-3.2-1B's o projection at 16 rows, for one: 16 tiles of 128
+    columns, split 16 ways, one step each and partials twice its weight."""
+    t = 2 if cfg["T"] == 2 and max(8, triton.next_power_of_2(M)) <= cfg["wide_max_rows"] else 1
+    while True:
+        split = split_k_module.default_split_k(triton.cdiv(N, 64 * t), K // step, device, cfg["split_per_sm"])
+        if t == 1 or (K // step >= cfg["min_steps"] * split and 16 * split * M <= cfg["max_partials"] * K):
+            return t, split
+        t = 1
+
+
 def gluon_mma(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config) -> torch.Tensor | None:
     """w4a16_gemm's product through this kernel, or None where it does not apply (config
     GLUON_MMA: 1 to 64 rows whatever the defaults say), or where this triton's Gluon cannot compile
@@ -223,14 +240,14 @@ def gluon_mma(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config
             and _is_hopper(x.device.index if x.device.index is not None else torch.cuda.current_device())):
         return None
     cfg = {**GLUON_MMA_CONFIG, **(config or {})}
-    constexprs = launch_constexprs(M, K, group_size, cfg)
-    if constexprs is None:
+    step = step_values(group_size, K)
+    if step is None:
         return None
-    step = 16 * constexprs["NB"]
     N = qweight.shape[0]
-    tiles = triton.cdiv(N, 64 * constexprs["T"])
     if split_k is None:
-        split_k = split_k_module.default_split_k(tiles, K // step, x.device, cfg["split_per_sm"])
+        cfg["T"], split_k = columns_and_split(M, N, K, step, x.device, cfg)
+    constexprs = launch_constexprs(M, K, group_size, cfg)
+    tiles = triton.cdiv(N, 64 * constexprs["T"])
     k_per_split, split_k = split_k_module.k_ranges(K, step, split_k)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     partials, counters = split_k_module.split_buffers(out, split_k, tiles)

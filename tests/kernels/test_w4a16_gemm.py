@@ -110,6 +110,30 @@ def test_w4a16_gemm_defaults_cover_every_row_count():
     assert 1 < module.GEMV_MAX_ROWS < 16
 
 
+def test_tensor_core_kernel_takes_64_columns_where_128_would_split_k_too_finely(monkeypatch):
+    """The tensor-core kernel's column width on an H100 (132 SMs), as measured at 16 rows on
+    2026-12-08 (docs/benchmarks.md): 64 columns for Llama-3.2-1B's qkv, o and down projections and
+    Llama-3.1-8B's o, where 128 split K into one or two steps a program or partials above a quarter
+    of the weight; 128 for the rest, and for every layer at 2 rows but Llama-3.2-1B's o (16 tiles,
+    one step each)."""
+    from nanovllm.kernels import split_k, w4a16_mma
+    monkeypatch.setattr(split_k, "sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    llama_1b = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)}
+    llama_8b = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+    def widths(layers, rows):
+        return {name: 64 * w4a16_mma.columns_and_split(rows, n, k, 128, cuda, w4a16_mma.GLUON_MMA_CONFIG)[0]
+                for name, (n, k) in layers.items()}
+    assert widths(llama_1b, 16) == {"qkv": 64, "o": 64, "gate_up": 128, "down": 64}
+    assert widths(llama_8b, 16) == {"qkv": 128, "o": 64, "gate_up": 128, "down": 128}
+    assert widths(llama_1b, 2) == {"qkv": 128, "o": 64, "gate_up": 128, "down": 128}
+    assert set(widths(llama_8b, 2).values()) == {128}
+    assert set(widths(llama_8b, 32).values()) == {64}              # wide_max_rows: 16
+    t, split = w4a16_mma.columns_and_split(16, 2048, 2048, 128, cuda, w4a16_mma.GLUON_MMA_CONFIG)
+    assert (t, split) == (1, 8)                                     # 32 tiles of 64 columns, 2 steps each
+
+
 def test_w4a16_gemm_rejects_mismatched_shapes():
     from nanovllm.kernels.w4a16_gemm import w4a16_gemm
     qweight, scales, mins, _ = random_quantized(32, 64, 4, 32, False, torch.float32)
