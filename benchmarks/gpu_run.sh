@@ -50,6 +50,13 @@ for step in "$@"; do
                '{"wide_max_rows": 8, "split_per_sm": 1}'; do timeout 60 python benchmarks/bench_w4a16.py --model $m \
                --rows 4 16 32 --gluon-mma-config "$cfg" 2>&1 | grep -E "_proj" | sed "s/^/$m $cfg: /" \
                | tee -a "$LOG_DIR/w4mmacfg.txt"; done; done ;;
+    # the tensor-core kernel's column rule (columns_and_split) against 128 columns wherever wide_max_rows allows
+    w4cols)  for m in llama-3.2-1b llama-3.1-8b; do for cfg in '{}' '{"min_steps": 0, "max_partials": 1e9}'; do
+               timeout 40 python benchmarks/bench_w4a16.py --model $m --rows 2 4 8 16 --gluon-mma-config "$cfg" 2>&1 \
+               | grep -E "_proj" | sed "s/^/$m $cfg: /" | tee -a "$LOG_DIR/w4cols.txt"; done; done
+             for b in 8 16; do for cfg in '{}' '{"min_steps": 0, "max_partials": 1e9}' '{}'; do timeout 60 python \
+               benchmarks/single_request.py --shape llama-3.2-1b-gptq --new-tokens 128 --batch $b --gluon-mma-config "$cfg" \
+               2>&1 | grep ms/token | sed "s/^/batch $b $cfg: /" | tee -a "$LOG_DIR/w4cols.txt"; done; done ;;
     w4small) timeout 280 python benchmarks/bench_w4a16.py --sweep --rows 1 2 4 2>&1 | tail -40 | tee "$LOG_DIR/w4sweep_small.txt" ;;
     w4profile) for s in llama-3.2-1b-gptq llama-3.2-1b; do timeout 150 python benchmarks/profile_step.py 1 $s 2>&1 \
                | grep -v Warning | tee "$LOG_DIR/profile1_$s.txt"; done ;;
