@@ -171,10 +171,10 @@ if gluon_imported() and warpgroup_mma is not None:
 # w4a16_gemm sends bfloat16 products of GLUON_MMA_MIN_ROWS to GLUON_MMA_MAX_ROWS rows here, on sm_90,
 # with split-K for ~split_per_sm programs an SM, and T x 64 columns a program up to wide_max_rows rows
 # (padded to 8, 16, 32), 64 columns above. On an H100, from HBM, Llama-3.1-8B's four linears took
-# 79-95 us at 2-16 rows against 93-240 us for the kernels before it, Llama-3.2-1B's 34-48 us against
-# 38-86 (docs/benchmarks.md, 2026-12-07). At 32 rows a 128-column program spills registers with
-# triton 3.6 (a 288-byte stack a thread; none at 16 rows, nor with 64 columns), and 64 columns were
-# the faster for Llama-3.2-1B (58.8 against 63.1 us for the four; for Llama-3.1-8B 128 were).
+# 75-82 us at 2-16 rows against 93-240 us for the kernels before it, Llama-3.2-1B's 32-43 us against
+# 38-86 (docs/benchmarks.md, 2026-12-07 and -08). At 32 rows a 128-column program spills registers
+# with triton 3.6 (a 288-byte stack a thread; none at 16 rows, nor with 64 columns), and 64 columns
+# were the faster for Llama-3.2-1B (58.8 against 63.1 us for the four; for Llama-3.1-8B 128 were).
 # A layer with few 128-column tiles takes 64 columns even below wide_max_rows where 128 would leave
 # a program fewer than min_steps steps of K, or split-K partials (float32, written and read back)
 # of more than max_partials times the weight's bytes (columns_and_split).
@@ -240,13 +240,15 @@ def gluon_mma(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config
             and _is_hopper(x.device.index if x.device.index is not None else torch.cuda.current_device())):
         return None
     cfg = {**GLUON_MMA_CONFIG, **(config or {})}
-    step = step_values(group_size, K)
-    if step is None:
+    constexprs = launch_constexprs(M, K, group_size, cfg)
+    if constexprs is None:
         return None
+    step = 16 * constexprs["NB"]
     N = qweight.shape[0]
     if split_k is None:
-        cfg["T"], split_k = columns_and_split(M, N, K, step, x.device, cfg)
-    constexprs = launch_constexprs(M, K, group_size, cfg)
+        t, split_k = columns_and_split(M, N, K, step, x.device, cfg)
+        if t != constexprs["T"]:
+            constexprs = launch_constexprs(M, K, group_size, {**cfg, "T": t})
     tiles = triton.cdiv(N, 64 * constexprs["T"])
     k_per_split, split_k = split_k_module.k_ranges(K, step, split_k)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
