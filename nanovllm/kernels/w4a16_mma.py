@@ -214,18 +214,18 @@ def launch_constexprs(M: int, K: int, group_size: int, config: dict | None = Non
     return dict(L3=words_layout(nb, t), XB=x_layout(nb), GROUP_SIZE=group_size, NB=nb, T=t, MN=mn)
 
 
-def columns_and_split(M: int, N: int, K: int, step: int, device: torch.device, cfg: dict) -> tuple[int, int]:
-    """(T, split_k) by default: 128 columns a program (T = 2, as the settings allow), unless split-K
-    would then leave a program fewer than min_steps steps or write float32 partials (2 x 4 bytes
-    a row and column of each K range, against half a byte a weight) above max_partials times the
-    weight's bytes; then 64. Llama-3.2-1B's o projection at 16 rows, for one: 16 tiles of 128
-    columns, split 16 ways, one step each and partials twice its weight."""
-    t = 2 if cfg["T"] == 2 and max(8, triton.next_power_of_2(M)) <= cfg["wide_max_rows"] else 1
-    while True:
-        split = split_k_module.default_split_k(triton.cdiv(N, 64 * t), K // step, device, cfg["split_per_sm"])
-        if t == 1 or (K // step >= cfg["min_steps"] * split and 16 * split * M <= cfg["max_partials"] * K):
-            return t, split
+def columns_and_split(t: int, M: int, N: int, K: int, step: int, device: torch.device,
+                      cfg: dict) -> tuple[int, int]:
+    """(T, split_k) by default, from the widest T the settings allow (launch_constexprs): 128 columns
+    a program (T = 2) unless split-K would then leave a program fewer than min_steps steps or write
+    float32 partials (2 x 4 bytes a row and column of each K range, against half a byte a weight)
+    above max_partials times the weight's bytes; then 64. Llama-3.2-1B's o projection at 16 rows,
+    for one: 16 tiles of 128 columns, split 16 ways, one step each and partials twice its weight."""
+    split = split_k_module.default_split_k(triton.cdiv(N, 64 * t), K // step, device, cfg["split_per_sm"])
+    if t == 2 and (K // step < cfg["min_steps"] * split or 16 * split * M > cfg["max_partials"] * K):
         t = 1
+        split = split_k_module.default_split_k(triton.cdiv(N, 64), K // step, device, cfg["split_per_sm"])
+    return t, split
 
 
 def gluon_mma(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config) -> torch.Tensor | None:
@@ -246,7 +246,7 @@ def gluon_mma(x, qweight, scales, mins, bits, group_size, g_idx, split_k, config
     step = 16 * constexprs["NB"]
     N = qweight.shape[0]
     if split_k is None:
-        t, split_k = columns_and_split(M, N, K, step, x.device, cfg)
+        t, split_k = columns_and_split(constexprs["T"], M, N, K, step, x.device, cfg)
         if t != constexprs["T"]:
             constexprs = launch_constexprs(M, K, group_size, {**cfg, "T": t})
     tiles = triton.cdiv(N, 64 * constexprs["T"])

@@ -122,16 +122,18 @@ def test_tensor_core_kernel_takes_64_columns_where_128_would_split_k_too_finely(
     llama_1b = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)}
     llama_8b = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
+    def split(rows, n, k):
+        widest = w4a16_mma.launch_constexprs(rows, k, 128)["T"]
+        return w4a16_mma.columns_and_split(widest, rows, n, k, 128, cuda, w4a16_mma.GLUON_MMA_CONFIG)
+
     def widths(layers, rows):
-        return {name: 64 * w4a16_mma.columns_and_split(rows, n, k, 128, cuda, w4a16_mma.GLUON_MMA_CONFIG)[0]
-                for name, (n, k) in layers.items()}
+        return {name: 64 * split(rows, n, k)[0] for name, (n, k) in layers.items()}
     assert widths(llama_1b, 16) == {"qkv": 64, "o": 64, "gate_up": 128, "down": 64}
     assert widths(llama_8b, 16) == {"qkv": 128, "o": 64, "gate_up": 128, "down": 128}
     assert widths(llama_1b, 2) == {"qkv": 128, "o": 64, "gate_up": 128, "down": 128}
     assert set(widths(llama_8b, 2).values()) == {128}
     assert set(widths(llama_8b, 32).values()) == {64}              # wide_max_rows: 16
-    t, split = w4a16_mma.columns_and_split(16, 2048, 2048, 128, cuda, w4a16_mma.GLUON_MMA_CONFIG)
-    assert (t, split) == (1, 8)                                     # 32 tiles of 64 columns, 2 steps each
+    assert split(16, 2048, 2048) == (1, 8)                                     # 32 tiles of 64 columns, 2 steps each
 
 
 def test_w4a16_gemm_rejects_mismatched_shapes():
